@@ -1,0 +1,56 @@
+# Quick start: `make bench` (the main job) and `make test`. Both do all set-up first.
+#
+# Python: a .venv here (torch==2.13.0 CPU from this machine's wheel, triton, build deps),
+# except where python3 already has torch (the GPU machine, which cannot download): there
+# that python3 is used as is.
+SHELL := /bin/bash
+PYTHON_SYS ?= python3
+VENV := .venv
+HAVE_SYS_TORCH := $(shell $(PYTHON_SYS) -c "import torch" 2>/dev/null && echo yes)
+ifeq ($(wildcard $(VENV)/bin/python)$(HAVE_SYS_TORCH),yes)
+PY := $(PYTHON_SYS)
+else
+PY := $(abspath $(VENV))/bin/python
+endif
+PIP := $(PY) -m pip --disable-pip-version-check -q
+NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+CUDA_ARCH_FLAGS := -gencode=arch=compute_90a,code=sm_90a
+
+.PHONY: setup build test test-all bench check-cuda gpu-check clean
+
+$(VENV)/bin/python:
+	$(PYTHON_SYS) -m venv $(VENV)
+
+setup: $(if $(filter $(PY),$(PYTHON_SYS)),,$(VENV)/bin/python)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	@$(PY) -c "import triton, numpy, pybind11, ninja, pytest, hypothesis, setuptools" 2>/dev/null \
+	  || $(PIP) install triton numpy pybind11 ninja pytest hypothesis "setuptools>=64" wheel
+
+# Builds moe_kernels._C in place (editable install; re-run after editing csrc/).
+build: setup
+	$(PIP) install --no-build-isolation --no-deps -e .
+
+# The CI job: CPU tests (Triton under the interpreter), CUDA device code syntax-checked.
+test: build check-cuda
+	$(PY) -m pytest tests -m "not slow" -q
+
+# Everything, the slow sweeps too (the GPU machine runs this).
+test-all: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(abspath $(dir $(PY)))/moe-bench
+
+# Compiles every framework-free .cuh for sm_90a: catches CUDA errors on machines whose
+# torch has no CUDA (the kernels themselves are built and tested on the GPU machine).
+check-cuda:
+	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipped"; else \
+	  for f in csrc/cuda/*.cuh; do echo "nvcc $(CUDA_ARCH_FLAGS) $$f"; \
+	    $(NVCC) -x cu -std=c++17 $(CUDA_ARCH_FLAGS) -diag-suppress 177 -Xcompiler -Wno-pragma-once-outside-header \
+	      -c $$f -o /dev/null || exit 1; done; fi
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build moe_kernels/_C*.so *.egg-info

@@ -1,0 +1,42 @@
+// Total order used by every selection in moe_kernels (see moe_kernels/reference/gating.py):
+// larger value first, equal values by lower index, -0.0 == +0.0. NaN must be mapped to
+// -inf by the caller. key = m * 2^32 - index with m the order-preserving int32 image of the
+// float (moe_kernels/reference/gating.py explains the choice). Framework-free: included by C++ CPU code and by CUDA device code.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define MOE_HD __host__ __device__ __forceinline__
+#else
+#define MOE_HD inline
+#endif
+
+namespace moe_kernels {
+
+// Smaller than every key order_key returns: marks excluded candidates.
+constexpr int64_t kExcludedKey = INT64_MIN;
+
+MOE_HD int32_t float_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(v);
+#else
+  int32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+#endif
+}
+
+MOE_HD int64_t order_key(float v, int64_t index) {
+  int32_t bits = float_bits(v == 0.0f ? 0.0f : v);
+  int32_t monotone = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
+  return static_cast<int64_t>(monotone) * 4294967296LL - index;
+}
+
+MOE_HD int32_t index_of_key(int64_t key) {
+  return static_cast<int32_t>((-key) & 4294967295LL);
+}
+
+MOE_HD float nan_to_neg_inf(float v) { return v != v ? -__builtin_inff() : v; }
+
+}  // namespace moe_kernels

@@ -1,0 +1,141 @@
+// grouped_topk on the CPU: one pass per token row, rows split across threads by
+// at::parallel_for. Same selection rules as moe_kernels/reference/gating.py.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common/order_key.h"
+#include "vec_math.h"
+#include "../gating.h"
+#include "../ops.h"
+
+namespace moe_kernels {
+namespace {
+
+// Keeps the k largest keys seen, sorted descending (keys are distinct by construction).
+struct TopKeys {
+  int64_t* keys;
+  int64_t k;
+  void reset() { std::fill(keys, keys + k, kExcludedKey); }
+  void offer(int64_t key) {
+    if (key <= keys[k - 1]) return;
+    int64_t i = k - 1;
+    for (; i > 0 && keys[i - 1] < key; --i) keys[i] = keys[i - 1];
+    keys[i] = key;
+  }
+};
+
+struct RowScratch {
+  std::vector<float> s, b, group_score;
+  std::vector<int64_t> group_keys, expert_keys;
+  std::vector<uint8_t> group_kept;
+  explicit RowScratch(const GroupedTopkArgs& a)
+      : s(a.num_experts), b(a.num_experts), group_score(a.num_groups),
+        group_keys(a.topk_group), expert_keys(a.top_k), group_kept(a.num_groups) {}
+};
+
+template <typename scalar_t>
+void scores_row(const scalar_t* x, const GroupedTopkArgs& a, float* s) {
+  const int64_t E = a.num_experts;
+  for (int64_t e = 0; e < E; ++e) s[e] = nan_to_neg_inf(static_cast<float>(x[e]));
+  if (!a.softmax) {
+    sigmoid_inplace(s, E);
+    return;
+  }
+  float m = s[0];
+  for (int64_t e = 1; e < E; ++e) m = std::max(m, s[e]);
+  exp_shifted_inplace(s, E, m);
+  const float sum = sum_lanes(s, E);
+  const float inv = 1.0f / sum;
+  for (int64_t e = 0; e < E; ++e) s[e] *= inv;
+}
+
+// Branchless: random scores mispredict a compare-and-branch top-2 about half the time.
+float group_score_of(const float* b, int64_t n, bool top2) {
+  float first = -INFINITY, second = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    second = std::max(second, std::min(first, b[j]));
+    first = std::max(first, b[j]);
+  }
+  return nan_to_neg_inf(top2 ? first + second : first);
+}
+
+template <typename scalar_t>
+void grouped_topk_row(const scalar_t* x, const float* bias, const GroupedTopkArgs& a,
+                      RowScratch& r, float* w_out, int32_t* id_out) {
+  const int64_t E = a.num_experts, GS = a.group_size;
+  float* s = r.s.data();
+  float* b = r.b.data();
+  scores_row(x, a, s);
+  if (bias) {
+    for (int64_t e = 0; e < E; ++e) b[e] = nan_to_neg_inf(s[e] + bias[e]);
+  } else {
+    std::copy(s, s + E, b);  // s has no NaN
+  }
+
+  TopKeys experts{r.expert_keys.data(), a.top_k};
+  experts.reset();
+  if (a.select_groups) {
+    TopKeys groups{r.group_keys.data(), a.topk_group};
+    groups.reset();
+    for (int64_t g = 0; g < a.num_groups; ++g)
+      groups.offer(order_key(group_score_of(b + g * GS, GS, a.group_top2), g));
+    for (int64_t i = 0; i < a.topk_group; ++i) {
+      const int64_t g = index_of_key(groups.keys[i]);
+      for (int64_t e = g * GS; e < (g + 1) * GS; ++e) experts.offer(order_key(b[e], e));
+    }
+  } else {
+    for (int64_t e = 0; e < E; ++e) experts.offer(order_key(b[e], e));
+  }
+
+  float sum = 0.0f;
+  for (int64_t k = 0; k < a.top_k; ++k) {
+    id_out[k] = index_of_key(experts.keys[k]);
+    w_out[k] = s[id_out[k]];
+    sum += w_out[k];
+  }
+  const float mul = a.renormalize ? (sum > 0.0f ? a.scale / sum : 0.0f) : a.scale;
+  for (int64_t k = 0; k < a.top_k; ++k) w_out[k] *= mul;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> grouped_topk_cpu(
+    const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
+    int64_t top_k, int64_t num_expert_group, int64_t topk_group,
+    c10::string_view scoring_func, c10::string_view group_scoring, bool renormalize,
+    double routed_scaling_factor) {
+  const GroupedTopkArgs a =
+      check_grouped_topk(logits, correction_bias, top_k, num_expert_group, topk_group,
+                         scoring_func, group_scoring, renormalize, routed_scaling_factor);
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "grouped_topk_cpu: logits must be on the CPU");
+  auto w = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kFloat));
+  auto ids = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kInt));
+  at::Tensor bias32;
+  if (correction_bias.has_value()) bias32 = correction_bias->to(at::kFloat).contiguous();
+  const float* bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const int64_t stride = logits.stride(0);
+  float* w_ptr = w.data_ptr<float>();
+  int32_t* id_ptr = ids.data_ptr<int32_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "grouped_topk_cpu", [&] {
+        const scalar_t* x = logits.data_ptr<scalar_t>();
+        // ~1 us of work per row of 256 experts: grains of 64 rows keep threads busy
+        // without making small batches pay for the thread pool.
+        at::parallel_for(0, a.num_tokens, 64, [&](int64_t begin, int64_t end) {
+          RowScratch scratch(a);
+          for (int64_t t = begin; t < end; ++t)
+            grouped_topk_row<scalar_t>(x + t * stride, bias, a, scratch,
+                                       w_ptr + t * top_k, id_ptr + t * top_k);
+        });
+      });
+  return {w, ids};
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("grouped_topk", &grouped_topk_cpu); }
+
+}  // namespace moe_kernels

@@ -1,0 +1,68 @@
+// Branch-free float32 math that GCC auto-vectorizes, cloned per ISA with an ifunc so one
+// build runs everywhere and uses AVX2/AVX-512 where present. glibc's scalar expf costs
+// ~9 ns per element on these machines (measured); this loop runs at ~0.5 ns.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include <algorithm>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define MOE_VEC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MOE_VEC_CLONES
+#endif
+
+namespace moe_kernels {
+
+// exp(x), within 2 ulp of the exact value for x in [-87.3, 88.7]: exp(+-inf) = inf / 0,
+// results below FLT_MIN flush to 0 (as CUDA's and Triton's exp do). Cephes' polynomial on
+// x - n*ln2 with n = round(x / ln2) (rounded by the 1.5 * 2^23 trick, which is exact
+// without fast-math and needs no SSE4.1).
+inline float exp_branchless(float x) {
+  // Written as flat min/max and single selects: GCC if-converts these (minps, blendvps)
+  // for every ISA, whereas nested ternaries stayed branches outside AVX-512.
+  constexpr float kLo = -87.33654f, kHi = 88.72283f;
+  const float xc = std::min(std::max(x, kLo), kHi);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float y = p * scale;
+  y = x < kLo ? 0.0f : y;
+  y = x > kHi ? __builtin_inff() : y;
+  return y;
+}
+
+// s[i] = 1 / (1 + exp(-s[i]))
+MOE_VEC_CLONES inline void sigmoid_inplace(float* s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s[i] = 1.0f / (1.0f + exp_branchless(-s[i]));
+}
+
+// s[i] = exp(s[i] == m ? 0 : s[i] - m) (limit rule of reference.scores)
+MOE_VEC_CLONES inline void exp_shifted_inplace(float* s, int64_t n, float m) {
+  for (int64_t i = 0; i < n; ++i) s[i] = exp_branchless(s[i] == m ? 0.0f : s[i] - m);
+}
+
+// Sum in 16 interleaved partial sums (a fixed order, so deterministic): a single running
+// sum cannot be vectorized without fast-math's reassociation.
+MOE_VEC_CLONES inline float sum_lanes(const float* s, int64_t n) {
+  float part[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) part[j] += s[i + j];
+  float total = 0.0f;
+  for (int j = 0; j < 16; ++j) total += part[j];
+  for (; i < n; ++i) total += s[i];
+  return total;
+}
+
+}  // namespace moe_kernels

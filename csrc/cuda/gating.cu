@@ -1,0 +1,60 @@
+// Torch binding of the grouped_topk CUDA kernel (device code: gating.cuh). Built only
+// where torch has CUDA (setup.py).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "../gating.h"
+#include "../ops.h"
+#include "gating.cuh"
+
+namespace moe_kernels {
+
+std::tuple<at::Tensor, at::Tensor> grouped_topk_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
+    int64_t top_k, int64_t num_expert_group, int64_t topk_group,
+    c10::string_view scoring_func, c10::string_view group_scoring, bool renormalize,
+    double routed_scaling_factor) {
+  const GroupedTopkArgs a =
+      check_grouped_topk(logits, correction_bias, top_k, num_expert_group, topk_group,
+                         scoring_func, group_scoring, renormalize, routed_scaling_factor);
+  TORCH_CHECK_VALUE(logits.is_cuda(), "grouped_topk_cuda: logits must be a CUDA tensor");
+  TORCH_CHECK_VALUE(a.num_experts <= gating_cuda::kMaxExperts,
+                    "grouped_topk_cuda: supports E <= ", gating_cuda::kMaxExperts,
+                    " experts, got ", a.num_experts, "; use backend='triton'");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto w = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kFloat));
+  auto ids = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kInt));
+  if (a.num_tokens == 0) return {w, ids};
+  at::Tensor bias32;
+  if (correction_bias.has_value()) bias32 = correction_bias->to(at::kFloat).contiguous();
+
+  gating_cuda::Params p{};
+  p.logits = logits.data_ptr();
+  p.bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  p.weights = w.data_ptr<float>();
+  p.ids = ids.data_ptr<int32_t>();
+  p.num_tokens = a.num_tokens;
+  p.stride = logits.stride(0);
+  p.num_experts = static_cast<int>(a.num_experts);
+  p.num_groups = static_cast<int>(a.num_groups);
+  p.group_size = static_cast<int>(a.group_size);
+  p.topk_group = static_cast<int>(a.topk_group);
+  p.top_k = static_cast<int>(a.top_k);
+  p.softmax = a.softmax;
+  p.group_top2 = a.group_top2;
+  p.select_groups = a.select_groups;
+  p.renormalize = a.renormalize;
+  p.scale = a.scale;
+  const auto dtype = logits.scalar_type() == at::kFloat      ? gating_cuda::DType::kFloat32
+                     : logits.scalar_type() == at::kBFloat16 ? gating_cuda::DType::kBFloat16
+                                                             : gating_cuda::DType::kFloat16;
+  const cudaError_t err =
+      gating_cuda::launch_grouped_topk(p, dtype, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "grouped_topk_cuda: launch failed: ", cudaGetErrorString(err));
+  return {w, ids};
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("grouped_topk", &grouped_topk_cuda); }
+
+}  // namespace moe_kernels

@@ -1,0 +1,21 @@
+"""moe_kernels: Triton and C++/CUDA kernels for the hot path of DeepSeek-V3-style MoE.
+
+Every op takes `backend=None | "reference" | "triton" | "cpu" | "cuda"`; None picks the
+best available for the input's device. See docs/index.md.
+"""
+
+from moe_kernels._library import (BACKENDS, BackendUnavailableError, available_backends,
+                                  extension_has_cuda, extension_loaded)
+from moe_kernels.ops.gating import grouped_topk, update_correction_bias_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "extension_has_cuda",
+    "extension_loaded",
+    "grouped_topk",
+    "update_correction_bias_",
+]

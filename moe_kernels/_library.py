@@ -1,0 +1,158 @@
+"""The `moe_kernels` op namespace: schemas, the soft load of `moe_kernels._C`, backends.
+
+Every schema lives in `csrc/registration.cpp` (one `TORCH_LIBRARY(moe_kernels, m)`), so
+C++ users of the `.so` get the ops without Python. When the extension is missing, the same
+schemas are defined here from `SCHEMAS`, so that `torch.ops.moe_kernels.<op>` (and its fake,
+hence `torch.compile`) exists anyway; `tests/test_registration.py` checks that both lists
+agree.
+
+Backends of every op: "reference" (pure PyTorch, float32 math, the oracle), "triton"
+(GPU; CPU under TRITON_INTERPRET=1), "cpu" (C++), "cuda" (C++/CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+NAMESPACE = "moe_kernels"
+
+# name -> schema; must equal the m.def(...) strings of csrc/registration.cpp.
+SCHEMAS = {
+    "grouped_topk": (
+        "grouped_topk(Tensor logits, Tensor? correction_bias, int top_k, "
+        "int num_expert_group, int topk_group, str scoring_func, str group_scoring, "
+        "bool renormalize, float routed_scaling_factor) -> (Tensor, Tensor)"
+    ),
+    "grouped_topk_triton": (
+        "grouped_topk_triton(Tensor logits, Tensor? correction_bias, int top_k, "
+        "int num_expert_group, int topk_group, str scoring_func, str group_scoring, "
+        "bool renormalize, float routed_scaling_factor) -> (Tensor, Tensor)"
+    ),
+}
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here (never a silent fallback)."""
+
+
+def _load_extension():
+    if os.environ.get("MOE_KERNELS_NO_EXT") == "1":
+        return None, "disabled by MOE_KERNELS_NO_EXT=1"
+    try:
+        from moe_kernels import _C  # noqa: F401  (registers the TORCH_LIBRARY on load)
+    except ImportError as exc:
+        return None, str(exc)
+    return _C, None
+
+
+_C, _C_ERROR = _load_extension()
+_PY_LIB = None
+if _C is None:
+    warnings.warn(
+        "moe_kernels: the compiled extension moe_kernels._C is not loaded "
+        f"({_C_ERROR}); backends 'cpu' and 'cuda' are unavailable, 'reference' and "
+        "'triton' work. Build it with `make build` (or `pip install -e .`).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _PY_LIB = torch.library.Library(NAMESPACE, "DEF")
+    for _schema in SCHEMAS.values():
+        _PY_LIB.define(_schema)
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+# Read once: a pybind call inside a traced function would break torch.compile's graph.
+_C_WITH_CUDA = _C is not None and bool(_C.with_cuda())
+
+
+def extension_has_cuda() -> bool:
+    return _C_WITH_CUDA
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_RESOLVED: dict[tuple[str | None, str], str] = {}
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_TRITON_OK = _triton_importable()
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on `device`, else a sentence saying why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if not _TRITON_OK:
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreting():
+            return None
+        return (f"the triton backend runs on CUDA tensors, or on CPU tensors only under "
+                f"TRITON_INTERPRET=1 (set before triton is imported); got {device.type}")
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend takes CPU tensors, got {device.type}"
+        if _C is None:
+            return f"moe_kernels._C is not loaded ({_C_ERROR})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend takes CUDA tensors, got {device.type}"
+        if _C is None:
+            return f"moe_kernels._C is not loaded ({_C_ERROR})"
+        if not _C_WITH_CUDA:
+            return "moe_kernels._C was built without CUDA kernels"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+# Which backend `backend=None` picks, best first, per device type. On the GPU "triton"
+# leads: its kernel measured faster than "cuda" on an H100 at every token count
+# (docs/gating.md, benchmarks/results/).
+_DEFAULT_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+
+def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
+    """The backend to run: `backend` if it can run on `device`, or the best one for None.
+    Memoised per (backend, device type): this runs on every eager call."""
+    hit = _RESOLVED.get((backend, device.type))
+    if hit is not None:
+        return hit
+    if backend is None:
+        resolved = next((c for c in _DEFAULT_ORDER.get(device.type, ("reference",))
+                         if backend_unavailable_reason(c, device) is None), "reference")
+    else:
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be None or one of {BACKENDS}, got {backend!r}")
+        reason = backend_unavailable_reason(backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run: {reason}")
+        resolved = backend
+    _RESOLVED[(backend, device.type)] = resolved
+    return resolved
+
+
+def available_backends(device: torch.device) -> list[str]:
+    return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]

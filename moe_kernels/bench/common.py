@@ -1,0 +1,172 @@
+"""Timing, device ceilings and the result table shared by every op's benchmark.
+
+GPU timing: each call in a CUDA graph of `reps` calls over rotating input sets (so L2
+does not hold the inputs between calls), median over several replays, per call. CPU
+timing: median wall time of single calls. Roofline: bytes moved / measured copy bandwidth
+of this device (a device-to-device copy, counting bytes read plus written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    case: str
+    backend: str          # kernel backend, or "torch-eager" / "torch-compile" (the reference)
+    device: str
+    time_us: float
+    bytes: int
+    flops: int = 0
+    copy_gbps: float = 0.0
+    correct: bool | None = None
+    note: str = ""
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.time_us / 1e3 if self.time_us > 0 else 0.0
+
+    @property
+    def roofline_pct(self) -> float:
+        return 100.0 * self.gbps / self.copy_gbps if self.copy_gbps else 0.0
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_cpu(fn: Callable[[int], object], n_sets: int, min_time_s: float = 0.3) -> float:
+    fn(0)
+    t0 = time.perf_counter()
+    fn(1 % n_sets)
+    one = max(time.perf_counter() - t0, 1e-7)
+    reps = int(min(max(5, min_time_s / one), 2000))
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn(i % n_sets)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _time_cuda_graph(fn: Callable[[int], object], n_sets: int, reps: int = 20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (compiles, autotunes) outside the capture
+        for i in range(3):
+            fn(i % n_sets)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    calls = max(n_sets, 16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % n_sets)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def _time_cuda_events(fn: Callable[[int], object], n_sets: int, reps: int = 200) -> float:
+    for i in range(3):
+        fn(i % n_sets)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(reps):
+        start.record()
+        fn(i % n_sets)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)
+
+
+def time_us(fn: Callable[[int], object], device: str, n_sets: int) -> tuple[float, str]:
+    """Median time per call of fn(i) (i selects the input set), and how it was timed."""
+    if device != "cuda":
+        return _time_cpu(fn, n_sets), "wall"
+    try:
+        return _time_cuda_graph(fn, n_sets), "graph"
+    except Exception as exc:  # e.g. an op that cannot be captured: say so in the table
+        torch.cuda.synchronize()
+        return _time_cuda_events(fn, n_sets), f"events ({type(exc).__name__})"
+
+
+def host_us_per_call(fn: Callable[[], object], device: str, n: int = 2000) -> float:
+    """Host time per call of fn in a tight loop (launch cost; tiny inputs)."""
+    for _ in range(50):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    sync(device)
+    return (t1 - t0) / n * 1e6
+
+
+_COPY_GBPS: dict[str, float] = {}
+
+
+def copy_bandwidth_gbps(device: str) -> float:
+    """Measured device copy bandwidth (read + write bytes), the memory roofline used."""
+    if device not in _COPY_GBPS:
+        n = (1 << 28) if device == "cuda" else (1 << 25)
+        src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+        dst = torch.empty_like(src)
+        sets = 1
+        t, _ = time_us(lambda i: dst.copy_(src), device, sets)
+        _COPY_GBPS[device] = 2 * n / t / 1e3
+        del src, dst
+    return _COPY_GBPS[device]
+
+
+def rotating_sets(bytes_per_set: int, device: str) -> int:
+    """Input sets needed so the working set exceeds twice the L2 (GPU) / 64 MB (CPU)."""
+    cache = 2 * (torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda"
+                 else (32 << 20))
+    return int(min(64, max(2, -(-cache // max(bytes_per_set, 1)))))
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    import platform
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def format_table(results: list[Result]) -> str:
+    head = ("op", "case", "backend", "time us", "GB/s", "% copy BW", "vs eager", "vs compile",
+            "ok", "note")
+    rows = []
+    by_case: dict[tuple[str, str], dict[str, float]] = {}
+    for r in results:
+        by_case.setdefault((r.op, r.case), {})[r.backend] = r.time_us
+    for r in results:
+        base = by_case[(r.op, r.case)]
+        eager, comp = base.get("torch-eager"), base.get("torch-compile")
+        rows.append((r.op, r.case, r.backend, f"{r.time_us:.2f}", f"{r.gbps:.1f}",
+                     f"{r.roofline_pct:.1f}",
+                     f"{eager / r.time_us:.2f}x" if eager else "-",
+                     f"{comp / r.time_us:.2f}x" if comp else "-",
+                     {None: "-", True: "yes", False: "NO"}[r.correct], r.note))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])

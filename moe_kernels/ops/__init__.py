@@ -1,0 +1,1 @@
+"""One module per op: public API, argument checks, registration (fakes, autograd)."""

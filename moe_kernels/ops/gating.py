@@ -1,0 +1,181 @@
+"""Fused sigmoid/softmax grouped top-k gating (SPEC section 1): API and registration.
+
+Ops: `moe_kernels::grouped_topk` (CPU and CUDA kernels from C++) and
+`moe_kernels::grouped_topk_triton` (Triton kernel, registered here). Both have a fake
+and an autograd formula (the weights' gradient w.r.t. `logits`). The eager path calls the
+kernel directly unless gradients are needed or torch.compile is tracing, which saves the
+dispatcher round trip through the Python autograd kernel (docs/index.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels import _library
+from moe_kernels._validate import (FLOAT_DTYPES, check_choice, check_int,
+                                   check_last_dim_contiguous, check_same_device,
+                                   check_tensor)
+from moe_kernels.reference import gating as reference
+
+OP = "grouped_topk"
+SCORING_FUNCS = ("sigmoid", "softmax")
+GROUP_SCORINGS = ("top2_sum", "max")
+
+
+def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
+                group_scoring):
+    check_tensor(OP, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    E = logits.shape[1]
+    if E < 1:
+        raise ValueError(f"{OP}: logits must have at least one expert column, got shape "
+                         f"{tuple(logits.shape)}")
+    check_last_dim_contiguous(OP, "logits", logits)
+    check_int(OP, "num_expert_group", num_expert_group, low=1)
+    if E % num_expert_group != 0:
+        raise ValueError(f"{OP}: num_expert_group={num_expert_group} must divide the number "
+                         f"of experts E={E}")
+    check_int(OP, "topk_group", topk_group, low=1, high=num_expert_group,
+              high_name="num_expert_group")
+    group_size = E // num_expert_group
+    check_int(OP, "top_k", top_k, low=1, high=topk_group * group_size,
+              high_name="topk_group * E / num_expert_group")
+    check_choice(OP, "scoring_func", scoring_func, SCORING_FUNCS)
+    check_choice(OP, "group_scoring", group_scoring, GROUP_SCORINGS)
+    if topk_group < num_expert_group and group_scoring == "top2_sum" and group_size < 2:
+        raise ValueError(f"{OP}: group_scoring='top2_sum' needs at least 2 experts per group, "
+                         f"got E / num_expert_group = {group_size}; use 'max'")
+    if correction_bias is not None:
+        check_tensor(OP, "correction_bias", correction_bias, ndim=1)
+        if not correction_bias.is_floating_point():
+            raise TypeError(f"{OP}: correction_bias must be a float tensor, got "
+                            f"{correction_bias.dtype}")
+        if correction_bias.shape[0] != E:
+            raise ValueError(f"{OP}: correction_bias must have shape (E,) = ({E},), got "
+                             f"{tuple(correction_bias.shape)}")
+        check_same_device(OP, "correction_bias", correction_bias, "logits", logits)
+
+
+# --- the kernels of each backend, one signature: the schema's -------------------------
+
+def _triton_kernel(*args):
+    from moe_kernels.triton import gating as triton_gating  # imports triton lazily
+    return triton_gating.grouped_topk(*args)
+
+
+def _cpu_kernel(*args):
+    return _library._C.grouped_topk_cpu(*args)
+
+
+def _cuda_kernel(*args):
+    return _library._C.grouped_topk_cuda(*args)
+
+
+_EAGER_KERNELS = {"triton": _triton_kernel, "cpu": _cpu_kernel, "cuda": _cuda_kernel}
+
+
+def _registered_op(backend):
+    if backend == "triton":
+        return torch.ops.moe_kernels.grouped_topk_triton.default
+    return torch.ops.moe_kernels.grouped_topk.default
+
+
+# --- registration: Triton impl, fakes, autograd ----------------------------------------
+
+@torch.library.impl("moe_kernels::grouped_topk_triton", ["CPU", "CUDA"])
+def _grouped_topk_triton_impl(*args):
+    return _triton_kernel(*args)
+
+
+def _fake(logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
+          group_scoring, renormalize, routed_scaling_factor):
+    T = logits.shape[0]
+    return (logits.new_empty((T, top_k), dtype=torch.float32),
+            logits.new_empty((T, top_k), dtype=torch.int32))
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _, _, _, _, scoring_func, _, renormalize, scale = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.opts = (scoring_func, renormalize, scale)
+
+
+def weights_backward(grad_w, logits, ids, scoring_func, renormalize, routed_scaling_factor):
+    """d loss / d logits (T, E) in logits' dtype, from grad_w (T, K) and the chosen ids.
+
+    The selection is piecewise constant, so only w = scale * s[ids] (/ sum) carries a
+    gradient; NaN logits (treated as -inf) get zero."""
+    s = reference.scores(reference.clean_logits(logits), scoring_func)
+    u = s.gather(1, ids.long())
+    g = grad_w.float() * routed_scaling_factor
+    if renormalize:
+        den = u.sum(dim=-1, keepdim=True)
+        safe = torch.where(den > 0, den, 1.0)
+        g = torch.where(den > 0, g / safe - (g * u).sum(dim=-1, keepdim=True) / (safe * safe), 0.0)
+    ds = torch.zeros_like(s).scatter_(1, ids.long(), g)
+    if scoring_func == "sigmoid":
+        dx = ds * s * (1.0 - s)
+    else:
+        dx = s * (ds - (ds * s).sum(dim=-1, keepdim=True))
+    return torch.where(torch.isnan(logits), 0.0, dx).to(logits.dtype)
+
+
+def _backward(ctx, grad_w, grad_ids):
+    logits, ids = ctx.saved_tensors
+    grad = weights_backward(grad_w, logits, ids, *ctx.opts)
+    return grad, None, None, None, None, None, None, None, None
+
+
+for _name in ("moe_kernels::grouped_topk", "moe_kernels::grouped_topk_triton"):
+    torch.library.register_fake(_name)(_fake)
+    torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
+
+
+# --- public API -------------------------------------------------------------------------
+
+def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
+                 topk_group: int = 1, scoring_func: str = "sigmoid",
+                 correction_bias: torch.Tensor | None = None,
+                 group_scoring: str | None = None, renormalize: bool = True,
+                 routed_scaling_factor: float = 1.0, backend: str | None = None):
+    """Fused grouped top-k gating of DeepSeek-V2/V3-style routers.
+
+    logits: (T, E) float32 | bfloat16 | float16, last dimension contiguous.
+    correction_bias: (E,) any float dtype; selects, never enters the weights.
+    group_scoring: "top2_sum" | "max"; None means "top2_sum" with a bias, else "max".
+    Returns topk_weights (T, top_k) float32 and topk_ids (T, top_k) int32, ordered by
+    selection score descending, ties to the lower index (docs/gating.md).
+    """
+    if group_scoring is None:
+        group_scoring = "top2_sum" if correction_bias is not None else "max"
+    _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
+                group_scoring)
+    backend = _library.resolve_backend(backend, logits.device, OP)
+    args = (logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
+            group_scoring, bool(renormalize), float(routed_scaling_factor))
+    if backend == "reference":
+        return reference.grouped_topk(*args)
+    if torch.compiler.is_compiling() or (logits.requires_grad and torch.is_grad_enabled()):
+        return _registered_op(backend)(*args)
+    return _EAGER_KERNELS[backend](*args)
+
+
+def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: torch.Tensor,
+                            rate: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing step, in place and without host synchronisation:
+    correction_bias (E,) float += rate * sign(mean(count) - count).
+
+    tokens_per_expert: (E,) any real dtype (counts of the last step). Returns the bias."""
+    op = "update_correction_bias_"
+    check_tensor(op, "correction_bias", correction_bias, ndim=1)
+    check_tensor(op, "tokens_per_expert", tokens_per_expert, ndim=1)
+    if not correction_bias.is_floating_point():
+        raise TypeError(f"{op}: correction_bias must be a float tensor, got {correction_bias.dtype}")
+    if tokens_per_expert.shape != correction_bias.shape:
+        raise ValueError(f"{op}: tokens_per_expert must have shape {tuple(correction_bias.shape)}, "
+                         f"got {tuple(tokens_per_expert.shape)}")
+    check_same_device(op, "tokens_per_expert", tokens_per_expert, "correction_bias", correction_bias)
+    counts = tokens_per_expert.double()
+    step = torch.sign(counts.mean() - counts) * float(rate)
+    with torch.no_grad():
+        correction_bias.add_(step.to(correction_bias.dtype))
+    return correction_bias

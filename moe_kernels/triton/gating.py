@@ -1,0 +1,139 @@
+"""Triton kernel for `grouped_topk`: one program scores and selects ROWS tokens.
+
+The row is loaded as a [G_PAD, GS_PAD] tile (group, slot in group), so groups of any size
+(E=72 with G=8, E=160, ...) are plain masked reductions; padding slots never win. Every
+choice (kept groups, then experts) is a max over int64 keys `_order_key` that encode the
+value and the inverted index, so one reduction gives the winner and ties go to the lower
+index, exactly as `reference/gating.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Below every real key (reference.EXCLUDED_KEY); jit code may read only constexpr globals.
+_NEG_KEY = tl.constexpr(-9223372036854775808)
+
+
+@triton.jit
+def _order_key(v, idx):
+    """float32 (no NaN), int64 index -> int64 key; see reference.order_key."""
+    v = tl.where(v == 0.0, 0.0, v)
+    bits = v.to(tl.int32, bitcast=True)
+    signed = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return signed.to(tl.int64) * 4294967296 - idx
+
+
+@triton.jit
+def _grouped_topk_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr,
+    T, stride_t, scale,
+    G: tl.constexpr, GS: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
+    SELECT_GROUPS: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < T
+    grp = tl.arange(0, G_PAD)
+    slot = tl.arange(0, GS_PAD)
+    expert = grp[:, None] * GS + slot[None, :]                 # [G_PAD, GS_PAD]
+    real = (grp[:, None] < G) & (slot[None, :] < GS)
+    mask = row_ok[:, None, None] & real[None, :, :]             # [ROWS, G_PAD, GS_PAD]
+
+    # Convert right after the load: the interpreter's bf16 arithmetic is wrong (NOTES.md).
+    x = tl.load(logits_ptr + rows[:, None, None] * stride_t + expert[None, :, :],
+                mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)
+    if SOFTMAX:
+        m = tl.max(tl.max(x, axis=2), axis=1)[:, None, None]
+        e = tl.where(mask, tl.exp(tl.where(x == m, 0.0, x - m)), 0.0)
+        s = e / tl.sum(tl.sum(e, axis=2), axis=1)[:, None, None]
+    else:
+        s = 1.0 / (1.0 + tl.exp(-x))
+    if HAS_BIAS:
+        s_bias = tl.load(bias_ptr + expert, mask=real, other=0.0).to(tl.float32)
+        b = s + s_bias[None, :, :]
+    else:
+        b = s
+    b = tl.where(b != b, float("-inf"), b)
+    key = tl.where(mask, _order_key(b, expert[None, :, :].to(tl.int64)), _NEG_KEY)
+
+    if SELECT_GROUPS:
+        b_real = tl.where(mask, b, float("-inf"))
+        if GROUP_TOP2:
+            best = tl.max(key, axis=2)
+            second = tl.where(key == best[:, :, None], float("-inf"), b_real)
+            gscore = tl.max(b_real, axis=2) + tl.max(second, axis=2)
+        else:
+            gscore = tl.max(b_real, axis=2)
+        gscore = tl.where(gscore != gscore, float("-inf"), gscore)
+        gkey = tl.where((grp < G)[None, :], _order_key(gscore, grp[None, :].to(tl.int64)), _NEG_KEY)
+        kept = tl.zeros((ROWS, G_PAD), dtype=tl.int1)
+        for _ in tl.static_range(TOPK_GROUP):
+            hit = gkey == tl.max(gkey, axis=1)[:, None]
+            kept = kept | hit
+            gkey = tl.where(hit, _NEG_KEY, gkey)
+        key = tl.where(kept[:, :, None], key, _NEG_KEY)
+
+    kcol = tl.arange(0, K_PAD)[None, :]
+    out_ids = tl.zeros((ROWS, K_PAD), dtype=tl.int32)
+    out_s = tl.zeros((ROWS, K_PAD), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(tl.max(key, axis=2), axis=1)
+        hit = key == best[:, None, None]
+        chosen_s = tl.sum(tl.sum(tl.where(hit, s, 0.0), axis=2), axis=1)
+        chosen_id = ((-best) & 4294967295).to(tl.int32)
+        out_ids = tl.where(kcol == k, chosen_id[:, None], out_ids)
+        out_s = tl.where(kcol == k, chosen_s[:, None], out_s)
+        key = tl.where(hit, _NEG_KEY, key)
+
+    w = out_s
+    if RENORM:
+        den = tl.sum(out_s, axis=1)[:, None]
+        w = tl.where(den > 0, out_s / tl.where(den > 0, den, 1.0), 0.0)
+    w = w * scale
+    out_off = rows[:, None] * TOP_K + kcol
+    out_mask = row_ok[:, None] & (kcol < TOP_K)
+    tl.store(w_ptr + out_off, w, mask=out_mask)
+    tl.store(ids_ptr + out_off, out_ids, mask=out_mask)
+
+
+def _launch_config(T: int, E_pad: int) -> tuple[int, int]:
+    """(ROWS per program, num_warps), from benchmarks/tune_gating.py on an H100 at E=256
+    (bf16, 8 groups): up to 512 tokens one row per single-warp program is best (3.3-3.8
+    us; more rows or warps only add latency); at 4096-16384 tokens 8 rows on 2-4 warps
+    (11.5 us and 39 us; 1 row per program is 7x slower). Wider rows keep the tile size."""
+    if T <= 512:
+        return 1, 1 if E_pad <= 256 else 2
+    rows = max(1, 8 * 256 // E_pad)
+    return rows, 2 if T <= 8192 else 4
+
+
+def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
+                 num_expert_group: int, topk_group: int, scoring_func: str,
+                 group_scoring: str, renormalize: bool, routed_scaling_factor: float,
+                 config: tuple[int, int] | None = None):
+    """logits (T, E) float, last dim contiguous -> (w (T, top_k) float32, ids int32).
+    Arguments are validated by moe_kernels.ops.gating. `config` = (rows per program,
+    num_warps) overrides `_launch_config` (benchmarks/tune_gating.py)."""
+    T, E = logits.shape
+    w = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((T, top_k), dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return w, ids
+    G = num_expert_group
+    GS = E // G
+    G_PAD, GS_PAD = triton.next_power_of_2(G), triton.next_power_of_2(GS)
+    rows, num_warps = config or _launch_config(T, G_PAD * GS_PAD)
+    bias = correction_bias if correction_bias is not None else logits  # unread when absent
+    _grouped_topk_kernel[(triton.cdiv(T, rows),)](
+        logits, bias, w, ids, T, logits.stride(0), float(routed_scaling_factor),
+        G=G, GS=GS, G_PAD=G_PAD, GS_PAD=GS_PAD, TOPK_GROUP=topk_group, TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k), SOFTMAX=scoring_func == "softmax",
+        HAS_BIAS=correction_bias is not None, GROUP_TOP2=group_scoring == "top2_sum",
+        SELECT_GROUPS=topk_group < G, RENORM=bool(renormalize), ROWS=rows,
+        num_warps=num_warps)
+    return w, ids
