@@ -45,9 +45,10 @@ bench: build
 # torch has no CUDA (the kernels themselves are built and tested on the GPU machine).
 check-cuda:
 	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipped"; else \
-	  for f in csrc/cuda/*.cuh; do echo "nvcc $(CUDA_ARCH_FLAGS) $$f"; \
-	    $(NVCC) -x cu -std=c++17 $(CUDA_ARCH_FLAGS) -diag-suppress 177 -Xcompiler -Wno-pragma-once-outside-header \
-	      -c $$f -o /dev/null || exit 1; done; fi
+	  tmp=$$(mktemp -d); for f in csrc/cuda/*.cuh; do echo "nvcc $(CUDA_ARCH_FLAGS) $$f"; \
+	    printf '#include "%s"\n' "$(CURDIR)/$$f" > $$tmp/check.cu; \
+	    $(NVCC) -std=c++17 $(CUDA_ARCH_FLAGS) -c $$tmp/check.cu -o $$tmp/check.o || exit 1; done; \
+	  rm -rf $$tmp; fi
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

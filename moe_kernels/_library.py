@@ -137,9 +137,24 @@ _DEFAULT_ORDER = {
 def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
     """The backend to run: `backend` if it can run on `device`, or the best one for None.
     Memoised per (backend, device type): this runs on every eager call."""
-    hit = _RESOLVED.get((backend, device.type))
+    hit = _RESOLVED.get((backend, device.type)) if backend is None or type(backend) is str else None
     if hit is not None:
         return hit
+    return _resolve_backend_uncached(backend, device, op)
+
+
+def resolve_backend_of(backend: str | None, x: torch.Tensor, op: str) -> str:
+    """resolve_backend for tensor x's device; reads x.is_cuda / x.is_cpu (cheaper than
+    building x.device) on the hot path."""
+    kind = "cuda" if x.is_cuda else ("cpu" if x.is_cpu else None)
+    if kind is not None and (backend is None or type(backend) is str):
+        hit = _RESOLVED.get((backend, kind))
+        if hit is not None:
+            return hit
+    return resolve_backend(backend, x.device, op)
+
+
+def _resolve_backend_uncached(backend: str | None, device: torch.device, op: str) -> str:
     if backend is None:
         resolved = next((c for c in _DEFAULT_ORDER.get(device.type, ("reference",))
                          if backend_unavailable_reason(c, device) is None), "reference")

@@ -357,6 +357,9 @@ def test_bad_input_layout_and_device():
         moe_kernels.grouped_topk([[0.0, 1.0]], 1)
     with pytest.raises(BackendUnavailableError, match="cuda"):
         moe_kernels.grouped_topk(torch.zeros(4, 16), 2, backend="cuda")
+    if HAS_CUDA and moe_kernels.extension_has_cuda():
+        with pytest.raises(ValueError, match="E <= 1024"):
+            moe_kernels.grouped_topk(torch.zeros(4, 1040, device="cuda"), 2, backend="cuda")
     if HAS_CUDA:
         with pytest.raises(ValueError, match="correction_bias"):
             moe_kernels.grouped_topk(torch.zeros(4, 16, device="cuda"), 2,

@@ -20,10 +20,12 @@ from moe_kernels.reference import gating as reference
 OP = "grouped_topk"
 SCORING_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORINGS = ("top2_sum", "max")
+CUDA_MAX_EXPERTS = 1024  # 32 lanes x 32 experts per lane (csrc/cuda/gating.cuh kMaxExperts)
 
 
-def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
-                group_scoring):
+def _check_args_slow(logits, top_k, num_expert_group, topk_group, scoring_func,
+                     correction_bias, group_scoring):
+    """Every check, with the message naming the argument."""
     check_tensor(OP, "logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     E = logits.shape[1]
     if E < 1:
@@ -55,6 +57,34 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
         check_same_device(OP, "correction_bias", correction_bias, "logits", logits)
 
 
+# Scalar configurations (E, top_k, G, topk_group, names, their types) already validated:
+# the eager path checks them once, not on every call (6.5 us -> ~2 us per call here).
+_VALID_CONFIGS: set = set()
+
+
+def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
+                group_scoring):
+    """Fast predicates for the common case; any doubt goes to `_check_args_slow`, which
+    raises the precise error (or passes, and the configuration is remembered)."""
+    ok = (type(logits) is torch.Tensor or isinstance(logits, torch.Tensor)) \
+        and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES
+    if ok:
+        E = logits.shape[1]
+        config = (E, top_k, type(top_k), num_expert_group, type(num_expert_group),
+                  topk_group, type(topk_group), scoring_func, group_scoring)
+        ok = config in _VALID_CONFIGS and (E == 1 or logits.stride(1) == 1)
+        if ok and correction_bias is not None:
+            ok = (isinstance(correction_bias, torch.Tensor) and correction_bias.dim() == 1
+                  and correction_bias.shape[0] == E and correction_bias.is_floating_point()
+                  and correction_bias.device == logits.device)
+    if not ok:
+        _check_args_slow(logits, top_k, num_expert_group, topk_group, scoring_func,
+                         correction_bias, group_scoring)
+        _VALID_CONFIGS.add((logits.shape[1], top_k, type(top_k), num_expert_group,
+                            type(num_expert_group), topk_group, type(topk_group),
+                            scoring_func, group_scoring))
+
+
 # --- the kernels of each backend, one signature: the schema's -------------------------
 
 def _triton_kernel(*args):
@@ -62,15 +92,11 @@ def _triton_kernel(*args):
     return triton_gating.grouped_topk(*args)
 
 
-def _cpu_kernel(*args):
-    return _library._C.grouped_topk_cpu(*args)
-
-
-def _cuda_kernel(*args):
-    return _library._C.grouped_topk_cuda(*args)
-
-
-_EAGER_KERNELS = {"triton": _triton_kernel, "cpu": _cpu_kernel, "cuda": _cuda_kernel}
+_EAGER_KERNELS = {"triton": _triton_kernel}
+if _library.extension_loaded():  # the pybind functions themselves: no wrapper call
+    _EAGER_KERNELS["cpu"] = _library._C.grouped_topk_cpu
+    if _library.extension_has_cuda():
+        _EAGER_KERNELS["cuda"] = _library._C.grouped_topk_cuda
 
 
 def _registered_op(backend):
@@ -149,7 +175,10 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
         group_scoring = "top2_sum" if correction_bias is not None else "max"
     _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
                 group_scoring)
-    backend = _library.resolve_backend(backend, logits.device, OP)
+    backend = _library.resolve_backend_of(backend, logits, OP)
+    if backend == "cuda" and logits.shape[1] > CUDA_MAX_EXPERTS:
+        raise ValueError(f"{OP}: the cuda backend takes E <= {CUDA_MAX_EXPERTS} experts, logits "
+                         f"has E={logits.shape[1]}; use backend='triton'")
     args = (logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
             group_scoring, bool(renormalize), float(routed_scaling_factor))
     if backend == "reference":
