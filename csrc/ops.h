@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace moe_kernels {
 
@@ -15,6 +16,16 @@ using GroupedTopkFn = std::tuple<at::Tensor, at::Tensor>(
     double routed_scaling_factor);
 
 GroupedTopkFn grouped_topk_cpu;
+
+// Token permutation (csrc/cpu/permute.cpp).
+std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids, int64_t num_experts,
+                                          int64_t align);
+std::vector<at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
+                                                 int64_t num_experts, int64_t block_size);
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
+                           const at::Tensor& row_of_pair);
+at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
+                         const at::Tensor& topk_weights);
 #ifdef MOE_KERNELS_WITH_CUDA
 GroupedTopkFn grouped_topk_cuda;
 #endif

@@ -14,6 +14,15 @@ TORCH_LIBRARY(moe_kernels, m) {
       "grouped_topk_triton(Tensor logits, Tensor? correction_bias, int top_k, "
       "int num_expert_group, int topk_group, str scoring_func, str group_scoring, "
       "bool renormalize, float routed_scaling_factor) -> (Tensor, Tensor)");
+  // Token permutation: index computation, row gather, weighted reduction.
+  m.def("permute_index(Tensor topk_ids, int num_experts, int align) -> Tensor[]");
+  m.def("permute_index_triton(Tensor topk_ids, int num_experts, int align) -> Tensor[]");
+  m.def("moe_align_block_size(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]");
+  m.def("moe_align_block_size_triton(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]");
+  m.def("gather_rows(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor");
+  m.def("gather_rows_triton(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor");
+  m.def("unpermute(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor");
+  m.def("unpermute_triton(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor");
 }
 
 // Direct entry points for the eager path: calling these skips the dispatcher and the
@@ -27,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   m.def("grouped_topk_cpu", &moe_kernels::grouped_topk_cpu);
+  m.def("permute_index_cpu", &moe_kernels::permute_index_cpu);
+  m.def("moe_align_block_size_cpu", &moe_kernels::moe_align_block_size_cpu);
+  m.def("gather_rows_cpu", &moe_kernels::gather_rows_cpu);
+  m.def("unpermute_cpu", &moe_kernels::unpermute_cpu);
 #ifdef MOE_KERNELS_WITH_CUDA
   m.def("grouped_topk_cuda", &moe_kernels::grouped_topk_cuda);
 #endif

@@ -7,6 +7,8 @@ best available for the input's device. See docs/index.md.
 from moe_kernels._library import (BACKENDS, BackendUnavailableError, available_backends,
                                   extension_has_cuda, extension_loaded)
 from moe_kernels.ops.gating import grouped_topk, update_correction_bias_
+from moe_kernels.ops.permute import (MaskedLayout, PermuteLayout, moe_align_block_size,
+                                     permute, permute_masked, unpermute)
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,10 @@ __all__ = [
     "extension_loaded",
     "grouped_topk",
     "update_correction_bias_",
+    "MaskedLayout",
+    "PermuteLayout",
+    "moe_align_block_size",
+    "permute",
+    "permute_masked",
+    "unpermute",
 ]

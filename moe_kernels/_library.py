@@ -31,6 +31,14 @@ SCHEMAS = {
         "int num_expert_group, int topk_group, str scoring_func, str group_scoring, "
         "bool renormalize, float routed_scaling_factor) -> (Tensor, Tensor)"
     ),
+    "permute_index": "permute_index(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
+    "permute_index_triton": "permute_index_triton(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
+    "moe_align_block_size": "moe_align_block_size(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
+    "moe_align_block_size_triton": "moe_align_block_size_triton(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
+    "gather_rows": "gather_rows(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor",
+    "gather_rows_triton": "gather_rows_triton(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor",
+    "unpermute": "unpermute(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
+    "unpermute_triton": "unpermute_triton(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
 }
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
@@ -143,15 +151,28 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
     return _resolve_backend_uncached(backend, device, op)
 
 
-def resolve_backend_of(backend: str | None, x: torch.Tensor, op: str) -> str:
-    """resolve_backend for tensor x's device; reads x.is_cuda / x.is_cpu (cheaper than
-    building x.device) on the hot path."""
+def resolve_backend_of(backend: str | None, x: torch.Tensor, op: str,
+                       supported: tuple[str, ...] = BACKENDS) -> str:
+    """resolve_backend for tensor x's device, among the backends op implements; reads
+    x.is_cuda / x.is_cpu (cheaper than building x.device) on the hot path."""
     kind = "cuda" if x.is_cuda else ("cpu" if x.is_cpu else None)
     if kind is not None and (backend is None or type(backend) is str):
-        hit = _RESOLVED.get((backend, kind))
+        hit = _RESOLVED.get((backend, kind, supported))
         if hit is not None:
             return hit
-    return resolve_backend(backend, x.device, op)
+    if backend is not None and backend in BACKENDS and backend not in supported:
+        raise BackendUnavailableError(f"{op}: backend {backend!r} is not implemented for this "
+                                      f"op (it has {supported})")
+    if backend is None:
+        device = x.device
+        resolved = next((c for c in _DEFAULT_ORDER.get(device.type, ("reference",))
+                         if c in supported and backend_unavailable_reason(c, device) is None),
+                        "reference")
+    else:
+        resolved = resolve_backend(backend, x.device, op)
+    if kind is not None:
+        _RESOLVED[(backend, kind, supported)] = resolved
+    return resolved
 
 
 def _resolve_backend_uncached(backend: str | None, device: torch.device, op: str) -> str:

@@ -21,6 +21,12 @@ def check_tensor(op: str, name: str, x, *, ndim: int | None = None, dtypes=None)
         raise TypeError(f"{op}: {name} must have dtype in ({names}), got {x.dtype}")
 
 
+def check_float_tensor(op: str, name: str, x, *, ndim: int | None = None) -> None:
+    check_tensor(op, name, x, ndim=ndim)
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a float tensor, got {x.dtype}")
+
+
 def check_same_device(op: str, name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if x.device != ref.device:
         raise ValueError(f"{op}: {name} is on {x.device} but {ref_name} is on {ref.device}")

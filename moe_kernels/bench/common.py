@@ -109,6 +109,19 @@ def time_us(fn: Callable[[int], object], device: str, n_sets: int) -> tuple[floa
         return _time_cuda_events(fn, n_sets), f"events ({type(exc).__name__})"
 
 
+def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
+            check: Callable[[object], bool]) -> list[Result]:
+    """Checks then times each (name, fn(i)) of `timed`; one Result per entry."""
+    copy = copy_bandwidth_gbps(device)
+    results = []
+    for name, fn in timed:
+        correct = check(fn(0))
+        t, how = time_us(fn, device, n_sets)
+        results.append(Result(op, case, name, device, t, nbytes, copy_gbps=copy,
+                              correct=correct, note=how))
+    return results
+
+
 def host_us_per_call(fn: Callable[[], object], device: str, n: int = 2000) -> float:
     """Host time per call of fn in a tight loop (launch cost; tiny inputs)."""
     for _ in range(50):

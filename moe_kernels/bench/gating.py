@@ -12,7 +12,7 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels.bench.common import (Result, copy_bandwidth_gbps, host_us_per_call,
-                                      rotating_sets, time_us)
+                                      measure, rotating_sets)
 from moe_kernels.ops import gating as ops
 from moe_kernels.reference import gating as reference
 
@@ -60,11 +60,8 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         timed.append(("torch-eager", lambda i: reference.grouped_topk(*ref_args(i))))
         if compiled_ref is not None:
             timed.append(("torch-compile", lambda i: compiled_ref(*ref_args(i))))
-        for name, fn in timed:
-            w, ids = fn(0)
-            t, how = time_us(fn, device, n_sets)
-            results.append(Result(OP, case, name, device, t, nbytes, copy_gbps=copy,
-                                  correct=_agrees(w, ids, w_ref, ids_ref), note=how))
+        results += measure(OP, case, device, timed, nbytes, n_sets,
+                           lambda out: _agrees(*out, w_ref, ids_ref))
     results += eager_overhead(device, backends, copy)
     return results
 

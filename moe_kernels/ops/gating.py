@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._validate import (FLOAT_DTYPES, check_choice, check_int,
+from moe_kernels._validate import (FLOAT_DTYPES, check_choice, check_float_tensor, check_int,
                                    check_last_dim_contiguous, check_same_device,
                                    check_tensor)
 from moe_kernels.reference import gating as reference
@@ -47,10 +47,7 @@ def _check_args_slow(logits, top_k, num_expert_group, topk_group, scoring_func,
         raise ValueError(f"{OP}: group_scoring='top2_sum' needs at least 2 experts per group, "
                          f"got E / num_expert_group = {group_size}; use 'max'")
     if correction_bias is not None:
-        check_tensor(OP, "correction_bias", correction_bias, ndim=1)
-        if not correction_bias.is_floating_point():
-            raise TypeError(f"{OP}: correction_bias must be a float tensor, got "
-                            f"{correction_bias.dtype}")
+        check_float_tensor(OP, "correction_bias", correction_bias, ndim=1)
         if correction_bias.shape[0] != E:
             raise ValueError(f"{OP}: correction_bias must have shape (E,) = ({E},), got "
                              f"{tuple(correction_bias.shape)}")
@@ -195,10 +192,8 @@ def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: to
 
     tokens_per_expert: (E,) any real dtype (counts of the last step). Returns the bias."""
     op = "update_correction_bias_"
-    check_tensor(op, "correction_bias", correction_bias, ndim=1)
+    check_float_tensor(op, "correction_bias", correction_bias, ndim=1)
     check_tensor(op, "tokens_per_expert", tokens_per_expert, ndim=1)
-    if not correction_bias.is_floating_point():
-        raise TypeError(f"{op}: correction_bias must be a float tensor, got {correction_bias.dtype}")
     if tokens_per_expert.shape != correction_bias.shape:
         raise ValueError(f"{op}: tokens_per_expert must have shape {tuple(correction_bias.shape)}, "
                          f"got {tuple(tokens_per_expert.shape)}")

@@ -1,0 +1,161 @@
+// Token permutation on the CPU (SPEC section 2; semantics: moe_kernels/reference/permute.py).
+// The index computation is one sequential pass in pair order (which is what makes ranks
+// stable: ascending pair index inside each expert); row copies and the weighted
+// reduction run in parallel over rows / tokens.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../ops.h"
+
+namespace moe_kernels {
+namespace {
+
+void check_ids(const at::Tensor& topk_ids, int64_t num_experts, int64_t align,
+               const char* align_name) {
+  TORCH_CHECK_VALUE(topk_ids.dim() == 2, "topk_ids must be 2-D (T, K)");
+  TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
+                   "topk_ids must be int32 or int64");
+  TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1");
+  TORCH_CHECK_VALUE(align >= 1, align_name, " must be >= 1");
+}
+
+template <typename id_t>
+int64_t expert_of(const id_t* ids, int64_t p, int64_t E) {
+  const int64_t e = static_cast<int64_t>(ids[p]);
+  return (e >= 0 && e < E) ? e : -1;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids_in, int64_t num_experts,
+                                          int64_t align) {
+  check_ids(topk_ids_in, num_experts, align, "align");
+  const at::Tensor topk_ids = topk_ids_in.contiguous();
+  const int64_t T = topk_ids.size(0), K = topk_ids.size(1), P = T * K, E = num_experts;
+  const int64_t R = P + E * (align - 1);
+  auto i32 = topk_ids.options().dtype(at::kInt);
+  at::Tensor offsets = at::empty({E + 1}, topk_ids.options().dtype(at::kLong));
+  at::Tensor counts = at::zeros({E}, i32);
+  at::Tensor m_indices = at::full({R}, -1, i32);
+  at::Tensor row_of_pair = at::empty({T, K}, i32);
+  at::Tensor pair_of_row = at::full({R}, -1, i32);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  int32_t* cnt = counts.data_ptr<int32_t>();
+  int32_t* m_idx = m_indices.data_ptr<int32_t>();
+  int32_t* rop = row_of_pair.data_ptr<int32_t>();
+  int32_t* por = pair_of_row.data_ptr<int32_t>();
+  AT_DISPATCH_INDEX_TYPES(topk_ids.scalar_type(), "permute_index_cpu", [&] {
+    const index_t* ids = topk_ids.data_ptr<index_t>();
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t e = expert_of(ids, p, E);
+      if (e >= 0) ++cnt[e];
+    }
+    off[0] = 0;
+    for (int64_t e = 0; e < E; ++e) off[e + 1] = off[e] + (cnt[e] + align - 1) / align * align;
+    std::vector<int64_t> cursor(off, off + E);
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t e = expert_of(ids, p, E);
+      if (e < 0) {
+        rop[p] = -1;
+        continue;
+      }
+      const int64_t row = cursor[e]++;
+      rop[p] = static_cast<int32_t>(row);
+      por[row] = static_cast<int32_t>(p);
+      m_idx[row] = static_cast<int32_t>(e);
+    }
+  });
+  return {offsets, counts, m_indices, row_of_pair, pair_of_row};
+}
+
+std::vector<at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
+                                                 int64_t num_experts, int64_t block_size) {
+  check_ids(topk_ids, num_experts, block_size, "block_size");
+  const auto index = permute_index_cpu(topk_ids, num_experts, block_size);
+  const int64_t P = topk_ids.numel(), R = index[4].numel();
+  at::Tensor sorted_ids = at::where(index[4] >= 0, index[4], P).to(at::kInt);
+  const int64_t n_blocks = (R + block_size - 1) / block_size;
+  at::Tensor expert_ids = at::full({n_blocks}, -1, topk_ids.options().dtype(at::kInt));
+  const int64_t* off = index[0].data_ptr<int64_t>();
+  int32_t* eid = expert_ids.data_ptr<int32_t>();
+  for (int64_t e = 0; e < num_experts; ++e)
+    for (int64_t b = off[e] / block_size; b < off[e + 1] / block_size; ++b)
+      eid[b] = static_cast<int32_t>(e);
+  at::Tensor post_padded = index[0].slice(0, num_experts, num_experts + 1).to(at::kInt);
+  return {sorted_ids, expert_ids, post_padded};
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row,
+                           const at::Tensor& row_of_pair) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "gather_rows: x must be 2-D");
+  TORCH_CHECK_VALUE(pair_of_row.dim() == 1 && pair_of_row.scalar_type() == at::kInt,
+                    "gather_rows: pair_of_row must be 1-D int32");
+  TORCH_CHECK_VALUE(row_of_pair.dim() == 2 && row_of_pair.size(0) == x_in.size(0),
+                    "gather_rows: row_of_pair must be (T, K) with T = x.size(0)");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor src = pair_of_row.contiguous();
+  const int64_t R = src.numel(), D = x.size(1), K = row_of_pair.size(1);
+  const int64_t P = x.size(0) * K;
+  at::Tensor out = at::empty({R, D}, x.options());
+  const int64_t row_bytes = D * x.element_size();
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  const int32_t* sp = src.data_ptr<int32_t>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t p = sp[r];
+      if (p >= 0 && p < P)  // any other value is padding: never read out of bounds
+        std::memcpy(op + r * row_bytes, xp + (p / K) * row_bytes, row_bytes);
+      else
+        std::memset(op + r * row_bytes, 0, row_bytes);
+    }
+  });
+  return out;
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_of_pair_in,
+                         const at::Tensor& topk_weights) {
+  TORCH_CHECK_VALUE(expert_out_in.dim() == 2, "unpermute: expert_out must be 2-D (R, H)");
+  TORCH_CHECK_VALUE(row_of_pair_in.dim() == 2 && row_of_pair_in.scalar_type() == at::kInt,
+                    "unpermute: row_of_pair must be (T, K) int32");
+  TORCH_CHECK_VALUE(topk_weights.sizes() == row_of_pair_in.sizes(),
+                    "unpermute: topk_weights must have the shape of row_of_pair");
+  const at::Tensor eo = expert_out_in.contiguous();
+  const at::Tensor rows = row_of_pair_in.contiguous();
+  const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
+  const int64_t T = rows.size(0), K = rows.size(1), R = eo.size(0), H = eo.size(1);
+  at::Tensor out = at::empty({T, H}, eo.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, eo.scalar_type(), "unpermute_cpu", [&] {
+    const scalar_t* src = eo.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int32_t* rp = rows.data_ptr<int32_t>();
+    const float* wp = w.data_ptr<float>();
+    at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> acc(H);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t r = rp[t * K + k];
+          if (r < 0 || r >= R) continue;  // skipped pair adds nothing (even a NaN row)
+          const float wk = wp[t * K + k];
+          const scalar_t* row = src + r * H;
+          for (int64_t h = 0; h < H; ++h) acc[h] += wk * static_cast<float>(row[h]);
+        }
+        for (int64_t h = 0; h < H; ++h) dst[t * H + h] = static_cast<scalar_t>(acc[h]);
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("permute_index", &permute_index_cpu);
+  m.impl("moe_align_block_size", &moe_align_block_size_cpu);
+  m.impl("gather_rows", &gather_rows_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+}
+
+}  // namespace moe_kernels

@@ -1,0 +1,106 @@
+"""Float32 PyTorch reference for token permutation (SPEC section 2): the oracle.
+
+Flat pair index p = t * K + k. A pair is routed when 0 <= topk_ids[t, k] < E; others
+(-1: not routed; >= E: another rank's expert) are skipped everywhere. Experts' segments
+follow each other, expert 0 first, each padded to a multiple of `align`; inside an expert,
+pairs keep ascending p (stable, deterministic). No step depends on tensor values through
+the host: shapes are static (R = T*K + E*(align-1)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
+    """topk_ids (T, K) int -> (expert_offsets (E+1,) int64, tokens_per_expert (E,) int32,
+    m_indices (R,) int32, row_of_pair (T, K) int32, pair_of_row (R,) int32)."""
+    T, K = topk_ids.shape
+    P, E = T * K, num_experts
+    R = P + E * (align - 1)
+    dev = topk_ids.device
+    ids = topk_ids.reshape(-1).long()
+    routed = (ids >= 0) & (ids < E)
+    expert = torch.where(routed, ids, E)          # skipped pairs sort after every expert
+    counts = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, expert, torch.ones_like(expert))
+    counts = counts[:E]
+    padded = (counts + align - 1) // align * align
+    offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0)])
+    first = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # unpadded starts
+    pair = torch.arange(P, device=dev)
+    order = torch.argsort(expert * max(P, 1) + pair)             # keys are distinct
+    sorted_expert = expert[order]
+    ok = sorted_expert < E
+    e_safe = torch.where(ok, sorted_expert, 0)
+    row_sorted = offsets[e_safe] + (torch.arange(P, device=dev) - first[e_safe])
+    row_sorted = torch.where(ok, row_sorted, -1)
+    row_of_pair = torch.full((P,), -1, dtype=torch.int64, device=dev)
+    row_of_pair.scatter_(0, order, row_sorted)
+    # Skipped pairs write into a spare slot R that is cut off.
+    target = torch.where(routed, row_of_pair, R)
+    pair_of_row = torch.full((R + 1,), -1, dtype=torch.int64, device=dev)
+    pair_of_row.scatter_(0, target, pair)
+    m_indices = torch.full((R + 1,), -1, dtype=torch.int64, device=dev)
+    m_indices.scatter_(0, target, ids)
+    return (offsets, counts.int(), m_indices[:R].int(), row_of_pair.view(T, K).int(),
+            pair_of_row[:R].int())
+
+
+def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x (T, D) -> (R, D): row r is x[pair_of_row[r] // top_k], zero where pair_of_row < 0."""
+    src = pair_of_row.long()
+    if x.shape[0] == 0:  # only padding rows (a static shape, not a value: no sync)
+        return x.new_zeros((src.shape[0], x.shape[1]))
+    rows = x.index_select(0, torch.clamp(src, min=0) // top_k)
+    return torch.where((src >= 0)[:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int,
+            scales: torch.Tensor | None):
+    """-> (permuted (R, H), permuted scales or None, the index tensors of permute_index)."""
+    index = permute_index(topk_ids, num_experts, align)
+    pair_of_row = index[4]
+    K = topk_ids.shape[1]
+    out = gather_rows(hidden, pair_of_row, K)
+    out_scales = gather_rows(scales, pair_of_row, K) if scales is not None else None
+    return out, out_scales, index
+
+
+def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor,
+              topk_weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k w[t,k] * expert_out[row_of_pair[t,k]] over routed pairs, in float32,
+    returned in expert_out's dtype. A skipped pair adds nothing, even if the row it would
+    read holds NaN."""
+    rows = row_of_pair.long()
+    valid = rows >= 0
+    gathered = expert_out.float()[torch.clamp(rows, min=0)]           # (T, K, H)
+    term = torch.where(valid[..., None], gathered * topk_weights.float()[..., None], 0.0)
+    return term.sum(dim=1).to(expert_out.dtype)
+
+
+def permute_masked_index(topk_ids: torch.Tensor, num_experts: int, max_tokens: int):
+    """-> (masked_m (E,) int32, tokens_per_expert (E,) int32, row_of_pair (T, K) int32 with
+    rows e * max_tokens + slot, -1 for skipped pairs and pairs beyond the capacity)."""
+    offsets, counts, _, row_of_pair, _ = permute_index(topk_ids, num_experts, 1)
+    ids = topk_ids.long()
+    routed = (ids >= 0) & (ids < num_experts)
+    e_safe = torch.where(routed, ids, 0)
+    slot = row_of_pair.long() - offsets[e_safe]
+    kept = routed & (slot < max_tokens)
+    rows = torch.where(kept, e_safe * max_tokens + slot, -1)
+    return torch.clamp(counts, max=max_tokens).int(), counts, rows.int()
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int):
+    """The vLLM fused_moe layout: sorted_token_ids (T*K + E*(bs-1),) int32 padded with T*K,
+    expert_ids (ceil(len / bs),) int32 (-1 for unused blocks), num_tokens_post_padded (1,)."""
+    offsets, _, m_indices, _, pair_of_row = permute_index(topk_ids, num_experts, block_size)
+    P = topk_ids.numel()
+    sorted_ids = torch.where(pair_of_row >= 0, pair_of_row, P).int()
+    n_blocks = -(-sorted_ids.numel() // block_size)
+    block_start = torch.arange(n_blocks, device=topk_ids.device) * block_size
+    # expert of a block: the e with offsets[e] <= start < offsets[e+1]; -1 past the end
+    e = torch.searchsorted(offsets[1:], block_start, right=True)
+    expert_ids = torch.where(block_start < offsets[-1], e, -1).int()
+    return sorted_ids, expert_ids, offsets[-1:].int()

@@ -1,0 +1,155 @@
+"""Triton kernels for token permutation (semantics: reference/permute.py).
+
+Index computation without atomics, so ranks are deterministic: pairs are cut into chunks
+of BLOCK; kernel 1 counts each chunk's pairs per expert and each pair's rank among the
+earlier pairs of its chunk with the same expert (a BLOCK x BLOCK comparison); cumulative
+sums over chunks and experts (torch, on device, no host sync) give every chunk's start
+inside every expert; kernel 2 writes row = offset[e] + chunk start + rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_CHUNK = 128
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@triton.jit
+def _chunk_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, P, E,
+                        E_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    p = c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int64)
+    expert = tl.where((ids >= 0) & (ids < E), ids, -1)
+    e_range = tl.arange(0, E_PAD)
+    onehot = (expert[:, None] == e_range[None, :]).to(tl.int32)
+    tl.store(chunk_counts_ptr + c.to(tl.int64) * E + e_range, tl.sum(onehot, axis=0),
+             mask=e_range < E)
+    i = tl.arange(0, BLOCK)
+    earlier_same = (expert[None, :] == expert[:, None]) & (i[None, :] < i[:, None])
+    tl.store(rank_ptr + p, tl.sum(earlier_same.to(tl.int32), axis=1), mask=p < P)
+
+
+@triton.jit
+def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of_pair_ptr,
+                         pair_of_row_ptr, m_indices_ptr, P, E, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    p = c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = p < P
+    ids = tl.load(ids_ptr + p, mask=in_range, other=-1).to(tl.int64)
+    routed = in_range & (ids >= 0) & (ids < E)
+    e = tl.where(routed, ids, 0)
+    rank = tl.load(rank_ptr + p, mask=routed, other=0).to(tl.int64)
+    start = tl.load(chunk_start_ptr + c.to(tl.int64) * E + e, mask=routed, other=0)
+    row = tl.load(offsets_ptr + e, mask=routed, other=0) + start + rank
+    tl.store(row_of_pair_ptr + p, tl.where(routed, row, -1).to(tl.int32), mask=in_range)
+    tl.store(pair_of_row_ptr + row, p.to(tl.int32), mask=routed)
+    tl.store(m_indices_ptr + row, e.to(tl.int32), mask=routed)
+
+
+def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
+    """topk_ids (T, K) int -> [expert_offsets (E+1,) int64, tokens_per_expert (E,) int32,
+    m_indices (R,) int32, row_of_pair (T, K) int32, pair_of_row (R,) int32]."""
+    T, K = topk_ids.shape
+    P, E = T * K, num_experts
+    R = P + E * (align - 1)
+    dev = topk_ids.device
+    ids = topk_ids.contiguous().view(-1)
+    n_chunks = max(triton.cdiv(P, _CHUNK), 1)
+    chunk_counts = torch.zeros((n_chunks, E), dtype=torch.int32, device=dev)
+    rank = torch.empty(max(P, 1), dtype=torch.int32, device=dev)
+    row_of_pair = torch.empty((T, K), dtype=torch.int32, device=dev)
+    pair_of_row = torch.full((R,), -1, dtype=torch.int32, device=dev)
+    m_indices = torch.full((R,), -1, dtype=torch.int32, device=dev)
+    if P > 0:
+        _chunk_count_kernel[(n_chunks,)](ids, chunk_counts, rank, P, E,
+                                         E_PAD=triton.next_power_of_2(E), BLOCK=_CHUNK)
+    counts = chunk_counts.sum(dim=0, dtype=torch.int64)
+    padded = (counts + align - 1) // align * align
+    offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0)])
+    chunk_start = (chunk_counts.cumsum(0, dtype=torch.int64) - chunk_counts).contiguous()
+    if P > 0:
+        _scatter_rows_kernel[(n_chunks,)](ids, rank, offsets, chunk_start, row_of_pair,
+                                          pair_of_row, m_indices, P, E, BLOCK=_CHUNK)
+    return [offsets, counts.int(), m_indices, row_of_pair, pair_of_row]
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int):
+    """[sorted_token_ids, expert_ids, num_tokens_post_padded] (see ops.permute).
+
+    Every block that starts inside an expert's padded segment starts on one of its real
+    rows (segments start on block boundaries and hold less than one block of padding), so
+    a block's expert is the m_indices entry of its first row."""
+    offsets, _, m_indices, _, pair_of_row = permute_index(topk_ids, num_experts, block_size)
+    P = topk_ids.numel()
+    sorted_ids = torch.where(pair_of_row >= 0, pair_of_row, P)
+    return [sorted_ids, m_indices[::block_size].contiguous(), offsets[-1:].int()]
+
+
+@triton.jit
+def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, R, D, K, P, ROWS: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    p = tl.load(src_ptr + r, mask=r < R, other=-1).to(tl.int64)
+    valid = (p >= 0) & (p < P)          # anything else is padding: never read out of bounds
+    t = tl.where(valid, p // K, 0)
+    read_end = tl.where(valid, D, 0)    # a padding row reads nothing and stores zeros
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        row = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=d[None, :] < read_end[:, None],
+                      other=0)
+        tl.store(out_ptr + r[:, None] * D + d[None, :], row,
+                 mask=(r < R)[:, None] & (d < D)[None, :])
+
+
+def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor):
+    """x (T, D) contiguous -> (R, D): row r = x[pair_of_row[r] // K], zero for padding.
+    A program copies ROWS rows of up to 4096 elements per step: one row at H=7168, many
+    narrow (or padding) rows otherwise."""
+    R, D = pair_of_row.shape[0], x.shape[1]
+    K = row_of_pair.shape[1]
+    out = torch.empty((R, D), dtype=x.dtype, device=x.device)
+    if R > 0 and D > 0:
+        block = min(triton.next_power_of_2(D), 4096)
+        rows = max(1, 4096 // block)
+        # A copy: move the bits as integers of the same width, so every dtype works (FP8
+        # too, whose `other=0` the interpreter cannot cast) and +0.0 padding is all zeros.
+        as_int = _INT_OF_SIZE[x.element_size()]
+        _gather_rows_kernel[(triton.cdiv(R, rows),)](x.view(as_int), pair_of_row,
+                                                     out.view(as_int), R, D, K,
+                                                     x.shape[0] * K, ROWS=rows, BLOCK_D=block,
+                                                     num_warps=4)
+    return out
+
+
+@triton.jit
+def _unpermute_kernel(eo_ptr, rows_ptr, w_ptr, out_ptr, H, R, K: tl.constexpr,
+                      BLOCK_H: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        r = tl.load(rows_ptr + t * K + k).to(tl.int64)
+        valid = (r >= 0) & (r < R)
+        w = tl.load(w_ptr + t * K + k).to(tl.float32)
+        # masked load: a skipped pair's row is never read, so its NaN cannot leak in
+        x = tl.load(eo_ptr + tl.where(valid, r, 0) * H + h, mask=h < tl.where(valid, H, 0),
+                    other=0)
+        acc += tl.where(valid, w, 0.0) * x.to(tl.float32)
+    tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
+
+
+def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor, topk_weights: torch.Tensor):
+    """expert_out (R, H) contiguous -> (T, H): sum_k w[t,k] * expert_out[row_of_pair[t,k]]."""
+    T, K = row_of_pair.shape
+    R, H = expert_out.shape
+    out = torch.empty((T, H), dtype=expert_out.dtype, device=expert_out.device)
+    if T > 0 and H > 0:
+        block = min(triton.next_power_of_2(H), 1024)
+        _unpermute_kernel[(T, triton.cdiv(H, block))](expert_out, row_of_pair, topk_weights,
+                                                      out, H, R, K=K, BLOCK_H=block,
+                                                      num_warps=4 if block >= 512 else 1)
+    return out

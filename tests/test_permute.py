@@ -1,0 +1,306 @@
+"""Token permutation: every backend against the reference (SPEC section 2).
+
+Index tensors and permuted rows are data movement: compared exactly. Weighted sums use
+the float rule of helpers.TOLERANCES for the output dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moe_kernels
+from moe_kernels import BackendUnavailableError
+from moe_kernels.reference import permute as ref
+
+from helpers import (HAS_CUDA, assert_close, assert_int_equal, device_backend_params,
+                     poison_allocator)
+
+BACKENDS = ("triton", "cpu")
+LAYOUT_FIELDS = ("expert_offsets", "tokens_per_expert", "m_indices", "row_of_pair",
+                 "pair_of_row")
+
+
+def make_ids(T, K, E, device, seed, *, skip=0.25, beyond=0.05, one_expert=None):
+    """Distinct-in-row random ids with a share of -1 (skipped) and >= E (other rank)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(max(E, K), generator=g)[:K] for _ in range(T)]) \
+        if T else torch.zeros(0, K, dtype=torch.int64)
+    ids = ids % E if E < K else ids
+    if one_expert is not None:
+        ids = torch.full((T, K), one_expert, dtype=torch.int64)
+    u = torch.rand(T, K, generator=g)
+    ids = torch.where(u < skip, -1, ids)
+    ids = torch.where((u >= skip) & (u < skip + beyond), E + 3, ids)
+    return ids.int().to(device)
+
+
+def check_permute(backend, device, T, K, E, H, align, dtype, seed, **id_kw):
+    ids = make_ids(T, K, E, device, seed, **id_kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    hidden = torch.randn(T, H, generator=g).to(dtype).to(device)
+    scales = torch.rand(T, 3, generator=g).to(device)
+    poison_allocator(device)
+    out, layout = moe_kernels.permute(hidden, ids, E, align=align, scales=scales,
+                                      backend=backend)
+    r_out, r_scales, r_index = ref.permute(hidden.cpu(), ids.cpu(), E, align, scales.cpu())
+    msg = f"{backend} T={T} K={K} E={E} align={align}"
+    R = T * K + E * (align - 1)
+    assert out.shape == (R, H) and out.dtype == dtype, msg
+    for name, got, want in zip(LAYOUT_FIELDS, layout[:5], r_index):
+        assert got.dtype == want.dtype, f"{msg}: {name} dtype"
+        assert_int_equal(got.cpu(), want, f"{msg}: {name}")
+    assert torch.equal(out.cpu(), r_out), f"{msg}: permuted rows"
+    assert torch.equal(layout.scales.cpu(), r_scales), f"{msg}: scales"
+    w = torch.rand(T, K, generator=g).to(device)
+    y = moe_kernels.unpermute(out, layout, w, backend=backend)
+    assert y.shape == (T, H) and y.dtype == dtype
+    assert_close(y, ref.unpermute(r_out, r_index[3], w.cpu()), msg=f"{msg}: unpermute")
+    return ids, hidden, out, layout, w, y
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("case", [
+    # (T, K, E, H, align, id options)  -- why each is here
+    (0, 8, 4, 16, 16, {}),                    # no tokens: only padding rows
+    (1, 1, 1, 8, 1, {"skip": 0}),             # T=1, K=1, E=1
+    (1, 8, 256, 64, 128, {}),                 # decode, DeepSeek E, big alignment
+    (37, 8, 72, 33, 16, {}),                  # odd T, E not a power of two, odd H
+    (50, 6, 6, 16, 1, {"skip": 0, "beyond": 0}),  # K = E: every expert in every row
+    (40, 4, 9, 24, 4, {"one_expert": 5}),     # all tokens on one expert, others empty
+    (64, 8, 16, 40, 1, {"skip": 0.9}),        # mostly skipped: many empty experts
+    (33, 2, 5, 8, 3, {"skip": 0, "beyond": 0.5}),  # half the ids belong to another rank
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
+def test_permute_matches_reference(device, backend, case, dtype):
+    T, K, E, H, align, kw = case
+    check_permute(backend, device, T, K, E, H, align, dtype, seed=T * 7 + E, **kw)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_permute_fp8_rows_and_scales(device, backend):
+    """FP8 activations (quantize -> permute in the FP8 MoE) move bit-exactly, with their
+    per-128 scales."""
+    T, K, E, H = 21, 4, 6, 256
+    ids = make_ids(T, K, E, device, seed=8)
+    g = torch.Generator().manual_seed(8)
+    hidden = (torch.randn(T, H, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scales = torch.rand(T, H // 128, generator=g)
+    out, layout = moe_kernels.permute(hidden.to(device), ids, E, align=16,
+                                      scales=scales.to(device), backend=backend)
+    want, want_scales, _ = ref.permute(hidden, ids.cpu(), E, 16, scales)
+    assert out.dtype == torch.float8_e4m3fn
+    assert torch.equal(out.cpu().view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(layout.scales.cpu(), want_scales)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_round_trip_is_weighted_sum(device, backend):
+    """unpermute(permute(x)) = sum over routed k of w[t,k] * x[t], computed here directly
+    from the ids (an oracle independent of the reference's index code)."""
+    T, K, E, H = 29, 6, 10, 20
+    ids, hidden, out, layout, w, y = check_permute(backend, device, T, K, E, H, 16,
+                                                   torch.float32, seed=5)
+    routed = ((ids >= 0) & (ids < E)).float().cpu()
+    expect = (w.cpu() * routed).sum(1, keepdim=True) * hidden.cpu()
+    torch.testing.assert_close(y.cpu(), expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_unpermute_ignores_unreferenced_rows(device, backend):
+    """Padding rows and rows of skipped pairs may hold anything (NaN): nothing leaks."""
+    T, K, E, H = 12, 4, 6, 16
+    ids = make_ids(T, K, E, device, seed=3)
+    hidden = torch.randn(T, H, device=device)
+    out, layout = moe_kernels.permute(hidden, ids, E, align=8, backend=backend)
+    out = torch.where((layout.m_indices >= 0)[:, None], out, float("nan"))
+    y = moe_kernels.unpermute(out, layout, torch.rand(T, K, device=device), backend=backend)
+    assert not torch.isnan(y).any()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_moe_align_block_size(device, backend):
+    # Hand-worked: pairs 0..5 -> experts [1,0 | 1,-1 | 3,1], E=4, block 4: expert 0 owns
+    # rows 0-3 (pair 1), expert 1 rows 4-7 (pairs 0, 2, 5), expert 3 rows 8-11 (pair 4).
+    ids = torch.tensor([[1, 0], [1, -1], [3, 1]], dtype=torch.int32, device=device)
+    s, e, n = moe_kernels.moe_align_block_size(ids, 4, 4, backend=backend)
+    P = 6
+    assert s.cpu().tolist() == [1, P, P, P, 0, 2, 5, P, 4] + [P] * 9
+    assert e.cpu().tolist() == [0, 1, 3, -1, -1]
+    assert n.cpu().tolist() == [12]
+    for name, t in (("sorted_token_ids", s), ("expert_ids", e), ("num_tokens_post_padded", n)):
+        assert t.dtype == torch.int32, name
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("T,K,E,bs", [(0, 8, 8, 16), (1, 8, 256, 64), (100, 8, 72, 16),
+                                      (300, 6, 160, 128), (64, 1, 3, 1)])
+def test_moe_align_block_size_matches_reference(device, backend, T, K, E, bs):
+    ids = make_ids(T, K, E, device, seed=T + E)
+    got = moe_kernels.moe_align_block_size(ids, E, bs, backend=backend)
+    want = ref.moe_align_block_size(ids.cpu(), E, bs)
+    for name, a, b in zip(("sorted", "expert_ids", "post_padded"), got, want):
+        assert_int_equal(a.cpu(), b, name)
+    # vLLM invariant: every real entry of block b is a pair routed to expert_ids[b]
+    s, e = got[0].cpu().long(), got[1].cpu().long()
+    flat = ids.cpu().reshape(-1).long()
+    real = s < T * K
+    block_expert = e.repeat_interleave(bs)[: s.numel()]
+    assert torch.equal(flat[s[real]], block_expert[real])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_permute_masked(device, backend):
+    """Direct oracle: expert e's slot j holds the j-th routed pair (in pair order) of e."""
+    T, K, E, H, M = 23, 4, 5, 12, 6
+    ids = make_ids(T, K, E, device, seed=11, skip=0.1)
+    hidden = torch.randn(T, H, device=device)
+    out, layout = moe_kernels.permute_masked(hidden, ids, E, M, backend=backend)
+    assert out.shape == (E, M, H)
+    flat = ids.cpu().reshape(-1).tolist()
+    for e in range(E):
+        pairs = [p for p, x in enumerate(flat) if x == e]
+        assert layout.tokens_per_expert[e].item() == len(pairs)
+        assert layout.masked_m[e].item() == min(len(pairs), M)
+        for j in range(M):
+            want = hidden[pairs[j] // K].cpu() if j < len(pairs) else torch.zeros(H)
+            assert torch.equal(out[e, j].cpu(), want), (e, j)
+        for j, p in enumerate(pairs):
+            assert layout.row_of_pair.view(-1)[p].item() == (e * M + j if j < M else -1)
+    w = torch.rand(T, K, device=device)
+    y = moe_kernels.unpermute(out, layout, w, backend=backend)
+    kept = (layout.row_of_pair >= 0).float()
+    torch.testing.assert_close(y, (w * kept).sum(1, keepdim=True) * hidden, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_gradients(device, backend):
+    """permute (hidden) and unpermute (expert_out, weights) against reference autograd."""
+    T, K, E, H = 13, 4, 7, 10
+    ids = make_ids(T, K, E, device, seed=2)
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(T, H, generator=g).to(device)
+    w = torch.rand(T, K, generator=g).to(device)
+    probe = torch.randn(T, H, generator=g).to(device)
+    grads = []
+    for be in (backend, "reference"):
+        h = hidden.clone().requires_grad_(True)
+        wt = w.clone().requires_grad_(True)
+        out, layout = moe_kernels.permute(h, ids, E, align=4, backend=be)
+        expert_out = out * 1.5 + 0.25   # some expert function, differentiable
+        y = moe_kernels.unpermute(expert_out, layout, wt, backend=be)
+        (y * probe).sum().backward()
+        grads.append((h.grad, wt.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_property_random(device, backend, data):
+    interp = backend == "triton" and device == "cpu"
+    T = data.draw(st.integers(0, 40 if interp else 300))
+    E = data.draw(st.integers(1, 40))
+    K = data.draw(st.integers(1, 8))
+    H = data.draw(st.integers(1, 40))
+    align = data.draw(st.sampled_from([1, 2, 16, 128]))
+    skip = data.draw(st.sampled_from([0.0, 0.25, 1.0]))
+    one = data.draw(st.one_of(st.none(), st.integers(0, E - 1)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    check_permute(backend, device, T, K, E, H, align, dtype, seed=data.draw(st.integers(0, 999)),
+                  skip=skip, one_expert=one)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_deterministic(device, backend):
+    ids = make_ids(200, 8, 32, device, seed=1)
+    hidden = torch.randn(200, 64, device=device)
+    w = torch.rand(200, 8, device=device)
+    runs = []
+    for _ in range(2):
+        out, layout = moe_kernels.permute(hidden, ids, 32, align=16, backend=backend)
+        runs.append((out, *layout[:5], moe_kernels.unpermute(out, layout, w, backend=backend)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_opcheck(device, backend):
+    sfx = "_triton" if backend == "triton" else ""
+    ops = torch.ops.moe_kernels
+    ids = make_ids(6, 3, 5, device, seed=4)
+    hidden = torch.randn(6, 8, device=device, requires_grad=True)
+    index = getattr(ops, "permute_index" + sfx)(ids, 5, 4)
+    torch.library.opcheck(getattr(ops, "permute_index" + sfx).default, (ids, 5, 4))
+    torch.library.opcheck(getattr(ops, "moe_align_block_size" + sfx).default, (ids, 5, 4))
+    torch.library.opcheck(getattr(ops, "gather_rows" + sfx).default, (hidden, index[4], index[3]))
+    eo = torch.randn(index[4].shape[0], 8, device=device, requires_grad=True)
+    w = torch.rand(6, 3, device=device, requires_grad=True)
+    torch.library.opcheck(getattr(ops, "unpermute" + sfx).default, (eo, index[3], w))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    ids = make_ids(17, 4, 9, device, seed=6)
+    hidden = torch.randn(17, 24, device=device)
+    w = torch.rand(17, 4, device=device)
+
+    def moe(x, topk_ids, topk_w):
+        out, layout = moe_kernels.permute(x, topk_ids, 9, align=8, backend=backend)
+        return moe_kernels.unpermute(out * 2.0, layout, topk_w, backend=backend)
+
+    got = torch.compile(moe, fullgraph=True)(hidden, ids, w)
+    assert_close(got, moe(hidden, ids, w))
+
+
+BAD = [
+    ("ids 1-D", lambda d: dict(topk_ids=torch.zeros(4, dtype=torch.int32)), ValueError, "topk_ids"),
+    ("ids float", lambda d: dict(topk_ids=torch.zeros(4, 2)), TypeError, "topk_ids"),
+    ("T mismatch", lambda d: dict(hidden=torch.zeros(5, 8)), ValueError, "tokens"),
+    ("align 0", lambda d: dict(align=0), ValueError, "align"),
+    ("E 0", lambda d: dict(num_experts=0), ValueError, "num_experts"),
+    ("scales rows", lambda d: dict(scales=torch.zeros(3, 1)), ValueError, "scales"),
+    ("hidden 3-D", lambda d: dict(hidden=torch.zeros(4, 2, 2)), ValueError, "hidden"),
+    ("cuda backend", lambda d: dict(backend="cuda"), BackendUnavailableError, "cuda"),
+]
+
+
+@pytest.mark.parametrize("desc,make,exc,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_permute(desc, make, exc, words):
+    kw = dict(hidden=torch.zeros(4, 8), topk_ids=torch.zeros(4, 2, dtype=torch.int32),
+              num_experts=4)
+    kw.update(make(None))
+    with pytest.raises(exc, match=words):
+        moe_kernels.permute(kw.pop("hidden"), kw.pop("topk_ids"), kw.pop("num_experts"), **kw)
+
+
+def test_bad_input_unpermute_and_align():
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    out, layout = moe_kernels.permute(torch.zeros(4, 8), ids, 3)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_kernels.unpermute(out, layout, torch.zeros(4, 3))
+    with pytest.raises(TypeError, match="topk_weights"):
+        moe_kernels.unpermute(out, layout, torch.zeros(4, 2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="layout"):
+        moe_kernels.unpermute(out, (1, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="block_size"):
+        moe_kernels.moe_align_block_size(ids, 3, 0)
+    with pytest.raises(ValueError, match="max_tokens_per_expert"):
+        moe_kernels.permute_masked(torch.zeros(4, 8), ids, 3, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU with > 12 GB")
+def test_int64_addressing():
+    """R * H beyond 2**31 elements: the last rows must land right."""
+    T, K, E, H = 40000, 8, 64, 7168   # R * H = 320000 * 7168 > 2**31
+    ids = torch.randint(0, E, (T, K), device="cuda", dtype=torch.int32)
+    hidden = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+    hidden[:, :4] = torch.arange(T, device="cuda")[:, None].bfloat16()
+    out, layout = moe_kernels.permute(hidden, ids, E, backend="triton")
+    last = layout.pair_of_row[-8:].long()
+    assert torch.equal(out[-8:, :4].float(), hidden[last // K, :4].float())
