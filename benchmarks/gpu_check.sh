@@ -2,6 +2,7 @@
 # One call on the GPU machine: build (CUDA kernels for sm_90a), run every test including
 # the slow sweeps, run moe-bench, and leave the results in $OUT (or benchmarks/results/).
 # Prints a short table last. Usage: bash benchmarks/gpu_check.sh
+# (RUN_TUNE=1 adds the Triton launch-config sweep; PYTEST_ARGS passes options to pytest.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
@@ -28,8 +29,10 @@ for T, E, G, tg in [(1, 256, 8, 4), (37, 72, 8, 3), (300, 384, 1, 1), (5, 1000, 
 torch.cuda.synchronize(); print('memcheck run done')" > "$OUT/sanitizer.log" 2>&1
 san_rc=$?; tail -3 "$OUT/sanitizer.log"
 
-echo "== triton tuning sweep"
-python3 benchmarks/tune_gating.py > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"
+if [ "${RUN_TUNE:-0}" = 1 ]; then  # ~1 min of device time: only when retuning
+  echo "== triton tuning sweep"
+  python3 benchmarks/tune_gating.py > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"
+fi
 
 echo "== moe-bench"
 python3 -m moe_kernels.bench --json "$OUT/bench_${gpu}_${stamp}.json" > "$OUT/bench.log" 2>&1
