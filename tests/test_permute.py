@@ -256,6 +256,15 @@ def test_torch_compile_fullgraph(device, backend):
     got = torch.compile(moe, fullgraph=True)(hidden, ids, w)
     assert_close(got, moe(hidden, ids, w))
 
+    def masked(x, topk_ids, topk_w):
+        out, layout = moe_kernels.permute_masked(x, topk_ids, 9, 5, backend=backend)
+        return moe_kernels.unpermute(out - 1.0, layout, topk_w, backend=backend), layout.masked_m
+
+    got, got_m = torch.compile(masked, fullgraph=True)(hidden, ids, w)
+    want, want_m = masked(hidden, ids, w)
+    assert_close(got, want)
+    assert_int_equal(got_m, want_m)
+
 
 BAD = [
     ("ids 1-D", lambda d: dict(topk_ids=torch.zeros(4, dtype=torch.int32)), ValueError, "topk_ids"),
