@@ -28,6 +28,11 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_
                          const at::Tensor& topk_weights);
 #ifdef MOE_KERNELS_WITH_CUDA
 GroupedTopkFn grouped_topk_cuda;
+// csrc/cuda/permute.cu (row movement on the GPU is Triton's)
+std::vector<at::Tensor> permute_index_cuda(const at::Tensor& topk_ids, int64_t num_experts,
+                                           int64_t align);
+std::vector<at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
+                                                  int64_t num_experts, int64_t block_size);
 #endif
 
 }  // namespace moe_kernels

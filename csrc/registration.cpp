@@ -42,5 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpermute_cpu", &moe_kernels::unpermute_cpu);
 #ifdef MOE_KERNELS_WITH_CUDA
   m.def("grouped_topk_cuda", &moe_kernels::grouped_topk_cuda);
+  m.def("permute_index_cuda", &moe_kernels::permute_index_cuda);
+  m.def("moe_align_block_size_cuda", &moe_kernels::moe_align_block_size_cuda);
 #endif
 }

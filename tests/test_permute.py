@@ -18,7 +18,7 @@ from moe_kernels.reference import permute as ref
 from helpers import (HAS_CUDA, assert_close, assert_int_equal, device_backend_params,
                      poison_allocator)
 
-BACKENDS = ("triton", "cpu")
+BACKENDS = ("triton", "cpu", "cuda")  # cuda: CUDA index + Triton rows
 LAYOUT_FIELDS = ("expert_offsets", "tokens_per_expert", "m_indices", "row_of_pair",
                  "pair_of_row")
 
@@ -229,17 +229,19 @@ def test_deterministic(device, backend):
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
 def test_opcheck(device, backend):
-    sfx = "_triton" if backend == "triton" else ""
+    index_sfx = "_triton" if backend == "triton" else ""
+    rows_sfx = "" if backend == "cpu" else "_triton"   # on the GPU rows move in Triton
     ops = torch.ops.moe_kernels
     ids = make_ids(6, 3, 5, device, seed=4)
     hidden = torch.randn(6, 8, device=device, requires_grad=True)
-    index = getattr(ops, "permute_index" + sfx)(ids, 5, 4)
-    torch.library.opcheck(getattr(ops, "permute_index" + sfx).default, (ids, 5, 4))
-    torch.library.opcheck(getattr(ops, "moe_align_block_size" + sfx).default, (ids, 5, 4))
-    torch.library.opcheck(getattr(ops, "gather_rows" + sfx).default, (hidden, index[4], index[3]))
+    index = getattr(ops, "permute_index" + index_sfx)(ids, 5, 4)
+    torch.library.opcheck(getattr(ops, "permute_index" + index_sfx).default, (ids, 5, 4))
+    torch.library.opcheck(getattr(ops, "moe_align_block_size" + index_sfx).default, (ids, 5, 4))
+    torch.library.opcheck(getattr(ops, "gather_rows" + rows_sfx).default,
+                          (hidden, index[4], index[3]))
     eo = torch.randn(index[4].shape[0], 8, device=device, requires_grad=True)
     w = torch.rand(6, 3, device=device, requires_grad=True)
-    torch.library.opcheck(getattr(ops, "unpermute" + sfx).default, (eo, index[3], w))
+    torch.library.opcheck(getattr(ops, "unpermute" + rows_sfx).default, (eo, index[3], w))
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
@@ -310,6 +312,6 @@ def test_int64_addressing():
     ids = torch.randint(0, E, (T, K), device="cuda", dtype=torch.int32)
     hidden = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
     hidden[:, :4] = torch.arange(T, device="cuda")[:, None].bfloat16()
-    out, layout = moe_kernels.permute(hidden, ids, E, backend="triton")
+    out, layout = moe_kernels.permute(hidden, ids, E)
     last = layout.pair_of_row[-8:].long()
     assert torch.equal(out[-8:, :4].float(), hidden[last // K, :4].float())

@@ -9,18 +9,10 @@
 #include <vector>
 
 #include "../ops.h"
+#include "../permute.h"
 
 namespace moe_kernels {
 namespace {
-
-void check_ids(const at::Tensor& topk_ids, int64_t num_experts, int64_t align,
-               const char* align_name) {
-  TORCH_CHECK_VALUE(topk_ids.dim() == 2, "topk_ids must be 2-D (T, K)");
-  TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-                   "topk_ids must be int32 or int64");
-  TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1");
-  TORCH_CHECK_VALUE(align >= 1, align_name, " must be >= 1");
-}
 
 template <typename id_t>
 int64_t expert_of(const id_t* ids, int64_t p, int64_t E) {
@@ -32,7 +24,7 @@ int64_t expert_of(const id_t* ids, int64_t p, int64_t E) {
 
 std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids_in, int64_t num_experts,
                                           int64_t align) {
-  check_ids(topk_ids_in, num_experts, align, "align");
+  check_topk_ids(topk_ids_in, num_experts, align, "align");
   const at::Tensor topk_ids = topk_ids_in.contiguous();
   const int64_t T = topk_ids.size(0), K = topk_ids.size(1), P = T * K, E = num_experts;
   const int64_t R = P + E * (align - 1);
@@ -73,7 +65,7 @@ std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids_in, int64_t
 
 std::vector<at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
                                                  int64_t num_experts, int64_t block_size) {
-  check_ids(topk_ids, num_experts, block_size, "block_size");
+  check_topk_ids(topk_ids, num_experts, block_size, "block_size");
   const auto index = permute_index_cpu(topk_ids, num_experts, block_size);
   const int64_t P = topk_ids.numel(), R = index[4].numel();
   at::Tensor sorted_ids = at::where(index[4] >= 0, index[4], P).to(at::kInt);

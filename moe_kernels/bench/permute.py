@@ -32,7 +32,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     dev = torch.device(device)
     if backends is None:
-        backends = [b for b in ("triton", "cpu")
+        backends = [b for b in ("cuda", "triton", "cpu")
                     if _library.backend_unavailable_reason(b, dev) is None
                     and not (b == "triton" and device == "cpu")]
     backends = [b for b in backends if b in ops.SUPPORTED]

@@ -19,7 +19,10 @@ from moe_kernels._validate import (check_float_tensor, check_int, check_same_dev
                                    check_tensor)
 from moe_kernels.reference import permute as reference
 
-SUPPORTED = ("reference", "triton", "cpu")
+SUPPORTED = ("reference", "triton", "cpu", "cuda")
+# "cuda": index computation in CUDA (csrc/cuda/permute.cuh), rows moved by the Triton
+# kernels; it holds kWarps x E counts in shared memory, hence the bound on E.
+CUDA_MAX_EXPERTS = 1024
 ID_DTYPES = (torch.int32, torch.int64)
 
 
@@ -60,6 +63,11 @@ if _library.extension_loaded():
                      "align": _library._C.moe_align_block_size_cpu,
                      "gather": _library._C.gather_rows_cpu,
                      "unpermute": _library._C.unpermute_cpu}
+    if _library.extension_has_cuda():
+        _EAGER["cuda"] = {"index": _library._C.permute_index_cuda,
+                          "align": _library._C.moe_align_block_size_cuda,
+                          "gather": _EAGER["triton"]["gather"],
+                          "unpermute": _EAGER["triton"]["unpermute"]}
 _OP_NAMES = {"index": "permute_index", "align": "moe_align_block_size",
              "gather": "gather_rows", "unpermute": "unpermute"}
 
@@ -68,7 +76,8 @@ def _kernel(backend: str, what: str, needs_op: bool):
     """The callable of `what` for `backend`: the registered op under torch.compile or
     autograd, the bare kernel otherwise (docs/index.md, eager fast path)."""
     if needs_op or torch.compiler.is_compiling():
-        suffix = "_triton" if backend == "triton" else ""
+        triton_op = backend == "triton" or (backend == "cuda" and what in ("gather", "unpermute"))
+        suffix = "_triton" if triton_op else ""
         return getattr(torch.ops.moe_kernels, _OP_NAMES[what] + suffix).default
     return _EAGER[backend][what]
 
@@ -182,6 +191,12 @@ def _check_scales(op, scales, hidden):
                          f"shape {tuple(scales.shape)}")
 
 
+def _check_cuda_experts(op, backend, num_experts):
+    if backend == "cuda" and num_experts > CUDA_MAX_EXPERTS:
+        raise ValueError(f"{op}: the cuda backend takes num_experts <= {CUDA_MAX_EXPERTS}, got "
+                         f"{num_experts}; use backend='triton'")
+
+
 # --- public API ------------------------------------------------------------------------------
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int, *,
@@ -196,6 +211,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     _check_ids(op, topk_ids, num_experts)
     check_int(op, "block_size", block_size, low=1)
     backend = _library.resolve_backend_of(backend, topk_ids, op, SUPPORTED)
+    _check_cuda_experts(op, backend, num_experts)
     if backend == "reference":
         return reference.moe_align_block_size(topk_ids, num_experts, block_size)
     return tuple(_kernel(backend, "align", False)(topk_ids, num_experts, block_size))
@@ -217,6 +233,7 @@ def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
     check_int(op, "align", align, low=1)
     _check_scales(op, scales, hidden)
     backend = _library.resolve_backend_of(backend, hidden, op, SUPPORTED)
+    _check_cuda_experts(op, backend, num_experts)
     if backend == "reference":
         out, out_scales, index = reference.permute(hidden, topk_ids, num_experts, align, scales)
         return out, PermuteLayout(*index, scales=out_scales)
@@ -244,6 +261,7 @@ def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
     check_int(op, "max_tokens_per_expert", max_tokens_per_expert, low=1)
     _check_scales(op, scales, hidden)
     backend = _library.resolve_backend_of(backend, hidden, op, SUPPORTED)
+    _check_cuda_experts(op, backend, num_experts)
     E, M = num_experts, max_tokens_per_expert
     if backend == "reference":
         index = reference.permute_index(topk_ids, E, 1)
