@@ -2,8 +2,8 @@
 sigmoid + bias, top2_sum, scale 2.5) on bf16 logits.
 
 Floor: the op reads T*E logits and the bias and writes T*K weights and ids; there is no
-reuse, so it is memory bound: bytes / copy bandwidth (about 1.4 us at 4096 tokens on an
-H100). Below ~64 tokens the launch (~2-3 us) dominates any kernel.
+reuse, so it is memory bound: bytes / copy bandwidth (2.36 MB, about 0.8 us at 4096 bf16
+tokens on an H100's 3.0 TB/s). Below ~64 tokens the launch (~2-3 us) dominates any kernel.
 """
 
 from __future__ import annotations
