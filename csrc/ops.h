@@ -26,6 +26,22 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
                            const at::Tensor& row_of_pair);
 at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
                          const at::Tensor& topk_weights);
+// FP8 quantization (csrc/cpu/fp8.cpp) and grouped GEMMs (csrc/cpu/grouped_gemm.cpp).
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_per_token_group_cpu(
+    const at::Tensor& x, int64_t group_size, double eps, bool scale_ue8m0,
+    bool column_major_scales);
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_block_cpu(const at::Tensor& w, int64_t block_n,
+                                                          int64_t block_k, double eps);
+at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q, const at::Tensor& s, int64_t block_n,
+                                    int64_t block_k, at::ScalarType dtype);
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8_cpu(const at::Tensor& x,
+                                                              int64_t group_size, double eps);
+at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                const at::Tensor& b, const at::Tensor& b_scales,
+                                const at::Tensor& m_indices, at::ScalarType out_dtype);
+at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                       const at::Tensor& b, const at::Tensor& b_scales,
+                                       const at::Tensor& masked_m, at::ScalarType out_dtype);
 #ifdef MOE_KERNELS_WITH_CUDA
 GroupedTopkFn grouped_topk_cuda;
 // csrc/cuda/permute.cu (row movement on the GPU is Triton's)

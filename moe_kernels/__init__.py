@@ -6,7 +6,11 @@ best available for the input's device. See docs/index.md.
 
 from moe_kernels._library import (BACKENDS, BackendUnavailableError, available_backends,
                                   extension_has_cuda, extension_loaded)
+from moe_kernels.ops.fp8 import (dequantize_fp8_block, quantize_fp8_block,
+                                 quantize_fp8_per_token_group, silu_and_mul_quant_fp8)
+from moe_kernels.ops.fused_moe import fused_moe_fp8
 from moe_kernels.ops.gating import grouped_topk, update_correction_bias_
+from moe_kernels.ops.grouped_gemm import grouped_gemm_fp8, grouped_gemm_fp8_masked
 from moe_kernels.ops.permute import (MaskedLayout, PermuteLayout, moe_align_block_size,
                                      permute, permute_masked, unpermute)
 
@@ -26,4 +30,11 @@ __all__ = [
     "permute",
     "permute_masked",
     "unpermute",
+    "quantize_fp8_per_token_group",
+    "quantize_fp8_block",
+    "dequantize_fp8_block",
+    "silu_and_mul_quant_fp8",
+    "grouped_gemm_fp8",
+    "grouped_gemm_fp8_masked",
+    "fused_moe_fp8",
 ]

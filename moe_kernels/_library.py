@@ -39,6 +39,19 @@ SCHEMAS = {
     "gather_rows_triton": "gather_rows_triton(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor",
     "unpermute": "unpermute(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
     "unpermute_triton": "unpermute_triton(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
+    "quantize_fp8_per_token_group": "quantize_fp8_per_token_group(Tensor x, int group_size, float eps, bool scale_ue8m0, bool column_major_scales) -> (Tensor, Tensor)",
+    "quantize_fp8_per_token_group_triton": "quantize_fp8_per_token_group_triton(Tensor x, int group_size, float eps, bool scale_ue8m0, bool column_major_scales) -> (Tensor, Tensor)",
+    "quantize_fp8_block": "quantize_fp8_block(Tensor w, int block_n, int block_k, float eps) -> (Tensor, Tensor)",
+    "quantize_fp8_block_triton": "quantize_fp8_block_triton(Tensor w, int block_n, int block_k, float eps) -> (Tensor, Tensor)",
+    "dequantize_fp8_block": "dequantize_fp8_block(Tensor q, Tensor s, int block_n, int block_k, ScalarType dtype) -> Tensor",
+    "dequantize_fp8_block_triton": "dequantize_fp8_block_triton(Tensor q, Tensor s, int block_n, int block_k, ScalarType dtype) -> Tensor",
+    "silu_and_mul_quant_fp8": "silu_and_mul_quant_fp8(Tensor x, int group_size, float eps) -> (Tensor, Tensor)",
+    "silu_and_mul_quant_fp8_triton": "silu_and_mul_quant_fp8_triton(Tensor x, int group_size, float eps) -> (Tensor, Tensor)",
+    "grouped_gemm_fp8": "grouped_gemm_fp8(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor m_indices, ScalarType out_dtype) -> Tensor",
+    "grouped_gemm_fp8_triton": "grouped_gemm_fp8_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor m_indices, ScalarType out_dtype) -> Tensor",
+    "grouped_gemm_fp8_masked": "grouped_gemm_fp8_masked(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor",
+    "grouped_gemm_fp8_masked_triton": "grouped_gemm_fp8_masked_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor",
+    "grouped_gemm_fp8_segments_triton": "grouped_gemm_fp8_segments_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor expert_offsets, Tensor tokens_per_expert, ScalarType out_dtype) -> Tensor",
 }
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
@@ -192,3 +205,22 @@ def _resolve_backend_uncached(backend: str | None, device: torch.device, op: str
 
 def available_backends(device: torch.device) -> list[str]:
     return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
+
+
+def registered_op(name: str, backend: str):
+    """The registered op of `name` for `backend`: the Triton kernel has its own op
+    (`<name>_triton`), the C++ kernels share `<name>` across dispatch keys."""
+    return getattr(torch.ops.moe_kernels, name + ("_triton" if backend == "triton" else "")).default
+
+
+def kernel_for(name: str, backend: str, eager: dict, needs_op: bool = False):
+    """The registered op under torch.compile or autograd, else the bare kernel
+    `eager[backend]` (docs/index.md, eager fast path)."""
+    if needs_op or torch.compiler.is_compiling():
+        return registered_op(name, backend)
+    return eager[backend]
+
+
+def register_triton_impl(name: str, fn) -> None:
+    """Registers fn as `<name>_triton` for CPU (interpreter) and CUDA tensors."""
+    torch.library.impl(f"{NAMESPACE}::{name}_triton", ["CPU", "CUDA"])(fn)

@@ -75,3 +75,33 @@ def assert_int_equal(actual: torch.Tensor, expected: torch.Tensor, msg=""):
     bad = (actual.cpu() != expected.cpu())
     assert not bad.any(), (f"{msg}: {int(bad.sum())} of {bad.numel()} differ, first at "
                            f"{bad.nonzero()[0].tolist()}")
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity measure 1 - 2 sum(xy) / sum(x^2 + y^2), in float64: 0 for
+    equal tensors, about rel_err^2 / 2 for close ones. SPEC section 3: GEMMs < 1e-5."""
+    x, y = x.double().cpu(), y.double().cpu()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def fp8_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """e4m3fn bit patterns as signed steps from zero (adjacent values differ by 1)."""
+    bits = q.cpu().view(torch.uint8).int()
+    mag = bits & 0x7F
+    return torch.where(bits >= 0x80, -mag, mag)
+
+
+def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor, *, max_steps: int = 0,
+                     msg: str = ""):
+    """FP8 tensors equal up to max_steps representable values (0: bit-exact up to the sign
+    of zero); NaN (0x7F / 0xFF) only where expected has NaN."""
+    assert actual.dtype == expected.dtype == torch.float8_e4m3fn, f"{msg}: dtypes"
+    assert actual.shape == expected.shape, f"{msg}: shape {actual.shape} != {expected.shape}"
+    a_nan, e_nan = actual.cpu().float().isnan(), expected.cpu().float().isnan()
+    assert torch.equal(a_nan, e_nan), f"{msg}: NaN positions differ"
+    steps = (fp8_ordinal(actual) - fp8_ordinal(expected)).abs()
+    steps = torch.where(e_nan, 0, steps)
+    worst = int(steps.max()) if steps.numel() else 0
+    assert worst <= max_steps, (f"{msg}: {int((steps > max_steps).sum())} values more than "
+                                f"{max_steps} fp8 steps apart (worst {worst})")

@@ -49,6 +49,9 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
 
 def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, top_k: int) -> torch.Tensor:
     """x (T, D) -> (R, D): row r is x[pair_of_row[r] // top_k], zero where pair_of_row < 0."""
+    if x.dtype == torch.float8_e4m3fn:
+        # a copy: move the bits (Inductor cannot promote float8 in the where below)
+        return gather_rows(x.view(torch.uint8), pair_of_row, top_k).view(x.dtype)
     src = pair_of_row.long()
     if x.shape[0] == 0:  # only padding rows (a static shape, not a value: no sync)
         return x.new_zeros((src.shape[0], x.shape[1]))

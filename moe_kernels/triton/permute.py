@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
+
 _CHUNK = 128
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -139,6 +141,7 @@ def _unpermute_kernel(eo_ptr, rows_ptr, w_ptr, out_ptr, H, R, K: tl.constexpr,
         x = tl.load(eo_ptr + tl.where(valid, r, 0) * H + h, mask=h < tl.where(valid, H, 0),
                     other=0)
         acc += tl.where(valid, w, 0.0) * x.to(tl.float32)
+    acc = round_for_store(acc, out_ptr.dtype.element_ty, SOFTWARE_ROUNDING)
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 

@@ -1,0 +1,163 @@
+// FP8 block-scaled quantization on the CPU (SPEC section 3; semantics:
+// moe_kernels/reference/fp8.py). Parallel over rows (token groups) or weight blocks; each
+// group is computed in float32 into a small buffer, its amax gives the scale, then the
+// clamped values are rounded to e4m3 (round to nearest even).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "../fp8.h"
+#include "../ops.h"
+
+namespace moe_kernels {
+namespace {
+
+using fp8_t = c10::Float8_e4m3fn;
+
+// Quantizes one group of n float32 values into q, returns its scale.
+float quantize_group(const float* v, int64_t n, float eps, bool ue8m0, fp8_t* q) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, finite_abs(v[i]));
+  const float scale = group_scale(amax, eps, ue8m0);
+  for (int64_t i = 0; i < n; ++i) q[i] = to_fp8(v[i] / scale);
+  return scale;
+}
+
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+// q (M, W) and s (M, G) (any strides of s) from x (M, W), or from [gate | up] (M, 2W).
+template <typename scalar_t>
+void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool ue8m0,
+                  bool gated, at::Tensor& q, at::Tensor& s) {
+  const int64_t M = x.size(0), G = ceil_div(W, group);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int64_t sx = x.stride(0);
+  fp8_t* qp = q.data_ptr<fp8_t>();
+  float* sp = s.data_ptr<float>();
+  const int64_t ssm = s.stride(0), ssg = s.stride(1);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(group);
+    for (int64_t m = begin; m < end; ++m) {
+      const scalar_t* row = xp + m * sx;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t c0 = g * group, n = std::min(group, W - c0);
+        for (int64_t i = 0; i < n; ++i) {
+          const float v = static_cast<float>(row[c0 + i]);
+          buf[i] = gated ? silu(v) * static_cast<float>(row[W + c0 + i]) : v;
+        }
+        sp[m * ssm + g * ssg] = quantize_group(buf.data(), n, eps, ue8m0, qp + m * W + c0);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> token_group_op(const at::Tensor& x_in, int64_t W,
+                                                  int64_t group, double eps, bool ue8m0,
+                                                  bool column_major, bool gated) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D");
+  TORCH_CHECK_VALUE(group >= 1, "group_size must be >= 1");
+  const at::Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
+  const int64_t M = x.size(0), G = ceil_div(W, group);
+  at::Tensor q = at::empty({M, W}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor s = column_major ? at::empty({G, M}, x.options().dtype(at::kFloat)).t()
+                              : at::empty({M, G}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fp8_quant", [&] {
+    token_groups<scalar_t>(x, W, group, static_cast<float>(eps), ue8m0, gated, q, s);
+  });
+  return {q, s};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_per_token_group_cpu(
+    const at::Tensor& x, int64_t group_size, double eps, bool scale_ue8m0,
+    bool column_major_scales) {
+  return token_group_op(x, x.size(-1), group_size, eps, scale_ue8m0, column_major_scales,
+                        false);
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8_cpu(const at::Tensor& x,
+                                                              int64_t group_size, double eps) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % 2 == 0, "x must be 2-D with an even width");
+  return token_group_op(x, x.size(1) / 2, group_size, eps, false, false, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_block_cpu(const at::Tensor& w_in,
+                                                          int64_t block_n, int64_t block_k,
+                                                          double eps) {
+  TORCH_CHECK_VALUE(w_in.dim() >= 2, "w must be at least 2-D");
+  TORCH_CHECK_VALUE(block_n >= 1 && block_k >= 1, "block sizes must be >= 1");
+  const at::Tensor w = w_in.contiguous();
+  const int64_t N = w.size(-2), K = w.size(-1);
+  const int64_t B = N * K ? w.numel() / (N * K) : 0;
+  const int64_t NB = ceil_div(N, block_n), KB = ceil_div(K, block_k);
+  at::Tensor q = at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn));
+  std::vector<int64_t> s_shape(w.sizes().begin(), w.sizes().end() - 2);
+  s_shape.push_back(NB);
+  s_shape.push_back(KB);
+  at::Tensor s = at::empty(s_shape, w.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "fp8_block", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    fp8_t* qp = q.data_ptr<fp8_t>();
+    float* sp = s.data_ptr<float>();
+    at::parallel_for(0, B * NB * KB, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t b = blk / (NB * KB), nb = blk / KB % NB, kb = blk % KB;
+        const int64_t n0 = nb * block_n, n1 = std::min(N, n0 + block_n);
+        const int64_t k0 = kb * block_k, k1 = std::min(K, k0 + block_k);
+        const scalar_t* base = wp + b * N * K;
+        float amax = 0.0f;
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = k0; k < k1; ++k)
+            amax = std::max(amax, finite_abs(static_cast<float>(base[n * K + k])));
+        const float scale = group_scale(amax, static_cast<float>(eps), false);
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = k0; k < k1; ++k)
+            qp[b * N * K + n * K + k] = to_fp8(static_cast<float>(base[n * K + k]) / scale);
+        sp[blk] = scale;
+      }
+    });
+  });
+  return {q, s};
+}
+
+at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q_in, const at::Tensor& s_in,
+                                    int64_t block_n, int64_t block_k, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(q_in.dim() >= 2, "q must be at least 2-D");
+  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t N = q.size(-2), K = q.size(-1);
+  const int64_t NB = ceil_div(N, block_n), KB = ceil_div(K, block_k);
+  std::vector<int64_t> s_shape(q.sizes().begin(), q.sizes().end() - 2);
+  s_shape.push_back(NB);
+  s_shape.push_back(KB);
+  check_scales(s_in, "s", s_shape);
+  const at::Tensor s = s_in.contiguous();
+  const int64_t rows = N ? q.numel() / K : 0;
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  if (q.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fp8_dequant", [&] {
+    const fp8_t* qp = q.data_ptr<fp8_t>();
+    const float* sp = s.data_ptr<float>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / N, n = r % N;
+        const float* srow = sp + (b * NB + n / block_n) * KB;
+        for (int64_t k = 0; k < K; ++k)
+          op[r * K + k] = static_cast<scalar_t>(static_cast<float>(qp[r * K + k]) * srow[k / block_k]);
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("quantize_fp8_per_token_group", &quantize_fp8_per_token_group_cpu);
+  m.impl("quantize_fp8_block", &quantize_fp8_block_cpu);
+  m.impl("dequantize_fp8_block", &dequantize_fp8_block_cpu);
+  m.impl("silu_and_mul_quant_fp8", &silu_and_mul_quant_fp8_cpu);
+}
+
+}  // namespace moe_kernels

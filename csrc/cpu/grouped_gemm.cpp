@@ -1,0 +1,130 @@
+// FP8 grouped GEMMs on the CPU (SPEC section 3; semantics:
+// moe_kernels/reference/grouped_gemm.py). Per expert: dequantize its weight block by block
+// into float32 (parallel over rows of N), gather its rows of `a` dequantized, and one
+// at::mm (itself parallel). Dequantize-then-multiply equals "promotion every 128" up to
+// float32 rounding, since a scale is constant over each 128-wide K block.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "../fp8.h"
+#include "../ops.h"
+
+namespace moe_kernels {
+namespace {
+
+using fp8_t = c10::Float8_e4m3fn;
+
+// rows x (K) of fp8 `a` with per-128 scales -> float32 (rows, K)
+at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
+                        const std::vector<int64_t>& rows) {
+  const int64_t K = a.size(1), n = static_cast<int64_t>(rows.size());
+  at::Tensor out = at::empty({n, K}, a.options().dtype(at::kFloat));
+  const fp8_t* ap = a.data_ptr<fp8_t>();
+  const float* sp = a_scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t sa = a.stride(0), ssm = a_scales.stride(0), ssk = a_scales.stride(1);
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = rows[i];
+      for (int64_t k = 0; k < K; ++k)
+        op[i * K + k] = static_cast<float>(ap[r * sa + k]) * sp[r * ssm + (k / kScaleBlock) * ssk];
+    }
+  });
+  return out;
+}
+
+// b[e] (N, K) fp8 with 128x128 scales -> float32 (N, K)
+at::Tensor dequant_expert(const at::Tensor& b, const at::Tensor& b_scales, int64_t e) {
+  const int64_t N = b.size(1), K = b.size(2), KB = b_scales.size(2);
+  at::Tensor out = at::empty({N, K}, b.options().dtype(at::kFloat));
+  const fp8_t* bp = b.data_ptr<fp8_t>() + e * N * K;
+  const float* sp = b_scales.data_ptr<float>() + e * b_scales.size(1) * KB;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* srow = sp + (n / kScaleBlock) * KB;
+      for (int64_t k = 0; k < K; ++k)
+        op[n * K + k] = static_cast<float>(bp[n * K + k]) * srow[k / kScaleBlock];
+    }
+  });
+  return out;
+}
+
+// out[rows] = (a[rows] dequantized) @ b[e].T dequantized, cast to out's dtype
+void expert_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                 const at::Tensor& b_scales, int64_t e, const std::vector<int64_t>& rows,
+                 at::Tensor& out) {
+  if (rows.empty()) return;
+  at::Tensor y = at::mm(dequant_rows(a, a_scales, rows), dequant_expert(b, b_scales, e).t());
+  const bool contiguous_run = rows.back() - rows.front() + 1 == static_cast<int64_t>(rows.size());
+  if (contiguous_run) {
+    out.narrow(0, rows.front(), static_cast<int64_t>(rows.size())).copy_(y);
+  } else {
+    out.index_copy_(0, at::tensor(rows, out.options().dtype(at::kLong)), y.to(out.scalar_type()));
+  }
+}
+
+void check_b(const at::Tensor& b, const at::Tensor& b_scales, int64_t K) {
+  check_fp8(b, "b", 3);
+  TORCH_CHECK_VALUE(b.size(2) == K, "b must have K = ", K, " columns, got ", b.size(2));
+  check_scales(b_scales, "b_scales",
+               {b.size(0), ceil_div(b.size(1), kScaleBlock), ceil_div(K, kScaleBlock)});
+}
+
+}  // namespace
+
+at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
+                                const at::Tensor& b_in, const at::Tensor& b_scales_in,
+                                const at::Tensor& m_indices_in, at::ScalarType out_dtype) {
+  check_fp8(a_in, "a", 2);
+  const int64_t R = a_in.size(0), K = a_in.size(1);
+  check_scales(a_scales_in, "a_scales", {R, ceil_div(K, kScaleBlock)});
+  check_b(b_in, b_scales_in, K);
+  TORCH_CHECK_VALUE(m_indices_in.dim() == 1 && m_indices_in.size(0) == R,
+                    "m_indices must have shape (", R, ")");
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor b_scales = b_scales_in.contiguous();
+  const at::Tensor m_indices = m_indices_in.to(at::kLong).contiguous();
+  const int64_t E = b.size(0), N = b.size(1);
+  at::Tensor out = at::zeros({R, N}, a.options().dtype(out_dtype));
+  std::vector<std::vector<int64_t>> rows(E);
+  const int64_t* mp = m_indices.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    if (mp[r] >= 0 && mp[r] < E) rows[mp[r]].push_back(r);
+  for (int64_t e = 0; e < E; ++e) expert_gemm(a, a_scales_in, b, b_scales, e, rows[e], out);
+  return out;
+}
+
+at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
+                                       const at::Tensor& b_in, const at::Tensor& b_scales_in,
+                                       const at::Tensor& masked_m_in, at::ScalarType out_dtype) {
+  check_fp8(a_in, "a", 3);
+  const int64_t E = a_in.size(0), M = a_in.size(1), K = a_in.size(2);
+  check_scales(a_scales_in, "a_scales", {E, M, ceil_div(K, kScaleBlock)});
+  check_b(b_in, b_scales_in, K);
+  TORCH_CHECK_VALUE(b_in.size(0) == E, "b must have ", E, " groups");
+  TORCH_CHECK_VALUE(masked_m_in.dim() == 1 && masked_m_in.size(0) == E,
+                    "masked_m must have shape (", E, ")");
+  const at::Tensor a = a_in.reshape({E * M, K}).contiguous();
+  const at::Tensor a_scales = a_scales_in.reshape({E * M, -1});
+  const at::Tensor b = b_in.contiguous(), b_scales = b_scales_in.contiguous();
+  const at::Tensor masked_m = masked_m_in.to(at::kLong).contiguous();
+  const int64_t N = b.size(1);
+  at::Tensor out = at::zeros({E * M, N}, a.options().dtype(out_dtype));
+  const int64_t* mm = masked_m.data_ptr<int64_t>();
+  for (int64_t e = 0; e < E; ++e) {
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < std::min(std::max(mm[e], int64_t{0}), M); ++i) rows.push_back(e * M + i);
+    expert_gemm(a, a_scales, b, b_scales, e, rows, out);
+  }
+  return out.view({E, M, N});
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("grouped_gemm_fp8", &grouped_gemm_fp8_cpu);
+  m.impl("grouped_gemm_fp8_masked", &grouped_gemm_fp8_masked_cpu);
+}
+
+}  // namespace moe_kernels

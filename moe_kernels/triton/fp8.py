@@ -1,0 +1,158 @@
+"""Triton kernels for FP8 block-scaled quantization (semantics: reference/fp8.py).
+
+One program quantizes ROWS rows x one group of GROUP columns (per-token groups, also
+SiLU-and-mul when GATED) or one BLOCK_N x BLOCK_K weight block. FP8 outputs are written
+through uint8 views: on the GPU the hardware cast (`cvt.rn.satfinite`), under the
+interpreter a software round-to-nearest-even (triton/numerics.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_bits, round_for_store
+
+FP8_MAX = tl.constexpr(448.0)
+_U8 = torch.uint8
+
+
+@triton.jit
+def group_scale(amax, eps, UE8M0: tl.constexpr):
+    """Dequantization scale max(amax, eps) / 448, rounded up to a power of two for UE8M0."""
+    scale = tl.math.div_rn(tl.maximum(amax, eps), FP8_MAX)
+    if UE8M0:
+        bits = scale.to(tl.int32, bitcast=True)
+        scale = ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def quantize_values(x, scale, SOFTWARE: tl.constexpr):
+    # div_rn: IEEE division as the reference (plain `/` is div.full.f32 on the GPU, 2 ulp)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX)
+    # min/max return the non-NaN operand on the GPU: put NaN back (inf stays clamped)
+    return fp8_e4m3_bits(tl.where(x != x, x, y), SOFTWARE)
+
+
+@triton.jit
+def finite_abs(x):
+    """|x|, with inf and NaN as 0: non-finite values do not set the scale."""
+    a = tl.abs(x)
+    return tl.where(a < float("inf"), a, 0.0)
+
+
+@triton.jit
+def _token_group_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_qm, stride_sm,
+                        stride_sg, eps, GATED: tl.constexpr, UE8M0: tl.constexpr,
+                        ROWS: tl.constexpr, GROUP: tl.constexpr, SOFTWARE: tl.constexpr):
+    """q[m, g*GROUP + j] from x[m, g*GROUP + j], or from silu(x[m, c]) * x[m, N + c] when
+    GATED; N is the width of q."""
+    m = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    g = tl.program_id(1)
+    c = g * GROUP + tl.arange(0, GROUP)
+    mask = (m < M)[:, None] & (c < N)[None, :]
+    x = tl.load(x_ptr + m[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(x_ptr + m[:, None] * stride_xm + N + c[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        x = x / (1.0 + tl.exp(-x)) * up
+    scale = group_scale(tl.max(finite_abs(x), axis=1), eps, UE8M0)
+    q = quantize_values(x, scale[:, None], SOFTWARE)
+    tl.store(q_ptr + m[:, None] * stride_qm + c[None, :], q, mask=mask)
+    tl.store(s_ptr + m * stride_sm + g * stride_sg, scale, mask=m < M)
+
+
+def _rows_per_program(M: int, width: int) -> int:
+    # ~4K elements per program: enough bytes in flight per SM, few programs at small M
+    return max(1, min(triton.next_power_of_2(max(M, 1)), 4096 // width, 32))
+
+
+def _token_groups(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m0: bool,
+                  column_major: bool, gated: bool):
+    M = x.shape[0]
+    G = triton.cdiv(width, group_size)
+    q = torch.empty((M, width), dtype=torch.float8_e4m3fn, device=x.device)
+    if column_major:
+        s = torch.empty((G, M), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((M, G), dtype=torch.float32, device=x.device)
+    if M > 0 and width > 0:
+        rows = _rows_per_program(M, group_size)
+        _token_group_kernel[(triton.cdiv(M, rows), G)](
+            x, q.view(_U8), s, M, width, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            eps, GATED=gated, UE8M0=ue8m0, ROWS=rows, GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING,
+            num_warps=4 if rows * group_size >= 2048 else 1)
+    return q, s
+
+
+def quantize_fp8_per_token_group(x, group_size, eps, scale_ue8m0, column_major_scales):
+    """x (M, K) float, last dim contiguous -> q (M, K) fp8, s (M, ceil(K/group)) float32."""
+    return _token_groups(x, x.shape[1], group_size, eps, scale_ue8m0, column_major_scales,
+                         gated=False)
+
+
+def silu_and_mul_quant_fp8(x, group_size, eps=1e-10):
+    """x (M, 2N) float = [gate | up] -> q (M, N) fp8, s (M, ceil(N/group)) float32."""
+    return _token_groups(x, x.shape[1] // 2, group_size, eps, False, False, gated=True)
+
+
+@triton.jit
+def _block_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, NB, KB, eps, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SOFTWARE: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    kb = tl.program_id(2)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (n < N)[:, None] & (k < K)[None, :]
+    offs = b * N * K + n[:, None].to(tl.int64) * K + k[None, :]
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = group_scale(tl.max(tl.max(finite_abs(w), axis=1), axis=0), eps, False)
+    tl.store(q_ptr + offs, quantize_values(w, scale, SOFTWARE), mask=mask)
+    tl.store(s_ptr + (b * NB + nb) * KB + kb, scale)
+
+
+def quantize_fp8_block(w, block_n, block_k, eps=1e-10):
+    """w (..., N, K) float, contiguous -> q (..., N, K) fp8, s (..., NB, KB) float32."""
+    *batch, N, K = w.shape
+    B = math.prod(batch)
+    NB, KB = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty((*batch, NB, KB), dtype=torch.float32, device=w.device)
+    if w.numel() > 0:
+        _block_quant_kernel[(B, NB, KB)](w, q.view(_U8), s, N, K, NB, KB, eps,
+                                         BLOCK_N=block_n, BLOCK_K=block_k, SOFTWARE=SOFTWARE_ROUNDING,
+                                         num_warps=8)
+    return q, s
+
+
+@triton.jit
+def _block_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, NB, KB, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
+    kb = tl.program_id(2)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (n < N)[:, None] & (k < K)[None, :]
+    offs = b * N * K + n[:, None].to(tl.int64) * K + k[None, :]
+    q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    scale = tl.load(s_ptr + (b * NB + nb) * KB + kb)
+    y = round_for_store(q.to(tl.float32) * scale, out_ptr.dtype.element_ty, SOFTWARE_ROUNDING)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_fp8_block(q, s, block_n, block_k, dtype):
+    """q (..., N, K) fp8 contiguous, s (..., NB, KB) float32 contiguous -> (..., N, K) dtype."""
+    N, K = q.shape[-2:]
+    NB, KB = s.shape[-2:]
+    B = math.prod(q.shape[:-2])
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if q.numel() > 0:
+        _block_dequant_kernel[(B, NB, KB)](q.view(_U8), s, out, N, K, NB, KB,
+                                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+    return out

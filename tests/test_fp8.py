@@ -1,0 +1,237 @@
+"""FP8 quantization: every backend against the reference (SPEC section 3), and the
+reference against the formula written out here.
+
+Scales are compared exactly (the same float32 operations everywhere). FP8 data is
+compared bit for bit where every backend rounds the same float32 value, and within one
+fp8 step for silu_and_mul_quant (exp differs by an ulp between libraries).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moe_kernels
+from moe_kernels.reference import fp8 as ref
+
+from helpers import assert_close, assert_fp8_close, device_backend_params, poison_allocator
+
+BACKENDS = ("triton", "cpu")
+FP8 = torch.float8_e4m3fn
+
+
+def make_x(M, K, dtype, device, seed, *, specials=False):
+    """Values over 12 decades (subnormal fp8 after scaling, ties, > 448 after scaling), a
+    zero row, and optionally inf / NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-6, 4, K)[torch.randperm(K, generator=g)]
+    if M > 2:
+        x[1] = 0.0
+    if specials and M > 3 and K > 3:
+        x[2, 0], x[2, 1], x[3, 2] = float("inf"), float("-inf"), float("nan")
+    return x.to(dtype).to(device)
+
+
+CASES = [  # (M, K): empty, one row, partial group, several groups, not a multiple of 128
+    (0, 256), (1, 128), (1, 7), (37, 300), (64, 512), (5, 1000),
+]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("M,K", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ue8m0,column_major", [(False, False), (True, False), (False, True)])
+def test_per_token_group_matches_reference(device, backend, M, K, dtype, ue8m0, column_major):
+    x = make_x(M, K, dtype, device, seed=M * 7 + K, specials=True)
+    poison_allocator(device)
+    q, s = moe_kernels.quantize_fp8_per_token_group(x, 128, scale_ue8m0=ue8m0,
+                                                    column_major_scales=column_major,
+                                                    backend=backend)
+    rq, rs = ref.quantize_fp8_per_token_group(x.cpu(), 128, 1e-10, ue8m0, column_major)
+    assert s.shape == rs.shape and s.dtype == torch.float32
+    assert s.stride() == rs.stride() or s.numel() == 0
+    assert torch.equal(s.cpu(), rs), "scales"
+    assert_fp8_close(q, rq, msg=f"{backend} {M}x{K}")
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_reference_formula(group):
+    """The reference against the contract written out directly: scale = max(amax, eps) /
+    448, q = fp8(clamp(x / scale)), an all-zero group -> eps / 448 and zeros."""
+    x = make_x(9, 3 * group + 5, torch.float32, "cpu", seed=group)
+    q, s = ref.quantize_fp8_per_token_group(x, group)
+    for g in range(s.shape[1]):
+        cols = slice(g * group, (g + 1) * group)
+        amax = x[:, cols].abs().amax(dim=1)
+        want = torch.clamp(amax, min=1e-10) / 448.0
+        assert torch.equal(s[:, g], want)
+        expect_q = torch.clamp(x[:, cols] / want[:, None], -448, 448).to(FP8)
+        assert torch.equal(q[:, cols].view(torch.uint8), expect_q.view(torch.uint8))
+    assert torch.equal(s[1], torch.full_like(s[1], 1e-10 / 448.0))
+    assert not q[1].float().any()
+
+
+def test_round_trip_error_bound():
+    """|dequant(q) - x| <= half an fp8 step: 2**-4 relative for normals, 2**-10 * scale
+    in the subnormal range (below 2**-6 * scale)."""
+    x = make_x(50, 640, torch.float32, "cpu", seed=3)
+    q, s = ref.quantize_fp8_per_token_group(x)
+    back = ref.dequantize_per_token_group(q, s)
+    s_full = s.repeat_interleave(128, dim=1)
+    bound = torch.maximum(x.abs() * 2.0 ** -4, s_full * 2.0 ** -10)
+    assert ((back - x).abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_ue8m0_scales_are_powers_of_two_covering_amax():
+    x = make_x(20, 384, torch.float32, "cpu", seed=5)
+    _, s = ref.quantize_fp8_per_token_group(x, scale_ue8m0=True)
+    _, s_plain = ref.quantize_fp8_per_token_group(x)
+    m, _ = torch.frexp(s)
+    assert (m == 0.5).all(), "a power of two"
+    assert (s >= s_plain).all() and (s < 2 * s_plain).all(), "the next power up"
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_specials(device, backend):
+    """inf saturates to +-448, NaN stays NaN, neither changes its group's scale."""
+    x = torch.tensor([[1.0, float("inf"), -float("inf"), float("nan")] + [0.5] * 124],
+                     device=device)
+    q, s = moe_kernels.quantize_fp8_per_token_group(x, backend=backend)
+    assert torch.equal(s.cpu(), torch.tensor([[1.0]]) / 448.0)
+    assert q.float()[0, :3].tolist() == [448.0, 448.0, -448.0]
+    assert q.float()[0, 3].isnan()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("shape", [(128, 128), (200, 300), (3, 130, 260), (1, 1), (2, 0, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_quant_dequant(device, backend, shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    w = (torch.randn(shape, generator=g) * 3).to(dtype).to(device)
+    poison_allocator(device)
+    q, s = moe_kernels.quantize_fp8_block(w, backend=backend)
+    rq, rs = ref.quantize_fp8_block(w.cpu())
+    assert torch.equal(s.cpu(), rs)
+    assert_fp8_close(q, rq, msg=f"{backend} {shape}")
+    for out_dtype in (torch.float32, torch.bfloat16):
+        d = moe_kernels.dequantize_fp8_block(q, s, dtype=out_dtype, backend=backend)
+        assert d.dtype == out_dtype and d.shape == w.shape
+        assert torch.equal(d.cpu(), ref.dequantize_fp8_block(rq, rs, dtype=out_dtype))
+
+
+def test_block_scale_formula():
+    w = torch.randn(2, 256, 384)
+    q, s = ref.quantize_fp8_block(w)
+    blocks = w.view(2, 2, 128, 3, 128).abs().amax(dim=(2, 4))
+    assert torch.equal(s, blocks / 448.0)
+    assert torch.equal(q.view(torch.uint8),
+                       torch.clamp(w / s.repeat_interleave(128, 1).repeat_interleave(128, 2),
+                                   -448, 448).to(FP8).view(torch.uint8))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("M,N", [(0, 128), (1, 128), (33, 200), (8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_quant(device, backend, M, N, dtype):
+    g = torch.Generator().manual_seed(M + N)
+    x = (torch.randn(M, 2 * N, generator=g) * 4).to(dtype).to(device)
+    poison_allocator(device)
+    q, s = moe_kernels.silu_and_mul_quant_fp8(x, backend=backend)
+    xf = x.cpu().float()
+    y = xf[:, :N] * torch.sigmoid(xf[:, :N]) * xf[:, N:]     # the contract, written out
+    rq, rs = ref.quantize_fp8_per_token_group(y)
+    assert_close(s, rs, dtype=torch.float32)
+    assert_fp8_close(q, rq, max_steps=1, msg=f"{backend} {M}x{N}")
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_property_random(device, backend, data):
+    M = data.draw(st.integers(0, 20))
+    K = data.draw(st.integers(1, 400))
+    group = data.draw(st.sampled_from([16, 64, 128]))
+    ue8m0 = data.draw(st.booleans())
+    x = make_x(M, K, torch.float32, device, seed=data.draw(st.integers(0, 999)), specials=True)
+    q, s = moe_kernels.quantize_fp8_per_token_group(x, group, scale_ue8m0=ue8m0, backend=backend)
+    rq, rs = ref.quantize_fp8_per_token_group(x.cpu(), group, 1e-10, ue8m0)
+    assert torch.equal(s.cpu(), rs)
+    assert_fp8_close(q, rq)
+
+
+# opcheck's test_schema compares inputs before and after the call with an op PyTorch
+# lacks for float8 on the CPU ("mul_cpu_reduced_float"); the other checks run.
+FP8_INPUT_OPCHECKS = ("test_faketensor", "test_autograd_registration",
+                      "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_opcheck(device, backend):
+    sfx = "_triton" if backend == "triton" else ""
+    ops = torch.ops.moe_kernels
+    x = torch.randn(9, 200, device=device)
+    torch.library.opcheck(getattr(ops, "quantize_fp8_per_token_group" + sfx).default,
+                          (x, 128, 1e-10, False, True))
+    torch.library.opcheck(getattr(ops, "silu_and_mul_quant_fp8" + sfx).default, (x, 64, 1e-10))
+    w = torch.randn(2, 130, 200, device=device)
+    torch.library.opcheck(getattr(ops, "quantize_fp8_block" + sfx).default, (w, 128, 128, 1e-10))
+    q, s = ref.quantize_fp8_block(w.cpu())
+    torch.library.opcheck(getattr(ops, "dequantize_fp8_block" + sfx).default,
+                          (q.to(device), s.to(device), 128, 128, torch.bfloat16),
+                          test_utils=FP8_INPUT_OPCHECKS)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    x = torch.randn(11, 256, device=device)
+
+    def f(x):
+        q, s = moe_kernels.quantize_fp8_per_token_group(x, column_major_scales=True,
+                                                        backend=backend)
+        q2, s2 = moe_kernels.silu_and_mul_quant_fp8(x, backend=backend)
+        wq, ws = moe_kernels.quantize_fp8_block(x, backend=backend)
+        return q, s, q2, s2, moe_kernels.dequantize_fp8_block(wq, ws, backend=backend)
+
+    got = torch.compile(f, fullgraph=True)(x)
+    want = f(x)
+    for a, b in zip(got, want):
+        if a.dtype == FP8:
+            assert_fp8_close(a, b)
+        else:
+            assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+def _q():
+    return ref.quantize_fp8_block(torch.randn(4, 256))
+
+
+BAD = [
+    ("x int", lambda: moe_kernels.quantize_fp8_per_token_group(torch.zeros(2, 8, dtype=torch.int32)),
+     TypeError, "x"),
+    ("x 3-D", lambda: moe_kernels.quantize_fp8_per_token_group(torch.zeros(2, 2, 8)), ValueError, "x"),
+    ("x strided", lambda: moe_kernels.quantize_fp8_per_token_group(torch.zeros(8, 4).t()),
+     ValueError, "contiguous"),
+    ("group 100", lambda: moe_kernels.quantize_fp8_per_token_group(torch.zeros(2, 8), 100),
+     ValueError, "group_size"),
+    ("eps 0", lambda: moe_kernels.quantize_fp8_per_token_group(torch.zeros(2, 8), eps=0.0),
+     ValueError, "eps"),
+    ("block int", lambda: moe_kernels.quantize_fp8_block(torch.zeros(4, 4), block=128),
+     TypeError, "block"),
+    ("w 1-D", lambda: moe_kernels.quantize_fp8_block(torch.zeros(4)), ValueError, "w"),
+    ("q not fp8", lambda: moe_kernels.dequantize_fp8_block(torch.zeros(4, 256), _q()[1]),
+     TypeError, "q"),
+    ("s shape", lambda: moe_kernels.dequantize_fp8_block(_q()[0], torch.ones(1, 1)),
+     ValueError, "s must have shape"),
+    ("dtype int", lambda: moe_kernels.dequantize_fp8_block(*_q(), dtype=torch.int32),
+     TypeError, "dtype"),
+    ("silu odd", lambda: moe_kernels.silu_and_mul_quant_fp8(torch.zeros(2, 7)), ValueError, "even"),
+]
+
+
+@pytest.mark.parametrize("desc,call,exc,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(desc, call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()

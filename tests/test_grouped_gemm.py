@@ -1,0 +1,234 @@
+"""FP8 grouped GEMMs: every backend against dequantize-then-float64-matmul, written out
+here (SPEC section 3: calc_diff < 1e-5), and padding / masked rows exactly zero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moe_kernels
+from moe_kernels.reference import fp8 as ref_fp8
+
+from helpers import HAS_CUDA, calc_diff, device_backend_params, poison_allocator
+
+BACKENDS = ("triton", "cpu", "reference")
+FP8_INPUT_OPCHECKS = ("test_faketensor", "test_autograd_registration",
+                      "test_aot_dispatch_dynamic")
+
+
+def make_weights(E, N, K, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    q, s = ref_fp8.quantize_fp8_block(torch.randn(E, N, K, generator=g) / K ** 0.5)
+    return q.to(device), s.to(device)
+
+
+def make_rows(R, K, seed, device, column_major=False):
+    g = torch.Generator().manual_seed(seed)
+    q, s = ref_fp8.quantize_fp8_per_token_group(torch.randn(R, K, generator=g) * 2,
+                                                column_major_scales=column_major)
+    return q.to(device), s.to(device)
+
+
+def oracle(a, a_s, b, b_s, expert_of_row):
+    """float64: dequantize both operands (scales repeated over their 128 blocks), matmul
+    per row with its expert's weight; rows without an expert are 0."""
+    K = a.shape[-1]
+    N = b.shape[1]
+    a64 = a.cpu().double() * a_s.cpu().double().repeat_interleave(128, -1)[..., :K]
+    b64 = b.cpu().double() * b_s.cpu().double().repeat_interleave(128, -2)[..., :N, :] \
+        .repeat_interleave(128, -1)[..., :K]
+    out = torch.zeros(a64.shape[0], N, dtype=torch.float64)
+    for r, e in enumerate(expert_of_row.tolist()):
+        if 0 <= e < b.shape[0]:
+            out[r] = b64[e] @ a64[r]
+    return out
+
+
+def contiguous_m_indices(counts, align, pad_extra=0):
+    """The layout permute(align=...) gives: segments of counts[e] rows padded to align."""
+    parts = []
+    for e, c in enumerate(counts):
+        parts += [e] * c + [-1] * (-c % align)
+    return torch.tensor(parts + [-1] * pad_extra, dtype=torch.int32)
+
+
+CONTIGUOUS = [  # (counts per expert, align, N, K): why
+    ([0, 1, 130, 5], 1, 200, 300),         # empty / single-row / > one tile experts, unaligned
+    ([3, 0, 64, 2, 70], 64, 256, 256),     # aligned to the tile (the fast path), E odd
+    ([17], 1, 130, 129),                   # one expert; partial N and K blocks
+    ([0, 0, 0], 1, 64, 128),               # no rows at all
+    ([1, 1, 1, 1, 1, 1, 1], 1, 96, 520),   # decode-like: one row each, many experts in a tile
+]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("counts,align,N,K", CONTIGUOUS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_contiguous(device, backend, counts, align, N, K, out_dtype):
+    m = contiguous_m_indices(counts, align, pad_extra=3).to(device)
+    a, a_s = make_rows(m.shape[0], K, seed=len(counts) + K, device=device,
+                       column_major=len(counts) % 2 == 1)
+    b, b_s = make_weights(len(counts), N, K, seed=N, device=device)
+    poison_allocator(device)
+    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=out_dtype, backend=backend)
+    assert out.shape == (m.shape[0], N) and out.dtype == out_dtype
+    want = oracle(a, a_s, b, b_s, m.cpu())
+    assert calc_diff(out, want) < 1e-5
+    pad = (m < 0).cpu()
+    assert not out.cpu()[pad].float().any(), "-1 rows must be exactly zero"
+    assert not out.float().isnan().any()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_contiguous_any_row_order(device, backend):
+    """m_indices need not be sorted: rows of several experts interleave inside a tile."""
+    g = torch.Generator().manual_seed(11)
+    m = torch.randint(-1, 6, (90,), generator=g).int().to(device)
+    a, a_s = make_rows(90, 256, seed=2, device=device)
+    b, b_s = make_weights(6, 160, 256, seed=3, device=device)
+    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=backend)
+    assert calc_diff(out, oracle(a, a_s, b, b_s, m.cpu())) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("M,N,K", [(5, 200, 300), (40, 128, 128), (1, 64, 7)])
+def test_masked(device, backend, M, N, K):
+    E = 5
+    masked = torch.tensor([0, 1, M, M // 2, 3 if M > 3 else M], dtype=torch.int32).to(device)
+    a, a_s = make_rows(E * M, K, seed=M, device=device)
+    a, a_s = a.view(E, M, K), a_s.view(E, M, -1)
+    b, b_s = make_weights(E, N, K, seed=K, device=device)
+    poison_allocator(device)
+    out = moe_kernels.grouped_gemm_fp8_masked(a, a_s, b, b_s, masked, backend=backend)
+    assert out.shape == (E, M, N)
+    rows = torch.arange(E * M) % M
+    group = torch.arange(E * M) // M
+    expert_of_row = torch.where(rows < masked.cpu().long()[group], group, -1)
+    want = oracle(a.reshape(E * M, K), a_s.reshape(E * M, -1), b, b_s, expert_of_row)
+    got = out.reshape(E * M, N)
+    assert calc_diff(got, want) < 1e-5
+    assert not got.cpu()[expert_of_row < 0].float().any(), "rows >= masked_m must be zero"
+
+
+@settings(max_examples=25)
+@given(data=st.data())
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
+def test_property_random(device, backend, data):
+    E = data.draw(st.integers(1, 6))
+    counts = [data.draw(st.integers(0, 40)) for _ in range(E)]
+    align = data.draw(st.sampled_from([1, 16, 32]))
+    N = data.draw(st.integers(1, 260))
+    K = data.draw(st.integers(1, 300))
+    m = contiguous_m_indices(counts, align).to(device)
+    a, a_s = make_rows(m.shape[0], K, seed=data.draw(st.integers(0, 99)), device=device)
+    b, b_s = make_weights(E, N, K, seed=data.draw(st.integers(0, 99)), device=device)
+    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32,
+                                       backend=backend)
+    want = oracle(a, a_s, b, b_s, m.cpu())
+    assert calc_diff(out, want) < 1e-5
+    assert not out.cpu()[(m < 0).cpu()].any()
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
+def test_deterministic(device, backend):
+    m = contiguous_m_indices([30, 0, 45], 1).to(device)
+    a, a_s = make_rows(m.shape[0], 384, seed=1, device=device)
+    b, b_s = make_weights(3, 128, 384, seed=1, device=device)
+    runs = [moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=backend) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
+def test_opcheck(device, backend):
+    sfx = "_triton" if backend == "triton" else ""
+    ops = torch.ops.moe_kernels
+    m = contiguous_m_indices([5, 0, 9], 4).to(device)
+    a, a_s = make_rows(m.shape[0], 200, seed=1, device=device)
+    b, b_s = make_weights(3, 130, 200, seed=2, device=device)
+    torch.library.opcheck(getattr(ops, "grouped_gemm_fp8" + sfx).default,
+                          (a, a_s, b, b_s, m, torch.bfloat16), test_utils=FP8_INPUT_OPCHECKS)
+    a3, s3 = make_rows(3 * 4, 200, seed=3, device=device)
+    masked = torch.tensor([4, 0, 2], dtype=torch.int32, device=device)
+    torch.library.opcheck(getattr(ops, "grouped_gemm_fp8_masked" + sfx).default,
+                          (a3.view(3, 4, 200), s3.view(3, 4, -1), b, b_s, masked, torch.float32),
+                          test_utils=FP8_INPUT_OPCHECKS)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    m = contiguous_m_indices([7, 3, 0, 12], 8).to(device)
+    a, a_s = make_rows(m.shape[0], 256, seed=4, device=device)
+    b, b_s = make_weights(4, 192, 256, seed=5, device=device)
+    masked = torch.tensor([2, 0, 1, 3], dtype=torch.int32, device=device)
+
+    def f(a, a_s, m, masked):
+        y = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=backend)
+        z = moe_kernels.grouped_gemm_fp8_masked(a[:12].view(4, 3, 256), a_s[:12].view(4, 3, 2),
+                                                b, b_s, masked, backend=backend)
+        return y * 2, z
+
+    got = torch.compile(f, fullgraph=True)(a, a_s, m, masked)
+    want = f(a, a_s, m, masked)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _args(**over):
+    m = contiguous_m_indices([2, 2], 1)
+    a, a_s = make_rows(4, 256, seed=0, device="cpu")
+    b, b_s = make_weights(2, 128, 256, seed=0, device="cpu")
+    kw = dict(a=a, a_scales=a_s, b=b, b_scales=b_s, m_indices=m)
+    kw.update(over)
+    return kw
+
+
+BAD = [
+    ("a bf16", dict(a=torch.zeros(4, 256, dtype=torch.bfloat16)), TypeError, "a must be float8"),
+    ("b float", dict(b=torch.zeros(2, 128, 256)), TypeError, "b must be float8"),
+    ("K mismatch", dict(b=make_weights(2, 128, 384, 0, "cpu")[0]), ValueError, "K mismatch"),
+    ("a_scales shape", dict(a_scales=torch.ones(4, 3)), ValueError, "a_scales must have shape"),
+    ("b_scales shape", dict(b_scales=torch.ones(2, 2, 2)), ValueError, "b_scales must have shape"),
+    ("a_scales bf16", dict(a_scales=torch.ones(4, 2, dtype=torch.bfloat16)), TypeError, "a_scales"),
+    ("m_indices float", dict(m_indices=torch.zeros(4)), TypeError, "m_indices"),
+    ("m_indices length", dict(m_indices=torch.zeros(5, dtype=torch.int32)), ValueError, "m_indices"),
+]
+
+
+@pytest.mark.parametrize("desc,over,exc,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(desc, over, exc, words):
+    kw = _args(**over)
+    with pytest.raises(exc, match=words):
+        moe_kernels.grouped_gemm_fp8(kw["a"], kw["a_scales"], kw["b"], kw["b_scales"],
+                                     kw["m_indices"])
+
+
+def test_bad_input_masked():
+    a, a_s = make_rows(6, 256, seed=0, device="cpu")
+    b, b_s = make_weights(2, 128, 256, seed=0, device="cpu")
+    ok = dict(a=a.view(2, 3, 256), a_scales=a_s.view(2, 3, 2), b=b, b_scales=b_s,
+              masked_m=torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="groups"):
+        moe_kernels.grouped_gemm_fp8_masked(**{**ok, "a": a.view(3, 2, 256),
+                                               "a_scales": a_s.view(3, 2, 2)})
+    with pytest.raises(ValueError, match="masked_m"):
+        moe_kernels.grouped_gemm_fp8_masked(**{**ok, "masked_m": torch.ones(3, dtype=torch.int32)})
+    with pytest.raises(TypeError, match="out_dtype"):
+        moe_kernels.grouped_gemm_fp8_masked(**ok, out_dtype=torch.int32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU with > 8 GB")
+def test_int64_addressing():
+    """R * K beyond 2**31 elements: the last rows must be right."""
+    R, K, N = 300_000, 7168, 128          # R * K = 2.15e9 > 2**31
+    a = torch.zeros(R, K, dtype=torch.float8_e4m3fn, device="cuda")
+    a[-4:] = torch.randn(4, K, device="cuda").to(torch.float8_e4m3fn)
+    a_s = torch.ones(R, K // 128, device="cuda")
+    b, b_s = make_weights(2, N, K, seed=0, device="cuda")
+    m = torch.zeros(R, dtype=torch.int32, device="cuda")
+    m[-2:] = 1
+    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32)
+    want = oracle(a[-4:], a_s[-4:], b, b_s, m[-4:].cpu())
+    assert calc_diff(out[-4:], want) < 1e-5
