@@ -2,7 +2,9 @@
 # One call on the GPU machine: build (CUDA kernels for sm_90a), run every test including
 # the slow sweeps, run moe-bench, and leave the results in $OUT (or benchmarks/results/).
 # Prints a short table last. Usage: bash benchmarks/gpu_check.sh
-# (RUN_TUNE=1 adds the Triton launch-config sweep; PYTEST_ARGS passes options to pytest.)
+# (RUN_TUNE=1 adds the Triton launch-config sweeps, gating and grouped GEMM: the GEMM one
+# writes moe_kernels/configs/grouped_gemm/<device>.json, copied to $OUT to commit;
+# PYTEST_ARGS passes options to pytest.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
@@ -32,6 +34,8 @@ san_rc=$?; tail -3 "$OUT/sanitizer.log"
 if [ "${RUN_TUNE:-0}" = 1 ]; then  # ~1 min of device time: only when retuning
   echo "== triton tuning sweep"
   python3 benchmarks/tune_gating.py > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"
+  python3 benchmarks/tune_grouped_gemm.py ${TUNE_ARGS:---quick} > "$OUT/tune_gemm.log" 2>&1
+  tail -12 "$OUT/tune_gemm.log"; cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null
 fi
 
 echo "== moe-bench"

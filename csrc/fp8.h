@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 namespace moe_kernels {
 
@@ -28,9 +30,38 @@ inline float group_scale(float amax, float eps, bool ue8m0) {
 // |x| for finite x, else 0: inf and NaN do not set the scale (docs/fp8.md).
 inline float finite_abs(float x) { return std::isfinite(x) ? std::abs(x) : 0.0f; }
 
-// Clamp (inf -> +-448), then round to nearest even (c10's conversion); NaN stays NaN.
+// Clamp (inf -> +-448), then round to nearest even; NaN stays NaN (0x7F). Branch-free
+// bit arithmetic (the algorithm of moe_kernels/triton/numerics.py): c10's converter made
+// the CPU quantization ~4x slower.
 inline c10::Float8_e4m3fn to_fp8(float x) {
-  return c10::Float8_e4m3fn(std::min(std::max(x, -kFp8Max), kFp8Max));
+  const float c = std::min(std::max(x, -kFp8Max), kFp8Max);
+  const float a = std::abs(c);
+  uint32_t bits;
+  std::memcpy(&bits, &a, sizeof bits);
+  const int32_t exp = static_cast<int32_t>(bits >> 23) - 127;
+  const uint32_t top = (bits >> 20) & 7u, rest = bits & 0xFFFFFu;
+  const uint32_t up = (rest > 0x80000u) | ((rest == 0x80000u) & (top & 1u));
+  const uint32_t normal = (static_cast<uint32_t>(exp + 7) << 3) + top + up;
+  const uint32_t subnormal = static_cast<uint32_t>(std::nearbyint((a < 1.0f ? a : 0.0f) * 512.0f));
+  uint32_t mag = exp >= -6 ? normal : subnormal;
+  mag = std::isnan(x) ? 0x7Fu : mag;
+  const uint8_t out = static_cast<uint8_t>(mag | (std::signbit(c) && !std::isnan(x) ? 0x80u : 0u));
+  return c10::Float8_e4m3fn(out, c10::Float8_e4m3fn::from_bits());
+}
+
+// e4m3fn -> float32 through a 256-entry table (c10's converter is bit arithmetic per call).
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int i = 0; i < 256; ++i)
+      value[i] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(i),
+                                                       c10::Float8_e4m3fn::from_bits()));
+  }
+};
+
+inline float from_fp8(c10::Float8_e4m3fn q) {
+  static const Fp8Table table;
+  return table.value[q.x];
 }
 
 inline void check_fp8(const at::Tensor& t, const char* name, int64_t dim) {

@@ -146,7 +146,7 @@ at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q_in, const at::Tensor& s_
         const int64_t b = r / N, n = r % N;
         const float* srow = sp + (b * NB + n / block_n) * KB;
         for (int64_t k = 0; k < K; ++k)
-          op[r * K + k] = static_cast<scalar_t>(static_cast<float>(qp[r * K + k]) * srow[k / block_k]);
+          op[r * K + k] = static_cast<scalar_t>(from_fp8(qp[r * K + k]) * srow[k / block_k]);
       }
     });
   });

@@ -29,7 +29,7 @@ at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows[i];
       for (int64_t k = 0; k < K; ++k)
-        op[i * K + k] = static_cast<float>(ap[r * sa + k]) * sp[r * ssm + (k / kScaleBlock) * ssk];
+        op[i * K + k] = from_fp8(ap[r * sa + k]) * sp[r * ssm + (k / kScaleBlock) * ssk];
     }
   });
   return out;
@@ -46,7 +46,7 @@ at::Tensor dequant_expert(const at::Tensor& b, const at::Tensor& b_scales, int64
     for (int64_t n = begin; n < end; ++n) {
       const float* srow = sp + (n / kScaleBlock) * KB;
       for (int64_t k = 0; k < K; ++k)
-        op[n * K + k] = static_cast<float>(bp[n * K + k]) * srow[k / kScaleBlock];
+        op[n * K + k] = from_fp8(bp[n * K + k]) * srow[k / kScaleBlock];
     }
   });
   return out;

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,
-                                                      roofline_pct=r.roofline_pct)
+                                                      roofline_pct=r.roofline_pct, tflops=r.tflops)
                                                  for r in results]}, f, indent=1)
     failed = [r for r in results if r.correct is False]
     if failed:

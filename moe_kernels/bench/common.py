@@ -2,8 +2,9 @@
 
 GPU timing: each call in a CUDA graph of `reps` calls over rotating input sets (so L2
 does not hold the inputs between calls), median over several replays, per call. CPU
-timing: median wall time of single calls. Roofline: bytes moved / measured copy bandwidth
-of this device (a device-to-device copy, counting bytes read plus written).
+timing: median wall time of single calls. Roofline: the larger of bytes moved / measured
+copy bandwidth of this device (a device-to-device copy, counting bytes read plus
+written) and flops / the FP8 tensor-core peak (GPU cases with flops only).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 from typing import Callable
 
 import torch
+
+from moe_kernels import _library
 
 
 @dataclasses.dataclass
@@ -28,14 +31,37 @@ class Result:
     copy_gbps: float = 0.0
     correct: bool | None = None
     note: str = ""
+    peak_tflops: float = 0.0  # 0: judged on bytes only
 
     @property
     def gbps(self) -> float:
         return self.bytes / self.time_us / 1e3 if self.time_us > 0 else 0.0
 
     @property
+    def tflops(self) -> float:
+        return self.flops / self.time_us / 1e6 if self.time_us > 0 else 0.0
+
+    @property
+    def floor_us(self) -> float:
+        """Roofline time: memory (bytes / copy bandwidth) or compute, the larger."""
+        mem = self.bytes / self.copy_gbps / 1e3 if self.copy_gbps else 0.0
+        comp = self.flops / self.peak_tflops / 1e6 if self.peak_tflops else 0.0
+        return max(mem, comp)
+
+    @property
     def roofline_pct(self) -> float:
-        return 100.0 * self.gbps / self.copy_gbps if self.copy_gbps else 0.0
+        return 100.0 * self.floor_us / self.time_us if self.time_us > 0 else 0.0
+
+
+def kernel_backends(device: str, backends, supported) -> list[str]:
+    """The backends to time: those asked for, else every one that runs here (not the
+    interpreter)."""
+    dev = torch.device(device)
+    if backends is None:
+        backends = [b for b in ("cuda", "triton", "cpu")
+                    if _library.backend_unavailable_reason(b, dev) is None
+                    and not (b == "triton" and device == "cpu")]
+    return [b for b in backends if b in supported]
 
 
 def sync(device: str) -> None:
@@ -110,16 +136,30 @@ def time_us(fn: Callable[[int], object], device: str, n_sets: int) -> tuple[floa
 
 
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
-            check: Callable[[object], bool]) -> list[Result]:
-    """Checks then times each (name, fn(i)) of `timed`; one Result per entry."""
+            check: Callable[[object], bool], flops: int = 0) -> list[Result]:
+    """Checks then times each (name, fn(i)) of `timed`; one Result per entry. With flops,
+    the roofline includes the device's FP8 tensor-core peak."""
     copy = copy_bandwidth_gbps(device)
+    peak = fp8_peak_tflops(device) if flops else 0.0
     results = []
     for name, fn in timed:
         correct = check(fn(0))
         t, how = time_us(fn, device, n_sets)
-        results.append(Result(op, case, name, device, t, nbytes, copy_gbps=copy,
-                              correct=correct, note=how))
+        results.append(Result(op, case, name, device, t, nbytes, flops=flops, copy_gbps=copy,
+                              correct=correct, note=how, peak_tflops=peak))
     return results
+
+
+# Dense FP8 tensor-core peaks (TFLOPS) by device name; TARGETS.md. Unknown devices and
+# CPUs: 0, and the roofline counts bytes only.
+FP8_PEAK_TFLOPS = {"H100": 1979.0, "H200": 1979.0, "H800": 1979.0}
+
+
+def fp8_peak_tflops(device: str) -> float:
+    if device != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in FP8_PEAK_TFLOPS.items() if k in name), 0.0)
 
 
 def host_us_per_call(fn: Callable[[], object], device: str, n: int = 2000) -> float:
@@ -166,8 +206,8 @@ def device_name(device: str) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    head = ("op", "case", "backend", "time us", "GB/s", "% copy BW", "vs eager", "vs compile",
-            "ok", "note")
+    head = ("op", "case", "backend", "time us", "GB/s", "TFLOPS", "% roofline", "vs eager",
+            "vs compile", "ok", "note")
     rows = []
     by_case: dict[tuple[str, str], dict[str, float]] = {}
     for r in results:
@@ -176,7 +216,7 @@ def format_table(results: list[Result]) -> str:
         base = by_case[(r.op, r.case)]
         eager, comp = base.get("torch-eager"), base.get("torch-compile")
         rows.append((r.op, r.case, r.backend, f"{r.time_us:.2f}", f"{r.gbps:.1f}",
-                     f"{r.roofline_pct:.1f}",
+                     f"{r.tflops:.1f}" if r.flops else "-", f"{r.roofline_pct:.1f}",
                      f"{eager / r.time_us:.2f}x" if eager else "-",
                      f"{comp / r.time_us:.2f}x" if comp else "-",
                      {None: "-", True: "yes", False: "NO"}[r.correct], r.note))

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels import _library
-from moe_kernels.bench.common import Result, measure, rotating_sets
+from moe_kernels.bench.common import Result, kernel_backends, measure, rotating_sets
 from moe_kernels.ops import permute as ops
 from moe_kernels.reference import permute as reference
 
@@ -30,12 +29,7 @@ def _ids(T, device, gen):
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    dev = torch.device(device)
-    if backends is None:
-        backends = [b for b in ("cuda", "triton", "cpu")
-                    if _library.backend_unavailable_reason(b, dev) is None
-                    and not (b == "triton" and device == "cpu")]
-    backends = [b for b in backends if b in ops.SUPPORTED]
+    backends = kernel_backends(device, backends, ops.SUPPORTED)
     H = 7168 if device == "cuda" else 2048
     gen = torch.Generator().manual_seed(0)
     ref_permute = reference.permute

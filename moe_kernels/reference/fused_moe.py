@@ -33,18 +33,17 @@ def moe_forward(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids,
     E, two_i, _ = w13.shape
     inter = two_i // 2
     h = _fp8_round_trip(hidden.float()) if quantize_activations else hidden.float()
-    w13f = dequantize_fp8_block(w13, w13_scales, dtype=torch.float32)
-    w2f = dequantize_fp8_block(w2, w2_scales, dtype=torch.float32)
     ids = topk_ids.long()
     out = torch.zeros_like(h)
     for e in range(E):
         weight = torch.where(ids == e, topk_weights.float(), 0.0).sum(dim=1)  # (T,)
-        gate_up = h @ w13f[e].T
+        # one expert at a time: DeepSeek-V3's 256 experts in float32 would be 45 GB
+        gate_up = h @ dequantize_fp8_block(w13[e], w13_scales[e], dtype=torch.float32).T
         if quantize_activations:
             gate_up = gate_up.bfloat16().float()
         act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         if quantize_activations:
             act = _fp8_round_trip(act)
-        y = act @ w2f[e].T
+        y = act @ dequantize_fp8_block(w2[e], w2_scales[e], dtype=torch.float32).T
         out += weight[:, None] * y
     return out.to(out_dtype or hidden.dtype)

@@ -1,0 +1,100 @@
+"""Tile-config sweep of the FP8 grouped GEMMs on the GPU; writes
+moe_kernels/configs/grouped_gemm/<device>.json (read by configs/grouped_gemm.py).
+
+For each kind (contiguous, segments, masked) and rows-per-expert bucket it times every
+candidate (CUDA graph over the call, median) on a DeepSeek-V3 shape of that bucket and
+keeps the fastest. Usage on the GPU machine: python3 benchmarks/tune_grouped_gemm.py
+[--quick] [--out PATH]. About 3-6 minutes of device time (--quick: ~1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import triton
+
+from moe_kernels.configs import grouped_gemm as configs
+from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.triton import grouped_gemm as kernels
+
+BUCKETS = [16, 64, None]                 # rows per expert; None: no bound (prefill)
+ROWS_OF_BUCKET = {16: 8, 64: 48, None: 1024}
+SHAPES = [(4096, 7168), (7168, 2048)]    # (N, K): GEMM1, GEMM2
+E = 8
+
+
+def candidates(bucket, quick):
+    bms = [16, 32] if bucket == 16 else [32, 64] if bucket == 64 else [64, 128]
+    bns = [64, 128] if quick else [32, 64, 128, 256]
+    warps = [4] if quick else [4, 8]
+    stages = [3, 4] if quick else [3, 4, 5]
+    for bm, bn, w, s in itertools.product(bms, bns, warps, stages):
+        if bm * bn >= 128 * 256 and w == 4:
+            continue  # too many accumulator registers per thread
+        yield {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+
+
+def operands(kind, rows, N, K):
+    a, a_s = ref_fp8.quantize_fp8_per_token_group(torch.randn(E * rows, K, device="cuda"))
+    b, b_s = ref_fp8.quantize_fp8_block(torch.randn(E, N, K, device="cuda") / K ** 0.5)
+    counts = torch.full((E,), rows, dtype=torch.int32, device="cuda")
+    if kind == "masked":
+        return lambda: kernels.grouped_gemm_fp8_masked(
+            a.view(E, rows, K), a_s.view(E, rows, -1), b, b_s, counts, torch.bfloat16)
+    if kind == "segments":
+        offsets = torch.arange(E + 1, device="cuda", dtype=torch.int64) * rows
+        return lambda: kernels.grouped_gemm_fp8_segments(a, a_s, b, b_s, offsets, counts,
+                                                         torch.bfloat16)
+    m = torch.arange(E, device="cuda", dtype=torch.int32).repeat_interleave(rows)
+    return lambda: kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, torch.bfloat16)
+
+
+def time_config(fn, cfg, kind):
+    bucket_table = {k: [dict(cfg, max_m=None)] for k in configs.KINDS}
+    configs._table.cache_clear()
+    saved = configs._table
+    configs._table = lambda index: bucket_table
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=50)
+    except Exception as exc:  # out of shared memory, etc.
+        print(f"  skip {cfg}: {type(exc).__name__}")
+        return float("inf")
+    finally:
+        configs._table = saved
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    name = torch.cuda.get_device_name(0)
+    table = {}
+    for kind in configs.KINDS:
+        table[kind] = []
+        for bucket in BUCKETS:
+            rows = ROWS_OF_BUCKET[bucket]
+            best = None
+            for cfg in candidates(bucket, args.quick):
+                total = 0.0
+                for N, K in SHAPES:
+                    total += time_config(operands(kind, rows, N, K), cfg, kind)
+                flops = sum(2 * E * rows * N * K for N, K in SHAPES)
+                print(f"{kind:10s} m<={bucket} {cfg}: {total * 1e3:.1f} us "
+                      f"({flops / total / 1e9:.0f} TFLOPS)", flush=True)
+                if best is None or total < best[0]:
+                    best = (total, cfg)
+            table[kind].append(dict(best[1], max_m=bucket))
+            print(f"best {kind} m<={bucket}: {best[1]} {best[0] * 1e3:.1f} us")
+    out = args.out or configs.device_file(name)
+    with open(out, "w") as f:
+        json.dump({"device": name, "torch": torch.__version__, "triton": triton.__version__,
+                   "configs": table}, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

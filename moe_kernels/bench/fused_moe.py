@@ -1,0 +1,84 @@
+"""moe-bench cases for fused_moe_fp8: DeepSeek-V3's routed experts (E=256, H=7168,
+I=2048, top-8) at decode, on the GPU; scaled down on the CPU (E=16, H=512, I=256).
+
+Floor at decode (T=1): the 8 routed experts' weights, 8 x (4096 x 7168 + 7168 x 2048)
+fp8 = 352 MB, dominate the bytes: 117 us at 3.0 TB/s (goal <= 125 us). The torch
+reference timed beside gathers the routed experts' weights, dequantizes them to bf16 and
+runs the expert MLPs as batched matmuls (no host sync), eager and compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_kernels.bench.common import Result, kernel_backends, measure
+from moe_kernels.ops import fused_moe as ops
+from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.reference import fused_moe as reference
+
+GPU_LAYER = (256, 7168, 2048, 8)   # E, H, I, top_k
+CPU_LAYER = (16, 512, 256, 8)
+
+
+def default_tokens(device: str) -> list[int]:
+    return [1, 16] if device == "cuda" else [1, 64]
+
+
+def torch_routed(hidden, w13, s13, w2, s2, weights, ids):
+    """Per routed pair: its expert's weights gathered and dequantized, bf16 bmm."""
+    T, K = ids.shape
+    e = ids.reshape(-1).long().clamp(min=0)
+    w13_16 = ref_fp8.dequantize_fp8_block(w13[e], s13[e], dtype=torch.bfloat16)
+    w2_16 = ref_fp8.dequantize_fp8_block(w2[e], s2[e], dtype=torch.bfloat16)
+    h = hidden.repeat_interleave(K, dim=0)[:, :, None]
+    gate_up = torch.bmm(w13_16, h)[..., 0]
+    inter = gate_up.shape[1] // 2
+    act = (F.silu(gate_up[:, :inter].float()) * gate_up[:, inter:].float()).bfloat16()
+    y = torch.bmm(w2_16, act[:, :, None])[..., 0].float()
+    w = torch.where(ids.reshape(-1) >= 0, weights.reshape(-1), 0.0)
+    return (y * w[:, None]).view(T, K, -1).sum(1).to(hidden.dtype)
+
+
+def run(device: str, backends: list[str] | None, tokens: list[int] | None,
+        compile_reference: bool = True) -> list[Result]:
+    backends = [b for b in kernel_backends(device, backends, ops.SUPPORTED) if b != "reference"]
+    E, H, inter, K = GPU_LAYER if device == "cuda" else CPU_LAYER
+    gen = torch.Generator().manual_seed(0)
+    w13, s13 = ref_fp8.quantize_fp8_block(torch.randn(E, 2 * inter, H, generator=gen) / H ** 0.5)
+    w2, s2 = ref_fp8.quantize_fp8_block(torch.randn(E, H, inter, generator=gen) / inter ** 0.5)
+    w13, s13, w2, s2 = (t.to(device) for t in (w13, s13, w2, s2))
+    baseline_c = torch.compile(torch_routed, dynamic=False) if compile_reference else None
+    results = []
+    for T in tokens or default_tokens(device):
+        hidden = torch.randn(T, H, generator=gen).bfloat16().to(device)
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int().to(device)
+        weights = torch.rand(T, K, generator=gen).to(device)
+        args = (hidden, w13, s13, w2, s2, weights, ids)
+        case = f"fused T={T} E={E} H={H} I={inter} top{K}"
+        experts = len(torch.unique(ids))
+        nbytes = experts * 3 * inter * H + T * H * 4 + T * K * 8
+        flops = T * K * 2 * 3 * inter * H
+        # kernels against the FP8 pipeline's oracle, the bf16 baseline against the
+        # unquantized one (docs/fp8.md: the two differ by the activation roundings)
+        for quantized, timed in ((True, [(b, lambda i, b=b: ops.fused_moe_fp8(*args, backend=b))
+                                          for b in backends]),
+                                 (False, _baselines(args, T * K, baseline_c))):
+            want = reference.moe_forward(*args, out_dtype=torch.float32,
+                                         quantize_activations=quantized)
+            results += measure("fused_moe_fp8", case, device, timed, nbytes, 1,
+                               lambda out, want=want: _close(out, want), flops=flops)
+    return results
+
+
+def _close(out, want) -> bool:
+    return bool((out.float() - want).norm() / want.norm().clamp_min(1e-30) < 2e-2)
+
+
+def _baselines(args, pairs, compiled):
+    if pairs > 128:  # the baseline materialises one dequantized expert per pair
+        return []
+    timed = [("torch-eager", lambda i: torch_routed(*args))]
+    if compiled is not None:
+        timed += [("torch-compile", lambda i: compiled(*args))]
+    return timed

@@ -1,0 +1,106 @@
+"""moe-bench cases for the FP8 grouped GEMMs, DeepSeek-V3 shapes (GPU) or scaled down (CPU).
+
+GPU cases and floors (H100: FP8 dense 1979 TFLOPS, copy 3.0 TB/s):
+- GEMM1 8 experts x 4096 rows, N=4096, K=7168 (contiguous, aligned): 962 GFLOP ->
+  486 us at peak; 235 MB fp8 in + 235 MB weights + 268 MB bf16 out -> 246 us: compute bound.
+- GEMM2 8 experts x 4096 rows, N=7168, K=2048: 481 GFLOP -> 243 us; 67 + 117 + 470 MB
+  -> 218 us: compute bound (barely).
+- masked decode, 32 experts, M=32 with 8-32 valid rows, N=4096, K=7168: weights 940 MB
+  dominate -> ~313 us at 3.0 TB/s: memory bound, judged in GB/s (goal >= 2800).
+The torch reference timed beside: dequantize the weights to bf16 and one bf16 matmul per
+expert (segments known on the host), eager and compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.bench.common import Result, kernel_backends, measure, rotating_sets
+from moe_kernels.ops import grouped_gemm as ops
+from moe_kernels.reference import fp8 as ref_fp8
+
+GPU_SHAPES = [("GEMM1", 8, 4096, 4096, 7168), ("GEMM2", 8, 4096, 7168, 2048)]
+CPU_SHAPES = [("GEMM1/14", 4, 128, 512, 1024), ("GEMM2/14", 4, 128, 1024, 256)]
+MASKED_GPU = (32, 32, 4096, 7168)   # E, M, N, K
+MASKED_CPU = (8, 16, 512, 1024)
+
+
+def default_tokens(device: str) -> list[int]:
+    return [0]  # shapes are fixed per device; --tokens is ignored here
+
+
+def _operands(E, rows, N, K, device, gen):
+    a, a_s = ref_fp8.quantize_fp8_per_token_group(torch.randn(E * rows, K, generator=gen))
+    b, b_s = ref_fp8.quantize_fp8_block(torch.randn(E, N, K, generator=gen) / K ** 0.5)
+    return a.to(device), a_s.to(device), b.to(device), b_s.to(device)
+
+
+def torch_per_expert(a, a_s, b, b_s, bounds):
+    """The baseline users write: dequantize, then a bf16 matmul per expert segment."""
+    a16 = ref_fp8.dequantize_per_token_group(a, a_s).bfloat16()
+    b16 = ref_fp8.dequantize_fp8_block(b, b_s, dtype=torch.bfloat16)
+    return torch.cat([a16[lo:hi] @ b16[e].T for e, (lo, hi) in enumerate(bounds)])
+
+
+def _close(out, want) -> bool:
+    out, want = out.float(), want.float()
+    return bool(((out - want).norm() / want.norm().clamp_min(1e-30)) < 1e-2)
+
+
+def run(device: str, backends: list[str] | None, tokens: list[int] | None,
+        compile_reference: bool = True) -> list[Result]:
+    backends = kernel_backends(device, backends, ops.SUPPORTED)
+    backends = [b for b in backends if b != "reference"]
+    gen = torch.Generator().manual_seed(0)
+    baseline_c = torch.compile(torch_per_expert, dynamic=False) if compile_reference else None
+    results = []
+    for name, E, rows, N, K in (GPU_SHAPES if device == "cuda" else CPU_SHAPES):
+        R = E * rows
+        # one set: the weights alone exceed the L2 several times over on the GPU
+        a, a_s, b, b_s = _operands(E, rows, N, K, device, gen)
+        m = torch.arange(E, device=device, dtype=torch.int32).repeat_interleave(rows)
+        bounds = [(e * rows, (e + 1) * rows) for e in range(E)]
+        want = torch_per_expert(a, a_s, b, b_s, bounds)
+        case = f"{name} {E}x{rows} rows N={N} K={K}"
+        timed = [(bk, lambda i, bk=bk: ops.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=bk))
+                 for bk in backends]
+        timed += [("torch-eager", lambda i: torch_per_expert(a, a_s, b, b_s, bounds))]
+        if baseline_c is not None:
+            timed += [("torch-compile", lambda i: baseline_c(a, a_s, b, b_s, bounds))]
+        nbytes = R * K + R * (K // 128) * 4 + E * N * K + R * N * 2
+        results += measure("grouped_gemm_fp8", case, device, timed, nbytes, 1,
+                           lambda out: _close(out, want), flops=2 * R * N * K)
+    results += _masked(device, backends, gen, baseline_c)
+    return results
+
+
+def _masked(device, backends, gen, baseline_c) -> list[Result]:
+    E, M, N, K = MASKED_GPU if device == "cuda" else MASKED_CPU
+    masked = torch.randint(M // 4, M + 1, (E,), generator=gen, dtype=torch.int32)
+    valid = int(masked.sum())
+    n_sets = rotating_sets(E * N * K, device)
+    sets = [_operands(E, M, N, K, device, gen) for _ in range(n_sets)]
+    masked = masked.to(device)
+    bounds = [(e * M, e * M + int(c)) for e, c in enumerate(masked.tolist())]
+    a3 = [(s[0].view(E, M, K), s[1].view(E, M, -1)) for s in sets]
+
+    def baseline(fn, i):
+        a, a_s, b, b_s = sets[i]
+        return fn(a, a_s, b, b_s, bounds)
+
+    want = baseline(torch_per_expert, 0)
+    rows = torch.cat([torch.arange(lo, hi) for lo, hi in bounds]).to(device)
+    case = f"masked E={E} M={M} ({valid} valid rows) N={N} K={K}"
+    timed = [(bk, lambda i, bk=bk: ops.grouped_gemm_fp8_masked(
+        a3[i][0], a3[i][1], sets[i][2], sets[i][3], masked, backend=bk)) for bk in backends]
+    timed += [("torch-eager", lambda i: baseline(torch_per_expert, i))]
+    if baseline_c is not None:
+        timed += [("torch-compile", lambda i: baseline(baseline_c, i))]
+    nbytes = valid * K + valid * (K // 128) * 4 + E * N * K + valid * N * 2
+
+    def check(out):
+        got = out.reshape(E * M, N)[rows] if out.dim() == 3 else out
+        return _close(got, want)
+
+    return measure("grouped_gemm_fp8_masked", case, device, timed, nbytes, n_sets, check,
+                   flops=2 * valid * N * K)
