@@ -108,8 +108,11 @@ def test_torch_compile_fullgraph(device, backend):
         return moe_kernels.fused_moe_fp8(x, w13, s13, w2, s2, w, i, backend=backend)
 
     got = torch.compile(f, fullgraph=True)(hidden, weights, ids)
-    if backend == "reference":  # Inductor fuses its float math: FP8 roundings may flip
-        assert rel_err(got, f(hidden, weights, ids).float()) < 2e-2
+    if backend == "reference":
+        # Inductor reorders the reference's float math: a scale one ulp off re-rounds its
+        # whole 128-group (~3.7% on that group), so eager vs compiled is a few percent apart
+        # on 6 tokens (2.3% seen); this checks the graph compiles and computes the same thing
+        assert rel_err(got, f(hidden, weights, ids).float()) < 5e-2
     else:                       # opaque kernels: the same calls, bit for bit
         assert torch.equal(got, f(hidden, weights, ids))
 
