@@ -52,7 +52,7 @@ def operands(kind, rows, N, K):
     return lambda: kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, torch.bfloat16)
 
 
-def time_config(fn, cfg, kind):
+def time_config(fn, cfg):
     bucket_table = {k: [dict(cfg, max_m=None)] for k in configs.KINDS}
     configs._table.cache_clear()
     saved = configs._table
@@ -81,7 +81,7 @@ def main():
             for cfg in candidates(bucket, args.quick):
                 total = 0.0
                 for N, K in SHAPES:
-                    total += time_config(operands(kind, rows, N, K), cfg, kind)
+                    total += time_config(operands(kind, rows, N, K), cfg)
                 flops = sum(2 * E * rows * N * K for N, K in SHAPES)
                 print(f"{kind:10s} m<={bucket} {cfg}: {total * 1e3:.1f} us "
                       f"({flops / total / 1e9:.0f} TFLOPS)", flush=True)

@@ -107,14 +107,12 @@ def test_torch_compile_fullgraph(device, backend):
     def f(x, w, i):
         return moe_kernels.fused_moe_fp8(x, w13, s13, w2, s2, w, i, backend=backend)
 
-    got = torch.compile(f, fullgraph=True)(hidden, weights, ids)
-    if backend == "reference":
-        # Inductor reorders the reference's float math: a scale one ulp off re-rounds its
-        # whole 128-group (~3.7% on that group), so eager vs compiled is a few percent apart
-        # on 6 tokens (2.3% seen); this checks the graph compiles and computes the same thing
-        assert rel_err(got, f(hidden, weights, ids).float()) < 5e-2
-    else:                       # opaque kernels: the same calls, bit for bit
-        assert torch.equal(got, f(hidden, weights, ids))
+    # The reference's bf16 rounding of GEMM1's output decides the FP8 scales of the next
+    # step; Inductor drops such intermediate roundings unless told to emulate them
+    # (docs/fp8.md), after which every backend compiles to the same bits as eager.
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        got = torch.compile(f, fullgraph=True)(hidden, weights, ids)
+    assert torch.equal(got, f(hidden, weights, ids))
 
 
 def test_bad_input():

@@ -101,8 +101,9 @@ def silu_and_mul_quant_fp8(x, group_size, eps=1e-10):
 
 
 @triton.jit
-def _block_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, NB, KB, eps, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SOFTWARE: tl.constexpr):
+def _block_tile(N, K, NB, KB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's (BLOCK_N, BLOCK_K) block of batch entry b of (B, N, K): offsets
+    (int64), their mask, and the offset of the block's scale in (B, NB, KB)."""
     b = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     kb = tl.program_id(2)
@@ -110,10 +111,17 @@ def _block_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, NB, KB, eps, BLOCK_N: tl.cons
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (n < N)[:, None] & (k < K)[None, :]
     offs = b * N * K + n[:, None].to(tl.int64) * K + k[None, :]
+    return offs, mask, (b * NB + nb) * KB + kb
+
+
+@triton.jit
+def _block_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, NB, KB, eps, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SOFTWARE: tl.constexpr):
+    offs, mask, s_off = _block_tile(N, K, NB, KB, BLOCK_N, BLOCK_K)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = group_scale(tl.max(tl.max(finite_abs(w), axis=1), axis=0), eps, False)
     tl.store(q_ptr + offs, quantize_values(w, scale, SOFTWARE), mask=mask)
-    tl.store(s_ptr + (b * NB + nb) * KB + kb, scale)
+    tl.store(s_ptr + s_off, scale)
 
 
 def quantize_fp8_block(w, block_n, block_k, eps=1e-10):
@@ -133,15 +141,9 @@ def quantize_fp8_block(w, block_n, block_k, eps=1e-10):
 @triton.jit
 def _block_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, NB, KB, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    nb = tl.program_id(1)
-    kb = tl.program_id(2)
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (n < N)[:, None] & (k < K)[None, :]
-    offs = b * N * K + n[:, None].to(tl.int64) * K + k[None, :]
+    offs, mask, s_off = _block_tile(N, K, NB, KB, BLOCK_N, BLOCK_K)
     q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
-    scale = tl.load(s_ptr + (b * NB + nb) * KB + kb)
+    scale = tl.load(s_ptr + s_off)
     y = round_for_store(q.to(tl.float32) * scale, out_ptr.dtype.element_ty, SOFTWARE_ROUNDING)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
