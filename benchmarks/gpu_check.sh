@@ -22,12 +22,20 @@ python3 -m pytest tests -q -rfE -p no:cacheprovider ${PYTEST_ARGS:-} --junitxml=
 test_rc=$?
 tail -15 "$OUT/tests.log"
 
-echo "== compute-sanitizer (memcheck) on the CUDA kernel"
+echo "== compute-sanitizer (memcheck) on the CUDA gating kernel and the MLA paged kernel"
 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -c "
 import torch, moe_kernels as mk
 for T, E, G, tg in [(1, 256, 8, 4), (37, 72, 8, 3), (300, 384, 1, 1), (5, 1000, 8, 2)]:
     x = torch.randn(T, E, device='cuda').bfloat16()
     mk.grouped_topk(x, 8, num_expert_group=G, topk_group=tg, correction_bias=torch.zeros(E, device='cuda'), backend='cuda')
+# the MLA paged kernel with block ids out of range and lengths past the table (the
+# unchecked CUDA-graph path): it must read nothing out of bounds
+cache = torch.randn(6, 16, 576, device='cuda').bfloat16()
+w = torch.randn(4 * 256, 512, device='cuda').bfloat16()
+table = torch.tensor([[0, 99, -3], [5, 2, 1]], dtype=torch.int32, device='cuda')
+lens = torch.tensor([60, 40], dtype=torch.int32, device='cuda')
+k = torch.empty(100, 4, 192, device='cuda').bfloat16(); v = torch.empty(100, 4, 128, device='cuda').bfloat16()
+torch.ops.moe_kernels.mla_decompress_kv_paged_triton(cache, table, lens, w, None, None, k, v)
 torch.cuda.synchronize(); print('memcheck run done')" > "$OUT/sanitizer.log" 2>&1
 san_rc=$?; tail -3 "$OUT/sanitizer.log"
 

@@ -27,26 +27,40 @@ inline float group_scale(float amax, float eps, bool ue8m0) {
   return scale;
 }
 
-// |x| for finite x, else 0: inf and NaN do not set the scale (docs/fp8.md).
-inline float finite_abs(float x) { return std::isfinite(x) ? std::abs(x) : 0.0f; }
+// |x| for finite x, else 0: inf and NaN do not set the scale (docs/fp8.md). Compare, not
+// std::isfinite, so that the amax loop vectorizes (NaN <= max is false).
+inline float finite_abs(float x) {
+  const float a = std::fabs(x);
+  return a <= 3.4028235e38f ? a : 0.0f;
+}
 
 // Clamp (inf -> +-448), then round to nearest even; NaN stays NaN (0x7F). Branch-free
-// bit arithmetic (the algorithm of moe_kernels/triton/numerics.py): c10's converter made
-// the CPU quantization ~4x slower.
+// bit arithmetic (as moe_kernels/triton/numerics.py) written so that GCC vectorizes it:
+// value selects instead of std::min/max (whose reference results became loads through a
+// selected pointer), one rounding add instead of boolean arithmetic, no std::nearbyint.
+// Checked equal to the previous scalar form over all 2^32 float inputs; 6 -> 0.5 ns per
+// element (measured).
+inline uint8_t fp8_bits(float x) {
+  const float lo = x < -kFp8Max ? -kFp8Max : x;                 // NaN passes through
+  const float c = lo > kFp8Max ? kFp8Max : lo;
+  const float a = std::fabs(c);
+  const uint32_t bits = __builtin_bit_cast(uint32_t, a);
+  // round half to even on the 20 dropped mantissa bits (a carry moves into the exponent);
+  // e4m3's exponent bias is 7, float32's 127: subtracting 120 << 3 re-biases
+  const uint32_t normal = ((bits + 0x7FFFFu + ((bits >> 20) & 1u)) >> 20) - (120u << 3);
+  // below 2^-6: steps of 2^-9, rounded half-even by the 1.5 * 2^23 trick (exact below
+  // 2^22; the select keeps NaN and large values out of the int conversion)
+  const float small = a < 1.0f ? a : 1.0f;
+  const float steps = (small * 512.0f + 12582912.0f) - 12582912.0f;
+  const uint32_t subnormal = static_cast<uint32_t>(static_cast<int32_t>(steps));
+  uint32_t mag = a >= 0.015625f ? normal : subnormal;
+  mag = x != x ? 0x7Fu : mag;
+  const uint32_t neg = x != x ? 0u : (__builtin_bit_cast(uint32_t, c) >> 24) & 0x80u;
+  return static_cast<uint8_t>(mag | neg);
+}
+
 inline c10::Float8_e4m3fn to_fp8(float x) {
-  const float c = std::min(std::max(x, -kFp8Max), kFp8Max);
-  const float a = std::abs(c);
-  uint32_t bits;
-  std::memcpy(&bits, &a, sizeof bits);
-  const int32_t exp = static_cast<int32_t>(bits >> 23) - 127;
-  const uint32_t top = (bits >> 20) & 7u, rest = bits & 0xFFFFFu;
-  const uint32_t up = (rest > 0x80000u) | ((rest == 0x80000u) & (top & 1u));
-  const uint32_t normal = (static_cast<uint32_t>(exp + 7) << 3) + top + up;
-  const uint32_t subnormal = static_cast<uint32_t>(std::nearbyint((a < 1.0f ? a : 0.0f) * 512.0f));
-  uint32_t mag = exp >= -6 ? normal : subnormal;
-  mag = std::isnan(x) ? 0x7Fu : mag;
-  const uint8_t out = static_cast<uint8_t>(mag | (std::signbit(c) && !std::isnan(x) ? 0x80u : 0u));
-  return c10::Float8_e4m3fn(out, c10::Float8_e4m3fn::from_bits());
+  return c10::Float8_e4m3fn(fp8_bits(x), c10::Float8_e4m3fn::from_bits());
 }
 
 // e4m3fn -> float32 through a 256-entry table (c10's converter is bit arithmetic per call).
@@ -59,9 +73,26 @@ struct Fp8Table {
   }
 };
 
-inline float from_fp8(c10::Float8_e4m3fn q) {
+// Fetch the table once outside hot loops: the function-local static's guard is a branch
+// per call, and it kept the dequantization loops scalar (6 ns per element, measured).
+inline const float* fp8_table() {
   static const Fp8Table table;
-  return table.value[q.x];
+  return table.value;
+}
+
+inline float from_fp8(c10::Float8_e4m3fn q) { return fp8_table()[q.x]; }
+
+// dst[k] = fp8 src[k] * scales[(k / block) * scale_stride] for k < n, one scale block at
+// a time (no division per element).
+template <typename out_t>
+inline void dequant_row(const c10::Float8_e4m3fn* src, const float* scales,
+                        int64_t scale_stride, int64_t n, int64_t block, out_t* dst) {
+  const float* lut = fp8_table();
+  for (int64_t k0 = 0; k0 < n; k0 += block) {
+    const float s = scales[(k0 / block) * scale_stride];
+    const int64_t k1 = std::min(n, k0 + block);
+    for (int64_t k = k0; k < k1; ++k) dst[k] = static_cast<out_t>(lut[src[k].x] * s);
+  }
 }
 
 inline void check_fp8(const at::Tensor& t, const char* name, int64_t dim) {

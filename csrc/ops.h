@@ -42,6 +42,17 @@ at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
 at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                        const at::Tensor& b, const at::Tensor& b_scales,
                                        const at::Tensor& masked_m, at::ScalarType out_dtype);
+// MLA latent KV decompression (csrc/cpu/mla.cpp): fills out_k (T, H, dn + rope) and
+// out_v (T, H, dv).
+void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
+                           const at::Tensor& kv_b_proj,
+                           const std::optional<at::Tensor>& kv_b_proj_scale, at::Tensor& out_k,
+                           at::Tensor& out_v);
+void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& block_table,
+                                 const at::Tensor& seq_lens, const at::Tensor& kv_b_proj,
+                                 const std::optional<at::Tensor>& kv_b_proj_scale,
+                                 const std::optional<at::Tensor>& kv_cache_scale,
+                                 at::Tensor& out_k, at::Tensor& out_v);
 #ifdef MOE_KERNELS_WITH_CUDA
 GroupedTopkFn grouped_topk_cuda;
 // csrc/cuda/permute.cu (row movement on the GPU is Triton's)

@@ -38,6 +38,11 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("grouped_gemm_fp8_masked(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor");
   m.def("grouped_gemm_fp8_masked_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor");
   m.def("grouped_gemm_fp8_segments_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor expert_offsets, Tensor tokens_per_expert, ScalarType out_dtype) -> Tensor");
+  // MLA latent KV decompression (csrc/cpu/mla.cpp): writes into out_k / out_v.
+  m.def("mla_decompress_kv(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()");
+  m.def("mla_decompress_kv_triton(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()");
+  m.def("mla_decompress_kv_paged(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()");
+  m.def("mla_decompress_kv_paged_triton(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()");
 }
 
 // Direct entry points for the eager path: calling these skips the dispatcher and the
@@ -61,6 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul_quant_fp8_cpu", &moe_kernels::silu_and_mul_quant_fp8_cpu);
   m.def("grouped_gemm_fp8_cpu", &moe_kernels::grouped_gemm_fp8_cpu);
   m.def("grouped_gemm_fp8_masked_cpu", &moe_kernels::grouped_gemm_fp8_masked_cpu);
+  m.def("mla_decompress_kv_cpu", &moe_kernels::mla_decompress_kv_cpu);
+  m.def("mla_decompress_kv_paged_cpu", &moe_kernels::mla_decompress_kv_paged_cpu);
 #ifdef MOE_KERNELS_WITH_CUDA
   m.def("grouped_topk_cuda", &moe_kernels::grouped_topk_cuda);
   m.def("permute_index_cuda", &moe_kernels::permute_index_cuda);

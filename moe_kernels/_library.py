@@ -52,6 +52,10 @@ SCHEMAS = {
     "grouped_gemm_fp8_masked": "grouped_gemm_fp8_masked(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor",
     "grouped_gemm_fp8_masked_triton": "grouped_gemm_fp8_masked_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor",
     "grouped_gemm_fp8_segments_triton": "grouped_gemm_fp8_segments_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor expert_offsets, Tensor tokens_per_expert, ScalarType out_dtype) -> Tensor",
+    "mla_decompress_kv": "mla_decompress_kv(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
+    "mla_decompress_kv_triton": "mla_decompress_kv_triton(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
+    "mla_decompress_kv_paged": "mla_decompress_kv_paged(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
+    "mla_decompress_kv_paged_triton": "mla_decompress_kv_paged_triton(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
 }
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import moe_kernels
 from moe_kernels.reference import fp8 as ref
 
-from helpers import assert_close, assert_fp8_close, device_backend_params, poison_allocator
+from helpers import (FP8_INPUT_OPCHECKS, assert_close, assert_fp8_close, device_backend_params,
+                     poison_allocator)
 
 BACKENDS = ("triton", "cpu")
 FP8 = torch.float8_e4m3fn
@@ -163,9 +164,6 @@ def test_property_random(device, backend, data):
 
 # opcheck's test_schema compares inputs before and after the call with an op PyTorch
 # lacks for float8 on the CPU ("mul_cpu_reduced_float"); the other checks run.
-FP8_INPUT_OPCHECKS = ("test_faketensor", "test_autograd_registration",
-                      "test_aot_dispatch_dynamic")
-
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
 def test_opcheck(device, backend):

@@ -9,22 +9,41 @@
 
 #include "../fp8.h"
 #include "../ops.h"
+#include "vec_math.h"
 
 namespace moe_kernels {
 namespace {
 
 using fp8_t = c10::Float8_e4m3fn;
 
-// Quantizes one group of n float32 values into q, returns its scale.
-float quantize_group(const float* v, int64_t n, float eps, bool ue8m0, fp8_t* q) {
-  float amax = 0.0f;
-  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, finite_abs(v[i]));
-  const float scale = group_scale(amax, eps, ue8m0);
-  for (int64_t i = 0; i < n; ++i) q[i] = to_fp8(v[i] / scale);
-  return scale;
+// amax over the finite values, on the bit patterns: for |x| they order as the values do,
+// and an integer max is a reduction GCC vectorizes (a float max is not, without
+// fast-math); inf and NaN (exponent all ones) count as 0.
+MOE_VEC_CLONES float finite_amax(const float* v, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t a = __builtin_bit_cast(uint32_t, v[i]) & 0x7FFFFFFFu;
+    const uint32_t f = a < 0x7F800000u ? a : 0u;
+    m = f > m ? f : m;
+  }
+  return __builtin_bit_cast(float, m);
 }
 
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
+MOE_VEC_CLONES void quantize_run(const float* v, int64_t n, float scale, uint8_t* q) {
+  for (int64_t i = 0; i < n; ++i) q[i] = fp8_bits(v[i] / scale);
+}
+
+// gate[i] = silu(gate[i]) * up[i]
+MOE_VEC_CLONES void silu_mul_inplace(float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + exp_branchless(-gate[i])) * up[i];
+}
+
+// Quantizes one group of n float32 values into q, returns its scale.
+float quantize_group(const float* v, int64_t n, float eps, bool ue8m0, fp8_t* q) {
+  const float scale = group_scale(finite_amax(v, n), eps, ue8m0);
+  quantize_run(v, n, scale, reinterpret_cast<uint8_t*>(q));
+  return scale;
+}
 
 // q (M, W) and s (M, G) (any strides of s) from x (M, W), or from [gate | up] (M, 2W).
 template <typename scalar_t>
@@ -37,14 +56,15 @@ void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool
   float* sp = s.data_ptr<float>();
   const int64_t ssm = s.stride(0), ssg = s.stride(1);
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(group);
+    std::vector<float> buf(group), up(gated ? group : 0);
     for (int64_t m = begin; m < end; ++m) {
       const scalar_t* row = xp + m * sx;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t c0 = g * group, n = std::min(group, W - c0);
-        for (int64_t i = 0; i < n; ++i) {
-          const float v = static_cast<float>(row[c0 + i]);
-          buf[i] = gated ? silu(v) * static_cast<float>(row[W + c0 + i]) : v;
+        for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[c0 + i]);
+        if (gated) {
+          for (int64_t i = 0; i < n; ++i) up[i] = static_cast<float>(row[W + c0 + i]);
+          silu_mul_inplace(buf.data(), up.data(), n);
         }
         sp[m * ssm + g * ssg] = quantize_group(buf.data(), n, eps, ue8m0, qp + m * W + c0);
       }
@@ -144,9 +164,7 @@ at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q_in, const at::Tensor& s_
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / N, n = r % N;
-        const float* srow = sp + (b * NB + n / block_n) * KB;
-        for (int64_t k = 0; k < K; ++k)
-          op[r * K + k] = static_cast<scalar_t>(from_fp8(qp[r * K + k]) * srow[k / block_k]);
+        dequant_row(qp + r * K, sp + (b * NB + n / block_n) * KB, 1, K, block_k, op + r * K);
       }
     });
   });

@@ -28,8 +28,7 @@ at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows[i];
-      for (int64_t k = 0; k < K; ++k)
-        op[i * K + k] = from_fp8(ap[r * sa + k]) * sp[r * ssm + (k / kScaleBlock) * ssk];
+      dequant_row(ap + r * sa, sp + r * ssm, ssk, K, kScaleBlock, op + i * K);
     }
   });
   return out;
@@ -44,9 +43,7 @@ at::Tensor dequant_expert(const at::Tensor& b, const at::Tensor& b_scales, int64
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const float* srow = sp + (n / kScaleBlock) * KB;
-      for (int64_t k = 0; k < K; ++k)
-        op[n * K + k] = from_fp8(bp[n * K + k]) * srow[k / kScaleBlock];
+      dequant_row(bp + n * K, sp + (n / kScaleBlock) * KB, 1, K, kScaleBlock, op + n * K);
     }
   });
   return out;

@@ -136,30 +136,36 @@ def time_us(fn: Callable[[int], object], device: str, n_sets: int) -> tuple[floa
 
 
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
-            check: Callable[[object], bool], flops: int = 0) -> list[Result]:
+            check: Callable[[object], bool], flops: int = 0, math: str = "fp8",
+            tokens: int = 0) -> list[Result]:
     """Checks then times each (name, fn(i)) of `timed`; one Result per entry. With flops,
-    the roofline includes the device's FP8 tensor-core peak."""
+    the roofline includes the device's tensor-core peak for `math` ("fp8" or "bf16").
+    With tokens, the note gives the time per token."""
     copy = copy_bandwidth_gbps(device)
-    peak = fp8_peak_tflops(device) if flops else 0.0
+    peak = peak_tflops(device, math) if flops else 0.0
     results = []
     for name, fn in timed:
         correct = check(fn(0))
         t, how = time_us(fn, device, n_sets)
+        note = f"{how}, {t * 1e3 / tokens:.1f} ns/token" if tokens else how
         results.append(Result(op, case, name, device, t, nbytes, flops=flops, copy_gbps=copy,
-                              correct=correct, note=how, peak_tflops=peak))
+                              correct=correct, note=note, peak_tflops=peak))
     return results
 
 
-# Dense FP8 tensor-core peaks (TFLOPS) by device name; TARGETS.md. Unknown devices and
-# CPUs: 0, and the roofline counts bytes only.
-FP8_PEAK_TFLOPS = {"H100": 1979.0, "H200": 1979.0, "H800": 1979.0}
+# Dense tensor-core peaks (TFLOPS) by math and device name; TARGETS.md. Unknown devices
+# and CPUs: 0, and the roofline counts bytes only.
+PEAK_TFLOPS = {
+    "fp8": {"H100": 1979.0, "H200": 1979.0, "H800": 1979.0},
+    "bf16": {"H100": 989.0, "H200": 989.0, "H800": 989.0},
+}
 
 
-def fp8_peak_tflops(device: str) -> float:
+def peak_tflops(device: str, math: str = "fp8") -> float:
     if device != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(0)
-    return next((v for k, v in FP8_PEAK_TFLOPS.items() if k in name), 0.0)
+    return next((v for k, v in PEAK_TFLOPS[math].items() if k in name), 0.0)
 
 
 def host_us_per_call(fn: Callable[[], object], device: str, n: int = 2000) -> float:

@@ -1,0 +1,180 @@
+// MLA latent KV decompression on the CPU (SPEC section 4; semantics:
+// moe_kernels/reference/mla.py). The weight is dequantized once to float32; tokens go in
+// chunks: their latent rows are gathered (paged) and converted to float32 in parallel, one
+// at::mm (itself parallel) up-projects the chunk for every head, and K (with k_pe) and V
+// are written from it in parallel. A chunk's product stays around 4 MB, so it is written
+// back from cache instead of materialising a (T, H, dn + dv) tensor.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../fp8.h"
+#include "../ops.h"
+
+namespace moe_kernels {
+namespace {
+
+using fp8_t = c10::Float8_e4m3fn;
+
+constexpr int64_t kChunkFloats = int64_t{1} << 20;
+
+
+// Element offsets (from data_ptr) of each output token's latent row and k_pe row; -1 for
+// a token without a row (written as zeros).
+struct Rows {
+  std::vector<int64_t> latent, pe;
+};
+
+// float32 weight (H*(dn+dv), R) from bf16/fp16/fp32 or fp8 with 128x128 block scales
+at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
+  if (w.scalar_type() == at::kFloat8_e4m3fn) {
+    TORCH_CHECK_VALUE(w_scale.has_value(), "kv_b_proj_scale is required for an fp8 kv_b_proj");
+    check_scales(*w_scale, "kv_b_proj_scale",
+                 {ceil_div(w.size(0), kScaleBlock), ceil_div(w.size(1), kScaleBlock)});
+    return dequantize_fp8_block_cpu(w, *w_scale, kScaleBlock, kScaleBlock, at::kFloat);
+  }
+  TORCH_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 kv_b_proj");
+  return w.to(at::kFloat).contiguous();
+}
+
+// (n, width) float32: rows offsets[t0 .. t0 + n) of storage, times scale; zeros for -1
+template <typename in_t>
+at::Tensor gather(const at::Tensor& storage, const std::vector<int64_t>& offsets, int64_t t0,
+                  int64_t n, int64_t width, float scale) {
+  at::Tensor x = at::empty({n, width}, storage.options().dtype(at::kFloat));
+  const in_t* base = storage.data_ptr<in_t>();
+  float* xp = x.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t off = offsets[t0 + i];
+      float* xi = xp + i * width;
+      if (off < 0) {
+        std::fill(xi, xi + width, 0.0f);
+        continue;
+      }
+      if constexpr (std::is_same_v<in_t, fp8_t>) {
+        dequant_row(base + off, &scale, 0, width, width, xi);
+      } else {
+        for (int64_t c = 0; c < width; ++c) xi[c] = static_cast<float>(base[off + c]) * scale;
+      }
+    }
+  });
+  return x;
+}
+
+at::Tensor gather_any(const at::Tensor& storage, const std::vector<int64_t>& offsets,
+                      int64_t t0, int64_t n, int64_t width, float scale) {
+  if (storage.scalar_type() == at::kFloat8_e4m3fn)
+    return gather<fp8_t>(storage, offsets, t0, n, width, scale);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, storage.scalar_type(), "mla_gather",
+                                  [&] { out = gather<scalar_t>(storage, offsets, t0, n, width,
+                                                               scale); });
+  return out;
+}
+
+// latent / pe: storage of the latent rows and of k_pe (the same cache when paged)
+void decompress(const at::Tensor& latent, const at::Tensor& pe_storage, int64_t rope,
+                const Rows& rows, const at::Tensor& w, float scale, at::Tensor& out_k,
+                at::Tensor& out_v) {
+  const int64_t T = out_k.size(0), H = out_k.size(1), dk = out_k.size(2), dv = out_v.size(2);
+  const int64_t R = w.size(1), dn = dk - rope;
+  const at::Tensor wt = w.t();
+  const int64_t chunk = std::max<int64_t>(16, kChunkFloats / std::max<int64_t>(1, w.size(0)));
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t n = std::min(chunk, T - t0);
+    const at::Tensor x = gather_any(latent, rows.latent, t0, n, R, scale);
+    const at::Tensor pe = gather_any(pe_storage, rows.pe, t0, n, rope, scale);
+    const at::Tensor y = at::mm(x, wt).view({n, H, dn + dv});
+    auto k = out_k.narrow(0, t0, n), v = out_v.narrow(0, t0, n);
+    k.narrow(2, 0, dn).copy_(y.narrow(2, 0, dn));
+    k.narrow(2, dn, rope).copy_(pe.unsqueeze(1).expand({n, H, rope}));
+    v.copy_(y.narrow(2, dn, dv));
+  }
+}
+
+void check_outputs(const at::Tensor& out_k, const at::Tensor& out_v, int64_t T, int64_t rows,
+                   int64_t rope) {
+  TORCH_CHECK_VALUE(out_k.dim() == 3 && out_v.dim() == 3, "out_k and out_v must be 3-D");
+  TORCH_CHECK_VALUE(out_k.size(0) == T && out_v.size(0) == T && out_k.size(1) == out_v.size(1),
+                    "out_k and out_v must be (T, H, .) with T = ", T);
+  const int64_t H = out_k.size(1), dn = out_k.size(2) - rope, dv = out_v.size(2);
+  TORCH_CHECK_VALUE(H >= 1 && dn >= 1 && dv >= 1 && rows == H * (dn + dv),
+                    "kv_b_proj has ", rows, " rows, out_k/out_v give H * (dn + dv) = ",
+                    H * (dn + dv));
+}
+
+}  // namespace
+
+void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
+                           const at::Tensor& kv_b_proj,
+                           const std::optional<at::Tensor>& kv_b_proj_scale, at::Tensor& out_k,
+                           at::Tensor& out_v) {
+  TORCH_CHECK_VALUE(kv_c.dim() == 2 && k_pe.dim() == 2 && kv_b_proj.dim() == 2,
+                    "kv_c, k_pe and kv_b_proj must be 2-D");
+  const int64_t T = kv_c.size(0);
+  TORCH_CHECK_VALUE(k_pe.size(0) == T && kv_b_proj.size(1) == kv_c.size(1),
+                    "k_pe must have T rows and kv_b_proj R = kv_c.size(1) columns");
+  TORCH_CHECK_VALUE(kv_c.stride(1) == 1 && k_pe.stride(1) == 1,
+                    "kv_c and k_pe need a contiguous last dimension");
+  check_outputs(out_k, out_v, T, kv_b_proj.size(0), k_pe.size(1));
+  Rows rows{std::vector<int64_t>(T), std::vector<int64_t>(T)};
+  for (int64_t t = 0; t < T; ++t) {
+    rows.latent[t] = t * kv_c.stride(0);
+    rows.pe[t] = t * k_pe.stride(0);
+  }
+  decompress(kv_c, k_pe, k_pe.size(1), rows, float_weight(kv_b_proj, kv_b_proj_scale), 1.0f,
+             out_k, out_v);
+}
+
+void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& block_table,
+                                 const at::Tensor& seq_lens, const at::Tensor& kv_b_proj,
+                                 const std::optional<at::Tensor>& kv_b_proj_scale,
+                                 const std::optional<at::Tensor>& kv_cache_scale,
+                                 at::Tensor& out_k, at::Tensor& out_v) {
+  TORCH_CHECK_VALUE(kv_cache.dim() == 3 && kv_b_proj.dim() == 2, "kv_cache must be 3-D, "
+                    "kv_b_proj 2-D");
+  TORCH_CHECK_VALUE(kv_cache.stride(2) == 1, "kv_cache needs a contiguous last dimension");
+  const int64_t R = kv_b_proj.size(1), rope = kv_cache.size(2) - R;
+  TORCH_CHECK_VALUE(rope >= 1, "kv_cache rows must be wider than kv_b_proj's R = ", R);
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && seq_lens.dim() == 1 &&
+                        seq_lens.size(0) == block_table.size(0),
+                    "block_table must be (B, max_blocks) and seq_lens (B,)");
+  const int64_t T = out_k.size(0);
+  check_outputs(out_k, out_v, T, kv_b_proj.size(0), rope);
+  const at::Tensor table = block_table.to(at::kLong).contiguous();
+  const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
+  const int64_t* bt = table.data_ptr<int64_t>();
+  const int64_t* ln = lens.data_ptr<int64_t>();
+  const int64_t B = table.size(0), max_blocks = table.size(1);
+  const int64_t num_blocks = kv_cache.size(0), page = kv_cache.size(1);
+  Rows rows{std::vector<int64_t>(T, -1), std::vector<int64_t>(T, -1)};
+  int64_t t = 0;
+  for (int64_t b = 0; b < B && t < T; ++b) {
+    for (int64_t p = 0; p < ln[b] && t < T; ++p, ++t) {
+      const int64_t idx = p / page;
+      const int64_t block = idx < max_blocks ? bt[b * max_blocks + idx] : -1;
+      if (block < 0 || block >= num_blocks) continue;  // no row: zeros (as the Triton kernel)
+      rows.latent[t] = block * kv_cache.stride(0) + (p % page) * kv_cache.stride(1);
+      rows.pe[t] = rows.latent[t] + R;
+    }
+  }
+  float scale = 1.0f;
+  if (kv_cache_scale.has_value()) {
+    TORCH_CHECK_VALUE(kv_cache_scale->numel() == 1 &&
+                          kv_cache_scale->scalar_type() == at::kFloat,
+                      "kv_cache_scale must be one float32 value");
+    scale = kv_cache_scale->item<float>();
+  }
+  decompress(kv_cache, kv_cache, rope, rows, float_weight(kv_b_proj, kv_b_proj_scale), scale,
+             out_k, out_v);
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("mla_decompress_kv", &mla_decompress_kv_cpu);
+  m.impl("mla_decompress_kv_paged", &mla_decompress_kv_paged_cpu);
+}
+
+}  // namespace moe_kernels

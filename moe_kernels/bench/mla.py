@@ -1,0 +1,108 @@
+"""moe-bench cases for MLA latent KV decompression: DeepSeek-V3 dims (R=512, rope 64,
+dn=dv=128), 128 heads on the GPU, 16 on the CPU.
+
+Floor on the H100, T=8192, bf16 (docs/mla.md): 2*T*R*H*(dn+dv) = 275 GFLOP -> 278 us at
+the 989 TFLOPS bf16 peak; bytes 9.4 MB latent + 33.5 MB weight + 671 MB K/V out -> 238 us
+at 3.0 TB/s. Compute bound: 34 ns/token floor, goal <= 50 ns/token.
+
+The torch path timed beside is the unfused one of inference engines: one matmul by the
+whole kv_b_proj (bf16, dequantized at load when the checkpoint is FP8), view, split, and a
+concat with the broadcast k_pe; the paged form first gathers the rows with a slot index
+computed on the host (and dequantizes an FP8 cache). Eager and compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels.bench.common import Result, kernel_backends, measure
+from moe_kernels.ops import mla as ops
+from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.reference import mla as reference
+
+R, ROPE, DN, DV = 512, 64, 128, 128
+FP8 = torch.float8_e4m3fn
+
+
+def default_tokens(device: str) -> list[int]:
+    # one size on the GPU: a CUDA graph of 16 timed calls holds 16 outputs (11 GB at 8192)
+    return [8192] if device == "cuda" else [256]
+
+
+def unfused(kv_c, k_pe, w16, H):
+    """kv_b_proj as one bf16 matmul, then split and concat (vLLM's MLA prefill path)."""
+    kv = (kv_c @ w16.T).view(-1, H, DN + DV)
+    k_nope, v = kv.split([DN, DV], dim=-1)
+    k = torch.cat([k_nope, k_pe[:, None, :].expand(-1, H, -1)], dim=-1)
+    return k, v
+
+
+def unfused_paged(cache, slots, scale, w16, H):
+    rows = cache.view(-1, R + ROPE)[slots]
+    rows = (rows.float() * scale).to(w16.dtype) if cache.dtype == FP8 else rows
+    return unfused(rows[:, :R], rows[:, R:], w16, H)
+
+
+def _close(out, want) -> bool:
+    (k, v), (wk, wv) = out, want
+    err = max(float((k.float() - wk).norm() / wk.norm().clamp_min(1e-30)),
+              float((v.float() - wv).norm() / wv.norm().clamp_min(1e-30)))
+    return err < 1e-2
+
+
+def run(device: str, backends: list[str] | None, tokens: list[int] | None,
+        compile_reference: bool = True) -> list[Result]:
+    backends = [b for b in kernel_backends(device, backends, ops.SUPPORTED) if b != "reference"]
+    H = 128 if device == "cuda" else 16
+    gen = torch.Generator().manual_seed(0)
+    w32 = torch.randn(H * (DN + DV), R, generator=gen) / R ** 0.5
+    wq, ws = (t.to(device) for t in ref_fp8.quantize_fp8_block(w32))
+    w16 = ref_fp8.dequantize_fp8_block(wq, ws, dtype=torch.bfloat16)   # dequantized at load
+    base_c = torch.compile(unfused, dynamic=False) if compile_reference else None
+    base_pc = torch.compile(unfused_paged, dynamic=False) if compile_reference else None
+    results = []
+    for T in tokens or default_tokens(device):
+        fused = torch.randn(T, R + ROPE, generator=gen).bfloat16().to(device)
+        kv_c, k_pe = fused[:, :R], fused[:, R:]   # row-strided slices of kv_a_proj's output
+        want = reference.mla_decompress_kv(kv_c, k_pe, wq, ws, H, DN, DV, torch.float32)
+        flops = 2 * T * R * H * (DN + DV)
+        out_bytes = T * H * (DN + ROPE + DV) * 2
+        nbytes = T * (R + ROPE) * 2 + wq.numel() + out_bytes
+        case = f"contiguous T={T} H={H} bf16, fp8 kv_b_proj"
+        timed = [(b, lambda i, b=b: ops.mla_decompress_kv(
+            kv_c, k_pe, wq, num_heads=H, kv_b_proj_scale=ws, backend=b)) for b in backends]
+        timed += [("torch-eager", lambda i: unfused(kv_c, k_pe, w16, H))]
+        if base_c is not None:
+            timed += [("torch-compile", lambda i: base_c(kv_c, k_pe, w16, H))]
+        results += measure("mla_decompress_kv", case, device, timed, nbytes, 1,
+                           lambda out: _close(out, want), flops=flops, math="bf16", tokens=T)
+        results += _paged(device, backends, T, H, wq, ws, w16, gen, base_pc)
+    return results
+
+
+def _paged(device, backends, T, H, wq, ws, w16, gen, compiled) -> list[Result]:
+    """An FP8 cache (block 64) of 8 sequences of T/8 tokens in shuffled blocks."""
+    bs, B = 64, 8
+    per_seq = -(-T // B)
+    lens = torch.full((B,), per_seq, dtype=torch.int32)
+    lens[-1] = T - per_seq * (B - 1)
+    nblk = -(-per_seq // bs)
+    table = torch.randperm(B * nblk, generator=gen).view(B, nblk).int()
+    scale = 0.05
+    cache = ref_fp8.to_fp8(torch.randn(B * nblk, bs, R + ROPE, generator=gen) / scale)
+    slots = reference.paged_token_slots(table, lens, T, bs)
+    cache, table, lens, slots = (t.to(device) for t in (cache, table, lens, slots))
+    scale_t = torch.tensor(scale, device=device)
+    want = reference.mla_decompress_kv_paged(cache, table, lens, wq, ws, scale_t, H, DN, DV, T,
+                                             torch.float32)
+    flops = 2 * T * R * H * (DN + DV)
+    nbytes = T * (R + ROPE) + wq.numel() + T * H * (DN + ROPE + DV) * 2
+    case = f"paged T={T} H={H} fp8 cache (block {bs}), fp8 kv_b_proj"
+    timed = [(b, lambda i, b=b: ops.mla_decompress_kv_paged(
+        cache, table, lens, wq, num_heads=H, kv_b_proj_scale=ws, kv_cache_scale=scale_t,
+        num_tokens=T, backend=b)) for b in backends]
+    timed += [("torch-eager", lambda i: unfused_paged(cache, slots, scale_t, w16, H))]
+    if compiled is not None:
+        timed += [("torch-compile", lambda i: compiled(cache, slots, scale_t, w16, H))]
+    return measure("mla_decompress_kv_paged", case, device, timed, nbytes, 1,
+                   lambda out: _close(out, want), flops=flops, math="bf16", tokens=T)

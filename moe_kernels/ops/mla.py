@@ -1,0 +1,272 @@
+"""MLA latent KV decompression (SPEC section 4): API and registration.
+
+`mla_decompress_kv` (contiguous latent) and `mla_decompress_kv_paged` (paged latent cache)
+rebuild per-head K (T, H, dn + rope) and V (T, H, dv) for prefill attention, in the layout
+of flash_attn_varlen_func. The registered ops write into out_k / out_v (`Tensor(a!)`), so
+callers that pass their own buffers allocate nothing per call and can capture CUDA graphs;
+the Python functions allocate them otherwise. Decisions (dtypes, scales, num_tokens, what
+is checked where): docs/mla.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_kernels import _library
+from moe_kernels._validate import (FLOAT_DTYPES, check_int, check_last_dim_contiguous,
+                                   check_same_device, check_tensor)
+from moe_kernels.ops.fp8 import check_scales
+from moe_kernels.reference import mla as reference
+
+SUPPORTED = ("reference", "triton", "cpu")
+FP8 = torch.float8_e4m3fn
+WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
+INDEX_DTYPES = (torch.int32, torch.int64)
+_NAMES = ("mla_decompress_kv", "mla_decompress_kv_paged")
+
+
+def _triton():
+    from moe_kernels.triton import mla as triton_mla  # imports triton lazily
+    return triton_mla
+
+
+_EAGER = {name: {"triton": lambda *a, _n=name: getattr(_triton(), _n)(*a)} for name in _NAMES}
+if _library.extension_loaded():
+    for _name in _NAMES:
+        _EAGER[_name]["cpu"] = getattr(_library._C, _name + "_cpu")
+
+
+def _fake(*args) -> None:
+    return None
+
+
+for _name in _NAMES:
+    _library.register_triton_impl(_name, lambda *a, _n=_name: _EAGER[_n]["triton"](*a))
+    for _suffix in ("", "_triton"):
+        torch.library.register_fake(f"moe_kernels::{_name}{_suffix}")(_fake)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+def _check_dims(op, num_heads, dn, dv):
+    check_int(op, "num_heads", num_heads, low=1)
+    check_int(op, "qk_nope_head_dim", dn, low=1)
+    check_int(op, "v_head_dim", dv, low=1)
+
+
+def _check_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R, ref_name, ref):
+    """kv_b_proj (H*(dn+dv), R) float or fp8 (+ 128x128 float32 scales)."""
+    check_tensor(op, "kv_b_proj", kv_b_proj, ndim=2, dtypes=WEIGHT_DTYPES)
+    want = (num_heads * (dn + dv), R)
+    if tuple(kv_b_proj.shape) != want:
+        raise ValueError(f"{op}: kv_b_proj must have shape (num_heads * (qk_nope_head_dim + "
+                         f"v_head_dim), R) = {want} (R from {ref_name}), got "
+                         f"{tuple(kv_b_proj.shape)}")
+    check_last_dim_contiguous(op, "kv_b_proj", kv_b_proj)
+    check_same_device(op, "kv_b_proj", kv_b_proj, ref_name, ref)
+    if kv_b_proj.dtype == FP8:
+        if kv_b_proj_scale is None:
+            raise ValueError(f"{op}: kv_b_proj is float8_e4m3fn, so kv_b_proj_scale (its "
+                             f"128x128 block scales) is required")
+        check_scales(op, "kv_b_proj_scale", kv_b_proj_scale,
+                     (_cdiv(want[0], 128), _cdiv(R, 128)), "kv_b_proj", kv_b_proj)
+    elif kv_b_proj_scale is not None:
+        raise ValueError(f"{op}: kv_b_proj_scale is only for an fp8 kv_b_proj, but kv_b_proj "
+                         f"is {kv_b_proj.dtype}")
+
+
+def _check_matching_dtypes(op, name, x, kv_b_proj):
+    """Float operands of the up-projection share one dtype (fp8 converts exactly to any)."""
+    if FP8 not in (x.dtype, kv_b_proj.dtype) and x.dtype != kv_b_proj.dtype:
+        raise TypeError(f"{op}: {name} is {x.dtype} but kv_b_proj is {kv_b_proj.dtype}; use "
+                        f"one dtype (or an fp8 kv_b_proj with scales)")
+
+
+def _check_out(op, name, out, shape, ref):
+    if out is None:
+        return
+    check_tensor(op, name, out, ndim=3, dtypes=FLOAT_DTYPES)
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(out.shape)}")
+    check_last_dim_contiguous(op, name, out)
+    check_same_device(op, name, out, "the inputs", ref)
+
+
+def _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, ref):
+    if out_k is None:
+        out_k = torch.empty((T, H, dn + rope), dtype=dtype, device=ref.device)
+    if out_v is None:
+        out_v = torch.empty((T, H, dv), dtype=dtype, device=ref.device)
+    return out_k, out_v
+
+
+def _run(op, backend, args, out_k, out_v, ref_fn, ref_args):
+    if backend == "reference":
+        k, v = ref_fn(*ref_args, torch.float32)
+        out_k.copy_(k)     # each float32 value rounded once, to each output's dtype
+        out_v.copy_(v)
+    else:
+        _library.kernel_for(op, backend, _EAGER[op])(*args, out_k, out_v)
+    return out_k, out_v
+
+
+# --- public API -------------------------------------------------------------------------------
+
+def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.Tensor, *,
+                      num_heads: int, qk_nope_head_dim: int = 128, v_head_dim: int = 128,
+                      kv_b_proj_scale: torch.Tensor | None = None,
+                      out_k: torch.Tensor | None = None, out_v: torch.Tensor | None = None,
+                      backend: str | None = None):
+    """k[t, h] = concat(kv_c[t] @ W_UK_h.T, k_pe[t]), v[t, h] = kv_c[t] @ W_UV_h.T.
+
+    kv_c: (T, R) float32 | bfloat16 | float16, k_pe: (T, rope) float (row strides allowed,
+    e.g. slices of one (T, R + rope) tensor; last dim contiguous); kv_b_proj:
+    (H * (dn + dv), R) in kv_c's dtype, or float8_e4m3fn with kv_b_proj_scale
+    (ceil(H*(dn+dv)/128), ceil(R/128)) float32; rows per head: W_UK_h (dn) then W_UV_h (dv).
+    Returns k (T, H, dn + rope), v (T, H, dv) in kv_c's dtype, or written into out_k / out_v
+    (any float dtype, last dim contiguous) and returned."""
+    op = "mla_decompress_kv"
+    check_tensor(op, "kv_c", kv_c, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "k_pe", k_pe, ndim=2, dtypes=FLOAT_DTYPES)
+    check_last_dim_contiguous(op, "kv_c", kv_c)
+    check_last_dim_contiguous(op, "k_pe", k_pe)
+    check_same_device(op, "k_pe", k_pe, "kv_c", kv_c)
+    T, R = kv_c.shape
+    if k_pe.shape[0] != T or k_pe.shape[1] < 1:
+        raise ValueError(f"{op}: k_pe must have shape (T={T}, rope_dim >= 1), got "
+                         f"{tuple(k_pe.shape)}")
+    _check_dims(op, num_heads, qk_nope_head_dim, v_head_dim)
+    H, dn, dv, rope = num_heads, qk_nope_head_dim, v_head_dim, k_pe.shape[1]
+    _check_weight(op, kv_b_proj, kv_b_proj_scale, H, dn, dv, R, "kv_c", kv_c)
+    _check_matching_dtypes(op, "kv_c", kv_c, kv_b_proj)
+    _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_c)
+    _check_out(op, "out_v", out_v, (T, H, dv), kv_c)
+    backend = _library.resolve_backend_of(backend, kv_c, op, SUPPORTED)
+    out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, kv_c.dtype, kv_c)
+    return _run(op, backend, (kv_c, k_pe, kv_b_proj, kv_b_proj_scale), out_k, out_v,
+                reference.mla_decompress_kv,
+                (kv_c, k_pe, kv_b_proj, kv_b_proj_scale, H, dn, dv))
+
+
+def _cache_scale(op, kv_cache, kv_cache_scale):
+    """None (no scaling) or a 0-dim float32 tensor on the cache's device."""
+    if kv_cache_scale is None:
+        return None
+    if kv_cache.dtype != FP8:
+        raise ValueError(f"{op}: kv_cache_scale applies to an fp8 kv_cache only, but kv_cache "
+                         f"is {kv_cache.dtype}")
+    if isinstance(kv_cache_scale, torch.Tensor):
+        check_tensor(op, "kv_cache_scale", kv_cache_scale, dtypes=(torch.float32,))
+        if kv_cache_scale.numel() != 1:
+            raise ValueError(f"{op}: kv_cache_scale must hold one value, got shape "
+                             f"{tuple(kv_cache_scale.shape)}")
+        check_same_device(op, "kv_cache_scale", kv_cache_scale, "kv_cache", kv_cache)
+        return kv_cache_scale.reshape(())
+    if isinstance(kv_cache_scale, bool) or not isinstance(kv_cache_scale, (int, float)):
+        raise TypeError(f"{op}: kv_cache_scale must be a float or a float32 tensor, got "
+                        f"{type(kv_cache_scale).__name__}")
+    # a fill kernel, not a host-to-device copy: capturable in a CUDA graph
+    return torch.full((), float(kv_cache_scale), dtype=torch.float32, device=kv_cache.device)
+
+
+def _check_paged_values(op, block_table, seq_lens, num_blocks, block_size, num_tokens):
+    """The checks that read values (one host sync): lengths >= 0, block tables long enough,
+    block ids in range where used; returns sum(seq_lens)."""
+    lens = seq_lens.long()
+    B, max_blocks = block_table.shape
+    need = torch.div(lens + block_size - 1, block_size, rounding_mode="floor")
+    used = torch.arange(max_blocks, device=lens.device)[None, :] < need[:, None]
+    bad_ids = used & ((block_table < 0) | (block_table >= num_blocks))
+    stats = torch.stack([lens.sum(), (lens < 0).long().sum(), (need > max_blocks).long().sum(),
+                         bad_ids.long().sum()]) if B else torch.zeros(4, dtype=torch.long)
+    total, negative, short, bad = stats.tolist()
+    if negative:
+        b = int((lens < 0).nonzero()[0, 0])
+        raise ValueError(f"{op}: seq_lens must be >= 0, got seq_lens[{b}] = {int(lens[b])}")
+    if short:
+        b = int((need > max_blocks).nonzero()[0, 0])
+        raise ValueError(f"{op}: block_table is too short for sequence {b}: seq_lens[{b}] = "
+                         f"{int(lens[b])} needs {int(need[b])} blocks of {block_size}, "
+                         f"block_table has {max_blocks} per sequence")
+    if bad:
+        b, j = (int(i) for i in bad_ids.nonzero()[0])
+        raise ValueError(f"{op}: block_table[{b}, {j}] = {int(block_table[b, j])} is not a "
+                         f"block of kv_cache (num_blocks = {num_blocks})")
+    if num_tokens is not None and num_tokens < total:
+        raise ValueError(f"{op}: num_tokens = {num_tokens} (or out_k's rows) is less than "
+                         f"sum(seq_lens) = {total}")
+    return total
+
+
+def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
+                            seq_lens: torch.Tensor, kv_b_proj: torch.Tensor, *,
+                            num_heads: int, qk_nope_head_dim: int = 128,
+                            v_head_dim: int = 128, kv_b_proj_scale: torch.Tensor | None = None,
+                            kv_cache_scale: float | torch.Tensor | None = None,
+                            num_tokens: int | None = None, out_k: torch.Tensor | None = None,
+                            out_v: torch.Tensor | None = None, backend: str | None = None):
+    """mla_decompress_kv over a paged latent cache, tokens of sequence 0, then 1, ...
+
+    kv_cache: (num_blocks, block_size, R + rope) bf16 | fp16 | fp32, or float8_e4m3fn with
+    kv_cache_scale (a float or a one-element float32 tensor; real = fp8 * scale; None = 1);
+    block_table: (B, max_blocks) int32 | int64; seq_lens: (B,) int32 | int64; kv_b_proj as
+    in mla_decompress_kv (R from its columns). Output rows: num_tokens (default: out_k's
+    rows, else sum(seq_lens), which reads it on the host); rows past sum(seq_lens) are
+    zeros. Output dtype: the cache's, for an fp8 cache kv_b_proj's, bf16 if both are fp8.
+
+    Values (lengths, block ids) are checked on the host in eager calls on CPU tensors and
+    whenever num_tokens is read from seq_lens; a CUDA call given num_tokens or out_k, and
+    any call under torch.compile (which needs num_tokens or out_k), checks shapes only (no
+    sync: CUDA-graph capturable), and the kernel reads nothing out of bounds: tokens
+    without a valid block get zeros."""
+    op = "mla_decompress_kv_paged"
+    check_tensor(op, "kv_cache", kv_cache, ndim=3, dtypes=WEIGHT_DTYPES)
+    check_last_dim_contiguous(op, "kv_cache", kv_cache)
+    check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES)
+    check_same_device(op, "block_table", block_table, "kv_cache", kv_cache)
+    check_same_device(op, "seq_lens", seq_lens, "kv_cache", kv_cache)
+    if seq_lens.shape[0] != block_table.shape[0]:
+        raise ValueError(f"{op}: seq_lens has {seq_lens.shape[0]} sequences but block_table "
+                         f"has {block_table.shape[0]} rows")
+    _check_dims(op, num_heads, qk_nope_head_dim, v_head_dim)
+    H, dn, dv = num_heads, qk_nope_head_dim, v_head_dim
+    check_tensor(op, "kv_b_proj", kv_b_proj, ndim=2)
+    R = kv_b_proj.shape[1]
+    rope = kv_cache.shape[2] - R
+    if rope < 1:
+        raise ValueError(f"{op}: kv_cache rows ({kv_cache.shape[2]}) must hold the latent "
+                         f"(R = {R}, kv_b_proj's columns) and k_pe (at least 1)")
+    _check_weight(op, kv_b_proj, kv_b_proj_scale, H, dn, dv, R, "kv_cache", kv_cache)
+    _check_matching_dtypes(op, "kv_cache", kv_cache, kv_b_proj)
+    scale = _cache_scale(op, kv_cache, kv_cache_scale)
+    if num_tokens is not None:
+        check_int(op, "num_tokens", num_tokens, low=0)
+    if out_k is not None:
+        check_tensor(op, "out_k", out_k, ndim=3)
+        if num_tokens is not None and out_k.shape[0] != num_tokens:
+            raise ValueError(f"{op}: out_k has {out_k.shape[0]} rows but num_tokens = "
+                             f"{num_tokens}")
+        num_tokens = out_k.shape[0]
+    compiling = torch.compiler.is_compiling()
+    if compiling and num_tokens is None:
+        raise ValueError(f"{op}: under torch.compile pass num_tokens (or out_k): the output "
+                         f"size cannot be read from seq_lens inside a graph")
+    if not compiling and (kv_cache.is_cpu or num_tokens is None):
+        total = _check_paged_values(op, block_table, seq_lens, kv_cache.shape[0],
+                                    kv_cache.shape[1], num_tokens)
+        num_tokens = total if num_tokens is None else num_tokens
+    T = num_tokens
+    _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_cache)
+    _check_out(op, "out_v", out_v, (T, H, dv), kv_cache)
+    backend = _library.resolve_backend_of(backend, kv_cache, op, SUPPORTED)
+    dtype = next((d for d in (kv_cache.dtype, kv_b_proj.dtype) if d != FP8), torch.bfloat16)
+    out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, kv_cache)
+    return _run(op, backend, (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale,
+                              scale), out_k, out_v, reference.mla_decompress_kv_paged,
+                (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale, scale, H, dn, dv,
+                 T))
