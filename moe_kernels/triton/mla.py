@@ -32,8 +32,8 @@ FP8 = torch.float8_e4m3fn
 SCALE_BLOCK = 128
 
 # Untuned (no GPU in the session that wrote this; docs/mla.md lists the tuning owed):
-# 64 tokens x (128 + 128) float32 accumulators is 128 registers per thread at 4 warps.
-CONFIG = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+# 64 tokens x (128 + 128) float32 accumulators are 64 registers per thread at 8 warps.
+CONFIG = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 # Under the interpreter the tile sizes only change the run time: larger is fewer programs.
 INTERPRETER_CONFIG = {"BLOCK_T": 64, "BLOCK_K": 128, "num_warps": 1, "num_stages": 1}
 BLOCK_SEQS = 128   # sequences per step of the in-kernel prefix sum over seq_lens
@@ -147,14 +147,14 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 
 def _compute_dtype(kv_dtype: torch.dtype, w_dtype: torch.dtype):
-    """(dot operand dtype, input_precision). Under the interpreter float32 (its bf16
+    """(dot operand dtype, input_precision or None for the default). Under the interpreter float32 (its bf16
     arithmetic is broken, ../shared/NOTES.md); float32 anywhere -> IEEE float32 (no TF32);
     both FP8 -> FP8 tensor cores; else the 16-bit float among them (fp8 converts exactly)."""
     if triton_interpreting() or torch.float32 in (kv_dtype, w_dtype):
         return tl.float32, "ieee"
     if kv_dtype == w_dtype == FP8:
-        return tl.float8e4nv, "tf32"
-    return _TL[w_dtype if w_dtype != FP8 else kv_dtype], "tf32"
+        return tl.float8e4nv, None
+    return _TL[w_dtype if w_dtype != FP8 else kv_dtype], None
 
 
 def _bytes(x: torch.Tensor) -> torch.Tensor:

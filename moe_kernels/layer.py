@@ -1,0 +1,224 @@
+"""`DeepseekV3MoE`: HF transformers' DeepseekV3MoE as a drop-in module on our ops
+(SPEC section 5; data flow and decisions: docs/architecture.md).
+
+router: float32 linear -> grouped_topk (sigmoid, correction bias, top-2-sum groups)
+routed experts + shared expert: fused_moe_fp8 (FP8 128x128 weights, 1x128 activations)
+
+When the shared expert has the routed experts' width (n_shared_experts == 1, as in
+DeepSeek-V3), it is stored as expert E of the stacked weights and every token routes to it
+with weight 1: one fused_moe_fp8 call computes routed + shared, summed in float32 (SGLang's
+"shared experts fusion"). Otherwise it runs as a second fused_moe_fp8 call with E = 1.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_kernels import checkpoint
+from moe_kernels.ops.fp8 import quantize_fp8_block
+from moe_kernels.ops.fused_moe import fused_moe_fp8
+from moe_kernels.ops.gating import grouped_topk
+
+FP8 = torch.float8_e4m3fn
+CONFIG_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts",
+                 "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+                 "routed_scaling_factor", "norm_topk_prob")
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+class DeepseekV3MoE(nn.Module):
+    """forward(hidden (..., H) bf16 | fp16 | fp32) -> (..., H) in hidden's dtype.
+
+    Buffers: gate_weight (E, H) float32, e_score_correction_bias (E,) float32, w13
+    (E [+1], 2I, H) and w2 (E [+1], H, I) float8_e4m3fn with 128x128 float32 scales
+    (w13_scale, w2_scale); shared_w13 / shared_w2 (1, ...) only when the shared expert is
+    not fused. Load weights with `from_hf` or `from_safetensors`."""
+
+    def __init__(self, *, hidden_size: int, moe_intermediate_size: int,
+                 n_routed_experts: int, num_experts_per_tok: int, n_shared_experts: int = 1,
+                 n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0,
+                 norm_topk_prob: bool = True, device=None, backend: str | None = None):
+        super().__init__()
+        H, I, E = hidden_size, moe_intermediate_size, n_routed_experts
+        for name, value in (("hidden_size", H), ("moe_intermediate_size", I),
+                            ("n_routed_experts", E), ("num_experts_per_tok", num_experts_per_tok),
+                            ("n_group", n_group), ("topk_group", topk_group)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DeepseekV3MoE: {name} must be a positive int, got {value!r}")
+        if not isinstance(n_shared_experts, int) or n_shared_experts < 0:
+            raise ValueError(f"DeepseekV3MoE: n_shared_experts must be an int >= 0, got "
+                             f"{n_shared_experts!r}")
+        self.hidden_size, self.intermediate_size, self.num_experts = H, I, E
+        self.top_k, self.n_group, self.topk_group = num_experts_per_tok, n_group, topk_group
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.norm_topk_prob = bool(norm_topk_prob)
+        self.backend = backend
+        self.shared_intermediate = I * n_shared_experts
+        self.shared_fused = n_shared_experts == 1
+        stacked = E + (1 if self.shared_fused else 0)
+        kw = dict(device=device)
+        self.register_buffer("gate_weight", torch.zeros(E, H, dtype=torch.float32, **kw))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32, **kw))
+        self._fp8_buffers("w13", (stacked, 2 * I, H), kw)
+        self._fp8_buffers("w2", (stacked, H, I), kw)
+        if n_shared_experts and not self.shared_fused:
+            self._fp8_buffers("shared_w13", (1, 2 * self.shared_intermediate, H), kw)
+            self._fp8_buffers("shared_w2", (1, H, self.shared_intermediate), kw)
+
+    def _fp8_buffers(self, name, shape, kw):
+        self.register_buffer(name, torch.zeros(shape, dtype=FP8, **kw))
+        scale_shape = (shape[0], _cdiv(shape[1], 128), _cdiv(shape[2], 128))
+        self.register_buffer(name + "_scale", torch.ones(scale_shape, dtype=torch.float32, **kw))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, self.hidden_size)
+        logits = F.linear(x.float(), self.gate_weight)      # HF: the router GEMM in float32
+        w, ids = grouped_topk(logits, self.top_k, num_expert_group=self.n_group,
+                              topk_group=self.topk_group, scoring_func="sigmoid",
+                              correction_bias=self.e_score_correction_bias,
+                              group_scoring="top2_sum", renormalize=self.norm_topk_prob,
+                              routed_scaling_factor=self.routed_scaling_factor,
+                              backend=self.backend)
+        if self.shared_fused:   # the shared expert is expert E, weight 1 for every token
+            T = x.shape[0]
+            ids = torch.cat([ids, ids.new_full((T, 1), self.num_experts)], dim=1)
+            w = torch.cat([w, w.new_ones(T, 1)], dim=1)
+        out = fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, w, ids,
+                            backend=self.backend)
+        if hasattr(self, "shared_w13"):
+            ones = w.new_ones(x.shape[0], 1)
+            out = out + fused_moe_fp8(x, self.shared_w13, self.shared_w13_scale, self.shared_w2,
+                                      self.shared_w2_scale, ones, torch.zeros_like(ones, dtype=torch.int32),
+                                      backend=self.backend)
+        return out.view(shape)
+
+    # --- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, config, state_dict: dict, prefix: str = "", *, device=None,
+                backend: str | None = None) -> "DeepseekV3MoE":
+        """From an HF DeepseekV3Config-like object and the MoE's state dict (keys under
+        prefix: gate.weight, gate.e_score_correction_bias, shared_experts.*, and the routed
+        experts as experts.{i}.{gate,up,down}_proj.weight [+ .weight_scale_inv] or fused
+        experts.gate_up_proj (E, 2I, H) / experts.down_proj (E, H, I)). Float weights are
+        quantized to 128x128 FP8 blocks; FP8 ones are taken as they are."""
+        missing = [f for f in CONFIG_FIELDS if not hasattr(config, f)]
+        if missing:
+            raise ValueError(f"DeepseekV3MoE.from_hf: config lacks {', '.join(missing)}")
+        layer = cls(**{f: getattr(config, f) for f in CONFIG_FIELDS}, device=device,
+                    backend=backend)
+        _Loader(layer, state_dict, prefix, device).load()
+        return layer
+
+    @classmethod
+    def from_safetensors(cls, directory: str, layer: int, config=None, *, device=None,
+                         backend: str | None = None) -> "DeepseekV3MoE":
+        """Layer `layer`'s MoE from a (sharded) safetensors checkpoint directory, reading
+        only its tensors (keys model.layers.{layer}.mlp.*); config defaults to the
+        directory's config.json."""
+        if config is None:
+            import json
+            with open(os.path.join(directory, "config.json")) as f:
+                config = SimpleNamespace(**json.load(f))
+        prefix = f"model.layers.{layer}.mlp."
+        tensors = checkpoint.load_prefix(directory, prefix)
+        if not tensors:
+            raise KeyError(f"{directory}: no tensors under {prefix!r} (is layer {layer} an "
+                           f"MoE layer?)")
+        return cls.from_hf(config, tensors, prefix, device=device, backend=backend)
+
+
+class _Loader:
+    """Fills a DeepseekV3MoE's buffers from a state dict, checking every key and shape."""
+
+    def __init__(self, layer: DeepseekV3MoE, state_dict: dict, prefix: str, device):
+        self.layer, self.sd, self.prefix, self.device = layer, state_dict, prefix, device
+
+    def get(self, key: str, shape: tuple) -> torch.Tensor:
+        full = self.prefix + key
+        if full not in self.sd:
+            raise KeyError(f"DeepseekV3MoE: missing key {full!r}")
+        t = self.sd[full]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"DeepseekV3MoE: {full!r} must have shape {tuple(shape)}, got {got}")
+        return t.to(self.device) if self.device is not None else t
+
+    def fp8_block(self, key: str, shape: tuple):
+        """(q, scale) of a weight: FP8 with its weight_scale_inv, or a float one quantized."""
+        w = self.get(key, shape)
+        if w.dtype == FP8:
+            scale_key = key[:-len("weight")] + "weight_scale_inv"
+            s = self.get(scale_key, (_cdiv(shape[0], 128), _cdiv(shape[1], 128)))
+            return w, s.float()
+        if not w.is_floating_point():
+            raise TypeError(f"DeepseekV3MoE: {self.prefix + key!r} must be a float or "
+                            f"float8_e4m3fn tensor, got {w.dtype}")
+        return quantize_fp8_block(w.float())
+
+    def mlp(self, key: str, inter: int):
+        """(w13 (2I, H), its scales, w2 (H, I), its scales) of one expert's three
+        projections; gate and up are stacked by 128-row blocks, so an I that is not a
+        multiple of 128 is requantized from the dequantized halves."""
+        H = self.layer.hidden_size
+        g, gs = self.fp8_block(f"{key}.gate_proj.weight", (inter, H))
+        u, us = self.fp8_block(f"{key}.up_proj.weight", (inter, H))
+        d, ds = self.fp8_block(f"{key}.down_proj.weight", (H, inter))
+        if inter % 128:
+            from moe_kernels.ops.fp8 import dequantize_fp8_block
+            both = torch.cat([dequantize_fp8_block(g, gs, dtype=torch.float32),
+                              dequantize_fp8_block(u, us, dtype=torch.float32)])
+            w13, s13 = quantize_fp8_block(both)
+        else:
+            w13, s13 = torch.cat([g, u]), torch.cat([gs, us])
+        return w13, s13, d, ds
+
+    def load(self) -> None:
+        m = self.layer
+        E, H, I = m.num_experts, m.hidden_size, m.intermediate_size
+        with torch.no_grad():
+            m.gate_weight.copy_(self.get("gate.weight", (E, H)).float())
+            m.e_score_correction_bias.copy_(
+                self.get("gate.e_score_correction_bias", (E,)).float())
+            if self.prefix + "experts.gate_up_proj" in self.sd:
+                self._fused_experts(E, H, I)
+            else:
+                for e in range(E):
+                    self._put("w13", "w2", e, self.mlp(f"experts.{e}", I))
+            if m.shared_intermediate:
+                parts = self.mlp("shared_experts", m.shared_intermediate)
+                if m.shared_fused:
+                    self._put("w13", "w2", E, parts)
+                else:
+                    self._put("shared_w13", "shared_w2", 0, parts)
+
+    def _fused_experts(self, E, H, I):
+        """transformers >= 5: experts.gate_up_proj (E, 2I, H), gate rows first, and
+        experts.down_proj (E, H, I), float; quantized per expert."""
+        gate_up = self.get("experts.gate_up_proj", (E, 2 * I, H))
+        down = self.get("experts.down_proj", (E, H, I))
+        for key, t in (("experts.gate_up_proj", gate_up), ("experts.down_proj", down)):
+            if not t.is_floating_point() or t.dtype == FP8:
+                raise TypeError(f"DeepseekV3MoE: {self.prefix + key!r} must be a bf16/fp16/"
+                                f"fp32 tensor (the fused layout has no FP8 scales), got {t.dtype}")
+        for e in range(E):
+            w13, s13 = quantize_fp8_block(gate_up[e].float())
+            w2, s2 = quantize_fp8_block(down[e].float())
+            self._put("w13", "w2", e, (w13, s13, w2, s2))
+
+    def _put(self, n13, n2, e, parts):
+        w13, s13, w2, s2 = parts
+        m = self.layer
+        getattr(m, n13)[e].copy_(w13)
+        getattr(m, n13 + "_scale")[e].copy_(s13)
+        getattr(m, n2)[e].copy_(w2)
+        getattr(m, n2 + "_scale")[e].copy_(s2)

@@ -1,0 +1,262 @@
+"""DeepseekV3MoE (SPEC section 5): the layer against the float32 HF-semantics reference
+built from the same (unquantized) weights, checkpoint loading in every layout, sharded
+safetensors, bad keys, torch.compile.
+
+"The same weights" are the FP8 ones, as HF runs an FP8 checkpoint (dequantized): the
+layer then differs from float32 by its 1x128 activation quantization only, calc_diff ~1e-3
+(measured 0.95e-3 at std 0.05) against the contract's 2e-3. Against the unquantized float
+weights the 128x128 weight rounding adds as much again (measured 2.0e-3 in total): that
+case is bounded separately, at 4e-3.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import checkpoint
+from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.reference import layer as ref_layer
+
+from helpers import calc_diff, device_backend_params
+
+BACKENDS = ("reference", "triton", "cpu")
+
+
+def make_config(**over):
+    cfg = dict(hidden_size=256, moe_intermediate_size=128, n_routed_experts=16,
+               n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+               routed_scaling_factor=2.5, norm_topk_prob=True)
+    cfg.update(over)
+    return SimpleNamespace(**cfg)
+
+
+def make_weights(cfg, seed=0):
+    """float32 weights of std 0.05 in HF's names (checkpoint layout, no prefix)."""
+    g = torch.Generator().manual_seed(seed)
+    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.05
+    sd = {"gate.weight": rnd(E, H), "gate.e_score_correction_bias": torch.rand(E, generator=g) * 0.1}
+    for e in range(E):
+        sd[f"experts.{e}.gate_proj.weight"] = rnd(I, H)
+        sd[f"experts.{e}.up_proj.weight"] = rnd(I, H)
+        sd[f"experts.{e}.down_proj.weight"] = rnd(H, I)
+    Is = I * cfg.n_shared_experts
+    if Is:
+        sd["shared_experts.gate_proj.weight"] = rnd(Is, H)
+        sd["shared_experts.up_proj.weight"] = rnd(Is, H)
+        sd["shared_experts.down_proj.weight"] = rnd(H, Is)
+    return sd
+
+
+def as_fp8_checkpoint(sd):
+    """DeepSeek's FP8 checkpoint: projections as e4m3 with 128x128 weight_scale_inv."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("proj.weight"):
+            out[k], out[k[:-len("weight")] + "weight_scale_inv"] = ref_fp8.quantize_fp8_block(v)
+        else:
+            out[k] = v
+    return out
+
+
+def as_fused_layout(sd, cfg):
+    """transformers >= 5: experts.gate_up_proj (E, 2I, H) gate rows first, down_proj."""
+    E = cfg.n_routed_experts
+    out = {k: v for k, v in sd.items() if not k.startswith("experts.")}
+    out["experts.gate_up_proj"] = torch.stack([
+        torch.cat([sd[f"experts.{e}.gate_proj.weight"], sd[f"experts.{e}.up_proj.weight"]])
+        for e in range(E)]).bfloat16()
+    out["experts.down_proj"] = torch.stack(
+        [sd[f"experts.{e}.down_proj.weight"] for e in range(E)]).bfloat16()
+    return out
+
+
+def dequantized(sd):
+    """The float32 weights an FP8 checkpoint stands for (what HF computes with)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("proj.weight"):
+            q, scale = ref_fp8.quantize_fp8_block(v.float())
+            out[k] = ref_fp8.dequantize_fp8_block(q, scale, dtype=torch.float32)
+        else:
+            out[k] = v
+    return out
+
+
+def reference_output(hidden, sd, cfg):
+    E, Is = cfg.n_routed_experts, cfg.moe_intermediate_size * cfg.n_shared_experts
+    w13 = torch.stack([torch.cat([sd[f"experts.{e}.gate_proj.weight"],
+                                  sd[f"experts.{e}.up_proj.weight"]]) for e in range(E)])
+    w2 = torch.stack([sd[f"experts.{e}.down_proj.weight"] for e in range(E)])
+    shared = (torch.cat([sd["shared_experts.gate_proj.weight"], sd["shared_experts.up_proj.weight"]]),
+              sd["shared_experts.down_proj.weight"]) if Is else (None, None)
+    return ref_layer.deepseek_v3_moe(
+        hidden.cpu(), sd["gate.weight"], sd["gate.e_score_correction_bias"], w13, w2, *shared,
+        top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
+
+
+def make_hidden(T, cfg, seed=1, dtype=torch.bfloat16, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(T, cfg.hidden_size, generator=g).to(dtype).to(device)
+
+
+def test_reference_router_against_a_worked_example():
+    """Two groups of two experts; group 1 wins on its top-2 sum, the bias flips the pick
+    inside it, and the weights come from the unbiased sigmoid."""
+    logits_target = torch.tensor([[2.0, 1.9, 1.5, 1.4]])    # s: .881 .870 .818 .802
+    bias = torch.tensor([0.0, 0.0, 0.0, 0.2])
+    hidden = torch.eye(4)[:1] * 0 + torch.tensor([[1.0, 0, 0, 0]])
+    gate = logits_target.T @ torch.ones(1, 4) * torch.eye(4)[:, :1].T  # row e: logit e on x0
+    w, ids = ref_layer.route(hidden, gate, bias, 1, 2, 1, True, 2.5)
+    # group sums: g0 = .881 + .870 = 1.751, g1 = .818 + 1.002 = 1.820 -> g1; top-1 by b: 3
+    assert ids.tolist() == [[3]]
+    assert torch.allclose(w, torch.tensor([[2.5]]))          # renormalized over one expert
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("layout", ["bf16", "fp8", "fused"])
+def test_layer_matches_reference(device, backend, layout):
+    cfg = make_config()
+    sd = make_weights(cfg)
+    loaded = {"bf16": {k: v.bfloat16() if v.dim() > 1 else v for k, v in sd.items()},
+              "fp8": as_fp8_checkpoint(sd), "fused": as_fused_layout(sd, cfg)}[layout]
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, loaded, device=device, backend=backend)
+    hidden = make_hidden(13, cfg, device=device)
+    out = layer(hidden)
+    assert out.shape == hidden.shape and out.dtype == hidden.dtype
+    want = reference_output(hidden.float(), dequantized(sd), cfg)
+    assert calc_diff(out, want) < 2e-3
+
+
+def test_layer_against_unquantized_weights():
+    """bf16 weights quantized on load, against float32 math on the float weights: FP8
+    weight and activation rounding together (measured 2.0e-3)."""
+    cfg = make_config()
+    sd = make_weights(cfg)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd)
+    hidden = make_hidden(64, cfg, seed=6)
+    assert calc_diff(layer(hidden), reference_output(hidden.float(), sd, cfg)) < 4e-3
+
+
+def test_layouts_load_the_same_weights():
+    """bf16 -> FP8 on load, the FP8 checkpoint and the fused layout give identical
+    buffers (one deterministic quantization of the same values)."""
+    cfg = make_config()
+    sd = {k: v.bfloat16().float() if v.dim() > 1 else v for k, v in make_weights(cfg).items()}
+    layers = [moe_kernels.DeepseekV3MoE.from_hf(cfg, d) for d in
+              (sd, as_fp8_checkpoint(sd), as_fused_layout(sd, cfg))]
+    q, scale = ref_fp8.quantize_fp8_block(torch.cat([sd["experts.3.gate_proj.weight"],
+                                                      sd["experts.3.up_proj.weight"]]))
+    assert torch.equal(layers[0].w13[3].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(layers[0].w13_scale[3], scale)
+    for name, buf in layers[0].named_buffers():
+        for other in layers[1:]:
+            b = dict(other.named_buffers())[name]
+            assert torch.equal(buf.view(torch.uint8) if buf.dtype == torch.float8_e4m3fn else buf,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), name
+
+
+@pytest.mark.parametrize("n_shared,inter", [(0, 128), (2, 128), (1, 96)])
+def test_shared_expert_variants(n_shared, inter):
+    """No shared expert; a wider one (its own fused_moe call); I not a multiple of 128
+    (gate and up requantized together)."""
+    cfg = make_config(n_shared_experts=n_shared, moe_intermediate_size=inter)
+    sd = make_weights(cfg, seed=2)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd))
+    hidden = make_hidden(9, cfg, seed=3, dtype=torch.float32)
+    assert calc_diff(layer(hidden), reference_output(hidden, dequantized(sd), cfg)) < 2e-3
+
+
+def test_from_safetensors_sharded(tmp_path):
+    """Two shards and an index, with another layer's tensors that must not be read."""
+    cfg = make_config()
+    sd = as_fp8_checkpoint(make_weights(cfg, seed=4))
+    full = {f"model.layers.3.mlp.{k}": v for k, v in sd.items()}
+    full["model.layers.2.mlp.gate.weight"] = torch.randn(16, 256)
+    full["model.embed_tokens.weight"] = torch.randn(10, 256)
+    names = sorted(full)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, keys in shards.items():
+        checkpoint.save_file({k: full[k] for k in keys}, str(tmp_path / fname))
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: fn for fn, ks in shards.items() for k in ks}}, f)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(vars(cfg), f)
+    layer = moe_kernels.DeepseekV3MoE.from_safetensors(str(tmp_path), 3)
+    direct = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd)
+    hidden = make_hidden(5, cfg, seed=5)
+    assert torch.equal(layer(hidden), direct(hidden))
+    with pytest.raises(KeyError, match="model.layers.7.mlp."):
+        moe_kernels.DeepseekV3MoE.from_safetensors(str(tmp_path), 7)
+
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5), "c": torch.zeros(0, 2),
+               "d": ref_fp8.to_fp8(torch.randn(2, 3)), "e": torch.tensor(1.5)}
+    checkpoint.save_file(tensors, str(tmp_path / "model.safetensors"))
+    back = checkpoint.load_prefix(str(tmp_path), "")
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else back[k],
+                           v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v)
+
+
+BAD = [
+    ("missing gate", lambda sd: sd.pop("gate.weight"), KeyError, r"mlp\.gate\.weight'"),
+    ("missing bias", lambda sd: sd.pop("gate.e_score_correction_bias"), KeyError,
+     "e_score_correction_bias"),
+    ("missing expert", lambda sd: sd.pop("experts.5.up_proj.weight"), KeyError,
+     "experts.5.up_proj.weight"),
+    ("missing scale", lambda sd: sd.pop("experts.2.down_proj.weight_scale_inv"), KeyError,
+     "experts.2.down_proj.weight_scale_inv"),
+    ("misshaped", lambda sd: sd.__setitem__("experts.0.gate_proj.weight", torch.zeros(64, 256)),
+     ValueError, "experts.0.gate_proj.weight"),
+    ("shared misshaped", lambda sd: sd.__setitem__("shared_experts.down_proj.weight",
+                                                    torch.zeros(256, 64)),
+     ValueError, "shared_experts.down_proj.weight"),
+    ("int weight", lambda sd: sd.__setitem__("experts.1.up_proj.weight",
+                                              torch.zeros(128, 256, dtype=torch.int32)),
+     TypeError, "experts.1.up_proj.weight"),
+]
+
+
+@pytest.mark.parametrize("desc,edit,exc,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_state_dict(desc, edit, exc, words):
+    cfg = make_config()
+    sd = {"model.layers.0.mlp." + k: v for k, v in as_fp8_checkpoint(make_weights(cfg)).items()}
+    local = {k[len("model.layers.0.mlp."):]: v for k, v in sd.items()}
+    edit(local)
+    sd = {"model.layers.0.mlp." + k: v for k, v in local.items()}
+    with pytest.raises(exc, match=words):
+        moe_kernels.DeepseekV3MoE.from_hf(cfg, sd, prefix="model.layers.0.mlp.")
+
+
+def test_bad_config():
+    cfg = make_config()
+    del cfg.n_group
+    with pytest.raises(ValueError, match="n_group"):
+        moe_kernels.DeepseekV3MoE.from_hf(cfg, {})
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        moe_kernels.DeepseekV3MoE(hidden_size=8, moe_intermediate_size=8, n_routed_experts=4,
+                                  num_experts_per_tok=0)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_torch_compile_forward(device, backend):
+    torch._dynamo.reset()
+    cfg = make_config()
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, make_weights(cfg), device=device,
+                                              backend=backend)
+    hidden = make_hidden(6, cfg, device=device)
+    # as in test_fused_moe: Inductor must keep the reference's intermediate bf16 rounding
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        got = torch.compile(layer, fullgraph=True)(hidden)
+    assert torch.equal(got, layer(hidden))
