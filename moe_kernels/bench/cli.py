@@ -39,11 +39,26 @@ def parse_args(argv):
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile reference (saves its compile time)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--plot", metavar="PATH",
+                   help="also write a PNG of each kernel's %% of roofline (needs matplotlib: "
+                        "pip install 'moe_kernels[plot]')")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="no run: print B's speedup over A per op/case/backend and flag "
+                        "regressions (exit 1 if any)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="--compare: a slowdown beyond this fraction is a regression "
+                        "(default 0.05)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare:
+        table, regressions = compare(*args.compare, threshold=args.threshold)
+        print(table)
+        return 1 if regressions else 0
+    if args.plot:
+        _require_matplotlib()
     # Inductor's compile workers are processes that outlive the compile and compete with
     # the timed CPU kernels for cores (2.5x slower CPU figures seen with them).
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -64,8 +79,80 @@ def main(argv=None) -> int:
             json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,
                                                       roofline_pct=r.roofline_pct, tflops=r.tflops)
                                                  for r in results]}, f, indent=1)
+    if args.plot:
+        plot_roofline(results, meta, args.plot)
+        print(f"moe-bench: wrote {args.plot}")
     failed = [r for r in results if r.correct is False]
     if failed:
         print(f"moe-bench: {len(failed)} results disagree with the reference", file=sys.stderr)
         return 1
     return 0
+
+
+def _key(r: dict) -> tuple[str, str, str]:
+    return r["op"], r["case"], r["backend"]
+
+
+def compare(path_a: str, path_b: str, threshold: float = 0.05) -> tuple[str, list]:
+    """(table, regressions): B's speedup over A for every (op, case, backend) in both;
+    a regression is B slower than A by more than `threshold`, or B incorrect."""
+    with open(path_a) as f:
+        a = json.load(f)
+    with open(path_b) as f:
+        b = json.load(f)
+    a_by = {_key(r): r for r in a["results"]}
+    head = ("op", "case", "backend", "A us", "B us", "speedup", "")
+    rows, regressions = [], []
+    for r in b["results"]:
+        old = a_by.get(_key(r))
+        if old is None:
+            rows.append((*_key(r), "-", f"{r['time_us']:.2f}", "-", "new"))
+            continue
+        speedup = old["time_us"] / r["time_us"] if r["time_us"] > 0 else float("inf")
+        flag = ""
+        if r.get("correct") is False:
+            flag = "INCORRECT"
+        elif speedup < 1.0 / (1.0 + threshold):
+            flag = "REGRESSION"
+        if flag:
+            regressions.append(_key(r))
+        rows.append((*_key(r), f"{old['time_us']:.2f}", f"{r['time_us']:.2f}",
+                     f"{speedup:.2f}x", flag))
+    missing = [k for k in a_by if k not in {_key(r) for r in b["results"]}]
+    rows += [(*k, f"{a_by[k]['time_us']:.2f}", "-", "-", "missing in B") for k in missing]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    title = (f"A: {path_a} ({a['meta'].get('device')}, {a['meta'].get('commit')})\n"
+             f"B: {path_b} ({b['meta'].get('device')}, {b['meta'].get('commit')})")
+    summary = f"{len(regressions)} regression(s) beyond {threshold:.0%}"
+    return "\n".join([title, line(head), line(["-" * w for w in widths])]
+                     + [line(r) for r in rows] + [summary]), regressions
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("moe-bench --plot needs matplotlib: pip install 'moe_kernels[plot]'")
+
+
+def plot_roofline(results, meta: dict, path: str) -> None:
+    """Horizontal bars: each kernel's % of its roofline (memory or compute floor), the
+    torch baselines beside in grey; 100% is the device's limit."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [f"{r.op} | {r.case} | {r.backend}" for r in results]
+    values = [r.roofline_pct for r in results]
+    colors = ["0.7" if r.backend.startswith("torch") else "tab:blue" for r in results]
+    fig, ax = plt.subplots(figsize=(12, 0.28 * len(results) + 1.5))
+    ax.barh(range(len(results)), values, color=colors)
+    ax.set_yticks(range(len(results)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(100.0, color="k", linewidth=0.8)
+    ax.set_xlabel("% of roofline (floor time / measured time)")
+    ax.set_title(f"moe-bench, {meta.get('device')}, commit {meta.get('commit')}\n"
+                 f"blue: moe_kernels, grey: the torch path", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

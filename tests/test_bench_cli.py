@@ -1,0 +1,69 @@
+"""moe-bench's command line: a real (small) run to JSON, --compare's speedups and
+regression flags, --plot's PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_kernels import _library
+from moe_kernels.bench import cli
+from moe_kernels.bench.common import Result
+
+
+def _write(path, rows, commit):
+    meta = {"device": "test device", "commit": commit}
+    results = [dict(op=op, case=case, backend=b, time_us=t, correct=ok)
+               for op, case, b, t, ok in rows]
+    path.write_text(json.dumps({"meta": meta, "results": results}))
+    return str(path)
+
+
+def test_compare_flags_regressions(tmp_path, capsys):
+    a = _write(tmp_path / "a.json", [("op1", "c", "triton", 10.0, True),
+                                     ("op1", "c", "cpu", 10.0, True),
+                                     ("op2", "c", "cpu", 5.0, True),
+                                     ("op3", "c", "cpu", 1.0, True)], "aaa")
+    b = _write(tmp_path / "b.json", [("op1", "c", "triton", 5.0, True),     # 2x faster
+                                     ("op1", "c", "cpu", 10.4, True),       # within 5%
+                                     ("op2", "c", "cpu", 6.0, True),        # 20% slower
+                                     ("op4", "c", "cpu", 1.0, True)], "bbb")
+    assert cli.main(["--compare", a, b]) == 1
+    out = capsys.readouterr().out
+    lines = {tuple(line.split()[:3]): line for line in out.splitlines()}
+    assert "2.00x" in lines[("op1", "c", "triton")]
+    assert "REGRESSION" not in lines[("op1", "c", "cpu")]
+    assert "0.83x" in lines[("op2", "c", "cpu")] and "REGRESSION" in lines[("op2", "c", "cpu")]
+    assert "new" in lines[("op4", "c", "cpu")] and "missing in B" in lines[("op3", "c", "cpu")]
+    assert "1 regression(s)" in out
+    assert cli.main(["--compare", a, b, "--threshold", "0.25"]) == 0
+
+
+def test_compare_flags_incorrect(tmp_path, capsys):
+    a = _write(tmp_path / "a.json", [("op", "c", "cpu", 10.0, True)], "a")
+    b = _write(tmp_path / "b.json", [("op", "c", "cpu", 1.0, False)], "b")
+    assert cli.main(["--compare", a, b]) == 1
+    assert "INCORRECT" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_small_run_writes_json(tmp_path, capsys):
+    """The layer's case end to end: every row checked against the torch path and timed."""
+    path = tmp_path / "r.json"
+    assert cli.main(["--op", "deepseek_v3_moe", "--tokens", "1", "--backend", "cpu",
+                     "--no-compile", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    rows = {r["backend"]: r for r in data["results"]}
+    assert set(rows) == {"cpu", "torch-eager"}
+    assert all(r["correct"] and r["time_us"] > 0 and r["bytes"] > 0 for r in rows.values())
+    assert "deepseek_v3_moe" in capsys.readouterr().out
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot's optional dependency is not installed")
+    results = [Result("op", "case", "triton", "cuda", 10.0, 3_000_000, copy_gbps=3000.0),
+               Result("op", "case", "torch-eager", "cuda", 40.0, 3_000_000, copy_gbps=3000.0)]
+    path = tmp_path / "roofline.png"
+    cli.plot_roofline(results, {"device": "test", "commit": "x"}, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
