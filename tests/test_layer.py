@@ -109,10 +109,10 @@ def make_hidden(T, cfg, seed=1, dtype=torch.bfloat16, device="cpu"):
 def test_reference_router_against_a_worked_example():
     """Two groups of two experts; group 1 wins on its top-2 sum, the bias flips the pick
     inside it, and the weights come from the unbiased sigmoid."""
-    logits_target = torch.tensor([[2.0, 1.9, 1.5, 1.4]])    # s: .881 .870 .818 .802
+    hidden = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    gate = torch.zeros(4, 4)
+    gate[:, 0] = torch.tensor([2.0, 1.9, 1.5, 1.4])          # logits; s: .881 .870 .818 .802
     bias = torch.tensor([0.0, 0.0, 0.0, 0.2])
-    hidden = torch.eye(4)[:1] * 0 + torch.tensor([[1.0, 0, 0, 0]])
-    gate = logits_target.T @ torch.ones(1, 4) * torch.eye(4)[:, :1].T  # row e: logit e on x0
     w, ids = ref_layer.route(hidden, gate, bias, 1, 2, 1, True, 2.5)
     # group sums: g0 = .881 + .870 = 1.751, g1 = .818 + 1.002 = 1.820 -> g1; top-1 by b: 3
     assert ids.tolist() == [[3]]

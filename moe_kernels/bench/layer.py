@@ -31,7 +31,7 @@ CPU_CONFIG = dict(GPU_CONFIG, hidden_size=512, moe_intermediate_size=256, n_rout
 
 
 def default_tokens(device: str) -> list[int]:
-    return [1, 16] if device == "cuda" else [1, 16]
+    return [1, 16]
 
 
 def random_layer(cfg: dict, device: str, gen) -> DeepseekV3MoE:
