@@ -122,6 +122,18 @@ def test_block_quant_dequant(device, backend, shape, dtype):
         assert torch.equal(d.cpu(), ref.dequantize_fp8_block(rq, rs, dtype=out_dtype))
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_dequant_every_fp8_value(device, backend):
+    """All 256 e4m3 bit patterns (subnormals, +-0, NaN) decode as torch decodes them."""
+    q = torch.arange(256, dtype=torch.uint8).view(FP8).reshape(2, 128).to(device)
+    s = torch.ones(1, 1, device=device)
+    d = moe_kernels.dequantize_fp8_block(q, s, dtype=torch.float32, backend=backend).cpu()
+    want = q.cpu().float()
+    assert torch.equal(d.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert torch.equal(d[ok], want[ok]) and torch.equal(d[ok].signbit(), want[ok].signbit())
+
+
 def test_block_scale_formula():
     w = torch.randn(2, 256, 384)
     q, s = ref.quantize_fp8_block(w)

@@ -16,7 +16,8 @@ from helpers import assert_fp8_close
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_bits, round_for_store  # noqa: E402
+from moe_kernels.triton.numerics import (SOFTWARE_ROUNDING, fp8_e4m3_bits,  # noqa: E402
+                                         fp8_e4m3_value, round_for_store)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8 = torch.float8_e4m3fn
@@ -35,6 +36,26 @@ def _bf16_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr, SOFTWARE: tl.constexpr):
     x = tl.load(x_ptr + i, mask=i < N, other=0.0)
     y = round_for_store(x, y_ptr.dtype.element_ty, SOFTWARE)
     tl.store(y_ptr + i, y.to(y_ptr.dtype.element_ty), mask=i < N)
+
+
+@triton.jit
+def _fp8_decode_kernel(q_ptr, y_ptr, N, BLOCK: tl.constexpr, SOFTWARE: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    q = tl.load(q_ptr + i, mask=i < N, other=0)
+    tl.store(y_ptr + i, fp8_e4m3_value(q, SOFTWARE), mask=i < N)
+
+
+def test_fp8_e4m3_value_every_pattern():
+    """All 256 bit patterns decode as torch decodes them: subnormals, -0, NaN (the
+    interpreter's own cast reads 0x7F / 0xFF as +-480)."""
+    bits = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    y = torch.empty(256, device=DEVICE)
+    _fp8_decode_kernel[(1,)](bits, y, 256, BLOCK=256, SOFTWARE=SOFTWARE_ROUNDING)
+    want = bits.view(FP8).float().cpu()
+    y = y.cpu()
+    assert torch.equal(y.isnan(), want.isnan())
+    ok = ~want.isnan()
+    assert torch.equal(y[ok], want[ok]) and torch.equal(y[ok].signbit(), want[ok].signbit())
 
 
 def _fp8_inputs() -> torch.Tensor:

@@ -10,6 +10,7 @@
 
 #include "../fp8.h"
 #include "../ops.h"
+#include "vec_math.h"
 
 namespace moe_kernels {
 namespace {
@@ -49,12 +50,69 @@ at::Tensor dequant_expert(const at::Tensor& b, const at::Tensor& b_scales, int64
   return out;
 }
 
+// acc[r] += scale * sum_k x[r * ldx + k] * w[k] for r < m, k < len: 16 partial sums in a
+// fixed order (deterministic, and vectorized where one running sum would not be).
+MOE_VEC_CLONES void scaled_dots(const float* x, int64_t ldx, int64_t m, const float* w,
+                                int64_t len, float scale, float* acc) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    float part[16] = {};
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16)
+      for (int j = 0; j < 16; ++j) part[j] += xr[k + j] * w[k + j];
+    float sum = 0.0f;
+    for (int j = 0; j < 16; ++j) sum += part[j];
+    for (; k < len; ++k) sum += xr[k] * w[k];
+    acc[r] += sum * scale;
+  }
+}
+
+MOE_VEC_CLONES void decode_fp8(const fp8_t* src, int64_t n, float* dst) {
+  const uint8_t* bits = reinterpret_cast<const uint8_t*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = fp8_value(bits[i]);
+}
+
+// Few rows (decode): y = x @ b[e].T from one 128-wide block of a weight row at a time,
+// decoded into an L1 buffer, so the (N, K) float32 weight is never written and read back
+// (dequantizing it cost more than the GEMV itself at T=1). Parallel over weight rows.
+at::Tensor small_expert_gemm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& b_scales,
+                             int64_t e) {
+  const int64_t m = x.size(0), K = x.size(1), N = b.size(1), KB = b_scales.size(2);
+  at::Tensor y = at::empty({m, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const fp8_t* bp = b.data_ptr<fp8_t>() + e * N * K;
+  const float* sp = b_scales.data_ptr<float>() + e * b_scales.size(1) * KB;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    float buf[kScaleBlock];
+    std::vector<float> acc(m);
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const fp8_t* row = bp + n * K;
+      const float* srow = sp + (n / kScaleBlock) * KB;
+      for (int64_t k0 = 0; k0 < K; k0 += kScaleBlock) {
+        const int64_t len = std::min(kScaleBlock, K - k0);
+        decode_fp8(row + k0, len, buf);
+        scaled_dots(xp + k0, K, m, buf, len, srow[k0 / kScaleBlock], acc.data());
+      }
+      for (int64_t r = 0; r < m; ++r) yp[r * N + n] = acc[r];
+    }
+  });
+  return y;
+}
+
+// Up to this many rows an expert takes small_expert_gemm: 8 rows x 128 columns of
+// activations stay in L1 beside the decoded weight block.
+constexpr size_t kSmallRows = 8;
+
 // out[rows] = (a[rows] dequantized) @ b[e].T dequantized, cast to out's dtype
 void expert_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
                  const at::Tensor& b_scales, int64_t e, const std::vector<int64_t>& rows,
                  at::Tensor& out) {
   if (rows.empty()) return;
-  at::Tensor y = at::mm(dequant_rows(a, a_scales, rows), dequant_expert(b, b_scales, e).t());
+  const at::Tensor x = dequant_rows(a, a_scales, rows);
+  at::Tensor y = rows.size() <= kSmallRows ? small_expert_gemm(x, b, b_scales, e)
+                                           : at::mm(x, dequant_expert(b, b_scales, e).t());
   const bool contiguous_run = rows.back() - rows.front() + 1 == static_cast<int64_t>(rows.size());
   if (contiguous_run) {
     out.narrow(0, rows.front(), static_cast<int64_t>(rows.size())).copy_(y);

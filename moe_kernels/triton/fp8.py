@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_bits, round_for_store
+from moe_kernels.triton.numerics import (SOFTWARE_ROUNDING, fp8_e4m3_bits, fp8_e4m3_value,
+                                         round_for_store)
 
 FP8_MAX = tl.constexpr(448.0)
 _U8 = torch.uint8
@@ -142,9 +143,9 @@ def quantize_fp8_block(w, block_n, block_k, eps=1e-10):
 def _block_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, NB, KB, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     offs, mask, s_off = _block_tile(N, K, NB, KB, BLOCK_N, BLOCK_K)
-    q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    q = fp8_e4m3_value(tl.load(q_ptr + offs, mask=mask, other=0), SOFTWARE_ROUNDING)
     scale = tl.load(s_ptr + s_off)
-    y = round_for_store(q.to(tl.float32) * scale, out_ptr.dtype.element_ty, SOFTWARE_ROUNDING)
+    y = round_for_store(q * scale, out_ptr.dtype.element_ty, SOFTWARE_ROUNDING)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

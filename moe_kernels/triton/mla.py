@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from moe_kernels._library import triton_interpreting
-from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
+from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
 FP8 = torch.float8_e4m3fn
 SCALE_BLOCK = 128
@@ -67,7 +67,11 @@ def _paged_rows(t, T, lens_ptr, bt_ptr, B, max_blocks, num_blocks, page, stride_
 @triton.jit
 def _load_operand(ptr, mask, IS_FP8: tl.constexpr, COMPUTE: tl.constexpr):
     if IS_FP8:
-        x = tl.load(ptr, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+        bits = tl.load(ptr, mask=mask, other=0)
+        if COMPUTE == tl.float8e4nv:      # FP8 tensor cores take the bits as they are
+            x = bits.to(tl.float8e4nv, bitcast=True)
+        else:
+            x = fp8_e4m3_value(bits, SOFTWARE_ROUNDING)
     else:
         x = tl.load(ptr, mask=mask, other=0.0)
     return x.to(COMPUTE)

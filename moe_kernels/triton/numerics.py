@@ -2,7 +2,8 @@
 
 Measured with triton 3.9 (TRITON_INTERPRET=1, numpy underneath): the float32 -> e4m3 cast
 truncates subnormals and drops the carry of a round-up (31.06 -> 16, 0.0306 -> 0.0156);
-the float32 -> bfloat16 cast truncates (513 of 1024 random values one ulp off). The GPU
+the float32 -> bfloat16 cast truncates (513 of 1024 random values one ulp off); the
+e4m3 -> float32 cast reads the NaN patterns 0x7F / 0xFF as +-480. The GPU
 rounds to nearest even in both. Kernels call these helpers with SOFTWARE =
 SOFTWARE_ROUNDING (a constexpr: False on the GPU, where the hardware cast is used), so
 interpreter tests check the GPU's numerics.
@@ -56,3 +57,18 @@ def round_for_store(x, DTYPE: tl.constexpr, SOFTWARE: tl.constexpr):
         return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     else:
         return x
+
+
+@triton.jit
+def fp8_e4m3_value(bits, SOFTWARE: tl.constexpr):
+    """e4m3fn bit patterns (uint8) -> float32; NaN for 0x7F / 0xFF."""
+    if SOFTWARE:
+        v = bits.to(tl.int32)
+        em = v & 0x7F
+        normal = (((v & 0x80) << 24) | ((em << 20) + (120 << 23))).to(tl.float32, bitcast=True)
+        sub = em.to(tl.float32) * 0.001953125                  # exponent 0: m * 2**-9
+        sub = tl.where((v & 0x80) != 0, -sub, sub)
+        mag = tl.where(em < 8, sub, normal)
+        return tl.where(em == 0x7F, float("nan"), mag)
+    else:
+        return bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
