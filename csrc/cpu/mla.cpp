@@ -18,8 +18,7 @@ namespace {
 
 using fp8_t = c10::Float8_e4m3fn;
 
-constexpr int64_t kChunkFloats = int64_t{1} << 20;
-
+constexpr int64_t kChunkFloats = int64_t{1} << 20;   // floats of one chunk's product
 
 // Element offsets (from data_ptr) of each output token's latent row and k_pe row; -1 for
 // a token without a row (written as zeros).
