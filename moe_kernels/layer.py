@@ -12,6 +12,7 @@ with weight 1: one fused_moe_fp8 call computes routed + shared, summed in float3
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_kernels import checkpoint
-from moe_kernels.ops.fp8 import quantize_fp8_block
+from moe_kernels.ops.fp8 import dequantize_fp8_block, quantize_fp8_block
 from moe_kernels.ops.fused_moe import fused_moe_fp8
 from moe_kernels.ops.gating import grouped_topk
 
@@ -126,7 +127,6 @@ class DeepseekV3MoE(nn.Module):
         only its tensors (keys model.layers.{layer}.mlp.*); config defaults to the
         directory's config.json."""
         if config is None:
-            import json
             with open(os.path.join(directory, "config.json")) as f:
                 config = SimpleNamespace(**json.load(f))
         prefix = f"model.layers.{layer}.mlp."
@@ -174,7 +174,6 @@ class _Loader:
         u, us = self.fp8_block(f"{key}.up_proj.weight", (inter, H))
         d, ds = self.fp8_block(f"{key}.down_proj.weight", (H, inter))
         if inter % 128:
-            from moe_kernels.ops.fp8 import dequantize_fp8_block
             both = torch.cat([dequantize_fp8_block(g, gs, dtype=torch.float32),
                               dequantize_fp8_block(u, us, dtype=torch.float32)])
             w13, s13 = quantize_fp8_block(both)

@@ -231,8 +231,7 @@ BAD = [
 @pytest.mark.parametrize("desc,edit,exc,words", BAD, ids=[b[0] for b in BAD])
 def test_bad_state_dict(desc, edit, exc, words):
     cfg = make_config()
-    sd = {"model.layers.0.mlp." + k: v for k, v in as_fp8_checkpoint(make_weights(cfg)).items()}
-    local = {k[len("model.layers.0.mlp."):]: v for k, v in sd.items()}
+    local = as_fp8_checkpoint(make_weights(cfg))
     edit(local)
     sd = {"model.layers.0.mlp." + k: v for k, v in local.items()}
     with pytest.raises(exc, match=words):

@@ -42,10 +42,6 @@ def make_latent(T, R, rope, dtype, *, seed=0, device="cpu", pad=0):
     return fused[:, :R], fused[:, R:R + rope]
 
 
-def weight_dtype(dtype, fp8):
-    return FP8 if fp8 else dtype
-
-
 def explicit(kv_c, k_pe, w, w_scale, H, dn, dv):
     """The SPEC formula, one head at a time in float64 (independent of the reference)."""
     wf = (ref_fp8.dequantize_fp8_block(w, w_scale, 128, 128, torch.float64)
