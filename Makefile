@@ -15,6 +15,9 @@ endif
 PIP := $(PY) -m pip --disable-pip-version-check -q
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_ARCH_FLAGS := -gencode=arch=compute_90a,code=sm_90a
+# The GPU machine's triton, for the sm_90a compile gate (tests/test_sm90_compile.py), which
+# compiles every kernel under both it and the venv's triton: their register use differs.
+TRITON_GATE_DIR := $(VENV)/triton-3.6
 
 .PHONY: setup build test test-all bench check-cuda gpu-check clean
 
@@ -25,12 +28,15 @@ setup: $(if $(filter $(PY),$(PYTHON_SYS)),,$(VENV)/bin/python)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	@$(PY) -c "import triton, numpy, pybind11, ninja, pytest, hypothesis, setuptools" 2>/dev/null \
 	  || $(PIP) install triton numpy pybind11 ninja pytest hypothesis "setuptools>=64" wheel
+	@[ "$(PY)" = "$(PYTHON_SYS)" ] || [ -d $(TRITON_GATE_DIR)/triton ] \
+	  || $(PIP) install --no-deps --target $(TRITON_GATE_DIR) triton==3.6.0
 
 # Builds moe_kernels._C in place (editable install; re-run after editing csrc/).
 build: setup
 	$(PIP) install --no-build-isolation --no-deps -e .
 
-# The CI job: CPU tests (Triton under the interpreter), CUDA device code syntax-checked.
+# The CI job: CPU tests (Triton under the interpreter; every Triton kernel compiled for
+# sm_90a under two triton versions), CUDA device code syntax-checked.
 test: build check-cuda
 	$(PY) -m pytest tests -m "not slow" -q
 

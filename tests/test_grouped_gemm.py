@@ -230,3 +230,24 @@ def test_int64_addressing():
     out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32)
     want = oracle(a[-4:], a_s[-4:], b, b_s, m[-4:].cpu())
     assert calc_diff(out[-4:], want) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("counts,align", [([3, 0, 20, 2], 16), ([1, 1, 1], 1)])
+def test_contiguous_nan_in_rows_without_expert(device, backend, counts, align):
+    """The Triton kernel reads every row of a tile (rows of other experts and -1 rows too)
+    and stores only its expert's: NaN / inf in rows without an expert must not leak into
+    any output, and those rows stay exactly zero."""
+    m = contiguous_m_indices(counts, align, pad_extra=5).to(device)
+    a, a_s = make_rows(m.shape[0], 256, seed=5, device=device)
+    pad = (m < 0)
+    bits = a.view(torch.uint8).clone()
+    bits[pad] = 0x7F                                   # e4m3 NaN
+    a = bits.view(torch.float8_e4m3fn)
+    a_s = torch.where(pad[:, None], torch.full_like(a_s, float("inf")), a_s)
+    b, b_s = make_weights(len(counts), 192, 256, seed=6, device=device)
+    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=backend)
+    assert not out.cpu()[pad.cpu()].float().any(), "-1 rows must be exactly zero"
+    keep = ~pad.cpu()
+    want = oracle(a, a_s, b, b_s, m.cpu())
+    assert calc_diff(out.cpu()[keep], want[keep]) < 1e-5

@@ -45,6 +45,11 @@ def parse_args(argv):
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="no run: print B's speedup over A per op/case/backend and flag "
                         "regressions (exit 1 if any)")
+    p.add_argument("--sm90-report", nargs="?", const="-", metavar="PATH",
+                   help="no run: compile every Triton kernel for the H100 (sm_90a, no GPU "
+                        "needed), print registers / spills / shared memory / wgmma / waits "
+                        "per launch, write the Markdown table to PATH; exit 1 on a gate "
+                        "violation")
     p.add_argument("--threshold", type=float, default=0.05,
                    help="--compare: a slowdown beyond this fraction is a regression "
                         "(default 0.05)")
@@ -53,6 +58,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.sm90_report:
+        from moe_kernels.bench import sm90
+        return sm90.main([] if args.sm90_report == "-" else ["--markdown", args.sm90_report])
     if args.compare:
         table, regressions = compare(*args.compare, threshold=args.threshold)
         print(table)

@@ -9,8 +9,10 @@ GPU and writes `grouped_gemm/<device name>.json`:
         "contiguous": [{"max_m": 16, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4,
                         "num_stages": 4}, ...], "segments": [...], "masked": [...]}}
 
-Without a file for the device, `DEFAULTS` apply (chosen by reasoning, not measured: see
-docs/fp8.md). Under the Triton interpreter the tile size only changes the run time.
+Without a file for the device, `DEFAULTS` apply (chosen from the sm_90a compile report,
+not yet timed: docs/fp8.md). A tile of BLOCK_M < 64 runs with A and B swapped
+(triton/grouped_gemm.py). Under the Triton interpreter the tile size only changes the run
+time.
 """
 
 from __future__ import annotations
@@ -22,18 +24,32 @@ import re
 
 import torch
 
+from moe_kernels._library import triton_interpreting
+
 KINDS = ("contiguous", "segments", "masked")
 CONFIG_DIR = pathlib.Path(__file__).parent / "grouped_gemm"
 
-_DEFAULT_BUCKETS = [
-    {"max_m": 16, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
-    {"max_m": 64, "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
-    {"max_m": None, "BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4},
-]
-DEFAULTS = {kind: _DEFAULT_BUCKETS for kind in KINDS}
-# Interpreter: numpy per program, so fewer, larger tiles are faster; still < 128 in N so
-# tests cover a scale block split over two tiles.
-_INTERPRETER = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+# Chosen from the sm_90a compile report (registers and spills per tile, `moe-bench
+# --sm90-report`), not yet timed on a GPU. Decode tiles (BLOCK_M < 64) run with A and B
+# swapped, so the 64-row wgmma side holds weights. 64-row tiles take 8 warps: at 4 warps
+# the two float32 tiles of the promotion (partial + accumulator) spill. The contiguous
+# kernel's loop over the experts of a tile costs ~80 registers more than the other two,
+# so its prefill tile is 128x64 (207 registers; 128x128 spills with a float32 output).
+_DECODE = {"max_m": 16, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
+_SMALL = {"max_m": 64, "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4}
+DEFAULTS = {
+    "contiguous": [_DECODE, _SMALL, {"max_m": None, "BLOCK_M": 128, "BLOCK_N": 64,
+                                     "num_warps": 8, "num_stages": 4}],
+    "segments": [_DECODE, _SMALL, {"max_m": None, "BLOCK_M": 128, "BLOCK_N": 128,
+                                   "num_warps": 8, "num_stages": 4}],
+    "masked": [_DECODE, _SMALL, {"max_m": None, "BLOCK_M": 128, "BLOCK_N": 128,
+                                 "num_warps": 8, "num_stages": 4}],
+}
+# Interpreter: numpy per program, so fewer, larger tiles are faster; one swapped (decode)
+# and one plain tile so that tests run both code paths, and BLOCK_N < 128 so that they
+# cover a scale block split over two tiles.
+_INTERPRETER_BUCKETS = [{"max_m": 16, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
+                        {"max_m": None, "BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}]
 
 
 def device_file(name: str) -> pathlib.Path:
@@ -57,9 +73,33 @@ def pick(buckets: list[dict], m: int) -> dict:
     return buckets[-1]
 
 
+def all_tables() -> dict[str, dict]:
+    """Every config table an op can pick from: "defaults" and each tuned device file."""
+    tables = {"defaults": DEFAULTS}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        configs = json.loads(path.read_text())["configs"]
+        tables[path.stem] = {kind: configs.get(kind, DEFAULTS[kind]) for kind in KINDS}
+    return tables
+
+
+_FORCED: list[dict] = []
+
+
+def with_table(table: dict, fn, *args):
+    """fn(*args) with `table` in force for non-CUDA devices (the sm_90a compile gate runs
+    the launch wrappers on meta tensors, once per table)."""
+    _FORCED.append(table)
+    try:
+        return fn(*args)
+    finally:
+        _FORCED.pop()
+
+
 def gemm_config(kind: str, m: int, N: int, K: int, device: torch.device) -> dict:
     """Launch config (BLOCK_M, BLOCK_N, num_warps, num_stages) for `kind` at `m` rows per
     expert. N and K are accepted for buckets keyed on them later; unused today."""
-    if device.type != "cuda":
-        return _INTERPRETER
+    if triton_interpreting():
+        return pick(_INTERPRETER_BUCKETS, m)
+    if device.type != "cuda":       # meta tensors: compiling for the GPU without one
+        return pick((_FORCED[-1] if _FORCED else DEFAULTS)[kind], m)
     return pick(_table(device.index if device.index is not None else 0)[kind], m)

@@ -141,11 +141,11 @@ def quantize_fp8_block(w, block_n, block_k, eps=1e-10):
 
 @triton.jit
 def _block_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, NB, KB, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, SOFTWARE: tl.constexpr):
     offs, mask, s_off = _block_tile(N, K, NB, KB, BLOCK_N, BLOCK_K)
-    q = fp8_e4m3_value(tl.load(q_ptr + offs, mask=mask, other=0), SOFTWARE_ROUNDING)
+    q = fp8_e4m3_value(tl.load(q_ptr + offs, mask=mask, other=0), SOFTWARE)
     scale = tl.load(s_ptr + s_off)
-    y = round_for_store(q * scale, out_ptr.dtype.element_ty, SOFTWARE_ROUNDING)
+    y = round_for_store(q * scale, out_ptr.dtype.element_ty, SOFTWARE)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -157,5 +157,6 @@ def dequantize_fp8_block(q, s, block_n, block_k, dtype):
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     if q.numel() > 0:
         _block_dequant_kernel[(B, NB, KB)](q.view(_U8), s, out, N, K, NB, KB,
-                                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8)
+                                           BLOCK_N=block_n, BLOCK_K=block_k,
+                                           SOFTWARE=SOFTWARE_ROUNDING, num_warps=8)
     return out

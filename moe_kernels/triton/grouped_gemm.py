@@ -3,18 +3,29 @@
 All three kernels share `_promoted_tile`: for each 128-wide K block a fresh `tl.dot` of
 the FP8 tiles (exact products, float32 sum) times a_scale[row] * b_scale[col] is added to
 a float32 accumulator ("promotion every 128"; Triton's `acc=` form does not promote on
-sm90). Tiles are BLOCK_M x BLOCK_N; BLOCK_K is the scale block, 128.
+sm90).
 
 - contiguous (`grouped_gemm_fp8`): a program owns BLOCK_M rows of the permuted layout and
-  loops over the experts present among them (one when the layout was aligned to BLOCK_M
-  with `permute(align=...)`: the fast path; any m_indices is correct). `-1` rows -> 0.
+  one pass per expert present among them (one when the layout was aligned to BLOCK_M with
+  `permute(align=...)`: the fast path; any m_indices is correct). Each pass stores only its
+  expert's rows, so one accumulator is live. `-1` rows -> 0.
 - segments (used by `fused_moe_fp8`): a program owns BLOCK_M rows of one expert of an
   align=1 layout, found from tokens_per_expert in the kernel, so no padding rows exist.
 - masked (`grouped_gemm_fp8_masked`): a program owns BLOCK_M rows of one group; rows
   >= masked_m[e] are written as zeros without reading the weights.
 
-Operands arrive as uint8 views (bit-cast to fp8 after the load: the interpreter cannot
-cast `other=0` to fp8). Tile configs: configs/grouped_gemm.py.
+Hopper code shape (read in the sm_90a compile report, docs/fp8.md):
+- Operands load through fp8-typed pointers, so the pipeliner copies them global -> shared
+  asynchronously (cp.async) and wgmma reads both from shared memory. Under the interpreter,
+  which cannot fill a masked fp8 load, they load as uint8 and are bit-cast (SOFTWARE).
+- Tiles of fewer than 64 rows (decode) swap A and B (SWAP_AB, from BLOCK_M < 64): the
+  weight tile takes wgmma's 64-row M side and the tokens its N side (8..256), instead of
+  falling back to mma.sync.
+- The weight scale of a BLOCK_N <= 128 tile is one scalar per K block; the scale loads
+  sit in the K loop beside the tiles, so the pipeliner issues them stages ahead.
+- Programs walk GROUP_M row tiles across every column tile before the next rows (L2
+  reuse of the A rows, as the Triton matmul tutorial's grouped order).
+Tile configs: configs/grouped_gemm.py.
 """
 
 from __future__ import annotations
@@ -27,39 +38,103 @@ from moe_kernels.configs.grouped_gemm import gemm_config
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
 SCALE_BLOCK = 128
+GROUP_M = 8
+WGMMA_M = 64       # a tile with fewer rows swaps A and B
 _U8 = torch.uint8
 
 
 @triton.jit
-def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n, N, K,
-                   stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
-                   stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """sum over K blocks of dot(a[rows, kb], b[e, n, kb].T) * a_s[rows, kb] * b_s[e, n//128, kb]
-    as a (BLOCK_M, BLOCK_N) float32 tile; rows with row_ok false and columns n >= N are 0."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    kr = tl.arange(0, BLOCK_K)
-    n_ok = n < N
-    a_row = a_ptr + rows[:, None] * stride_am
-    b_col = b_ptr + e * stride_be + n[None, :] * stride_bn
-    as_row = as_ptr + rows * stride_asm
-    bs_col = bs_ptr + e * stride_bse + (n // BLOCK_K) * stride_bsn
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k = kb * BLOCK_K + kr
-        k_ok = k < K
-        a = tl.load(a_row + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
-        b = tl.load(b_col + k[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
-        a_s = tl.load(as_row + kb * stride_ask, mask=row_ok, other=0.0)
-        b_s = tl.load(bs_col + kb * stride_bsk, mask=n_ok, other=0.0)
-        part = tl.dot(a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True))
-        acc += part * (a_s[:, None] * b_s[None, :])
-    return acc
+def _load_fp8(ptrs, mask, SOFTWARE: tl.constexpr):
+    if SOFTWARE:     # interpreter: the bits as uint8 (it cannot cast `other` to fp8)
+        return tl.load(ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_tile(out_ptr, acc, rows, row_ok, n, N, stride_om):
+def _grouped_order(pid, tiles_m, tiles_n, GROUP: tl.constexpr):
+    """(tile_m, tile_n) of program pid: GROUP row tiles walk every column tile together."""
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    size_m = tl.minimum(tiles_m - first_m, GROUP)
+    local = pid % per_group
+    return first_m + local % size_m, local // size_m
+
+
+@triton.jit
+def _block_scales(as_row, bs_ptrs, kb, num_kb, row_ok, n_ok, stride_ask, stride_bsk,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(a scales of the rows, b scale(s) of the columns) of K block kb; past the last
+    block, the last block's (read, never used: no mask to carry)."""
+    kb = tl.minimum(kb, num_kb - 1)
+    a_s = tl.load(as_row + kb * stride_ask, mask=row_ok, other=0.0)
+    if BLOCK_N <= BLOCK_K:
+        b_s = tl.load(bs_ptrs + kb * stride_bsk)
+    else:
+        b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+    return a_s, b_s
+
+
+@triton.jit
+def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n0, N, K,
+                   stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
+                   stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
+                   SOFTWARE: tl.constexpr):
+    """sum over K blocks of dot(a[rows, kb], b[e, n, kb].T) * a_s[rows, kb] * b_s[e, n//128, kb]
+    as a (BLOCK_M, BLOCK_N) float32 tile, n = n0 + [0, BLOCK_N); rows with row_ok false and
+    columns n >= N are 0. SWAP_AB computes the transposed tile (weights on the M side)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    kr = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + rows * stride_am
+    b_base = b_ptr + e * stride_be + n * stride_bn
+    as_row = as_ptr + rows * stride_asm
+    if BLOCK_N <= BLOCK_K:      # the tile lies inside one 128-row scale block of b
+        bs_ptrs = bs_ptr + e * stride_bse + (n0 // BLOCK_K) * stride_bsn
+    else:
+        bs_ptrs = bs_ptr + e * stride_bse + (n // BLOCK_K) * stride_bsn
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_kb = tl.cdiv(K, BLOCK_K)
+    # the scales of block kb + 1 load during block kb: plain loads, one iteration ahead
+    a_s, b_s = _block_scales(as_row, bs_ptrs, 0, num_kb, row_ok, n_ok, stride_ask, stride_bsk,
+                             BLOCK_N, BLOCK_K)
+    for kb in range(0, num_kb):
+        k = kb * BLOCK_K + kr
+        k_ok = (k < K) | EVEN_K       # EVEN_K: a constant mask, fewer registers
+        a_s_next, b_s_next = _block_scales(as_row, bs_ptrs, kb + 1, num_kb, row_ok, n_ok,
+                                           stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
+        if SWAP_AB:
+            w = _load_fp8(b_base[:, None] + k[None, :], n_ok[:, None] & k_ok[None, :], SOFTWARE)
+            x = _load_fp8(a_base[None, :] + k[:, None], k_ok[:, None] & row_ok[None, :], SOFTWARE)
+            if BLOCK_N <= BLOCK_K:
+                scale = a_s[None, :] * b_s
+            else:
+                scale = a_s[None, :] * b_s[:, None]
+            acc += tl.dot(w, x) * scale
+        else:
+            x = _load_fp8(a_base[:, None] + k[None, :], row_ok[:, None] & k_ok[None, :], SOFTWARE)
+            w = _load_fp8(b_base[None, :] + k[:, None], k_ok[:, None] & n_ok[None, :], SOFTWARE)
+            if BLOCK_N <= BLOCK_K:
+                scale = a_s[:, None] * b_s
+            else:
+                scale = a_s[:, None] * b_s[None, :]
+            acc += tl.dot(x, w) * scale
+        a_s = a_s_next
+        b_s = b_s_next
+    if SWAP_AB:
+        return tl.trans(acc)
+    else:
+        return acc
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, rows, row_ok, n, N, stride_om, SOFTWARE: tl.constexpr):
     dtype = out_ptr.dtype.element_ty
-    acc = round_for_store(acc, dtype, SOFTWARE_ROUNDING)
+    acc = round_for_store(acc, dtype, SOFTWARE)
     tl.store(out_ptr + rows[:, None] * stride_om + n[None, :], acc.to(dtype),
              mask=row_ok[:, None] & (n < N)[None, :])
 
@@ -68,34 +143,43 @@ def _store_tile(out_ptr, acc, rows, row_ok, n, N, stride_om):
 def _contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, m_ptr, out_ptr, R, N, K, E,
                        stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                        stride_bsn, stride_bsk, stride_om, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+                       EVEN_K: tl.constexpr, GROUP: tl.constexpr, SOFTWARE: tl.constexpr):
+    tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                    GROUP)
+    rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = tile_n.to(tl.int64) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
     in_range = rows < R
     m = tl.load(m_ptr + rows, mask=in_range, other=-1)
     valid = in_range & (m >= 0) & (m < E)
     e_lo = tl.min(tl.where(valid, m, E), axis=0)
     e_hi = tl.max(tl.where(valid, m, -1), axis=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if tl.max((in_range & ~valid).to(tl.int32), axis=0) > 0:     # rows without an expert
+        _store_tile(out_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), rows,
+                    in_range & ~valid, n, N, stride_om, SOFTWARE)
     for e in range(e_lo, e_hi + 1):
         sel = valid & (m == e)
         if tl.max(sel.to(tl.int32), axis=0) > 0:
-            part = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, sel, tl.cast(e, tl.int64), n,
-                                  N, K, stride_am, stride_asm, stride_ask, stride_be,
-                                  stride_bn, stride_bse, stride_bsn, stride_bsk, BLOCK_M,
-                                  BLOCK_N, BLOCK_K)
-            acc += tl.where(sel[:, None], part, 0.0)
-    _store_tile(out_ptr, acc, rows, in_range, n, N, stride_om)
+            # every row of the tile is read (rows of other experts too: their results are
+            # not stored), so only `sel` lives across the K loop: fewer registers
+            part = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, in_range,
+                                  tl.cast(e, tl.int64), n0, N, K, stride_am, stride_asm,
+                                  stride_ask, stride_be, stride_bn, stride_bse, stride_bsn,
+                                  stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, SOFTWARE)
+            _store_tile(out_ptr, part, rows, sel, n, N, stride_om, SOFTWARE)
 
 
 @triton.jit
 def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_ptr, N, K, E,
-                     stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
-                     stride_bsn, stride_bsk, stride_om, E_PAD: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     tiles_m, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
+                     stride_bse, stride_bsn, stride_bsk, stride_om, E_PAD: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, GROUP: tl.constexpr,
+                     SOFTWARE: tl.constexpr):
     # tile i belongs to the expert e with ends[e-1] <= i < ends[e], ends = cumsum of
     # ceil(count / BLOCK_M): E_PAD counts per program, cheaper than another launch
-    tile = tl.program_id(0)
+    tile, tile_n = _grouped_order(tl.program_id(0), tiles_m, tl.cdiv(N, BLOCK_N), GROUP)
     er = tl.arange(0, E_PAD)
     counts = tl.load(counts_ptr + er, mask=er < E, other=0)
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
@@ -108,32 +192,41 @@ def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_
         local = (tile - first_tile).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = local < count
         rows = start + local
-        n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e.to(tl.int64), n, N,
+        n0 = tile_n.to(tl.int64) * BLOCK_N
+        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e.to(tl.int64), n0, N,
                              K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
-                             stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K)
-        _store_tile(out_ptr, acc, rows, row_ok, n, N, stride_om)
+                             stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K,
+                             SWAP_AB, EVEN_K, SOFTWARE)
+        _store_tile(out_ptr, acc, rows, row_ok, n0 + tl.arange(0, BLOCK_N), N, stride_om,
+                    SOFTWARE)
 
 
 @triton.jit
 def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
                    stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                    stride_bsn, stride_bsk, stride_om, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
+                   EVEN_K: tl.constexpr, SOFTWARE: tl.constexpr):
     tiles_m = tl.cdiv(M, BLOCK_M)
     e = (tl.program_id(0) // tiles_m).to(tl.int64)
     local = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = e * M + local
-    n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1).to(tl.int64) * BLOCK_N
     count = tl.load(masked_ptr + e)
     in_group = local < M
     if (tl.program_id(0) % tiles_m) * BLOCK_M < count:
         acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, in_group & (local < count), e,
-                             n, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
-                             stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K)
+                             n0, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
+                             stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K,
+                             SWAP_AB, EVEN_K, SOFTWARE)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    _store_tile(out_ptr, acc, rows, in_group, n, N, stride_om)
+    _store_tile(out_ptr, acc, rows, in_group, n0 + tl.arange(0, BLOCK_N), N, stride_om, SOFTWARE)
+
+
+def _fp8_operand(x: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors go in as they are on the GPU, as uint8 bits under the interpreter."""
+    return x.view(_U8) if SOFTWARE_ROUNDING else x
 
 
 def _b_strides(b, b_scales):
@@ -141,8 +234,10 @@ def _b_strides(b, b_scales):
             b_scales.stride(2))
 
 
-def _launch_opts(cfg):
+def _launch_opts(cfg, K):
     return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_BLOCK,
+                SWAP_AB=cfg["BLOCK_M"] < WGMMA_M, EVEN_K=K % SCALE_BLOCK == 0,
+                SOFTWARE=SOFTWARE_ROUNDING,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -155,10 +250,11 @@ def grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out_dtype):
     if R == 0 or N == 0:
         return out
     cfg = gemm_config("contiguous", max(R // max(E, 1), 1), N, K, a.device)
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _contiguous_kernel[grid](a.view(_U8), a_scales, b.view(_U8), b_scales, m_indices, out,
-                             R, N, K, E, a.stride(0), a_scales.stride(0), a_scales.stride(1),
-                             *_b_strides(b, b_scales), out.stride(0), **_launch_opts(cfg))
+    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _contiguous_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales, m_indices,
+                             out, R, N, K, E, a.stride(0), a_scales.stride(0),
+                             a_scales.stride(1), *_b_strides(b, b_scales), out.stride(0),
+                             GROUP=GROUP_M, **_launch_opts(cfg, K))
     return out
 
 
@@ -175,12 +271,13 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     cfg = gemm_config("segments", max(R // max(E, 1), 1), N, K, a.device)
     bm = cfg["BLOCK_M"]
     # sum_e ceil(c_e / BM) <= floor(R / BM) + (number of non-empty experts)
-    tiles = R // bm + min(R, E)
-    grid = (tiles, triton.cdiv(N, cfg["BLOCK_N"]))
-    _segments_kernel[grid](a.view(_U8), a_scales, b.view(_U8), b_scales, expert_offsets,
-                           tokens_per_expert, out, N, K, E, a.stride(0), a_scales.stride(0),
-                           a_scales.stride(1), *_b_strides(b, b_scales), out.stride(0),
-                           E_PAD=triton.next_power_of_2(E), **_launch_opts(cfg))
+    tiles_m = R // bm + min(R, E)
+    grid = (tiles_m * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _segments_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales, expert_offsets,
+                           tokens_per_expert, out, N, K, E, tiles_m, a.stride(0),
+                           a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales),
+                           out.stride(0), E_PAD=triton.next_power_of_2(E), GROUP=GROUP_M,
+                           **_launch_opts(cfg, K))
     return out
 
 
@@ -196,7 +293,7 @@ def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
     cfg = gemm_config("masked", M, N, K, a.device)
     grid = (E * triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _masked_kernel[grid](a2.view(_U8), s2, b.view(_U8), b_scales, masked_m, out, M, N, K,
-                         a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales),
-                         N, **_launch_opts(cfg))
+    _masked_kernel[grid](_fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m, out, M, N,
+                         K, a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales),
+                         N, **_launch_opts(cfg, K))
     return out

@@ -7,8 +7,9 @@ loops over the latent in BLOCK_K chunks: one tl.dot against W_UK_h and one again
 per chunk, float32 accumulators. Then it writes K[:, h, :dn], copies k_pe into
 K[:, h, dn:] and writes V[:, h, :]: no k_nope tensor, no concat.
 
-FP8 operands load as uint8 (the interpreter cannot fill fp8 `other=`), are bit-cast and
-converted exactly to the compute dtype (every e4m3 value is a bf16 value). An FP8 weight's
+FP8 operands load through fp8 pointers (under the interpreter, which cannot fill fp8
+`other=`, as uint8 bits) and are converted exactly to the compute dtype (every e4m3 value
+is a bf16 value). An FP8 weight's
 128x128 block scale is constant over a BLOCK_K chunk (BLOCK_K divides 128), so it multiplies
 the chunk's product per output column ("promotion per K block", as the FP8 GEMMs); an FP8
 cache's per-tensor scale multiplies the accumulators once at the end. With both operands
@@ -29,9 +30,9 @@ from moe_kernels._library import triton_interpreting
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
 FP8 = torch.float8_e4m3fn
-SCALE_BLOCK = 128
+SCALE_BLOCK = tl.constexpr(128)   # read inside the kernel: jit code sees only constexpr globals
 
-# Untuned (no GPU in the session that wrote this; docs/mla.md lists the tuning owed):
+# Not yet tuned on a GPU (docs/mla.md lists the tuning owed):
 # 64 tokens x (128 + 128) float32 accumulators are 64 registers per thread at 8 warps.
 CONFIG = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 # Under the interpreter the tile sizes only change the run time: larger is fewer programs.
@@ -65,14 +66,17 @@ def _paged_rows(t, T, lens_ptr, bt_ptr, B, max_blocks, num_blocks, page, stride_
 
 
 @triton.jit
-def _load_operand(ptr, mask, IS_FP8: tl.constexpr, COMPUTE: tl.constexpr):
-    if IS_FP8:
+def _load_operand(ptr, mask, IS_FP8: tl.constexpr, COMPUTE: tl.constexpr,
+                  SOFTWARE: tl.constexpr):
+    if IS_FP8 and SOFTWARE:      # interpreter: uint8 bits (it cannot fill fp8 `other=`)
         bits = tl.load(ptr, mask=mask, other=0)
-        if COMPUTE == tl.float8e4nv:      # FP8 tensor cores take the bits as they are
+        if COMPUTE == tl.float8e4nv:
             x = bits.to(tl.float8e4nv, bitcast=True)
         else:
-            x = fp8_e4m3_value(bits, SOFTWARE_ROUNDING)
+            x = fp8_e4m3_value(bits, SOFTWARE)
     else:
+        # fp8-typed pointers on the GPU: an fp8 x fp8 dot takes its operands from shared
+        # memory as loaded (cp.async), no register round trip
         x = tl.load(ptr, mask=mask, other=0.0)
     return x.to(COMPUTE)
 
@@ -87,7 +91,8 @@ def _decompress_kernel(
         BLOCK_DN: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROPE: tl.constexpr,
         PAGED: tl.constexpr, KV_FP8: tl.constexpr, W_FP8: tl.constexpr,
         HAS_KV_SCALE: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+        SOFTWARE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1).to(tl.int64)
     if PAGED:
@@ -107,11 +112,11 @@ def _decompress_kernel(
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < R
         x = _load_operand(row[:, None] + kk[None, :], valid[:, None] & k_ok[None, :], KV_FP8,
-                          COMPUTE)
+                          COMPUTE, SOFTWARE)
         wk = _load_operand(w_ptr + wk_rows[None, :] * stride_w + kk[:, None],
-                           k_ok[:, None] & (dn < DN)[None, :], W_FP8, COMPUTE)
+                           k_ok[:, None] & (dn < DN)[None, :], W_FP8, COMPUTE, SOFTWARE)
         wv = _load_operand(w_ptr + wv_rows[None, :] * stride_w + kk[:, None],
-                           k_ok[:, None] & (dv < DV)[None, :], W_FP8, COMPUTE)
+                           k_ok[:, None] & (dv < DV)[None, :], W_FP8, COMPUTE, SOFTWARE)
         part_k = tl.dot(x, wk, input_precision=PRECISION)
         part_v = tl.dot(x, wv, input_precision=PRECISION)
         if W_FP8:
@@ -127,7 +132,8 @@ def _decompress_kernel(
 
     r = tl.arange(0, BLOCK_ROPE)
     pe = _load_operand(pe_ptr + block[:, None] * stride_pe_blk + slot[:, None] * stride_pe_slot
-                       + r[None, :], valid[:, None] & (r < ROPE)[None, :], KV_FP8, tl.float32)
+                       + r[None, :], valid[:, None] & (r < ROPE)[None, :], KV_FP8, tl.float32,
+                       SOFTWARE)
     if HAS_KV_SCALE:
         kv_scale = tl.load(kv_scale_ptr)
         acc_k = acc_k * kv_scale
@@ -139,11 +145,11 @@ def _decompress_kernel(
     v_row = v_ptr + t[:, None] * stride_vt + h * stride_vh
     k_dtype = k_ptr.dtype.element_ty
     v_dtype = v_ptr.dtype.element_ty
-    tl.store(k_row + dn[None, :], round_for_store(acc_k, k_dtype, SOFTWARE_ROUNDING).to(k_dtype),
+    tl.store(k_row + dn[None, :], round_for_store(acc_k, k_dtype, SOFTWARE).to(k_dtype),
              mask=out_ok[:, None] & (dn < DN)[None, :])
-    tl.store(k_row + DN + r[None, :], round_for_store(pe, k_dtype, SOFTWARE_ROUNDING).to(k_dtype),
+    tl.store(k_row + DN + r[None, :], round_for_store(pe, k_dtype, SOFTWARE).to(k_dtype),
              mask=out_ok[:, None] & (r < ROPE)[None, :])
-    tl.store(v_row + dv[None, :], round_for_store(acc_v, v_dtype, SOFTWARE_ROUNDING).to(v_dtype),
+    tl.store(v_row + dv[None, :], round_for_store(acc_v, v_dtype, SOFTWARE).to(v_dtype),
              mask=out_ok[:, None] & (dv < DV)[None, :])
 
 
@@ -152,7 +158,7 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 def _compute_dtype(kv_dtype: torch.dtype, w_dtype: torch.dtype):
     """(dot operand dtype, input_precision or None for the default). Under the interpreter float32 (its bf16
-    arithmetic is broken, ../shared/NOTES.md); float32 anywhere -> IEEE float32 (no TF32);
+    arithmetic is broken: triton/numerics.py); float32 anywhere -> IEEE float32 (no TF32);
     both FP8 -> FP8 tensor cores; else the 16-bit float among them (fp8 converts exactly)."""
     if triton_interpreting() or torch.float32 in (kv_dtype, w_dtype):
         return tl.float32, "ieee"
@@ -162,7 +168,8 @@ def _compute_dtype(kv_dtype: torch.dtype, w_dtype: torch.dtype):
 
 
 def _bytes(x: torch.Tensor) -> torch.Tensor:
-    return x.view(torch.uint8) if x.dtype == FP8 else x
+    """fp8 tensors as uint8 bits under the interpreter, as they are on the GPU."""
+    return x.view(torch.uint8) if x.dtype == FP8 and SOFTWARE_ROUNDING else x
 
 
 def _next_pow2(n: int) -> int:
@@ -196,6 +203,7 @@ def _launch(rows, row_strides, pe, pe_strides, kv_b_proj, kv_b_proj_scale, kv_ca
         BLOCK_ROPE=_next_pow2(rope), PAGED=paged, KV_FP8=rows.dtype == FP8, W_FP8=w_fp8,
         HAS_KV_SCALE=kv_cache_scale is not None, COMPUTE=compute, PRECISION=precision,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_B=BLOCK_SEQS,
+        SOFTWARE=SOFTWARE_ROUNDING,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

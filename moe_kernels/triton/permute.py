@@ -27,9 +27,9 @@ def _chunk_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, P, E,
     ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int64)
     expert = tl.where((ids >= 0) & (ids < E), ids, -1)
     e_range = tl.arange(0, E_PAD)
-    onehot = (expert[:, None] == e_range[None, :]).to(tl.int32)
-    tl.store(chunk_counts_ptr + c.to(tl.int64) * E + e_range, tl.sum(onehot, axis=0),
-             mask=e_range < E)
+    # a histogram, not a (BLOCK, E_PAD) one-hot sum: that spilled on sm_90a at E_PAD=256
+    counts = tl.histogram(tl.where(expert >= 0, expert, 0).to(tl.int32), E_PAD, mask=expert >= 0)
+    tl.store(chunk_counts_ptr + c.to(tl.int64) * E + e_range, counts, mask=e_range < E)
     i = tl.arange(0, BLOCK)
     earlier_same = (expert[None, :] == expert[:, None]) & (i[None, :] < i[:, None])
     tl.store(rank_ptr + p, tl.sum(earlier_same.to(tl.int32), axis=1), mask=p < P)
@@ -129,7 +129,7 @@ def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.T
 
 @triton.jit
 def _unpermute_kernel(eo_ptr, rows_ptr, w_ptr, out_ptr, H, R, K: tl.constexpr,
-                      BLOCK_H: tl.constexpr):
+                      BLOCK_H: tl.constexpr, SOFTWARE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -141,7 +141,7 @@ def _unpermute_kernel(eo_ptr, rows_ptr, w_ptr, out_ptr, H, R, K: tl.constexpr,
         x = tl.load(eo_ptr + tl.where(valid, r, 0) * H + h, mask=h < tl.where(valid, H, 0),
                     other=0)
         acc += tl.where(valid, w, 0.0) * x.to(tl.float32)
-    acc = round_for_store(acc, out_ptr.dtype.element_ty, SOFTWARE_ROUNDING)
+    acc = round_for_store(acc, out_ptr.dtype.element_ty, SOFTWARE)
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 
@@ -154,5 +154,6 @@ def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor, topk_weights:
         block = min(triton.next_power_of_2(H), 1024)
         _unpermute_kernel[(T, triton.cdiv(H, block))](expert_out, row_of_pair, topk_weights,
                                                       out, H, R, K=K, BLOCK_H=block,
+                                                      SOFTWARE=SOFTWARE_ROUNDING,
                                                       num_warps=4 if block >= 512 else 1)
     return out

@@ -1,0 +1,521 @@
+"""The sm_90a compile gate: every Triton kernel the ops launch, compiled for the H100 on any
+machine (no GPU needed), and what the compiled code looks like.
+
+How: the ops' own host wrappers (`moe_kernels/triton/*`) run on **meta tensors** at
+DeepSeek-V3 shapes, so each launch goes through the kernel's own argument binder with the
+launch's real constexprs, dtypes, integer specialisations and launch options; a stand-in
+driver reports an sm_90 target and `JITFunction.run` compiles instead of launching. Every
+launch configuration the ops can pick is reached by choosing the shapes (decode and prefill
+buckets, every dtype variant) and by running once per grouped-GEMM config table (the
+defaults and each tuned `configs/grouped_gemm/*.json`).
+
+Each compiled kernel is read: registers and spills (the ptxas log of the compile itself),
+shared memory, every dot (wgmma or mma.sync, operand dtype, operands from shared memory or
+registers), how operands reach shared memory (async copy, TMA, or a register round trip),
+the waits inside the main loop, and the SASS instructions of one main-loop pass.
+
+`python -m moe_kernels.bench.sm90` (or `moe-bench --sm90-report`) prints the table and
+exits 1 on a violation of the gate (`violations`); tests/test_sm90_compile.py runs it
+under each triton version the project supports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import io
+import json
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+SHARED_LIMIT = 232448          # bytes of shared memory one H100 block can use (227 KiB)
+WGMMA_MIN_ROWS = 64            # a wgmma tile is 64 rows per warp group
+TENSOR_CORE_DTYPES = ("f8E4M3FN", "bf16", "f16")
+
+META = torch.device("meta")
+FP8 = torch.float8_e4m3fn
+
+
+# --- compiling without a GPU ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class Launch:
+    """One compiled launch: which op case asked for it and what came out."""
+    case: str
+    kernel: str
+    config: str
+    compiled: object = None
+    error: str | None = None
+    ptxas_log: str = ""
+    seconds: float = 0.0
+
+
+class _StubDriver:
+    """Answers the few questions `JITFunction.run` asks the driver, for an sm_90 target."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return META
+
+
+def _config_text(kwargs: dict) -> str:
+    parts = []
+    for k, v in kwargs.items():
+        if isinstance(v, (bool, int, float, str)) or type(v).__name__ == "dtype":
+            parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+@contextlib.contextmanager
+def sm90_target(sink: list, case: list):
+    """Within: every `kernel[grid](...)` compiles for sm_90a and appends a `Launch` to sink
+    (case[0] names the op case running); nothing is launched."""
+    from triton import knobs
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    real_run = JITFunction.run
+    logs: dict[int, str] = {}     # a kernel reused from the in-memory cache keeps its log
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        out = io.StringIO()
+        start = time.perf_counter()
+        launch = Launch(case[0], self.fn.__name__, _config_text(kwargs))
+        try:
+            with contextlib.redirect_stdout(out):
+                launch.compiled = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+            logs.setdefault(id(launch.compiled), out.getvalue())
+            launch.ptxas_log = logs[id(launch.compiled)]
+        except Exception as exc:     # a compile error is a finding, not a crash of the gate
+            launch.error = f"{type(exc).__name__}: {exc}"[-2000:]
+        launch.seconds = time.perf_counter() - start
+        sink.append(launch)
+        return launch.compiled
+
+    saved = (knobs.nvidia.dump_ptxas_log, knobs.cache.dir, driver._active)
+    with tempfile.TemporaryDirectory(prefix="moe_kernels_sm90_") as cache_dir:
+        # a fresh cache: a cached kernel would skip ptxas and so print no register log
+        knobs.nvidia.dump_ptxas_log = True
+        knobs.cache.dir = cache_dir
+        driver.set_active(_StubDriver())
+        JITFunction.run = compile_only
+        try:
+            yield sink
+        finally:
+            JITFunction.run = real_run
+            knobs.nvidia.dump_ptxas_log, knobs.cache.dir, driver._active = saved
+
+
+# --- the launches of every op, at DeepSeek-V3 shapes ---------------------------------------
+
+def _t(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device=META)
+
+
+def _gating_cases():
+    from moe_kernels.triton import gating
+    # (E, groups, topk_group, top_k, scoring, group scoring, bias): DeepSeek-V3 and a
+    # softmax router without groups (Mixtral/Qwen style); E=384 (Kimi K2) pads to 512
+    routers = [(256, 8, 4, 8, "sigmoid", "top2_sum", True), (64, 1, 1, 8, "softmax", "max", False),
+               (384, 1, 1, 8, "sigmoid", "max", True)]
+    for E, G, tg, k, scoring, gscore, bias in routers:
+        for T in (1, 4096, 16384):
+            dtypes = (torch.bfloat16, torch.float32, torch.float16) if (E, T) == (256, 4096) \
+                else (torch.bfloat16,)
+            for dt in dtypes:
+                yield (f"grouped_topk E={E} T={T} {dt}", lambda dt=dt, T=T, E=E, G=G, tg=tg, k=k,
+                       s=scoring, g=gscore, b=bias: gating.grouped_topk(
+                           _t(T, E, dtype=dt), _t(E) if b else None, k, G, tg, s, g, True, 2.5))
+
+
+def _permute_cases():
+    from moe_kernels.triton import permute
+    for E, id_dtype in ((256, torch.int32), (256, torch.int64), (384, torch.int32)):
+        yield (f"permute_index T=4096x8 E={E} {id_dtype}",
+               lambda E=E, d=id_dtype: permute.permute_index(_t(4096, 8, dtype=d), E, 128))
+    for D, dt in ((7168, torch.bfloat16), (7168, FP8), (7168, torch.float32), (56, torch.float32)):
+        yield (f"gather_rows R=32768 D={D} {dt}", lambda D=D, dt=dt: permute.gather_rows(
+            _t(4096, D, dtype=dt), _t(32768 + 256 * 127, dtype=torch.int32),
+            _t(4096, 8, dtype=torch.int32)))
+    for K, dt, wdt in ((8, torch.bfloat16, torch.float32), (8, torch.float32, torch.float32),
+                       (2, torch.bfloat16, torch.bfloat16), (6, torch.float16, torch.float32)):
+        yield (f"unpermute T=4096 K={K} H=7168 {dt}", lambda K=K, dt=dt, wdt=wdt: permute.unpermute(
+            _t(4096 * K, 7168, dtype=dt), _t(4096, K, dtype=torch.int32), _t(4096, K, dtype=wdt)))
+
+
+def _fp8_cases():
+    from moe_kernels.triton import fp8
+    for M in (1, 16384):
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            yield (f"quant 1x128 M={M} K=7168 {dt}", lambda M=M, dt=dt:
+                   fp8.quantize_fp8_per_token_group(_t(M, 7168, dtype=dt), 128, 1e-10, False, False))
+        yield (f"quant 1x128 ue8m0 col-major M={M}", lambda M=M: fp8.quantize_fp8_per_token_group(
+            _t(M, 7168, dtype=torch.bfloat16), 128, 1e-10, True, True))
+        yield (f"silu_and_mul_quant M={M} 2x2048", lambda M=M: fp8.silu_and_mul_quant_fp8(
+            _t(M, 4096, dtype=torch.bfloat16), 128))
+    for dt in (torch.bfloat16, torch.float32):
+        yield (f"quant 128x128 7168x2048 {dt}",
+               lambda dt=dt: fp8.quantize_fp8_block(_t(7168, 2048, dtype=dt), 128, 128))
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        yield (f"dequant 128x128 7168x2048 -> {dt}", lambda dt=dt: fp8.dequantize_fp8_block(
+            _t(7168, 2048, dtype=FP8), _t(56, 16), 128, 128, dt))
+
+
+def _gemm_operands(rows_shape, E, N, K):
+    a = _t(*rows_shape, K, dtype=FP8)
+    s = _t(*rows_shape, -(-K // 128))
+    return a, s, _t(E, N, K, dtype=FP8), _t(E, -(-N // 128), -(-K // 128))
+
+
+def _gemm_cases():
+    from moe_kernels.configs import grouped_gemm as configs
+    from moe_kernels.triton import grouped_gemm as gemm
+    for table_name, table in configs.all_tables().items():
+        # rows per expert hitting every bucket of the table (and one past the last bound)
+        ms = sorted({b["max_m"] or 4096 for b in table["contiguous"] + table["segments"]
+                     + table["masked"]} | {4096})
+        for m in ms:
+            E = 8
+            for N, K, out in ((4096, 7168, torch.bfloat16), (7168, 2048, torch.bfloat16)):
+                a, s, b, bs = _gemm_operands((E * m,), E, N, K)
+                yield (f"[{table_name}] grouped_gemm_fp8 {E}x{m} rows N={N} K={K}",
+                       lambda a=a, s=s, b=b, bs=bs, E=E, m=m, out=out, t=table: configs.with_table(
+                           t, gemm.grouped_gemm_fp8, a, s, b, bs,
+                           _t(E * m, dtype=torch.int32), out))
+            E = 256
+            for N, K, out in ((4096, 7168, torch.bfloat16), (7168, 2048, torch.bfloat16),
+                              (7168, 2048, torch.float32)):
+                a, s, b, bs = _gemm_operands((E * m,), E, N, K)
+                yield (f"[{table_name}] segments (fused_moe) {E}x{m} rows N={N} K={K} -> {out}",
+                       lambda a=a, s=s, b=b, bs=bs, E=E, out=out, t=table: configs.with_table(
+                           t, gemm.grouped_gemm_fp8_segments, a, s, b, bs,
+                           _t(E + 1, dtype=torch.int64), _t(E, dtype=torch.int32), out))
+            E = 32
+            a, s, b, bs = _gemm_operands((E, m), E, 4096, 7168)
+            yield (f"[{table_name}] masked {E}x{m} rows N=4096 K=7168",
+                   lambda a=a, s=s, b=b, bs=bs, E=E, t=table: configs.with_table(
+                       t, gemm.grouped_gemm_fp8_masked, a, s, b, bs, _t(E, dtype=torch.int32),
+                       torch.bfloat16))
+    a, s, b, bs = _gemm_operands((8 * 4096,), 8, 4096, 7168)
+    for out in (torch.float16, torch.float32):
+        yield (f"grouped_gemm_fp8 8x4096 rows -> {out}", lambda a=a, s=s, b=b, bs=bs, out=out:
+               gemm.grouped_gemm_fp8(a, s, b, bs, _t(8 * 4096, dtype=torch.int32), out))
+
+
+def _mla_cases():
+    from moe_kernels.triton import mla
+    H, R, rope, dn, dv, T = 128, 512, 64, 128, 128, 8192
+    for kv, w in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, FP8),
+                  (torch.float32, torch.float32), (torch.float16, FP8)):
+        yield (f"mla_decompress_kv T={T} H={H} kv={kv} w={w}", lambda kv=kv, w=w:
+               mla.mla_decompress_kv(_t(T, R, dtype=kv), _t(T, rope, dtype=kv),
+                                     _t(H * (dn + dv), R, dtype=w),
+                                     _t(H * (dn + dv) // 128, R // 128) if w == FP8 else None,
+                                     _t(T, H, dn + rope, dtype=torch.bfloat16 if kv != torch.float32 else kv),
+                                     _t(T, H, dv, dtype=torch.bfloat16 if kv != torch.float32 else kv)))
+    for kv, w, kv_scale in ((torch.bfloat16, torch.bfloat16, False), (FP8, FP8, True),
+                            (FP8, torch.bfloat16, True)):
+        yield (f"mla_decompress_kv_paged T={T} H={H} cache={kv} w={w}",
+               lambda kv=kv, w=w, sc=kv_scale: mla.mla_decompress_kv_paged(
+                   _t(4096, 64, R + rope, dtype=kv), _t(16, 512, dtype=torch.int32),
+                   _t(16, dtype=torch.int32), _t(H * (dn + dv), R, dtype=w),
+                   _t(H * (dn + dv) // 128, R // 128) if w == FP8 else None,
+                   _t() if sc else None, _t(T, H, dn + rope, dtype=torch.bfloat16),
+                   _t(T, H, dv, dtype=torch.bfloat16)))
+
+
+CASE_FAMILIES = (_gating_cases, _permute_cases, _fp8_cases, _gemm_cases, _mla_cases)
+
+
+def compile_all(select: str | None = None) -> list[Launch]:
+    """Runs every op case (those whose name contains `select`) under `sm90_target`."""
+    sink: list[Launch] = []
+    case = [""]
+    with sm90_target(sink, case):
+        for family in CASE_FAMILIES:
+            for name, run in family():
+                if select and select not in name:
+                    continue
+                case[0] = name
+                try:
+                    run()
+                except Exception as exc:   # host code failing on meta tensors: report it
+                    sink.append(Launch(name, "<host>", "", error=f"{type(exc).__name__}: {exc}"))
+    return sink
+
+
+def launched_kernels() -> set[str]:
+    """Names of every `*_kernel` JITFunction in moe_kernels.triton: the kernels the ops
+    launch (helpers called from kernels have other names)."""
+    return {name for name, _ in _jit_functions() if name.endswith("_kernel")}
+
+
+def _jit_functions():
+    from triton.runtime.jit import JITFunction
+    import moe_kernels.triton as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"moe_kernels.triton.{info.name}")
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction) and obj.__module__ == module.__name__:
+                yield name, obj
+
+
+def uncalled_helpers() -> set[str]:
+    """JIT helpers (not `*_kernel`) that no other JIT function calls: a kernel launched
+    under another name would hide from the gate, so there must be none."""
+    functions = list(_jit_functions())
+    sources = {name: inspect.getsource(fn.fn) for name, fn in functions}
+    return {name for name, _ in functions if not name.endswith("_kernel")
+            and not any(re.search(rf"\b{name}\(", src) for other, src in sources.items()
+                        if other != name)}
+
+
+# --- reading the compiled code ---------------------------------------------------------------
+
+_TYPE = re.compile(r"(?:tensor|!ttg\.memdesc)<(\d+)x(\d+)x(\w+)")
+
+
+@dataclasses.dataclass
+class Dot:
+    kind: str           # "wgmma" | "mma" (mma.sync / FMA)
+    m: int
+    n: int
+    dtype: str          # operand element type
+    a_from: str         # "shared" | "registers"
+    b_from: str
+
+
+def _dots(ttgir: str) -> list[Dot]:
+    dots = []
+    for line in ttgir.splitlines():
+        if " = ttng.warp_group_dot " in line or " = tt.dot " in line:
+            sig = line.rsplit(" : ", 1)[1]
+            operands, result = sig.split(" -> ")
+            a_type, b_type = operands.split(" * ")
+            m, n, _ = _TYPE.search(result).groups()
+            dots.append(Dot("wgmma" if "warp_group_dot" in line else "mma", int(m), int(n),
+                            _TYPE.search(a_type).group(3),
+                            "shared" if "memdesc" in a_type else "registers",
+                            "shared" if "memdesc" in b_type else "registers"))
+    return dots
+
+
+def _loop_bodies(ttgir: str) -> list[str]:
+    """Text of every scf.for region (outer loops include their inner ones)."""
+    lines = ttgir.splitlines()
+    bodies = []
+    for i, line in enumerate(lines):
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            depth, j = 0, i
+            while j < len(lines):
+                depth += lines[j].count("{") - lines[j].count("}")
+                if depth <= 0:
+                    break
+                j += 1
+            bodies.append("\n".join(lines[i:j + 1]))
+    return bodies
+
+
+def _mainloop(ttgir: str) -> str:
+    """The innermost loop that holds a dot ("" when no loop does)."""
+    with_dot = [b for b in _loop_bodies(ttgir) if "_dot " in b or "tt.dot " in b]
+    return min(with_dot, key=len) if with_dot else ""
+
+
+def _operand_path(loop: str) -> str:
+    """How the main loop's dot operands reach shared memory."""
+    paths = []
+    if "async_tma_copy_global_to_local" in loop or "tt.descriptor_load" in loop:
+        paths.append("TMA")
+    if "async_copy_global_to_local" in loop.replace("async_tma_copy_global_to_local", ""):
+        paths.append("cp.async")
+    if re.search(r"ttg\.local_alloc %|ttg\.local_store ", loop):
+        paths.append("registers")
+    return "+".join(paths) or "-"
+
+
+def _sass_mainloop(cubin: bytes) -> dict | None:
+    """SASS instructions, tensor-core ops and waits of the innermost loop holding a
+    tensor-core op."""
+    from triton import knobs
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", f.name], check=True,
+                                  capture_output=True, text=True).stdout
+    except Exception:
+        return None
+    code = [ln for ln in sass.splitlines() if re.match(r"\s*(/\*[0-9a-f]+\*/)?\s+[@A-Z]", ln)
+            or re.match(r"^\.L\w+:", ln.strip())]
+    labels, instr = {}, []
+    for ln in code:
+        s = ln.strip()
+        if s.endswith(":") and s.startswith(".L"):
+            labels[s[:-1]] = len(instr)
+        else:
+            instr.append(s)
+    best = None
+    for i, ins in enumerate(instr):
+        m = re.search(r"BRA\s+`?\(?(\.L\w+)", ins)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            body = instr[labels[m.group(1)]:i + 1]
+            if any("GMMA" in x or "HMMA" in x for x in body) and (best is None or len(body) < len(best)):
+                best = body
+    if best is None:
+        return None
+    # QGMMA: wgmma with fp8 operands, HGMMA: 16-bit; WARPGROUP.DEPBAR waits for them
+    return {"instructions": len(best), "wgmma": sum("GMMA" in x for x in best),
+            "hmma": sum("HMMA" in x for x in best),
+            "waits": sum("WARPGROUP.DEPBAR" in x for x in best),
+            "global_loads": sum(" LDG" in x for x in best)}
+
+
+def analyse(launch: Launch) -> dict:
+    """What the compiled code of one launch looks like (a JSON-able dict)."""
+    row = {"case": launch.case, "kernel": launch.kernel, "config": launch.config,
+           "error": launch.error, "seconds": round(launch.seconds, 2)}
+    k = launch.compiled
+    if k is None:
+        return row
+    log = launch.ptxas_log
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
+    loop = _mainloop(ttgir)
+    waits = [int(p) for p in re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", loop)]
+    row.update(
+        registers=int(regs.group(1)) if regs else None,
+        spill_bytes=(int(spills.group(1)) + int(spills.group(2))) if spills else None,
+        shared=int(k.metadata.shared),
+        num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages,
+        dots=[dataclasses.asdict(d) for d in _dots(ttgir)],
+        operand_path=_operand_path(loop) if loop else "-",
+        loop_waits=waits,
+        tma="cp.async.bulk.tensor" in ptx,
+        sass_loop=_sass_mainloop(k.asm["cubin"]) if loop else None)
+    return row
+
+
+def violations(row: dict) -> list[str]:
+    """Why a compiled launch fails the gate (empty when it passes)."""
+    if row.get("error"):
+        lines = [ln.strip() for ln in row["error"].splitlines() if ln.strip()]
+        return [f"compile error: {lines[0][:120]} ... {lines[-1][:300]}"]
+    out = []
+    if row["spill_bytes"] is None:
+        out.append("no ptxas register report")
+    elif row["spill_bytes"] > 0:
+        out.append(f"spills {row['spill_bytes']} B")
+    if row["shared"] > SHARED_LIMIT:
+        out.append(f"shared memory {row['shared']} B > {SHARED_LIMIT}")
+    for d in row["dots"]:
+        if d["dtype"] in TENSOR_CORE_DTYPES and d["m"] >= WGMMA_MIN_ROWS:
+            if d["kind"] != "wgmma":
+                out.append(f"{d['m']}x{d['n']} {d['dtype']} dot is not wgmma")
+            elif d["dtype"] == "f8E4M3FN" and (d["a_from"], d["b_from"]) != ("shared", "shared"):
+                out.append(f"{d['m']}x{d['n']} fp8 wgmma reads operands from registers")
+    # an fp8 x fp8 dot needs no conversion, so its operands must not detour through
+    # registers (a mixed-dtype dot converts one operand in registers by necessity)
+    fp8_wgmma = any(d["kind"] == "wgmma" and d["dtype"] == "f8E4M3FN" for d in row["dots"])
+    if fp8_wgmma and "registers" in row["operand_path"]:
+        out.append("fp8 wgmma operands go through registers before shared memory")
+    return out
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def _dot_text(row: dict) -> str:
+    dots = {(d["kind"], d["m"], d["n"], d["dtype"], d["a_from"][0] + d["b_from"][0])
+            for d in row.get("dots", [])}
+    return ",".join(f"{k} {m}x{n} {dt} {src}" for k, m, n, dt, src in sorted(dots)) or "-"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    head = ("case", "kernel", "config", "regs", "spill B", "smem B", "dots (operands: s=shared, "
+            "r=registers)", "operand path", "loop waits", "TMA", "SASS/loop", "gate")
+    lines = [f"# sm_90a compile report: triton {meta['triton']}, torch {meta['torch']}, "
+             f"commit {meta['commit']}", "",
+             f"{meta['launches']} launches, {meta['kernels']} kernels, "
+             f"{meta['failures']} failing the gate; compiled in {meta['seconds']:.0f} s.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sass = r.get("sass_loop")
+        sass_text = (f"{sass['instructions']} ({sass['wgmma'] or sass['hmma']} "
+                     f"{'wgmma' if sass['wgmma'] else 'mma'}, {sass['waits']} waits, "
+                     f"{sass['global_loads']} LDG)") if sass else "-"
+        bad = violations(r)
+        cells = (r["case"], r["kernel"], r["config"].replace("|", "/"), r.get("registers", "-"),
+                 r.get("spill_bytes", "-"), r.get("shared", "-"), _dot_text(r),
+                 r.get("operand_path", "-"), ",".join(map(str, r.get("loop_waits", []))) or "-",
+                 "yes" if r.get("tma") else "no", sass_text, "; ".join(bad) or "ok")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(select: str | None = None) -> tuple[list[dict], dict]:
+    import triton
+    start = time.perf_counter()
+    launches = compile_all(select)
+    rows = [analyse(x) for x in launches]
+    from moe_kernels.bench.cli import _git_commit
+    meta = {"triton": triton.__version__, "torch": torch.__version__, "commit": _git_commit(),
+            "launches": len(rows), "kernels": len({r["kernel"] for r in rows}),
+            "failures": sum(bool(violations(r)) for r in rows),
+            "seconds": time.perf_counter() - start,
+            "covered": sorted({r["kernel"] for r in rows if r["kernel"] != "<host>"}),
+            "launched_kernels": sorted(launched_kernels()),
+            "uncalled_helpers": sorted(uncalled_helpers())}
+    return rows, meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="moe-bench --sm90-report", description=__doc__.split("\n")[0])
+    p.add_argument("--json", metavar="PATH", help="write every launch's analysis as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the report table as Markdown")
+    p.add_argument("--select", help="only op cases whose name contains this text")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("sm90 report: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    rows, meta = report(args.select)
+    table = markdown(rows, meta)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "launches": rows}, f, indent=1)
+    for r in rows:
+        bad = violations(r)
+        status = "FAIL " + "; ".join(bad) if bad else "ok"
+        print(f"{r['kernel']:<24} {r.get('registers', '-')!s:>4} regs "
+              f"{r.get('spill_bytes', '-')!s:>5} B spill  {r['case']}: {status}")
+    missing = set(meta["launched_kernels"]) - set(meta["covered"])
+    print(f"sm90: triton {meta['triton']}: {meta['launches']} launches of {meta['kernels']} "
+          f"kernels in {meta['seconds']:.0f} s, {meta['failures']} failing; kernels without a "
+          f"compile case: {sorted(missing) or 'none'}; uncalled helpers: "
+          f"{meta['uncalled_helpers'] or 'none'}")
+    return 1 if meta["failures"] or missing or meta["uncalled_helpers"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

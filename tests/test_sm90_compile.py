@@ -1,0 +1,189 @@
+"""The sm_90a compile gate: every Triton kernel the ops launch compiles for the H100, at
+every launch configuration the ops can pick, without a GPU (moe_kernels/bench/sm90.py).
+
+The interpreter that runs the other Triton tests compiles nothing, so code it passes can
+fail on the first GPU launch (a plain global read in jit code is a NameError there). Each
+supported triton version compiles in its own process (no TRITON_INTERPRET): the one
+installed here, and triton 3.6 (the GPU machine's) from `.venv/triton-3.6`, which
+`make setup` installs (or the directories in MOE_KERNELS_SM90_TRITON, colon-separated).
+Both run at once, one per core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXTRA_TRITON = os.environ.get("MOE_KERNELS_SM90_TRITON", str(ROOT / ".venv" / "triton-3.6"))
+TIMEOUT_S = 600
+
+
+def _nvidia_backend_reason() -> str | None:
+    try:
+        import triton.backends.nvidia.compiler  # noqa: F401
+    except Exception as exc:  # triton without its NVIDIA backend cannot compile for sm_90a
+        return f"triton's NVIDIA backend is unavailable: {exc}"
+    return None
+
+
+def _env(extra_path: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, str(ROOT),
+                                                     env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _versions() -> list:
+    params = [pytest.param(None, id="installed-triton")]
+    for path in EXTRA_TRITON.split(os.pathsep):
+        marks = [] if (pathlib.Path(path) / "triton").is_dir() else [pytest.mark.skip(
+            reason=f"no triton at {path}: `make setup` installs triton 3.6 there")]
+        params.append(pytest.param(path, id=f"triton-from-{pathlib.Path(path).name}", marks=marks))
+    return params
+
+
+VERSIONS = _versions()
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Runs the gate under every available triton at once; {path: (returncode, output,
+    report dict)}."""
+    reason = _nvidia_backend_reason()
+    if reason:
+        pytest.skip(reason)
+    out_dir = tmp_path_factory.mktemp("sm90")
+    runs = {}
+    for p in VERSIONS:
+        path = p.values[0]
+        if p.marks:
+            continue
+        out = out_dir / f"{pathlib.Path(path).name if path else 'installed'}.json"
+        proc = subprocess.Popen([sys.executable, "-m", "moe_kernels.bench.sm90", "--json",
+                                 str(out)], env=_env(path), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        runs[path] = (proc, out)
+    results = {}
+    for path, (proc, out) in runs.items():
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+        results[path] = (proc.returncode, output,
+                         json.loads(out.read_text()) if out.exists() else None)
+    return results
+
+
+def _report(reports, path):
+    rc, output, report = reports[path]
+    assert report is not None, f"the gate produced no report:\n{output[-4000:]}"
+    return rc, output, report
+
+
+@pytest.mark.parametrize("triton_path", VERSIONS)
+def test_every_launch_compiles_without_violations(reports, triton_path):
+    """No compile error, no register spill, shared memory within 227 KB, every 16-bit or
+    fp8 dot of >= 64 rows on wgmma (fp8 ones with both operands from shared memory)."""
+    from moe_kernels.bench.sm90 import violations
+    rc, output, report = _report(reports, triton_path)
+    bad = [(r["case"], r["kernel"], violations(r)) for r in report["launches"]
+           if violations(r)]
+    assert not bad, "\n".join(f"{c} [{k}]: {'; '.join(v)}" for c, k, v in bad)
+    assert rc == 0, output[-4000:]
+
+
+@pytest.mark.parametrize("triton_path", VERSIONS)
+def test_every_launched_kernel_has_a_compile_case(reports, triton_path):
+    """A new `*_kernel` cannot skip the gate, nor can a kernel launched under another name
+    (every other jit function must be called from jit code)."""
+    _, _, report = _report(reports, triton_path)
+    meta = report["meta"]
+    assert len(meta["launched_kernels"]) >= 12
+    assert set(meta["launched_kernels"]) <= set(meta["covered"]), \
+        f"kernels without a compile case: {set(meta['launched_kernels']) - set(meta['covered'])}"
+    assert meta["uncalled_helpers"] == []
+
+
+@pytest.mark.parametrize("triton_path", VERSIONS)
+def test_fp8_gemm_tiles_are_wgmma_from_shared_memory(reports, triton_path):
+    """Every grouped-GEMM launch (decode tiles included: they swap A and B) runs fp8 wgmma
+    with both operands copied global -> shared asynchronously, never through registers."""
+    _, _, report = _report(reports, triton_path)
+    gemms = [r for r in report["launches"]
+             if r["kernel"] in ("_contiguous_kernel", "_segments_kernel", "_masked_kernel")]
+    assert len(gemms) >= 20
+    for r in gemms:
+        assert r["dots"], r["case"]
+        for d in r["dots"]:
+            assert (d["kind"], d["dtype"], d["a_from"], d["b_from"]) == \
+                ("wgmma", "f8E4M3FN", "shared", "shared"), (r["case"], d)
+            assert d["m"] >= 64, (r["case"], d)
+        assert "registers" not in r["operand_path"] and r["operand_path"] != "-", r["case"]
+
+
+# Kernels that break each rule once, to show that the gate sees each kind of defect.
+_BAD_KERNELS = textwrap.dedent('''
+    import torch, triton, triton.language as tl
+    from moe_kernels.bench import sm90
+
+    PLAIN_GLOBAL = 3
+
+    @triton.jit
+    def global_kernel(x_ptr):
+        tl.store(x_ptr, PLAIN_GLOBAL)
+
+    @triton.jit
+    def spill_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i[:, None] * BLOCK + i[None, :])
+        tl.store(out_ptr + i, tl.sum(tl.exp(x) * tl.sin(x) + x * tl.cos(x), axis=1))
+        tl.store(out_ptr + BLOCK + i, tl.max(tl.exp(x) * x, axis=0))
+
+    @triton.jit
+    def uint8_dot_kernel(a_ptr, b_ptr, out_ptr, K, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            a = tl.load(a_ptr + i[:, None] * K + k0 + i[None, :])
+            b = tl.load(b_ptr + (k0 + i[:, None]) * BLOCK + i[None, :])
+            acc += tl.dot(a.to(tl.float8e4nv, bitcast=True), b.to(tl.float8e4nv, bitcast=True))
+        tl.store(out_ptr + i[:, None] * BLOCK + i[None, :], acc)
+
+    @triton.jit
+    def mma_kernel(a_ptr, out_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        a = tl.load(a_ptr + i[:, None] * BLOCK + i[None, :])
+        tl.store(out_ptr + i[:, None] * BLOCK + i[None, :], tl.dot(a, a))
+
+    t = lambda *s, dtype=torch.float32: torch.empty(s, dtype=dtype, device="meta")
+    sink, case = [], [""]
+    with sm90.sm90_target(sink, case):
+        case[0] = "global"; global_kernel[(1,)](t(1))
+        case[0] = "spill"; spill_kernel[(1,)](t(64, 64), t(128), BLOCK=64, num_warps=1)
+        case[0] = "uint8"; uint8_dot_kernel[(1,)](t(128, 512, dtype=torch.uint8),
+            t(512, 128, dtype=torch.uint8), t(128, 128), 512, BLOCK=128, num_warps=4, num_stages=3)
+        case[0] = "mma"; mma_kernel[(1,)](t(64, 64, dtype=torch.bfloat16), t(64, 64), BLOCK=64,
+                                          num_warps=2)
+    print(json.dumps({l.case: sm90.violations(sm90.analyse(l)) for l in sink}))
+''')
+
+
+@pytest.mark.parametrize("triton_path", VERSIONS)
+def test_the_gate_catches_each_kind_of_defect(tmp_path, triton_path):
+    reason = _nvidia_backend_reason()
+    if reason:
+        pytest.skip(reason)
+    script = tmp_path / "bad_kernels.py"
+    script.write_text("import json\n" + _BAD_KERNELS)
+    proc = subprocess.run([sys.executable, str(script)], env=_env(triton_path),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert any("compile error" in v and "PLAIN_GLOBAL" in v for v in found["global"]), found
+    assert any(v.startswith("spills") for v in found["spill"]), found
+    assert any("through registers" in v for v in found["uint8"]), found
+    assert any("not wgmma" in v for v in found["mma"]), found
