@@ -32,8 +32,8 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "grouped_gemm"
 # Chosen from the sm_90a compile report (registers and spills per tile, `moe-bench
 # --sm90-report`), not yet timed on a GPU. Decode tiles (BLOCK_M < 64) run with A and B
 # swapped, so the 64-row wgmma side holds weights. 64-row tiles take 8 warps: at 4 warps
-# the two float32 tiles of the promotion (partial + accumulator) spill. The contiguous
-# kernel's loop over the experts of a tile costs ~80 registers more than the other two,
+# the contiguous kernel spills (two float32 tiles per thread: partial + accumulator). Its
+# loop over the experts of a tile costs ~80 registers more than the other two,
 # so its prefill tile is 128x64 (207 registers; 128x128 spills with a float32 output).
 _DECODE = {"max_m": 16, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
 _SMALL = {"max_m": 64, "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 4}

@@ -21,8 +21,8 @@ Hopper code shape (read in the sm_90a compile report, docs/fp8.md):
 - Tiles of fewer than 64 rows (decode) swap A and B (SWAP_AB, from BLOCK_M < 64): the
   weight tile takes wgmma's 64-row M side and the tokens its N side (8..256), instead of
   falling back to mma.sync.
-- The weight scale of a BLOCK_N <= 128 tile is one scalar per K block; the scale loads
-  sit in the K loop beside the tiles, so the pipeliner issues them stages ahead.
+- The weight scale of a tile whose BLOCK_N divides 128 is one scalar per K block; the
+  scales of block kb + 1 load (plain loads) while block kb computes.
 - Programs walk GROUP_M row tiles across every column tile before the next rows (L2
   reuse of the A rows, as the Triton matmul tutorial's grouped order).
 Tile configs: configs/grouped_gemm.py.
@@ -68,7 +68,7 @@ def _block_scales(as_row, bs_ptrs, kb, num_kb, row_ok, n_ok, stride_ask, stride_
     block, the last block's (read, never used: no mask to carry)."""
     kb = tl.minimum(kb, num_kb - 1)
     a_s = tl.load(as_row + kb * stride_ask, mask=row_ok, other=0.0)
-    if BLOCK_N <= BLOCK_K:
+    if BLOCK_K % BLOCK_N == 0:
         b_s = tl.load(bs_ptrs + kb * stride_bsk)
     else:
         b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
@@ -90,7 +90,7 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n0, N, K,
     a_base = a_ptr + rows * stride_am
     b_base = b_ptr + e * stride_be + n * stride_bn
     as_row = as_ptr + rows * stride_asm
-    if BLOCK_N <= BLOCK_K:      # the tile lies inside one 128-row scale block of b
+    if BLOCK_K % BLOCK_N == 0:  # the tile lies inside one 128-row scale block of b
         bs_ptrs = bs_ptr + e * stride_bse + (n0 // BLOCK_K) * stride_bsn
     else:
         bs_ptrs = bs_ptr + e * stride_bse + (n // BLOCK_K) * stride_bsn
@@ -110,7 +110,7 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n0, N, K,
         if SWAP_AB:
             w = _load_fp8(b_base[:, None] + k[None, :], n_ok[:, None] & k_ok[None, :], SOFTWARE)
             x = _load_fp8(a_base[None, :] + k[:, None], k_ok[:, None] & row_ok[None, :], SOFTWARE)
-            if BLOCK_N <= BLOCK_K:
+            if BLOCK_K % BLOCK_N == 0:
                 scale = a_s[None, :] * b_s
             else:
                 scale = a_s[None, :] * b_s[:, None]
@@ -118,7 +118,7 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n0, N, K,
         else:
             x = _load_fp8(a_base[:, None] + k[None, :], row_ok[:, None] & k_ok[None, :], SOFTWARE)
             w = _load_fp8(b_base[None, :] + k[:, None], k_ok[:, None] & n_ok[None, :], SOFTWARE)
-            if BLOCK_N <= BLOCK_K:
+            if BLOCK_K % BLOCK_N == 0:
                 scale = a_s[:, None] * b_s
             else:
                 scale = a_s[:, None] * b_s[None, :]
