@@ -47,11 +47,12 @@ test-all: build
 bench: build
 	$(abspath $(dir $(PY)))/moe-bench
 
-# Compiles every framework-free .cuh for sm_90a: catches CUDA errors on machines whose
+# Compiles every framework-free .cuh (device code, and csrc/common/ through
+# check_device.cuh) for sm_90a: catches CUDA errors on machines whose
 # torch has no CUDA (the kernels themselves are built and tested on the GPU machine).
 check-cuda:
 	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipped"; else \
-	  tmp=$$(mktemp -d); for f in csrc/cuda/*.cuh; do echo "nvcc $(CUDA_ARCH_FLAGS) $$f"; \
+	  tmp=$$(mktemp -d); for f in csrc/cuda/*.cuh csrc/common/*.cuh; do echo "nvcc $(CUDA_ARCH_FLAGS) $$f"; \
 	    printf '#include "%s"\n' "$(CURDIR)/$$f" > $$tmp/check.cu; \
 	    $(NVCC) -std=c++17 $(CUDA_ARCH_FLAGS) -c $$tmp/check.cu -o $$tmp/check.o || exit 1; done; \
 	  rm -rf $$tmp; fi

@@ -1,10 +1,14 @@
-"""The `moe_kernels` op namespace: schemas, the soft load of `moe_kernels._C`, backends.
+"""The `moe_kernels` op namespace: every schema, the soft load of `moe_kernels._C`, the
+backends, and `Op`, the one declaration each op makes.
 
-Every schema lives in `csrc/registration.cpp` (one `TORCH_LIBRARY(moe_kernels, m)`), so
-C++ users of the `.so` get the ops without Python. When the extension is missing, the same
-schemas are defined here from `SCHEMAS`, so that `torch.ops.moe_kernels.<op>` (and its fake,
-hence `torch.compile`) exists anyway; `tests/test_registration.py` checks that both lists
-agree.
+Schemas are defined here in Python, once per op (`Op(name, signature, ...)` in the op's
+module), and nowhere else: the package must import and trace (fakes, torch.compile)
+without the compiled extension, and the Triton kernels, which exist only in Python, need
+the schemas anyway. The C++ kernels register their implementations per dispatch key next
+to their code (`TORCH_LIBRARY_IMPL(moe_kernels, CPU | CUDA, m)` in csrc/); the dispatcher
+checks each against the Python schema when both are loaded, so a C++ signature that drifts
+from its schema fails at import. C++ programs that use the `.so` without Python do not see
+the ops (the schemas are Python's).
 
 Backends of every op: "reference" (pure PyTorch, float32 math, the oracle), "triton"
 (GPU; CPU under TRITON_INTERPRET=1), "cpu" (C++), "cuda" (C++/CUDA).
@@ -12,53 +16,17 @@ Backends of every op: "reference" (pure PyTorch, float32 math, the oracle), "tri
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
 import torch
 
 NAMESPACE = "moe_kernels"
-
-# name -> schema; must equal the m.def(...) strings of csrc/registration.cpp.
-SCHEMAS = {
-    "grouped_topk": (
-        "grouped_topk(Tensor logits, Tensor? correction_bias, int top_k, "
-        "int num_expert_group, int topk_group, str scoring_func, str group_scoring, "
-        "bool renormalize, float routed_scaling_factor) -> (Tensor, Tensor)"
-    ),
-    "grouped_topk_triton": (
-        "grouped_topk_triton(Tensor logits, Tensor? correction_bias, int top_k, "
-        "int num_expert_group, int topk_group, str scoring_func, str group_scoring, "
-        "bool renormalize, float routed_scaling_factor) -> (Tensor, Tensor)"
-    ),
-    "permute_index": "permute_index(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
-    "permute_index_triton": "permute_index_triton(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
-    "moe_align_block_size": "moe_align_block_size(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
-    "moe_align_block_size_triton": "moe_align_block_size_triton(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
-    "gather_rows": "gather_rows(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor",
-    "gather_rows_triton": "gather_rows_triton(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor",
-    "unpermute": "unpermute(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
-    "unpermute_triton": "unpermute_triton(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
-    "quantize_fp8_per_token_group": "quantize_fp8_per_token_group(Tensor x, int group_size, float eps, bool scale_ue8m0, bool column_major_scales) -> (Tensor, Tensor)",
-    "quantize_fp8_per_token_group_triton": "quantize_fp8_per_token_group_triton(Tensor x, int group_size, float eps, bool scale_ue8m0, bool column_major_scales) -> (Tensor, Tensor)",
-    "quantize_fp8_block": "quantize_fp8_block(Tensor w, int block_n, int block_k, float eps) -> (Tensor, Tensor)",
-    "quantize_fp8_block_triton": "quantize_fp8_block_triton(Tensor w, int block_n, int block_k, float eps) -> (Tensor, Tensor)",
-    "dequantize_fp8_block": "dequantize_fp8_block(Tensor q, Tensor s, int block_n, int block_k, ScalarType dtype) -> Tensor",
-    "dequantize_fp8_block_triton": "dequantize_fp8_block_triton(Tensor q, Tensor s, int block_n, int block_k, ScalarType dtype) -> Tensor",
-    "silu_and_mul_quant_fp8": "silu_and_mul_quant_fp8(Tensor x, int group_size, float eps) -> (Tensor, Tensor)",
-    "silu_and_mul_quant_fp8_triton": "silu_and_mul_quant_fp8_triton(Tensor x, int group_size, float eps) -> (Tensor, Tensor)",
-    "grouped_gemm_fp8": "grouped_gemm_fp8(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor m_indices, ScalarType out_dtype) -> Tensor",
-    "grouped_gemm_fp8_triton": "grouped_gemm_fp8_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor m_indices, ScalarType out_dtype) -> Tensor",
-    "grouped_gemm_fp8_masked": "grouped_gemm_fp8_masked(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor",
-    "grouped_gemm_fp8_masked_triton": "grouped_gemm_fp8_masked_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor masked_m, ScalarType out_dtype) -> Tensor",
-    "grouped_gemm_fp8_segments_triton": "grouped_gemm_fp8_segments_triton(Tensor a, Tensor a_scales, Tensor b, Tensor b_scales, Tensor expert_offsets, Tensor tokens_per_expert, ScalarType out_dtype) -> Tensor",
-    "mla_decompress_kv": "mla_decompress_kv(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
-    "mla_decompress_kv_triton": "mla_decompress_kv_triton(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
-    "mla_decompress_kv_paged": "mla_decompress_kv_paged(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
-    "mla_decompress_kv_paged_triton": "mla_decompress_kv_paged_triton(Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, Tensor(a!) out_k, Tensor(b!) out_v) -> ()",
-}
-
 BACKENDS = ("reference", "triton", "cpu", "cuda")
+
+# The DEF library of the namespace: every schema is defined on it (see Op).
+_LIB = torch.library.Library(NAMESPACE, "DEF")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -69,14 +37,13 @@ def _load_extension():
     if os.environ.get("MOE_KERNELS_NO_EXT") == "1":
         return None, "disabled by MOE_KERNELS_NO_EXT=1"
     try:
-        from moe_kernels import _C  # noqa: F401  (registers the TORCH_LIBRARY on load)
+        from moe_kernels import _C  # noqa: F401  (its TORCH_LIBRARY_IMPLs register on load)
     except ImportError as exc:
         return None, str(exc)
     return _C, None
 
 
 _C, _C_ERROR = _load_extension()
-_PY_LIB = None
 if _C is None:
     warnings.warn(
         "moe_kernels: the compiled extension moe_kernels._C is not loaded "
@@ -85,9 +52,6 @@ if _C is None:
         RuntimeWarning,
         stacklevel=2,
     )
-    _PY_LIB = torch.library.Library(NAMESPACE, "DEF")
-    for _schema in SCHEMAS.values():
-        _PY_LIB.define(_schema)
 
 
 def extension_loaded() -> bool:
@@ -211,20 +175,127 @@ def available_backends(device: torch.device) -> list[str]:
     return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
 
 
-def registered_op(name: str, backend: str):
-    """The registered op of `name` for `backend`: the Triton kernel has its own op
-    (`<name>_triton`), the C++ kernels share `<name>` across dispatch keys."""
-    return getattr(torch.ops.moe_kernels, name + ("_triton" if backend == "triton" else "")).default
+# Bounds of the C++ kernels, read from `_C` (the constants live once, in csrc/): e.g.
+# "gating_cuda_max_experts". Empty without the extension, whose backends are then
+# unavailable anyway.
+_C_LIMITS: dict[str, int] = dict(_C.limits()) if _C is not None else {}
 
 
-def kernel_for(name: str, backend: str, eager: dict, needs_op: bool = False):
-    """The registered op under torch.compile or autograd, else the bare kernel
-    `eager[backend]` (docs/index.md, eager fast path)."""
-    if needs_op or torch.compiler.is_compiling():
-        return registered_op(name, backend)
-    return eager[backend]
+def check_cuda_limit(op: str, backend: str, limit: str, name: str, value: int) -> None:
+    """ValueError when `backend` is "cuda" and `value` (argument `name`) exceeds the CUDA
+    kernel's bound `limit`."""
+    if backend != "cuda":
+        return
+    bound = _C_LIMITS.get(limit)
+    if bound is not None and value > bound:
+        raise ValueError(f"{op}: the cuda backend takes {name} <= {bound}, got {value}; use "
+                         f"backend='triton'")
 
 
-def register_triton_impl(name: str, fn) -> None:
-    """Registers fn as `<name>_triton` for CPU (interpreter) and CUDA tensors."""
-    torch.library.impl(f"{NAMESPACE}::{name}_triton", ["CPU", "CUDA"])(fn)
+_is_compiling = torch.compiler.is_compiling
+
+# Every Op of the namespace by name (filled as the op modules are imported).
+OPS: dict[str, "Op"] = {}
+
+
+class Op:
+    """One op of the namespace, declared once, with everything derived from it.
+
+    name, signature: the schema `name(signature)`, e.g. "(Tensor x, int n) -> Tensor".
+    fake: its fake (meta) implementation, registered for every variant.
+    triton: module of `moe_kernels/triton/` whose function `name` is the Triton launcher;
+      it gets its own op `<name>_triton` (same signature; one dispatch key holds one kernel,
+      and the C++ kernels hold CPU and CUDA of `<name>`), or `<name>` itself when the op
+      has no C++ kernel.
+    native: backends with a C++ kernel, `_C.<name>_<backend>` (registered on `<name>` by
+      csrc/ per dispatch key).
+    borrow: backends that run another backend's kernel, e.g. {"cuda": "triton"}.
+    composite: a Python implementation over other ops, registered for every device
+      (CompositeExplicitAutograd) on `<name>`; `backends` then says which it can run.
+
+    `kernel(backend)` is the one eager fast path of every op: the bare kernel (a pybind
+    function or the Triton launcher; no dispatcher round trip, docs/index.md), or the
+    registered op under torch.compile or when autograd must record the call.
+    """
+
+    def __init__(self, name: str, signature: str, *, fake, triton: str | None = None,
+                 native: tuple[str, ...] = (), borrow: dict[str, str] | None = None,
+                 composite=None, backends: tuple[str, ...] | None = None):
+        self.name = name
+        self.schema = name + signature
+        self.triton_module = triton
+        self.native = native
+        self.borrow = dict(borrow or {})
+        _LIB.define(self.schema)
+        OPS[name] = self
+        self.variants = [name]
+        self._triton_suffix = "_triton" if native else ""
+        if triton is not None:
+            triton_op = name + self._triton_suffix
+            if native:
+                _LIB.define(triton_op + signature)
+                self.variants.append(triton_op)
+            for key in ("CPU", "CUDA"):
+                _LIB.impl(triton_op, self._triton_impl, key)
+        if composite is not None:
+            _LIB.impl(name, composite, "CompositeExplicitAutograd")
+        for variant in self.variants:
+            torch.library.register_fake(f"{NAMESPACE}::{variant}", lib=_LIB)(fake)
+        self.backends = backends or tuple(
+            b for b in BACKENDS
+            if b == "reference" or (b == "triton" and triton) or b in native or b in self.borrow)
+        self._eager: dict[str, object] = {}
+        self._resolved: dict[tuple, str] = {}
+
+    def _triton_impl(self, *args):
+        return self._bare("triton")(*args)
+
+    def _bare(self, backend: str):
+        fn = self._eager.get(backend)
+        if fn is None:
+            source = self.borrow.get(backend, backend)
+            if source == "triton":
+                module = importlib.import_module(f"moe_kernels.triton.{self.triton_module}")
+                fn = getattr(module, self.name)
+            elif source in self.native and _C is not None:
+                fn = getattr(_C, f"{self.name}_{source}")
+            else:
+                raise BackendUnavailableError(f"{self.name}: no {backend!r} kernel here")
+            self._eager[backend] = fn
+        return fn
+
+    def op(self, backend: str):
+        """The registered op (OpOverload) that runs `backend`'s kernel."""
+        triton = self.borrow.get(backend, backend) == "triton"
+        return getattr(torch.ops.moe_kernels,
+                       self.name + (self._triton_suffix if triton else "")).default
+
+    def kernel(self, backend: str, needs_op: bool = False):
+        """The callable running `backend`'s kernel with the schema's arguments."""
+        if needs_op or _is_compiling():
+            return self.op(backend)
+        try:
+            return self._eager[backend]
+        except KeyError:
+            return self._bare(backend)
+
+    def register_autograd(self, make) -> None:
+        """make(backend) -> (backward, setup_context) for the variant running `backend`
+        ("triton" for `<name>_triton`, None for `<name>`)."""
+        for variant in self.variants:
+            backend = "triton" if variant.endswith("_triton") or not self.native else None
+            backward, setup = make(backend)
+            torch.library.register_autograd(f"{NAMESPACE}::{variant}", backward,
+                                            setup_context=setup, lib=_LIB)
+
+    def resolve(self, backend: str | None, x: torch.Tensor) -> str:
+        """resolve_backend_of among this op's backends, memoised per (backend, device type):
+        this runs on every eager call."""
+        key = (backend, x.is_cuda)
+        hit = self._resolved.get(key) if backend is None or type(backend) is str else None
+        if hit is not None:
+            return hit
+        resolved = resolve_backend_of(backend, x, self.name, self.backends)
+        if x.is_cuda or x.is_cpu:
+            self._resolved[key] = resolved
+        return resolved

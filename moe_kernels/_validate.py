@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from moe_kernels._common import FLOAT_DTYPES, FP8
 
 
 def check_tensor(op: str, name: str, x, *, ndim: int | None = None, dtypes=None) -> None:
@@ -53,3 +53,18 @@ def check_int(op: str, name: str, value, *, low: int | None = None, high: int | 
 def check_choice(op: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_fp8(op: str, name: str, x, ndim: int | None = None) -> None:
+    check_tensor(op, name, x, ndim=ndim)
+    if x.dtype != FP8:
+        raise TypeError(f"{op}: {name} must be float8_e4m3fn, got {x.dtype}")
+
+
+def check_scales(op: str, name: str, s, shape: tuple, ref_name: str, ref) -> None:
+    """s: float32 of exactly `shape` (derived from ref's shape), on ref's device."""
+    check_tensor(op, name, s, dtypes=(torch.float32,))
+    if tuple(s.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (from {ref_name}'s "
+                         f"shape {tuple(ref.shape)}), got {tuple(s.shape)}")
+    check_same_device(op, name, s, ref_name, ref)

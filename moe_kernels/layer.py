@@ -1,5 +1,5 @@
 """`DeepseekV3MoE`: HF transformers' DeepseekV3MoE as a drop-in module on our ops
-(SPEC section 5; data flow and decisions: docs/architecture.md).
+(data flow and decisions: docs/architecture.md).
 
 router: float32 linear -> grouped_topk (sigmoid, correction bias, top-2-sum groups)
 routed experts + shared expert: fused_moe_fp8 (FP8 128x128 weights, 1x128 activations)
@@ -21,18 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_kernels import checkpoint
+from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv
+from moe_kernels.ops import fused_moe, gating
 from moe_kernels.ops.fp8 import dequantize_fp8_block, quantize_fp8_block
-from moe_kernels.ops.fused_moe import fused_moe_fp8
-from moe_kernels.ops.gating import grouped_topk
 
-FP8 = torch.float8_e4m3fn
 CONFIG_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                  "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
                  "routed_scaling_factor", "norm_topk_prob")
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -57,6 +52,9 @@ class DeepseekV3MoE(nn.Module):
         if not isinstance(n_shared_experts, int) or n_shared_experts < 0:
             raise ValueError(f"DeepseekV3MoE: n_shared_experts must be an int >= 0, got "
                              f"{n_shared_experts!r}")
+        # the routing configuration must be one grouped_topk takes: fail here, not at forward
+        gating.check_routing_config("DeepseekV3MoE", E, num_experts_per_tok, n_group,
+                                    topk_group)
         self.hidden_size, self.intermediate_size, self.num_experts = H, I, E
         self.top_k, self.n_group, self.topk_group = num_experts_per_tok, n_group, topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
@@ -76,30 +74,39 @@ class DeepseekV3MoE(nn.Module):
 
     def _fp8_buffers(self, name, shape, kw):
         self.register_buffer(name, torch.zeros(shape, dtype=FP8, **kw))
-        scale_shape = (shape[0], _cdiv(shape[1], 128), _cdiv(shape[2], 128))
+        scale_shape = (shape[0], cdiv(shape[1], SCALE_BLOCK), cdiv(shape[2], SCALE_BLOCK))
         self.register_buffer(name + "_scale", torch.ones(scale_shape, dtype=torch.float32, **kw))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Checks hidden once; the ops run through their unchecked internal layer."""
+        if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"DeepseekV3MoE: hidden must be a float32/bfloat16/float16 tensor, "
+                            f"got {getattr(hidden, 'dtype', type(hidden).__name__)}")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"DeepseekV3MoE: hidden must have shape (..., hidden_size="
+                             f"{self.hidden_size}), got {tuple(hidden.shape)}")
+        if hidden.device != self.w13.device:
+            raise ValueError(f"DeepseekV3MoE: hidden is on {hidden.device} but the weights are "
+                             f"on {self.w13.device}")
         shape = hidden.shape
-        x = hidden.reshape(-1, self.hidden_size)
+        x = hidden.reshape(-1, self.hidden_size).contiguous()
         logits = F.linear(x.float(), self.gate_weight)      # HF: the router GEMM in float32
-        w, ids = grouped_topk(logits, self.top_k, num_expert_group=self.n_group,
-                              topk_group=self.topk_group, scoring_func="sigmoid",
-                              correction_bias=self.e_score_correction_bias,
-                              group_scoring="top2_sum", renormalize=self.norm_topk_prob,
-                              routed_scaling_factor=self.routed_scaling_factor,
-                              backend=self.backend)
+        w, ids = gating.grouped_topk_unchecked(
+            gating.GROUPED_TOPK.resolve(self.backend, logits), logits,
+            self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group, "sigmoid",
+            "top2_sum", self.norm_topk_prob, self.routed_scaling_factor)
         if self.shared_fused:   # the shared expert is expert E, weight 1 for every token
             T = x.shape[0]
             ids = torch.cat([ids, ids.new_full((T, 1), self.num_experts)], dim=1)
             w = torch.cat([w, w.new_ones(T, 1)], dim=1)
-        out = fused_moe_fp8(x, self.w13, self.w13_scale, self.w2, self.w2_scale, w, ids,
-                            backend=self.backend)
+        backend = fused_moe.FUSED_MOE_FP8.resolve(self.backend, x)
+        out = fused_moe.fused_moe_fp8_unchecked(backend, x, self.w13, self.w13_scale, self.w2,
+                                                self.w2_scale, w, ids)
         if hasattr(self, "shared_w13"):
             ones = w.new_ones(x.shape[0], 1)
-            out = out + fused_moe_fp8(x, self.shared_w13, self.shared_w13_scale, self.shared_w2,
-                                      self.shared_w2_scale, ones, torch.zeros_like(ones, dtype=torch.int32),
-                                      backend=self.backend)
+            out = out + fused_moe.fused_moe_fp8_unchecked(
+                backend, x, self.shared_w13, self.shared_w13_scale, self.shared_w2,
+                self.shared_w2_scale, ones, torch.zeros_like(ones, dtype=torch.int32))
         return out.view(shape)
 
     # --- loading --------------------------------------------------------------------------
@@ -158,7 +165,7 @@ class _Loader:
         w = self.get(key, shape)
         if w.dtype == FP8:
             scale_key = key[:-len("weight")] + "weight_scale_inv"
-            s = self.get(scale_key, (_cdiv(shape[0], 128), _cdiv(shape[1], 128)))
+            s = self.get(scale_key, (cdiv(shape[0], SCALE_BLOCK), cdiv(shape[1], SCALE_BLOCK)))
             return w, s.float()
         if not w.is_floating_point():
             raise TypeError(f"DeepseekV3MoE: {self.prefix + key!r} must be a float or "

@@ -85,7 +85,7 @@ def assert_int_equal(actual: torch.Tensor, expected: torch.Tensor, msg=""):
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's similarity measure 1 - 2 sum(xy) / sum(x^2 + y^2), in float64: 0 for
-    equal tensors, about rel_err^2 / 2 for close ones. SPEC section 3: GEMMs < 1e-5."""
+    equal tensors, about rel_err^2 / 2 for close ones. docs/api.md: GEMMs < 1e-5."""
     x, y = x.double().cpu(), y.double().cpu()
     denom = (x * x + y * y).sum()
     return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0

@@ -1,4 +1,4 @@
-"""grouped_topk: every backend against the float32 reference (SPEC section 1).
+"""grouped_topk: every backend against the float32 reference.
 
 Float32 scores computed by different exp implementations can differ in the last ulp, so
 on random inputs two experts whose selection scores are within ~1e-6 may swap. The check

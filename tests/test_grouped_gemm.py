@@ -1,5 +1,5 @@
 """FP8 grouped GEMMs: every backend against dequantize-then-float64-matmul, written out
-here (SPEC section 3: calc_diff < 1e-5), and padding / masked rows exactly zero."""
+here (docs/api.md: calc_diff < 1e-5), and padding / masked rows exactly zero."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeepseekV3MoE (SPEC section 5): the layer against the float32 HF-semantics reference
+"""DeepseekV3MoE: the layer against the float32 HF-semantics reference
 built from the same (unquantized) weights, checkpoint loading in every layout, sharded
 safetensors, bad keys, torch.compile.
 
@@ -259,3 +259,18 @@ def test_torch_compile_forward(device, backend):
     with torch._inductor.config.patch(emulate_precision_casts=True):
         got = torch.compile(layer, fullgraph=True)(hidden)
     assert torch.equal(got, layer(hidden))
+
+
+def test_routing_config_checked_at_construction_and_hidden_width_at_forward():
+    """A configuration grouped_topk rejects fails when the layer is built, not at its first
+    forward; a hidden of the wrong width is refused instead of being reshaped."""
+    with pytest.raises(ValueError, match="num_expert_group"):
+        moe_kernels.DeepseekV3MoE(hidden_size=128, moe_intermediate_size=128, n_routed_experts=12,
+                      num_experts_per_tok=2, n_group=5, topk_group=2)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_kernels.DeepseekV3MoE(hidden_size=128, moe_intermediate_size=128, n_routed_experts=8,
+                      num_experts_per_tok=5, n_group=4, topk_group=2)
+    layer = moe_kernels.DeepseekV3MoE(hidden_size=256, moe_intermediate_size=128, n_routed_experts=4,
+                          num_experts_per_tok=2)
+    with pytest.raises(ValueError, match="hidden_size=256"):
+        layer(torch.randn(3, 512))

@@ -1,4 +1,4 @@
-"""MLA latent KV decompression (SPEC section 4): every backend against the float32
+"""MLA latent KV decompression: every backend against the float32
 reference, and the reference against the formula written out per head and per token here.
 
 Outputs are float32 or bf16: compared by the per-dtype rule of helpers.assert_close. FP8
@@ -21,7 +21,7 @@ from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, assert_close, device_backend_
                      poison_allocator)
 
 BACKENDS = ("triton", "cpu")
-FP8 = torch.float8_e4m3fn
+from moe_kernels._common import FP8
 
 
 def make_weight(H, dn, dv, R, *, fp8, dtype=torch.float32, seed=0, device="cpu"):
@@ -43,7 +43,7 @@ def make_latent(T, R, rope, dtype, *, seed=0, device="cpu", pad=0):
 
 
 def explicit(kv_c, k_pe, w, w_scale, H, dn, dv):
-    """The SPEC formula, one head at a time in float64 (independent of the reference)."""
+    """The documented formula (docs/api.md), one head at a time in float64 (independent of the reference)."""
     wf = (ref_fp8.dequantize_fp8_block(w, w_scale, 128, 128, torch.float64)
           if w.dtype == FP8 else w.double())
     c = kv_c.double()

@@ -20,7 +20,7 @@ from moe_kernels.triton.numerics import (SOFTWARE_ROUNDING, fp8_e4m3_bits,  # no
                                          fp8_e4m3_value, round_for_store)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP8 = torch.float8_e4m3fn
+from moe_kernels._common import FP8
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Token permutation: every backend against the reference (SPEC section 2).
+"""Token permutation: every backend against the reference.
 
 Index tensors and permuted rows are data movement: compared exactly. Weighted sums use
 the float rule of helpers.TOLERANCES for the output dtype.
@@ -266,6 +266,76 @@ def test_torch_compile_fullgraph(device, backend):
     want, want_m = masked(hidden, ids, w)
     assert_close(got, want)
     assert_int_equal(got_m, want_m)
+
+
+DEVICE_PARAMS = [pytest.param("cpu"),
+                 pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA,
+                                                               reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_registered_permute(device):
+    """torch.ops.moe_kernels.permute (composite, the device's default backend): the
+    reference's layout exactly, the permuted rows and scales, (R, 0) scales when none are
+    given, and d hidden equal to autograd through the reference."""
+    ids = make_ids(7, 3, 5, device, seed=11)
+    hidden = torch.randn(7, 16, device=device, requires_grad=True)
+    scales = torch.rand(7, 2, device=device)
+    got = torch.ops.moe_kernels.permute(hidden, ids, 5, 4, scales)
+    want_out, want_scales, want_index = ref.permute(hidden, ids, 5, 4, scales)
+    assert_close(got[0], want_out)
+    for g, w in zip(got[1:6], want_index):
+        assert_int_equal(g, w)
+    assert_close(got[6], want_scales)
+    none = torch.ops.moe_kernels.permute(hidden, ids, 5)       # align, scales: defaults
+    assert none[6].shape == (none[0].shape[0], 0) and none[0].shape[0] == 7 * 3
+    grad = torch.randn_like(got[0])
+    (d_got,) = torch.autograd.grad(got[0], hidden, grad)
+    (d_want,) = torch.autograd.grad(want_out, hidden, grad)
+    assert_close(d_got, d_want)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_registered_permute_masked(device):
+    ids = make_ids(9, 2, 4, device, seed=12)
+    hidden = torch.randn(9, 8, device=device, requires_grad=True)
+    got = torch.ops.moe_kernels.permute_masked(hidden, ids, 4, 3)
+    want_out, _, want_index = ref.permute_masked(hidden, ids, 4, 3, None)
+    assert_close(got[0], want_out)
+    for g, w in zip(got[1:5], want_index):
+        assert_int_equal(g, w)
+    assert got[5].shape == (4, 3, 0)
+    grad = torch.randn_like(got[0])
+    (d_got,) = torch.autograd.grad(got[0], hidden, grad)
+    (d_want,) = torch.autograd.grad(want_out, hidden, grad)
+    assert_close(d_got, d_want)
+
+
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+def test_registered_composites_opcheck_and_compile(device):
+    ids = make_ids(6, 3, 5, device, seed=13)
+    hidden = torch.randn(6, 8, device=device, requires_grad=True)
+    scales = torch.rand(6, 2, device=device)
+    ops = torch.ops.moe_kernels
+    torch.library.opcheck(ops.permute.default, (hidden, ids, 5, 4, scales))
+    torch.library.opcheck(ops.permute_masked.default, (hidden, ids, 5, 2, None))
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, i: ops.permute(x, i, 5, 4, None)[0] * 2.0, fullgraph=True)
+    assert_close(f(hidden, ids), ref.permute(hidden, ids, 5, 4, None)[0] * 2.0)
+    g = torch.compile(lambda x, i: ops.permute_masked(x, i, 5, 2)[:2], fullgraph=True)
+    want_out, _, want_index = ref.permute_masked(hidden, ids, 5, 2, None)
+    got_out, got_m = g(hidden, ids)
+    assert_close(got_out, want_out)
+    assert_int_equal(got_m, want_index[0])
+
+
+def test_registered_permute_checks_its_arguments():
+    """Direct torch.ops calls get the public function's errors, not a crash."""
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="align"):
+        torch.ops.moe_kernels.permute(torch.zeros(4, 8), ids, 3, 0, None)
+    with pytest.raises(ValueError, match="tokens"):
+        torch.ops.moe_kernels.permute_masked(torch.zeros(5, 8), ids, 3, 2, None)
 
 
 BAD = [

@@ -1,4 +1,4 @@
-// FP8 block-scaled quantization on the CPU (SPEC section 3; semantics:
+// FP8 block-scaled quantization on the CPU (semantics:
 // moe_kernels/reference/fp8.py). Parallel over rows (token groups) or weight blocks; each
 // group is computed in float32 into a small buffer, its amax gives the scale, then the
 // clamped values are rounded to e4m3 (round to nearest even).

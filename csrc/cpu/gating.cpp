@@ -29,11 +29,11 @@ struct TopKeys {
 };
 
 struct RowScratch {
-  std::vector<float> s, b, group_score;
+  std::vector<float> s, b;
   std::vector<int64_t> group_keys, expert_keys;
   std::vector<uint8_t> group_kept;
   explicit RowScratch(const GroupedTopkArgs& a)
-      : s(a.num_experts), b(a.num_experts), group_score(a.num_groups),
+      : s(a.num_experts), b(a.num_experts),
         group_keys(a.topk_group), expert_keys(a.top_k), group_kept(a.num_groups) {}
 };
 
@@ -51,16 +51,6 @@ void scores_row(const scalar_t* x, const GroupedTopkArgs& a, float* s) {
   const float sum = sum_lanes(s, E);
   const float inv = 1.0f / sum;
   for (int64_t e = 0; e < E; ++e) s[e] *= inv;
-}
-
-// Branchless: random scores mispredict a compare-and-branch top-2 about half the time.
-float group_score_of(const float* b, int64_t n, bool top2) {
-  float first = -INFINITY, second = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) {
-    second = std::max(second, std::min(first, b[j]));
-    first = std::max(first, b[j]);
-  }
-  return nan_to_neg_inf(top2 ? first + second : first);
 }
 
 template <typename scalar_t>
@@ -82,7 +72,7 @@ void grouped_topk_row(const scalar_t* x, const float* bias, const GroupedTopkArg
     TopKeys groups{r.group_keys.data(), a.topk_group};
     groups.reset();
     for (int64_t g = 0; g < a.num_groups; ++g)
-      groups.offer(order_key(group_score_of(b + g * GS, GS, a.group_top2), g));
+      groups.offer(order_key(group_score(b + g * GS, GS, a.group_top2), g));
     for (int64_t i = 0; i < a.topk_group; ++i) {
       const int64_t g = index_of_key(groups.keys[i]);
       for (int64_t e = g * GS; e < (g + 1) * GS; ++e) experts.offer(order_key(b[e], e));

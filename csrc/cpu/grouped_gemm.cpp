@@ -1,4 +1,4 @@
-// FP8 grouped GEMMs on the CPU (SPEC section 3; semantics:
+// FP8 grouped GEMMs on the CPU (semantics:
 // moe_kernels/reference/grouped_gemm.py). Per expert: dequantize its weight block by block
 // into float32 (parallel over rows of N), gather its rows of `a` dequantized, and one
 // at::mm (itself parallel). Dequantize-then-multiply equals "promotion every 128" up to

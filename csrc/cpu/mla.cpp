@@ -1,4 +1,4 @@
-// MLA latent KV decompression on the CPU (SPEC section 4; semantics:
+// MLA latent KV decompression on the CPU (semantics:
 // moe_kernels/reference/mla.py). The weight is dequantized once to float32; tokens go in
 // chunks: their latent rows are gathered (paged) and converted to float32 in parallel, one
 // at::mm (itself parallel) up-projects the chunk for every head, and K (with k_pe) and V

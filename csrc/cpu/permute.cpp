@@ -1,4 +1,4 @@
-// Token permutation on the CPU (SPEC section 2; semantics: moe_kernels/reference/permute.py).
+// Token permutation on the CPU (semantics: moe_kernels/reference/permute.py).
 // The index computation is one sequential pass in pair order (which is what makes ranks
 // stable: ascending pair index inside each expert); row copies and the weighted
 // reduction run in parallel over rows / tokens.

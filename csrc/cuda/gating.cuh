@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "../common/limits.h"
 #include "../common/order_key.h"
 
 namespace moe_kernels {
@@ -32,7 +33,7 @@ struct Params {
 };
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxExperts = 32 * 32;  // VPT <= 32
+constexpr int kMaxExperts = kGatingCudaMaxExperts;  // VPT <= 32
 
 __device__ __forceinline__ float load_float(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load_float(const __nv_bfloat16* p) {
@@ -64,17 +65,6 @@ __device__ __forceinline__ int64_t warp_max(int64_t v) {
 __host__ __device__ inline size_t warp_smem_bytes(int E, int G, int top_k) {
   size_t floats = (static_cast<size_t>(E) * 4 + 7) / 8 * 8;
   return floats + static_cast<size_t>(G) * 8 + static_cast<size_t>(top_k) * 8;
-}
-
-// Group score of n selection scores: the sum of the two largest, or the largest.
-__device__ __forceinline__ float group_score(const float* b, int n, bool top2) {
-  float first = -__builtin_inff(), second = -__builtin_inff();
-  for (int j = 0; j < n; ++j) {
-    const float v = b[j];
-    second = fmaxf(second, fminf(first, v));
-    first = fmaxf(first, v);
-  }
-  return nan_to_neg_inf(top2 ? first + second : first);
 }
 
 template <typename scalar_t, int VPT>

@@ -13,12 +13,14 @@
 
 #include <cstdint>
 
+#include "../common/limits.h"
+
 namespace moe_kernels {
 namespace permute_cuda {
 
 constexpr int kChunk = 256;            // pairs per block in kernels 1 and 3
 constexpr int kWarps = kChunk / 32;
-constexpr int kMaxExperts = 1024;      // kernel 1 keeps kWarps x E counts in shared memory
+constexpr int kMaxExperts = kPermuteCudaMaxExperts;  // kWarps x E counts in shared memory
 constexpr int kScanThreads = 1024;
 
 template <typename id_t>

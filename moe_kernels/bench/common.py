@@ -153,8 +153,8 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
     return results
 
 
-# Dense tensor-core peaks (TFLOPS) by math and device name; TARGETS.md. Unknown devices
-# and CPUs: 0, and the roofline counts bytes only.
+# Dense tensor-core peaks (TFLOPS) by math and device name (docs/benchmarks.md, goals).
+# Unknown devices and CPUs: 0, and the roofline counts bytes only.
 PEAK_TFLOPS = {
     "fp8": {"H100": 1979.0, "H200": 1979.0, "H800": 1979.0},
     "bf16": {"H100": 989.0, "H200": 989.0, "H800": 989.0},
@@ -229,3 +229,8 @@ def format_table(results: list[Result]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    """An empty tensor on the meta device: compile cases launch kernels on these."""
+    return torch.empty(shape, dtype=dtype, device="meta")

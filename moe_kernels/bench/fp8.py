@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.bench.common import Result, kernel_backends, measure, rotating_sets
+from moe_kernels._common import FP8
+from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
 from moe_kernels.ops import fp8 as ops
 from moe_kernels.reference import fp8 as reference
 
@@ -35,7 +36,7 @@ def _same_fp8(got, want) -> bool:
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    backends = kernel_backends(device, backends, ops.SUPPORTED)
+    backends = kernel_backends(device, backends, ops.QUANTIZE_FP8_PER_TOKEN_GROUP.backends)
     gen = torch.Generator().manual_seed(0)
     ref_quant, ref_silu = reference.quantize_fp8_per_token_group, reference.silu_and_mul_quant_fp8
     if compile_reference:
@@ -68,3 +69,23 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         results += measure("silu_and_mul_quant_fp8", case, device, timed, nbytes, n_sets,
                            lambda out: _same_fp8(out, want_y))
     return results
+
+
+def sm90_cases():
+    """(name, launch) pairs of every Triton launch of this op at DeepSeek-V3 shapes, on
+    meta tensors, for the sm_90a compile gate (moe_kernels/bench/sm90.py)."""
+    from moe_kernels.triton import fp8
+    for M in (1, 16384):
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            yield (f"quant 1x128 M={M} K=7168 {dt}", lambda M=M, dt=dt:
+                   fp8.quantize_fp8_per_token_group(meta(M, 7168, dtype=dt), 128, 1e-10, False, False))
+        yield (f"quant 1x128 ue8m0 col-major M={M}", lambda M=M: fp8.quantize_fp8_per_token_group(
+            meta(M, 7168, dtype=torch.bfloat16), 128, 1e-10, True, True))
+        yield (f"silu_and_mul_quant M={M} 2x2048", lambda M=M: fp8.silu_and_mul_quant_fp8(
+            meta(M, 4096, dtype=torch.bfloat16), 128))
+    for dt in (torch.bfloat16, torch.float32):
+        yield (f"quant 128x128 7168x2048 {dt}",
+               lambda dt=dt: fp8.quantize_fp8_block(meta(7168, 2048, dtype=dt), 128, 128))
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        yield (f"dequant 128x128 7168x2048 -> {dt}", lambda dt=dt: fp8.dequantize_fp8_block(
+            meta(7168, 2048, dtype=FP8), meta(56, 16), 128, 128, dt))

@@ -42,7 +42,8 @@ def torch_routed(hidden, w13, s13, w2, s2, weights, ids):
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    backends = [b for b in kernel_backends(device, backends, ops.SUPPORTED) if b != "reference"]
+    backends = [b for b in kernel_backends(device, backends, ops.FUSED_MOE_FP8.backends)
+                if b != "reference"]
     E, H, inter, K = GPU_LAYER if device == "cuda" else CPU_LAYER
     gen = torch.Generator().manual_seed(0)
     w13, s13 = ref_fp8.quantize_fp8_block(torch.randn(E, 2 * inter, H, generator=gen) / H ** 0.5)

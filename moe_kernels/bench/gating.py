@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels.bench.common import (Result, copy_bandwidth_gbps, host_us_per_call,
+from moe_kernels.bench.common import (Result, copy_bandwidth_gbps, host_us_per_call, meta,
                                       measure, rotating_sets)
 from moe_kernels.ops import gating as ops
 from moe_kernels.reference import gating as reference
@@ -76,7 +76,25 @@ def eager_overhead(device: str, backends: list[str], copy: float) -> list[Result
     for b in backends:
         api = host_us_per_call(lambda: ops.grouped_topk(x, K, correction_bias=bias, backend=b,
                                                         **KWARGS), device)
-        direct = host_us_per_call(lambda: ops._EAGER_KERNELS[b](*args), device)
+        direct = host_us_per_call(lambda: ops.GROUPED_TOPK.kernel(b)(*args), device)
         out.append(Result(OP, "eager call, T=1 (host us)", b, device, api, 0, copy_gbps=copy,
                           note=f"kernel call alone {direct:.2f} us: +{api - direct:.2f} us"))
     return out
+
+
+def sm90_cases():
+    """(name, launch) pairs of every Triton launch of this op at DeepSeek-V3 shapes, on
+    meta tensors, for the sm_90a compile gate (moe_kernels/bench/sm90.py)."""
+    from moe_kernels.triton import gating
+    # (E, groups, topk_group, top_k, scoring, group scoring, bias): DeepSeek-V3 and a
+    # softmax router without groups (Mixtral/Qwen style); E=384 (Kimi K2) pads to 512
+    routers = [(256, 8, 4, 8, "sigmoid", "top2_sum", True), (64, 1, 1, 8, "softmax", "max", False),
+               (384, 1, 1, 8, "sigmoid", "max", True)]
+    for E, G, tg, k, scoring, gscore, bias in routers:
+        for T in (1, 4096, 16384):
+            dtypes = (torch.bfloat16, torch.float32, torch.float16) if (E, T) == (256, 4096) \
+                else (torch.bfloat16,)
+            for dt in dtypes:
+                yield (f"grouped_topk E={E} T={T} {dt}", lambda dt=dt, T=T, E=E, G=G, tg=tg, k=k,
+                       s=scoring, g=gscore, b=bias: gating.grouped_topk(
+                           meta(T, E, dtype=dt), meta(E) if b else None, k, G, tg, s, g, True, 2.5))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.bench.common import Result, kernel_backends, measure, rotating_sets
+from moe_kernels._common import FP8, SCALE_BLOCK, cdiv
+from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
 from moe_kernels.ops import grouped_gemm as ops
 from moe_kernels.reference import fp8 as ref_fp8
 
@@ -49,7 +50,7 @@ def _close(out, want) -> bool:
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    backends = kernel_backends(device, backends, ops.SUPPORTED)
+    backends = kernel_backends(device, backends, ops.GROUPED_GEMM_FP8.backends)
     backends = [b for b in backends if b != "reference"]
     gen = torch.Generator().manual_seed(0)
     baseline_c = torch.compile(torch_per_expert, dynamic=False) if compile_reference else None
@@ -104,3 +105,46 @@ def _masked(device, backends, gen, baseline_c) -> list[Result]:
 
     return measure("grouped_gemm_fp8_masked", case, device, timed, nbytes, n_sets, check,
                    flops=2 * valid * N * K)
+
+
+def _gemm_operands(rows_shape, E, N, K):
+    a = meta(*rows_shape, K, dtype=FP8)
+    s = meta(*rows_shape, cdiv(K, SCALE_BLOCK))
+    return a, s, meta(E, N, K, dtype=FP8), meta(E, cdiv(N, SCALE_BLOCK), cdiv(K, SCALE_BLOCK))
+
+
+def sm90_cases():
+    """(name, launch) pairs of every Triton launch of this op at DeepSeek-V3 shapes, on
+    meta tensors, for the sm_90a compile gate (moe_kernels/bench/sm90.py)."""
+    from moe_kernels.configs import grouped_gemm as configs
+    from moe_kernels.triton import grouped_gemm as gemm
+    for table_name, table in configs.all_tables().items():
+        # rows per expert hitting every bucket of the table (and one past the last bound)
+        ms = sorted({b["max_m"] or 4096 for b in table["contiguous"] + table["segments"]
+                     + table["masked"]} | {4096})
+        for m in ms:
+            E = 8
+            for N, K, out in ((4096, 7168, torch.bfloat16), (7168, 2048, torch.bfloat16)):
+                a, s, b, bs = _gemm_operands((E * m,), E, N, K)
+                yield (f"[{table_name}] grouped_gemm_fp8 {E}x{m} rows N={N} K={K}",
+                       lambda a=a, s=s, b=b, bs=bs, E=E, m=m, out=out, t=table: configs.with_table(
+                           t, gemm.grouped_gemm_fp8, a, s, b, bs,
+                           meta(E * m, dtype=torch.int32), out))
+            E = 256
+            for N, K, out in ((4096, 7168, torch.bfloat16), (7168, 2048, torch.bfloat16),
+                              (7168, 2048, torch.float32)):
+                a, s, b, bs = _gemm_operands((E * m,), E, N, K)
+                yield (f"[{table_name}] segments (fused_moe) {E}x{m} rows N={N} K={K} -> {out}",
+                       lambda a=a, s=s, b=b, bs=bs, E=E, out=out, t=table: configs.with_table(
+                           t, gemm.grouped_gemm_fp8_segments, a, s, b, bs,
+                           meta(E + 1, dtype=torch.int64), meta(E, dtype=torch.int32), out))
+            E = 32
+            a, s, b, bs = _gemm_operands((E, m), E, 4096, 7168)
+            yield (f"[{table_name}] masked {E}x{m} rows N=4096 K=7168",
+                   lambda a=a, s=s, b=b, bs=bs, E=E, t=table: configs.with_table(
+                       t, gemm.grouped_gemm_fp8_masked, a, s, b, bs, meta(E, dtype=torch.int32),
+                       torch.bfloat16))
+    a, s, b, bs = _gemm_operands((8 * 4096,), 8, 4096, 7168)
+    for out in (torch.float16, torch.float32):
+        yield (f"grouped_gemm_fp8 8x4096 rows -> {out}", lambda a=a, s=s, b=b, bs=bs, out=out:
+               gemm.grouped_gemm_fp8(a, s, b, bs, meta(8 * 4096, dtype=torch.int32), out))

@@ -3,7 +3,7 @@ I=2048, top-8, 8 groups / 4) on the GPU, scaled down on the CPU (E=16, H=512, I=
 
 Floor = the sum of its ops' floors: the router reads its float32 gate weight (7.3 MB on
 the GPU), the fused routed + shared experts read the FP8 weights of every expert touched
-(at T=1: 9 x 44 MB = 396 MB) -> ~135 us at 3.0 TB/s; goal: within 1.3x (TARGETS.md).
+(at T=1: 9 x 44 MB = 396 MB) -> ~135 us at 3.0 TB/s; goal: within 1.3x (docs/benchmarks.md).
 The torch path timed beside: the HF-semantics router in float32 torch, then the routed
 and shared experts with weights dequantized to bf16 (per routed pair, batched; as
 bench/fused_moe.py), eager and compiled.
@@ -68,7 +68,7 @@ def torch_layer(hidden, layer: DeepseekV3MoE):
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    backends = [b for b in kernel_backends(device, backends, fused_ops.SUPPORTED)
+    backends = [b for b in kernel_backends(device, backends, fused_ops.FUSED_MOE_FP8.backends)
                 if b != "reference"]
     cfg = GPU_CONFIG if device == "cuda" else CPU_CONFIG
     gen = torch.Generator().manual_seed(0)

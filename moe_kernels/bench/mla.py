@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.bench.common import Result, kernel_backends, measure
+from moe_kernels._common import FP8, cdiv
+from moe_kernels.bench.common import Result, meta, kernel_backends, measure
 from moe_kernels.ops import mla as ops
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import mla as reference
 
 R, ROPE, DN, DV = 512, 64, 128, 128
-FP8 = torch.float8_e4m3fn
 
 
 def default_tokens(device: str) -> list[int]:
@@ -52,7 +52,8 @@ def _close(out, want) -> bool:
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    backends = [b for b in kernel_backends(device, backends, ops.SUPPORTED) if b != "reference"]
+    backends = [b for b in kernel_backends(device, backends, ops.MLA_DECOMPRESS_KV.backends)
+                if b != "reference"]
     H = 128 if device == "cuda" else 16
     gen = torch.Generator().manual_seed(0)
     w32 = torch.randn(H * (DN + DV), R, generator=gen) / R ** 0.5
@@ -83,10 +84,10 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
 def _paged(device, backends, T, H, wq, ws, w16, gen, compiled) -> list[Result]:
     """An FP8 cache (block 64) of 8 sequences of T/8 tokens in shuffled blocks."""
     bs, B = 64, 8
-    per_seq = -(-T // B)
+    per_seq = cdiv(T, B)
     lens = torch.full((B,), per_seq, dtype=torch.int32)
     lens[-1] = T - per_seq * (B - 1)
-    nblk = -(-per_seq // bs)
+    nblk = cdiv(per_seq, bs)
     table = torch.randperm(B * nblk, generator=gen).view(B, nblk).int()
     scale = 0.05
     cache = ref_fp8.to_fp8(torch.randn(B * nblk, bs, R + ROPE, generator=gen) / scale)
@@ -106,3 +107,27 @@ def _paged(device, backends, T, H, wq, ws, w16, gen, compiled) -> list[Result]:
         timed += [("torch-compile", lambda i: compiled(cache, slots, scale_t, w16, H))]
     return measure("mla_decompress_kv_paged", case, device, timed, nbytes, 1,
                    lambda out: _close(out, want), flops=flops, math="bf16", tokens=T)
+
+
+def sm90_cases():
+    """(name, launch) pairs of every Triton launch of this op at DeepSeek-V3 shapes, on
+    meta tensors, for the sm_90a compile gate (moe_kernels/bench/sm90.py)."""
+    from moe_kernels.triton import mla
+    H, R, rope, dn, dv, T = 128, 512, 64, 128, 128, 8192
+    for kv, w in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, FP8),
+                  (torch.float32, torch.float32), (torch.float16, FP8)):
+        yield (f"mla_decompress_kv T={T} H={H} kv={kv} w={w}", lambda kv=kv, w=w:
+               mla.mla_decompress_kv(meta(T, R, dtype=kv), meta(T, rope, dtype=kv),
+                                     meta(H * (dn + dv), R, dtype=w),
+                                     meta(H * (dn + dv) // 128, R // 128) if w == FP8 else None,
+                                     meta(T, H, dn + rope, dtype=torch.bfloat16 if kv != torch.float32 else kv),
+                                     meta(T, H, dv, dtype=torch.bfloat16 if kv != torch.float32 else kv)))
+    for kv, w, kv_scale in ((torch.bfloat16, torch.bfloat16, False), (FP8, FP8, True),
+                            (FP8, torch.bfloat16, True)):
+        yield (f"mla_decompress_kv_paged T={T} H={H} cache={kv} w={w}",
+               lambda kv=kv, w=w, sc=kv_scale: mla.mla_decompress_kv_paged(
+                   meta(4096, 64, R + rope, dtype=kv), meta(16, 512, dtype=torch.int32),
+                   meta(16, dtype=torch.int32), meta(H * (dn + dv), R, dtype=w),
+                   meta(H * (dn + dv) // 128, R // 128) if w == FP8 else None,
+                   meta() if sc else None, meta(T, H, dn + rope, dtype=torch.bfloat16),
+                   meta(T, H, dv, dtype=torch.bfloat16)))

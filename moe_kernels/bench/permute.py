@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels.bench.common import Result, kernel_backends, measure, rotating_sets
+from moe_kernels._common import FP8
+from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
 from moe_kernels.ops import permute as ops
 from moe_kernels.reference import permute as reference
 
@@ -29,7 +30,7 @@ def _ids(T, device, gen):
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    backends = kernel_backends(device, backends, ops.SUPPORTED)
+    backends = kernel_backends(device, backends, ops.PERMUTE.backends)
     H = 7168 if device == "cuda" else 2048
     gen = torch.Generator().manual_seed(0)
     ref_permute = reference.permute
@@ -85,3 +86,20 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
                            lambda out: torch.allclose(out.float(), want_y.float(), rtol=1.6e-2,
                                                       atol=1e-2))
     return results
+
+
+def sm90_cases():
+    """(name, launch) pairs of every Triton launch of this op at DeepSeek-V3 shapes, on
+    meta tensors, for the sm_90a compile gate (moe_kernels/bench/sm90.py)."""
+    from moe_kernels.triton import permute
+    for E, id_dtype in ((256, torch.int32), (256, torch.int64), (384, torch.int32)):
+        yield (f"permute_index T=4096x8 E={E} {id_dtype}",
+               lambda E=E, d=id_dtype: permute.permute_index(meta(4096, 8, dtype=d), E, 128))
+    for D, dt in ((7168, torch.bfloat16), (7168, FP8), (7168, torch.float32), (56, torch.float32)):
+        yield (f"gather_rows R=32768 D={D} {dt}", lambda D=D, dt=dt: permute.gather_rows(
+            meta(4096, D, dtype=dt), meta(32768 + 256 * 127, dtype=torch.int32),
+            meta(4096, 8, dtype=torch.int32)))
+    for K, dt, wdt in ((8, torch.bfloat16, torch.float32), (8, torch.float32, torch.float32),
+                       (2, torch.bfloat16, torch.bfloat16), (6, torch.float16, torch.float32)):
+        yield (f"unpermute T=4096 K={K} H=7168 {dt}", lambda K=K, dt=dt, wdt=wdt: permute.unpermute(
+            meta(4096 * K, 7168, dtype=dt), meta(4096, K, dtype=torch.int32), meta(4096, K, dtype=wdt)))

@@ -43,7 +43,6 @@ WGMMA_MIN_ROWS = 64            # a wgmma tile is 64 rows per warp group
 TENSOR_CORE_DTYPES = ("f8E4M3FN", "bf16", "f16")
 
 META = torch.device("meta")
-FP8 = torch.float8_e4m3fn
 
 
 # --- compiling without a GPU ---------------------------------------------------------------
@@ -125,125 +124,13 @@ def sm90_target(sink: list, case: list):
             knobs.nvidia.dump_ptxas_log, knobs.cache.dir, driver._active = saved
 
 
-# --- the launches of every op, at DeepSeek-V3 shapes ---------------------------------------
+# --- the launches of every op, at DeepSeek-V3 shapes: `sm90_cases()` of each op's bench
+# module (moe_kernels/bench/<op>.py) ------------------------------------------------------
 
-def _t(*shape, dtype=torch.float32):
-    return torch.empty(shape, dtype=dtype, device=META)
-
-
-def _gating_cases():
-    from moe_kernels.triton import gating
-    # (E, groups, topk_group, top_k, scoring, group scoring, bias): DeepSeek-V3 and a
-    # softmax router without groups (Mixtral/Qwen style); E=384 (Kimi K2) pads to 512
-    routers = [(256, 8, 4, 8, "sigmoid", "top2_sum", True), (64, 1, 1, 8, "softmax", "max", False),
-               (384, 1, 1, 8, "sigmoid", "max", True)]
-    for E, G, tg, k, scoring, gscore, bias in routers:
-        for T in (1, 4096, 16384):
-            dtypes = (torch.bfloat16, torch.float32, torch.float16) if (E, T) == (256, 4096) \
-                else (torch.bfloat16,)
-            for dt in dtypes:
-                yield (f"grouped_topk E={E} T={T} {dt}", lambda dt=dt, T=T, E=E, G=G, tg=tg, k=k,
-                       s=scoring, g=gscore, b=bias: gating.grouped_topk(
-                           _t(T, E, dtype=dt), _t(E) if b else None, k, G, tg, s, g, True, 2.5))
-
-
-def _permute_cases():
-    from moe_kernels.triton import permute
-    for E, id_dtype in ((256, torch.int32), (256, torch.int64), (384, torch.int32)):
-        yield (f"permute_index T=4096x8 E={E} {id_dtype}",
-               lambda E=E, d=id_dtype: permute.permute_index(_t(4096, 8, dtype=d), E, 128))
-    for D, dt in ((7168, torch.bfloat16), (7168, FP8), (7168, torch.float32), (56, torch.float32)):
-        yield (f"gather_rows R=32768 D={D} {dt}", lambda D=D, dt=dt: permute.gather_rows(
-            _t(4096, D, dtype=dt), _t(32768 + 256 * 127, dtype=torch.int32),
-            _t(4096, 8, dtype=torch.int32)))
-    for K, dt, wdt in ((8, torch.bfloat16, torch.float32), (8, torch.float32, torch.float32),
-                       (2, torch.bfloat16, torch.bfloat16), (6, torch.float16, torch.float32)):
-        yield (f"unpermute T=4096 K={K} H=7168 {dt}", lambda K=K, dt=dt, wdt=wdt: permute.unpermute(
-            _t(4096 * K, 7168, dtype=dt), _t(4096, K, dtype=torch.int32), _t(4096, K, dtype=wdt)))
-
-
-def _fp8_cases():
-    from moe_kernels.triton import fp8
-    for M in (1, 16384):
-        for dt in (torch.bfloat16, torch.float16, torch.float32):
-            yield (f"quant 1x128 M={M} K=7168 {dt}", lambda M=M, dt=dt:
-                   fp8.quantize_fp8_per_token_group(_t(M, 7168, dtype=dt), 128, 1e-10, False, False))
-        yield (f"quant 1x128 ue8m0 col-major M={M}", lambda M=M: fp8.quantize_fp8_per_token_group(
-            _t(M, 7168, dtype=torch.bfloat16), 128, 1e-10, True, True))
-        yield (f"silu_and_mul_quant M={M} 2x2048", lambda M=M: fp8.silu_and_mul_quant_fp8(
-            _t(M, 4096, dtype=torch.bfloat16), 128))
-    for dt in (torch.bfloat16, torch.float32):
-        yield (f"quant 128x128 7168x2048 {dt}",
-               lambda dt=dt: fp8.quantize_fp8_block(_t(7168, 2048, dtype=dt), 128, 128))
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
-        yield (f"dequant 128x128 7168x2048 -> {dt}", lambda dt=dt: fp8.dequantize_fp8_block(
-            _t(7168, 2048, dtype=FP8), _t(56, 16), 128, 128, dt))
-
-
-def _gemm_operands(rows_shape, E, N, K):
-    a = _t(*rows_shape, K, dtype=FP8)
-    s = _t(*rows_shape, -(-K // 128))
-    return a, s, _t(E, N, K, dtype=FP8), _t(E, -(-N // 128), -(-K // 128))
-
-
-def _gemm_cases():
-    from moe_kernels.configs import grouped_gemm as configs
-    from moe_kernels.triton import grouped_gemm as gemm
-    for table_name, table in configs.all_tables().items():
-        # rows per expert hitting every bucket of the table (and one past the last bound)
-        ms = sorted({b["max_m"] or 4096 for b in table["contiguous"] + table["segments"]
-                     + table["masked"]} | {4096})
-        for m in ms:
-            E = 8
-            for N, K, out in ((4096, 7168, torch.bfloat16), (7168, 2048, torch.bfloat16)):
-                a, s, b, bs = _gemm_operands((E * m,), E, N, K)
-                yield (f"[{table_name}] grouped_gemm_fp8 {E}x{m} rows N={N} K={K}",
-                       lambda a=a, s=s, b=b, bs=bs, E=E, m=m, out=out, t=table: configs.with_table(
-                           t, gemm.grouped_gemm_fp8, a, s, b, bs,
-                           _t(E * m, dtype=torch.int32), out))
-            E = 256
-            for N, K, out in ((4096, 7168, torch.bfloat16), (7168, 2048, torch.bfloat16),
-                              (7168, 2048, torch.float32)):
-                a, s, b, bs = _gemm_operands((E * m,), E, N, K)
-                yield (f"[{table_name}] segments (fused_moe) {E}x{m} rows N={N} K={K} -> {out}",
-                       lambda a=a, s=s, b=b, bs=bs, E=E, out=out, t=table: configs.with_table(
-                           t, gemm.grouped_gemm_fp8_segments, a, s, b, bs,
-                           _t(E + 1, dtype=torch.int64), _t(E, dtype=torch.int32), out))
-            E = 32
-            a, s, b, bs = _gemm_operands((E, m), E, 4096, 7168)
-            yield (f"[{table_name}] masked {E}x{m} rows N=4096 K=7168",
-                   lambda a=a, s=s, b=b, bs=bs, E=E, t=table: configs.with_table(
-                       t, gemm.grouped_gemm_fp8_masked, a, s, b, bs, _t(E, dtype=torch.int32),
-                       torch.bfloat16))
-    a, s, b, bs = _gemm_operands((8 * 4096,), 8, 4096, 7168)
-    for out in (torch.float16, torch.float32):
-        yield (f"grouped_gemm_fp8 8x4096 rows -> {out}", lambda a=a, s=s, b=b, bs=bs, out=out:
-               gemm.grouped_gemm_fp8(a, s, b, bs, _t(8 * 4096, dtype=torch.int32), out))
-
-
-def _mla_cases():
-    from moe_kernels.triton import mla
-    H, R, rope, dn, dv, T = 128, 512, 64, 128, 128, 8192
-    for kv, w in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, FP8),
-                  (torch.float32, torch.float32), (torch.float16, FP8)):
-        yield (f"mla_decompress_kv T={T} H={H} kv={kv} w={w}", lambda kv=kv, w=w:
-               mla.mla_decompress_kv(_t(T, R, dtype=kv), _t(T, rope, dtype=kv),
-                                     _t(H * (dn + dv), R, dtype=w),
-                                     _t(H * (dn + dv) // 128, R // 128) if w == FP8 else None,
-                                     _t(T, H, dn + rope, dtype=torch.bfloat16 if kv != torch.float32 else kv),
-                                     _t(T, H, dv, dtype=torch.bfloat16 if kv != torch.float32 else kv)))
-    for kv, w, kv_scale in ((torch.bfloat16, torch.bfloat16, False), (FP8, FP8, True),
-                            (FP8, torch.bfloat16, True)):
-        yield (f"mla_decompress_kv_paged T={T} H={H} cache={kv} w={w}",
-               lambda kv=kv, w=w, sc=kv_scale: mla.mla_decompress_kv_paged(
-                   _t(4096, 64, R + rope, dtype=kv), _t(16, 512, dtype=torch.int32),
-                   _t(16, dtype=torch.int32), _t(H * (dn + dv), R, dtype=w),
-                   _t(H * (dn + dv) // 128, R // 128) if w == FP8 else None,
-                   _t() if sc else None, _t(T, H, dn + rope, dtype=torch.bfloat16),
-                   _t(T, H, dv, dtype=torch.bfloat16)))
-
-
-CASE_FAMILIES = (_gating_cases, _permute_cases, _fp8_cases, _gemm_cases, _mla_cases)
+def case_families():
+    """The `sm90_cases` generators of the bench modules: (name, launch) pairs."""
+    from moe_kernels.bench import OPS
+    return [m.sm90_cases for m in dict.fromkeys(OPS.values()) if hasattr(m, "sm90_cases")]
 
 
 def compile_all(select: str | None = None) -> list[Launch]:
@@ -251,7 +138,7 @@ def compile_all(select: str | None = None) -> list[Launch]:
     sink: list[Launch] = []
     case = [""]
     with sm90_target(sink, case):
-        for family in CASE_FAMILIES:
+        for family in case_families():
             for name, run in family():
                 if select and select not in name:
                     continue

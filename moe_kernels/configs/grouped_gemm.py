@@ -95,9 +95,9 @@ def with_table(table: dict, fn, *args):
         _FORCED.pop()
 
 
-def gemm_config(kind: str, m: int, N: int, K: int, device: torch.device) -> dict:
+def gemm_config(kind: str, m: int, device: torch.device) -> dict:
     """Launch config (BLOCK_M, BLOCK_N, num_warps, num_stages) for `kind` at `m` rows per
-    expert. N and K are accepted for buckets keyed on them later; unused today."""
+    expert (buckets by m; one table per device)."""
     if triton_interpreting():
         return pick(_INTERPRETER_BUCKETS, m)
     if device.type != "cuda":       # meta tensors: compiling for the GPU without one

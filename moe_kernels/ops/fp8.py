@@ -1,10 +1,10 @@
-"""FP8 block-scaled quantization (SPEC section 3): API and registration.
+"""FP8 block-scaled quantization: schemas, checks, public API.
 
-Ops (each also as `<name>_triton`): `quantize_fp8_per_token_group` (1 x group_size
+Ops (each with a `_triton` variant): `quantize_fp8_per_token_group` (1 x group_size
 activation groups), `quantize_fp8_block` (weight blocks), `dequantize_fp8_block`,
 `silu_and_mul_quant_fp8` (the MoE activation fused with the quantization). Scales are
 dequantization multipliers (real = fp8 * scale). Not differentiable: quantization is a
-rounding step. Semantics, NaN/inf rules and layouts: docs/fp8.md.
+rounding step. Semantics: docs/api.md; NaN/inf rules and layouts: docs/fp8.md.
 """
 
 from __future__ import annotations
@@ -12,40 +12,16 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._validate import (FLOAT_DTYPES, check_float_tensor, check_last_dim_contiguous,
-                                   check_tensor)
+from moe_kernels._common import FLOAT_DTYPES, FP8, cdiv
+from moe_kernels._validate import (check_float_tensor, check_fp8, check_last_dim_contiguous,
+                                   check_scales, check_tensor)
 from moe_kernels.reference import fp8 as reference
 
-SUPPORTED = ("reference", "triton", "cpu")
-FP8 = torch.float8_e4m3fn
-_NAMES = ("quantize_fp8_per_token_group", "quantize_fp8_block", "dequantize_fp8_block",
-          "silu_and_mul_quant_fp8")
-
-
-def _triton():
-    from moe_kernels.triton import fp8 as triton_fp8  # imports triton lazily
-    return triton_fp8
-
-
-_EAGER = {name: {"triton": lambda *a, _n=name: getattr(_triton(), _n)(*a)} for name in _NAMES}
-if _library.extension_loaded():
-    for _name in _NAMES:
-        _EAGER[_name]["cpu"] = getattr(_library._C, _name + "_cpu")
-
-
-def _call(name: str, backend: str, *args):
-    return _library.kernel_for(name, backend, _EAGER[name])(*args)
-
-
-# --- registration: Triton impls and fakes ---------------------------------------------------
-
-def _cdiv(a, b):
-    return -(-a // b)
-
+# --- schemas and fakes -----------------------------------------------------------------------
 
 def _fake_token_groups(x, group_size, eps, scale_ue8m0, column_major_scales):
     M, K = x.shape
-    G = _cdiv(K, group_size)
+    G = cdiv(K, group_size)
     s = (x.new_empty((G, M), dtype=torch.float32).t() if column_major_scales
          else x.new_empty((M, G), dtype=torch.float32))
     return x.new_empty((M, K), dtype=FP8), s
@@ -54,7 +30,7 @@ def _fake_token_groups(x, group_size, eps, scale_ue8m0, column_major_scales):
 def _fake_block(w, block_n, block_k, eps):
     *batch, N, K = w.shape
     return (w.new_empty(w.shape, dtype=FP8),
-            w.new_empty((*batch, _cdiv(N, block_n), _cdiv(K, block_k)), dtype=torch.float32))
+            w.new_empty((*batch, cdiv(N, block_n), cdiv(K, block_k)), dtype=torch.float32))
 
 
 def _fake_dequant(q, s, block_n, block_k, dtype):
@@ -64,15 +40,22 @@ def _fake_dequant(q, s, block_n, block_k, dtype):
 def _fake_silu(x, group_size, eps):
     M, N = x.shape[0], x.shape[1] // 2
     return (x.new_empty((M, N), dtype=FP8),
-            x.new_empty((M, _cdiv(N, group_size)), dtype=torch.float32))
+            x.new_empty((M, cdiv(N, group_size)), dtype=torch.float32))
 
 
-_FAKES = {"quantize_fp8_per_token_group": _fake_token_groups, "quantize_fp8_block": _fake_block,
-          "dequantize_fp8_block": _fake_dequant, "silu_and_mul_quant_fp8": _fake_silu}
-for _name in _NAMES:
-    _library.register_triton_impl(_name, lambda *a, _n=_name: _EAGER[_n]["triton"](*a))
-    for _suffix in ("", "_triton"):
-        torch.library.register_fake(f"moe_kernels::{_name}{_suffix}")(_FAKES[_name])
+_KERNELS = dict(triton="fp8", native=("cpu",))
+QUANTIZE_FP8_PER_TOKEN_GROUP = _library.Op(
+    "quantize_fp8_per_token_group", "(Tensor x, int group_size, float eps, bool scale_ue8m0, "
+    "bool column_major_scales) -> (Tensor, Tensor)", fake=_fake_token_groups, **_KERNELS)
+QUANTIZE_FP8_BLOCK = _library.Op(
+    "quantize_fp8_block", "(Tensor w, int block_n, int block_k, float eps) -> (Tensor, Tensor)",
+    fake=_fake_block, **_KERNELS)
+DEQUANTIZE_FP8_BLOCK = _library.Op(
+    "dequantize_fp8_block", "(Tensor q, Tensor s, int block_n, int block_k, ScalarType dtype) "
+    "-> Tensor", fake=_fake_dequant, **_KERNELS)
+SILU_AND_MUL_QUANT_FP8 = _library.Op(
+    "silu_and_mul_quant_fp8", "(Tensor x, int group_size, float eps) -> (Tensor, Tensor)",
+    fake=_fake_silu, **_KERNELS)
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -102,19 +85,21 @@ def _check_activation(op: str, x) -> None:
     check_last_dim_contiguous(op, "x", x)
 
 
-def check_fp8(op: str, name: str, x, ndim: int | None = None) -> None:
-    check_tensor(op, name, x, ndim=ndim)
-    if x.dtype != FP8:
-        raise TypeError(f"{op}: {name} must be float8_e4m3fn, got {x.dtype}")
+# --- the internal layer: arguments checked, backend resolved -----------------------------
+
+def quantize_fp8_per_token_group_unchecked(backend, x, group_size, eps, scale_ue8m0,
+                                           column_major_scales):
+    if backend == "reference":
+        return reference.quantize_fp8_per_token_group(x, group_size, eps, scale_ue8m0,
+                                                      column_major_scales)
+    return tuple(QUANTIZE_FP8_PER_TOKEN_GROUP.kernel(backend)(
+        x, group_size, eps, scale_ue8m0, column_major_scales))
 
 
-def check_scales(op: str, name: str, s, shape: tuple, ref_name: str, ref) -> None:
-    check_tensor(op, name, s, dtypes=(torch.float32,))
-    if tuple(s.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (from {ref_name}'s "
-                         f"shape {tuple(ref.shape)}), got {tuple(s.shape)}")
-    if s.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {s.device} but {ref_name} is on {ref.device}")
+def silu_and_mul_quant_fp8_unchecked(backend, x, group_size):
+    if backend == "reference":
+        return reference.silu_and_mul_quant_fp8(x, group_size)
+    return tuple(SILU_AND_MUL_QUANT_FP8.kernel(backend)(x, group_size, 1e-10))
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -130,12 +115,9 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, *, eps:
     _check_activation(op, x)
     _check_power_of_two(op, "group_size", group_size)
     _check_eps(op, eps)
-    backend = _library.resolve_backend_of(backend, x, op, SUPPORTED)
-    if backend == "reference":
-        return reference.quantize_fp8_per_token_group(x, group_size, eps, bool(scale_ue8m0),
-                                                      bool(column_major_scales))
-    return tuple(_call(op, backend, x, group_size, float(eps), bool(scale_ue8m0),
-                       bool(column_major_scales)))
+    backend = QUANTIZE_FP8_PER_TOKEN_GROUP.resolve(backend, x)
+    return quantize_fp8_per_token_group_unchecked(backend, x, group_size, float(eps),
+                                                  bool(scale_ue8m0), bool(column_major_scales))
 
 
 def quantize_fp8_block(w: torch.Tensor, block=(128, 128), *, eps: float = 1e-10,
@@ -148,10 +130,10 @@ def quantize_fp8_block(w: torch.Tensor, block=(128, 128), *, eps: float = 1e-10,
         raise ValueError(f"{op}: w must be at least 2-D (..., N, K), got shape {tuple(w.shape)}")
     bn, bk = _check_block(op, block)
     _check_eps(op, eps)
-    backend = _library.resolve_backend_of(backend, w, op, SUPPORTED)
+    backend = QUANTIZE_FP8_BLOCK.resolve(backend, w)
     if backend == "reference":
         return reference.quantize_fp8_block(w, bn, bk, eps)
-    return tuple(_call(op, backend, w.contiguous(), bn, bk, float(eps)))
+    return tuple(QUANTIZE_FP8_BLOCK.kernel(backend)(w.contiguous(), bn, bk, float(eps)))
 
 
 def dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block=(128, 128),
@@ -164,13 +146,13 @@ def dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block=(128, 128),
         raise ValueError(f"{op}: q must be at least 2-D (..., N, K), got shape {tuple(q.shape)}")
     bn, bk = _check_block(op, block)
     N, K = q.shape[-2:]
-    check_scales(op, "s", s, (*q.shape[:-2], _cdiv(N, bn), _cdiv(K, bk)), "q", q)
+    check_scales(op, "s", s, (*q.shape[:-2], cdiv(N, bn), cdiv(K, bk)), "q", q)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-    backend = _library.resolve_backend_of(backend, q, op, SUPPORTED)
+    backend = DEQUANTIZE_FP8_BLOCK.resolve(backend, q)
     if backend == "reference":
         return reference.dequantize_fp8_block(q, s, bn, bk, dtype)
-    return _call(op, backend, q.contiguous(), s.contiguous(), bn, bk, dtype)
+    return DEQUANTIZE_FP8_BLOCK.kernel(backend)(q.contiguous(), s.contiguous(), bn, bk, dtype)
 
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
@@ -183,7 +165,5 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
         raise ValueError(f"{op}: x must be [gate | up] with an even width, got shape "
                          f"{tuple(x.shape)}")
     _check_power_of_two(op, "group_size", group_size)
-    backend = _library.resolve_backend_of(backend, x, op, SUPPORTED)
-    if backend == "reference":
-        return reference.silu_and_mul_quant_fp8(x, group_size)
-    return tuple(_call(op, backend, x, group_size, 1e-10))
+    backend = SILU_AND_MUL_QUANT_FP8.resolve(backend, x)
+    return silu_and_mul_quant_fp8_unchecked(backend, x, group_size)

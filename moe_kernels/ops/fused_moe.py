@@ -1,10 +1,12 @@
-"""The fused FP8 MoE forward of the routed experts (SPEC section 3, `fused_moe_fp8`).
+"""The fused FP8 MoE forward of the routed experts, `fused_moe_fp8`: schema, checks, API.
 
 quantize (1x128) -> permute (align=1, scales alongside) -> GEMM1 (w13) -> SiLU-mul-quant
--> GEMM2 (w2) -> weighted unpermute. On the Triton backend the GEMMs run over the expert
-segments of the align=1 layout, so no padding row is ever computed (at decode, with 256
-experts, align=128 padding would be ~250x the real rows). Oracle: reference.moe_forward
-(float32, unquantized activations), within 2e-2 relative error.
+-> GEMM2 (w2) -> weighted unpermute, each stage through the unchecked internal layer of
+its op (the arguments are checked once, here). On the Triton backend the GEMMs run over
+the expert segments of the align=1 layout, so no padding row is ever computed (at decode,
+with 256 experts, align=128 padding would be ~250x the real rows). Oracle:
+reference.moe_forward (float32, unquantized activations), within 2e-2 relative error.
+Registered as the composite op `moe_kernels::fused_moe_fp8` (the device's default backend).
 """
 
 from __future__ import annotations
@@ -12,18 +14,19 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._validate import (check_float_tensor, check_last_dim_contiguous,
-                                   check_same_device, check_tensor)
+from moe_kernels._common import INDEX_DTYPES, SCALE_BLOCK, cdiv
+from moe_kernels._validate import (check_float_tensor, check_fp8, check_last_dim_contiguous,
+                                   check_same_device, check_scales, check_tensor)
 from moe_kernels.ops import fp8, grouped_gemm, permute as perm
 
-SUPPORTED = ("reference", "triton", "cpu")
+OP = "fused_moe_fp8"
 
 
 def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
     check_float_tensor(op, "hidden", hidden, ndim=2)
     check_last_dim_contiguous(op, "hidden", hidden)
-    fp8.check_fp8(op, "w13", w13, ndim=3)
-    fp8.check_fp8(op, "w2", w2, ndim=3)
+    check_fp8(op, "w13", w13, ndim=3)
+    check_fp8(op, "w2", w2, ndim=3)
     T, H = hidden.shape
     E, two_i, h13 = w13.shape
     if h13 != H or two_i % 2:
@@ -32,10 +35,10 @@ def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
     if tuple(w2.shape) != (E, H, inter):
         raise ValueError(f"{op}: w2 must have shape (E, H, I) = {(E, H, inter)} (from w13), "
                          f"got {tuple(w2.shape)}")
-    c = lambda n: -(-n // 128)
-    fp8.check_scales(op, "w13_scales", w13_scales, (E, c(two_i), c(H)), "w13", w13)
-    fp8.check_scales(op, "w2_scales", w2_scales, (E, c(H), c(inter)), "w2", w2)
-    check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=perm.ID_DTYPES)
+    c = lambda n: cdiv(n, SCALE_BLOCK)
+    check_scales(op, "w13_scales", w13_scales, (E, c(two_i), c(H)), "w13", w13)
+    check_scales(op, "w2_scales", w2_scales, (E, c(H), c(inter)), "w2", w2)
+    check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_float_tensor(op, "topk_weights", topk_weights, ndim=2)
     if topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"{op}: topk_ids and topk_weights must both have shape (T={T}, K), got "
@@ -43,6 +46,30 @@ def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
     for name, t in (("w13", w13), ("w2", w2), ("topk_ids", topk_ids),
                     ("topk_weights", topk_weights)):
         check_same_device(op, name, t, "hidden", hidden)
+
+
+def fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights,
+                            topk_ids):
+    """The internal layer: arguments checked, backend resolved (see fused_moe_fp8)."""
+    E = w13.shape[0]
+    q, s = fp8.quantize_fp8_per_token_group_unchecked(backend, hidden, SCALE_BLOCK, 1e-10,
+                                                      False, False)
+    x, layout = perm.permute_unchecked(backend, q, topk_ids, E, 1, s)
+    gemm = _segment_gemm(layout, backend)
+    y = gemm(x, layout.scales, w13, w13_scales, torch.bfloat16)
+    q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y, SCALE_BLOCK)
+    z = gemm(q2, s2, w2, w2_scales, hidden.dtype)
+    return perm.unpermute_unchecked(backend, z, layout.row_of_pair, topk_weights)
+
+
+def _segment_gemm(layout, backend):
+    """GEMM over the layout's expert segments: the segments kernel on Triton, the
+    contiguous op with m_indices elsewhere."""
+    if backend == "triton":
+        return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_segments_unchecked(
+            a, s, w, ws, layout.expert_offsets, layout.tokens_per_expert, dt)
+    return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_unchecked(
+        backend, a, s, w, ws, layout.m_indices, dt)
 
 
 def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
@@ -55,24 +82,17 @@ def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Ten
     float8_e4m3fn; w2_scales: (E, ceil(H/128), ceil(I/128)) float32; topk_weights: (T, K)
     float; topk_ids: (T, K) int32 | int64 (ids outside [0, E) skipped). Returns (T, H) in
     hidden's dtype: sum_k w[t, k] * down(silu(gate(h_t)) * up(h_t)) of expert ids[t, k]."""
-    op = "fused_moe_fp8"
-    _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
-    backend = _library.resolve_backend_of(backend, hidden, op, SUPPORTED)
-    E = w13.shape[0]
-    q, s = fp8.quantize_fp8_per_token_group(hidden, 128, backend=backend)
-    x, layout = perm.permute(q, topk_ids, E, scales=s, backend=backend)
-    gemm = _segment_gemm(layout, backend)
-    y = gemm(x, layout.scales, w13, w13_scales, torch.bfloat16)
-    q2, s2 = fp8.silu_and_mul_quant_fp8(y, 128, backend=backend)
-    z = gemm(q2, s2, w2, w2_scales, hidden.dtype)
-    return perm.unpermute(z, layout, topk_weights, backend=backend)
+    _check(OP, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
+    backend = FUSED_MOE_FP8.resolve(backend, hidden)
+    _library.check_cuda_limit(OP, backend, "permute_cuda_max_experts", "E (w13's experts)",
+                              w13.shape[0])
+    return fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales,
+                                   topk_weights, topk_ids)
 
 
-def _segment_gemm(layout, backend):
-    """GEMM over the layout's expert segments: the segments kernel on Triton, the
-    contiguous op with m_indices elsewhere."""
-    if backend == "triton":
-        return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_segments(
-            a, s, w, ws, layout.expert_offsets, layout.tokens_per_expert, dt)
-    return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8(
-        a, s, w, ws, layout.m_indices, out_dtype=dt, backend=backend)
+FUSED_MOE_FP8 = _library.Op(
+    OP, "(Tensor hidden, Tensor w13, Tensor w13_scales, Tensor w2, Tensor w2_scales, "
+        "Tensor topk_weights, Tensor topk_ids) -> Tensor",
+    fake=lambda hidden, *weights_and_routing: hidden.new_empty(hidden.shape),
+    composite=lambda *args: fused_moe_fp8(*args),
+    backends=("reference", "triton", "cpu"))

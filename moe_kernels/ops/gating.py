@@ -1,10 +1,8 @@
-"""Fused sigmoid/softmax grouped top-k gating (SPEC section 1): API and registration.
+"""Fused sigmoid/softmax grouped top-k gating: schema, checks, public API.
 
-Ops: `moe_kernels::grouped_topk` (CPU and CUDA kernels from C++) and
-`moe_kernels::grouped_topk_triton` (Triton kernel, registered here). Both have a fake
-and an autograd formula (the weights' gradient w.r.t. `logits`). The eager path calls the
-kernel directly unless gradients are needed or torch.compile is tracing, which saves the
-dispatcher round trip through the Python autograd kernel (docs/index.md).
+Op `moe_kernels::grouped_topk` (CPU and CUDA kernels from C++; `_triton` variant), with a
+fake and an autograd formula (the weights' gradient w.r.t. `logits`). Semantics:
+docs/api.md and docs/gating.md.
 """
 
 from __future__ import annotations
@@ -12,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._validate import (FLOAT_DTYPES, check_choice, check_float_tensor, check_int,
+from moe_kernels._common import FLOAT_DTYPES
+from moe_kernels._validate import (check_choice, check_float_tensor, check_int,
                                    check_last_dim_contiguous, check_same_device,
                                    check_tensor)
 from moe_kernels.reference import gating as reference
@@ -20,7 +19,20 @@ from moe_kernels.reference import gating as reference
 OP = "grouped_topk"
 SCORING_FUNCS = ("sigmoid", "softmax")
 GROUP_SCORINGS = ("top2_sum", "max")
-CUDA_MAX_EXPERTS = 1024  # 32 lanes x 32 experts per lane (csrc/cuda/gating.cuh kMaxExperts)
+
+
+def _fake(logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
+          group_scoring, renormalize, routed_scaling_factor):
+    T = logits.shape[0]
+    return (logits.new_empty((T, top_k), dtype=torch.float32),
+            logits.new_empty((T, top_k), dtype=torch.int32))
+
+
+GROUPED_TOPK = _library.Op(
+    OP, "(Tensor logits, Tensor? correction_bias, int top_k, int num_expert_group, "
+        "int topk_group, str scoring_func, str group_scoring, bool renormalize, "
+        "float routed_scaling_factor) -> (Tensor, Tensor)",
+    fake=_fake, triton="gating", native=("cpu", "cuda"))
 
 
 def _check_args_slow(logits, top_k, num_expert_group, topk_group, scoring_func,
@@ -54,8 +66,21 @@ def _check_args_slow(logits, top_k, num_expert_group, topk_group, scoring_func,
         check_same_device(OP, "correction_bias", correction_bias, "logits", logits)
 
 
-# Scalar configurations (E, top_k, G, topk_group, names, their types) already validated:
-# the eager path checks them once, not on every call (6.5 us -> ~2 us per call here).
+def check_routing_config(op: str, num_experts: int, top_k: int, num_expert_group: int,
+                         topk_group: int, group_scoring: str = "top2_sum") -> None:
+    """The checks of grouped_topk's scalar configuration, for callers (the layer) that
+    validate it once, up front; errors name grouped_topk's arguments."""
+    logits = torch.empty((0, num_experts), device="meta")
+    try:
+        _check_args_slow(logits, top_k, num_expert_group, topk_group, "sigmoid", None,
+                         group_scoring)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{op}: {exc}") from None
+
+
+# Scalar configurations (E, top_k, G, topk_group, names) already validated: the eager path
+# checks them once, not on every call (6.5 us -> ~2 us per call here). The ints' types are
+# checked apart (True == 1 would hash alike).
 _VALID_CONFIGS: set = set()
 
 
@@ -67,9 +92,10 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
         and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES
     if ok:
         E = logits.shape[1]
-        config = (E, top_k, type(top_k), num_expert_group, type(num_expert_group),
-                  topk_group, type(topk_group), scoring_func, group_scoring)
-        ok = config in _VALID_CONFIGS and (E == 1 or logits.stride(1) == 1)
+        ok = (type(top_k) is int and type(num_expert_group) is int and type(topk_group) is int
+              and (E, top_k, num_expert_group, topk_group, scoring_func,
+                   group_scoring) in _VALID_CONFIGS
+              and (logits.is_contiguous() or E == 1 or logits.stride(1) == 1))
         if ok and correction_bias is not None:
             ok = (isinstance(correction_bias, torch.Tensor) and correction_bias.dim() == 1
                   and correction_bias.shape[0] == E and correction_bias.is_floating_point()
@@ -77,44 +103,11 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
     if not ok:
         _check_args_slow(logits, top_k, num_expert_group, topk_group, scoring_func,
                          correction_bias, group_scoring)
-        _VALID_CONFIGS.add((logits.shape[1], top_k, type(top_k), num_expert_group,
-                            type(num_expert_group), topk_group, type(topk_group),
+        _VALID_CONFIGS.add((logits.shape[1], top_k, num_expert_group, topk_group,
                             scoring_func, group_scoring))
 
 
-# --- the kernels of each backend, one signature: the schema's -------------------------
-
-def _triton_kernel(*args):
-    from moe_kernels.triton import gating as triton_gating  # imports triton lazily
-    return triton_gating.grouped_topk(*args)
-
-
-_EAGER_KERNELS = {"triton": _triton_kernel}
-if _library.extension_loaded():  # the pybind functions themselves: no wrapper call
-    _EAGER_KERNELS["cpu"] = _library._C.grouped_topk_cpu
-    if _library.extension_has_cuda():
-        _EAGER_KERNELS["cuda"] = _library._C.grouped_topk_cuda
-
-
-def _registered_op(backend):
-    if backend == "triton":
-        return torch.ops.moe_kernels.grouped_topk_triton.default
-    return torch.ops.moe_kernels.grouped_topk.default
-
-
-# --- registration: Triton impl, fakes, autograd ----------------------------------------
-
-@torch.library.impl("moe_kernels::grouped_topk_triton", ["CPU", "CUDA"])
-def _grouped_topk_triton_impl(*args):
-    return _triton_kernel(*args)
-
-
-def _fake(logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
-          group_scoring, renormalize, routed_scaling_factor):
-    T = logits.shape[0]
-    return (logits.new_empty((T, top_k), dtype=torch.float32),
-            logits.new_empty((T, top_k), dtype=torch.int32))
-
+# --- autograd ------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
     logits, _, _, _, _, scoring_func, _, renormalize, scale = inputs
@@ -148,9 +141,17 @@ def _backward(ctx, grad_w, grad_ids):
     return grad, None, None, None, None, None, None, None, None
 
 
-for _name in ("moe_kernels::grouped_topk", "moe_kernels::grouped_topk_triton"):
-    torch.library.register_fake(_name)(_fake)
-    torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
+GROUPED_TOPK.register_autograd(lambda backend: (_backward, _setup_context))
+
+
+def grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
+                           topk_group, scoring_func, group_scoring, renormalize,
+                           routed_scaling_factor):
+    """The internal layer: the schema's arguments, already checked; `backend` resolved."""
+    kernel = (reference.grouped_topk if backend == "reference" else
+              GROUPED_TOPK.kernel(backend, logits.requires_grad and torch.is_grad_enabled()))
+    return kernel(logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
+                  group_scoring, renormalize, routed_scaling_factor)
 
 
 # --- public API -------------------------------------------------------------------------
@@ -172,17 +173,13 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
         group_scoring = "top2_sum" if correction_bias is not None else "max"
     _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
                 group_scoring)
-    backend = _library.resolve_backend_of(backend, logits, OP)
-    if backend == "cuda" and logits.shape[1] > CUDA_MAX_EXPERTS:
-        raise ValueError(f"{OP}: the cuda backend takes E <= {CUDA_MAX_EXPERTS} experts, logits "
-                         f"has E={logits.shape[1]}; use backend='triton'")
-    args = (logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
-            group_scoring, bool(renormalize), float(routed_scaling_factor))
-    if backend == "reference":
-        return reference.grouped_topk(*args)
-    if torch.compiler.is_compiling() or (logits.requires_grad and torch.is_grad_enabled()):
-        return _registered_op(backend)(*args)
-    return _EAGER_KERNELS[backend](*args)
+    backend = GROUPED_TOPK.resolve(backend, logits)
+    if backend == "cuda":
+        _library.check_cuda_limit(OP, backend, "gating_cuda_max_experts",
+                                  "E (logits' columns)", logits.shape[1])
+    return grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
+                                  topk_group, scoring_func, group_scoring, bool(renormalize),
+                                  float(routed_scaling_factor))
 
 
 def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: torch.Tensor,

@@ -1,11 +1,11 @@
-"""MLA latent KV decompression (SPEC section 4): API and registration.
+"""MLA latent KV decompression: schemas, checks, public API.
 
 `mla_decompress_kv` (contiguous latent) and `mla_decompress_kv_paged` (paged latent cache)
 rebuild per-head K (T, H, dn + rope) and V (T, H, dv) for prefill attention, in the layout
 of flash_attn_varlen_func. The registered ops write into out_k / out_v (`Tensor(a!)`), so
 callers that pass their own buffers allocate nothing per call and can capture CUDA graphs;
-the Python functions allocate them otherwise. Decisions (dtypes, scales, num_tokens, what
-is checked where): docs/mla.md.
+the Python functions allocate them otherwise. Semantics: docs/api.md; decisions (dtypes,
+scales, num_tokens, what is checked where): docs/mla.md.
 """
 
 from __future__ import annotations
@@ -14,41 +14,27 @@ import numpy as np
 import torch
 
 from moe_kernels import _library
-from moe_kernels._validate import (FLOAT_DTYPES, check_int, check_last_dim_contiguous,
-                                   check_same_device, check_tensor)
-from moe_kernels.ops.fp8 import check_scales
+from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
+from moe_kernels._validate import (check_int, check_last_dim_contiguous, check_same_device,
+                                   check_scales, check_tensor)
 from moe_kernels.reference import mla as reference
 
-SUPPORTED = ("reference", "triton", "cpu")
-FP8 = torch.float8_e4m3fn
 WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
-INDEX_DTYPES = (torch.int32, torch.int64)
-_NAMES = ("mla_decompress_kv", "mla_decompress_kv_paged")
-
-
-def _triton():
-    from moe_kernels.triton import mla as triton_mla  # imports triton lazily
-    return triton_mla
-
-
-_EAGER = {name: {"triton": lambda *a, _n=name: getattr(_triton(), _n)(*a)} for name in _NAMES}
-if _library.extension_loaded():
-    for _name in _NAMES:
-        _EAGER[_name]["cpu"] = getattr(_library._C, _name + "_cpu")
 
 
 def _fake(*args) -> None:
     return None
 
 
-for _name in _NAMES:
-    _library.register_triton_impl(_name, lambda *a, _n=_name: _EAGER[_n]["triton"](*a))
-    for _suffix in ("", "_triton"):
-        torch.library.register_fake(f"moe_kernels::{_name}{_suffix}")(_fake)
-
-
-def _cdiv(a, b):
-    return -(-a // b)
+_KERNELS = dict(fake=_fake, triton="mla", native=("cpu",))
+_OUTPUTS = "Tensor(a!) out_k, Tensor(b!) out_v) -> ()"
+MLA_DECOMPRESS_KV = _library.Op(
+    "mla_decompress_kv", "(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, "
+    f"Tensor? kv_b_proj_scale, {_OUTPUTS}", **_KERNELS)
+MLA_DECOMPRESS_KV_PAGED = _library.Op(
+    "mla_decompress_kv_paged", "(Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
+    f"Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, {_OUTPUTS}",
+    **_KERNELS)
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -74,7 +60,7 @@ def _check_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R, ref_name
             raise ValueError(f"{op}: kv_b_proj is float8_e4m3fn, so kv_b_proj_scale (its "
                              f"128x128 block scales) is required")
         check_scales(op, "kv_b_proj_scale", kv_b_proj_scale,
-                     (_cdiv(want[0], 128), _cdiv(R, 128)), "kv_b_proj", kv_b_proj)
+                     (cdiv(want[0], SCALE_BLOCK), cdiv(R, SCALE_BLOCK)), "kv_b_proj", kv_b_proj)
     elif kv_b_proj_scale is not None:
         raise ValueError(f"{op}: kv_b_proj_scale is only for an fp8 kv_b_proj, but kv_b_proj "
                          f"is {kv_b_proj.dtype}")
@@ -105,13 +91,13 @@ def _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, ref):
     return out_k, out_v
 
 
-def _run(op, backend, args, out_k, out_v, ref_fn, ref_args):
+def _run(op: _library.Op, backend, args, out_k, out_v, ref_fn, ref_args):
     if backend == "reference":
         k, v = ref_fn(*ref_args, torch.float32)
         out_k.copy_(k)     # each float32 value rounded once, to each output's dtype
         out_v.copy_(v)
     else:
-        _library.kernel_for(op, backend, _EAGER[op])(*args, out_k, out_v)
+        op.kernel(backend)(*args, out_k, out_v)
     return out_k, out_v
 
 
@@ -146,9 +132,9 @@ def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.T
     _check_matching_dtypes(op, "kv_c", kv_c, kv_b_proj)
     _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_c)
     _check_out(op, "out_v", out_v, (T, H, dv), kv_c)
-    backend = _library.resolve_backend_of(backend, kv_c, op, SUPPORTED)
+    backend = MLA_DECOMPRESS_KV.resolve(backend, kv_c)
     out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, kv_c.dtype, kv_c)
-    return _run(op, backend, (kv_c, k_pe, kv_b_proj, kv_b_proj_scale), out_k, out_v,
+    return _run(MLA_DECOMPRESS_KV, backend, (kv_c, k_pe, kv_b_proj, kv_b_proj_scale), out_k, out_v,
                 reference.mla_decompress_kv,
                 (kv_c, k_pe, kv_b_proj, kv_b_proj_scale, H, dn, dv))
 
@@ -264,10 +250,10 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
     T = num_tokens
     _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_cache)
     _check_out(op, "out_v", out_v, (T, H, dv), kv_cache)
-    backend = _library.resolve_backend_of(backend, kv_cache, op, SUPPORTED)
+    backend = MLA_DECOMPRESS_KV_PAGED.resolve(backend, kv_cache)
     dtype = next((d for d in (kv_cache.dtype, kv_b_proj.dtype) if d != FP8), torch.bfloat16)
     out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, kv_cache)
-    return _run(op, backend, (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale,
+    return _run(MLA_DECOMPRESS_KV_PAGED, backend, (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale,
                               scale), out_k, out_v, reference.mla_decompress_kv_paged,
                 (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale, scale, H, dn, dv,
                  T))

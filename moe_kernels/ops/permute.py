@@ -1,11 +1,12 @@
-"""Token permutation and unpermutation (SPEC section 2): API and registration.
+"""Token permutation and unpermutation: schemas, checks, public API.
 
 Each public function is an index computation followed by a data movement, both per
 backend: `permute_index` (counts, padded offsets, stable row of every pair),
 `gather_rows` (rows of `hidden` into expert order, zero padding) and `unpermute` (the
 top-k weighted sum back into token order, float32 accumulation). `gather_rows` and
 `unpermute` carry autograd formulas (PyTorch; the backward of each is the other's
-pattern). Layouts: docs/permute.md.
+pattern). `permute` and `permute_masked` are registered too, as composite ops over these.
+Semantics: docs/api.md; layouts: docs/permute.md.
 """
 
 from __future__ import annotations
@@ -15,15 +16,10 @@ from typing import NamedTuple
 import torch
 
 from moe_kernels import _library
+from moe_kernels._common import INDEX_DTYPES, cdiv
 from moe_kernels._validate import (check_float_tensor, check_int, check_same_device,
                                    check_tensor)
 from moe_kernels.reference import permute as reference
-
-SUPPORTED = ("reference", "triton", "cpu", "cuda")
-# "cuda": index computation in CUDA (csrc/cuda/permute.cuh), rows moved by the Triton
-# kernels; it holds kWarps x E counts in shared memory, hence the bound on E.
-CUDA_MAX_EXPERTS = 1024
-ID_DTYPES = (torch.int32, torch.int64)
 
 
 class PermuteLayout(NamedTuple):
@@ -45,49 +41,8 @@ class MaskedLayout(NamedTuple):
     scales: torch.Tensor | None = None
 
 
-# --- kernels per backend ----------------------------------------------------------------
-
-def _triton():
-    from moe_kernels.triton import permute as triton_permute  # imports triton lazily
-    return triton_permute
-
-
-_EAGER = {
-    "triton": {"index": lambda *a: _triton().permute_index(*a),
-               "align": lambda *a: _triton().moe_align_block_size(*a),
-               "gather": lambda *a: _triton().gather_rows(*a),
-               "unpermute": lambda *a: _triton().unpermute(*a)},
-}
-if _library.extension_loaded():
-    _EAGER["cpu"] = {"index": _library._C.permute_index_cpu,
-                     "align": _library._C.moe_align_block_size_cpu,
-                     "gather": _library._C.gather_rows_cpu,
-                     "unpermute": _library._C.unpermute_cpu}
-    if _library.extension_has_cuda():
-        _EAGER["cuda"] = {"index": _library._C.permute_index_cuda,
-                          "align": _library._C.moe_align_block_size_cuda,
-                          "gather": _EAGER["triton"]["gather"],
-                          "unpermute": _EAGER["triton"]["unpermute"]}
-_OP_NAMES = {"index": "permute_index", "align": "moe_align_block_size",
-             "gather": "gather_rows", "unpermute": "unpermute"}
-
-
-def _kernel(backend: str, what: str, needs_op: bool):
-    """The callable of `what` for `backend`: the registered op under torch.compile or
-    autograd, the bare kernel otherwise (docs/index.md, eager fast path)."""
-    if needs_op or torch.compiler.is_compiling():
-        triton_op = backend == "triton" or (backend == "cuda" and what in ("gather", "unpermute"))
-        suffix = "_triton" if triton_op else ""
-        return getattr(torch.ops.moe_kernels, _OP_NAMES[what] + suffix).default
-    return _EAGER[backend][what]
-
-
-# --- registration: Triton impls, fakes, autograd ----------------------------------------
-
-for _what, _name in _OP_NAMES.items():
-    torch.library.impl(f"moe_kernels::{_name}_triton", ["CPU", "CUDA"])(
-        lambda *a, _w=_what: _EAGER["triton"][_w](*a))
-
+# --- schemas and kernels: index in C++/CUDA/Triton; rows moved by C++ on the CPU and by
+# Triton on the GPU (the "cuda" backend borrows the Triton row kernels) -------------------
 
 def _fake_index(topk_ids, num_experts, align):
     T, K = topk_ids.shape
@@ -99,9 +54,8 @@ def _fake_index(topk_ids, num_experts, align):
 
 def _fake_align(topk_ids, num_experts, block_size):
     R = topk_ids.numel() + num_experts * (block_size - 1)
-    n_blocks = -(-R // block_size)
     return [topk_ids.new_empty((R,), dtype=torch.int32),
-            topk_ids.new_empty((n_blocks,), dtype=torch.int32),
+            topk_ids.new_empty((cdiv(R, block_size),), dtype=torch.int32),
             topk_ids.new_empty((1,), dtype=torch.int32)]
 
 
@@ -113,26 +67,46 @@ def _fake_unpermute(expert_out, row_of_pair, topk_weights):
     return expert_out.new_empty((row_of_pair.shape[0], expert_out.shape[1]))
 
 
-def _unpermute_rows(grad, row_of_pair, weights, triton: bool):
-    op = torch.ops.moe_kernels.unpermute_triton if triton else torch.ops.moe_kernels.unpermute
-    return op(grad, row_of_pair, weights)
+_INDEX_KERNELS = dict(triton="permute", native=("cpu", "cuda"))
+_ROW_KERNELS = dict(triton="permute", native=("cpu",), borrow={"cuda": "triton"})
+PERMUTE_INDEX = _library.Op(
+    "permute_index", "(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
+    fake=_fake_index, **_INDEX_KERNELS)
+MOE_ALIGN_BLOCK_SIZE = _library.Op(
+    "moe_align_block_size", "(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
+    fake=_fake_align, **_INDEX_KERNELS)
+GATHER_ROWS = _library.Op(
+    "gather_rows", "(Tensor x, Tensor pair_of_row, Tensor row_of_pair) -> Tensor",
+    fake=_fake_gather, **_ROW_KERNELS)
+UNPERMUTE = _library.Op(
+    "unpermute", "(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
+    fake=_fake_unpermute, **_ROW_KERNELS)
 
 
-def _make_autograd(triton: bool):
-    def gather_setup(ctx, inputs, output):
+# --- autograd: the backward of each row op is the other's pattern -------------------------
+
+def _sum_rows_back(grad, row_of_pair, triton: bool):
+    """d x[t] = sum_k grad[row_of_pair[t, k]]: the unpermute pattern with weight 1."""
+    ones = torch.ones(row_of_pair.shape, dtype=torch.float32, device=grad.device)
+    return UNPERMUTE.op("triton" if triton else "cpu")(grad.contiguous(), row_of_pair, ones)
+
+
+def _gather_autograd(backend):
+    def setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[2])
 
-    def gather_backward(ctx, grad):
+    def backward(ctx, grad):
         (row_of_pair,) = ctx.saved_tensors
-        ones = torch.ones(row_of_pair.shape, dtype=torch.float32, device=grad.device)
-        # d x[t] = sum_k grad[row_of_pair[t, k]]: the unpermute pattern with weight 1
-        return _unpermute_rows(grad.contiguous(), row_of_pair, ones, triton), None, None
+        return _sum_rows_back(grad, row_of_pair, backend == "triton"), None, None
+    return backward, setup
 
-    def unpermute_setup(ctx, inputs, output):
+
+def _unpermute_autograd(backend):
+    def setup(ctx, inputs, output):
         expert_out, row_of_pair, w = inputs
         ctx.save_for_backward(expert_out, row_of_pair, w)
 
-    def unpermute_backward(ctx, grad):
+    def backward(ctx, grad):
         expert_out, row_of_pair, w = ctx.saved_tensors
         grad_eo = grad_w = None
         rows = row_of_pair.long()
@@ -150,26 +124,17 @@ def _make_autograd(triton: bool):
             dots = (gathered * grad.float()[:, None, :]).sum(-1)
             grad_w = torch.where(valid, dots, 0.0).to(w.dtype)
         return grad_eo, None, grad_w
-
-    suffix = "_triton" if triton else ""
-    torch.library.register_autograd(f"moe_kernels::gather_rows{suffix}", gather_backward,
-                                    setup_context=gather_setup)
-    torch.library.register_autograd(f"moe_kernels::unpermute{suffix}", unpermute_backward,
-                                    setup_context=unpermute_setup)
+    return backward, setup
 
 
-for _suffix in ("", "_triton"):
-    torch.library.register_fake(f"moe_kernels::permute_index{_suffix}")(_fake_index)
-    torch.library.register_fake(f"moe_kernels::moe_align_block_size{_suffix}")(_fake_align)
-    torch.library.register_fake(f"moe_kernels::gather_rows{_suffix}")(_fake_gather)
-    torch.library.register_fake(f"moe_kernels::unpermute{_suffix}")(_fake_unpermute)
-    _make_autograd(_suffix == "_triton")
+GATHER_ROWS.register_autograd(_gather_autograd)
+UNPERMUTE.register_autograd(_unpermute_autograd)
 
 
 # --- checks --------------------------------------------------------------------------------
 
 def _check_ids(op, topk_ids, num_experts):
-    check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=ID_DTYPES)
+    check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_int(op, "num_experts", num_experts, low=1)
 
 
@@ -191,10 +156,60 @@ def _check_scales(op, scales, hidden):
                          f"shape {tuple(scales.shape)}")
 
 
-def _check_cuda_experts(op, backend, num_experts):
-    if backend == "cuda" and num_experts > CUDA_MAX_EXPERTS:
-        raise ValueError(f"{op}: the cuda backend takes num_experts <= {CUDA_MAX_EXPERTS}, got "
-                         f"{num_experts}; use backend='triton'")
+def _check_permute(op, hidden, topk_ids, num_experts, capacity_name, capacity, scales):
+    _check_ids(op, topk_ids, num_experts)
+    _check_hidden(op, hidden, topk_ids)
+    check_int(op, capacity_name, capacity, low=1)
+    _check_scales(op, scales, hidden)
+
+
+def _resolve_index_backend(op, backend, x, num_experts):
+    backend = PERMUTE_INDEX.resolve(backend, x)
+    if backend == "cuda":
+        _library.check_cuda_limit(op, backend, "permute_cuda_max_experts", "num_experts",
+                                  num_experts)
+    return backend
+
+
+# --- the internal layer: arguments checked, backend resolved -----------------------------
+
+def _gather(backend, x, pair_of_row, row_of_pair):
+    grad = x.requires_grad and torch.is_grad_enabled()
+    return GATHER_ROWS.kernel(backend, grad)(x.contiguous(), pair_of_row, row_of_pair)
+
+
+def permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales):
+    """-> (permuted (R, H), PermuteLayout); see `permute`."""
+    if backend == "reference":
+        out, out_scales, index = reference.permute(hidden, topk_ids, num_experts, align, scales)
+        return out, PermuteLayout(*index, scales=out_scales)
+    offsets, counts, m_indices, row_of_pair, pair_of_row = PERMUTE_INDEX.kernel(backend)(
+        topk_ids, num_experts, align)
+    out = _gather(backend, hidden, pair_of_row, row_of_pair)
+    out_scales = _gather(backend, scales, pair_of_row, row_of_pair) if scales is not None else None
+    return out, PermuteLayout(offsets, counts, m_indices, row_of_pair, pair_of_row, out_scales)
+
+
+def permute_masked_unchecked(backend, hidden, topk_ids, num_experts, max_tokens, scales):
+    """-> (permuted (E, M, H), MaskedLayout); see `permute_masked`."""
+    E, M = num_experts, max_tokens
+    if backend == "reference":
+        out, out_scales, index = reference.permute_masked(hidden, topk_ids, E, M, scales)
+        return out, MaskedLayout(*index, scales=out_scales)
+    masked_m, counts, row_of_pair, pair_of_row = reference.masked_index(
+        topk_ids, PERMUTE_INDEX.kernel(backend)(topk_ids, E, 1), E, M)
+    gather = lambda x: _gather(backend, x, pair_of_row, row_of_pair).view(E, M, x.shape[1])
+    out_scales = gather(scales) if scales is not None else None
+    return gather(hidden), MaskedLayout(masked_m, counts, row_of_pair, pair_of_row, out_scales)
+
+
+def unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights):
+    """expert_out (R, H) (a masked (E, M, H) flattened) -> (T, H); see `unpermute`."""
+    if backend == "reference":
+        return reference.unpermute(expert_out, row_of_pair, topk_weights)
+    grad = torch.is_grad_enabled() and (expert_out.requires_grad or topk_weights.requires_grad)
+    return UNPERMUTE.kernel(backend, grad)(expert_out.contiguous(), row_of_pair,
+                                           topk_weights.contiguous())
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -210,11 +225,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     op = "moe_align_block_size"
     _check_ids(op, topk_ids, num_experts)
     check_int(op, "block_size", block_size, low=1)
-    backend = _library.resolve_backend_of(backend, topk_ids, op, SUPPORTED)
-    _check_cuda_experts(op, backend, num_experts)
+    backend = _resolve_index_backend(op, backend, topk_ids, num_experts)
     if backend == "reference":
         return reference.moe_align_block_size(topk_ids, num_experts, block_size)
-    return tuple(_kernel(backend, "align", False)(topk_ids, num_experts, block_size))
+    return tuple(MOE_ALIGN_BLOCK_SIZE.kernel(backend)(topk_ids, num_experts, block_size))
 
 
 def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
@@ -228,24 +242,9 @@ def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
     Returns permuted (R, H) with R = T*K + E*(align-1) (padding rows zero) and a
     PermuteLayout. Differentiable w.r.t. hidden."""
     op = "permute"
-    _check_ids(op, topk_ids, num_experts)
-    _check_hidden(op, hidden, topk_ids)
-    check_int(op, "align", align, low=1)
-    _check_scales(op, scales, hidden)
-    backend = _library.resolve_backend_of(backend, hidden, op, SUPPORTED)
-    _check_cuda_experts(op, backend, num_experts)
-    if backend == "reference":
-        out, out_scales, index = reference.permute(hidden, topk_ids, num_experts, align, scales)
-        return out, PermuteLayout(*index, scales=out_scales)
-    index = _kernel(backend, "index", False)(topk_ids, num_experts, align)
-    out = _gather(backend, hidden, index[4], index[3])
-    out_scales = _gather(backend, scales, index[4], index[3]) if scales is not None else None
-    return out, PermuteLayout(*index, scales=out_scales)
-
-
-def _gather(backend, x, pair_of_row, row_of_pair):
-    grad = x.requires_grad and torch.is_grad_enabled()
-    return _kernel(backend, "gather", grad)(x.contiguous(), pair_of_row, row_of_pair)
+    _check_permute(op, hidden, topk_ids, num_experts, "align", align, scales)
+    backend = _resolve_index_backend(op, backend, hidden, num_experts)
+    return permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales)
 
 
 def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
@@ -256,42 +255,11 @@ def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
     order, the rest zero. Pairs beyond M are dropped (row_of_pair -1); compare
     layout.tokens_per_expert with M to detect it without a host sync."""
     op = "permute_masked"
-    _check_ids(op, topk_ids, num_experts)
-    _check_hidden(op, hidden, topk_ids)
-    check_int(op, "max_tokens_per_expert", max_tokens_per_expert, low=1)
-    _check_scales(op, scales, hidden)
-    backend = _library.resolve_backend_of(backend, hidden, op, SUPPORTED)
-    _check_cuda_experts(op, backend, num_experts)
-    E, M = num_experts, max_tokens_per_expert
-    if backend == "reference":
-        index = reference.permute_index(topk_ids, E, 1)
-    else:
-        index = _kernel(backend, "index", False)(topk_ids, E, 1)
-    masked_m, counts, row_of_pair, pair_of_row = _masked_index(topk_ids, index, E, M)
-    if backend == "reference":
-        gather = lambda x: reference.gather_rows(x, pair_of_row, topk_ids.shape[1])
-    else:
-        gather = lambda x: _gather(backend, x, pair_of_row, row_of_pair)
-    out = gather(hidden).view(E, M, hidden.shape[1])
-    out_scales = gather(scales).view(E, M, scales.shape[1]) if scales is not None else None
-    return out, MaskedLayout(masked_m, counts, row_of_pair, pair_of_row, out_scales)
-
-
-def _masked_index(topk_ids, index, E, M):
-    """Contiguous index (align=1) -> masked one, with tensor ops only (no host sync)."""
-    offsets, counts, _, row_of_pair, _ = index
-    ids = topk_ids.long()
-    routed = row_of_pair >= 0
-    e_safe = torch.where(routed, ids, 0)
-    slot = row_of_pair.long() - offsets[e_safe]
-    kept = routed & (slot < M)
-    rows = torch.where(kept, e_safe * M + slot, -1)
-    P = topk_ids.numel()
-    target = torch.where(kept, rows, E * M).reshape(-1)
-    pair_of_row = torch.full((E * M + 1,), -1, dtype=torch.int64, device=ids.device)
-    pair_of_row.scatter_(0, target, torch.arange(P, device=ids.device))
-    return (torch.clamp(counts, max=M).int(), counts, rows.int(),
-            pair_of_row[:E * M].int())
+    _check_permute(op, hidden, topk_ids, num_experts, "max_tokens_per_expert",
+                   max_tokens_per_expert, scales)
+    backend = _resolve_index_backend(op, backend, hidden, num_experts)
+    return permute_masked_unchecked(backend, hidden, topk_ids, num_experts,
+                                    max_tokens_per_expert, scales)
 
 
 def unpermute(expert_out: torch.Tensor, layout, topk_weights: torch.Tensor, *,
@@ -315,9 +283,82 @@ def unpermute(expert_out: torch.Tensor, layout, topk_weights: torch.Tensor, *,
                          f"layout's (T, K)), got {tuple(topk_weights.shape)}")
     check_same_device(op, "topk_weights", topk_weights, "expert_out", expert_out)
     check_same_device(op, "layout", row_of_pair, "expert_out", expert_out)
-    backend = _library.resolve_backend_of(backend, expert_out, op, SUPPORTED)
-    if backend == "reference":
-        return reference.unpermute(expert_out, row_of_pair, topk_weights)
-    grad = torch.is_grad_enabled() and (expert_out.requires_grad or topk_weights.requires_grad)
-    return _kernel(backend, "unpermute", grad)(expert_out.contiguous(), row_of_pair,
-                                               topk_weights.contiguous())
+    backend = UNPERMUTE.resolve(backend, expert_out)
+    return unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights)
+
+
+# --- the public functions as registered ops (composite: they run the ops above) -----------
+# torch.ops.moe_kernels.permute / .permute_masked return the layout's tensors in field
+# order, then the permuted scales: (R, 0) float32 when no scales were given (a schema
+# cannot return None). They run the device's default backend.
+
+def _scales_or_empty(layout, rows_shape, like):
+    if layout.scales is not None:
+        return layout.scales
+    return like.new_empty((*rows_shape, 0), dtype=torch.float32)
+
+
+def _permute_op(hidden, topk_ids, num_experts, align=1, scales=None):
+    out, layout = permute(hidden, topk_ids, num_experts, align=align, scales=scales)
+    return (out, *layout[:5], _scales_or_empty(layout, out.shape[:1], out))
+
+
+def _permute_masked_op(hidden, topk_ids, num_experts, max_tokens_per_expert, scales=None):
+    out, layout = permute_masked(hidden, topk_ids, num_experts, max_tokens_per_expert,
+                                 scales=scales)
+    return (out, *layout[:4], _scales_or_empty(layout, out.shape[:2], out))
+
+
+def _fake_permute(hidden, topk_ids, num_experts, align=1, scales=None):
+    index = _fake_index(topk_ids, num_experts, align)
+    R = index[-1].shape[0]                                      # pair_of_row (R,)
+    S, dt = (scales.shape[1], scales.dtype) if scales is not None else (0, torch.float32)
+    return (hidden.new_empty((R, hidden.shape[1])), *index,
+            hidden.new_empty((R, S), dtype=dt))
+
+
+def _fake_permute_masked(hidden, topk_ids, num_experts, max_tokens_per_expert, scales=None):
+    E, M, (T, K) = num_experts, max_tokens_per_expert, topk_ids.shape
+    S, dt = (scales.shape[1], scales.dtype) if scales is not None else (0, torch.float32)
+    i32 = lambda *shape: topk_ids.new_empty(shape, dtype=torch.int32)
+    return (hidden.new_empty((E, M, hidden.shape[1])), i32(E), i32(E), i32(T, K), i32(E * M),
+            hidden.new_empty((E, M, S), dtype=dt))
+
+
+_PERMUTE_OUT = ("Tensor permuted, Tensor expert_offsets, Tensor tokens_per_expert, "
+                "Tensor m_indices, Tensor row_of_pair, Tensor pair_of_row, "
+                "Tensor permuted_scales")
+PERMUTE = _library.Op(
+    "permute", "(Tensor hidden, Tensor topk_ids, int num_experts, int align=1, "
+               f"Tensor? scales=None) -> ({_PERMUTE_OUT})",
+    fake=_fake_permute, composite=_permute_op, backends=PERMUTE_INDEX.backends)
+PERMUTE_MASKED = _library.Op(
+    "permute_masked", "(Tensor hidden, Tensor topk_ids, int num_experts, "
+                      "int max_tokens_per_expert, Tensor? scales=None) -> (Tensor permuted, "
+                      "Tensor masked_m, Tensor tokens_per_expert, Tensor row_of_pair, "
+                      "Tensor pair_of_row, Tensor permuted_scales)",
+    fake=_fake_permute_masked, composite=_permute_masked_op, backends=PERMUTE_INDEX.backends)
+
+
+def _rows_back_autograd(row_of_pair_output: int):
+    """Autograd of a composite permute: d hidden[t] = sum_k d permuted[row_of_pair[t, k]]."""
+    def make(_backend):
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(output[row_of_pair_output])
+
+        def backward(ctx, grad, *unused):
+            (row_of_pair,) = ctx.saved_tensors
+            flat = grad.reshape(-1, grad.shape[-1])
+            ones = torch.ones(row_of_pair.shape, dtype=torch.float32, device=grad.device)
+            backend = UNPERMUTE.resolve(None, grad)
+            if backend == "reference":
+                d_hidden = reference.unpermute(flat, row_of_pair, ones)
+            else:
+                d_hidden = UNPERMUTE.op(backend)(flat.contiguous(), row_of_pair, ones)
+            return d_hidden, None, None, None, None
+        return backward, setup
+    return make
+
+
+PERMUTE.register_autograd(_rows_back_autograd(4))
+PERMUTE_MASKED.register_autograd(_rows_back_autograd(3))

@@ -1,4 +1,4 @@
-"""Float32 PyTorch reference for FP8 block-scaled quantization (SPEC section 3): the oracle.
+"""Float32 PyTorch reference for FP8 block-scaled quantization: the oracle.
 
 FP8 is torch.float8_e4m3fn (largest finite 448). A scale is the dequantization multiplier,
 real = fp8.float() * scale (DeepSeek's `weight_scale_inv`), one per group of 128 values of
@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from moe_kernels._common import FP8, FP8_MAX, cdiv
+
 
 
 def scale_from_amax(amax: torch.Tensor, eps: float, ue8m0: bool) -> torch.Tensor:
@@ -54,7 +54,7 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, eps: fl
     A partial last group is quantized over its own values. column_major_scales: s has
     strides (1, M) (the storage of an (G, M) tensor, as DeepGEMM reads it)."""
     M, K = x.shape
-    G = -(-K // group_size)
+    G = cdiv(K, group_size)
     xf = _pad_last(x.float(), group_size).view(M, G, group_size)
     scale = scale_from_amax(finite_amax(xf, -1), eps, scale_ue8m0)
     q = to_fp8(xf / scale[..., None]).view(M, G * group_size)[:, :K]

@@ -1,4 +1,4 @@
-"""Float32 reference of the routed-expert MoE forward (SPEC section 3, fused_moe_fp8).
+"""Float32 reference of the routed-expert MoE forward (fused_moe_fp8).
 
 out[t] = sum_k topk_weights[t, k] * down_e(silu(gate_e(h_t)) * up_e(h_t)), e = topk_ids[t, k],
 with the FP8 weights dequantized and every product in float32. The activations are

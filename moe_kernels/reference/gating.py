@@ -1,4 +1,4 @@
-"""Float32 PyTorch reference for `grouped_topk` (SPEC section 1): the oracle of every backend.
+"""Float32 PyTorch reference for `grouped_topk`: the oracle of every backend.
 
 Selection uses one total order for groups and experts alike: larger value first, equal
 values by lower index, NaN counted as -inf, -0.0 equal to +0.0. It is realised exactly by

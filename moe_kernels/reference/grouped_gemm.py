@@ -1,4 +1,4 @@
-"""Float32 PyTorch reference for the FP8 grouped GEMMs (SPEC section 3): the oracle.
+"""Float32 PyTorch reference for the FP8 grouped GEMMs: the oracle.
 
 out[r] = a[r] @ b[m_indices[r]].T with both operands dequantized (per-128 row groups of a,
 128x128 blocks of b). Mathematically equal to the kernels' "promotion every 128"

@@ -1,4 +1,4 @@
-"""Float32 reference of HF transformers' DeepseekV3MoE (SPEC section 5): the oracle of
+"""Float32 reference of HF transformers' DeepseekV3MoE: the oracle of
 moe_kernels.DeepseekV3MoE, written with plain torch only (its own router, no moe_kernels
 op), so a test against it checks the layer end to end.
 

@@ -1,4 +1,4 @@
-"""Float32 PyTorch reference for MLA latent KV decompression (SPEC section 4): the oracle.
+"""Float32 PyTorch reference for MLA latent KV decompression: the oracle.
 
 DeepSeek MLA caches per token a latent c_kv (kv_lora_rank = 512) and a RoPE'd key part
 k_pe (rope_dim = 64). The checkpoint weight kv_b_proj (H * (dn + dv), R) holds, per head h,
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels._common import FP8
 from moe_kernels.reference.fp8 import dequantize_fp8_block
 
-FP8 = torch.float8_e4m3fn
 
 
 def up_projection(kv_b_proj: torch.Tensor, kv_b_proj_scale: torch.Tensor | None,

@@ -1,4 +1,4 @@
-"""Float32 PyTorch reference for token permutation (SPEC section 2): the oracle.
+"""Float32 PyTorch reference for token permutation: the oracle.
 
 Flat pair index p = t * K + k. A pair is routed when 0 <= topk_ids[t, k] < E; others
 (-1: not routed; >= E: another rank's expert) are skipped everywhere. Experts' segments
@@ -10,6 +10,8 @@ the host: shapes are static (R = T*K + E*(align-1)).
 from __future__ import annotations
 
 import torch
+
+from moe_kernels._common import FP8, cdiv
 
 
 def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
@@ -49,7 +51,7 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
 
 def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, top_k: int) -> torch.Tensor:
     """x (T, D) -> (R, D): row r is x[pair_of_row[r] // top_k], zero where pair_of_row < 0."""
-    if x.dtype == torch.float8_e4m3fn:
+    if x.dtype == FP8:
         # a copy: move the bits (Inductor cannot promote float8 in the where below)
         return gather_rows(x.view(torch.uint8), pair_of_row, top_k).view(x.dtype)
     src = pair_of_row.long()
@@ -63,7 +65,7 @@ def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, alig
             scales: torch.Tensor | None):
     """-> (permuted (R, H), permuted scales or None, the index tensors of permute_index)."""
     index = permute_index(topk_ids, num_experts, align)
-    pair_of_row = index[4]
+    pair_of_row = index[-1]
     K = topk_ids.shape[1]
     out = gather_rows(hidden, pair_of_row, K)
     out_scales = gather_rows(scales, pair_of_row, K) if scales is not None else None
@@ -82,17 +84,34 @@ def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor,
     return term.sum(dim=1).to(expert_out.dtype)
 
 
-def permute_masked_index(topk_ids: torch.Tensor, num_experts: int, max_tokens: int):
-    """-> (masked_m (E,) int32, tokens_per_expert (E,) int32, row_of_pair (T, K) int32 with
-    rows e * max_tokens + slot, -1 for skipped pairs and pairs beyond the capacity)."""
-    offsets, counts, _, row_of_pair, _ = permute_index(topk_ids, num_experts, 1)
+def masked_index(topk_ids: torch.Tensor, index, num_experts: int, max_tokens: int):
+    """The masked (E, M) layout from permute_index's align=1 `index` (any backend's), with
+    tensor ops only (no host sync) -> (masked_m (E,) int32, tokens_per_expert (E,) int32,
+    row_of_pair (T, K) int32 with rows e * M + slot, -1 for skipped pairs and pairs beyond
+    the capacity M, pair_of_row (E*M,) int32 with -1 for empty rows)."""
+    offsets, counts, _, row_of_pair, _ = index
+    E, M = num_experts, max_tokens
     ids = topk_ids.long()
-    routed = (ids >= 0) & (ids < num_experts)
+    routed = row_of_pair >= 0
     e_safe = torch.where(routed, ids, 0)
     slot = row_of_pair.long() - offsets[e_safe]
-    kept = routed & (slot < max_tokens)
-    rows = torch.where(kept, e_safe * max_tokens + slot, -1)
-    return torch.clamp(counts, max=max_tokens).int(), counts, rows.int()
+    kept = routed & (slot < M)
+    rows = torch.where(kept, e_safe * M + slot, -1)
+    target = torch.where(kept, rows, E * M).reshape(-1)      # dropped pairs: spare slot
+    pair_of_row = torch.full((E * M + 1,), -1, dtype=torch.int64, device=ids.device)
+    pair_of_row.scatter_(0, target, torch.arange(topk_ids.numel(), device=ids.device))
+    return (torch.clamp(counts, max=M).int(), counts, rows.int(), pair_of_row[:E * M].int())
+
+
+def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                   max_tokens: int, scales: torch.Tensor | None):
+    """-> (permuted (E, M, H), permuted scales (E, M, S) or None, masked_index's tuple)."""
+    index = masked_index(topk_ids, permute_index(topk_ids, num_experts, 1), num_experts,
+                         max_tokens)
+    K = topk_ids.shape[1]
+    pair_of_row = index[-1]
+    gather = lambda x: gather_rows(x, pair_of_row, K).view(num_experts, max_tokens, x.shape[1])
+    return gather(hidden), (gather(scales) if scales is not None else None), index
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int):
@@ -101,7 +120,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     offsets, _, m_indices, _, pair_of_row = permute_index(topk_ids, num_experts, block_size)
     P = topk_ids.numel()
     sorted_ids = torch.where(pair_of_row >= 0, pair_of_row, P).int()
-    n_blocks = -(-sorted_ids.numel() // block_size)
+    n_blocks = cdiv(sorted_ids.numel(), block_size)
     block_start = torch.arange(n_blocks, device=topk_ids.device) * block_size
     # expert of a block: the e with offsets[e] <= start < offsets[e+1]; -1 past the end
     e = torch.searchsorted(offsets[1:], block_start, right=True)

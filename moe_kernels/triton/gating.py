@@ -43,7 +43,8 @@ def _grouped_topk_kernel(
     real = (grp[:, None] < G) & (slot[None, :] < GS)
     mask = row_ok[:, None, None] & real[None, :, :]             # [ROWS, G_PAD, GS_PAD]
 
-    # Convert right after the load: the interpreter's bf16 arithmetic is wrong (NOTES.md).
+    # Convert right after the load: the interpreter's bf16 arithmetic is wrong
+    # (docs/index.md, conventions).
     x = tl.load(logits_ptr + rows[:, None, None] * stride_t + expert[None, :, :],
                 mask=mask, other=float("-inf")).to(tl.float32)
     x = tl.where(x != x, float("-inf"), x)

@@ -34,10 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels._common import SCALE_BLOCK
 from moe_kernels.configs.grouped_gemm import gemm_config
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
-SCALE_BLOCK = 128
 GROUP_M = 8
 WGMMA_M = 64       # a tile with fewer rows swaps A and B
 _U8 = torch.uint8
@@ -249,7 +249,7 @@ def grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out_dtype):
     out = torch.empty((R, N), dtype=out_dtype, device=a.device)
     if R == 0 or N == 0:
         return out
-    cfg = gemm_config("contiguous", max(R // max(E, 1), 1), N, K, a.device)
+    cfg = gemm_config("contiguous", max(R // max(E, 1), 1), a.device)
     grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _contiguous_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales, m_indices,
                              out, R, N, K, E, a.stride(0), a_scales.stride(0),
@@ -268,7 +268,7 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     out = torch.empty((R, N), dtype=out_dtype, device=a.device)
     if R == 0 or N == 0:
         return out
-    cfg = gemm_config("segments", max(R // max(E, 1), 1), N, K, a.device)
+    cfg = gemm_config("segments", max(R // max(E, 1), 1), a.device)
     bm = cfg["BLOCK_M"]
     # sum_e ceil(c_e / BM) <= floor(R / BM) + (number of non-empty experts)
     tiles_m = R // bm + min(R, E)
@@ -291,7 +291,7 @@ def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
         return out
     a2 = a.reshape(E * M, K)
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
-    cfg = gemm_config("masked", M, N, K, a.device)
+    cfg = gemm_config("masked", M, a.device)
     grid = (E * triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _masked_kernel[grid](_fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m, out, M, N,
                          K, a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales),

@@ -26,13 +26,14 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels import _common
+from moe_kernels._common import FP8
 from moe_kernels._library import triton_interpreting
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
-FP8 = torch.float8_e4m3fn
-SCALE_BLOCK = tl.constexpr(128)   # read inside the kernel: jit code sees only constexpr globals
+SCALE_BLOCK = tl.constexpr(_common.SCALE_BLOCK)   # jit code reads only constexpr globals
 
-# Not yet tuned on a GPU (docs/mla.md lists the tuning owed):
+# Chosen from the sm_90a compile report, untimed on a GPU (docs/mla.md lists the tuning owed):
 # 64 tokens x (128 + 128) float32 accumulators are 64 registers per thread at 8 warps.
 CONFIG = {"BLOCK_T": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 # Under the interpreter the tile sizes only change the run time: larger is fewer programs.

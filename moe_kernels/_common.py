@@ -1,0 +1,17 @@
+"""Constants and helpers shared by every layer of the package (ops, kernels' launchers,
+references, benchmarks): one definition each."""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0                 # largest finite float8_e4m3fn
+SCALE_BLOCK = 128               # the FP8 scale block: 1 x 128 activations, 128 x 128 weights
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)   # expert ids, m_indices, block tables, lengths
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (b > 0)."""
+    return -(-a // b)
