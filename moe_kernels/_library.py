@@ -134,26 +134,17 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
 
 def resolve_backend_of(backend: str | None, x: torch.Tensor, op: str,
                        supported: tuple[str, ...] = BACKENDS) -> str:
-    """resolve_backend for tensor x's device, among the backends op implements; reads
-    x.is_cuda / x.is_cpu (cheaper than building x.device) on the hot path."""
-    kind = "cuda" if x.is_cuda else ("cpu" if x.is_cpu else None)
-    if kind is not None and (backend is None or type(backend) is str):
-        hit = _RESOLVED.get((backend, kind, supported))
-        if hit is not None:
-            return hit
+    """The backend to run on x's device among the backends op implements (`supported`):
+    `backend` if it can run, or the best one for None. Op.resolve memoises it."""
     if backend is not None and backend in BACKENDS and backend not in supported:
         raise BackendUnavailableError(f"{op}: backend {backend!r} is not implemented for this "
                                       f"op (it has {supported})")
+    device = x.device
     if backend is None:
-        device = x.device
-        resolved = next((c for c in _DEFAULT_ORDER.get(device.type, ("reference",))
-                         if c in supported and backend_unavailable_reason(c, device) is None),
-                        "reference")
-    else:
-        resolved = resolve_backend(backend, x.device, op)
-    if kind is not None:
-        _RESOLVED[(backend, kind, supported)] = resolved
-    return resolved
+        return next((c for c in _DEFAULT_ORDER.get(device.type, ("reference",))
+                     if c in supported and backend_unavailable_reason(c, device) is None),
+                    "reference")
+    return resolve_backend(backend, device, op)
 
 
 def _resolve_backend_uncached(backend: str | None, device: torch.device, op: str) -> str:
@@ -181,11 +172,9 @@ def available_backends(device: torch.device) -> list[str]:
 _C_LIMITS: dict[str, int] = dict(_C.limits()) if _C is not None else {}
 
 
-def check_cuda_limit(op: str, backend: str, limit: str, name: str, value: int) -> None:
-    """ValueError when `backend` is "cuda" and `value` (argument `name`) exceeds the CUDA
+def check_cuda_limit(op: str, limit: str, name: str, value: int) -> None:
+    """For the cuda backend: ValueError when `value` (argument `name`) exceeds the CUDA
     kernel's bound `limit`."""
-    if backend != "cuda":
-        return
     bound = _C_LIMITS.get(limit)
     if bound is not None and value > bound:
         raise ValueError(f"{op}: the cuda backend takes {name} <= {bound}, got {value}; use "

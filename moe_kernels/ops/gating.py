@@ -175,8 +175,8 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
                 group_scoring)
     backend = GROUPED_TOPK.resolve(backend, logits)
     if backend == "cuda":
-        _library.check_cuda_limit(OP, backend, "gating_cuda_max_experts",
-                                  "E (logits' columns)", logits.shape[1])
+        _library.check_cuda_limit(OP, "gating_cuda_max_experts", "E (logits' columns)",
+                                  logits.shape[1])
     return grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
                                   topk_group, scoring_func, group_scoring, bool(renormalize),
                                   float(routed_scaling_factor))

@@ -77,6 +77,14 @@ def grouped_gemm_fp8_unchecked(backend, a, a_scales, b, b_scales, m_indices, out
     return GROUPED_GEMM_FP8.kernel(backend)(a, a_scales, b, b_scales, m_indices, out_dtype)
 
 
+def grouped_gemm_fp8_masked_unchecked(backend, a, a_scales, b, b_scales, masked_m, out_dtype):
+    if backend == "reference":
+        return reference.grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m,
+                                                 out_dtype)
+    return GROUPED_GEMM_FP8_MASKED.kernel(backend)(a, a_scales, b, b_scales, masked_m,
+                                                   out_dtype)
+
+
 def grouped_gemm_fp8_segments_unchecked(a, a_scales, b, b_scales, expert_offsets,
                                         tokens_per_expert, out_dtype):
     """Triton only, for fused_moe_fp8: the align=1 layout of `permute`, expert e's rows
@@ -118,8 +126,5 @@ def grouped_gemm_fp8_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
         raise ValueError(f"{op}: a has {a.shape[0]} groups but b has {b.shape[0]} experts")
     _check_index(op, "masked_m", masked_m, a.shape[0], a)
     backend = GROUPED_GEMM_FP8_MASKED.resolve(backend, a)
-    if backend == "reference":
-        return reference.grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m,
-                                                 out_dtype)
-    return GROUPED_GEMM_FP8_MASKED.kernel(backend)(a, a_scales, b, b_scales, masked_m,
-                                                   out_dtype)
+    return grouped_gemm_fp8_masked_unchecked(backend, a, a_scales, b, b_scales, masked_m,
+                                             out_dtype)

@@ -85,10 +85,14 @@ UNPERMUTE = _library.Op(
 
 # --- autograd: the backward of each row op is the other's pattern -------------------------
 
-def _sum_rows_back(grad, row_of_pair, triton: bool):
-    """d x[t] = sum_k grad[row_of_pair[t, k]]: the unpermute pattern with weight 1."""
+def _sum_rows_back(grad, row_of_pair, backend):
+    """d x[t] = sum_k grad[row_of_pair[t, k]]: the unpermute pattern with weight 1, through
+    `backend`'s registered op (differentiable again). grad: (R, H), or (E, M, H)."""
+    flat = grad.reshape(-1, grad.shape[-1]).contiguous()
     ones = torch.ones(row_of_pair.shape, dtype=torch.float32, device=grad.device)
-    return UNPERMUTE.op("triton" if triton else "cpu")(grad.contiguous(), row_of_pair, ones)
+    if backend == "reference":
+        return reference.unpermute(flat, row_of_pair, ones)
+    return UNPERMUTE.op(backend)(flat, row_of_pair, ones)
 
 
 def _gather_autograd(backend):
@@ -97,7 +101,8 @@ def _gather_autograd(backend):
 
     def backward(ctx, grad):
         (row_of_pair,) = ctx.saved_tensors
-        return _sum_rows_back(grad, row_of_pair, backend == "triton"), None, None
+        # the plain variant runs the C++ kernel: CPU tensors only (rows on the GPU: Triton)
+        return _sum_rows_back(grad, row_of_pair, backend or "cpu"), None, None
     return backward, setup
 
 
@@ -166,8 +171,7 @@ def _check_permute(op, hidden, topk_ids, num_experts, capacity_name, capacity, s
 def _resolve_index_backend(op, backend, x, num_experts):
     backend = PERMUTE_INDEX.resolve(backend, x)
     if backend == "cuda":
-        _library.check_cuda_limit(op, backend, "permute_cuda_max_experts", "num_experts",
-                                  num_experts)
+        _library.check_cuda_limit(op, "permute_cuda_max_experts", "num_experts", num_experts)
     return backend
 
 
@@ -348,13 +352,7 @@ def _rows_back_autograd(row_of_pair_output: int):
 
         def backward(ctx, grad, *unused):
             (row_of_pair,) = ctx.saved_tensors
-            flat = grad.reshape(-1, grad.shape[-1])
-            ones = torch.ones(row_of_pair.shape, dtype=torch.float32, device=grad.device)
-            backend = UNPERMUTE.resolve(None, grad)
-            if backend == "reference":
-                d_hidden = reference.unpermute(flat, row_of_pair, ones)
-            else:
-                d_hidden = UNPERMUTE.op(backend)(flat.contiguous(), row_of_pair, ones)
+            d_hidden = _sum_rows_back(grad, row_of_pair, UNPERMUTE.resolve(None, grad))
             return d_hidden, None, None, None, None
         return backward, setup
     return make
