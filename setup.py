@@ -11,14 +11,34 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 
-def cuda_build_reason():
-    """None when CUDA kernels are built, else why not."""
-    if os.environ.get("MOE_KERNELS_SKIP_CUDA") == "1":
+# Headers torch's own CUDA headers include (ATen/cuda/CUDAContextLight.h): a toolkit
+# without them (nvcc alone, or a runtime-only install) cannot build any torch CUDA code.
+TORCH_CUDA_HEADERS = ("cuda_runtime_api.h", "cusparse.h", "cublas_v2.h", "cublasLt.h")
+
+
+def missing_cuda_headers(cuda_home):
+    """The TORCH_CUDA_HEADERS found in none of the toolkit's include directories."""
+    dirs = [os.path.join(cuda_home, "include")] + glob.glob(
+        os.path.join(cuda_home, "targets", "*", "include"))
+    return [h for h in TORCH_CUDA_HEADERS
+            if not any(os.path.exists(os.path.join(d, h)) for d in dirs)]
+
+
+def cuda_build_reason(environ=os.environ, torch_cuda=torch.version.cuda, cuda_home=CUDA_HOME,
+                      nvcc=shutil.which("nvcc")):
+    """None when CUDA kernels are built, else why not (printed by the build)."""
+    if environ.get("MOE_KERNELS_SKIP_CUDA") == "1":
         return "MOE_KERNELS_SKIP_CUDA=1"
-    if torch.version.cuda is None:
+    if torch_cuda is None:
         return "torch has no CUDA"
-    if CUDA_HOME is None and shutil.which("nvcc") is None:
+    if cuda_home is None and nvcc is None:
         return "nvcc not found"
+    home = cuda_home or os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    missing = missing_cuda_headers(home)
+    if missing:
+        return (f"the CUDA toolkit at {home} lacks {', '.join(missing)} (torch's CUDA headers "
+                f"include them; install the full toolkit, or set MOE_KERNELS_SKIP_CUDA=1 to "
+                f"silence this)")
     return None
 
 
@@ -42,7 +62,8 @@ def extension():
                             "nvcc": ["-O3", "-lineinfo", "-DMOE_KERNELS_WITH_CUDA"]})
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ == "__main__":    # setuptools runs this file as __main__; tests import it
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

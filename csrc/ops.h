@@ -26,6 +26,12 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
                            const at::Tensor& row_of_pair);
 at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
                          const at::Tensor& topk_weights);
+// The `_out` entry points write into a caller's buffer (shapes checked here; no overlap
+// with the inputs, checked in Python); the functional ones allocate and call them.
+void gather_rows_out_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
+                         const at::Tensor& row_of_pair, at::Tensor& out);
+void unpermute_out_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
+                       const at::Tensor& topk_weights, at::Tensor& out);
 // FP8 quantization (csrc/cpu/fp8.cpp) and grouped GEMMs (csrc/cpu/grouped_gemm.cpp).
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_per_token_group_cpu(
     const at::Tensor& x, int64_t group_size, double eps, bool scale_ue8m0,
@@ -36,12 +42,22 @@ at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q, const at::Tensor& s, in
                                     int64_t block_k, at::ScalarType dtype);
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8_cpu(const at::Tensor& x,
                                                               int64_t group_size, double eps);
+void quantize_fp8_per_token_group_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
+                                          bool scale_ue8m0, at::Tensor& q, at::Tensor& s);
+void silu_and_mul_quant_fp8_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
+                                    at::Tensor& q, at::Tensor& s);
 at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                 const at::Tensor& b, const at::Tensor& b_scales,
                                 const at::Tensor& m_indices, at::ScalarType out_dtype);
 at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                        const at::Tensor& b, const at::Tensor& b_scales,
                                        const at::Tensor& masked_m, at::ScalarType out_dtype);
+void grouped_gemm_fp8_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                              const at::Tensor& b, const at::Tensor& b_scales,
+                              const at::Tensor& m_indices, at::Tensor& out);
+void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                     const at::Tensor& b, const at::Tensor& b_scales,
+                                     const at::Tensor& masked_m, at::Tensor& out);
 // MLA latent KV decompression (csrc/cpu/mla.cpp): fills out_k (T, H, dn + rope) and
 // out_v (T, H, dv).
 void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,

@@ -38,6 +38,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul_quant_fp8_cpu", &moe_kernels::silu_and_mul_quant_fp8_cpu);
   m.def("grouped_gemm_fp8_cpu", &moe_kernels::grouped_gemm_fp8_cpu);
   m.def("grouped_gemm_fp8_masked_cpu", &moe_kernels::grouped_gemm_fp8_masked_cpu);
+  m.def("gather_rows_out_cpu", &moe_kernels::gather_rows_out_cpu);
+  m.def("unpermute_out_cpu", &moe_kernels::unpermute_out_cpu);
+  m.def("quantize_fp8_per_token_group_out_cpu",
+        &moe_kernels::quantize_fp8_per_token_group_out_cpu);
+  m.def("silu_and_mul_quant_fp8_out_cpu", &moe_kernels::silu_and_mul_quant_fp8_out_cpu);
+  m.def("grouped_gemm_fp8_out_cpu", &moe_kernels::grouped_gemm_fp8_out_cpu);
+  m.def("grouped_gemm_fp8_masked_out_cpu", &moe_kernels::grouped_gemm_fp8_masked_out_cpu);
   m.def("mla_decompress_kv_cpu", &moe_kernels::mla_decompress_kv_cpu);
   m.def("mla_decompress_kv_paged_cpu", &moe_kernels::mla_decompress_kv_paged_cpu);
 #ifdef MOE_KERNELS_WITH_CUDA

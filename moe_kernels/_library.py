@@ -172,16 +172,29 @@ def available_backends(device: torch.device) -> list[str]:
 _C_LIMITS: dict[str, int] = dict(_C.limits()) if _C is not None else {}
 
 
-def check_cuda_limit(op: str, limit: str, name: str, value: int) -> None:
-    """For the cuda backend: ValueError when `value` (argument `name`) exceeds the CUDA
-    kernel's bound `limit`."""
-    bound = _C_LIMITS.get(limit)
+# The Triton gating and permutation-index kernels hold every expert of a row in one tile,
+# whose size Triton caps (triton.language.TRITON_MAX_TENSOR_NUMEL).
+TRITON_MAX_EXPERTS = 1 << 20
+
+
+def check_expert_limit(op: str, backend: str, cuda_limit: str, name: str, value: int) -> None:
+    """ValueError when the number of experts `value` (argument `name`) exceeds what
+    `backend`'s kernel takes: TRITON_MAX_EXPERTS for triton, the `_C.limits()` entry
+    `cuda_limit` for cuda; the same error on every device, before any launch."""
+    bound = (TRITON_MAX_EXPERTS if backend == "triton" else
+             _C_LIMITS.get(cuda_limit) if backend == "cuda" else None)
     if bound is not None and value > bound:
-        raise ValueError(f"{op}: the cuda backend takes {name} <= {bound}, got {value}; use "
-                         f"backend='triton'")
+        other = "backend='triton'" if backend == "cuda" else "backend='cpu' or 'reference'"
+        raise ValueError(f"{op}: the {backend} backend takes {name} <= {bound}, got {value}; "
+                         f"use {other}")
 
 
 _is_compiling = torch.compiler.is_compiling
+
+
+def no_output(*args) -> None:
+    """The fake of an op that only writes into its `Tensor(a!)` arguments (`-> ()`)."""
+    return None
 
 # Every Op of the namespace by name (filled as the op modules are imported).
 OPS: dict[str, "Op"] = {}

@@ -68,3 +68,59 @@ def check_scales(op: str, name: str, s, shape: tuple, ref_name: str, ref) -> Non
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (from {ref_name}'s "
                          f"shape {tuple(ref.shape)}), got {tuple(s.shape)}")
     check_same_device(op, name, s, ref_name, ref)
+
+
+# --- out= buffers -------------------------------------------------------------------------
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses t's elements can touch (t has numel > 0)."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b can share a byte (conservative: interleaved views count as sharing)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a0, a1 = _byte_range(a)
+    b0, b1 = _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_out(op: str, name: str, out, shape: tuple, dtypes, ref_name: str, ref: torch.Tensor,
+              inputs: dict) -> None:
+    """An out= buffer: exactly `shape`, a dtype of `dtypes`, contiguous, on ref's device, no
+    autograd, sharing no memory with any tensor of `inputs` ({name: tensor or None}). The
+    kernels write every element, so its prior contents never matter (NaN included).
+    The overlap test reads addresses, which torch.compile cannot trace: under compile,
+    functionalization gives out= its copy semantics instead."""
+    check_tensor(op, name, out, dtypes=dtypes)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    check_same_device(op, name, out, ref_name, ref)
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got strides {tuple(out.stride())}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {name} requires grad; out= buffers are not differentiable "
+                         f"(as in torch: call without out= to get a differentiable result)")
+    check_no_overlap(op, name, out, inputs)
+
+
+def check_no_overlap(op: str, name: str, out: torch.Tensor, inputs: dict) -> None:
+    """ValueError when the buffer `out` shares memory with a tensor of `inputs`."""
+    if torch.compiler.is_compiling():
+        return
+    for input_name, x in inputs.items():
+        if x is not None and may_overlap(out, x):
+            raise ValueError(f"{op}: {name} shares memory with {input_name}; an out= buffer "
+                             f"must not overlap an input")
+
+
+def check_no_grad_inputs(op: str, **inputs) -> None:
+    """out= results are not recorded by autograd (as in torch), so no input may need one."""
+    if not torch.is_grad_enabled():
+        return
+    for name, x in inputs.items():
+        if x is not None and x.requires_grad:
+            raise ValueError(f"{op}: out= does not support autograd, but {name} requires grad; "
+                             f"call without out= or under torch.no_grad()")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -24,6 +25,11 @@ from moe_kernels import checkpoint
 from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv
 from moe_kernels.ops import fused_moe, gating
 from moe_kernels.ops.fp8 import dequantize_fp8_block, quantize_fp8_block
+from moe_kernels.reference import fp8 as ref_fp8
+
+# FP8 formats other than e4m3fn: their checkpoint weights are dequantized with their
+# weight_scale_inv and requantized to e4m3fn 128x128 blocks.
+OTHER_FP8 = (torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 CONFIG_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                  "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
@@ -77,6 +83,23 @@ class DeepseekV3MoE(nn.Module):
         scale_shape = (shape[0], cdiv(shape[1], SCALE_BLOCK), cdiv(shape[2], SCALE_BLOCK))
         self.register_buffer(name + "_scale", torch.ones(scale_shape, dtype=torch.float32, **kw))
 
+    def _apply(self, fn, recurse=True):
+        """Module.to / .cuda / .half / .bfloat16 route through here: device moves apply,
+        casts do not. Every buffer's dtype is part of the layer's numerics (FP8 weights,
+        their float32 scales, the float32 router and bias, as HF keeps a quantized model's
+        scales), so `model.to(torch.bfloat16)` in a pipeline leaves them as they are."""
+        if recurse:
+            for child in self.children():
+                child._apply(fn)
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            # where fn sends a tensor like this one, learnt from an empty one (no copy)
+            probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
+            self._buffers[name] = fn(buf) if probe.dtype == buf.dtype else \
+                buf.to(device=probe.device)
+        return self
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Checks hidden once; the ops run through their unchecked internal layer."""
         if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
@@ -113,23 +136,36 @@ class DeepseekV3MoE(nn.Module):
 
     @classmethod
     def from_hf(cls, config, state_dict: dict, prefix: str = "", *, device=None,
-                backend: str | None = None) -> "DeepseekV3MoE":
+                backend: str | None = None, strict: bool = True) -> "DeepseekV3MoE":
         """From an HF DeepseekV3Config-like object and the MoE's state dict (keys under
         prefix: gate.weight, gate.e_score_correction_bias, shared_experts.*, and the routed
         experts as experts.{i}.{gate,up,down}_proj.weight [+ .weight_scale_inv] or fused
         experts.gate_up_proj (E, 2I, H) / experts.down_proj (E, H, I)). Float weights are
-        quantized to 128x128 FP8 blocks; FP8 ones are taken as they are."""
+        quantized to 128x128 FP8 blocks; e4m3fn ones are taken as they are, other FP8
+        formats dequantized with their weight_scale_inv and requantized. Keys under prefix
+        that no weight is read from raise ValueError with strict (as load_state_dict does),
+        else a warning; keys outside prefix are not looked at."""
         missing = [f for f in CONFIG_FIELDS if not hasattr(config, f)]
         if missing:
             raise ValueError(f"DeepseekV3MoE.from_hf: config lacks {', '.join(missing)}")
         layer = cls(**{f: getattr(config, f) for f in CONFIG_FIELDS}, device=device,
                     backend=backend)
-        _Loader(layer, state_dict, prefix, device).load()
+        loader = _Loader(layer, state_dict, prefix, device)
+        loader.load()
+        unexpected = loader.unexpected()
+        if unexpected:
+            shown = ", ".join(repr(k) for k in unexpected[:5])
+            more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+            message = (f"DeepseekV3MoE.from_hf: unexpected keys under {prefix!r}: {shown}{more} "
+                       f"(no weight is read from them; strict=False to ignore them)")
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=2)
         return layer
 
     @classmethod
     def from_safetensors(cls, directory: str, layer: int, config=None, *, device=None,
-                         backend: str | None = None) -> "DeepseekV3MoE":
+                         backend: str | None = None, strict: bool = True) -> "DeepseekV3MoE":
         """Layer `layer`'s MoE from a (sharded) safetensors checkpoint directory, reading
         only its tensors (keys model.layers.{layer}.mlp.*); config defaults to the
         directory's config.json."""
@@ -141,7 +177,8 @@ class DeepseekV3MoE(nn.Module):
         if not tensors:
             raise KeyError(f"{directory}: no tensors under {prefix!r} (is layer {layer} an "
                            f"MoE layer?)")
-        return cls.from_hf(config, tensors, prefix, device=device, backend=backend)
+        return cls.from_hf(config, tensors, prefix, device=device, backend=backend,
+                           strict=strict)
 
 
 class _Loader:
@@ -149,11 +186,13 @@ class _Loader:
 
     def __init__(self, layer: DeepseekV3MoE, state_dict: dict, prefix: str, device):
         self.layer, self.sd, self.prefix, self.device = layer, state_dict, prefix, device
+        self.used: set[str] = set()
 
     def get(self, key: str, shape: tuple) -> torch.Tensor:
         full = self.prefix + key
         if full not in self.sd:
             raise KeyError(f"DeepseekV3MoE: missing key {full!r}")
+        self.used.add(full)
         t = self.sd[full]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -163,10 +202,13 @@ class _Loader:
     def fp8_block(self, key: str, shape: tuple):
         """(q, scale) of a weight: FP8 with its weight_scale_inv, or a float one quantized."""
         w = self.get(key, shape)
-        if w.dtype == FP8:
+        if w.dtype == FP8 or w.dtype in OTHER_FP8:
             scale_key = key[:-len("weight")] + "weight_scale_inv"
             s = self.get(scale_key, (cdiv(shape[0], SCALE_BLOCK), cdiv(shape[1], SCALE_BLOCK)))
-            return w, s.float()
+            if w.dtype == FP8:
+                return w, s.float()
+            # another FP8 format: its real values (w * scale, per 128x128 block), requantized
+            return quantize_fp8_block(ref_fp8.dequantize_fp8_block(w, s, dtype=torch.float32))
         if not w.is_floating_point():
             raise TypeError(f"DeepseekV3MoE: {self.prefix + key!r} must be a float or "
                             f"float8_e4m3fn tensor, got {w.dtype}")
@@ -193,8 +235,13 @@ class _Loader:
         E, H, I = m.num_experts, m.hidden_size, m.intermediate_size
         with torch.no_grad():
             m.gate_weight.copy_(self.get("gate.weight", (E, H)).float())
-            m.e_score_correction_bias.copy_(
-                self.get("gate.e_score_correction_bias", (E,)).float())
+            bias = self.get("gate.e_score_correction_bias", (E,)).float()
+            # grouped_topk reads the bias without checking its values (that would be a host
+            # sync per call): a NaN or inf would silently exclude or force experts
+            if not torch.isfinite(bias).all():
+                raise ValueError(f"DeepseekV3MoE: {self.prefix}gate.e_score_correction_bias "
+                                 f"has non-finite values")
+            m.e_score_correction_bias.copy_(bias)
             if self.prefix + "experts.gate_up_proj" in self.sd:
                 self._fused_experts(E, H, I)
             else:
@@ -206,6 +253,10 @@ class _Loader:
                     self._put("w13", "w2", E, parts)
                 else:
                     self._put("shared_w13", "shared_w2", 0, parts)
+
+    def unexpected(self) -> list[str]:
+        """Keys under the prefix that no weight was read from (as load_state_dict reports)."""
+        return sorted(k for k in self.sd if k.startswith(self.prefix) and k not in self.used)
 
     def _fused_experts(self, E, H, I):
         """transformers >= 5: experts.gate_up_proj (E, 2I, H), gate rows first, and

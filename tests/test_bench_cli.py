@@ -51,13 +51,30 @@ def test_compare_flags_incorrect(tmp_path, capsys):
 def test_small_run_writes_json(tmp_path, capsys):
     """The layer's case end to end: every row checked against the torch path and timed."""
     path = tmp_path / "r.json"
-    assert cli.main(["--op", "deepseek_v3_moe", "--tokens", "1", "--backend", "cpu",
+    assert cli.main(["--op", "DeepseekV3MoE", "--tokens", "1", "--backend", "cpu",
                      "--no-compile", "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     rows = {r["backend"]: r for r in data["results"]}
     assert set(rows) == {"cpu", "torch-eager"}
     assert all(r["correct"] and r["time_us"] > 0 and r["bytes"] > 0 for r in rows.values())
-    assert "deepseek_v3_moe" in capsys.readouterr().out
+    assert "DeepseekV3MoE" in capsys.readouterr().out
+
+
+def test_op_names_are_the_public_names():
+    """--op takes what users call: each name a public function or class of moe_kernels."""
+    import moe_kernels
+    from moe_kernels.bench import OPS
+    assert OPS and all(callable(getattr(moe_kernels, name, None)) for name in OPS), sorted(OPS)
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_op_selects_rows_inside_a_module(tmp_path):
+    """--op unpermute times unpermute only, although its module also measures permute."""
+    path = tmp_path / "r.json"
+    assert cli.main(["--op", "unpermute", "--tokens", "2", "--backend", "cpu", "--no-compile",
+                     "--json", str(path)]) == 0
+    ops = {r["op"] for r in json.loads(path.read_text())["results"]}
+    assert ops == {"unpermute"}
 
 
 def test_plot_writes_png(tmp_path):

@@ -21,11 +21,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_kernels
-from moe_kernels import BackendUnavailableError
+from moe_kernels import BackendUnavailableError, _library
 from moe_kernels.reference import gating as ref
 
-from helpers import (HAS_CUDA, assert_close, assert_int_equal, device_backend_params,
-                     poison_allocator)
+from helpers import (DEVICES, HAS_CUDA, assert_close, assert_int_equal,
+                     device_backend_params, poison_allocator)
 
 KERNEL_BACKENDS = ("triton", "cpu", "cuda")
 
@@ -337,7 +337,28 @@ BAD_INPUTS = [
      TypeError, "correction_bias"),
     ("top_k float", (4, 16), torch.float32, dict(top_k=2.0), TypeError, "top_k"),
     ("unknown backend", (4, 16), torch.float32, dict(backend="tpu"), ValueError, "backend"),
+    # degenerate numbers: a NaN or infinite scale would turn every weight into NaN / inf
+    ("NaN scaling", (4, 16), torch.float32, dict(routed_scaling_factor=float("nan")),
+     ValueError, "routed_scaling_factor"),
+    ("inf scaling", (4, 16), torch.float32, dict(routed_scaling_factor=float("inf")),
+     ValueError, "routed_scaling_factor"),
+    ("scaling str", (4, 16), torch.float32, dict(routed_scaling_factor="2"), ValueError,
+     "routed_scaling_factor"),
 ]
+
+
+@pytest.mark.skipif(not _library.triton_interpreting() and not torch.cuda.is_available(),
+                    reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
+def test_too_many_experts_for_triton_is_a_value_error():
+    """One tile holds every expert: past Triton's tile cap our error, not Triton's."""
+    logits = torch.zeros(1, _library.TRITON_MAX_EXPERTS + 1, device=DEVICES[-1])
+    with pytest.raises(ValueError, match="triton backend takes E"):
+        moe_kernels.grouped_topk(logits, 2, backend="triton")
+
+
+def test_triton_expert_limit_is_tritons_tile_cap():
+    import triton.language as tl
+    assert _library.TRITON_MAX_EXPERTS == tl.TRITON_MAX_TENSOR_NUMEL
 
 
 @pytest.mark.parametrize("desc,shape,dtype,kw,exc,words", BAD_INPUTS,

@@ -12,6 +12,8 @@ case is bounded separately, at 4e-3.
 from __future__ import annotations
 
 import json
+import struct
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -173,6 +175,12 @@ def test_shared_expert_variants(n_shared, inter):
     assert calc_diff(layer(hidden), reference_output(hidden, dequantized(sd), cfg)) < 2e-3
 
 
+def _save_file(tensors, path):
+    safetensors_torch = pytest.importorskip(
+        "safetensors.torch", reason="from_safetensors' optional dependency is not installed")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
 def test_from_safetensors_sharded(tmp_path):
     """Two shards and an index, with another layer's tensors that must not be read."""
     cfg = make_config()
@@ -184,7 +192,7 @@ def test_from_safetensors_sharded(tmp_path):
     shards = {"model-00001-of-00002.safetensors": names[::2],
               "model-00002-of-00002.safetensors": names[1::2]}
     for fname, keys in shards.items():
-        checkpoint.save_file({k: full[k] for k in keys}, str(tmp_path / fname))
+        _save_file({k: full[k] for k in keys}, str(tmp_path / fname))
     with open(tmp_path / "model.safetensors.index.json", "w") as f:
         json.dump({"weight_map": {k: fn for fn, ks in shards.items() for k in ks}}, f)
     with open(tmp_path / "config.json", "w") as f:
@@ -200,13 +208,57 @@ def test_from_safetensors_sharded(tmp_path):
 def test_safetensors_round_trip(tmp_path):
     tensors = {"a": torch.randn(3, 4).bfloat16(), "b": torch.arange(5), "c": torch.zeros(0, 2),
                "d": ref_fp8.to_fp8(torch.randn(2, 3)), "e": torch.tensor(1.5)}
-    checkpoint.save_file(tensors, str(tmp_path / "model.safetensors"))
+    _save_file(tensors, str(tmp_path / "model.safetensors"))
     back = checkpoint.load_prefix(str(tmp_path), "")
     assert set(back) == set(tensors)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape
         assert torch.equal(back[k].view(torch.uint8) if v.dtype == torch.float8_e4m3fn else back[k],
                            v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v)
+
+
+def _raw_file(path, header: dict, data: bytes, header_len=None):
+    """A .safetensors file written by hand (so it can be wrong): length, JSON, data."""
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw) if header_len is None else header_len))
+        f.write(raw + data)
+
+
+def _f32(shape, begin, end):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
+
+
+# Corrupt or hostile files (each once trusted by a hand-written reader: a huge allocation
+# or a garbage tensor); each must be a ValueError naming the file.
+CORRUPT = [
+    ("truncated", lambda p: _raw_file(p, {"w": _f32((4, 4), 0, 64)}, bytes(40))),
+    ("header past the end", lambda p: _raw_file(p, {"w": _f32((4,), 0, 16)}, bytes(16),
+                                                header_len=1 << 40)),
+    ("overlapping offsets", lambda p: _raw_file(
+        p, {"w": _f32((4,), 0, 16), "v": _f32((4,), 8, 24)}, bytes(24))),
+    ("shape past its bytes", lambda p: _raw_file(p, {"w": _f32((100000, 100000), 0, 16)},
+                                                 bytes(16))),
+    ("offset past the data", lambda p: _raw_file(p, {"w": _f32((4,), 16, 32)}, bytes(16))),
+]
+
+
+@pytest.mark.parametrize("desc,write", CORRUPT, ids=[c[0] for c in CORRUPT])
+def test_corrupt_safetensors_is_a_value_error(tmp_path, desc, write):
+    pytest.importorskip("safetensors", reason="from_safetensors' optional dependency is not "
+                                              "installed")
+    path = tmp_path / "model.safetensors"
+    write(str(path))
+    with pytest.raises(ValueError, match="model.safetensors"):
+        checkpoint.load_prefix(str(tmp_path), "")
+
+
+def test_from_safetensors_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)      # import fails
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ImportError, match="pip install safetensors"):
+        checkpoint.load_prefix(str(tmp_path), "")
 
 
 BAD = [
@@ -225,7 +277,63 @@ BAD = [
     ("int weight", lambda sd: sd.__setitem__("experts.1.up_proj.weight",
                                               torch.zeros(128, 256, dtype=torch.int32)),
      TypeError, "experts.1.up_proj.weight"),
+    # read by no weight: transformers reports such keys; silently ignoring them hid typos
+    ("unexpected key", lambda sd: sd.__setitem__("experts.0.gate_proj.bias", torch.zeros(128)),
+     ValueError, "unexpected keys.*experts.0.gate_proj.bias"),
+    # grouped_topk does not read bias values per call (a host sync): checked on load
+    ("NaN bias", lambda sd: sd["gate.e_score_correction_bias"].__setitem__(3, float("nan")),
+     ValueError, "e_score_correction_bias has non-finite"),
 ]
+
+
+def test_unexpected_keys_warn_without_strict():
+    cfg = make_config()
+    sd = as_fp8_checkpoint(make_weights(cfg))
+    sd["experts.0.gate_proj.bias"] = torch.zeros(128)
+    sd["other_layer.weight"] = torch.zeros(2)      # outside the prefix: never looked at
+    prefixed = {"mlp." + k: v for k, v in sd.items()}
+    prefixed["other_layer.weight"] = torch.zeros(2)
+    with pytest.warns(UserWarning, match="experts.0.gate_proj.bias"):
+        moe_kernels.DeepseekV3MoE.from_hf(cfg, prefixed, prefix="mlp.", strict=False)
+
+
+def test_fp8_e5m2_checkpoint_applies_its_scales():
+    """Weights in another FP8 format with weight_scale_inv: their real values (w * scale)
+    are what the layer computes with, not the raw codes (which were off by the scale)."""
+    cfg = make_config()
+    sd = make_weights(cfg, seed=6)
+    e4m3 = as_fp8_checkpoint(sd)
+    e5m2 = {}
+    for k, v in e4m3.items():
+        if v.dtype == torch.float8_e4m3fn:
+            real = ref_fp8.dequantize_fp8_block(v, e4m3[k + "_scale_inv"], dtype=torch.float32)
+            scale = e4m3[k + "_scale_inv"] * 4.0            # a different scale per block
+            e5m2[k] = (real / scale.repeat_interleave(128, 0)[:real.shape[0]]
+                       .repeat_interleave(128, 1)[:, :real.shape[1]]).to(torch.float8_e5m2)
+            e5m2[k + "_scale_inv"] = scale
+        elif k not in e5m2:
+            e5m2[k] = v
+    hidden = make_hidden(6, cfg, seed=7, dtype=torch.float32)
+    want = reference_output(hidden, dequantized(sd), cfg)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, e5m2)
+    assert calc_diff(layer(hidden), want) < 2e-2    # e5m2 keeps 2 mantissa bits
+
+
+def test_to_dtype_keeps_the_buffers_numerics():
+    """model.to(torch.bfloat16) (routine in HF pipelines) cast the float32 scales and the
+    bias, and the next forward raised; casts now leave every buffer's dtype alone."""
+    cfg = make_config()
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)))
+    hidden = make_hidden(4, cfg, seed=8)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    want = layer(hidden)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(),
+                 lambda m: m.to("cpu", torch.float16)):
+        assert cast(layer) is layer
+        for k, v in layer.state_dict().items():
+            assert v.dtype == before[k].dtype and torch.equal(
+                v.view(torch.uint8), before[k].view(torch.uint8)), k
+        assert torch.equal(layer(hidden), want)
 
 
 @pytest.mark.parametrize("desc,edit,exc,words", BAD, ids=[b[0] for b in BAD])

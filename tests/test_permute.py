@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_kernels
-from moe_kernels import BackendUnavailableError
+from moe_kernels import BackendUnavailableError, _library
 from moe_kernels.reference import permute as ref
 
-from helpers import (HAS_CUDA, assert_close, assert_int_equal, device_backend_params,
+from helpers import (DEVICES, HAS_CUDA, assert_close, assert_int_equal, device_backend_params,
                      poison_allocator)
 
 BACKENDS = ("triton", "cpu", "cuda")  # cuda: CUDA index + Triton rows
@@ -47,7 +47,7 @@ def check_permute(backend, device, T, K, E, H, align, dtype, seed, **id_kw):
                                       backend=backend)
     r_out, r_scales, r_index = ref.permute(hidden.cpu(), ids.cpu(), E, align, scales.cpu())
     msg = f"{backend} T={T} K={K} E={E} align={align}"
-    R = T * K + E * (align - 1)
+    R = T * K + min(E, T * K) * (align - 1)   # at most min(E, T*K) experts are non-empty
     assert out.shape == (R, H) and out.dtype == dtype, msg
     for name, got, want in zip(LAYOUT_FIELDS, layout[:5], r_index):
         assert got.dtype == want.dtype, f"{msg}: {name} dtype"
@@ -372,6 +372,38 @@ def test_bad_input_unpermute_and_align():
         moe_kernels.moe_align_block_size(ids, 3, 0)
     with pytest.raises(ValueError, match="max_tokens_per_expert"):
         moe_kernels.permute_masked(torch.zeros(4, 8), ids, 3, 0)
+    # an int expert_out reached the C++ kernel's dispatch ("not implemented for 'Long'")
+    with pytest.raises(TypeError, match="expert_out"):
+        moe_kernels.unpermute(out.long(), layout, torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_unpermute_rows_must_be_the_layouts(backend):
+    """A slice of the expert output (or another layout's) silently dropped pairs on cpu and
+    triton and raised IndexError on reference: now one ValueError everywhere."""
+    if _library.backend_unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(_library.backend_unavailable_reason(backend, torch.device("cpu")))
+    ids = torch.tensor([[0, 1], [2, 0], [1, 2]], dtype=torch.int32)
+    out, layout = moe_kernels.permute(torch.randn(3, 8), ids, 3, align=2)
+    w = torch.rand(3, 2)
+    with pytest.raises(ValueError, match="expert_out must have shape"):
+        moe_kernels.unpermute(out[:5], layout, w, backend=backend)
+    masked, mlayout = moe_kernels.permute_masked(torch.randn(3, 8), ids, 3, 4)
+    with pytest.raises(ValueError, match="expert_out must have shape"):
+        moe_kernels.unpermute(masked.reshape(4, 3, 8), mlayout, w, backend=backend)   # wrong M
+    with pytest.raises(ValueError, match="expert_out must have shape"):
+        moe_kernels.unpermute(masked.reshape(12, 8), mlayout, w, backend=backend)     # flattened
+    with pytest.raises(ValueError, match="expert_out must have shape"):
+        moe_kernels.unpermute(out, mlayout, w, backend=backend)                       # other layout
+
+
+@pytest.mark.skipif(not _library.triton_interpreting() and not HAS_CUDA,
+                    reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
+def test_too_many_experts_for_triton_is_a_value_error():
+    ids = torch.zeros(2, 2, dtype=torch.int32, device=DEVICES[-1])
+    with pytest.raises(ValueError, match="triton backend takes num_experts"):
+        moe_kernels.permute(torch.zeros(2, 4, device=ids.device), ids,
+                            _library.TRITON_MAX_EXPERTS + 1, backend="triton")
 
 
 @pytest.mark.slow

@@ -96,3 +96,47 @@ def test_import_without_extension():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
     warnings = [line for line in r.stderr.splitlines() if "moe_kernels._C is not loaded" in line]
     assert len(warnings) == 1, r.stderr[-3000:]
+
+
+# Direct torch.ops calls skip the Python checks: each degenerate size below reached a C++
+# division by zero (SIGFPE) or an out-of-bounds read. (description, call) pairs; each must
+# raise an exception or return, never kill the process.
+_DEGENERATE_CALLS = """
+import torch
+ops = torch.ops.moe_kernels
+fp8 = lambda *s: torch.zeros(*s, dtype=torch.float8_e4m3fn)
+i32 = lambda *s: torch.zeros(*s, dtype=torch.int32)
+calls = [
+    ("dequant block 0", lambda: ops.dequantize_fp8_block(fp8(4, 8), torch.ones(1, 1), 0, 8,
+                                                         torch.float32)),
+    ("dequant K 0", lambda: ops.dequantize_fp8_block(fp8(4, 0), torch.ones(1, 0), 128, 128,
+                                                     torch.float32)),
+    ("quant block 0", lambda: ops.quantize_fp8_block(torch.zeros(4, 8), 0, 0, 1e-10)),
+    ("token group 0", lambda: ops.quantize_fp8_per_token_group(torch.zeros(2, 8), 0, 1e-10,
+                                                               False, False)),
+    ("silu group 0", lambda: ops.silu_and_mul_quant_fp8(torch.zeros(2, 8), 0, 1e-10)),
+    ("paged page 0", lambda: ops.mla_decompress_kv_paged(
+        torch.zeros(2, 0, 80), i32(1, 1), torch.ones(1, dtype=torch.int32),
+        torch.zeros(64, 64), None, None, torch.empty(1, 2, 16), torch.empty(1, 2, 16))),
+    ("align 0", lambda: ops.permute_index(i32(2, 2), 4, 0)),
+    ("block_size 0", lambda: ops.moe_align_block_size(i32(2, 2), 4, 0)),
+    ("groups 0", lambda: ops.grouped_topk(torch.zeros(2, 8), None, 2, 0, 1, "sigmoid", "max",
+                                          True, 1.0)),
+    ("gather K 0", lambda: ops.gather_rows(torch.zeros(2, 4), i32(3) - 1, i32(2, 0))),
+]
+for name, call in calls:
+    try:
+        call()
+    except Exception:
+        pass
+    print("survived", name, flush=True)
+"""
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_degenerate_sizes_through_torch_ops_never_kill_the_process():
+    r = subprocess.run([sys.executable, "-c", _DEGENERATE_CALLS], capture_output=True,
+                       text=True, timeout=300)
+    survived = [line for line in r.stdout.splitlines() if line.startswith("survived")]
+    assert r.returncode == 0 and len(survived) == 10, (
+        f"killed (rc {r.returncode}) after: {survived}\n{r.stderr[-2000:]}")

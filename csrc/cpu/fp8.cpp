@@ -72,20 +72,40 @@ void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> token_group_op(const at::Tensor& x_in, int64_t W,
-                                                  int64_t group, double eps, bool ue8m0,
-                                                  bool column_major, bool gated) {
+// q (M, W) contiguous and s (M, ceil(W / group)) of any strides, written in place.
+void token_group_out(const at::Tensor& x_in, int64_t W, int64_t group, double eps, bool ue8m0,
+                     bool gated, at::Tensor& q, at::Tensor& s) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D");
   TORCH_CHECK_VALUE(group >= 1, "group_size must be >= 1");
   const at::Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
   const int64_t M = x.size(0), G = ceil_div(W, group);
-  at::Tensor q = at::empty({M, W}, x.options().dtype(at::kFloat8_e4m3fn));
-  at::Tensor s = column_major ? at::empty({G, M}, x.options().dtype(at::kFloat)).t()
-                              : at::empty({M, G}, x.options().dtype(at::kFloat));
+  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat8_e4m3fn && q.dim() == 2 && q.size(0) == M &&
+                        q.size(1) == W && q.is_contiguous(),
+                    "q must be contiguous float8_e4m3fn of shape (", M, ", ", W, ")");
+  TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == M &&
+                        s.size(1) == G,
+                    "s must be float32 of shape (", M, ", ", G, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fp8_quant", [&] {
     token_groups<scalar_t>(x, W, group, static_cast<float>(eps), ue8m0, gated, q, s);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> token_group_op(const at::Tensor& x, int64_t W,
+                                                  int64_t group, double eps, bool ue8m0,
+                                                  bool column_major, bool gated) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D");
+  TORCH_CHECK_VALUE(group >= 1, "group_size must be >= 1");
+  const int64_t M = x.size(0), G = ceil_div(W, group);
+  at::Tensor q = at::empty({M, W}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor s = column_major ? at::empty({G, M}, x.options().dtype(at::kFloat)).t()
+                              : at::empty({M, G}, x.options().dtype(at::kFloat));
+  token_group_out(x, W, group, eps, ue8m0, gated, q, s);
   return {q, s};
+}
+
+int64_t gated_width(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % 2 == 0, "x must be 2-D with an even width");
+  return x.size(1) / 2;
 }
 
 }  // namespace
@@ -97,10 +117,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_per_token_group_cpu(
                         false);
 }
 
+void quantize_fp8_per_token_group_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
+                                          bool scale_ue8m0, at::Tensor& q, at::Tensor& s) {
+  token_group_out(x, x.size(-1), group_size, eps, scale_ue8m0, false, q, s);
+}
+
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8_cpu(const at::Tensor& x,
                                                               int64_t group_size, double eps) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % 2 == 0, "x must be 2-D with an even width");
-  return token_group_op(x, x.size(1) / 2, group_size, eps, false, false, true);
+  return token_group_op(x, gated_width(x), group_size, eps, false, false, true);
+}
+
+void silu_and_mul_quant_fp8_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
+                                    at::Tensor& q, at::Tensor& s) {
+  token_group_out(x, gated_width(x), group_size, eps, false, true, q, s);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_block_cpu(const at::Tensor& w_in,
@@ -146,6 +175,7 @@ at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q_in, const at::Tensor& s_
                                     int64_t block_n, int64_t block_k, at::ScalarType dtype) {
   TORCH_CHECK_VALUE(q_in.dim() >= 2, "q must be at least 2-D");
   TORCH_CHECK_TYPE(q_in.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn");
+  TORCH_CHECK_VALUE(block_n >= 1 && block_k >= 1, "block sizes must be >= 1");
   const at::Tensor q = q_in.contiguous();
   const int64_t N = q.size(-2), K = q.size(-1);
   const int64_t NB = ceil_div(N, block_n), KB = ceil_div(K, block_k);
@@ -154,9 +184,9 @@ at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q_in, const at::Tensor& s_
   s_shape.push_back(KB);
   check_scales(s_in, "s", s_shape);
   const at::Tensor s = s_in.contiguous();
-  const int64_t rows = N ? q.numel() / K : 0;
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
-  if (q.numel() == 0) return out;
+  if (q.numel() == 0) return out;  // before any division by N or K
+  const int64_t rows = q.numel() / K;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "fp8_dequant", [&] {
     const fp8_t* qp = q.data_ptr<fp8_t>();
     const float* sp = s.data_ptr<float>();
@@ -176,6 +206,8 @@ TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("quantize_fp8_block", &quantize_fp8_block_cpu);
   m.impl("dequantize_fp8_block", &dequantize_fp8_block_cpu);
   m.impl("silu_and_mul_quant_fp8", &silu_and_mul_quant_fp8_cpu);
+  m.impl("quantize_fp8_per_token_group_out", &quantize_fp8_per_token_group_out_cpu);
+  m.impl("silu_and_mul_quant_fp8_out", &silu_and_mul_quant_fp8_out_cpu);
 }
 
 }  // namespace moe_kernels

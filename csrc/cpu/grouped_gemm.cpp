@@ -130,31 +130,41 @@ void check_b(const at::Tensor& b, const at::Tensor& b_scales, int64_t K) {
 
 }  // namespace
 
-at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
-                                const at::Tensor& b_in, const at::Tensor& b_scales_in,
-                                const at::Tensor& m_indices_in, at::ScalarType out_dtype) {
+void grouped_gemm_fp8_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
+                              const at::Tensor& b_in, const at::Tensor& b_scales_in,
+                              const at::Tensor& m_indices_in, at::Tensor& out) {
   check_fp8(a_in, "a", 2);
   const int64_t R = a_in.size(0), K = a_in.size(1);
   check_scales(a_scales_in, "a_scales", {R, ceil_div(K, kScaleBlock)});
   check_b(b_in, b_scales_in, K);
   TORCH_CHECK_VALUE(m_indices_in.dim() == 1 && m_indices_in.size(0) == R,
                     "m_indices must have shape (", R, ")");
+  const int64_t E = b_in.size(0), N = b_in.size(1);
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == R && out.size(1) == N,
+                    "out must have shape (", R, ", ", N, ")");
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor b_scales = b_scales_in.contiguous();
   const at::Tensor m_indices = m_indices_in.to(at::kLong).contiguous();
-  const int64_t E = b.size(0), N = b.size(1);
-  at::Tensor out = at::zeros({R, N}, a.options().dtype(out_dtype));
+  out.zero_();  // rows without an expert are zero
   std::vector<std::vector<int64_t>> rows(E);
   const int64_t* mp = m_indices.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r)
     if (mp[r] >= 0 && mp[r] < E) rows[mp[r]].push_back(r);
   for (int64_t e = 0; e < E; ++e) expert_gemm(a, a_scales_in, b, b_scales, e, rows[e], out);
+}
+
+at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                const at::Tensor& b, const at::Tensor& b_scales,
+                                const at::Tensor& m_indices, at::ScalarType out_dtype) {
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 3, "a must be 2-D and b 3-D");
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(out_dtype));
+  grouped_gemm_fp8_out_cpu(a, a_scales, b, b_scales, m_indices, out);
   return out;
 }
 
-at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
-                                       const at::Tensor& b_in, const at::Tensor& b_scales_in,
-                                       const at::Tensor& masked_m_in, at::ScalarType out_dtype) {
+void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
+                                     const at::Tensor& b_in, const at::Tensor& b_scales_in,
+                                     const at::Tensor& masked_m_in, at::Tensor& out) {
   check_fp8(a_in, "a", 3);
   const int64_t E = a_in.size(0), M = a_in.size(1), K = a_in.size(2);
   check_scales(a_scales_in, "a_scales", {E, M, ceil_div(K, kScaleBlock)});
@@ -162,24 +172,38 @@ at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a_in, const at::Tensor&
   TORCH_CHECK_VALUE(b_in.size(0) == E, "b must have ", E, " groups");
   TORCH_CHECK_VALUE(masked_m_in.dim() == 1 && masked_m_in.size(0) == E,
                     "masked_m must have shape (", E, ")");
+  const int64_t N = b_in.size(1);
+  TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) == E && out.size(1) == M &&
+                        out.size(2) == N && out.is_contiguous(),
+                    "out must be contiguous of shape (", E, ", ", M, ", ", N, ")");
   const at::Tensor a = a_in.reshape({E * M, K}).contiguous();
   const at::Tensor a_scales = a_scales_in.reshape({E * M, -1});
   const at::Tensor b = b_in.contiguous(), b_scales = b_scales_in.contiguous();
   const at::Tensor masked_m = masked_m_in.to(at::kLong).contiguous();
-  const int64_t N = b.size(1);
-  at::Tensor out = at::zeros({E * M, N}, a.options().dtype(out_dtype));
+  at::Tensor flat = out.view({E * M, N});
+  flat.zero_();  // rows >= masked_m[e] are zero
   const int64_t* mm = masked_m.data_ptr<int64_t>();
   for (int64_t e = 0; e < E; ++e) {
     std::vector<int64_t> rows;
     for (int64_t i = 0; i < std::min(std::max(mm[e], int64_t{0}), M); ++i) rows.push_back(e * M + i);
-    expert_gemm(a, a_scales, b, b_scales, e, rows, out);
+    expert_gemm(a, a_scales, b, b_scales, e, rows, flat);
   }
-  return out.view({E, M, N});
+}
+
+at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                       const at::Tensor& b, const at::Tensor& b_scales,
+                                       const at::Tensor& masked_m, at::ScalarType out_dtype) {
+  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3, "a and b must be 3-D");
+  at::Tensor out = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(out_dtype));
+  grouped_gemm_fp8_masked_out_cpu(a, a_scales, b, b_scales, masked_m, out);
+  return out;
 }
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("grouped_gemm_fp8", &grouped_gemm_fp8_cpu);
   m.impl("grouped_gemm_fp8_masked", &grouped_gemm_fp8_masked_cpu);
+  m.impl("grouped_gemm_fp8_out", &grouped_gemm_fp8_out_cpu);
+  m.impl("grouped_gemm_fp8_masked_out", &grouped_gemm_fp8_masked_out_cpu);
 }
 
 }  // namespace moe_kernels

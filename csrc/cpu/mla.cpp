@@ -136,6 +136,7 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
   TORCH_CHECK_VALUE(kv_cache.dim() == 3 && kv_b_proj.dim() == 2, "kv_cache must be 3-D, "
                     "kv_b_proj 2-D");
   TORCH_CHECK_VALUE(kv_cache.stride(2) == 1, "kv_cache needs a contiguous last dimension");
+  TORCH_CHECK_VALUE(kv_cache.size(1) >= 1, "kv_cache's block_size (dim 1) must be >= 1");
   const int64_t R = kv_b_proj.size(1), rope = kv_cache.size(2) - R;
   TORCH_CHECK_VALUE(rope >= 1, "kv_cache rows must be wider than kv_b_proj's R = ", R);
   TORCH_CHECK_VALUE(block_table.dim() == 2 && seq_lens.dim() == 1 &&

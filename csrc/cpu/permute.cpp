@@ -27,7 +27,7 @@ std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids_in, int64_t
   check_topk_ids(topk_ids_in, num_experts, align, "align");
   const at::Tensor topk_ids = topk_ids_in.contiguous();
   const int64_t T = topk_ids.size(0), K = topk_ids.size(1), P = T * K, E = num_experts;
-  const int64_t R = P + E * (align - 1);
+  const int64_t R = permuted_rows(P, E, align);
   auto i32 = topk_ids.options().dtype(at::kInt);
   at::Tensor offsets = at::empty({E + 1}, topk_ids.options().dtype(at::kLong));
   at::Tensor counts = at::zeros({E}, i32);
@@ -80,8 +80,8 @@ std::vector<at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
   return {sorted_ids, expert_ids, post_padded};
 }
 
-at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row,
-                           const at::Tensor& row_of_pair) {
+void gather_rows_out_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row,
+                         const at::Tensor& row_of_pair, at::Tensor& out) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "gather_rows: x must be 2-D");
   TORCH_CHECK_VALUE(pair_of_row.dim() == 1 && pair_of_row.scalar_type() == at::kInt,
                     "gather_rows: pair_of_row must be 1-D int32");
@@ -90,8 +90,10 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row
   const at::Tensor x = x_in.contiguous();
   const at::Tensor src = pair_of_row.contiguous();
   const int64_t R = src.numel(), D = x.size(1), K = row_of_pair.size(1);
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == R && out.size(1) == D &&
+                        out.scalar_type() == x.scalar_type() && out.is_contiguous(),
+                    "gather_rows: out must be contiguous (", R, ", ", D, ") of x's dtype");
   const int64_t P = x.size(0) * K;
-  at::Tensor out = at::empty({R, D}, x.options());
   const int64_t row_bytes = D * x.element_size();
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
@@ -105,11 +107,18 @@ at::Tensor gather_rows_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row
         std::memset(op + r * row_bytes, 0, row_bytes);
     }
   });
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
+                           const at::Tensor& row_of_pair) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "gather_rows: x must be 2-D");
+  at::Tensor out = at::empty({pair_of_row.size(0), x.size(1)}, x.options());
+  gather_rows_out_cpu(x, pair_of_row, row_of_pair, out);
   return out;
 }
 
-at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_of_pair_in,
-                         const at::Tensor& topk_weights) {
+void unpermute_out_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_of_pair_in,
+                       const at::Tensor& topk_weights, at::Tensor& out) {
   TORCH_CHECK_VALUE(expert_out_in.dim() == 2, "unpermute: expert_out must be 2-D (R, H)");
   TORCH_CHECK_VALUE(row_of_pair_in.dim() == 2 && row_of_pair_in.scalar_type() == at::kInt,
                     "unpermute: row_of_pair must be (T, K) int32");
@@ -119,7 +128,9 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_
   const at::Tensor rows = row_of_pair_in.contiguous();
   const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
   const int64_t T = rows.size(0), K = rows.size(1), R = eo.size(0), H = eo.size(1);
-  at::Tensor out = at::empty({T, H}, eo.options());
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == T && out.size(1) == H &&
+                        out.scalar_type() == eo.scalar_type() && out.is_contiguous(),
+                    "unpermute: out must be contiguous (", T, ", ", H, ") of expert_out's dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, eo.scalar_type(), "unpermute_cpu", [&] {
     const scalar_t* src = eo.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -140,6 +151,14 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_
       }
     });
   });
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
+                         const at::Tensor& topk_weights) {
+  TORCH_CHECK_VALUE(expert_out.dim() == 2 && row_of_pair.dim() == 2,
+                    "unpermute: expert_out (R, H) and row_of_pair (T, K) must be 2-D");
+  at::Tensor out = at::empty({row_of_pair.size(0), expert_out.size(1)}, expert_out.options());
+  unpermute_out_cpu(expert_out, row_of_pair, topk_weights, out);
   return out;
 }
 
@@ -148,6 +167,8 @@ TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("moe_align_block_size", &moe_align_block_size_cpu);
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("unpermute", &unpermute_cpu);
+  m.impl("gather_rows_out", &gather_rows_out_cpu);
+  m.impl("unpermute_out", &unpermute_out_cpu);
 }
 
 }  // namespace moe_kernels

@@ -56,7 +56,7 @@ std::vector<at::Tensor> permute_index_cuda(const at::Tensor& topk_ids, int64_t n
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const int64_t T = ids.size(0), K = ids.size(1);
-  const int64_t R = T * K + num_experts * (align - 1);
+  const int64_t R = permuted_rows(T * K, num_experts, align);
   auto i32 = ids.options().dtype(at::kInt);
   Scratch s = make_scratch(ids, num_experts);
   at::Tensor m_indices = at::full({R}, -1, i32);
@@ -76,7 +76,7 @@ std::vector<at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const int64_t P = ids.numel();
-  const int64_t R = P + num_experts * (block_size - 1);
+  const int64_t R = permuted_rows(P, num_experts, block_size);
   auto i32 = ids.options().dtype(at::kInt);
   Scratch s = make_scratch(ids, num_experts);
   at::Tensor sorted_ids = at::full({R}, P, i32);

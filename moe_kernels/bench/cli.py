@@ -14,7 +14,7 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels.bench import OPS
-from moe_kernels.bench.common import copy_bandwidth_gbps, device_name, format_table
+from moe_kernels.bench.common import copy_bandwidth_gbps, device_name, format_table, measuring
 
 
 def _git_commit() -> str:
@@ -28,7 +28,7 @@ def _git_commit() -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="moe-bench", description=__doc__)
     p.add_argument("--op", action="append", choices=sorted(OPS),
-                   help="op to run (repeatable; default: all)")
+                   help="public op (or DeepseekV3MoE) to measure (repeatable; default: all)")
     p.add_argument("--backend", action="append", choices=[b for b in _library.BACKENDS
                                                           if b != "reference"],
                    help="kernel backend to time (repeatable; default: all that run here)")
@@ -78,9 +78,11 @@ def main(argv=None) -> int:
             "copy_gbps": round(copy_bandwidth_gbps(args.device), 1)}
     print("moe-bench: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     results = []
-    for name in args.op or sorted(OPS):
-        results += OPS[name].run(args.device, args.backend, args.tokens,
-                                 compile_reference=not args.no_compile)
+    selected = set(args.op or OPS)
+    with measuring(selected):
+        for module in dict.fromkeys(OPS[name] for name in sorted(selected)):
+            results += module.run(args.device, args.backend, args.tokens,
+                                  compile_reference=not args.no_compile)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+import contextlib
+import contextvars
 from typing import Callable
 
 import torch
@@ -135,12 +137,30 @@ def time_us(fn: Callable[[int], object], device: str, n_sets: int) -> tuple[floa
         return _time_cuda_events(fn, n_sets), f"events ({type(exc).__name__})"
 
 
+# The ops this run measures (moe-bench --op); None: all.
+_SELECTED: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("selected",
+                                                                             default=None)
+
+
+@contextlib.contextmanager
+def measuring(ops):
+    """measure() inside times only the rows of `ops` (public names)."""
+    token = _SELECTED.set(frozenset(ops))
+    try:
+        yield
+    finally:
+        _SELECTED.reset(token)
+
+
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
             check: Callable[[object], bool], flops: int = 0, math: str = "fp8",
             tokens: int = 0) -> list[Result]:
     """Checks then times each (name, fn(i)) of `timed`; one Result per entry. With flops,
     the roofline includes the device's tensor-core peak for `math` ("fp8" or "bf16").
     With tokens, the note gives the time per token."""
+    selected = _SELECTED.get()
+    if selected is not None and op not in selected:
+        return []
     copy = copy_bandwidth_gbps(device)
     peak = peak_tflops(device, math) if flops else 0.0
     results = []

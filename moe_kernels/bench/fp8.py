@@ -34,6 +34,10 @@ def _same_fp8(got, want) -> bool:
     return bool((diff <= 1).all()) and diff.float().mean().item() <= 1e-3
 
 
+# The public names whose rows this module measures (moe-bench --op).
+MEASURES = ("quantize_fp8_per_token_group", "silu_and_mul_quant_fp8")
+
+
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     backends = kernel_backends(device, backends, ops.QUANTIZE_FP8_PER_TOKEN_GROUP.backends)

@@ -40,6 +40,10 @@ def torch_routed(hidden, w13, s13, w2, s2, weights, ids):
     return (y * w[:, None]).view(T, K, -1).sum(1).to(hidden.dtype)
 
 
+# The public names whose rows this module measures (moe-bench --op).
+MEASURES = ("fused_moe_fp8",)
+
+
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     backends = [b for b in kernel_backends(device, backends, ops.FUSED_MOE_FP8.backends)

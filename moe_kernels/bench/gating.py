@@ -36,6 +36,10 @@ def _agrees(w, ids, w_ref, ids_ref) -> bool:
     return diff.numel() == 0 or diff.max().item() <= 1e-5 * SCALE
 
 
+# The public names whose rows this module measures (moe-bench --op).
+MEASURES = (OP,)
+
+
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     copy = copy_bandwidth_gbps(device)

@@ -48,6 +48,10 @@ def _close(out, want) -> bool:
     return bool(((out - want).norm() / want.norm().clamp_min(1e-30)) < 1e-2)
 
 
+# The public names whose rows this module measures (moe-bench --op).
+MEASURES = ("grouped_gemm_fp8", "grouped_gemm_fp8_masked")
+
+
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     backends = kernel_backends(device, backends, ops.GROUPED_GEMM_FP8.backends)

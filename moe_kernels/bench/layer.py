@@ -66,6 +66,10 @@ def torch_layer(hidden, layer: DeepseekV3MoE):
     return routed + (F.silu(gate.float()) * up.float()).bfloat16() @ sw2.T
 
 
+# The public names whose rows this module measures (moe-bench --op).
+MEASURES = ("DeepseekV3MoE",)
+
+
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     backends = [b for b in kernel_backends(device, backends, fused_ops.FUSED_MOE_FP8.backends)
@@ -92,7 +96,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         timed += [("torch-eager", lambda i: torch_layer(hidden, layer))]
         if compiled is not None:
             timed += [("torch-compile", lambda i: compiled(hidden, layer))]
-        results += measure("deepseek_v3_moe", case, device, timed, nbytes, 1,
+        results += measure("DeepseekV3MoE", case, device, timed, nbytes, 1,
                            lambda out: _close(out, want), flops=flops)
     return results
 

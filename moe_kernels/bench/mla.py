@@ -50,6 +50,10 @@ def _close(out, want) -> bool:
     return err < 1e-2
 
 
+# The public names whose rows this module measures (moe-bench --op).
+MEASURES = ("mla_decompress_kv", "mla_decompress_kv_paged")
+
+
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     backends = [b for b in kernel_backends(device, backends, ops.MLA_DECOMPRESS_KV.backends)

@@ -28,6 +28,10 @@ def _ids(T, device, gen):
     return torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).int().to(device)
 
 
+# The public names whose rows this module measures (moe-bench --op).
+MEASURES = ("moe_align_block_size", "permute", "unpermute")
+
+
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     backends = kernel_backends(device, backends, ops.PERMUTE.backends)

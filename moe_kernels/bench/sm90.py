@@ -129,8 +129,8 @@ def sm90_target(sink: list, case: list):
 
 def case_families():
     """The `sm90_cases` generators of the bench modules: (name, launch) pairs."""
-    from moe_kernels.bench import OPS
-    return [m.sm90_cases for m in dict.fromkeys(OPS.values()) if hasattr(m, "sm90_cases")]
+    from moe_kernels.bench import MODULES
+    return [m.sm90_cases for m in MODULES if hasattr(m, "sm90_cases")]
 
 
 def compile_all(select: str | None = None) -> list[Launch]:

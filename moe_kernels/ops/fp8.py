@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._common import FLOAT_DTYPES, FP8, cdiv
+from moe_kernels._common import FLOAT_DTYPES, FP8, FP8_MAX, cdiv
 from moe_kernels._validate import (check_float_tensor, check_fp8, check_last_dim_contiguous,
-                                   check_scales, check_tensor)
+                                   check_out, check_scales, check_tensor)
 from moe_kernels.reference import fp8 as reference
 
 # --- schemas and fakes -----------------------------------------------------------------------
@@ -56,6 +56,13 @@ DEQUANTIZE_FP8_BLOCK = _library.Op(
 SILU_AND_MUL_QUANT_FP8 = _library.Op(
     "silu_and_mul_quant_fp8", "(Tensor x, int group_size, float eps) -> (Tensor, Tensor)",
     fake=_fake_silu, **_KERNELS)
+# out= variants: q and s written into the caller's buffers.
+QUANTIZE_FP8_PER_TOKEN_GROUP_OUT = _library.Op(
+    "quantize_fp8_per_token_group_out", "(Tensor x, int group_size, float eps, "
+    "bool scale_ue8m0, Tensor(a!) q, Tensor(b!) s) -> ()", fake=_library.no_output, **_KERNELS)
+SILU_AND_MUL_QUANT_FP8_OUT = _library.Op(
+    "silu_and_mul_quant_fp8_out", "(Tensor x, int group_size, float eps, Tensor(a!) q, "
+    "Tensor(b!) s) -> ()", fake=_library.no_output, **_KERNELS)
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -67,9 +74,16 @@ def _check_power_of_two(op: str, name: str, value) -> None:
         raise ValueError(f"{op}: {name} must be a power of two (the Triton tile), got {value}")
 
 
+# The smallest eps whose scale eps / 448 is a normal float32: below it a zero group's scale
+# underflows (to a subnormal, or 0, and 0 / 0 gives NaN values).
+MIN_EPS = FP8_MAX * torch.finfo(torch.float32).tiny
+
+
 def _check_eps(op: str, eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) \
+            or not MIN_EPS <= eps < float("inf"):
+        raise ValueError(f"{op}: eps must be a finite float >= {MIN_EPS:.3g} (so that the "
+                         f"scale eps / 448 is a normal float32), got {eps!r}")
 
 
 def _check_block(op: str, block):
@@ -85,6 +99,25 @@ def _check_activation(op: str, x) -> None:
     check_last_dim_contiguous(op, "x", x)
 
 
+def _check_quant_out(op, out, x, width, group_size, column_major):
+    """out = (q (M, width) float8_e4m3fn, s (M, G) float32 row- or column-major as
+    column_major says), both contiguous in their layout, overlapping neither x nor each
+    other. Returns (q, s)."""
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"{op}: out must be a pair (q, s) of tensors, got {type(out).__name__}")
+    q, s = out
+    M, G = x.shape[0], cdiv(width, group_size)
+    check_out(op, "out[0] (q)", q, (M, width), (FP8,), "x", x, {"x": x})
+    check_tensor(op, "out[1] (s)", s, ndim=2)
+    if tuple(s.shape) != (M, G):
+        raise ValueError(f"{op}: out[1] (s) must have shape {(M, G)}, got {tuple(s.shape)}")
+    # one rule for both layouts: the view that must be contiguous
+    rows = s.t() if column_major else s
+    check_out(op, "out[1].t() (s, column_major_scales=True)" if column_major else "out[1] (s)",
+              rows, rows.shape, (torch.float32,), "x", x, {"x": x, "out[0] (q)": q})
+    return q, s
+
+
 # --- the internal layer: arguments checked, backend resolved -----------------------------
 
 def quantize_fp8_per_token_group_unchecked(backend, x, group_size, eps, scale_ue8m0,
@@ -96,28 +129,57 @@ def quantize_fp8_per_token_group_unchecked(backend, x, group_size, eps, scale_ue
         x, group_size, eps, scale_ue8m0, column_major_scales))
 
 
+def quantize_fp8_per_token_group_out_unchecked(backend, x, group_size, eps, scale_ue8m0, q, s):
+    if backend == "reference":
+        _copy_pair((q, s), reference.quantize_fp8_per_token_group(x, group_size, eps,
+                                                                  scale_ue8m0, False))
+    else:
+        QUANTIZE_FP8_PER_TOKEN_GROUP_OUT.kernel(backend)(x, group_size, eps, scale_ue8m0, q, s)
+    return q, s
+
+
 def silu_and_mul_quant_fp8_unchecked(backend, x, group_size):
     if backend == "reference":
         return reference.silu_and_mul_quant_fp8(x, group_size)
     return tuple(SILU_AND_MUL_QUANT_FP8.kernel(backend)(x, group_size, 1e-10))
 
 
+def silu_and_mul_quant_fp8_out_unchecked(backend, x, group_size, q, s):
+    if backend == "reference":
+        _copy_pair((q, s), reference.silu_and_mul_quant_fp8(x, group_size))
+    else:
+        SILU_AND_MUL_QUANT_FP8_OUT.kernel(backend)(x, group_size, 1e-10, q, s)
+    return q, s
+
+
+def _copy_pair(out, result):
+    for buf, value in zip(out, result):
+        buf.copy_(value)
+
+
 # --- public API -------------------------------------------------------------------------------
 
 def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, *, eps: float = 1e-10,
                                  scale_ue8m0: bool = False, column_major_scales: bool = False,
+                                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
                                  backend: str | None = None):
     """x (M, K) float32 | bfloat16 | float16, last dim contiguous -> q (M, K) float8_e4m3fn,
     s (M, ceil(K / group_size)) float32 with real = q * s per group of group_size columns.
     scale_ue8m0: scales rounded up to powers of two (data quantized with them).
-    column_major_scales: s has strides (1, M) (DeepGEMM's layout of activation scales)."""
+    column_major_scales: s has strides (1, M) (DeepGEMM's layout of activation scales).
+    out: (q, s) buffers to write into and return instead (q contiguous; s contiguous, or
+    s.t() contiguous with column_major_scales; neither overlapping x or the other)."""
     op = "quantize_fp8_per_token_group"
     _check_activation(op, x)
     _check_power_of_two(op, "group_size", group_size)
     _check_eps(op, eps)
     backend = QUANTIZE_FP8_PER_TOKEN_GROUP.resolve(backend, x)
-    return quantize_fp8_per_token_group_unchecked(backend, x, group_size, float(eps),
-                                                  bool(scale_ue8m0), bool(column_major_scales))
+    if out is None:
+        return quantize_fp8_per_token_group_unchecked(
+            backend, x, group_size, float(eps), bool(scale_ue8m0), bool(column_major_scales))
+    q, s = _check_quant_out(op, out, x, x.shape[1], group_size, bool(column_major_scales))
+    return quantize_fp8_per_token_group_out_unchecked(backend, x, group_size, float(eps),
+                                                      bool(scale_ue8m0), q, s)
 
 
 def quantize_fp8_block(w: torch.Tensor, block=(128, 128), *, eps: float = 1e-10,
@@ -156,9 +218,11 @@ def dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block=(128, 128),
 
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
+                           out: tuple[torch.Tensor, torch.Tensor] | None = None,
                            backend: str | None = None):
     """x (M, 2N) float = [gate | up], last dim contiguous -> quantize(silu(gate) * up) with
-    the product in float32: q (M, N) float8_e4m3fn, s (M, ceil(N / group_size)) float32."""
+    the product in float32: q (M, N) float8_e4m3fn, s (M, ceil(N / group_size)) float32.
+    out: (q, s) contiguous buffers to write into and return instead."""
     op = "silu_and_mul_quant_fp8"
     _check_activation(op, x)
     if x.shape[1] % 2:
@@ -166,4 +230,7 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
                          f"{tuple(x.shape)}")
     _check_power_of_two(op, "group_size", group_size)
     backend = SILU_AND_MUL_QUANT_FP8.resolve(backend, x)
-    return silu_and_mul_quant_fp8_unchecked(backend, x, group_size)
+    if out is None:
+        return silu_and_mul_quant_fp8_unchecked(backend, x, group_size)
+    q, s = _check_quant_out(op, out, x, x.shape[1] // 2, group_size, False)
+    return silu_and_mul_quant_fp8_out_unchecked(backend, x, group_size, q, s)

@@ -7,6 +7,8 @@ docs/api.md and docs/gating.md.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moe_kernels import _library
@@ -107,6 +109,12 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
                             scoring_func, group_scoring))
 
 
+def _check_scaling_factor(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{OP}: routed_scaling_factor must be a finite float, got {value!r}")
+
+
 # --- autograd ------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
@@ -174,9 +182,9 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
     _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
                 group_scoring)
     backend = GROUPED_TOPK.resolve(backend, logits)
-    if backend == "cuda":
-        _library.check_cuda_limit(OP, "gating_cuda_max_experts", "E (logits' columns)",
-                                  logits.shape[1])
+    _library.check_expert_limit(OP, backend, "gating_cuda_max_experts", "E (logits' columns)",
+                                logits.shape[1])
+    _check_scaling_factor(routed_scaling_factor)
     return grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
                                   topk_group, scoring_func, group_scoring, bool(renormalize),
                                   float(routed_scaling_factor))

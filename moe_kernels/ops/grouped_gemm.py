@@ -14,8 +14,8 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (check_fp8, check_last_dim_contiguous, check_same_device,
-                                   check_scales, check_tensor)
+from moe_kernels._validate import (check_fp8, check_last_dim_contiguous, check_out,
+                                   check_same_device, check_scales, check_tensor)
 from moe_kernels.reference import grouped_gemm as reference
 
 
@@ -41,9 +41,16 @@ GROUPED_GEMM_FP8_SEGMENTS = _library.Op(
     fake=lambda a, a_scales, b, b_scales, offsets, counts, out_dtype: _fake_contiguous(
         a, a_scales, b, b_scales, None, out_dtype),
     triton="grouped_gemm")
+# out= variants: write into the caller's buffer (DeepGEMM's `d`), its dtype the output's.
+GROUPED_GEMM_FP8_OUT = _library.Op(
+    "grouped_gemm_fp8_out", f"({_OPERANDS}, Tensor m_indices, Tensor(a!) out) -> ()",
+    fake=_library.no_output, triton="grouped_gemm", native=("cpu",))
+GROUPED_GEMM_FP8_MASKED_OUT = _library.Op(
+    "grouped_gemm_fp8_masked_out", f"({_OPERANDS}, Tensor masked_m, Tensor(a!) out) -> ()",
+    fake=_library.no_output, triton="grouped_gemm", native=("cpu",))
 
 
-def _check_operands(op, a, a_scales, b, b_scales, out_dtype, a_ndim):
+def _check_operands(op, a, a_scales, b, b_scales, a_ndim):
     """a (..., K) and b (E, N, K) fp8 with their 128-block float32 scales."""
     check_fp8(op, "a", a, ndim=a_ndim)
     check_fp8(op, "b", b, ndim=3)
@@ -58,8 +65,22 @@ def _check_operands(op, a, a_scales, b, b_scales, out_dtype, a_ndim):
     E, N = b.shape[0], b.shape[1]
     check_scales(op, "b_scales", b_scales, (E, cdiv(N, SCALE_BLOCK), cdiv(K, SCALE_BLOCK)),
                  "b", b)
-    if out_dtype not in FLOAT_DTYPES:
+
+def _output_dtype(op, out_dtype, out):
+    """out_dtype, or out's dtype with out=; bfloat16 when neither is given."""
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be one of {FLOAT_DTYPES}, got {out_dtype}")
+    if out is None:
+        return out_dtype or torch.bfloat16
+    check_tensor(op, "out", out, dtypes=FLOAT_DTYPES)
+    if out_dtype is not None and out_dtype != out.dtype:
+        raise TypeError(f"{op}: out_dtype is {out_dtype} but out is {out.dtype}; give one")
+    return out.dtype
+
+
+def _check_gemm_out(op, out, shape, a, a_scales, b, b_scales, index_name, index):
+    check_out(op, "out", out, shape, FLOAT_DTYPES, "a", a,
+              {"a": a, "a_scales": a_scales, "b": b, "b_scales": b_scales, index_name: index})
 
 
 def _check_index(op, name, idx, length, ref):
@@ -77,12 +98,29 @@ def grouped_gemm_fp8_unchecked(backend, a, a_scales, b, b_scales, m_indices, out
     return GROUPED_GEMM_FP8.kernel(backend)(a, a_scales, b, b_scales, m_indices, out_dtype)
 
 
+def grouped_gemm_fp8_out_unchecked(backend, a, a_scales, b, b_scales, m_indices, out):
+    if backend == "reference":
+        out.copy_(reference.grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out.dtype))
+    else:
+        GROUPED_GEMM_FP8_OUT.kernel(backend)(a, a_scales, b, b_scales, m_indices, out)
+    return out
+
+
 def grouped_gemm_fp8_masked_unchecked(backend, a, a_scales, b, b_scales, masked_m, out_dtype):
     if backend == "reference":
         return reference.grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m,
                                                  out_dtype)
     return GROUPED_GEMM_FP8_MASKED.kernel(backend)(a, a_scales, b, b_scales, masked_m,
                                                    out_dtype)
+
+
+def grouped_gemm_fp8_masked_out_unchecked(backend, a, a_scales, b, b_scales, masked_m, out):
+    if backend == "reference":
+        out.copy_(reference.grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m,
+                                                    out.dtype))
+    else:
+        GROUPED_GEMM_FP8_MASKED_OUT.kernel(backend)(a, a_scales, b, b_scales, masked_m, out)
+    return out
 
 
 def grouped_gemm_fp8_segments_unchecked(a, a_scales, b, b_scales, expert_offsets,
@@ -95,36 +133,52 @@ def grouped_gemm_fp8_segments_unchecked(a, a_scales, b, b_scales, expert_offsets
 
 def grouped_gemm_fp8(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
                      b_scales: torch.Tensor, m_indices: torch.Tensor, *,
-                     out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None):
+                     out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                     backend: str | None = None):
     """out[r] = a[r] @ b[m_indices[r]].T with 128-block scales, float32 accumulation.
 
     a: (R, K) float8_e4m3fn; a_scales: (R, ceil(K/128)) float32 (any strides, e.g.
     column-major); b: (E, N, K) float8_e4m3fn; b_scales: (E, ceil(N/128), ceil(K/128))
     float32; m_indices: (R,) int32 | int64, rows outside [0, E) (the -1 padding of
-    `permute`) give zeros. Returns (R, N) out_dtype. Any m_indices is correct; rows of one
-    expert in runs aligned to the tile (permute(align=128)) are the fast path."""
+    `permute`) give zeros. Returns (R, N) out_dtype (default bfloat16), or writes into
+    `out` (R, N) float, contiguous, sharing no memory with an input, and returns it. Any
+    m_indices is correct; rows of one expert in runs aligned to the tile
+    (permute(align=128)) are the fast path."""
     op = "grouped_gemm_fp8"
-    _check_operands(op, a, a_scales, b, b_scales, out_dtype, 2)
+    _check_operands(op, a, a_scales, b, b_scales, 2)
+    out_dtype = _output_dtype(op, out_dtype, out)
     _check_index(op, "m_indices", m_indices, a.shape[0], a)
     backend = GROUPED_GEMM_FP8.resolve(backend, a)
-    return grouped_gemm_fp8_unchecked(backend, a, a_scales, b, b_scales, m_indices, out_dtype)
+    if out is None:
+        return grouped_gemm_fp8_unchecked(backend, a, a_scales, b, b_scales, m_indices,
+                                          out_dtype)
+    _check_gemm_out(op, out, (a.shape[0], b.shape[1]), a, a_scales, b, b_scales, "m_indices",
+                    m_indices)
+    return grouped_gemm_fp8_out_unchecked(backend, a, a_scales, b, b_scales, m_indices, out)
 
 
 def grouped_gemm_fp8_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
                             b_scales: torch.Tensor, masked_m: torch.Tensor, *,
-                            out_dtype: torch.dtype = torch.bfloat16,
-                            backend: str | None = None):
+                            out_dtype: torch.dtype | None = None,
+                            out: torch.Tensor | None = None, backend: str | None = None):
     """out[e, i] = a[e, i] @ b[e].T for i < masked_m[e]; rows i >= masked_m[e] are zero
     (written without reading the weights, so the output is fully defined).
 
     a: (E, M, K) float8_e4m3fn; a_scales: (E, M, ceil(K/128)) float32; b: (E, N, K);
     b_scales: (E, ceil(N/128), ceil(K/128)) float32; masked_m: (E,) int32 | int64.
-    Returns (E, M, N) out_dtype."""
+    Returns (E, M, N) out_dtype (default bfloat16), or writes into `out` (E, M, N) as
+    grouped_gemm_fp8 does."""
     op = "grouped_gemm_fp8_masked"
-    _check_operands(op, a, a_scales, b, b_scales, out_dtype, 3)
+    _check_operands(op, a, a_scales, b, b_scales, 3)
+    out_dtype = _output_dtype(op, out_dtype, out)
     if b.shape[0] != a.shape[0]:
         raise ValueError(f"{op}: a has {a.shape[0]} groups but b has {b.shape[0]} experts")
     _check_index(op, "masked_m", masked_m, a.shape[0], a)
     backend = GROUPED_GEMM_FP8_MASKED.resolve(backend, a)
-    return grouped_gemm_fp8_masked_unchecked(backend, a, a_scales, b, b_scales, masked_m,
-                                             out_dtype)
+    if out is None:
+        return grouped_gemm_fp8_masked_unchecked(backend, a, a_scales, b, b_scales, masked_m,
+                                                 out_dtype)
+    _check_gemm_out(op, out, (*a.shape[:2], b.shape[1]), a, a_scales, b, b_scales, "masked_m",
+                    masked_m)
+    return grouped_gemm_fp8_masked_out_unchecked(backend, a, a_scales, b, b_scales, masked_m,
+                                                 out)

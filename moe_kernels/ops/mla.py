@@ -15,18 +15,14 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (check_int, check_last_dim_contiguous, check_same_device,
-                                   check_scales, check_tensor)
+from moe_kernels._validate import (check_int, check_last_dim_contiguous, check_no_overlap,
+                                   check_same_device, check_scales, check_tensor)
 from moe_kernels.reference import mla as reference
 
 WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
 
 
-def _fake(*args) -> None:
-    return None
-
-
-_KERNELS = dict(fake=_fake, triton="mla", native=("cpu",))
+_KERNELS = dict(fake=_library.no_output, triton="mla", native=("cpu",))
 _OUTPUTS = "Tensor(a!) out_k, Tensor(b!) out_v) -> ()"
 MLA_DECOMPRESS_KV = _library.Op(
     "mla_decompress_kv", "(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, "
@@ -73,7 +69,7 @@ def _check_matching_dtypes(op, name, x, kv_b_proj):
                         f"one dtype (or an fp8 kv_b_proj with scales)")
 
 
-def _check_out(op, name, out, shape, ref):
+def _check_out(op, name, out, shape, ref, inputs):
     if out is None:
         return
     check_tensor(op, name, out, ndim=3, dtypes=FLOAT_DTYPES)
@@ -81,6 +77,7 @@ def _check_out(op, name, out, shape, ref):
         raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(out.shape)}")
     check_last_dim_contiguous(op, name, out)
     check_same_device(op, name, out, "the inputs", ref)
+    check_no_overlap(op, name, out, inputs)
 
 
 def _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, ref):
@@ -130,8 +127,10 @@ def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.T
     H, dn, dv, rope = num_heads, qk_nope_head_dim, v_head_dim, k_pe.shape[1]
     _check_weight(op, kv_b_proj, kv_b_proj_scale, H, dn, dv, R, "kv_c", kv_c)
     _check_matching_dtypes(op, "kv_c", kv_c, kv_b_proj)
-    _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_c)
-    _check_out(op, "out_v", out_v, (T, H, dv), kv_c)
+    inputs = {"kv_c": kv_c, "k_pe": k_pe, "kv_b_proj": kv_b_proj,
+              "kv_b_proj_scale": kv_b_proj_scale}
+    _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_c, inputs)
+    _check_out(op, "out_v", out_v, (T, H, dv), kv_c, {**inputs, "out_k": out_k})
     backend = MLA_DECOMPRESS_KV.resolve(backend, kv_c)
     out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, kv_c.dtype, kv_c)
     return _run(MLA_DECOMPRESS_KV, backend, (kv_c, k_pe, kv_b_proj, kv_b_proj_scale), out_k, out_v,
@@ -213,6 +212,9 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
     op = "mla_decompress_kv_paged"
     check_tensor(op, "kv_cache", kv_cache, ndim=3, dtypes=WEIGHT_DTYPES)
     check_last_dim_contiguous(op, "kv_cache", kv_cache)
+    if kv_cache.shape[1] < 1:
+        raise ValueError(f"{op}: kv_cache must be (num_blocks, block_size, R + rope) with "
+                         f"block_size >= 1, got shape {tuple(kv_cache.shape)}")
     check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
     check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES)
     check_same_device(op, "block_table", block_table, "kv_cache", kv_cache)
@@ -248,8 +250,10 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
                                     kv_cache.shape[1], num_tokens)
         num_tokens = total if num_tokens is None else num_tokens
     T = num_tokens
-    _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_cache)
-    _check_out(op, "out_v", out_v, (T, H, dv), kv_cache)
+    inputs = {"kv_cache": kv_cache, "block_table": block_table, "seq_lens": seq_lens,
+              "kv_b_proj": kv_b_proj, "kv_b_proj_scale": kv_b_proj_scale}
+    _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_cache, inputs)
+    _check_out(op, "out_v", out_v, (T, H, dv), kv_cache, {**inputs, "out_k": out_k})
     backend = MLA_DECOMPRESS_KV_PAGED.resolve(backend, kv_cache)
     dtype = next((d for d in (kv_cache.dtype, kv_b_proj.dtype) if d != FP8), torch.bfloat16)
     out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, kv_cache)

@@ -16,14 +16,14 @@ from typing import NamedTuple
 import torch
 
 from moe_kernels import _library
-from moe_kernels._common import INDEX_DTYPES, cdiv
-from moe_kernels._validate import (check_float_tensor, check_int, check_same_device,
-                                   check_tensor)
+from moe_kernels._common import FLOAT_DTYPES, INDEX_DTYPES, cdiv
+from moe_kernels._validate import (check_float_tensor, check_int, check_no_grad_inputs,
+                                   check_out, check_same_device, check_tensor)
 from moe_kernels.reference import permute as reference
 
 
 class PermuteLayout(NamedTuple):
-    """Where each routed pair went (R = T*K + E*(align-1) rows)."""
+    """Where each routed pair went (R = T*K + min(E, T*K)*(align-1) rows)."""
     expert_offsets: torch.Tensor     # (E+1,) int64: expert e owns rows [off[e], off[e+1])
     tokens_per_expert: torch.Tensor  # (E,) int32: routed pairs per expert (before padding)
     m_indices: torch.Tensor          # (R,) int32: expert of each row, -1 for padding rows
@@ -46,14 +46,14 @@ class MaskedLayout(NamedTuple):
 
 def _fake_index(topk_ids, num_experts, align):
     T, K = topk_ids.shape
-    R = T * K + num_experts * (align - 1)
+    R = reference.permuted_rows(T * K, num_experts, align)
     new = lambda shape, dt: topk_ids.new_empty(shape, dtype=dt)
     return [new((num_experts + 1,), torch.int64), new((num_experts,), torch.int32),
             new((R,), torch.int32), new((T, K), torch.int32), new((R,), torch.int32)]
 
 
 def _fake_align(topk_ids, num_experts, block_size):
-    R = topk_ids.numel() + num_experts * (block_size - 1)
+    R = reference.permuted_rows(topk_ids.numel(), num_experts, block_size)
     return [topk_ids.new_empty((R,), dtype=torch.int32),
             topk_ids.new_empty((cdiv(R, block_size),), dtype=torch.int32),
             topk_ids.new_empty((1,), dtype=torch.int32)]
@@ -81,6 +81,13 @@ GATHER_ROWS = _library.Op(
 UNPERMUTE = _library.Op(
     "unpermute", "(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights) -> Tensor",
     fake=_fake_unpermute, **_ROW_KERNELS)
+# out= variants of the row ops (permute's / unpermute's out=): no autograd, as in torch.
+GATHER_ROWS_OUT = _library.Op(
+    "gather_rows_out", "(Tensor x, Tensor pair_of_row, Tensor row_of_pair, Tensor(a!) out) -> ()",
+    fake=_library.no_output, **_ROW_KERNELS)
+UNPERMUTE_OUT = _library.Op(
+    "unpermute_out", "(Tensor expert_out, Tensor row_of_pair, Tensor topk_weights, "
+    "Tensor(a!) out) -> ()", fake=_library.no_output, **_ROW_KERNELS)
 
 
 # --- autograd: the backward of each row op is the other's pattern -------------------------
@@ -170,50 +177,115 @@ def _check_permute(op, hidden, topk_ids, num_experts, capacity_name, capacity, s
 
 def _resolve_index_backend(op, backend, x, num_experts):
     backend = PERMUTE_INDEX.resolve(backend, x)
-    if backend == "cuda":
-        _library.check_cuda_limit(op, "permute_cuda_max_experts", "num_experts", num_experts)
+    _library.check_expert_limit(op, backend, "permute_cuda_max_experts", "num_experts",
+                                num_experts)
     return backend
 
 
 # --- the internal layer: arguments checked, backend resolved -----------------------------
 
-def _gather(backend, x, pair_of_row, row_of_pair):
+def _gather(backend, x, pair_of_row, row_of_pair, out=None):
+    """x's rows in layout order: a new tensor, or written into out (rows, D) and returned."""
+    if out is not None:
+        GATHER_ROWS_OUT.kernel(backend)(x.contiguous(), pair_of_row, row_of_pair,
+                                        out.view(-1, x.shape[1]))
+        return out
     grad = x.requires_grad and torch.is_grad_enabled()
     return GATHER_ROWS.kernel(backend, grad)(x.contiguous(), pair_of_row, row_of_pair)
 
 
-def permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales):
+def _copy_into(out, result):
+    """The reference backend's out=: its result copied into the caller's buffer."""
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales, out=None,
+                      out_scales=None):
     """-> (permuted (R, H), PermuteLayout); see `permute`."""
     if backend == "reference":
-        out, out_scales, index = reference.permute(hidden, topk_ids, num_experts, align, scales)
-        return out, PermuteLayout(*index, scales=out_scales)
+        rows, rows_scales, index = reference.permute(hidden, topk_ids, num_experts, align,
+                                                     scales)
+        return (_copy_into(out, rows),
+                PermuteLayout(*index, scales=_copy_into(out_scales, rows_scales)))
     offsets, counts, m_indices, row_of_pair, pair_of_row = PERMUTE_INDEX.kernel(backend)(
         topk_ids, num_experts, align)
-    out = _gather(backend, hidden, pair_of_row, row_of_pair)
-    out_scales = _gather(backend, scales, pair_of_row, row_of_pair) if scales is not None else None
-    return out, PermuteLayout(offsets, counts, m_indices, row_of_pair, pair_of_row, out_scales)
+    rows = _gather(backend, hidden, pair_of_row, row_of_pair, out)
+    rows_scales = (_gather(backend, scales, pair_of_row, row_of_pair, out_scales)
+                   if scales is not None else None)
+    return rows, PermuteLayout(offsets, counts, m_indices, row_of_pair, pair_of_row, rows_scales)
 
 
-def permute_masked_unchecked(backend, hidden, topk_ids, num_experts, max_tokens, scales):
+def permute_masked_unchecked(backend, hidden, topk_ids, num_experts, max_tokens, scales,
+                             out=None, out_scales=None):
     """-> (permuted (E, M, H), MaskedLayout); see `permute_masked`."""
     E, M = num_experts, max_tokens
     if backend == "reference":
-        out, out_scales, index = reference.permute_masked(hidden, topk_ids, E, M, scales)
-        return out, MaskedLayout(*index, scales=out_scales)
+        rows, rows_scales, index = reference.permute_masked(hidden, topk_ids, E, M, scales)
+        return (_copy_into(out, rows),
+                MaskedLayout(*index, scales=_copy_into(out_scales, rows_scales)))
     masked_m, counts, row_of_pair, pair_of_row = reference.masked_index(
         topk_ids, PERMUTE_INDEX.kernel(backend)(topk_ids, E, 1), E, M)
-    gather = lambda x: _gather(backend, x, pair_of_row, row_of_pair).view(E, M, x.shape[1])
-    out_scales = gather(scales) if scales is not None else None
-    return gather(hidden), MaskedLayout(masked_m, counts, row_of_pair, pair_of_row, out_scales)
+
+    def gather(x, buf):
+        rows = _gather(backend, x, pair_of_row, row_of_pair, buf)
+        return rows if buf is not None else rows.view(E, M, x.shape[1])
+    rows_scales = gather(scales, out_scales) if scales is not None else None
+    return gather(hidden, out), MaskedLayout(masked_m, counts, row_of_pair, pair_of_row,
+                                             rows_scales)
 
 
-def unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights):
-    """expert_out (R, H) (a masked (E, M, H) flattened) -> (T, H); see `unpermute`."""
+def unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights, out=None):
+    """expert_out (R, H) (a masked (E, M, H) flattened) -> (T, H), or into out; see
+    `unpermute`."""
     if backend == "reference":
-        return reference.unpermute(expert_out, row_of_pair, topk_weights)
+        return _copy_into(out, reference.unpermute(expert_out, row_of_pair, topk_weights))
+    if out is not None:
+        UNPERMUTE_OUT.kernel(backend)(expert_out.contiguous(), row_of_pair,
+                                      topk_weights.contiguous(), out)
+        return out
     grad = torch.is_grad_enabled() and (expert_out.requires_grad or topk_weights.requires_grad)
     return UNPERMUTE.kernel(backend, grad)(expert_out.contiguous(), row_of_pair,
                                            topk_weights.contiguous())
+
+
+def _check_layout_rows(op, expert_out, layout) -> torch.Tensor:
+    """expert_out has exactly the rows of `layout` (R, H) for a PermuteLayout, (E, M, H) for
+    a MaskedLayout: a slice or another layout's output would silently drop rows. Returns
+    layout.row_of_pair."""
+    if not isinstance(layout, (PermuteLayout, MaskedLayout)):
+        raise TypeError(f"{op}: layout must be the PermuteLayout or MaskedLayout of permute / "
+                        f"permute_masked, got {type(layout).__name__}")
+    row_of_pair, pair_of_row = layout.row_of_pair, layout.pair_of_row
+    check_tensor(op, "layout.row_of_pair", row_of_pair, ndim=2, dtypes=(torch.int32,))
+    check_tensor(op, "layout.pair_of_row", pair_of_row, ndim=1, dtypes=(torch.int32,))
+    check_tensor(op, "expert_out", expert_out, dtypes=FLOAT_DTYPES)
+    if isinstance(layout, PermuteLayout):
+        want, what = (pair_of_row.shape[0],), "(R, H), R = len(layout.pair_of_row)"
+    else:
+        E = layout.masked_m.shape[0]
+        want, what = (E, pair_of_row.shape[0] // max(E, 1)), "(E, M, H) of the masked layout"
+    if expert_out.dim() != len(want) + 1 or tuple(expert_out.shape[:-1]) != want:
+        raise ValueError(f"{op}: expert_out must have shape {what} = ({', '.join(map(str, want))}"
+                         f", H), got {tuple(expert_out.shape)}")
+    return row_of_pair
+
+
+def _check_rows_out(op, out, out_scales, rows_shape, hidden, topk_ids, scales):
+    """permute's out= buffers: out rows_shape + (H,) of hidden's dtype; out_scales likewise
+    for scales (only with scales)."""
+    if out_scales is not None and scales is None:
+        raise ValueError(f"{op}: out_scales is given but scales is not")
+    inputs = {"hidden": hidden, "topk_ids": topk_ids, "scales": scales}
+    if out is not None:
+        check_no_grad_inputs(op, hidden=hidden)
+        check_out(op, "out", out, (*rows_shape, hidden.shape[1]), (hidden.dtype,), "hidden",
+                  hidden, inputs)
+    if out_scales is not None:
+        check_no_grad_inputs(op, scales=scales)
+        check_out(op, "out_scales", out_scales, (*rows_shape, scales.shape[1]), (scales.dtype,),
+                  "hidden", hidden, {**inputs, "out": out})
 
 
 # --- public API ------------------------------------------------------------------------------
@@ -223,7 +295,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     """The vLLM fused_moe layout, deterministic (ascending pair index inside an expert).
 
     topk_ids: (T, K) int32 | int64; ids < 0 or >= num_experts are skipped.
-    Returns sorted_token_ids (T*K + E*(block_size-1),) int32 padded with T*K,
+    Returns sorted_token_ids (T*K + min(E, T*K)*(block_size-1),) int32 padded with T*K,
     expert_ids (ceil(len / block_size),) int32 with -1 for unused blocks, and
     num_tokens_post_padded (1,) int32."""
     op = "moe_align_block_size"
@@ -237,58 +309,73 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
 
 def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
             align: int = 1, scales: torch.Tensor | None = None,
+            out: torch.Tensor | None = None, out_scales: torch.Tensor | None = None,
             backend: str | None = None):
     """Rows of `hidden` grouped by expert (expert 0 first, ascending pair index inside),
     each expert's segment padded to a multiple of `align`.
 
     hidden: (T, H) any dtype; topk_ids: (T, K) int32 | int64; scales: (T, S) (e.g. FP8
     activation scales, H/128 per row), permuted alongside into layout.scales.
-    Returns permuted (R, H) with R = T*K + E*(align-1) (padding rows zero) and a
-    PermuteLayout. Differentiable w.r.t. hidden."""
+    Returns permuted (R, H) with R = T*K + min(E, T*K)*(align-1) (padding rows zero) and a
+    PermuteLayout. Differentiable w.r.t. hidden (without out=).
+    out / out_scales: contiguous (R, H) / (R, S) buffers of hidden's / scales' dtype to
+    write the permuted rows into (returned as `permuted` / `layout.scales`), sharing no
+    memory with an input."""
     op = "permute"
     _check_permute(op, hidden, topk_ids, num_experts, "align", align, scales)
+    _check_rows_out(op, out, out_scales, (reference.permuted_rows(topk_ids.numel(), num_experts,
+                                                                  align),),
+                    hidden, topk_ids, scales)
     backend = _resolve_index_backend(op, backend, hidden, num_experts)
-    return permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales)
+    return permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales, out,
+                             out_scales)
 
 
 def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
                    max_tokens_per_expert: int, *, scales: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, out_scales: torch.Tensor | None = None,
                    backend: str | None = None):
     """The masked layout (decode, expert parallel): permuted (E, M, H), M =
     max_tokens_per_expert, expert e's pairs in rows [0, masked_m[e]) in ascending pair
     order, the rest zero. Pairs beyond M are dropped (row_of_pair -1); compare
-    layout.tokens_per_expert with M to detect it without a host sync."""
+    layout.tokens_per_expert with M to detect it without a host sync.
+    out / out_scales: contiguous (E, M, H) / (E, M, S) buffers, as in `permute`."""
     op = "permute_masked"
     _check_permute(op, hidden, topk_ids, num_experts, "max_tokens_per_expert",
                    max_tokens_per_expert, scales)
+    _check_rows_out(op, out, out_scales, (num_experts, max_tokens_per_expert), hidden,
+                    topk_ids, scales)
     backend = _resolve_index_backend(op, backend, hidden, num_experts)
     return permute_masked_unchecked(backend, hidden, topk_ids, num_experts,
-                                    max_tokens_per_expert, scales)
+                                    max_tokens_per_expert, scales, out, out_scales)
 
 
 def unpermute(expert_out: torch.Tensor, layout, topk_weights: torch.Tensor, *,
-              backend: str | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """out[t] = sum_k topk_weights[t, k] * expert_out[layout.row_of_pair[t, k]], in float32,
     returned in expert_out's dtype; skipped pairs add nothing.
 
     expert_out: (R, H), or (E, M, H) for a MaskedLayout; topk_weights: (T, K) float.
-    Differentiable w.r.t. expert_out and topk_weights."""
+    out: a contiguous (T, H) buffer of expert_out's dtype to write into and return,
+    sharing no memory with an input. Differentiable w.r.t. expert_out and topk_weights
+    (without out=)."""
     op = "unpermute"
-    check_tensor(op, "expert_out", expert_out)
-    if expert_out.dim() == 3:
-        expert_out = expert_out.reshape(-1, expert_out.shape[2])
-    check_tensor(op, "expert_out", expert_out, ndim=2)
-    row_of_pair = getattr(layout, "row_of_pair", None)
-    if not isinstance(row_of_pair, torch.Tensor):
-        raise TypeError(f"{op}: layout must be the PermuteLayout or MaskedLayout of permute")
+    row_of_pair = _check_layout_rows(op, expert_out, layout)
+    expert_out = expert_out.reshape(-1, expert_out.shape[-1])
     check_float_tensor(op, "topk_weights", topk_weights, ndim=2)
     if topk_weights.shape != row_of_pair.shape:
         raise ValueError(f"{op}: topk_weights must have shape {tuple(row_of_pair.shape)} (the "
                          f"layout's (T, K)), got {tuple(topk_weights.shape)}")
     check_same_device(op, "topk_weights", topk_weights, "expert_out", expert_out)
     check_same_device(op, "layout", row_of_pair, "expert_out", expert_out)
+    if out is not None:
+        check_no_grad_inputs(op, expert_out=expert_out, topk_weights=topk_weights)
+        check_out(op, "out", out, (row_of_pair.shape[0], expert_out.shape[1]),
+                  (expert_out.dtype,), "expert_out", expert_out,
+                  {"expert_out": expert_out, "layout.row_of_pair": row_of_pair,
+                   "topk_weights": topk_weights})
     backend = UNPERMUTE.resolve(backend, expert_out)
-    return unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights)
+    return unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights, out)
 
 
 # --- the public functions as registered ops (composite: they run the ops above) -----------

@@ -4,7 +4,7 @@ Flat pair index p = t * K + k. A pair is routed when 0 <= topk_ids[t, k] < E; ot
 (-1: not routed; >= E: another rank's expert) are skipped everywhere. Experts' segments
 follow each other, expert 0 first, each padded to a multiple of `align`; inside an expert,
 pairs keep ascending p (stable, deterministic). No step depends on tensor values through
-the host: shapes are static (R = T*K + E*(align-1)).
+the host: shapes are static (R = permuted_rows(T*K, E, align)).
 """
 
 from __future__ import annotations
@@ -14,12 +14,20 @@ import torch
 from moe_kernels._common import FP8, cdiv
 
 
+def permuted_rows(num_pairs: int, num_experts: int, align: int) -> int:
+    """Rows R of the padded layout: every pair, plus align-1 padding rows for each expert
+    that can be non-empty, of which there are at most min(E, P): a bound as static as
+    P + E*(align-1) (no host sync) and far smaller at decode (one token, E=256, top-8,
+    align=128: 1,024 rows instead of 32,520)."""
+    return num_pairs + min(num_experts, num_pairs) * (align - 1)
+
+
 def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     """topk_ids (T, K) int -> (expert_offsets (E+1,) int64, tokens_per_expert (E,) int32,
     m_indices (R,) int32, row_of_pair (T, K) int32, pair_of_row (R,) int32)."""
     T, K = topk_ids.shape
     P, E = T * K, num_experts
-    R = P + E * (align - 1)
+    R = permuted_rows(P, E, align)
     dev = topk_ids.device
     ids = topk_ids.reshape(-1).long()
     routed = (ids >= 0) & (ids < E)
@@ -115,8 +123,8 @@ def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int):
-    """The vLLM fused_moe layout: sorted_token_ids (T*K + E*(bs-1),) int32 padded with T*K,
-    expert_ids (ceil(len / bs),) int32 (-1 for unused blocks), num_tokens_post_padded (1,)."""
+    """The vLLM fused_moe layout: sorted_token_ids (permuted_rows(T*K, E, bs),) int32
+    padded with T*K, expert_ids (ceil(len / bs),) int32 (-1 for unused blocks), num_tokens_post_padded (1,)."""
     offsets, _, m_indices, _, pair_of_row = permute_index(topk_ids, num_experts, block_size)
     P = topk_ids.numel()
     sorted_ids = torch.where(pair_of_row >= 0, pair_of_row, P).int()

@@ -72,6 +72,18 @@ def _rows_per_program(M: int, width: int) -> int:
     return max(1, min(triton.next_power_of_2(max(M, 1)), 4096 // width, 32))
 
 
+def _token_groups_out(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m0: bool,
+                      gated: bool, q: torch.Tensor, s: torch.Tensor) -> None:
+    """q (M, width) fp8 and s (M, G) float32 (any strides) written from x."""
+    M = x.shape[0]
+    if M > 0 and width > 0:
+        rows = _rows_per_program(M, group_size)
+        _token_group_kernel[(triton.cdiv(M, rows), triton.cdiv(width, group_size))](
+            x, q.view(_U8), s, M, width, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            eps, GATED=gated, UE8M0=ue8m0, ROWS=rows, GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING,
+            num_warps=4 if rows * group_size >= 2048 else 1)
+
+
 def _token_groups(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m0: bool,
                   column_major: bool, gated: bool):
     M = x.shape[0]
@@ -81,12 +93,7 @@ def _token_groups(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m
         s = torch.empty((G, M), dtype=torch.float32, device=x.device).t()
     else:
         s = torch.empty((M, G), dtype=torch.float32, device=x.device)
-    if M > 0 and width > 0:
-        rows = _rows_per_program(M, group_size)
-        _token_group_kernel[(triton.cdiv(M, rows), G)](
-            x, q.view(_U8), s, M, width, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-            eps, GATED=gated, UE8M0=ue8m0, ROWS=rows, GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING,
-            num_warps=4 if rows * group_size >= 2048 else 1)
+    _token_groups_out(x, width, group_size, eps, ue8m0, gated, q, s)
     return q, s
 
 
@@ -96,9 +103,19 @@ def quantize_fp8_per_token_group(x, group_size, eps, scale_ue8m0, column_major_s
                          gated=False)
 
 
+def quantize_fp8_per_token_group_out(x, group_size, eps, scale_ue8m0, q, s):
+    """quantize_fp8_per_token_group into q (M, K) and s (M, G) (s in either layout)."""
+    _token_groups_out(x, x.shape[1], group_size, eps, scale_ue8m0, False, q, s)
+
+
 def silu_and_mul_quant_fp8(x, group_size, eps=1e-10):
     """x (M, 2N) float = [gate | up] -> q (M, N) fp8, s (M, ceil(N/group)) float32."""
     return _token_groups(x, x.shape[1] // 2, group_size, eps, False, False, gated=True)
+
+
+def silu_and_mul_quant_fp8_out(x, group_size, eps, q, s):
+    """silu_and_mul_quant_fp8 into q (M, N) and s (M, G)."""
+    _token_groups_out(x, x.shape[1] // 2, group_size, eps, False, True, q, s)
 
 
 @triton.jit

@@ -129,7 +129,9 @@ def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor | None, top
     GS = E // G
     G_PAD, GS_PAD = triton.next_power_of_2(G), triton.next_power_of_2(GS)
     rows, num_warps = config or _launch_config(T, G_PAD * GS_PAD)
-    bias = correction_bias if correction_bias is not None else logits  # unread when absent
+    # the kernel reads bias[e] at e: a strided (a column of a per-layer table) or expanded
+    # bias is made contiguous first (E floats, a no-op when already contiguous)
+    bias = correction_bias.contiguous() if correction_bias is not None else logits
     _grouped_topk_kernel[(triton.cdiv(T, rows),)](
         logits, bias, w, ids, T, logits.stride(0), float(routed_scaling_factor),
         G=G, GS=GS, G_PAD=G_PAD, GS_PAD=GS_PAD, TOPK_GROUP=topk_group, TOP_K=top_k,

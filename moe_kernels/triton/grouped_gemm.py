@@ -241,20 +241,27 @@ def _launch_opts(cfg, K):
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out_dtype):
+def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
     """a (R, K) fp8 (last dim contiguous), a_scales (R, KB) float32, b (E, N, K) fp8
-    (last dim contiguous), b_scales (E, NB, KB) float32, m_indices (R,) int32 -> (R, N)."""
+    (last dim contiguous), b_scales (E, NB, KB) float32, m_indices (R,) int32 -> written
+    into out (R, N), last dim contiguous (rows without an expert: zeros)."""
     R, K = a.shape
     E, N = b.shape[0], b.shape[1]
-    out = torch.empty((R, N), dtype=out_dtype, device=a.device)
     if R == 0 or N == 0:
-        return out
+        return
     cfg = gemm_config("contiguous", max(R // max(E, 1), 1), a.device)
     grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _contiguous_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales, m_indices,
+    _contiguous_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales,
+                             m_indices.contiguous(),
                              out, R, N, K, E, a.stride(0), a_scales.stride(0),
                              a_scales.stride(1), *_b_strides(b, b_scales), out.stride(0),
                              GROUP=GROUP_M, **_launch_opts(cfg, K))
+
+
+def grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out_dtype):
+    """grouped_gemm_fp8_out into a new (R, N) out_dtype tensor."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype, device=a.device)
+    grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out)
     return out
 
 
@@ -273,27 +280,33 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     # sum_e ceil(c_e / BM) <= floor(R / BM) + (number of non-empty experts)
     tiles_m = R // bm + min(R, E)
     grid = (tiles_m * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _segments_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales, expert_offsets,
-                           tokens_per_expert, out, N, K, E, tiles_m, a.stride(0),
+    _segments_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales,
+                           expert_offsets.contiguous(), tokens_per_expert.contiguous(), out, N, K, E, tiles_m, a.stride(0),
                            a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales),
                            out.stride(0), E_PAD=triton.next_power_of_2(E), GROUP=GROUP_M,
                            **_launch_opts(cfg, K))
     return out
 
 
-def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
+def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out):
     """a (E, M, K) fp8, a_scales (E, M, KB), b (E, N, K) fp8, b_scales (E, NB, KB),
-    masked_m (E,) int32 -> (E, M, N); rows >= masked_m[e] are zero."""
+    masked_m (E,) int32 -> written into out (E, M, N) contiguous; rows >= masked_m[e] zero."""
     E, M, K = a.shape
     N = b.shape[1]
-    out = torch.empty((E, M, N), dtype=out_dtype, device=a.device)
     if E * M == 0 or N == 0:
-        return out
+        return
     a2 = a.reshape(E * M, K)
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
     cfg = gemm_config("masked", M, a.device)
     grid = (E * triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _masked_kernel[grid](_fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m, out, M, N,
+    _masked_kernel[grid](_fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m.contiguous(),
+                         out, M, N,
                          K, a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales),
                          N, **_launch_opts(cfg, K))
+
+
+def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
+    """grouped_gemm_fp8_masked_out into a new (E, M, N) out_dtype tensor."""
+    out = torch.empty((a.shape[0], a.shape[1], b.shape[1]), dtype=out_dtype, device=a.device)
+    grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out)
     return out

@@ -189,7 +189,11 @@ def _launch(rows, row_strides, pe, pe_strides, kv_b_proj, kv_b_proj_scale, kv_ca
     cfg = INTERPRETER_CONFIG if triton_interpreting() else CONFIG
     compute, precision = _compute_dtype(rows.dtype, kv_b_proj.dtype)
     w_fp8 = kv_b_proj.dtype == FP8
-    ws = kv_b_proj_scale if w_fp8 else kv_b_proj      # any pointer when unused
+    # small tables are read at flat offsets (or with the row stride only): contiguous
+    # first, a no-op when they already are
+    ws = kv_b_proj_scale.contiguous() if w_fp8 else kv_b_proj      # any pointer when unused
+    if paged:
+        block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
     scale = kv_cache_scale if kv_cache_scale is not None else out_k
     B, max_blocks = block_table.shape if paged else (0, 0)
     grid = (triton.cdiv(T, cfg["BLOCK_T"]), H)

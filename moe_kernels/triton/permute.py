@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels.reference.permute import permuted_rows
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
 _CHUNK = 128
@@ -57,7 +58,7 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     m_indices (R,) int32, row_of_pair (T, K) int32, pair_of_row (R,) int32]."""
     T, K = topk_ids.shape
     P, E = T * K, num_experts
-    R = P + E * (align - 1)
+    R = permuted_rows(P, E, align)
     dev = topk_ids.device
     ids = topk_ids.contiguous().view(-1)
     n_chunks = max(triton.cdiv(P, _CHUNK), 1)
@@ -107,23 +108,30 @@ def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, R, D, K, P, ROWS: tl.constexpr,
                  mask=(r < R)[:, None] & (d < D)[None, :])
 
 
-def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor):
-    """x (T, D) contiguous -> (R, D): row r = x[pair_of_row[r] // K], zero for padding.
-    A program copies ROWS rows of up to 4096 elements per step: one row at H=7168, many
-    narrow (or padding) rows otherwise."""
+def gather_rows_out(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor,
+                    out: torch.Tensor) -> None:
+    """x (T, D) contiguous -> out (R, D) contiguous: row r = x[pair_of_row[r] // K], zero
+    for padding. A program copies ROWS rows of up to 4096 elements per step: one row at
+    H=7168, many narrow (or padding) rows otherwise."""
     R, D = pair_of_row.shape[0], x.shape[1]
     K = row_of_pair.shape[1]
-    out = torch.empty((R, D), dtype=x.dtype, device=x.device)
     if R > 0 and D > 0:
         block = min(triton.next_power_of_2(D), 4096)
         rows = max(1, 4096 // block)
         # A copy: move the bits as integers of the same width, so every dtype works (FP8
         # too, whose `other=0` the interpreter cannot cast) and +0.0 padding is all zeros.
         as_int = _INT_OF_SIZE[x.element_size()]
-        _gather_rows_kernel[(triton.cdiv(R, rows),)](x.view(as_int), pair_of_row,
+        # index tensors are read at flat offsets: contiguous (no-op when they are)
+        _gather_rows_kernel[(triton.cdiv(R, rows),)](x.view(as_int), pair_of_row.contiguous(),
                                                      out.view(as_int), R, D, K,
                                                      x.shape[0] * K, ROWS=rows, BLOCK_D=block,
                                                      num_warps=4)
+
+
+def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor):
+    """gather_rows_out into a new (R, D) tensor of x's dtype."""
+    out = torch.empty((pair_of_row.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
+    gather_rows_out(x, pair_of_row, row_of_pair, out)
     return out
 
 
@@ -145,15 +153,24 @@ def _unpermute_kernel(eo_ptr, rows_ptr, w_ptr, out_ptr, H, R, K: tl.constexpr,
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=h < H)
 
 
-def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor, topk_weights: torch.Tensor):
-    """expert_out (R, H) contiguous -> (T, H): sum_k w[t,k] * expert_out[row_of_pair[t,k]]."""
+def unpermute_out(expert_out: torch.Tensor, row_of_pair: torch.Tensor,
+                  topk_weights: torch.Tensor, out: torch.Tensor) -> None:
+    """expert_out (R, H) contiguous -> out (T, H) contiguous:
+    sum_k w[t,k] * expert_out[row_of_pair[t,k]]."""
     T, K = row_of_pair.shape
     R, H = expert_out.shape
-    out = torch.empty((T, H), dtype=expert_out.dtype, device=expert_out.device)
     if T > 0 and H > 0:
         block = min(triton.next_power_of_2(H), 1024)
-        _unpermute_kernel[(T, triton.cdiv(H, block))](expert_out, row_of_pair, topk_weights,
+        _unpermute_kernel[(T, triton.cdiv(H, block))](expert_out, row_of_pair.contiguous(),
+                                                      topk_weights.contiguous(),
                                                       out, H, R, K=K, BLOCK_H=block,
                                                       SOFTWARE=SOFTWARE_ROUNDING,
                                                       num_warps=4 if block >= 512 else 1)
+
+
+def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor, topk_weights: torch.Tensor):
+    """unpermute_out into a new (T, H) tensor of expert_out's dtype."""
+    out = torch.empty((row_of_pair.shape[0], expert_out.shape[1]), dtype=expert_out.dtype,
+                      device=expert_out.device)
+    unpermute_out(expert_out, row_of_pair, topk_weights, out)
     return out
