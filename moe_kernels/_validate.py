@@ -74,8 +74,11 @@ def check_scales(op: str, name: str, s, shape: tuple, ref_name: str, ref) -> Non
 
 def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     """[first, last) byte addresses t's elements can touch (t has numel > 0)."""
-    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+    if t.is_contiguous():
+        extent = t.numel()
+    else:
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -84,3 +84,25 @@ def test_plot_writes_png(tmp_path):
     path = tmp_path / "roofline.png"
     cli.plot_roofline(results, {"device": "test", "commit": "x"}, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_noisy_rows_are_flagged():
+    """A loaded machine slowed CPU rows ~20x between repetitions: such rows are marked and
+    the run warns, so a noisy figure is not published unnoticed."""
+    from moe_kernels.bench import common
+    quiet = Result("op", "case", "cpu", "cpu", 10.0, 1000, spread=0.05)
+    noisy = Result("op", "case2", "torch-eager", "cpu", 30.0, 1000, spread=1.9)
+    assert common.noise_warning([quiet]) is None
+    warning = common.noise_warning([quiet, noisy])
+    assert warning and "1 of 2 rows" in warning and "190%" in warning and "case2" in warning
+    lines = common.format_table([quiet, noisy]).splitlines()
+    assert "190%!" in lines[3] and "5%" in lines[2] and "!" not in lines[2]
+
+
+def test_spread_is_the_deciles_over_the_median():
+    from moe_kernels.bench import common
+    median, spread = common._summary([1.0] * 10, 1e6)
+    assert median == 1e6 and spread == 0.0
+    times = [float(i) for i in range(1, 102)]          # median 51, p10 ~10.2, p90 ~91.8
+    _, spread = common._summary(times, 1.0)
+    assert abs(spread - (91.8 - 10.2) / 51) < 0.01

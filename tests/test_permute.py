@@ -346,6 +346,9 @@ BAD = [
     ("E 0", lambda d: dict(num_experts=0), ValueError, "num_experts"),
     ("scales rows", lambda d: dict(scales=torch.zeros(3, 1)), ValueError, "scales"),
     ("hidden 3-D", lambda d: dict(hidden=torch.zeros(4, 2, 2)), ValueError, "hidden"),
+    # 16-byte elements reached the Triton row copy's dtype table (KeyError)
+    ("hidden complex128", lambda d: dict(hidden=torch.zeros(4, 8, dtype=torch.complex128)),
+     TypeError, "8 bytes wide"),
     ("cuda backend", lambda d: dict(backend="cuda"), BackendUnavailableError, "cuda"),
 ]
 

@@ -14,7 +14,8 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels.bench import OPS
-from moe_kernels.bench.common import copy_bandwidth_gbps, device_name, format_table, measuring
+from moe_kernels.bench.common import (copy_bandwidth_gbps, device_name, format_table,
+                                      measuring, noise_warning)
 
 
 def _git_commit() -> str:
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
             results += module.run(args.device, args.backend, args.tokens,
                                   compile_reference=not args.no_compile)
     print(format_table(results))
+    warning = noise_warning(results)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,

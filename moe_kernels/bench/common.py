@@ -34,6 +34,7 @@ class Result:
     correct: bool | None = None
     note: str = ""
     peak_tflops: float = 0.0  # 0: judged on bytes only
+    spread: float = 0.0       # (p90 - p10) / median of the timed repetitions
 
     @property
     def gbps(self) -> float:
@@ -71,7 +72,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_cpu(fn: Callable[[int], object], n_sets: int, min_time_s: float = 0.3) -> float:
+# A row whose repetitions spread wider than this (p90 - p10 over the median) is flagged: on
+# a loaded machine, OpenMP spin-waits slowed both our C++ and torch's CPU paths ~20x.
+NOISY_SPREAD = 0.25
+
+
+def _summary(times: list[float], scale: float) -> tuple[float, float]:
+    """(median * scale, (p90 - p10) / median) of the repetitions' times."""
+    median = statistics.median(times)
+    if len(times) < 5 or median <= 0:
+        return median * scale, 0.0
+    deciles = statistics.quantiles(times, n=10)
+    return median * scale, (deciles[-1] - deciles[0]) / median
+
+
+def _time_cpu(fn: Callable[[int], object], n_sets: int,
+              min_time_s: float = 0.3) -> tuple[float, float]:
     fn(0)
     t0 = time.perf_counter()
     fn(1 % n_sets)
@@ -82,10 +98,11 @@ def _time_cpu(fn: Callable[[int], object], n_sets: int, min_time_s: float = 0.3)
         t0 = time.perf_counter()
         fn(i % n_sets)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return _summary(times, 1e6)
 
 
-def _time_cuda_graph(fn: Callable[[int], object], n_sets: int, reps: int = 20) -> float:
+def _time_cuda_graph(fn: Callable[[int], object], n_sets: int,
+                     reps: int = 20) -> tuple[float, float]:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up (compiles, autotunes) outside the capture
@@ -108,10 +125,11 @@ def _time_cuda_graph(fn: Callable[[int], object], n_sets: int, reps: int = 20) -
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    return _summary(times, 1.0)
 
 
-def _time_cuda_events(fn: Callable[[int], object], n_sets: int, reps: int = 200) -> float:
+def _time_cuda_events(fn: Callable[[int], object], n_sets: int,
+                      reps: int = 200) -> tuple[float, float]:
     for i in range(3):
         fn(i % n_sets)
     torch.cuda.synchronize()
@@ -123,18 +141,27 @@ def _time_cuda_events(fn: Callable[[int], object], n_sets: int, reps: int = 200)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    return _summary(times, 1.0)
 
 
 def time_us(fn: Callable[[int], object], device: str, n_sets: int) -> tuple[float, str]:
     """Median time per call of fn(i) (i selects the input set), and how it was timed."""
+    t, how, _ = timed_spread(fn, device, n_sets)
+    return t, how
+
+
+def timed_spread(fn: Callable[[int], object], device: str,
+                 n_sets: int) -> tuple[float, str, float]:
+    """time_us and the repetitions' spread ((p90 - p10) / median)."""
     if device != "cuda":
-        return _time_cpu(fn, n_sets), "wall"
-    try:
-        return _time_cuda_graph(fn, n_sets), "graph"
-    except Exception as exc:  # e.g. an op that cannot be captured: say so in the table
-        torch.cuda.synchronize()
-        return _time_cuda_events(fn, n_sets), f"events ({type(exc).__name__})"
+        (t, spread), how = _time_cpu(fn, n_sets), "wall"
+    else:
+        try:
+            (t, spread), how = _time_cuda_graph(fn, n_sets), "graph"
+        except Exception as exc:  # e.g. an op that cannot be captured: say so in the table
+            torch.cuda.synchronize()
+            (t, spread), how = _time_cuda_events(fn, n_sets), f"events ({type(exc).__name__})"
+    return t, how, spread
 
 
 # The ops this run measures (moe-bench --op); None: all.
@@ -166,10 +193,10 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
     results = []
     for name, fn in timed:
         correct = check(fn(0))
-        t, how = time_us(fn, device, n_sets)
+        t, how, spread = timed_spread(fn, device, n_sets)
         note = f"{how}, {t * 1e3 / tokens:.1f} ns/token" if tokens else how
         results.append(Result(op, case, name, device, t, nbytes, flops=flops, copy_gbps=copy,
-                              correct=correct, note=note, peak_tflops=peak))
+                              correct=correct, note=note, peak_tflops=peak, spread=spread))
     return results
 
 
@@ -232,8 +259,8 @@ def device_name(device: str) -> str:
 
 
 def format_table(results: list[Result]) -> str:
-    head = ("op", "case", "backend", "time us", "GB/s", "TFLOPS", "% roofline", "vs eager",
-            "vs compile", "ok", "note")
+    head = ("op", "case", "backend", "time us", "spread", "GB/s", "TFLOPS", "% roofline",
+            "vs eager", "vs compile", "ok", "note")
     rows = []
     by_case: dict[tuple[str, str], dict[str, float]] = {}
     for r in results:
@@ -241,7 +268,9 @@ def format_table(results: list[Result]) -> str:
     for r in results:
         base = by_case[(r.op, r.case)]
         eager, comp = base.get("torch-eager"), base.get("torch-compile")
-        rows.append((r.op, r.case, r.backend, f"{r.time_us:.2f}", f"{r.gbps:.1f}",
+        noisy = "!" if r.spread > NOISY_SPREAD else ""
+        rows.append((r.op, r.case, r.backend, f"{r.time_us:.2f}", f"{r.spread:.0%}{noisy}",
+                     f"{r.gbps:.1f}",
                      f"{r.tflops:.1f}" if r.flops else "-", f"{r.roofline_pct:.1f}",
                      f"{eager / r.time_us:.2f}x" if eager else "-",
                      f"{comp / r.time_us:.2f}x" if comp else "-",
@@ -249,6 +278,19 @@ def format_table(results: list[Result]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def noise_warning(results: list[Result]) -> str | None:
+    """A warning naming the rows whose repetitions spread past NOISY_SPREAD, or None."""
+    noisy = [r for r in results if r.spread > NOISY_SPREAD]
+    if not noisy:
+        return None
+    worst = max(noisy, key=lambda r: r.spread)
+    return (f"moe-bench: WARNING: {len(noisy)} of {len(results)} rows spread more than "
+            f"{NOISY_SPREAD:.0%} between repetitions (worst {worst.spread:.0%}: {worst.op} "
+            f"{worst.backend} '{worst.case}'), marked '!': the machine is busy or the figures "
+            f"are noisy; do not publish them. Rerun on a quiet machine (on CPU, "
+            f"OMP_NUM_THREADS=1 avoids OpenMP spin-waits competing with other processes).")
 
 
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:

@@ -32,6 +32,9 @@ def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
     if h13 != H or two_i % 2:
         raise ValueError(f"{op}: w13 must have shape (E, 2I, H={H}), got {tuple(w13.shape)}")
     inter = two_i // 2
+    # the GEMM kernels read weight rows as contiguous (the public GEMMs check the same)
+    check_last_dim_contiguous(op, "w13", w13)
+    check_last_dim_contiguous(op, "w2", w2)
     if tuple(w2.shape) != (E, H, inter):
         raise ValueError(f"{op}: w2 must have shape (E, H, I) = {(E, H, inter)} (from w13), "
                          f"got {tuple(w2.shape)}")

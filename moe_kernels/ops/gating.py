@@ -182,9 +182,11 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
     _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
                 group_scoring)
     backend = GROUPED_TOPK.resolve(backend, logits)
-    _library.check_expert_limit(OP, backend, "gating_cuda_max_experts", "E (logits' columns)",
-                                logits.shape[1])
-    _check_scaling_factor(routed_scaling_factor)
+    if backend == "triton" or backend == "cuda":
+        _library.check_expert_limit(OP, backend, "gating_cuda_max_experts",
+                                    "E (logits' columns)", logits.shape[1])
+    if type(routed_scaling_factor) is not float or not math.isfinite(routed_scaling_factor):
+        _check_scaling_factor(routed_scaling_factor)
     return grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
                                   topk_group, scoring_func, group_scoring, bool(renormalize),
                                   float(routed_scaling_factor))

@@ -150,8 +150,15 @@ def _check_ids(op, topk_ids, num_experts):
     check_int(op, "num_experts", num_experts, low=1)
 
 
+# Rows are copied as integers of the element's width (any dtype of these widths).
+_ROW_ELEMENT_BYTES = (1, 2, 4, 8)
+
+
 def _check_hidden(op, hidden, topk_ids):
     check_tensor(op, "hidden", hidden, ndim=2)
+    if hidden.element_size() not in _ROW_ELEMENT_BYTES:
+        raise TypeError(f"{op}: hidden's elements must be 1, 2, 4 or 8 bytes wide, got "
+                        f"{hidden.dtype} ({hidden.element_size()} bytes)")
     check_same_device(op, "topk_ids", topk_ids, "hidden", hidden)
     if hidden.shape[0] != topk_ids.shape[0]:
         raise ValueError(f"{op}: hidden has {hidden.shape[0]} tokens but topk_ids has "
@@ -162,6 +169,9 @@ def _check_scales(op, scales, hidden):
     if scales is None:
         return
     check_tensor(op, "scales", scales, ndim=2)
+    if scales.element_size() not in _ROW_ELEMENT_BYTES:
+        raise TypeError(f"{op}: scales' elements must be 1, 2, 4 or 8 bytes wide, got "
+                        f"{scales.dtype}")
     check_same_device(op, "scales", scales, "hidden", hidden)
     if scales.shape[0] != hidden.shape[0]:
         raise ValueError(f"{op}: scales must have one row per token ({hidden.shape[0]}), got "
@@ -177,8 +187,9 @@ def _check_permute(op, hidden, topk_ids, num_experts, capacity_name, capacity, s
 
 def _resolve_index_backend(op, backend, x, num_experts):
     backend = PERMUTE_INDEX.resolve(backend, x)
-    _library.check_expert_limit(op, backend, "permute_cuda_max_experts", "num_experts",
-                                num_experts)
+    if backend == "triton" or backend == "cuda":
+        _library.check_expert_limit(op, backend, "permute_cuda_max_experts", "num_experts",
+                                    num_experts)
     return backend
 
 
@@ -254,6 +265,13 @@ def _check_layout_rows(op, expert_out, layout) -> torch.Tensor:
     """expert_out has exactly the rows of `layout` (R, H) for a PermuteLayout, (E, M, H) for
     a MaskedLayout: a slice or another layout's output would silently drop rows. Returns
     layout.row_of_pair."""
+    if type(layout) is PermuteLayout and type(expert_out) is torch.Tensor:
+        # the common case in a few predicates (eager overhead, docs/index.md)
+        row_of_pair = layout.row_of_pair
+        if (expert_out.dim() == 2 and expert_out.dtype in FLOAT_DTYPES
+                and row_of_pair.dtype == torch.int32 and row_of_pair.dim() == 2
+                and expert_out.shape[0] == layout.pair_of_row.shape[0]):
+            return row_of_pair
     if not isinstance(layout, (PermuteLayout, MaskedLayout)):
         raise TypeError(f"{op}: layout must be the PermuteLayout or MaskedLayout of permute / "
                         f"permute_masked, got {type(layout).__name__}")
@@ -323,9 +341,10 @@ def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
     memory with an input."""
     op = "permute"
     _check_permute(op, hidden, topk_ids, num_experts, "align", align, scales)
-    _check_rows_out(op, out, out_scales, (reference.permuted_rows(topk_ids.numel(), num_experts,
-                                                                  align),),
-                    hidden, topk_ids, scales)
+    if out is not None or out_scales is not None:
+        _check_rows_out(op, out, out_scales,
+                        (reference.permuted_rows(topk_ids.numel(), num_experts, align),),
+                        hidden, topk_ids, scales)
     backend = _resolve_index_backend(op, backend, hidden, num_experts)
     return permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales, out,
                              out_scales)
@@ -343,8 +362,9 @@ def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
     op = "permute_masked"
     _check_permute(op, hidden, topk_ids, num_experts, "max_tokens_per_expert",
                    max_tokens_per_expert, scales)
-    _check_rows_out(op, out, out_scales, (num_experts, max_tokens_per_expert), hidden,
-                    topk_ids, scales)
+    if out is not None or out_scales is not None:
+        _check_rows_out(op, out, out_scales, (num_experts, max_tokens_per_expert), hidden,
+                        topk_ids, scales)
     backend = _resolve_index_backend(op, backend, hidden, num_experts)
     return permute_masked_unchecked(backend, hidden, topk_ids, num_experts,
                                     max_tokens_per_expert, scales, out, out_scales)
@@ -361,7 +381,8 @@ def unpermute(expert_out: torch.Tensor, layout, topk_weights: torch.Tensor, *,
     (without out=)."""
     op = "unpermute"
     row_of_pair = _check_layout_rows(op, expert_out, layout)
-    expert_out = expert_out.reshape(-1, expert_out.shape[-1])
+    if expert_out.dim() == 3:
+        expert_out = expert_out.reshape(-1, expert_out.shape[2])
     check_float_tensor(op, "topk_weights", topk_weights, ndim=2)
     if topk_weights.shape != row_of_pair.shape:
         raise ValueError(f"{op}: topk_weights must have shape {tuple(row_of_pair.shape)} (the "
