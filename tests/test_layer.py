@@ -230,8 +230,8 @@ def _f32(shape, begin, end):
     return {"dtype": "F32", "shape": list(shape), "data_offsets": [begin, end]}
 
 
-# Corrupt or hostile files (each once trusted by a hand-written reader: a huge allocation
-# or a garbage tensor); each must be a ValueError naming the file.
+# Corrupt or hostile files, which a reader trusting the header would turn into a huge
+# allocation or a garbage tensor; each must be a ValueError naming the file.
 CORRUPT = [
     ("truncated", lambda p: _raw_file(p, {"w": _f32((4, 4), 0, 64)}, bytes(40))),
     ("header past the end", lambda p: _raw_file(p, {"w": _f32((4,), 0, 16)}, bytes(16),
@@ -277,7 +277,7 @@ BAD = [
     ("int weight", lambda sd: sd.__setitem__("experts.1.up_proj.weight",
                                               torch.zeros(128, 256, dtype=torch.int32)),
      TypeError, "experts.1.up_proj.weight"),
-    # read by no weight: transformers reports such keys; silently ignoring them hid typos
+    # read by no weight: a typo in a key must not go unnoticed (transformers reports them)
     ("unexpected key", lambda sd: sd.__setitem__("experts.0.gate_proj.bias", torch.zeros(128)),
      ValueError, "unexpected keys.*experts.0.gate_proj.bias"),
     # grouped_topk does not read bias values per call (a host sync): checked on load
@@ -299,7 +299,7 @@ def test_unexpected_keys_warn_without_strict():
 
 def test_fp8_e5m2_checkpoint_applies_its_scales():
     """Weights in another FP8 format with weight_scale_inv: their real values (w * scale)
-    are what the layer computes with, not the raw codes (which were off by the scale)."""
+    are what the layer computes with, not the raw codes (off by the scale)."""
     cfg = make_config()
     sd = make_weights(cfg, seed=6)
     e4m3 = as_fp8_checkpoint(sd)
@@ -320,8 +320,8 @@ def test_fp8_e5m2_checkpoint_applies_its_scales():
 
 
 def test_to_dtype_keeps_the_buffers_numerics():
-    """model.to(torch.bfloat16) (routine in HF pipelines) cast the float32 scales and the
-    bias, and the next forward raised; casts now leave every buffer's dtype alone."""
+    """model.to(torch.bfloat16) (routine in HF pipelines) leaves every buffer's dtype alone:
+    bf16 scales or bias would change the numerics and fail the next forward."""
     cfg = make_config()
     layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)))
     hidden = make_hidden(4, cfg, seed=8)

@@ -346,7 +346,7 @@ BAD = [
     ("E 0", lambda d: dict(num_experts=0), ValueError, "num_experts"),
     ("scales rows", lambda d: dict(scales=torch.zeros(3, 1)), ValueError, "scales"),
     ("hidden 3-D", lambda d: dict(hidden=torch.zeros(4, 2, 2)), ValueError, "hidden"),
-    # 16-byte elements reached the Triton row copy's dtype table (KeyError)
+    # rows are copied as 1/2/4/8-byte integers: wider elements are refused up front
     ("hidden complex128", lambda d: dict(hidden=torch.zeros(4, 8, dtype=torch.complex128)),
      TypeError, "8 bytes wide"),
     ("cuda backend", lambda d: dict(backend="cuda"), BackendUnavailableError, "cuda"),
@@ -375,15 +375,15 @@ def test_bad_input_unpermute_and_align():
         moe_kernels.moe_align_block_size(ids, 3, 0)
     with pytest.raises(ValueError, match="max_tokens_per_expert"):
         moe_kernels.permute_masked(torch.zeros(4, 8), ids, 3, 0)
-    # an int expert_out reached the C++ kernel's dispatch ("not implemented for 'Long'")
+    # our TypeError, not the C++ dispatch's "not implemented for 'Long'"
     with pytest.raises(TypeError, match="expert_out"):
         moe_kernels.unpermute(out.long(), layout, torch.zeros(4, 2))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
 def test_unpermute_rows_must_be_the_layouts(backend):
-    """A slice of the expert output (or another layout's) silently dropped pairs on cpu and
-    triton and raised IndexError on reference: now one ValueError everywhere."""
+    """A slice of the expert output, or another layout's, would silently drop pairs (or
+    index out of range): one ValueError on every backend."""
     if _library.backend_unavailable_reason(backend, torch.device("cpu")):
         pytest.skip(_library.backend_unavailable_reason(backend, torch.device("cpu")))
     ids = torch.tensor([[0, 1], [2, 0], [1, 2]], dtype=torch.int32)

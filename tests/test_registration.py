@@ -98,9 +98,9 @@ def test_import_without_extension():
     assert len(warnings) == 1, r.stderr[-3000:]
 
 
-# Direct torch.ops calls skip the Python checks: each degenerate size below reached a C++
-# division by zero (SIGFPE) or an out-of-bounds read. (description, call) pairs; each must
-# raise an exception or return, never kill the process.
+# Direct torch.ops calls skip the Python checks: each degenerate size below would reach a
+# C++ division by zero (SIGFPE) or an out-of-bounds read without the C++ checks.
+# (description, call) pairs; each must raise an exception or return, never kill the process.
 _DEGENERATE_CALLS = """
 import torch
 ops = torch.ops.moe_kernels

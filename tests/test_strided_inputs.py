@@ -3,9 +3,9 @@ strided (rows padded; every other element) and expanded (stride 0), on every bac
 
 The rule: the op either refuses the layout with a ValueError / TypeError before any launch
 (the big operands need a contiguous last dimension, documented per op), or returns exactly
-what it returns for the same values laid out contiguously. Triton kernels once read small
-index and scale tensors as if contiguous: a column of a per-layer bias table (stride 3)
-picked wrong experts, and a stride-0 tensor read past its storage.
+what it returns for the same values laid out contiguously. The risk it guards: a kernel
+reading a small index or scale tensor at flat offsets, so that a column of a per-layer bias
+table (stride 3) picks wrong experts and a stride-0 tensor reads past its storage.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ def _fused():
     return [torch.randn(3, H, generator=g), w13, s13, w2, s2, w, ids], {}
 
 
+def _permute():
+    ids, hidden, _ = _routing()
+    return [hidden, ids, 8], dict(align=2, scales=torch.rand(5, 2, generator=_g(5)))
+
+
 def _gating():
     g = _g(4)
     return [torch.randn(4, 16, generator=g), 3], dict(
@@ -79,9 +84,7 @@ def _gating():
 
 CASES = {
     "grouped_topk": (moe_kernels.grouped_topk, _gating),
-    "permute": (moe_kernels.permute,
-                lambda: ([*_routing()[1:2], _routing()[0], 8],
-                         dict(align=2, scales=torch.rand(5, 2, generator=_g(5))))),
+    "permute": (moe_kernels.permute, _permute),
     "unpermute": (moe_kernels.unpermute, _unpermute),
     "quantize_fp8_per_token_group": (moe_kernels.quantize_fp8_per_token_group,
                                      lambda: ([torch.randn(4, 200, generator=_g(6))], {})),
@@ -148,7 +151,7 @@ def _flat(result):
 
 
 def _bits(t):
-    return t.contiguous().view(torch.uint8) if t.dtype.itemsize else t
+    return t.contiguous().view(torch.uint8)
 
 
 @pytest.mark.parametrize("name", list(CASES))
