@@ -39,6 +39,10 @@ torch.ops.moe_kernels.mla_decompress_kv_paged_triton(cache, table, lens, w, None
 torch.cuda.synchronize(); print('memcheck run done')" > "$OUT/sanitizer.log" 2>&1
 san_rc=$?; tail -3 "$OUT/sanitizer.log"
 
+echo "== C++ exceptions on this image: which variant reaches Python (docs/index.md)"
+timeout 300 python3 benchmarks/probe_cpp_exceptions.py > "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" 2>&1
+cat "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt"
+
 if [ "${RUN_TUNE:-0}" = 1 ]; then  # ~1 min of device time: only when retuning
   echo "== triton tuning sweep"
   python3 benchmarks/tune_gating.py > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"

@@ -1,27 +1,72 @@
-"""Probe of the platform: does a minimal torch extension (load_inline) that throws
-TORCH_CHECK_VALUE raise a Python ValueError here, or crash? Compiles the same source with
-our flags and without. On the GPU machine (torch 2.11.0+cu130, gcc 13.3) every variant
-crashed with SIGSEGV (benchmarks/results/cpp_exception_probe_*.txt); on the CPU machines
-(torch 2.13.0, gcc 12.2) every variant raised. Usage: python3 benchmarks/probe_cpp_exceptions.py"""
+"""Probe of the platform: does a C++ exception thrown inside a torch extension reach Python
+as an exception here, or kill the process? Each variant is a minimal `load_inline`
+extension, built and run in its own process, so that one crash does not hide the others.
+
+On the GPU machine (torch 2.11.0+cu130, gcc 13.3) the first probe's variants (TORCH_CHECK
+with our flags and without) all died with SIGSEGV; on the CPU machines (torch 2.13.0,
+gcc 12.2) every variant raised. The variants below separate the candidate causes:
+
+  check         TORCH_CHECK_VALUE escaping to Python (what our kernels do)
+  check_caught  the same c10::Error thrown and caught inside the function: does throwing
+                (or the stack trace c10::Error captures when built) crash by itself?
+  std_caught    std::runtime_error thrown and caught inside: does unwinding work at all?
+  std_escapes   std::invalid_argument escaping to Python (pybind11: ValueError; no
+                c10 stack-trace capture)
+  static_gcc    TORCH_CHECK_VALUE, linked with -static-libgcc -static-libstdc++ (an
+                unwinder of its own instead of the process's)
+  no_clones     TORCH_CHECK_VALUE, without the target_clones (ifunc) function our CPU
+                kernels use
+
+Usage: python3 benchmarks/probe_cpp_exceptions.py  (prints one line per variant)
+"""
 import subprocess
 import sys
-SRC = r'''
-#include <torch/extension.h>
-__attribute__((target_clones("avx512f","avx2","default"))) void vec(float* s, long n) { for (long i = 0; i < n; ++i) s[i] = s[i] * 2.f; }
-at::Tensor boom(at::Tensor x) { if (x.dim() == 0) vec(nullptr, 0); TORCH_CHECK_VALUE(x.dim() == 7, "boom: dim ", x.dim()); return x; }
+
+CLONES = r'''
+__attribute__((target_clones("avx512f","avx2","default"))) void vec(float* s, long n) {
+  for (long i = 0; i < n; ++i) s[i] = s[i] * 2.f; }
 '''
-VARIANTS = {"plain": [], "ours": ["-O3", "-fopenmp", "-fno-trapping-math"], "O3": ["-O3"], "omp": ["-fopenmp"]}
-if len(sys.argv) == 1:
-    procs = {k: subprocess.Popen([sys.executable, __file__, k], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in VARIANTS}
-    for k, p in procs.items():
-        out = p.communicate()[0]
-        print(f"variant {k}: rc={p.returncode} {out.strip().splitlines()[-1] if out.strip() else ''}")
-else:
+BODIES = {
+    "check": 'TORCH_CHECK_VALUE(x.dim() == 7, "boom: dim ", x.dim()); return x;',
+    "check_caught": 'try { TORCH_CHECK_VALUE(x.dim() == 7, "boom"); } '
+                    'catch (const c10::Error&) { return x + 1; } return x;',
+    "std_caught": 'try { throw std::runtime_error("boom"); } '
+                  'catch (const std::exception&) { return x + 1; } return x;',
+    "std_escapes": 'if (x.dim() != 7) throw std::invalid_argument("boom"); return x;',
+    "static_gcc": 'TORCH_CHECK_VALUE(x.dim() == 7, "boom: dim ", x.dim()); return x;',
+    "no_clones": 'TORCH_CHECK_VALUE(x.dim() == 7, "boom: dim ", x.dim()); return x;',
+}
+FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]      # setup.py's CPU flags
+LDFLAGS = {"static_gcc": ["-static-libgcc", "-static-libstdc++"]}
+
+
+def source(variant: str) -> str:
+    clones = "" if variant == "no_clones" else CLONES
+    call = "" if variant == "no_clones" else "if (x.dim() == 0) vec(nullptr, 0);"
+    return (f"#include <torch/extension.h>\n#include <stdexcept>\n{clones}\n"
+            f"at::Tensor boom(at::Tensor x) {{ {call} {BODIES[variant]} }}\n")
+
+
+def run_variant(variant: str) -> None:
     from torch.utils.cpp_extension import load_inline
-    k = sys.argv[1]
-    m = load_inline(f"exc_{k}", cpp_sources=[SRC], functions=["boom"], extra_cflags=VARIANTS[k], build_directory=None, verbose=False)
     import torch
+    m = load_inline(f"exc_probe_{variant}", cpp_sources=[source(variant)], functions=["boom"],
+                    extra_cflags=FLAGS, extra_ldflags=LDFLAGS.get(variant, []), verbose=False)
     try:
-        m.boom(torch.zeros(2))
+        out = m.boom(torch.zeros(2))
+        print(f"returned (caught inside: {bool(out[0] == 1)})")
     except Exception as e:
-        print("caught", type(e).__name__)
+        print("raised", type(e).__name__)
+
+
+def main() -> None:
+    procs = {k: subprocess.Popen([sys.executable, __file__, k], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for k in BODIES}
+    for k, p in procs.items():
+        out = p.communicate()[0].strip()
+        last = out.splitlines()[-1] if out else ""
+        print(f"variant {k:13s} rc={p.returncode:4d}  {last}")
+
+
+if __name__ == "__main__":
+    run_variant(sys.argv[1]) if len(sys.argv) > 1 else main()

@@ -116,7 +116,9 @@ void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
   const int64_t T = kv_c.size(0);
   TORCH_CHECK_VALUE(k_pe.size(0) == T && kv_b_proj.size(1) == kv_c.size(1),
                     "k_pe must have T rows and kv_b_proj R = kv_c.size(1) columns");
-  TORCH_CHECK_VALUE(kv_c.stride(1) == 1 && k_pe.stride(1) == 1,
+  // a last dimension of one element has any stride (the Python checks let it through too)
+  TORCH_CHECK_VALUE((kv_c.size(1) <= 1 || kv_c.stride(1) == 1) &&
+                        (k_pe.size(1) <= 1 || k_pe.stride(1) == 1),
                     "kv_c and k_pe need a contiguous last dimension");
   check_outputs(out_k, out_v, T, kv_b_proj.size(0), k_pe.size(1));
   Rows rows{std::vector<int64_t>(T), std::vector<int64_t>(T)};

@@ -85,10 +85,13 @@ def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor,
     """out[t] = sum_k w[t,k] * expert_out[row_of_pair[t,k]] over routed pairs, in float32,
     returned in expert_out's dtype. A skipped pair adds nothing, even if the row it would
     read holds NaN."""
-    rows = row_of_pair.long()
+    # contiguous index and weights: the sum's order follows the (T, K, H) term's layout, so
+    # that a column-major row_of_pair would change the result's last bits
+    rows = row_of_pair.long().contiguous()
     valid = rows >= 0
     gathered = expert_out.float()[torch.clamp(rows, min=0)]           # (T, K, H)
-    term = torch.where(valid[..., None], gathered * topk_weights.float()[..., None], 0.0)
+    weights = topk_weights.float().contiguous()[..., None]
+    term = torch.where(valid[..., None], gathered * weights, 0.0)
     return term.sum(dim=1).to(expert_out.dtype)
 
 

@@ -89,7 +89,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     offsets, _, m_indices, _, pair_of_row = permute_index(topk_ids, num_experts, block_size)
     P = topk_ids.numel()
     sorted_ids = torch.where(pair_of_row >= 0, pair_of_row, P)
-    return [sorted_ids, m_indices[::block_size].contiguous(), offsets[-1:].int()]
+    # a fresh tensor with standard strides (contiguous() keeps a one-element view, and
+    # with it all of m_indices, alive)
+    expert_ids = m_indices[::block_size].clone(memory_format=torch.contiguous_format)
+    return [sorted_ids, expert_ids, offsets[-1:].int()]
 
 
 @triton.jit
