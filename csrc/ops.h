@@ -69,6 +69,10 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
                                  const std::optional<at::Tensor>& kv_b_proj_scale,
                                  const std::optional<at::Tensor>& kv_cache_scale,
                                  at::Tensor& out_k, at::Tensor& out_v);
+
+// expert_parallel.cpp
+at::Tensor map_to_slots_cpu(const at::Tensor& topk_ids, const at::Tensor& log2phy,
+                            const at::Tensor& logcnt, int64_t token_offset);
 #ifdef MOE_KERNELS_WITH_CUDA
 GroupedTopkFn grouped_topk_cuda;
 // csrc/cuda/permute.cu (row movement on the GPU is Triton's)

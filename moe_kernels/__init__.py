@@ -6,7 +6,9 @@ best available for the input's device. See docs/index.md.
 
 from moe_kernels._library import (BACKENDS, BackendUnavailableError, available_backends,
                                   extension_has_cuda, extension_loaded)
+from moe_kernels import eplb
 from moe_kernels.layer import DeepseekV3MoE
+from moe_kernels.ops.expert_parallel import EPHandle, ExpertPlacement, ep_combine, ep_dispatch
 from moe_kernels.ops.fp8 import (dequantize_fp8_block, quantize_fp8_block,
                                  quantize_fp8_per_token_group, silu_and_mul_quant_fp8)
 from moe_kernels.ops.fused_moe import fused_moe_fp8
@@ -42,4 +44,9 @@ __all__ = [
     "mla_decompress_kv",
     "mla_decompress_kv_paged",
     "DeepseekV3MoE",
+    "ExpertPlacement",
+    "EPHandle",
+    "ep_dispatch",
+    "ep_combine",
+    "eplb",
 ]

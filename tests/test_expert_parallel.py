@@ -1,0 +1,342 @@
+"""Expert parallelism: the slot map on every backend, EPLB, and ep_dispatch / ep_combine
+in real multi-process groups (gloo on loopback, 2 and 4 ranks spawned here, bounded in
+time).
+
+The multi-process check: each rank routes its own tokens (uneven counts, a rank with none),
+the experts are a per-expert function f_e applied where the expert lives, and the combined
+result on every rank must equal, bit for bit, the one-process computation on the same
+tokens: permute -> f_e per row -> unpermute with the weights (the combine's weighted sum is
+the one-process unpermute's float32 sum, in the same order). Low-latency overflow: the
+pairs past a full buffer must be exactly those the oracle drops, counted in the handle.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import eplb
+from moe_kernels.bench.ranks import run_ranks
+from moe_kernels.ops.expert_parallel import ExpertPlacement
+from moe_kernels.reference import expert_parallel as ref
+from moe_kernels.reference import fp8 as ref_fp8
+
+from helpers import assert_int_equal, device_backend_params
+
+FP8 = torch.float8_e4m3fn
+MAP_BACKENDS = ("triton", "cpu")
+SPAWN_TIMEOUT_S = 180
+
+
+# --- the slot map ---------------------------------------------------------------------------
+
+def naive_slots(ids, log2phy, logcnt, offset):
+    """Pure-Python oracle of the slot map (docs/expert_parallel.md)."""
+    E = len(logcnt)
+    return [[log2phy[e][(t + offset) % logcnt[e]] if 0 <= e < E else -1
+             for e in row] for t, row in enumerate(ids)]
+
+
+def _replicated_placement(E=6, extra=(0, 0, 3, 5), world=2):
+    """Expert 0 with three replicas (slots 0, 6, 7), experts 3 and 5 with two: P = E +
+    len(extra) slots."""
+    phy2log = list(range(E)) + list(extra)
+    logcnt = [phy2log.count(e) for e in range(E)]
+    width = max(logcnt)
+    log2phy = [[p for p, e2 in enumerate(phy2log) if e2 == e] + [-1] * (width - logcnt[e])
+               for e in range(E)]
+    return ExpertPlacement.from_eplb(torch.tensor(phy2log), torch.tensor(log2phy),
+                                     torch.tensor(logcnt), world)
+
+
+def test_reference_map_matches_naive_oracle():
+    pl = _replicated_placement()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-2, 8, (13, 3), generator=g)
+    for offset in (0, 1, 5):
+        got = ref.map_to_slots(ids, pl.log2phy, pl.logcnt, offset)
+        want = naive_slots(ids.tolist(), pl.log2phy.tolist(), pl.logcnt.tolist(), offset)
+        assert got.tolist() == want
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(MAP_BACKENDS))
+@pytest.mark.parametrize("T,K", [(0, 4), (1, 1), (37, 8)])
+def test_map_matches_reference(device, backend, T, K):
+    pl = _replicated_placement().to(device)
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(-1, 8, (T, K), generator=g).int().to(device)   # -1 and >= E skipped
+    for offset in (0, 3):
+        got = pl.map(ids, offset, backend=backend)
+        assert_int_equal(got.cpu(), ref.map_to_slots(ids.cpu(), pl.log2phy.cpu(),
+                                                     pl.logcnt.cpu(), offset), backend)
+
+
+def test_map_spreads_replicas_evenly():
+    pl = _replicated_placement()
+    ids = torch.zeros(300, 1, dtype=torch.int32)          # every token on expert 0 (3 replicas)
+    slots = pl.map(ids).flatten()
+    assert torch.bincount(slots, minlength=pl.num_slots)[[0, 6, 7]].tolist() == [100] * 3
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(MAP_BACKENDS))
+def test_map_opcheck(device, backend):
+    pl = _replicated_placement().to(device)
+    ids = torch.randint(-1, 7, (9, 4)).int().to(device)
+    name = "map_to_slots" + ("_triton" if backend == "triton" else "")
+    torch.library.opcheck(getattr(torch.ops.moe_kernels, name).default,
+                          (ids, pl.log2phy, pl.logcnt, 2))
+
+
+@pytest.mark.parametrize("bad,exc,arg", [
+    (dict(phy2log=torch.tensor([0, 1, 1, 3])), ValueError, "disagree"),
+    (dict(logcnt=torch.tensor([1, 1, 1, 0])), ValueError, "logcnt"),
+    (dict(world_size=3), ValueError, "world_size"),
+    (dict(log2phy=torch.zeros(4, 1)), TypeError, "log2phy"),
+])
+def test_from_eplb_refuses_inconsistent_tables(bad, exc, arg):
+    kw = dict(phy2log=torch.arange(4), log2phy=torch.arange(4)[:, None],
+              logcnt=torch.ones(4, dtype=torch.int64), world_size=2)
+    kw.update(bad)
+    with pytest.raises(exc, match=arg):
+        ExpertPlacement.from_eplb(**kw)
+
+
+def test_uniform_placement():
+    pl = ExpertPlacement.uniform(8, 4)
+    assert pl.slots_per_rank == 2 and pl.local_experts(3).tolist() == [6, 7]
+    with pytest.raises(ValueError, match="world_size"):
+        ExpertPlacement.uniform(6, 4)
+
+
+# --- EPLB -----------------------------------------------------------------------------------
+
+def skewed_loads(layers, E, seed):
+    """Zipf-like expert loads, shuffled: a few hot experts, a long tail."""
+    g = torch.Generator().manual_seed(seed)
+    base = 1000.0 / torch.arange(1, E + 1).float() ** 1.2
+    return torch.stack([base[torch.randperm(E, generator=g)] for _ in range(layers)]).round() + 1
+
+
+@pytest.mark.parametrize("L,E,R,G,N,gpus", [
+    (2, 16, 24, 4, 2, 8),       # hierarchical
+    (3, 64, 80, 8, 2, 16),      # hierarchical, DeepSeek-like grouping
+    (1, 12, 16, 3, 2, 4),       # 2 nodes do not divide 3 groups: global policy
+    (2, 8, 8, 1, 1, 4),         # no redundant slots: packing only
+])
+def test_eplb_invariants_and_balance(L, E, R, G, N, gpus):
+    w = skewed_loads(L, E, seed=E)
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(w, R, G, N, gpus)
+    assert phy2log.shape == (L, R) and logcnt.shape == (L, E) and log2phy.shape[:2] == (L, E)
+    assert phy2log.dtype == log2phy.dtype == logcnt.dtype == torch.int64
+    assert (logcnt >= 1).all() and (logcnt.sum(1) == R).all()
+    for layer in range(L):
+        placement = ExpertPlacement.from_eplb(phy2log[layer], log2phy[layer], logcnt[layer], gpus)
+        assert placement.num_slots == R
+    before = w.view(L, gpus, -1).sum(-1) if E % gpus == 0 else None
+    after = eplb.gpu_loads(w, phy2log, logcnt, gpus)
+    torch.testing.assert_close(after.sum(1), w.sum(1))          # load is conserved
+    ratio = after.max(1).values / after.mean(1)
+    if before is not None and R > E:
+        assert (ratio < (before.max(1).values / before.mean(1))).all()
+    # no GPU can be lighter than the heaviest expert's share spread over every replica the
+    # policy could give it; greedy packing stays within 1.5x of that floor here
+    floor = torch.maximum(after.mean(1), w.max(1).values / (R - E + 1))
+    assert (after.max(1).values <= 1.5 * floor).all(), (after.max(1).values, floor)
+
+
+def test_eplb_replicates_the_hottest_expert():
+    w = torch.tensor([[100.0, 1, 1, 1]])
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(w, 6, 1, 1, 2)
+    assert logcnt.tolist() == [[3, 1, 1, 1]]
+    assert sorted(phy2log[0].tolist()) == [0, 0, 0, 1, 2, 3]
+
+
+def test_eplb_hierarchical_keeps_groups_on_one_node():
+    w = skewed_loads(1, 16, seed=3)
+    phy2log, _, _ = eplb.rebalance_experts(w, 24, 4, 2, 4)
+    for node in range(2):
+        groups = {int(e) // 4 for e in phy2log[0, node * 12:(node + 1) * 12]}
+        assert len(groups) == 2, groups           # two whole groups of 4 per node
+
+
+@pytest.mark.parametrize("kw,arg", [
+    (dict(num_replicas=7), "num_replicas"), (dict(num_gpus=3), "num_gpus"),
+    (dict(num_groups=5), "num_groups"), (dict(num_nodes=3), "num_nodes"),
+])
+def test_eplb_refuses_bad_arguments(kw, arg):
+    args = dict(num_replicas=12, num_groups=2, num_nodes=2, num_gpus=4)
+    args.update(kw)
+    with pytest.raises(ValueError, match=arg):
+        eplb.rebalance_experts(torch.rand(1, 8), **args)
+
+
+# --- dispatch / combine in real process groups ---------------------------------------------
+
+def expert_fn(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A different function per expert, exact per row: f_e(x) = x * (e + 1) + e / 4."""
+    ef = e.to(torch.float32)[:, None]
+    return x.float() * (ef + 1) + ef / 4
+
+
+def tokens_of(rank, tokens_per_rank, E, K, H, seed, hot=None):
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    T = tokens_per_rank[rank]
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T \
+        else torch.zeros(0, K, dtype=torch.int64)
+    if hot is not None:            # every pair on the experts of one rank
+        ids = hot[torch.randint(0, len(hot), (T, K), generator=g)]
+    ids = torch.where(torch.rand(T, K, generator=g) < 0.15, -1, ids).int()
+    return torch.randn(T, H, generator=g), ids, torch.rand(T, K, generator=g)
+
+
+def one_process(hidden, ids, w, E):
+    """The oracle: permute, f_e per row, unpermute, on one process (reference backend)."""
+    rows, layout = moe_kernels.permute(hidden, ids, E, backend="reference")
+    out = expert_fn(layout.m_indices.clamp(min=0), rows)
+    return moe_kernels.unpermute(out, layout, w, backend="reference")
+
+
+def _run_experts(recv, handle, placement, rank, mode, use_fp8):
+    """Each received row through its expert's f_e, as the receiving rank would."""
+    local = placement.local_experts(rank)
+    if use_fp8:
+        q, s = recv
+        rows = ref_fp8.dequantize_per_token_group(q.reshape(-1, q.shape[-1]),
+                                                  s.reshape(-1, s.shape[-1]))
+        rows = rows.view(*q.shape)
+    else:
+        rows = recv
+    if mode == "normal":
+        slot = handle.layout.m_indices.long()
+        return torch.where((slot >= 0)[:, None], expert_fn(local[slot.clamp(min=0)], rows), 0.0)
+    S, rows_per_slot, H = rows.shape
+    e = local[:, None].expand(S, rows_per_slot).reshape(-1)
+    return expert_fn(e, rows.reshape(-1, H)).view(S, rows_per_slot, H)
+
+
+SCENARIOS = {  # name: (tokens per rank (one entry per rank), mode, M, use_fp8, replicated, hot)
+    "normal": ([5, 0, 9, 3], "normal", None, False, False, False),
+    "normal_fp8": ([4, 7, 0, 2], "normal", None, True, False, False),
+    "replicated": ([6, 3, 8, 1], "normal", None, False, True, False),
+    "one_rank_hot": ([5, 6, 2, 4], "normal", None, False, False, True),
+    "low_latency": ([3, 0, 5, 2], "low_latency", 64, False, True, False),
+    "low_latency_fp8": ([2, 4, 1, 3], "low_latency", 64, True, False, False),
+    "low_latency_overflow": ([9, 7, 4, 8], "low_latency", 2, False, False, True),
+}
+E_TOTAL, TOPK, HIDDEN = 8, 3, 160
+
+
+def _placement(world, replicated):
+    if not replicated:
+        return ExpertPlacement.uniform(E_TOTAL, world)
+    loads = skewed_loads(1, E_TOTAL, seed=1)
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(loads, E_TOTAL + world, 1, 1, world)
+    return ExpertPlacement.from_eplb(phy2log[0], log2phy[0], logcnt[0], world)
+
+
+def _scenario_inputs(name, world, rank):
+    tokens, mode, M, use_fp8, replicated, hot = SCENARIOS[name]
+    placement = _placement(world, replicated)
+    hot_ids = placement.local_experts(world - 1).unique() if hot else None
+    hidden, ids, w = tokens_of(rank, tokens[:world] + [0] * (world - len(tokens)), E_TOTAL,
+                               TOPK, HIDDEN, seed=len(name), hot=hot_ids)
+    return placement, hidden, ids, w, mode, M, use_fp8
+
+
+def _worker(rank, world, backends):
+    results = {}
+    for backend in backends:
+        for name in SCENARIOS:
+            placement, hidden, ids, w, mode, M, use_fp8 = _scenario_inputs(name, world, rank)
+            recv, handle = moe_kernels.ep_dispatch(
+                hidden, ids, w, placement, mode=mode, max_tokens_per_rank=M,
+                use_fp8=use_fp8, backend=backend)
+            expert_out = _run_experts(recv, handle, placement, rank, mode, use_fp8)
+            out = moe_kernels.ep_combine(expert_out, handle)
+            results[(backend, name)] = dict(out=out, dropped=handle.dropped)
+    return results
+
+
+def _oracle_ids(name, world, rank, ids, placement, M):
+    """ids with the pairs a low-latency buffer of M rows drops set to -1 (the dispatch
+    rule, written out: per physical slot, this rank's pairs in pair order past the M-th)."""
+    if M is None:
+        return ids, 0
+    slots = ref.map_to_slots(ids, placement.log2phy, placement.logcnt, rank).flatten().tolist()
+    seen, kept, dropped = {}, ids.clone().flatten(), 0
+    for p, s in enumerate(slots):
+        if s < 0:
+            continue
+        seen[s] = seen.get(s, 0) + 1
+        if seen[s] > M:
+            kept[p], dropped = -1, dropped + 1
+    return kept.view_as(ids), dropped
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dispatch_combine_equals_one_process(world):
+    backends = ["cpu", "reference"] + (["triton"] if world == 2 else [])
+    results = run_ranks(_worker, world, (backends,), timeout_s=SPAWN_TIMEOUT_S)
+    for backend in backends:
+        for name, (_, mode, M, use_fp8, *_rest) in SCENARIOS.items():
+            for rank in range(world):
+                placement, hidden, ids, w, *_ = _scenario_inputs(name, world, rank)
+                kept_ids, n_dropped = _oracle_ids(name, world, rank, ids, placement, M)
+                if use_fp8:
+                    q, s = ref_fp8.quantize_fp8_per_token_group(hidden)
+                    hidden = ref_fp8.dequantize_per_token_group(q, s)
+                want = one_process(hidden, kept_ids, w, E_TOTAL)
+                got = results[rank][(backend, name)]
+                msg = f"{backend} {name} world={world} rank={rank}"
+                assert got["out"].shape == want.shape, msg
+                assert torch.equal(got["out"], want), \
+                    f"{msg}: max diff {(got['out'] - want).abs().max()}"
+                if mode == "low_latency":
+                    assert int(got["dropped"].sum()) == n_dropped, msg
+        if "low_latency_overflow" in SCENARIOS:
+            total = sum(int(results[r][(backend, "low_latency_overflow")]["dropped"].sum())
+                        for r in range(world))
+            assert total > 0, "the overflow scenario must overflow"
+
+
+def _failing_worker(rank, world):
+    if rank == 1:
+        raise ValueError("rank one fails")
+    return rank
+
+
+def test_run_ranks_reports_a_failing_rank():
+    """A rank's exception surfaces with its traceback (never a hang or a silent pass)."""
+    with pytest.raises(RuntimeError, match="rank one fails"):
+        run_ranks(_failing_worker, 2, timeout_s=60)
+
+
+def _dispatch_args():
+    hidden, ids, w = tokens_of(0, [4], E_TOTAL, TOPK, 16, seed=1)
+    return dict(hidden=hidden, topk_ids=ids, topk_weights=w,
+                placement=ExpertPlacement.uniform(E_TOTAL, 2))
+
+
+@pytest.mark.parametrize("change,exc,arg", [
+    (dict(hidden=torch.zeros(4, 16, dtype=torch.int32)), TypeError, "hidden"),
+    (dict(topk_ids=torch.zeros(4, TOPK)), TypeError, "topk_ids"),
+    (dict(topk_weights=torch.rand(4, TOPK + 1)), ValueError, "topk_weights"),
+    (dict(placement="uniform"), TypeError, "placement"),
+    (dict(mode="fast"), ValueError, "mode"),
+    (dict(mode="low_latency"), ValueError, "max_tokens_per_rank"),
+    (dict(max_tokens_per_rank=8), ValueError, "max_tokens_per_rank"),
+    (dict(align=0), ValueError, "align"),
+    ({}, ValueError, "not initialized"),      # valid arguments, but no process group
+])
+def test_dispatch_refuses_bad_arguments(change, exc, arg):
+    kw = _dispatch_args()
+    kw.update(change)
+    with pytest.raises(exc, match=arg):
+        moe_kernels.ep_dispatch(**kw)
+
+
+def test_map_refuses_a_placement_on_another_device():
+    pl = ExpertPlacement.uniform(4, 2).to("meta")
+    with pytest.raises(ValueError, match="placement"):
+        pl.map(torch.zeros(3, 2, dtype=torch.int32))
