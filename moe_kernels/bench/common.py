@@ -179,14 +179,19 @@ def measuring(ops):
         _SELECTED.reset(token)
 
 
+def is_selected(op: str) -> bool:
+    """Whether this run times the rows of `op` (moe-bench --op)."""
+    selected = _SELECTED.get()
+    return selected is None or op in selected
+
+
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
             check: Callable[[object], bool], flops: int = 0, math: str = "fp8",
             tokens: int = 0) -> list[Result]:
     """Checks then times each (name, fn(i)) of `timed`; one Result per entry. With flops,
     the roofline includes the device's tensor-core peak for `math` ("fp8" or "bf16").
     With tokens, the note gives the time per token."""
-    selected = _SELECTED.get()
-    if selected is not None and op not in selected:
+    if not is_selected(op):
         return []
     copy = copy_bandwidth_gbps(device)
     peak = peak_tflops(device, math) if flops else 0.0

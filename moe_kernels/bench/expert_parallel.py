@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from moe_kernels.bench.common import Result, _summary
+from moe_kernels.bench.common import Result, _summary, is_selected
 from moe_kernels.bench.ranks import run_ranks
 from moe_kernels.ops import expert_parallel as ep
 from moe_kernels.reference.fp8 import dequantize_per_token_group
@@ -51,7 +51,7 @@ def _expert_rows(recv):
     return flat.view(q.shape).to(torch.bfloat16)
 
 
-def _bytes(handle, mode, world, row_bytes):
+def _bytes(handle, mode, row_bytes):
     if mode == "normal":
         n = sum(handle.send_counts) + sum(handle.recv_counts)
         return n * row_bytes, n * H * 2
@@ -89,7 +89,7 @@ def _rank_bench(rank, world, device, backend):
                 continue
             times["ep_dispatch"].append(t1 - t0)
             times["ep_combine"].append(t3 - t2)
-        sent = _bytes(handle, mode, world, row_bytes)
+        sent = _bytes(handle, mode, row_bytes)
         case = (f"{mode} T={T}/rank{f' M={M}' if M else ''} H={H} top{TOPK}/{E} "
                 f"{'fp8' if use_fp8 else 'bf16'} rows, {world} rank(s)")
         out.append(dict(case=case, times=times, bytes=sent, correct=correct))
@@ -113,9 +113,7 @@ def _check(y, hidden, ids, w, use_fp8, handle, mode):
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    from moe_kernels.bench.common import _SELECTED
-    selected = _SELECTED.get()
-    if selected is not None and not selected & set(MEASURES):
+    if not any(is_selected(op) for op in MEASURES):
         return []
     world, transport = (1, "nccl") if device == "cuda" else (2, "gloo")
     backend = (backends or [None])[0]
@@ -124,7 +122,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
     results = []
     for row in per_rank[0]:
         for op, nbytes in zip(MEASURES, row["bytes"]):
-            if selected is not None and op not in selected:
+            if not is_selected(op):
                 continue
             t, spread = _summary(row["times"][op], 1e6)
             results.append(Result(op, row["case"], backend or "default", device, t, nbytes,

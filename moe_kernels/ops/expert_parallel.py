@@ -273,8 +273,8 @@ def _dispatch_normal(backend, group, world, S, slots, payload, unpack, topk_weig
     return ((permuted, layout.scales) if scales is not None else permuted), handle
 
 
-def _slot_positions(key, num_keys):
-    """key (P,) in [0, num_keys] -> each pair's rank among the pairs of its key, in pair
+def _slot_positions(key):
+    """key (P,) -> each pair's rank among the pairs of its key, in pair
     order (a stable sort; no host sync)."""
     sorted_key, order = torch.sort(key, stable=True)
     first = torch.searchsorted(sorted_key, key)
@@ -288,7 +288,7 @@ def _dispatch_low_latency(backend, group, world, S, slots, payload, unpack, topk
     dev, B, P = slots.device, payload.shape[1], world * S
     flat = slots.reshape(-1).long()
     key = torch.where(flat >= 0, flat, P)
-    pos = _slot_positions(key, P)
+    pos = _slot_positions(key)
     kept = (flat >= 0) & (pos < M)
     dropped = torch.zeros(P + 1, dtype=torch.int64, device=dev)
     dropped.scatter_add_(0, torch.where((flat >= 0) & ~kept, key, P), torch.ones_like(key))
