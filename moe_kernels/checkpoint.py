@@ -68,11 +68,12 @@ def weight_map(directory: str) -> dict[str, str]:
     raise FileNotFoundError(f"{directory}: neither {INDEX} nor {SINGLE}")
 
 
-def load_prefix(directory: str, prefix: str) -> dict[str, torch.Tensor]:
-    """Every tensor whose name starts with prefix, reading only those tensors."""
+def load_prefix(directory: str, prefix: str, keep=None) -> dict[str, torch.Tensor]:
+    """Every tensor whose name starts with prefix (and, given keep, for which keep(name) is
+    true), reading only those tensors."""
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map(directory).items():
-        if name.startswith(prefix):
+        if name.startswith(prefix) and (keep is None or keep(name)):
             by_shard.setdefault(shard, []).append(name)
     out = {}
     for shard, names in by_shard.items():

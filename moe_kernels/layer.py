@@ -8,22 +8,32 @@ When the shared expert has the routed experts' width (n_shared_experts == 1, as 
 DeepSeek-V3), it is stored as expert E of the stacked weights and every token routes to it
 with weight 1: one fused_moe_fp8 call computes routed + shared, summed in float32 (SGLang's
 "shared experts fusion"). Otherwise it runs as a second fused_moe_fp8 call with E = 1.
+
+With an `ep_group` (expert parallelism, docs/expert_parallel.md) each rank holds only its
+placement's expert slots and the shared expert; forward gates locally, sends FP8 rows
+to the experts' ranks (ep_dispatch), runs its slots on what it receives, and sums the
+returned rows with the shared expert's in the same float32 sum as the one-device layer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from moe_kernels import checkpoint
 from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv
+from moe_kernels._validate import check_choice, check_int
+from moe_kernels.ops import expert_parallel as ep
 from moe_kernels.ops import fused_moe, gating
+from moe_kernels.ops import permute as perm
 from moe_kernels.ops.fp8 import dequantize_fp8_block, quantize_fp8_block
 from moe_kernels.reference import fp8 as ref_fp8
 
@@ -35,6 +45,8 @@ CONFIG_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                  "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
                  "routed_scaling_factor", "norm_topk_prob")
 
+ROUTED_EXPERT_KEY = re.compile(r"experts\.(\d+)\.")
+
 
 class DeepseekV3MoE(nn.Module):
     """forward(hidden (..., H) bf16 | fp16 | fp32) -> (..., H) in hidden's dtype.
@@ -42,12 +54,22 @@ class DeepseekV3MoE(nn.Module):
     Buffers: gate_weight (E, H) float32, e_score_correction_bias (E,) float32, w13
     (E [+1], 2I, H) and w2 (E [+1], H, I) float8_e4m3fn with 128x128 float32 scales
     (w13_scale, w2_scale); shared_w13 / shared_w2 (1, ...) only when the shared expert is
-    not fused. Load weights with `from_hf` or `from_safetensors`."""
+    not fused. Load weights with `from_hf` or `from_safetensors`.
+
+    Expert parallelism: ep_group (a torch.distributed group) and placement (an
+    ExpertPlacement; default uniform) make w13 / w2 (P / world, ...) hold this rank's slots
+    (slot_experts: their logical experts) and shared_w13 / shared_w2 the shared expert.
+    ep_mode "normal" or "low_latency" (needs max_tokens_per_rank: no pair is dropped while
+    every rank has at most that many tokens); forward(hidden, mode=) overrides it per call,
+    the same on every rank. Pairs a low-latency buffer could not take are added to
+    ep_dropped (P,) int64 (zero it to reset)."""
 
     def __init__(self, *, hidden_size: int, moe_intermediate_size: int,
                  n_routed_experts: int, num_experts_per_tok: int, n_shared_experts: int = 1,
                  n_group: int = 1, topk_group: int = 1, routed_scaling_factor: float = 1.0,
-                 norm_topk_prob: bool = True, device=None, backend: str | None = None):
+                 norm_topk_prob: bool = True, device=None, backend: str | None = None,
+                 ep_group=None, placement: ep.ExpertPlacement | None = None,
+                 ep_mode: str = "normal", max_tokens_per_rank: int | None = None):
         super().__init__()
         H, I, E = hidden_size, moe_intermediate_size, n_routed_experts
         for name, value in (("hidden_size", H), ("moe_intermediate_size", I),
@@ -67,16 +89,65 @@ class DeepseekV3MoE(nn.Module):
         self.norm_topk_prob = bool(norm_topk_prob)
         self.backend = backend
         self.shared_intermediate = I * n_shared_experts
+        # a shared expert of the routed width is summed with the routed pairs in one
+        # float32 sum; on one device it is stacked as expert E of w13 / w2
         self.shared_fused = n_shared_experts == 1
-        stacked = E + (1 if self.shared_fused else 0)
         kw = dict(device=device)
+        self.ep_group = ep_group
+        self.slot_experts = self._configure_ep(ep_group, placement, ep_mode,
+                                               max_tokens_per_rank, kw)
+        self.shared_stacked = self.shared_fused and ep_group is None
+        stacked = len(self.slot_experts) + (1 if self.shared_stacked else 0)
         self.register_buffer("gate_weight", torch.zeros(E, H, dtype=torch.float32, **kw))
         self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32, **kw))
         self._fp8_buffers("w13", (stacked, 2 * I, H), kw)
         self._fp8_buffers("w2", (stacked, H, I), kw)
-        if n_shared_experts and not self.shared_fused:
+        if n_shared_experts and not self.shared_stacked:
             self._fp8_buffers("shared_w13", (1, 2 * self.shared_intermediate, H), kw)
             self._fp8_buffers("shared_w2", (1, H, self.shared_intermediate), kw)
+
+    def _configure_ep(self, group, placement, mode, max_tokens_per_rank, kw) -> list[int]:
+        """Checks the expert-parallel arguments, keeps the placement's tables as buffers
+        (they move with the layer), and returns the logical expert of each local slot."""
+        op, E = "DeepseekV3MoE", self.num_experts
+        if group is None:
+            if placement is not None or max_tokens_per_rank is not None or mode != "normal":
+                raise ValueError(f"{op}: placement, ep_mode and max_tokens_per_rank need an "
+                                 f"ep_group")
+            return list(range(E))
+        if not dist.is_initialized():
+            raise ValueError(f"{op}: ep_group given but torch.distributed is not initialized")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(f"{op}: this process is not a member of ep_group")
+        placement = ep.ExpertPlacement.uniform(E, world) if placement is None else placement
+        if not isinstance(placement, ep.ExpertPlacement):
+            raise TypeError(f"{op}: placement must be an ExpertPlacement, got "
+                            f"{type(placement).__name__}")
+        if placement.num_experts != E or placement.world_size != world:
+            raise ValueError(f"{op}: placement is for {placement.num_experts} experts on "
+                             f"{placement.world_size} ranks; the layer has {E} experts and "
+                             f"ep_group {world} ranks")
+        check_choice(op, "ep_mode", mode, ep.MODES)
+        if max_tokens_per_rank is not None:
+            check_int(op, "max_tokens_per_rank", max_tokens_per_rank, low=1)
+        elif mode == "low_latency":
+            raise ValueError(f"{op}: ep_mode='low_latency' needs max_tokens_per_rank")
+        self.ep_mode, self.max_tokens_per_rank, self.ep_rank = mode, max_tokens_per_rank, rank
+        # configuration, not weights: kept out of state_dict
+        for name in ("phy2log", "log2phy", "logcnt"):
+            self.register_buffer("ep_" + name, getattr(placement, name).to(kw["device"]),
+                                 persistent=False)
+        self.register_buffer("ep_dropped", torch.zeros(placement.num_slots, dtype=torch.int64,
+                                                       **kw), persistent=False)
+        return placement.local_experts(rank).tolist()
+
+    @property
+    def placement(self) -> ep.ExpertPlacement | None:
+        if self.ep_group is None:
+            return None
+        return ep.ExpertPlacement(self.ep_phy2log, self.ep_log2phy, self.ep_logcnt,
+                                  dist.get_world_size(self.ep_group))
 
     def _fp8_buffers(self, name, shape, kw):
         self.register_buffer(name, torch.zeros(shape, dtype=FP8, **kw))
@@ -100,8 +171,9 @@ class DeepseekV3MoE(nn.Module):
                 buf.to(device=probe.device)
         return self
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Checks hidden once; the ops run through their unchecked internal layer."""
+    def forward(self, hidden: torch.Tensor, *, mode: str | None = None) -> torch.Tensor:
+        """Checks hidden once; the ops run through their unchecked internal layer. mode:
+        with an ep_group, "normal" or "low_latency" for this call (default ep_mode)."""
         if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
             raise TypeError(f"DeepseekV3MoE: hidden must be a float32/bfloat16/float16 tensor, "
                             f"got {getattr(hidden, 'dtype', type(hidden).__name__)}")
@@ -111,32 +183,101 @@ class DeepseekV3MoE(nn.Module):
         if hidden.device != self.w13.device:
             raise ValueError(f"DeepseekV3MoE: hidden is on {hidden.device} but the weights are "
                              f"on {self.w13.device}")
+        if self.ep_group is None:
+            if mode is not None:
+                raise ValueError("DeepseekV3MoE: mode is for a layer with an ep_group")
+        else:
+            mode = self.ep_mode if mode is None else mode
+            check_choice("DeepseekV3MoE", "mode", mode, ep.MODES)
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size).contiguous()
+        w, ids = self.route(x)
+        backend = fused_moe.FUSED_MOE_FP8.resolve(self.backend, x)
+        if self.ep_group is None:
+            out = self.experts(backend, x, w, ids)
+        else:
+            out = self._experts_ep(backend, x, w, ids, mode)
+        return out.view(shape)
+
+    def route(self, x: torch.Tensor):
+        """x (T, H) -> (topk_weights (T, K) float32, topk_ids (T, K) int32): HF's router."""
         logits = F.linear(x.float(), self.gate_weight)      # HF: the router GEMM in float32
-        w, ids = gating.grouped_topk_unchecked(
+        return gating.grouped_topk_unchecked(
             gating.GROUPED_TOPK.resolve(self.backend, logits), logits,
             self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group, "sigmoid",
             "top2_sum", self.norm_topk_prob, self.routed_scaling_factor)
-        if self.shared_fused:   # the shared expert is expert E, weight 1 for every token
+
+    def experts(self, backend, x, w, ids):
+        """The one-device expert computation of routed pairs (ids outside [0, E) add
+        nothing) plus the shared expert: (T, H) in x's dtype."""
+        if self.ep_group is not None:
+            raise ValueError("DeepseekV3MoE.experts: this layer holds only its rank's experts")
+        if self.shared_stacked:   # the shared expert is expert E, weight 1 for every token
             T = x.shape[0]
             ids = torch.cat([ids, ids.new_full((T, 1), self.num_experts)], dim=1)
             w = torch.cat([w, w.new_ones(T, 1)], dim=1)
-        backend = fused_moe.FUSED_MOE_FP8.resolve(self.backend, x)
         out = fused_moe.fused_moe_fp8_unchecked(backend, x, self.w13, self.w13_scale, self.w2,
                                                 self.w2_scale, w, ids)
         if hasattr(self, "shared_w13"):
-            ones = w.new_ones(x.shape[0], 1)
-            out = out + fused_moe.fused_moe_fp8_unchecked(
-                backend, x, self.shared_w13, self.shared_w13_scale, self.shared_w2,
-                self.shared_w2_scale, ones, torch.zeros_like(ones, dtype=torch.int32))
-        return out.view(shape)
+            out = out + self._shared_expert(backend, x)
+        return out
+
+    def _shared_expert(self, backend, x):
+        """(T, H) in x's dtype: the shared expert's output rows (weight 1 leaves them
+        exact)."""
+        ones = x.new_ones(x.shape[0], 1, dtype=torch.float32)
+        return fused_moe.fused_moe_fp8_unchecked(
+            backend, x, self.shared_w13, self.shared_w13_scale, self.shared_w2,
+            self.shared_w2_scale, ones, torch.zeros_like(ones, dtype=torch.int32))
+
+    def _experts_ep(self, backend, x, w, ids, mode):
+        """Dispatch FP8 rows (the experts quantize them anyway: the same bits, half the
+        bytes), run this rank's slots on the received rows, send them back, and sum each
+        token's rows in k order with the shared expert's last: the one-device sum."""
+        low_latency = mode == "low_latency"
+        if low_latency and self.max_tokens_per_rank is None:
+            raise ValueError("DeepseekV3MoE: mode='low_latency' needs max_tokens_per_rank")
+        (q, s), handle = ep.ep_dispatch(
+            x, ids, w, self.placement, group=self.ep_group, mode=mode,
+            max_tokens_per_rank=self.max_tokens_per_rank if low_latency else None,
+            use_fp8=True, backend=backend)
+        if low_latency:
+            gemm = fused_moe.masked_gemm(handle.masked_m, backend)
+            self.ep_dropped.add_(handle.dropped)
+        else:
+            gemm = fused_moe.segment_gemm(handle.layout, backend)
+        z = fused_moe.expert_mlp(backend, gemm, q, s, self.w13, self.w13_scale, self.w2,
+                                 self.w2_scale, x.dtype)
+        rows = ep.combine_rows("DeepseekV3MoE", z, handle)
+        row_of_pair = handle.row_of_pair
+        if self.shared_fused:
+            T = x.shape[0]
+            shared_rows = rows.shape[0] + torch.arange(T, dtype=torch.int32, device=x.device)
+            rows = torch.cat([rows, self._shared_expert(backend, x)])
+            row_of_pair = torch.cat([row_of_pair, shared_rows[:, None]], dim=1)
+            w = torch.cat([w, w.new_ones(T, 1)], dim=1)
+        out = perm.unpermute_unchecked(backend, rows, row_of_pair, w)
+        if hasattr(self, "shared_w13") and not self.shared_fused:
+            out = out + self._shared_expert(backend, x)
+        return out
 
     # --- loading --------------------------------------------------------------------------
 
     @classmethod
+    def from_config(cls, config, *, device=None, backend: str | None = None,
+                    **ep_args) -> "DeepseekV3MoE":
+        """An unloaded layer from an HF DeepseekV3Config-like object (its CONFIG_FIELDS);
+        ep_args: ep_group, placement, ep_mode, max_tokens_per_rank."""
+        missing = [f for f in CONFIG_FIELDS if not hasattr(config, f)]
+        if missing:
+            raise ValueError(f"DeepseekV3MoE: config lacks {', '.join(missing)}")
+        return cls(**{f: getattr(config, f) for f in CONFIG_FIELDS}, device=device,
+                   backend=backend, **ep_args)
+
+    @classmethod
     def from_hf(cls, config, state_dict: dict, prefix: str = "", *, device=None,
-                backend: str | None = None, strict: bool = True) -> "DeepseekV3MoE":
+                backend: str | None = None, strict: bool = True,
+                **ep_args) -> "DeepseekV3MoE":
         """From an HF DeepseekV3Config-like object and the MoE's state dict (keys under
         prefix: gate.weight, gate.e_score_correction_bias, shared_experts.*, and the routed
         experts as experts.{i}.{gate,up,down}_proj.weight [+ .weight_scale_inv] or fused
@@ -144,13 +285,16 @@ class DeepseekV3MoE(nn.Module):
         quantized to 128x128 FP8 blocks; e4m3fn ones are taken as they are, other FP8
         formats dequantized with their weight_scale_inv and requantized. Keys under prefix
         that no weight is read from raise ValueError with strict (as load_state_dict does),
-        else a warning; keys outside prefix are not looked at."""
-        missing = [f for f in CONFIG_FIELDS if not hasattr(config, f)]
-        if missing:
-            raise ValueError(f"DeepseekV3MoE.from_hf: config lacks {', '.join(missing)}")
-        layer = cls(**{f: getattr(config, f) for f in CONFIG_FIELDS}, device=device,
-                    backend=backend)
-        loader = _Loader(layer, state_dict, prefix, device)
+        else a warning; keys outside prefix are not looked at. ep_args (ep_group,
+        placement, ep_mode, max_tokens_per_rank): an expert-parallel layer, which reads
+        only its rank's experts (and the shared expert); the other ranks' expert keys are
+        expected and skipped."""
+        layer = cls.from_config(config, device=device, backend=backend, **ep_args)
+        layer._load(state_dict, prefix, device, strict)
+        return layer
+
+    def _load(self, state_dict, prefix, device, strict):
+        loader = _Loader(self, state_dict, prefix, device)
         loader.load()
         unexpected = loader.unexpected()
         if unexpected:
@@ -160,25 +304,33 @@ class DeepseekV3MoE(nn.Module):
                        f"(no weight is read from them; strict=False to ignore them)")
             if strict:
                 raise ValueError(message)
-            warnings.warn(message, stacklevel=2)
-        return layer
+            warnings.warn(message, stacklevel=3)
+
+    def other_ranks_key(self, key: str) -> bool:
+        """Whether a key (without prefix) is a routed expert this rank does not hold."""
+        m = ROUTED_EXPERT_KEY.match(key)
+        return bool(m) and int(m.group(1)) < self.num_experts and \
+            int(m.group(1)) not in self.slot_experts
 
     @classmethod
     def from_safetensors(cls, directory: str, layer: int, config=None, *, device=None,
-                         backend: str | None = None, strict: bool = True) -> "DeepseekV3MoE":
+                         backend: str | None = None, strict: bool = True,
+                         **ep_args) -> "DeepseekV3MoE":
         """Layer `layer`'s MoE from a (sharded) safetensors checkpoint directory, reading
-        only its tensors (keys model.layers.{layer}.mlp.*); config defaults to the
-        directory's config.json."""
+        only its tensors (keys model.layers.{layer}.mlp.*; with ep_args, not the other
+        ranks' experts); config defaults to the directory's config.json."""
         if config is None:
             with open(os.path.join(directory, "config.json")) as f:
                 config = SimpleNamespace(**json.load(f))
+        module = cls.from_config(config, device=device, backend=backend, **ep_args)
         prefix = f"model.layers.{layer}.mlp."
-        tensors = checkpoint.load_prefix(directory, prefix)
+        tensors = checkpoint.load_prefix(
+            directory, prefix, keep=lambda name: not module.other_ranks_key(name[len(prefix):]))
         if not tensors:
             raise KeyError(f"{directory}: no tensors under {prefix!r} (is layer {layer} an "
                            f"MoE layer?)")
-        return cls.from_hf(config, tensors, prefix, device=device, backend=backend,
-                           strict=strict)
+        module._load(tensors, prefix, device, strict)
+        return module
 
 
 class _Loader:
@@ -245,32 +397,38 @@ class _Loader:
             if self.prefix + "experts.gate_up_proj" in self.sd:
                 self._fused_experts(E, H, I)
             else:
-                for e in range(E):
-                    self._put("w13", "w2", e, self.mlp(f"experts.{e}", I))
+                loaded = {}   # a replicated expert is read once
+                for slot, e in enumerate(m.slot_experts):
+                    if e not in loaded:
+                        loaded[e] = self.mlp(f"experts.{e}", I)
+                    self._put("w13", "w2", slot, loaded[e])
             if m.shared_intermediate:
                 parts = self.mlp("shared_experts", m.shared_intermediate)
-                if m.shared_fused:
+                if m.shared_stacked:
                     self._put("w13", "w2", E, parts)
                 else:
                     self._put("shared_w13", "shared_w2", 0, parts)
 
     def unexpected(self) -> list[str]:
-        """Keys under the prefix that no weight was read from (as load_state_dict reports)."""
-        return sorted(k for k in self.sd if k.startswith(self.prefix) and k not in self.used)
+        """Keys under the prefix that no weight was read from (as load_state_dict reports),
+        other ranks' experts aside."""
+        n = len(self.prefix)
+        return sorted(k for k in self.sd if k.startswith(self.prefix) and k not in self.used
+                      and not self.layer.other_ranks_key(k[n:]))
 
     def _fused_experts(self, E, H, I):
         """transformers >= 5: experts.gate_up_proj (E, 2I, H), gate rows first, and
-        experts.down_proj (E, H, I), float; quantized per expert."""
+        experts.down_proj (E, H, I), float; quantized per slot's expert."""
         gate_up = self.get("experts.gate_up_proj", (E, 2 * I, H))
         down = self.get("experts.down_proj", (E, H, I))
         for key, t in (("experts.gate_up_proj", gate_up), ("experts.down_proj", down)):
             if not t.is_floating_point() or t.dtype == FP8:
                 raise TypeError(f"DeepseekV3MoE: {self.prefix + key!r} must be a bf16/fp16/"
                                 f"fp32 tensor (the fused layout has no FP8 scales), got {t.dtype}")
-        for e in range(E):
+        for slot, e in enumerate(self.layer.slot_experts):
             w13, s13 = quantize_fp8_block(gate_up[e].float())
             w2, s2 = quantize_fp8_block(down[e].float())
-            self._put("w13", "w2", e, (w13, s13, w2, s2))
+            self._put("w13", "w2", slot, (w13, s13, w2, s2))
 
     def _put(self, n13, n2, e, parts):
         w13, s13, w2, s2 = parts

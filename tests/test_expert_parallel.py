@@ -12,6 +12,8 @@ pairs past a full buffer must be exactly those the oracle drops, counted in the 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ from moe_kernels.reference import expert_parallel as ref
 from moe_kernels.reference import fp8 as ref_fp8
 
 import properties
-from helpers import assert_int_equal, device_backend_params
+from helpers import HAS_CUDA, assert_int_equal, calc_diff, device_backend_params
 
 FP8 = torch.float8_e4m3fn
 MAP_BACKENDS = ("triton", "cpu")
@@ -363,3 +365,218 @@ def test_map_refuses_a_placement_on_another_device():
     pl = ExpertPlacement.uniform(4, 2).to("meta")
     with pytest.raises(ValueError, match="placement"):
         pl.map(torch.zeros(3, 2, dtype=torch.int32))
+
+
+# --- the expert-parallel layer --------------------------------------------------------------
+# Each rank loads only its slots and runs its own tokens; the oracle is the one-device layer
+# on the same tokens. The reference backend must agree bit for bit: each row is computed by
+# the same float32 code whichever rows share its GEMM, and summed in the same order. The
+# kernel backends are held to calc_diff < 1e-5 instead: they agree bit for bit here too,
+# but a kernel may choose its tiling by the number of rows (decode vs prefill paths), which
+# would change a row's rounding without being wrong.
+
+LAYER_SCENARIOS = {  # name: (tokens per rank, ep_mode, mode= per call, M, replicated, hot, n_shared)
+    "normal": ([5, 0, 9, 3], "normal", None, None, False, False, 1),
+    "replicated": ([6, 3, 8, 1], "normal", None, None, True, False, 1),
+    "one_rank_hot": ([5, 6, 2, 4], "normal", None, None, False, True, 1),
+    "shared_wide": ([4, 2, 0, 5], "normal", None, None, False, False, 2),
+    "low_latency_per_call": ([3, 0, 5, 2], "normal", "low_latency", 9, True, False, 1),
+    "low_latency_overflow": ([9, 7, 4, 8], "low_latency", None, 2, False, True, 1),
+}
+LAYER_BACKENDS = {2: ("reference", "cpu", "triton"), 4: ("reference", "cpu")}
+TRITON_LAYER_SCENARIOS = ("normal", "low_latency_overflow")   # interpreter time
+
+
+def _layer_scenarios(backend, device):
+    interpreted = backend == "triton" and device == "cpu"
+    return TRITON_LAYER_SCENARIOS if interpreted else tuple(LAYER_SCENARIOS)
+
+
+def _layer_setup(name, world, rank, device="cpu"):
+    from test_layer import make_config, make_weights
+    tokens, ep_mode, mode, M, replicated, hot, n_shared = LAYER_SCENARIOS[name]
+    cfg = make_config(n_shared_experts=n_shared)
+    sd = make_weights(cfg, seed=7)
+    E = cfg.n_routed_experts
+    if replicated:
+        loads = skewed_loads(1, E, seed=2)
+        tables = [t[0] for t in eplb.rebalance_experts(loads, E + world, 1, 1, world)]
+        placement = ExpertPlacement.from_eplb(*tables, world)
+    else:
+        placement = ExpertPlacement.uniform(E, world)
+    if hot:   # a large bias on the last rank's experts: every pair goes there
+        sd["gate.e_score_correction_bias"][placement.local_experts(world - 1)] += 10.0
+    g = torch.Generator().manual_seed(31 + rank)
+    T = (tokens + [0] * world)[rank]
+    hidden = torch.randn(T, cfg.hidden_size, generator=g).bfloat16().to(device)
+    ep_args = dict(placement=placement.to(device), ep_mode=ep_mode, max_tokens_per_rank=M)
+    return cfg, sd, hidden, ep_args, mode
+
+
+def _layer_refusals(cfg, sd, placement):
+    """The messages of every refused expert-parallel configuration (needs the group)."""
+    import torch.distributed as dist
+    group, messages = dist.group.WORLD, {}
+    bad = {
+        "placement for another world": dict(placement=ExpertPlacement.uniform(
+            cfg.n_routed_experts, 2 * dist.get_world_size())),
+        "low_latency without M": dict(ep_mode="low_latency"),
+        "unknown ep_mode": dict(ep_mode="fast"),
+        "placement type": dict(placement="uniform"),
+    }
+    for name, kw in bad.items():
+        try:
+            moe_kernels.DeepseekV3MoE.from_config(cfg, ep_group=group, **kw)
+        except (ValueError, TypeError) as exc:
+            messages[name] = f"{type(exc).__name__}: {exc}"
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd, ep_group=group, placement=placement)
+    try:
+        layer(torch.zeros(1, cfg.hidden_size), mode="low_latency")
+    except ValueError as exc:
+        messages["per-call low_latency without M"] = f"ValueError: {exc}"
+    return messages
+
+
+def _from_safetensors_reads(directory, placement, layer_index):
+    """(names of the tensors read, the layer) for an expert-parallel from_safetensors."""
+    import torch.distributed as dist
+    from moe_kernels import checkpoint
+    read, original = [], checkpoint.read_tensors
+
+    def recording(path, names):
+        read.extend(names)
+        return original(path, names)
+
+    checkpoint.read_tensors = recording
+    try:
+        layer = moe_kernels.DeepseekV3MoE.from_safetensors(
+            directory, layer_index, ep_group=dist.group.WORLD, placement=placement)
+    finally:
+        checkpoint.read_tensors = original
+    return read, layer
+
+
+def _layer_worker(rank, world, backends, checkpoint_dir=None, device="cpu"):
+    import torch.distributed as dist
+    results = {}
+    if checkpoint_dir is not None:
+        cfg, sd, hidden, ep_args, _ = _layer_setup("replicated", world, rank)
+        results["refusals"] = _layer_refusals(cfg, sd, ep_args["placement"])
+        read, layer = _from_safetensors_reads(checkpoint_dir, ep_args["placement"], 3)
+        results["safetensors"] = dict(read=read, out=layer(hidden),
+                                      slots=list(layer.slot_experts))
+    for backend in backends:
+        for name in _layer_scenarios(backend, device):
+            cfg, sd, hidden, ep_args, mode = _layer_setup(name, world, rank, device)
+            layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd, backend=backend, device=device,
+                                                      ep_group=dist.group.WORLD, **ep_args)
+            out = layer(hidden, mode=mode)
+            results[(backend, name)] = dict(out=out.cpu(), dropped=layer.ep_dropped.cpu(),
+                                            slots=list(layer.slot_experts),
+                                            w13=layer.w13.view(torch.uint8).cpu())
+    return results
+
+
+def _one_device_layer_output(name, world, rank, backend, device="cpu"):
+    """The one-device layer on rank's tokens, without the pairs a low-latency buffer of M
+    rows drops (the dispatch rule, written out in _oracle_ids)."""
+    cfg, sd, hidden, ep_args, _ = _layer_setup(name, world, rank, device)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd, backend=backend, device=device)
+    x = hidden.contiguous()
+    w, ids = layer.route(x)
+    M = ep_args["max_tokens_per_rank"]
+    kept, n_dropped = _oracle_ids(name, world, rank, ids.cpu(), ep_args["placement"].to("cpu"),
+                                  M)
+    return layer.experts(backend, x, w, kept.to(device)), n_dropped, layer
+
+
+def _write_checkpoint(directory, world):
+    """Layer 3 of a two-shard safetensors checkpoint of the 'replicated' scenario's weights
+    (None without the optional safetensors package)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        return None
+    from test_layer import as_fp8_checkpoint
+    cfg, sd, *_ = _layer_setup("replicated", world, 0)
+    with open(directory / "config.json", "w") as f:
+        json.dump(vars(cfg), f)
+    full = {f"model.layers.3.mlp.{k}": v.contiguous() for k, v in as_fp8_checkpoint(sd).items()}
+    names = sorted(full)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for fname, keys in shards.items():
+        save_file({k: full[k] for k in keys}, str(directory / fname))
+    with open(directory / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: fn for fn, ks in shards.items() for k in ks}}, f)
+    return str(directory)
+
+
+REFUSALS = {   # configuration -> what the message must name
+    "placement for another world": "placement is for 16 experts on",
+    "low_latency without M": "max_tokens_per_rank",
+    "unknown ep_mode": "ep_mode must be one of",
+    "placement type": "placement must be an ExpertPlacement",
+    "per-call low_latency without M": "max_tokens_per_rank",
+}
+
+
+def _check_layer_loading(results, world, tmp_present):
+    from test_layer import as_fp8_checkpoint
+    for rank in range(world):
+        got = results[rank]
+        assert set(got["refusals"]) == set(REFUSALS), got["refusals"]
+        for name, words in REFUSALS.items():
+            assert words in got["refusals"][name], (name, got["refusals"][name])
+        if not tmp_present:
+            continue
+        st = got["safetensors"]
+        experts = {int(n.split(".")[5]) for n in st["read"] if ".experts." in n}
+        assert experts == set(st["slots"]), f"rank {rank} read experts {sorted(experts)}"
+        cfg, sd, hidden, _, _ = _layer_setup("replicated", world, rank)
+        one = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd))
+        assert torch.equal(st["out"], one(hidden)), f"rank {rank}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_layer_equals_one_device_layer(world, tmp_path):
+    backends = LAYER_BACKENDS[world]
+    directory = _write_checkpoint(tmp_path, world) if world == 2 else None
+    results = run_ranks(_layer_worker, world, (backends, directory) if world == 2
+                        else (backends,), timeout_s=SPAWN_TIMEOUT_S)
+    if world == 2:
+        _check_layer_loading(results, world, directory is not None)
+    _check_layer_outputs(results, world, backends, "cpu")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_ep_layer_nccl_one_rank():
+    """The GPU smoke run of the layer: one rank over NCCL (its all-to-all is a local copy)."""
+    backends = ("reference", "triton")
+    results = run_ranks(_layer_worker, 1, (backends, None, "cuda"), backend="nccl",
+                        timeout_s=SPAWN_TIMEOUT_S)
+    _check_layer_outputs(results, 1, backends, "cuda")
+
+
+def _check_layer_outputs(results, world, backends, device):
+    for backend in backends:
+        for name in _layer_scenarios(backend, device):
+            dropped_total = 0
+            for rank in range(world):
+                want, n_dropped, one = _one_device_layer_output(name, world, rank, backend,
+                                                                device)
+                want = want.cpu()
+                got = results[rank][(backend, name)]
+                msg = f"{backend} {name} world={world} rank={rank}"
+                assert got["out"].shape == want.shape and got["out"].dtype == want.dtype, msg
+                # the rank holds exactly its slots' weights, bit for bit
+                slots = got["slots"]
+                assert torch.equal(got["w13"], one.w13[slots].view(torch.uint8).cpu()), msg
+                if backend == "reference":
+                    assert torch.equal(got["out"], want), \
+                        f"{msg}: max diff {(got['out'].float() - want.float()).abs().max()}"
+                elif want.numel():
+                    assert calc_diff(got["out"], want) < 1e-5, msg
+                assert int(got["dropped"].sum()) == n_dropped, msg
+                dropped_total += n_dropped
+            if name == "low_latency_overflow":
+                assert dropped_total > 0, "the overflow scenario must overflow"

@@ -382,3 +382,17 @@ def test_routing_config_checked_at_construction_and_hidden_width_at_forward():
                           num_experts_per_tok=2)
     with pytest.raises(ValueError, match="hidden_size=256"):
         layer(torch.randn(3, 512))
+
+
+def test_expert_parallel_arguments_need_an_ep_group():
+    """placement / ep_mode / max_tokens_per_rank, and a per-call mode, mean nothing on one
+    device: refused rather than ignored (the multi-rank checks: test_expert_parallel)."""
+    cfg = make_config()
+    for kw, words in ((dict(placement=moe_kernels.ExpertPlacement.uniform(16, 2)), "ep_group"),
+                      (dict(ep_mode="low_latency"), "ep_group"),
+                      (dict(max_tokens_per_rank=8), "ep_group")):
+        with pytest.raises(ValueError, match=words):
+            moe_kernels.DeepseekV3MoE.from_config(cfg, **kw)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, make_weights(cfg))
+    with pytest.raises(ValueError, match="mode is for a layer with an ep_group"):
+        layer(make_hidden(2, cfg), mode="normal")

@@ -338,7 +338,14 @@ def ep_combine(expert_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
     out[t] = sum_k topk_weights[t, k] * row(t, k) in float32 (the one-device unpermute),
     (T, H) in expert_out's dtype. expert_out: normal mode (R, H) in the dispatch layout's
     rows; low-latency mode (E_local, world * M, H)."""
-    op = "ep_combine"
+    back = combine_rows("ep_combine", expert_out, handle)
+    return perm.unpermute_unchecked(handle.backend, back, handle.row_of_pair, handle.topk_weights)
+
+
+def combine_rows(op, expert_out, handle):
+    """The combine's exchange alone: (n, H) rows back on the source rank, pair (t, k)'s at
+    row handle.row_of_pair[t, k] (-1: not sent); ep_combine then applies the weights. The
+    layer uses it to sum its shared expert in the same float32 sum."""
     if not isinstance(handle, EPHandle):
         raise TypeError(f"{op}: handle must be the EPHandle ep_dispatch returned, got "
                         f"{type(handle).__name__}")
@@ -348,10 +355,8 @@ def ep_combine(expert_out: torch.Tensor, handle: EPHandle) -> torch.Tensor:
                         f"{expert_out.dtype}")
     check_last_dim_contiguous(op, "expert_out", expert_out)
     if handle.mode == "normal":
-        back = _combine_rows_normal(op, expert_out, handle)
-    else:
-        back = _combine_rows_low_latency(op, expert_out, handle)
-    return perm.unpermute_unchecked(handle.backend, back, handle.row_of_pair, handle.topk_weights)
+        return _combine_rows_normal(op, expert_out, handle)
+    return _combine_rows_low_latency(op, expert_out, handle)
 
 
 def _combine_rows_normal(op, expert_out, handle):

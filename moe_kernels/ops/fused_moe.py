@@ -58,14 +58,24 @@ def fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales, top
     q, s = fp8.quantize_fp8_per_token_group_unchecked(backend, hidden, SCALE_BLOCK, 1e-10,
                                                       False, False)
     x, layout = perm.permute_unchecked(backend, q, topk_ids, E, 1, s)
-    gemm = _segment_gemm(layout, backend)
-    y = gemm(x, layout.scales, w13, w13_scales, torch.bfloat16)
-    q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y, SCALE_BLOCK)
-    z = gemm(q2, s2, w2, w2_scales, hidden.dtype)
+    z = expert_mlp(backend, segment_gemm(layout, backend), x, layout.scales, w13, w13_scales,
+                   w2, w2_scales, hidden.dtype)
     return perm.unpermute_unchecked(backend, z, layout.row_of_pair, topk_weights)
 
 
-def _segment_gemm(layout, backend):
+def expert_mlp(backend, gemm, q, s, w13, w13_scales, w2, w2_scales, out_dtype):
+    """down(silu(gate(x)) * up(x)) of FP8 rows q with their 1x128 scales s, each row by its
+    expert's weights; gemm(a, a_scales, w, w_scales, dtype) knows the rows' layout (the
+    expert segments, or the masked layout). GEMM1 writes bf16, as SGLang and vLLM do."""
+    y = gemm(q, s, w13, w13_scales, torch.bfloat16)
+    rows = y.shape[:-1]
+    q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y.reshape(-1, y.shape[-1]),
+                                                  SCALE_BLOCK)
+    return gemm(q2.view(*rows, q2.shape[-1]), s2.view(*rows, s2.shape[-1]), w2, w2_scales,
+                out_dtype)
+
+
+def segment_gemm(layout, backend):
     """GEMM over the layout's expert segments: the segments kernel on Triton, the
     contiguous op with m_indices elsewhere."""
     if backend == "triton":
@@ -73,6 +83,12 @@ def _segment_gemm(layout, backend):
             a, s, w, ws, layout.expert_offsets, layout.tokens_per_expert, dt)
     return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_unchecked(
         backend, a, s, w, ws, layout.m_indices, dt)
+
+
+def masked_gemm(masked_m, backend):
+    """GEMM over the masked layout (E, M, .): expert e's first masked_m[e] rows."""
+    return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_masked_unchecked(
+        backend, a, s, w, ws, masked_m, dt)
 
 
 def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
