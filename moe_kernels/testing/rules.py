@@ -1,0 +1,205 @@
+"""The comparison rules of `moe_kernels.testing`, one function per rule; our own test suite
+uses the same ones (tests/helpers.py), so a kernel checked here is held to what our
+backends are held to.
+
+Each rule takes (output name, got, want) and returns a `Verdict`: passed or not, the
+worst error in the rule's own unit, where it is (an index tuple), and a sentence for the
+report. Tensors are compared on the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+
+# Float comparison rule, written once: (rtol, atol) per dtype the math ran in. Kernels do
+# their arithmetic in float32 when the output is float32, so those get float32 bounds.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float64: (1e-7, 1e-9),
+    torch.float16: (1e-3, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-5),
+}
+# DeepGEMM's acceptance bound for its FP8 GEMMs (its tests use calc_diff < 0.001; ours,
+# with float32 promotion every 128 of K, hold 1e-5)
+GEMM_CALC_DIFF = 1e-5
+# fused_moe_fp8's contract: relative Frobenius error against the reference chain
+FUSED_REL_ERR = 2e-2
+
+
+@dataclass
+class Verdict:
+    output: str
+    rule: str
+    passed: bool
+    worst: float = 0.0
+    where: tuple | None = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        at = f" at {list(self.where)}" if self.where is not None else ""
+        state = "ok" if self.passed else "FAIL"
+        return f"{self.output}: {state} ({self.rule}) worst {self.worst:.3g}{at}. {self.detail}"
+
+
+def _first(mask: torch.Tensor) -> tuple | None:
+    idx = mask.nonzero()
+    return tuple(idx[0].tolist()) if idx.numel() else None
+
+
+def _shape_dtype(name, rule, got, want, *, dtype=True) -> Verdict | None:
+    if not isinstance(got, torch.Tensor):
+        return Verdict(name, rule, False, float("inf"), None,
+                       f"expected a tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(want.shape):
+        return Verdict(name, rule, False, float("inf"), None,
+                       f"shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    if dtype and got.dtype != want.dtype:
+        return Verdict(name, rule, False, float("inf"), None,
+                       f"dtype {got.dtype}, expected {want.dtype}")
+    return None
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Elements as integers (floats by their bit pattern: NaN == NaN, -0.0 != 0.0)."""
+    t = t.detach().cpu().contiguous()
+    if t.is_floating_point():
+        return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32,
+                       8: torch.int64}[t.element_size()])
+    return t
+
+
+def exact(name: str, got, want: torch.Tensor) -> Verdict:
+    """Integers equal; floats equal bit for bit (copies: permutation outputs)."""
+    bad = _shape_dtype(name, "exact", got, want)
+    if bad:
+        return bad
+    g, w = _bits(got), _bits(want)
+    if want.is_floating_point():   # -0.0 and +0.0 are the same value for a copy's purpose
+        zero = (got.detach().cpu().float() == 0) & (want.detach().cpu().float() == 0)
+        diff = (g != w) & ~zero
+    else:
+        diff = g != w
+    n = int(diff.sum())
+    if not n:
+        return Verdict(name, "exact", True)
+    where = _first(diff)
+    return Verdict(name, "exact", False, float(n), where,
+                   f"{n} of {diff.numel()} elements differ; first: got "
+                   f"{got.detach().cpu()[where].item()}, expected {want.cpu()[where].item()}")
+
+
+def close(name: str, got, want: torch.Tensor, dtype: torch.dtype | None = None) -> Verdict:
+    """|got - want| <= atol + rtol |want| with (rtol, atol) of `dtype` (default: want's),
+    NaN exactly where want has NaN, +-inf where want has it. worst: the largest
+    |got - want| / (atol + rtol |want|) (<= 1 passes)."""
+    rule = "close"
+    bad = _shape_dtype(name, rule, got, want)
+    if bad:
+        return bad
+    rtol, atol = TOLERANCES[dtype or want.dtype]
+    g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    g_nan, w_nan = g.isnan(), w.isnan()
+    if not torch.equal(g_nan, w_nan):
+        where = _first(g_nan != w_nan)
+        return Verdict(name, rule, False, float("inf"), where,
+                       f"NaN where {'none is' if bool(g_nan[where]) else 'one is'} expected: "
+                       f"got {g[where].item()}, expected {w[where].item()}")
+    inf = w.isinf() | g.isinf()
+    if not torch.equal(g[inf & ~w_nan], w[inf & ~w_nan]):
+        where = _first((g != w) & inf)
+        return Verdict(name, rule, False, float("inf"), where,
+                       f"got {g[where].item()}, expected {w[where].item()}")
+    finite = ~(w_nan | inf)
+    ratio = torch.where(finite, (g - w).abs() / (atol + rtol * w.abs()), 0.0)
+    worst = float(ratio.max()) if ratio.numel() else 0.0
+    where = tuple(int(i) for i in torch.unravel_index(ratio.argmax(), ratio.shape)) \
+        if ratio.numel() else None
+    detail = (f"rtol {rtol:g}, atol {atol:g} ({dtype or want.dtype})" if worst <= 1 else
+              f"got {g[where].item():.6g}, expected {w[where].item():.6g} "
+              f"(rtol {rtol:g}, atol {atol:g} for {dtype or want.dtype})")
+    return Verdict(name, rule, worst <= 1, worst, where if worst > 1 else None, detail)
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's similarity measure 1 - 2 sum(xy) / sum(x^2 + y^2), in float64: 0 for
+    equal tensors, about rel_err^2 / 2 for close ones."""
+    x, y = x.detach().double().cpu(), y.detach().double().cpu()
+    denom = (x * x + y * y).sum()
+    return float(1 - 2 * (x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def gemm(name: str, got, want: torch.Tensor, bound: float = GEMM_CALC_DIFF) -> Verdict:
+    """calc_diff(got, want) < bound over the whole output and over each row (so that one
+    wrong row of many is not averaged away); NaN only where want has NaN. worst: the
+    largest calc_diff, where: its row."""
+    rule = f"calc_diff < {bound:g}"
+    bad = _shape_dtype(name, rule, got, want)
+    if bad:
+        return bad
+    g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    if not torch.equal(g.isnan(), w.isnan()):
+        where = _first(g.isnan() != w.isnan())
+        return Verdict(name, rule, False, float("inf"), where, "NaN where none is expected")
+    g, w = torch.nan_to_num(g), torch.nan_to_num(w)
+    rows_g, rows_w = g.reshape(-1, g.shape[-1]) if g.dim() else g, \
+        w.reshape(-1, w.shape[-1]) if w.dim() else w
+    num = 2 * (rows_g * rows_w).sum(-1)
+    den = (rows_g * rows_g + rows_w * rows_w).sum(-1)
+    per_row = torch.where(den > 0, 1 - num / den.clamp_min(1e-300), 0.0)
+    whole = calc_diff(g, w)
+    worst_row = int(per_row.argmax()) if per_row.numel() else 0
+    worst = max(whole, float(per_row.max()) if per_row.numel() else 0.0)
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst_row),
+                                                       g.shape[:-1])) if per_row.numel() else None
+    passed = worst < bound
+    return Verdict(name, rule, passed, worst, None if passed else where,
+                   f"whole-tensor calc_diff {whole:.3g}")
+
+
+def relative_error(name: str, got, want: torch.Tensor, bound: float = FUSED_REL_ERR) -> Verdict:
+    """||got - want||_F / ||want||_F < bound (fused_moe_fp8's contract); where: the row
+    with the largest error."""
+    rule = f"rel. Frobenius error < {bound:g}"
+    bad = _shape_dtype(name, rule, got, want)
+    if bad:
+        return bad
+    g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    if not torch.equal(g.isnan(), w.isnan()):
+        return Verdict(name, rule, False, float("inf"), _first(g.isnan() != w.isnan()),
+                       "NaN where none is expected")
+    g, w = torch.nan_to_num(g), torch.nan_to_num(w)
+    err = float((g - w).norm() / w.norm().clamp_min(1e-30)) if w.numel() else 0.0
+    rows = (g - w).reshape(-1, g.shape[-1]).norm(dim=-1) if g.numel() else torch.zeros(0)
+    where = (int(rows.argmax()),) if rows.numel() and err >= bound else None
+    return Verdict(name, rule, err < bound, err, where, "")
+
+
+def fp8_ordinal(q: torch.Tensor) -> torch.Tensor:
+    """e4m3fn bit patterns as signed steps from zero (adjacent values differ by 1)."""
+    bits = q.detach().cpu().contiguous().view(torch.uint8).int()
+    mag = bits & 0x7F
+    return torch.where(bits >= 0x80, -mag, mag)
+
+
+def fp8_steps(name: str, got, want: torch.Tensor, max_steps: int = 1) -> Verdict:
+    """FP8 values within max_steps representable values (a scale's last-bit difference
+    moves a value by at most one step); NaN exactly where want has NaN."""
+    rule = f"fp8 within {max_steps} step(s)"
+    bad = _shape_dtype(name, rule, got, want)
+    if bad:
+        return bad
+    g_nan, w_nan = got.detach().cpu().float().isnan(), want.cpu().float().isnan()
+    if not torch.equal(g_nan, w_nan):
+        return Verdict(name, rule, False, float("inf"), _first(g_nan != w_nan),
+                       "NaN positions differ")
+    steps = torch.where(w_nan, 0, (fp8_ordinal(got) - fp8_ordinal(want)).abs())
+    worst = int(steps.max()) if steps.numel() else 0
+    where = tuple(int(i) for i in torch.unravel_index(steps.argmax(), steps.shape)) \
+        if worst > max_steps else None
+    detail = "" if where is None else (f"got {got.cpu()[where].float().item()}, expected "
+                                       f"{want.cpu()[where].float().item()}")
+    return Verdict(name, rule, worst <= max_steps, float(worst), where, detail)

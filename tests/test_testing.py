@@ -1,0 +1,328 @@
+"""moe_kernels.testing and moe-check: our backends pass every op's presets; each mutant of
+tests/mutants.py is caught with a message naming the case built for its failure mode;
+the adapters map vLLM's, SGLang's and DeepGEMM's conventions (emulated here from our
+reference: the projects themselves are not imported); the CLI's exit codes and JSON."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import testing
+from moe_kernels.testing import adapters, rules
+
+import mutants
+from helpers import HAS_CUDA, backend_params
+
+REF = "reference"
+ALL_OPS = testing.ops()
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_every_public_op_is_covered():
+    public = {"grouped_topk", "moe_align_block_size", "permute", "permute_masked", "unpermute",
+              "quantize_fp8_per_token_group", "silu_and_mul_quant_fp8", "quantize_fp8_block",
+              "dequantize_fp8_block", "grouped_gemm_fp8", "grouped_gemm_fp8_masked",
+              "fused_moe_fp8", "mla_decompress_kv", "mla_decompress_kv_paged"}
+    assert set(ALL_OPS) == public
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_edge_cases_are_named_and_explained(op):
+    cs = testing.cases(op, "edge")
+    names = [c.name for c in cs]
+    assert len(names) == len(set(names)) >= 5, names
+    assert all(c.why for c in cs)
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_presets_are_deterministic_per_seed(op):
+    a, b = testing.cases(op, "random", seed=3), testing.cases(op, "random", seed=3)
+    c = testing.cases(op, "random", seed=4)
+    flat = lambda cs: [v for case in cs for v in case.inputs.values()
+                       if isinstance(v, torch.Tensor)]
+    assert all(x.shape == y.shape and torch.equal(rules._bits(x), rules._bits(y))
+               for x, y in zip(flat(a), flat(b)))
+    assert [case.why for case in a] != [case.why for case in c] or \
+        any(x.shape != y.shape or not torch.equal(rules._bits(x), rules._bits(y))
+            for x, y in zip(flat(a), flat(c)))
+
+
+def _ours(op, backend):
+    return functools.partial(getattr(moe_kernels, op), backend=backend)
+
+
+def _preset_backend_params():
+    """Every preset on the C++ backend; Triton (interpreter) on the edge preset in CI and
+    on the others under the slow marker (about a minute)."""
+    params = []
+    for p in backend_params("cpu", ("cpu", "triton")):
+        backend = p.values[0]
+        for preset in testing.PRESETS:
+            slow = [pytest.mark.slow] if backend == "triton" and preset != "edge" else []
+            params.append(pytest.param(preset, backend, marks=list(p.marks) + slow,
+                                       id=f"{preset}-{backend}"))
+    return params
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("preset,backend", _preset_backend_params())
+def test_our_backends_pass(op, preset, backend):
+    report = testing.check(op, _ours(op, backend), preset=preset)
+    assert report.passed and not report.skipped and report.results
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("op", ALL_OPS)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_our_backends_pass_on_cuda(op, backend):
+    if backend not in moe_kernels.available_backends(torch.device("cuda")):
+        pytest.skip(f"{backend} unavailable on CUDA here")
+    try:
+        fn = _ours(op, backend)
+        for preset in testing.PRESETS:
+            testing.check(op, fn, preset=preset, device="cuda")
+    except moe_kernels.BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+# --- the checker fails when it should ------------------------------------------------------
+
+MUTANTS = [  # (op, mutant, the case built for its failure mode, what the message says)
+    ("grouped_topk", mutants.bias_in_weights, "bias_selects_only", "topk_weights"),
+    ("grouped_topk", mutants.reversed_ties, "all_ties", "topk_ids"),
+    ("grouped_gemm_fp8", mutants.dropped_weight_scale, "n_k_not_multiples_of_128", "calc_diff"),
+    ("grouped_gemm_fp8", mutants.missing_last_tile, "partial_tile", "at [128]"),
+    ("quantize_fp8_per_token_group", mutants.ignores_strides, "row_strided_x", "q: FAIL"),
+    ("unpermute", mutants.nan_from_padding, "skipped_ids", "NaN where none is expected"),
+]
+
+
+@pytest.mark.parametrize("op,mutant,case,words", MUTANTS, ids=[m[1].__name__ for m in MUTANTS])
+def test_mutant_is_caught(op, mutant, case, words):
+    with pytest.raises(AssertionError) as info:
+        testing.check(op, mutant)
+    message = str(info.value)
+    block = message.split(f"- case {case!r}")
+    assert len(block) == 2, f"case {case!r} not among the failures:\n{message}"
+    assert words in block[1].split("\n- case")[0], message
+
+
+def test_stride_mutant_fails_only_the_strided_case():
+    """The failure points at the cause: only the case with a row stride fails."""
+    report = testing.check("quantize_fp8_per_token_group", mutants.ignores_strides,
+                           raise_on_failure=False)
+    assert [r.case.name for r in report.failures] == ["row_strided_x"]
+
+
+def test_inputs_written_by_the_implementation_fail():
+    def writes_its_input(x, group_size=128, **kw):
+        out = moe_kernels.quantize_fp8_per_token_group(x, group_size, backend=REF, **kw)
+        x.zero_()
+        return out
+    with pytest.raises(AssertionError, match="wrote into x"):
+        testing.check("quantize_fp8_per_token_group", writes_its_input)
+
+
+def test_a_raising_implementation_fails_with_its_error():
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel not implemented for this shape")
+    report = testing.check("permute", broken, raise_on_failure=False)
+    assert not report.passed and all(r.error for r in report.failures)
+    assert "kernel not implemented" in report.message()
+
+
+def test_compare_reports_worst_error_and_index():
+    want = torch.zeros(4, 6, dtype=torch.bfloat16)
+    got = want.clone()
+    got[2, 5] = 1.0
+    comparison = testing.compare("dequantize_fp8_block", got, want)
+    (verdict,) = comparison.failures
+    assert verdict.where == (2, 5) and verdict.rule == "close" and verdict.worst > 1e4
+
+
+# --- adapters: the projects' conventions, emulated from our reference ------------------------
+
+def vllm_grouped_topk(hidden_states, gating_output, topk, renormalize, num_expert_group=0,
+                      topk_group=0, scoring_func="softmax", routed_scaling_factor=1.0,
+                      e_score_correction_bias=None):
+    assert hidden_states.shape[0] == gating_output.shape[0]
+    w, ids = moe_kernels.grouped_topk(
+        gating_output, topk, num_expert_group=num_expert_group, topk_group=topk_group,
+        scoring_func=scoring_func, correction_bias=e_score_correction_bias,
+        renormalize=renormalize, routed_scaling_factor=routed_scaling_factor, backend=REF)
+    return w.flip(-1), ids.flip(-1).long()      # another order within a row, int64
+
+
+def sglang_biased_grouped_topk(hidden_states, gating_output, correction_bias, topk,
+                               renormalize, num_expert_group, topk_group, *,
+                               routed_scaling_factor=1.0):
+    return moe_kernels.grouped_topk(gating_output, topk, num_expert_group=num_expert_group,
+                                    topk_group=topk_group, correction_bias=correction_bias,
+                                    renormalize=renormalize,
+                                    routed_scaling_factor=routed_scaling_factor, backend=REF)
+
+
+def sglang_grouped_topk(hidden_states, gating_output, topk, renormalize, num_expert_group,
+                        topk_group, *, routed_scaling_factor=1.0):
+    return moe_kernels.grouped_topk(gating_output, topk, num_expert_group=num_expert_group,
+                                    topk_group=topk_group, scoring_func="softmax",
+                                    renormalize=renormalize,
+                                    routed_scaling_factor=routed_scaling_factor, backend=REF)
+
+
+def vllm_align(topk_ids, block_size, num_experts):
+    """vLLM's buffer sizes, and each expert's entries in reverse (atomics order)."""
+    s, e, n = moe_kernels.moe_align_block_size(topk_ids, num_experts, block_size, backend=REF)
+    size = topk_ids.numel() + num_experts * (block_size - 1)
+    out = torch.full((size,), topk_ids.numel(), dtype=torch.int32)
+    runs = s[:int(n)].view(-1, block_size) if int(n) else s[:0].view(0, block_size)
+    out[:int(n)] = runs.flip(-1).reshape(-1) if block_size > 1 else runs.reshape(-1)
+    ids = torch.full((-(-size // block_size),), 0, dtype=torch.int32)
+    ids[:e.numel()] = e
+    return out, ids, n
+
+
+def vllm_align_op(topk_ids, num_experts, block_size, sorted_ids, expert_ids, post_pad):
+    assert int(sorted_ids[0]) == topk_ids.numel(), "vLLM prefills with T*K"
+    s, e, n = moe_kernels.moe_align_block_size(topk_ids, num_experts, block_size, backend=REF)
+    sorted_ids[:s.numel()] = s
+    expert_ids[:e.numel()] = e
+    post_pad.copy_(n)
+
+
+def sglang_align(topk_ids, num_experts, block_size, sorted_ids, expert_ids, post_pad, cumsum,
+                 pad_sorted_token_ids):
+    assert cumsum.shape == (num_experts + 1,) and pad_sorted_token_ids
+    vllm_align_op(topk_ids, num_experts, block_size, sorted_ids, expert_ids, post_pad)
+
+
+def deepgemm_contiguous(a, b, d, m_indices):
+    (x, sx), (w, sw) = a, b
+    assert sx.stride(0) == 1 or sx.shape[1] == 1 or sx.shape[0] <= 1, "DeepGEMM: column-major"
+    d.copy_(moe_kernels.grouped_gemm_fp8(x, sx, w, sw, m_indices, out_dtype=d.dtype,
+                                         backend=REF))
+
+
+def deepgemm_masked(a, b, d, masked_m, expected_m):
+    (x, sx), (w, sw) = a, b
+    assert sx.stride(1) == 1 or sx.shape[2] == 1, "DeepGEMM: column-major per group"
+    assert isinstance(expected_m, int)
+    d.copy_(moe_kernels.grouped_gemm_fp8_masked(x, sx, w, sw, masked_m, out_dtype=d.dtype,
+                                                backend=REF))
+
+
+ADAPTED = [
+    ("vllm_grouped_topk", vllm_grouped_topk),
+    ("sglang_biased_grouped_topk", sglang_biased_grouped_topk),
+    ("sglang_grouped_topk", sglang_grouped_topk),
+    ("vllm_moe_align_block_size", vllm_align),
+    ("vllm_moe_align_block_size_op", vllm_align_op),
+    ("sglang_moe_align_block_size", sglang_align),
+    ("deepgemm_contiguous", deepgemm_contiguous),
+    ("deepgemm_masked", deepgemm_masked),
+]
+
+
+@pytest.mark.parametrize("name,impl", ADAPTED, ids=[a[0] for a in ADAPTED])
+@pytest.mark.parametrize("preset", testing.PRESETS)
+def test_adapters_pass_a_correct_implementation(name, impl, preset):
+    op = adapters.ADAPTERS[name][0]
+    if name == "sglang_grouped_topk" and preset == "deepseek_v3":
+        # DeepSeek-V3 routes with a biased sigmoid: a softmax-only convention checks nothing,
+        # which check() says instead of passing
+        with pytest.raises(AssertionError, match="every case was skipped"):
+            testing.check(op, impl, adapter=name, preset=preset)
+        return
+    report = testing.check(op, impl, adapter=name, preset=preset)
+    assert report.passed and len(report.skipped) < len(report.results)
+
+
+def test_adapter_skips_what_its_convention_cannot_express():
+    """SGLang's biased top-k has no softmax: those cases are skipped, never passed."""
+    report = testing.check("grouped_topk", sglang_biased_grouped_topk,
+                           adapter="sglang_biased_grouped_topk")
+    skipped = {r.case.name for r in report.skipped}
+    assert "softmax_inf" in skipped and "bias_selects_only" not in skipped
+
+
+def test_adapter_with_a_bug_is_caught():
+    def vllm_reversed_ties(hidden_states, gating_output, topk, renormalize, num_expert_group=0,
+                           topk_group=0, scoring_func="softmax", routed_scaling_factor=1.0,
+                           e_score_correction_bias=None):
+        return mutants.reversed_ties(gating_output, topk, num_expert_group=num_expert_group,
+                                     topk_group=topk_group, scoring_func=scoring_func,
+                                     correction_bias=e_score_correction_bias,
+                                     renormalize=renormalize,
+                                     routed_scaling_factor=routed_scaling_factor)
+    with pytest.raises(AssertionError, match="case 'all_ties'"):
+        testing.check("grouped_topk", vllm_reversed_ties, adapter="vllm_grouped_topk")
+
+
+def test_adapter_for_another_op_is_refused():
+    with pytest.raises(ValueError, match="adapter 'deepgemm_masked' is for"):
+        testing.check("grouped_gemm_fp8", deepgemm_masked, adapter="deepgemm_masked")
+
+
+# --- moe-check ------------------------------------------------------------------------------
+
+def _moe_check(*args, tmp_path=None):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, os.environ.get(
+        "PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "moe_kernels.testing.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_passes_our_op_and_writes_json(tmp_path):
+    path = tmp_path / "report.json"
+    r = _moe_check("grouped_topk", "moe_kernels:grouped_topk", "--json", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all_ties" in r.stdout and "12 passed, 0 failed" in r.stdout
+    report = json.loads(path.read_text())
+    assert report["passed"] and len(report["cases"]) == 12
+
+
+def test_cli_fails_a_mutant_naming_the_case():
+    r = _moe_check("quantize_fp8_per_token_group", "mutants:ignores_strides")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "row_strided_x" in r.stdout and "FAIL" in r.stdout
+
+
+def test_cli_with_an_adapter():
+    r = _moe_check("grouped_gemm_fp8", "test_testing:deepgemm_contiguous", "--adapter",
+                   "deepgemm_contiguous", "--preset", "random")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cli_usage_errors():
+    assert _moe_check("grouped_topk", "no_colon").returncode == 2
+    assert _moe_check("grouped_topk", "no_such_module_xyz:f").returncode == 2
+    assert _moe_check("not_an_op", "moe_kernels:grouped_topk").returncode == 2
+
+
+def _doc_blocks():
+    text = open(os.path.join(TESTS_DIR, "..", "docs", "testing.md")).read()
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python")]
+
+
+def test_docs_worked_example_runs_as_written(tmp_path):
+    """docs/testing.md: the example kernel fails exactly the cases the page explains, the
+    printed report is what moe-check prints, and the Python snippet runs."""
+    module, snippet = _doc_blocks()
+    (tmp_path / "my_topk.py").write_text(module)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), TESTS_DIR]))
+    r = subprocess.run([sys.executable, "-m", "moe_kernels.testing.cli", "grouped_topk",
+                        "my_topk:grouped_topk"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 1
+    page = open(os.path.join(TESTS_DIR, "..", "docs", "testing.md")).read()
+    assert r.stdout.strip() in page, r.stdout
+    subprocess.run([sys.executable, "-c", snippet], check=True, env=env, cwd=tmp_path,
+                   timeout=300)
