@@ -7,7 +7,8 @@ routed experts + shared expert: fused_moe_fp8 (FP8 128x128 weights, 1x128 activa
 When the shared expert has the routed experts' width (n_shared_experts == 1, as in
 DeepSeek-V3), it is stored as expert E of the stacked weights and every token routes to it
 with weight 1: one fused_moe_fp8 call computes routed + shared, summed in float32 (SGLang's
-"shared experts fusion"). Otherwise it runs as a second fused_moe_fp8 call with E = 1.
+"shared experts fusion"). Otherwise it runs on its own (quantize, then the expert MLP
+over all rows: no permutation, every row goes to it) and is added.
 
 With an `ep_group` (expert parallelism, docs/expert_parallel.md) each rank holds only its
 placement's expert slots and the shared expert; forward gates locally, sends FP8 rows
@@ -32,7 +33,7 @@ from moe_kernels import checkpoint
 from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv
 from moe_kernels._validate import check_choice, check_int
 from moe_kernels.ops import expert_parallel as ep
-from moe_kernels.ops import fused_moe, gating
+from moe_kernels.ops import fp8, fused_moe, gating
 from moe_kernels.ops import permute as perm
 from moe_kernels.ops.fp8 import dequantize_fp8_block, quantize_fp8_block
 from moe_kernels.reference import fp8 as ref_fp8
@@ -133,7 +134,7 @@ class DeepseekV3MoE(nn.Module):
             check_int(op, "max_tokens_per_rank", max_tokens_per_rank, low=1)
         elif mode == "low_latency":
             raise ValueError(f"{op}: ep_mode='low_latency' needs max_tokens_per_rank")
-        self.ep_mode, self.max_tokens_per_rank, self.ep_rank = mode, max_tokens_per_rank, rank
+        self.ep_mode, self.max_tokens_per_rank = mode, max_tokens_per_rank
         # configuration, not weights: kept out of state_dict
         for name in ("phy2log", "log2phy", "logcnt"):
             self.register_buffer("ep_" + name, getattr(placement, name).to(kw["device"]),
@@ -223,12 +224,13 @@ class DeepseekV3MoE(nn.Module):
         return out
 
     def _shared_expert(self, backend, x):
-        """(T, H) in x's dtype: the shared expert's output rows (weight 1 leaves them
-        exact)."""
-        ones = x.new_ones(x.shape[0], 1, dtype=torch.float32)
-        return fused_moe.fused_moe_fp8_unchecked(
-            backend, x, self.shared_w13, self.shared_w13_scale, self.shared_w2,
-            self.shared_w2_scale, ones, torch.zeros_like(ones, dtype=torch.int32))
+        """(T, H) in x's dtype: the shared expert's output rows. Every row goes to the one
+        expert, so the rows need no permutation: quantize, then the MLP over all rows."""
+        q, s = fp8.quantize_fp8_per_token_group_unchecked(backend, x, SCALE_BLOCK, 1e-10,
+                                                          False, False)
+        gemm = fused_moe.dense_gemm(q.new_zeros(q.shape[0], dtype=torch.int32), backend)
+        return fused_moe.expert_mlp(backend, gemm, q, s, self.shared_w13, self.shared_w13_scale,
+                                    self.shared_w2, self.shared_w2_scale, x.dtype)
 
     def _experts_ep(self, backend, x, w, ids, mode):
         """Dispatch FP8 rows (the experts quantize them anyway: the same bits, half the

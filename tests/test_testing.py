@@ -326,3 +326,13 @@ def test_docs_worked_example_runs_as_written(tmp_path):
     assert r.stdout.strip() in page, r.stdout
     subprocess.run([sys.executable, "-c", snippet], check=True, env=env, cwd=tmp_path,
                    timeout=300)
+
+
+def test_align_comparison_needs_its_case():
+    """moe_align_block_size's outputs do not determine block_size: compare() says so
+    instead of guessing the block runs."""
+    case = testing.cases("moe_align_block_size", "edge")[3]
+    want = testing.run("moe_align_block_size", testing.reference("moe_align_block_size"), case)
+    assert testing.compare("moe_align_block_size", want, want, case).passed
+    with pytest.raises(ValueError, match="needs the case"):
+        testing.compare("moe_align_block_size", want, want)

@@ -81,8 +81,13 @@ def segment_gemm(layout, backend):
     if backend == "triton":
         return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_segments_unchecked(
             a, s, w, ws, layout.expert_offsets, layout.tokens_per_expert, dt)
+    return dense_gemm(layout.m_indices, backend)
+
+
+def dense_gemm(m_indices, backend):
+    """The contiguous grouped GEMM: row r by expert m_indices[r]."""
     return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_unchecked(
-        backend, a, s, w, ws, layout.m_indices, dt)
+        backend, a, s, w, ws, m_indices, dt)
 
 
 def masked_gemm(masked_m, backend):

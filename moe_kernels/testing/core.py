@@ -123,8 +123,9 @@ class Comparison:
 
 def compare(op: str, got, want, case: Case | None = None) -> Comparison:
     """Compares an implementation's result with the reference's, output by output, with
-    the op's rules (docs/testing.md). Some rules read the case's inputs (which rows of a
-    masked output count); without a case every row counts."""
+    the op's rules (docs/testing.md). Rules that depend on an input read it from `case`
+    (moe_align_block_size's block_size, which it requires; whether quantizer scales were
+    asked column-major)."""
     spec = _spec(op)
     try:
         got_out = spec.outputs(got)
@@ -146,18 +147,12 @@ class CaseResult:
         return self.skipped is not None or (self.error is None and self.comparison.passed)
 
     def worst(self) -> Verdict | None:
+        """The failing verdict with the largest error (each in its rule's unit), or the
+        largest of all when none fails."""
         if self.comparison is None:
             return None
-        failing = self.comparison.failures or self.comparison.verdicts
-        return max(failing, key=lambda v: v.worst / 1.0) if failing else None
-
-    def summary(self) -> str:
-        if self.skipped is not None:
-            return f"skipped: {self.skipped}"
-        if self.error is not None:
-            return self.error.strip().splitlines()[-1]
-        bad = self.comparison.failures
-        return "; ".join(str(v) for v in bad) if bad else "ok"
+        candidates = self.comparison.failures or self.comparison.verdicts
+        return max(candidates, key=lambda v: v.worst) if candidates else None
 
 
 @dataclass

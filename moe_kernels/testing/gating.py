@@ -36,7 +36,7 @@ def _edge(g, dev):
     return [
         _case("empty", "T = 0: shapes (0, K), no launch over nothing", rnd(0), 4, **ds),
         _case("one_token", "T = 1, the decode step", rnd(1), 4, **ds),
-        _case("all_ties", "every score equal: the lowest indices (and groups) win", 
+        _case("all_ties", "every score equal: the lowest indices (and groups) win",
               torch.zeros(5, E, device=dev), 4, groups=4, topk_group=2),
         _case("ties_in_groups", "integer logits: ties inside and between groups",
               torch.randint(-2, 3, (9, E), generator=g).float().to(dev), 4, **ds),

@@ -91,13 +91,13 @@ def compare_align(got: dict, want: dict, case=None) -> list:
                       want["num_tokens_post_padded"])
     if not n_v.passed:
         return [n_v]
-    n = int(want["num_tokens_post_padded"][0])
-    block = n // max(1, want["expert_ids"].numel()) if case is None else \
-        case.inputs["block_size"]
+    if case is None:   # the outputs do not determine the block size
+        raise ValueError("compare('moe_align_block_size', ...) needs the case (its block_size)")
+    n, block = int(want["num_tokens_post_padded"][0]), case.inputs["block_size"]
     verdicts = [n_v]
     s_g, e_g = got["sorted_token_ids"], got["expert_ids"]
     s_w, e_w = want["sorted_token_ids"], want["expert_ids"]
-    blocks = -(-n // block) if block else 0
+    blocks = -(-n // block)
     for name, t, need in (("sorted_token_ids", s_g, n), ("expert_ids", e_g, blocks)):
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() < need:
             verdicts.append(rules.Verdict(name, "length", False, float("inf"), None,
@@ -135,13 +135,13 @@ def _hidden(g, T, H, dev, dtype=torch.bfloat16):
     return torch.randn(T, H, generator=g).to(dtype).to(dev)
 
 
-def _permute_cases(op, extra):
+def _permute_cases(op, extra: dict):
     def make_cases(preset, g, dev):
         H = 48
         def mk(name, why, ids, E, **kw):
             T = ids.shape[0]
             inputs = dict(hidden=_hidden(g, T, H, dev), topk_ids=ids, num_experts=E)
-            inputs.update(extra(T))
+            inputs.update(extra)
             inputs.update(kw)
             return Case(op, name, inputs, why)
         if preset == "edge":
@@ -173,12 +173,6 @@ def _permute_cases(op, extra):
     return make_cases
 
 
-def _permute_extra(T):
-    return dict(align=4)
-
-
-def _masked_extra(T):
-    return dict(max_tokens_per_expert=3)   # small: the overflow path in every case
 
 
 # --- unpermute -------------------------------------------------------------------------
@@ -232,9 +226,9 @@ register(
     OpSpec("moe_align_block_size", ("topk_ids", "num_experts", "block_size"), _align_cases,
            _align_outputs, compare_align),
     OpSpec("permute", ("hidden", "topk_ids", "num_experts"),
-           _permute_cases("permute", _permute_extra), _layout_outputs, _compare_exact),
+           _permute_cases("permute", dict(align=4)), _layout_outputs, _compare_exact),
     OpSpec("permute_masked", ("hidden", "topk_ids", "num_experts", "max_tokens_per_expert"),
-           _permute_cases("permute_masked", _masked_extra), _layout_outputs, _compare_exact),
+           _permute_cases("permute_masked", dict(max_tokens_per_expert=3)), _layout_outputs, _compare_exact),
     OpSpec("unpermute", ("expert_out", "layout", "topk_weights"), _unpermute_cases,
            lambda r: {"out": r}, compare_unpermute),
 )

@@ -145,17 +145,15 @@ def gemm(name: str, got, want: torch.Tensor, bound: float = GEMM_CALC_DIFF) -> V
         where = _first(g.isnan() != w.isnan())
         return Verdict(name, rule, False, float("inf"), where, "NaN where none is expected")
     g, w = torch.nan_to_num(g), torch.nan_to_num(w)
-    rows_g, rows_w = g.reshape(-1, g.shape[-1]) if g.dim() else g, \
-        w.reshape(-1, w.shape[-1]) if w.dim() else w
-    num = 2 * (rows_g * rows_w).sum(-1)
-    den = (rows_g * rows_g + rows_w * rows_w).sum(-1)
-    per_row = torch.where(den > 0, 1 - num / den.clamp_min(1e-300), 0.0)
     whole = calc_diff(g, w)
-    worst_row = int(per_row.argmax()) if per_row.numel() else 0
-    worst = max(whole, float(per_row.max()) if per_row.numel() else 0.0)
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst_row),
-                                                       g.shape[:-1])) if per_row.numel() else None
+    if not g.numel():
+        return Verdict(name, rule, True, 0.0, None, "empty")
+    num = 2 * (g * w).sum(-1)                       # per row: (..., N) -> (...)
+    den = (g * g + w * w).sum(-1)
+    per_row = torch.where(den > 0, 1 - num / den.clamp_min(1e-300), 0.0)
+    worst = max(whole, float(per_row.max()))
     passed = worst < bound
+    where = tuple(int(i) for i in torch.unravel_index(per_row.argmax(), per_row.shape))
     return Verdict(name, rule, passed, worst, None if passed else where,
                    f"whole-tensor calc_diff {whole:.3g}")
 
