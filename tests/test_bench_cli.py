@@ -40,6 +40,23 @@ def test_compare_flags_regressions(tmp_path, capsys):
     assert cli.main(["--compare", a, b, "--threshold", "0.25"]) == 0
 
 
+def test_compare_flags_kernels_behind_compile(tmp_path, capsys):
+    rows = [("op", "c", "cpu", 10.0, True), ("op", "c", "torch-compile", 8.0, True),
+            ("op", "c", "torch-eager", 50.0, True),
+            ("op", "d", "cpu", 7.0, True), ("op", "d", "torch-compile", 8.0, True)]
+    b = _write(tmp_path / "b.json", rows, "b")
+    assert cli.main(["--compare", b]) == 1
+    out = capsys.readouterr().out
+    lines = {tuple(line.split()[:3]): line for line in out.splitlines()}
+    assert "BEHIND COMPILE (0.80x)" in lines[("op", "c", "cpu")]
+    assert "BEHIND" not in lines[("op", "d", "cpu")] + lines[("op", "c", "torch-eager")]
+    assert "1 case(s) behind torch.compile" in out
+    a = _write(tmp_path / "a.json", rows, "a")        # no regression, still behind
+    assert cli.main(["--compare", a, b]) == 1
+    ahead = _write(tmp_path / "ahead.json", rows[3:], "c")
+    assert cli.main(["--compare", ahead]) == 0
+
+
 def test_compare_flags_incorrect(tmp_path, capsys):
     a = _write(tmp_path / "a.json", [("op", "c", "cpu", 10.0, True)], "a")
     b = _write(tmp_path / "b.json", [("op", "c", "cpu", 1.0, False)], "b")

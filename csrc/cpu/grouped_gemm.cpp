@@ -1,124 +1,171 @@
 // FP8 grouped GEMMs on the CPU (semantics:
-// moe_kernels/reference/grouped_gemm.py). Per expert: dequantize its weight block by block
-// into float32 (parallel over rows of N), gather its rows of `a` dequantized, and one
-// at::mm (itself parallel). Dequantize-then-multiply equals "promotion every 128" up to
-// float32 rounding, since a scale is constant over each 128-wide K block.
+// moe_kernels/reference/grouped_gemm.py). The rows of `a` taken by any expert are
+// dequantized to float32 once (parallel over rows). Then one parallel loop over (expert,
+// block of weight rows), so that two threads share even a single expert:
+// - an expert with few rows (decode) runs the GEMV of simd.h, which streams its FP8 weight
+//   once and decodes it in registers;
+// - an expert with more rows has its rows packed into panels once, and each task decodes
+//   its block of weight rows to float32 (in L2) for the register-tiled GEMM of simd.h.
+//   Against dequantizing a whole expert and at::mm, this skips writing and re-reading the
+//   float32 weight and MKL's own packing copy (GEMM1/14: 2.63 -> see docs/benchmarks.md).
+// Dequantize-then-multiply equals "promotion every 128" up to float32 rounding, since a
+// scale is constant over each 128-wide K block.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "../fp8.h"
 #include "../ops.h"
-#include "vec_math.h"
+#include "simd.h"
 
 namespace moe_kernels {
 namespace {
 
 using fp8_t = c10::Float8_e4m3fn;
 
+const uint8_t* fp8_bytes(const at::Tensor& t) {
+  return reinterpret_cast<const uint8_t*>(t.data_ptr<fp8_t>());
+}
+
 // rows x (K) of fp8 `a` with per-128 scales -> float32 (rows, K)
 at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
                         const std::vector<int64_t>& rows) {
   const int64_t K = a.size(1), n = static_cast<int64_t>(rows.size());
   at::Tensor out = at::empty({n, K}, a.options().dtype(at::kFloat));
-  const fp8_t* ap = a.data_ptr<fp8_t>();
+  const uint8_t* ap = fp8_bytes(a);
   const float* sp = a_scales.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t sa = a.stride(0), ssm = a_scales.stride(0), ssk = a_scales.stride(1);
+  const SimdKernels& k = simd();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = rows[i];
-      dequant_row(ap + r * sa, sp + r * ssm, ssk, K, kScaleBlock, op + i * K);
+      k.dequant_row(ap + r * sa, sp + r * ssm, ssk, K, kScaleBlock, op + i * K);
     }
   });
   return out;
 }
 
-// b[e] (N, K) fp8 with 128x128 scales -> float32 (N, K)
-at::Tensor dequant_expert(const at::Tensor& b, const at::Tensor& b_scales, int64_t e) {
-  const int64_t N = b.size(1), K = b.size(2), KB = b_scales.size(2);
-  at::Tensor out = at::empty({N, K}, b.options().dtype(at::kFloat));
-  const fp8_t* bp = b.data_ptr<fp8_t>() + e * N * K;
-  const float* sp = b_scales.data_ptr<float>() + e * b_scales.size(1) * KB;
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      dequant_row(bp + n * K, sp + (n / kScaleBlock) * KB, 1, K, kScaleBlock, op + n * K);
-    }
-  });
-  return out;
-}
+// Weight rows per task. GEMV: 64 rows of K = 7168 are 448 KB of FP8, and N = 4096 gives
+// 64 tasks per expert to balance over the threads. GEMM: 48 rows (4 tiles of 12) decoded to
+// float32 stay in the L2 beside the expert's activation panels.
+constexpr int64_t kGemvBlockN = 64;
+constexpr int64_t kGemmBlockN = 48;
 
-// acc[r] += scale * sum_k x[r * ldx + k] * w[k] for r < m, k < len: 16 partial sums in a
-// fixed order (deterministic, and vectorized where one running sum would not be).
-MOE_VEC_CLONES void scaled_dots(const float* x, int64_t ldx, int64_t m, const float* w,
-                                int64_t len, float scale, float* acc) {
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * ldx;
-    float part[16] = {};
-    int64_t k = 0;
-    for (; k + 16 <= len; k += 16)
-      for (int j = 0; j < 16; ++j) part[j] += xr[k + j] * w[k + j];
-    float sum = 0.0f;
-    for (int j = 0; j < 16; ++j) sum += part[j];
-    for (; k < len; ++k) sum += xr[k] * w[k];
-    acc[r] += sum * scale;
+// The rows of `a` each expert takes, listed expert by expert: expert e's are
+// rows[start[e] .. start[e + 1]).
+struct ExpertRows {
+  std::vector<int64_t> rows, start;
+  int64_t count(int64_t e) const { return start[e + 1] - start[e]; }
+};
+
+// One unit of parallel work: weight rows [n0, n0 + block) of expert e.
+struct Task {
+  int64_t e, n0;
+  bool gemv;
+};
+
+// Activation panels (simd.h, pack_panels) of every expert with more rows than a GEMV
+// takes; offset[e] is expert e's first float in the returned buffer.
+at::Tensor pack_experts(const at::Tensor& x, const ExpertRows& er, std::vector<int64_t>& offset) {
+  const SimdKernels& k = simd();
+  const int64_t E = static_cast<int64_t>(er.start.size()) - 1, K = x.size(1);
+  int64_t total = 0;
+  std::vector<int64_t> large;
+  offset.assign(E, -1);
+  for (int64_t e = 0; e < E; ++e) {
+    if (er.count(e) <= kMaxGemvRows) continue;
+    offset[e] = total;
+    total += ceil_div(er.count(e), k.panel_rows) * k.panel_rows * K;
+    large.push_back(e);
   }
-}
-
-MOE_VEC_CLONES void decode_fp8(const fp8_t* src, int64_t n, float* dst) {
-  const uint8_t* bits = reinterpret_cast<const uint8_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = fp8_value(bits[i]);
-}
-
-// Few rows (decode): y = x @ b[e].T from one 128-wide block of a weight row at a time,
-// decoded into an L1 buffer, so the (N, K) float32 weight is never written and read back
-// (dequantizing it cost more than the GEMV itself at T=1). Parallel over weight rows.
-at::Tensor small_expert_gemm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& b_scales,
-                             int64_t e) {
-  const int64_t m = x.size(0), K = x.size(1), N = b.size(1), KB = b_scales.size(2);
-  at::Tensor y = at::empty({m, N}, x.options());
+  at::Tensor panels = at::empty({total}, x.options());
+  float* pp = panels.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  const fp8_t* bp = b.data_ptr<fp8_t>() + e * N * K;
-  const float* sp = b_scales.data_ptr<float>() + e * b_scales.size(1) * KB;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    float buf[kScaleBlock];
-    std::vector<float> acc(m);
-    for (int64_t n = begin; n < end; ++n) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const fp8_t* row = bp + n * K;
-      const float* srow = sp + (n / kScaleBlock) * KB;
-      for (int64_t k0 = 0; k0 < K; k0 += kScaleBlock) {
-        const int64_t len = std::min(kScaleBlock, K - k0);
-        decode_fp8(row + k0, len, buf);
-        scaled_dots(xp + k0, K, m, buf, len, srow[k0 / kScaleBlock], acc.data());
-      }
-      for (int64_t r = 0; r < m; ++r) yp[r * N + n] = acc[r];
+  at::parallel_for(0, static_cast<int64_t>(large.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = large[i];
+      k.pack_panels(xp + er.start[e] * K, er.count(e), K, pp + offset[e]);
     }
   });
-  return y;
+  return panels;
 }
 
-// Up to this many rows an expert takes small_expert_gemm: 8 rows x 128 columns of
-// activations stay in L1 beside the decoded weight block.
-constexpr size_t kSmallRows = 8;
-
-// out[rows] = (a[rows] dequantized) @ b[e].T dequantized, cast to out's dtype
-void expert_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
-                 const at::Tensor& b_scales, int64_t e, const std::vector<int64_t>& rows,
-                 at::Tensor& out) {
-  if (rows.empty()) return;
-  const at::Tensor x = dequant_rows(a, a_scales, rows);
-  at::Tensor y = rows.size() <= kSmallRows ? small_expert_gemm(x, b, b_scales, e)
-                                           : at::mm(x, dequant_expert(b, b_scales, e).t());
-  const bool contiguous_run = rows.back() - rows.front() + 1 == static_cast<int64_t>(rows.size());
-  if (contiguous_run) {
-    out.narrow(0, rows.front(), static_cast<int64_t>(rows.size())).copy_(y);
-  } else {
-    out.index_copy_(0, at::tensor(rows, out.options().dtype(at::kLong)), y.to(out.scalar_type()));
+SrcType out_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return SrcType::bf16;
+    case at::kHalf: return SrcType::f16;
+    case at::kFloat: return SrcType::f32;
+    default: TORCH_CHECK_TYPE(false, "out must be bfloat16, float16 or float32, got ", t);
   }
+}
+
+// out[rows] = (a[rows] dequantized) @ b[e].T dequantized for every expert, rounded to
+// out's dtype as each value is stored (no float32 result pass); rows of out that no expert
+// takes are zeroed. out must have a unit column stride.
+void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                  const at::Tensor& b_scales, const ExpertRows& er, at::Tensor& out) {
+  std::vector<bool> written(out.size(0), false);
+  for (int64_t r : er.rows) written[r] = true;
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t row_bytes = out.size(1) * out.element_size();
+  for (int64_t r = 0; r < out.size(0); ++r)
+    if (!written[r]) std::memset(base + r * out.stride(0) * out.element_size(), 0, row_bytes);
+  const int64_t n = static_cast<int64_t>(er.rows.size());
+  if (n == 0) return;
+  const int64_t E = b.size(0), N = b.size(1), K = b.size(2), KB = b_scales.size(2);
+  const at::Tensor x = dequant_rows(a, a_scales, er.rows);
+  std::vector<int64_t> offset;
+  const at::Tensor panels = pack_experts(x, er, offset);
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t m = er.count(e);
+    if (m == 0) continue;
+    const bool gemv = m <= kMaxGemvRows;
+    for (int64_t n0 = 0; n0 < N; n0 += gemv ? kGemvBlockN : kGemmBlockN)
+      tasks.push_back({e, n0, gemv});
+  }
+  const uint8_t* bp = fp8_bytes(b);
+  const float* bsp = b_scales.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* pp = panels.data_ptr<float>();
+  const SrcType type = out_type(out.scalar_type());
+  const SimdKernels& k = simd();
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> wbuf;
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = tasks[t];
+      const int64_t r0 = er.start[task.e], m = er.count(task.e);
+      const uint8_t* be = bp + task.e * N * K;
+      const float* se = bsp + task.e * b_scales.size(1) * KB;
+      const OutRows y{out.data_ptr(), type, out.stride(0), er.rows.data() + r0};
+      if (task.gemv) {
+        k.gemv_fp8(xp + r0 * K, K, m, be, se, K, task.n0, std::min(N, task.n0 + kGemvBlockN), y);
+        continue;
+      }
+      const int64_t nb = std::min(kGemmBlockN, N - task.n0), ldw = gemm_weight_stride(K);
+      wbuf.resize(nb * ldw);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t row = task.n0 + i;
+        k.dequant_row(be + row * K, se + (row / kScaleBlock) * KB, 1, K, kScaleBlock,
+                      wbuf.data() + i * ldw);
+      }
+      k.gemm_panels(pp + offset[task.e], m, wbuf.data(), ldw, nb, K, y, task.n0);
+    }
+  });
+}
+
+// experts_gemm into out, through a packed copy when out's columns are strided
+void experts_gemm_into(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
+                       const at::Tensor& b_scales, const ExpertRows& er, at::Tensor& out) {
+  if (out.size(1) <= 1 || out.stride(1) == 1) return experts_gemm(a, a_scales, b, b_scales, er, out);
+  at::Tensor packed = at::empty(out.sizes(), out.options());
+  experts_gemm(a, a_scales, b, b_scales, er, packed);
+  out.copy_(packed);
 }
 
 void check_b(const at::Tensor& b, const at::Tensor& b_scales, int64_t K) {
@@ -145,12 +192,16 @@ void grouped_gemm_fp8_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor b_scales = b_scales_in.contiguous();
   const at::Tensor m_indices = m_indices_in.to(at::kLong).contiguous();
-  out.zero_();  // rows without an expert are zero
-  std::vector<std::vector<int64_t>> rows(E);
   const int64_t* mp = m_indices.data_ptr<int64_t>();
+  ExpertRows er{{}, std::vector<int64_t>(E + 1, 0)};
   for (int64_t r = 0; r < R; ++r)
-    if (mp[r] >= 0 && mp[r] < E) rows[mp[r]].push_back(r);
-  for (int64_t e = 0; e < E; ++e) expert_gemm(a, a_scales_in, b, b_scales, e, rows[e], out);
+    if (mp[r] >= 0 && mp[r] < E) ++er.start[mp[r] + 1];
+  for (int64_t e = 0; e < E; ++e) er.start[e + 1] += er.start[e];
+  er.rows.resize(er.start[E]);
+  std::vector<int64_t> fill(er.start.begin(), er.start.end() - 1);
+  for (int64_t r = 0; r < R; ++r)
+    if (mp[r] >= 0 && mp[r] < E) er.rows[fill[mp[r]]++] = r;
+  experts_gemm_into(a, a_scales_in, b, b_scales, er, out);
 }
 
 at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
@@ -181,13 +232,14 @@ void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a_in, const at::Tensor& a
   const at::Tensor b = b_in.contiguous(), b_scales = b_scales_in.contiguous();
   const at::Tensor masked_m = masked_m_in.to(at::kLong).contiguous();
   at::Tensor flat = out.view({E * M, N});
-  flat.zero_();  // rows >= masked_m[e] are zero
   const int64_t* mm = masked_m.data_ptr<int64_t>();
+  ExpertRows er{{}, {0}};
   for (int64_t e = 0; e < E; ++e) {
-    std::vector<int64_t> rows;
-    for (int64_t i = 0; i < std::min(std::max(mm[e], int64_t{0}), M); ++i) rows.push_back(e * M + i);
-    expert_gemm(a, a_scales, b, b_scales, e, rows, flat);
+    const int64_t valid = std::min(std::max(mm[e], int64_t{0}), M);
+    for (int64_t i = 0; i < valid; ++i) er.rows.push_back(e * M + i);
+    er.start.push_back(static_cast<int64_t>(er.rows.size()));
   }
+  experts_gemm_into(a, a_scales, b, b_scales, er, flat);
 }
 
 at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,

@@ -7,11 +7,11 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "../fp8.h"
 #include "../ops.h"
+#include "simd.h"
 
 namespace moe_kernels {
 namespace {
@@ -38,40 +38,39 @@ at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_
   return w.to(at::kFloat).contiguous();
 }
 
+SrcType src_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return SrcType::f32;
+    case at::kBFloat16: return SrcType::bf16;
+    case at::kHalf: return SrcType::f16;
+    default: TORCH_CHECK_TYPE(false, "the latent cache must be fp8, bf16, fp16 or float32, got ", t);
+  }
+}
+
 // (n, width) float32: rows offsets[t0 .. t0 + n) of storage, times scale; zeros for -1
-template <typename in_t>
-at::Tensor gather(const at::Tensor& storage, const std::vector<int64_t>& offsets, int64_t t0,
-                  int64_t n, int64_t width, float scale) {
+at::Tensor gather_any(const at::Tensor& storage, const std::vector<int64_t>& offsets,
+                      int64_t t0, int64_t n, int64_t width, float scale) {
   at::Tensor x = at::empty({n, width}, storage.options().dtype(at::kFloat));
-  const in_t* base = storage.data_ptr<in_t>();
+  const bool fp8 = storage.scalar_type() == at::kFloat8_e4m3fn;
+  const SrcType type = fp8 ? SrcType::f32 : src_type(storage.scalar_type());
+  const char* base = static_cast<const char*>(storage.data_ptr());
+  const int64_t elem = storage.element_size();
   float* xp = x.data_ptr<float>();
+  const SimdKernels& k = simd();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t off = offsets[t0 + i];
       float* xi = xp + i * width;
       if (off < 0) {
         std::fill(xi, xi + width, 0.0f);
-        continue;
-      }
-      if constexpr (std::is_same_v<in_t, fp8_t>) {
-        dequant_row(base + off, &scale, 0, width, width, xi);
+      } else if (fp8) {
+        k.dequant_row(reinterpret_cast<const uint8_t*>(base) + off, &scale, 0, width, width, xi);
       } else {
-        for (int64_t c = 0; c < width; ++c) xi[c] = static_cast<float>(base[off + c]) * scale;
+        k.convert_row(base + off * elem, type, width, scale, xi);
       }
     }
   });
   return x;
-}
-
-at::Tensor gather_any(const at::Tensor& storage, const std::vector<int64_t>& offsets,
-                      int64_t t0, int64_t n, int64_t width, float scale) {
-  if (storage.scalar_type() == at::kFloat8_e4m3fn)
-    return gather<fp8_t>(storage, offsets, t0, n, width, scale);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, storage.scalar_type(), "mla_gather",
-                                  [&] { out = gather<scalar_t>(storage, offsets, t0, n, width,
-                                                               scale); });
-  return out;
 }
 
 // latent / pe: storage of the latent rows and of k_pe (the same cache when paged)

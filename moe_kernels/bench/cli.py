@@ -14,8 +14,8 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels.bench import OPS
-from moe_kernels.bench.common import (copy_bandwidth_gbps, device_name, format_table,
-                                      measuring, noise_warning)
+from moe_kernels.bench.common import (behind_compile, copy_bandwidth_gbps, device_name,
+                                      format_table, measuring, noise_warning)
 
 
 def _git_commit() -> str:
@@ -43,9 +43,10 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="PATH",
                    help="also write a PNG of each kernel's %% of roofline (needs matplotlib: "
                         "pip install 'moe_kernels[plot]')")
-    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="no run: print B's speedup over A per op/case/backend and flag "
-                        "regressions (exit 1 if any)")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="no run: A.json B.json prints B's speedup over A per op/case/backend "
+                        "and flags regressions; with B.json alone, or both, flags every case "
+                        "where a kernel is slower than torch.compile (exit 1 if any flag)")
     p.add_argument("--sm90-report", nargs="?", const="-", metavar="PATH",
                    help="no run: compile every Triton kernel for the H100 (sm_90a, no GPU "
                         "needed), print registers / spills / shared memory / wgmma / waits "
@@ -63,9 +64,12 @@ def main(argv=None) -> int:
         from moe_kernels.bench import sm90
         return sm90.main([] if args.sm90_report == "-" else ["--markdown", args.sm90_report])
     if args.compare:
-        table, regressions = compare(*args.compare, threshold=args.threshold)
+        if len(args.compare) > 2:
+            raise SystemExit("moe-bench --compare takes B.json or A.json B.json")
+        a, b = (None, *args.compare) if len(args.compare) == 1 else args.compare
+        table, flagged = compare(a, b, threshold=args.threshold)
         print(table)
-        return 1 if regressions else 0
+        return 1 if flagged else 0
     if args.plot:
         _require_matplotlib()
     # Inductor's compile workers are processes that outlive the compile and compete with
@@ -76,6 +80,7 @@ def main(argv=None) -> int:
             "triton": triton.__version__, "python": platform.python_version(),
             "commit": _git_commit(), "extension": _library.extension_loaded(),
             "extension_cuda": _library.extension_has_cuda(),
+            "cpu_isa": _library._C.cpu_isa() if _library.extension_loaded() else None,
             "copy_gbps": round(copy_bandwidth_gbps(args.device), 1)}
     print("moe-bench: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     results = []
@@ -88,6 +93,9 @@ def main(argv=None) -> int:
     warning = noise_warning(results)
     if warning:
         print(warning, file=sys.stderr)
+    for op, case, backend, speedup in behind_compile(results):
+        print(f"moe-bench: {op} '{case}' {backend}: {speedup:.2f}x torch.compile (behind)",
+              file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,
@@ -107,40 +115,54 @@ def _key(r: dict) -> tuple[str, str, str]:
     return r["op"], r["case"], r["backend"]
 
 
-def compare(path_a: str, path_b: str, threshold: float = 0.05) -> tuple[str, list]:
-    """(table, regressions): B's speedup over A for every (op, case, backend) in both;
-    a regression is B slower than A by more than `threshold`, or B incorrect."""
-    with open(path_a) as f:
-        a = json.load(f)
-    with open(path_b) as f:
-        b = json.load(f)
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def compare(path_a: str | None, path_b: str, threshold: float = 0.05) -> tuple[str, list]:
+    """(table, flagged). With A: B's speedup over A for every (op, case, backend) in both,
+    REGRESSION where B is slower than A by more than `threshold`, INCORRECT where B
+    disagrees with the reference. Always: BEHIND COMPILE where a kernel of B is slower than
+    torch.compile in B's same case."""
+    b = _load(path_b)
+    a = _load(path_a) if path_a else {"meta": {}, "results": []}
     a_by = {_key(r): r for r in a["results"]}
+    behind = {(op, case, backend): f"BEHIND COMPILE ({speedup:.2f}x)"
+              for op, case, backend, speedup in behind_compile(b["results"])}
     head = ("op", "case", "backend", "A us", "B us", "speedup", "")
-    rows, regressions = [], []
+    rows, flagged = [], []
     for r in b["results"]:
         old = a_by.get(_key(r))
-        if old is None:
-            rows.append((*_key(r), "-", f"{r['time_us']:.2f}", "-", "new"))
-            continue
-        speedup = old["time_us"] / r["time_us"] if r["time_us"] > 0 else float("inf")
-        flag = ""
+        speedup = "-"
+        flags = []
+        if old is not None:
+            ratio = old["time_us"] / r["time_us"] if r["time_us"] > 0 else float("inf")
+            speedup = f"{ratio:.2f}x"
+            if ratio < 1.0 / (1.0 + threshold):
+                flags.append("REGRESSION")
+        elif path_a:
+            flags.append("new")
         if r.get("correct") is False:
-            flag = "INCORRECT"
-        elif speedup < 1.0 / (1.0 + threshold):
-            flag = "REGRESSION"
-        if flag:
-            regressions.append(_key(r))
-        rows.append((*_key(r), f"{old['time_us']:.2f}", f"{r['time_us']:.2f}",
-                     f"{speedup:.2f}x", flag))
+            flags.append("INCORRECT")
+        if _key(r) in behind:
+            flags.append(behind[_key(r)])
+        if any(f != "new" for f in flags):
+            flagged.append(_key(r))
+        rows.append((*_key(r), f"{old['time_us']:.2f}" if old else "-", f"{r['time_us']:.2f}",
+                     speedup, " ".join(flags)))
     missing = [k for k in a_by if k not in {_key(r) for r in b["results"]}]
     rows += [(*k, f"{a_by[k]['time_us']:.2f}", "-", "-", "missing in B") for k in missing]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     title = (f"A: {path_a} ({a['meta'].get('device')}, {a['meta'].get('commit')})\n"
-             f"B: {path_b} ({b['meta'].get('device')}, {b['meta'].get('commit')})")
-    summary = f"{len(regressions)} regression(s) beyond {threshold:.0%}"
+             if path_a else "")
+    title += f"B: {path_b} ({b['meta'].get('device')}, {b['meta'].get('commit')})"
+    n_reg = sum("REGRESSION" in r[-1] for r in rows)
+    summary = (f"{n_reg} regression(s) beyond {threshold:.0%}, {len(behind)} case(s) behind "
+               f"torch.compile")
     return "\n".join([title, line(head), line(["-" * w for w in widths])]
-                     + [line(r) for r in rows] + [summary]), regressions
+                     + [line(r) for r in rows] + [summary]), flagged
 
 
 def _require_matplotlib():

@@ -285,6 +285,21 @@ def format_table(results: list[Result]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def behind_compile(rows) -> list[tuple[str, str, str, float]]:
+    """(op, case, backend, ours / compile speedup) of every kernel row slower than the
+    torch.compile row of its case; rows are Results or their JSON dicts."""
+    get = lambda r, k: r[k] if isinstance(r, dict) else getattr(r, k)
+    compiled = {(get(r, "op"), get(r, "case")): get(r, "time_us") for r in rows
+                if get(r, "backend") == "torch-compile"}
+    behind = []
+    for r in rows:
+        comp = compiled.get((get(r, "op"), get(r, "case")))
+        if comp is None or get(r, "backend").startswith("torch") or get(r, "time_us") <= comp:
+            continue
+        behind.append((get(r, "op"), get(r, "case"), get(r, "backend"), comp / get(r, "time_us")))
+    return behind
+
+
 def noise_warning(results: list[Result]) -> str | None:
     """A warning naming the rows whose repetitions spread past NOISY_SPREAD, or None."""
     noisy = [r for r in results if r.spread > NOISY_SPREAD]

@@ -1,0 +1,76 @@
+// The CPU kernels' vector inner loops, built three times from one source
+// (simd_kernels.inc): for AVX-512 (F, BW, VL, DQ with FMA and F16C; 16 float lanes), for
+// AVX2 (with FMA and F16C; 8 lanes) and for the x86-64 baseline (SSE2, 4 lanes). simd()
+// picks the widest this CPU runs; MOE_KERNELS_CPU_ISA=avx2|generic (or set_cpu_isa) picks
+// a narrower one, which is how tests run every build on one machine.
+//
+// Framework-free on purpose: the AVX-512 translation unit must not instantiate inline
+// functions (torch's, the standard library's) that the rest of the extension would then
+// link to and run on CPUs without AVX-512.
+#pragma once
+#include <cstdint>
+
+namespace moe_kernels {
+
+enum class SrcType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+// Where GEMM results go: row i of a call's rows is row rows[i] of base (ld elements apart),
+// stored as `type` (bf16 rounded to nearest even, as torch converts).
+struct OutRows {
+  void* base;
+  SrcType type;
+  int64_t ld;
+  const int64_t* rows;
+};
+
+struct SimdKernels {
+  const char* name;
+  // One row of FP8 per-token-group quantization: q[c] and s[g * s_stride] for the W
+  // values of x (gated: silu(x[c]) * x[W + c]). Needs group % 16 == 0, group <=
+  // kMaxSimdGroup and W % 16 == 0 (the caller falls back otherwise).
+  void (*quantize_row)(const void* x, SrcType type, int64_t W, int64_t group, float eps,
+                       bool ue8m0, bool gated, uint8_t* q, float* s, int64_t s_stride);
+  // dst[k] = fp8 q[k] * scales[(k / block) * scale_stride] for k < n
+  void (*dequant_row)(const uint8_t* q, const float* scales, int64_t scale_stride, int64_t n,
+                      int64_t block, float* dst);
+  // dst[k] = float(x[k]) * scale for k < n
+  void (*convert_row)(const void* x, SrcType type, int64_t n, float scale, float* dst);
+  // Few rows against FP8 weight rows, the weights decoded a vector at a time in registers:
+  // y[r][n] = sum_k x[r * ldx + k] * (w[n * K + k] * w_scales[(n / 128) * KB + k / 128])
+  // for r < m (m <= kMaxGemvRows), n in [n0, n1), y[r][n] stored at row r, column n of y.
+  void (*gemv_fp8)(const float* x, int64_t ldx, int64_t m, const uint8_t* w,
+                   const float* w_scales, int64_t K, int64_t n0, int64_t n1, const OutRows& y);
+  // Many rows: pack_panels lays x (m, K) float32 out as ceil(m / panel_rows) panels of
+  // (K, panel_rows) (rows past m zero), from which gemm_panels computes, at row r and
+  // column n0 + n of y, sum_k x[r * K + k] * w[n * ldw + k] for r < m, n < nw (w float32;
+  // an ldw of K + 16 keeps the tile's weight rows out of one L1 set when K * 4 is a
+  // multiple of 4096: gemm_weight_stride).
+  int64_t panel_rows;
+  void (*pack_panels)(const float* x, int64_t m, int64_t K, float* p);
+  void (*gemm_panels)(const float* p, int64_t m, const float* w, int64_t ldw, int64_t nw,
+                      int64_t K, const OutRows& y, int64_t n0);
+};
+
+constexpr int64_t kMaxSimdGroup = 2048;
+
+// The row stride of weights given to gemm_panels: K padded by one cache line.
+inline int64_t gemm_weight_stride(int64_t K) { return K + 16; }
+constexpr int64_t kMaxGemvRows = 8;
+
+namespace simd_avx512 {
+extern const SimdKernels kernels;
+bool supported();
+}  // namespace simd_avx512
+namespace simd_avx2 {
+extern const SimdKernels kernels;
+bool supported();
+}  // namespace simd_avx2
+namespace simd_generic {
+extern const SimdKernels kernels;
+}
+
+const SimdKernels& simd();
+// "avx512", "avx2" or "generic"; an ISA this CPU lacks is refused (returns false).
+bool set_cpu_isa(const char* name);
+
+}  // namespace moe_kernels

@@ -1,0 +1,139 @@
+"""Every vector build of the C++ CPU kernels (csrc/cpu/simd.h: avx512, avx2, generic) on
+this one machine: each is switched in with `_C.set_cpu_isa` and held to the reference by
+the same rules as the default build. The op tests run the default (widest) build only."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import _library, testing
+from moe_kernels.reference import fp8 as ref_fp8
+
+from helpers import assert_fp8_close, calc_diff
+
+pytestmark = pytest.mark.skipif(not _library.extension_loaded(),
+                                reason="moe_kernels._C is not loaded")
+
+ISAS = ("avx512", "avx2", "generic")
+FP8 = torch.float8_e4m3fn
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+# What each build needs, in /proc/cpuinfo's names (simd.h): a build this CPU lacks skips.
+NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+         "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    missing = NEEDS[request.param] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {sorted(missing)} for the {request.param} build")
+    before = _library._C.cpu_isa()
+    _library._C.set_cpu_isa(request.param)
+    yield request.param
+    _library._C.set_cpu_isa(before)
+
+
+def test_default_build_is_the_widest_this_cpu_runs():
+    widest = next(i for i in ISAS if not NEEDS[i] - _cpu_flags())
+    import os
+    if os.environ.get("MOE_KERNELS_CPU_ISA"):
+        pytest.skip("MOE_KERNELS_CPU_ISA chooses the build")
+    assert _library._C.cpu_isa() == widest
+
+
+def test_unknown_or_unsupported_build_is_refused():
+    with pytest.raises(ValueError, match="cpu isa"):
+        _library._C.set_cpu_isa("avx1024")
+
+
+def test_switch_is_seen(isa):
+    assert _library._C.cpu_isa() == isa
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_value_quantizes_as_the_reference(isa, dtype):
+    """All 65536 bit patterns (NaN, inf, subnormals, both zeros) in groups of 128: each
+    group's scale and every FP8 code equal the reference's."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(dtype).view(512, 128)
+    x = x[torch.randperm(512, generator=torch.Generator().manual_seed(0))].reshape(64, 1024)
+    q, s = moe_kernels.quantize_fp8_per_token_group(x, 128, backend="cpu")
+    rq, rs = ref_fp8.quantize_fp8_per_token_group(x, 128)
+    assert torch.equal(s, rs)
+    assert_fp8_close(q, rq, msg=f"{isa} {dtype}")
+
+
+@pytest.mark.parametrize("ue8m0,column_major", [(False, False), (True, True)])
+def test_float32_bit_patterns_quantize_as_the_reference(isa, ue8m0, column_major):
+    g = torch.Generator().manual_seed(1)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (256, 512), generator=g, dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)
+    x[::3] = torch.randn(x[::3].shape, generator=g) * 100   # groups with a usable scale
+    kw = dict(scale_ue8m0=ue8m0, column_major_scales=column_major)
+    q, s = moe_kernels.quantize_fp8_per_token_group(x, 128, backend="cpu", **kw)
+    rq, rs = ref_fp8.quantize_fp8_per_token_group(x, 128, **kw)
+    assert torch.equal(s, rs)
+    assert_fp8_close(q, rq, msg=isa)
+
+
+def test_every_fp8_value_dequantizes(isa):
+    q = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).view(2, 128)
+    s = torch.tensor([[0.5]])
+    got = moe_kernels.dequantize_fp8_block(q, s, dtype=torch.float32, backend="cpu")
+    want = ref_fp8.dequantize_fp8_block(q, s, dtype=torch.float32)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_silu_and_mul_quant(isa):
+    x = (torch.randn(33, 2 * 512, generator=torch.Generator().manual_seed(2)) * 6).bfloat16()
+    x[0, :8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0, -0.0, 90, -90, 1e-30])
+    q, s = moe_kernels.silu_and_mul_quant_fp8(x, backend="cpu")
+    rq, rs = ref_fp8.silu_and_mul_quant_fp8(x)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    assert_fp8_close(q, rq, max_steps=1, msg=isa)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40, 70])
+def test_gemv_and_gemm_tiles_with_tails(isa, rows):
+    """1 to 8 rows per expert take the register GEMV, more the panel GEMM (9: one partial
+    vector of a panel; 40: several; 70: a second panel on AVX-512); K = 200 leaves a
+    partial vector and a partial scale block, N = 130 partial blocks and tiles of weight
+    rows."""
+    g = torch.Generator().manual_seed(rows)
+    E, N, K = 3, 130, 200
+    b, b_s = ref_fp8.quantize_fp8_block(torch.randn(E, N, K, generator=g) / K ** 0.5)
+    a, a_s = ref_fp8.quantize_fp8_per_token_group(torch.randn(E * rows, K, generator=g))
+    m = torch.arange(E, dtype=torch.int32).repeat_interleave(rows)
+    got = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32, backend="cpu")
+    want = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32,
+                                        backend="reference")
+    assert calc_diff(got, want) < 1e-10, f"{isa}: calc_diff {calc_diff(got, want)}"
+
+
+# The ops whose C++ kernels run the vector builds, through moe_kernels.testing's cases and
+# rules (edge: named failure modes; random: seeded shapes).
+VECTOR_OPS = ("quantize_fp8_per_token_group", "silu_and_mul_quant_fp8", "dequantize_fp8_block",
+              "grouped_gemm_fp8", "grouped_gemm_fp8_masked", "fused_moe_fp8",
+              "mla_decompress_kv", "mla_decompress_kv_paged")
+
+
+@pytest.mark.parametrize("preset", ["edge", "random"])
+@pytest.mark.parametrize("op", VECTOR_OPS)
+def test_presets_pass_on_every_build(isa, op, preset):
+    report = testing.check(op, functools.partial(getattr(moe_kernels, op), backend="cpu"),
+                           preset=preset, raise_on_failure=False)
+    assert report.passed, f"{isa}:\n{report.message()}"
