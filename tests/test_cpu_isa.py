@@ -5,6 +5,7 @@ the same rules as the default build. The op tests run the default (widest) build
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -49,7 +50,6 @@ def isa(request):
 
 def test_default_build_is_the_widest_this_cpu_runs():
     widest = next(i for i in ISAS if not NEEDS[i] - _cpu_flags())
-    import os
     if os.environ.get("MOE_KERNELS_CPU_ISA"):
         pytest.skip("MOE_KERNELS_CPU_ISA chooses the build")
     assert _library._C.cpu_isa() == widest

