@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common/fp8_math.h"
+#include "cpu/simd.h"
 
 namespace moe_kernels {
 
@@ -25,6 +26,16 @@ inline void dequant_row(const c10::Float8_e4m3fn* src, const float* scales,
     const float s = scales[(k0 / block) * scale_stride];
     const int64_t k1 = std::min(n, k0 + block);
     for (int64_t k = k0; k < k1; ++k) dst[k] = static_cast<out_t>(fp8_value(bits[k]) * s);
+  }
+}
+
+// The vector kernels' name (csrc/cpu/simd.h) of a float dtype; `name` is the tensor's
+inline SrcType simd_type(at::ScalarType t, const char* name) {
+  switch (t) {
+    case at::kFloat: return SrcType::f32;
+    case at::kBFloat16: return SrcType::bf16;
+    case at::kHalf: return SrcType::f16;
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t);
   }
 }
 

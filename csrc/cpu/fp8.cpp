@@ -48,13 +48,6 @@ float quantize_group(const float* v, int64_t n, float eps, bool ue8m0, fp8_t* q)
   return scale;
 }
 
-template <typename scalar_t>
-constexpr SrcType src_type() {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return SrcType::bf16;
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) return SrcType::f16;
-  return SrcType::f32;
-}
-
 // Whether simd().quantize_row takes these rows: the sizes of every DeepSeek-V3 and vLLM /
 // SGLang call (group 128, widths multiples of 128). The scalar loop below is the fallback.
 template <typename scalar_t>
@@ -75,10 +68,11 @@ void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool
   const int64_t ssm = s.stride(0), ssg = s.stride(1);
   if (simd_rows<scalar_t>(W, group)) {
     const SimdKernels& k = simd();
+    const SrcType type = simd_type(x.scalar_type(), "x");
     uint8_t* q8 = reinterpret_cast<uint8_t*>(qp);
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
-        k.quantize_row(xp + m * sx, src_type<scalar_t>(), W, group, eps, ue8m0, gated,
+        k.quantize_row(xp + m * sx, type, W, group, eps, ue8m0, gated,
                        q8 + m * W, sp + m * ssm, ssg);
     });
     return;

@@ -96,15 +96,6 @@ at::Tensor pack_experts(const at::Tensor& x, const ExpertRows& er, std::vector<i
   return panels;
 }
 
-SrcType out_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return SrcType::bf16;
-    case at::kHalf: return SrcType::f16;
-    case at::kFloat: return SrcType::f32;
-    default: TORCH_CHECK_TYPE(false, "out must be bfloat16, float16 or float32, got ", t);
-  }
-}
-
 // out[rows] = (a[rows] dequantized) @ b[e].T dequantized for every expert, rounded to
 // out's dtype as each value is stored (no float32 result pass); rows of out that no expert
 // takes are zeroed. out must have a unit column stride.
@@ -134,7 +125,7 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   const float* bsp = b_scales.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
-  const SrcType type = out_type(out.scalar_type());
+  const SrcType type = simd_type(out.scalar_type(), "out");
   const SimdKernels& k = simd();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wbuf;

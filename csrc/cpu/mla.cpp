@@ -38,21 +38,12 @@ at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_
   return w.to(at::kFloat).contiguous();
 }
 
-SrcType src_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return SrcType::f32;
-    case at::kBFloat16: return SrcType::bf16;
-    case at::kHalf: return SrcType::f16;
-    default: TORCH_CHECK_TYPE(false, "the latent cache must be fp8, bf16, fp16 or float32, got ", t);
-  }
-}
-
 // (n, width) float32: rows offsets[t0 .. t0 + n) of storage, times scale; zeros for -1
 at::Tensor gather_any(const at::Tensor& storage, const std::vector<int64_t>& offsets,
                       int64_t t0, int64_t n, int64_t width, float scale) {
   at::Tensor x = at::empty({n, width}, storage.options().dtype(at::kFloat));
   const bool fp8 = storage.scalar_type() == at::kFloat8_e4m3fn;
-  const SrcType type = fp8 ? SrcType::f32 : src_type(storage.scalar_type());
+  const SrcType type = fp8 ? SrcType::f32 : simd_type(storage.scalar_type(), "the latent rows");
   const char* base = static_cast<const char*>(storage.data_ptr());
   const int64_t elem = storage.element_size();
   float* xp = x.data_ptr<float>();
