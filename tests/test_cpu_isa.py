@@ -126,7 +126,7 @@ def test_gemv_and_gemm_tiles_with_tails(isa, rows):
 
 # The ops whose C++ kernels run the vector builds, through moe_kernels.testing's cases and
 # rules (edge: named failure modes; random: seeded shapes).
-VECTOR_OPS = ("quantize_fp8_per_token_group", "silu_and_mul_quant_fp8", "dequantize_fp8_block",
+VECTOR_OPS = ("grouped_topk", "quantize_fp8_per_token_group", "silu_and_mul_quant_fp8", "dequantize_fp8_block",
               "grouped_gemm_fp8", "grouped_gemm_fp8_masked", "fused_moe_fp8",
               "mla_decompress_kv", "mla_decompress_kv_paged")
 

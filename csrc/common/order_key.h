@@ -34,6 +34,20 @@ MOE_HD int32_t index_of_key(int64_t key) {
   return static_cast<int32_t>((-key) & 4294967295LL);
 }
 
+// The value order_key was given (-0.0 as +0.0); key must not be kExcludedKey.
+MOE_HD float value_of_key(int64_t key) {
+  // key = m * 2^32 - index with index in [0, 2^32): m = ceil(key / 2^32)
+  const int32_t monotone = static_cast<int32_t>((key + 4294967295LL) >> 32);
+  const int32_t bits = monotone >= 0 ? monotone : (monotone ^ 0x7FFFFFFF);
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
 MOE_HD float nan_to_neg_inf(float v) { return v != v ? -__builtin_inff() : v; }
 
 // Group score of n selection scores (NaN already mapped to -inf): the sum of the two

@@ -49,6 +49,11 @@ struct SimdKernels {
   void (*pack_panels)(const float* x, int64_t m, int64_t K, float* p);
   void (*gemm_panels)(const float* p, int64_t m, const float* w, int64_t ldw, int64_t nw,
                       int64_t K, const OutRows& y, int64_t n0);
+  // Gating, on b without NaN: first[g] >= second[g], the two largest of the GS values at
+  // b + g * GS for g < G (second[g] = -inf when GS = 1).
+  void (*group_top2)(const float* b, int64_t G, int64_t GS, float* first, float* second);
+  // The indices i < n with b[i] >= threshold, ascending, into idx; returns how many.
+  int64_t (*indices_at_least)(const float* b, int64_t n, float threshold, int32_t* idx);
 };
 
 constexpr int64_t kMaxSimdGroup = 2048;
