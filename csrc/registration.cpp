@@ -28,12 +28,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {"gating_cuda_max_experts", moe_kernels::kGatingCudaMaxExperts},
         {"permute_cuda_max_experts", moe_kernels::kPermuteCudaMaxExperts}};
   });
-  // The vector build the CPU kernels run (csrc/cpu/simd.h): "avx512", "avx2" or
+  // The build the CPU kernels run (csrc/cpu/simd.h): "amx", "avx512", "avx2" or
   // "generic"; tests switch between them to check every build on one machine.
-  m.def("cpu_isa", []() { return std::string(moe_kernels::simd().name); });
+  m.def("cpu_isa", []() { return std::string(moe_kernels::cpu_isa()); });
   m.def("set_cpu_isa", [](const std::string& name) {
-    TORCH_CHECK_VALUE(moe_kernels::set_cpu_isa(name.c_str()), "cpu isa must be one of 'avx512', "
-                      "'avx2', 'generic' that this CPU runs, got '", name, "'");
+    TORCH_CHECK_VALUE(moe_kernels::set_cpu_isa(name.c_str()), "cpu isa must be one of 'amx', "
+                      "'avx512', 'avx2', 'generic' that this CPU runs, got '", name, "'");
   });
   m.def("grouped_topk_cpu", &moe_kernels::grouped_topk_cpu);
   m.def("permute_index_cpu", &moe_kernels::permute_index_cpu);

@@ -1,6 +1,8 @@
-"""Every vector build of the C++ CPU kernels (csrc/cpu/simd.h: avx512, avx2, generic) on
+"""Every build of the C++ CPU kernels (csrc/cpu/simd.h: amx, avx512, avx2, generic) on
 this one machine: each is switched in with `_C.set_cpu_isa` and held to the reference by
-the same rules as the default build. The op tests run the default (widest) build only."""
+the same rules as the default build. The op tests run the default (widest) build only.
+amx is the avx512 build plus the AMX bf16 tile GEMMs (csrc/cpu/amx.h); on a CPU without
+AMX its cases skip, and the avx512 cases are then what the default build runs."""
 
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import torch
 import moe_kernels
 from moe_kernels import _library, testing
 from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.reference import mla as ref_mla
 
-from helpers import assert_fp8_close, calc_diff
+from helpers import assert_close, assert_fp8_close, calc_diff
 
 pytestmark = pytest.mark.skipif(not _library.extension_loaded(),
                                 reason="moe_kernels._C is not loaded")
 
-ISAS = ("avx512", "avx2", "generic")
+ISAS = ("amx", "avx512", "avx2", "generic")
 FP8 = torch.float8_e4m3fn
 
 
@@ -33,7 +36,8 @@ def _cpu_flags() -> set[str]:
 
 
 # What each build needs, in /proc/cpuinfo's names (simd.h): a build this CPU lacks skips.
-NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}
+NEEDS = {"amx": AVX512 | {"amx_tile", "amx_bf16"}, "avx512": AVX512,
          "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
 
 
@@ -137,3 +141,93 @@ def test_presets_pass_on_every_build(isa, op, preset):
     report = testing.check(op, functools.partial(getattr(moe_kernels, op), backend="cpu"),
                            preset=preset, raise_on_failure=False)
     assert report.passed, f"{isa}:\n{report.message()}"
+
+
+# ---- the AMX tile GEMMs (csrc/cpu/amx.h): cases aimed at what the tiles do differently ----
+# (on a CPU without AMX the amx cases skip and these hold the vector builds to the same rules)
+
+def test_every_fp8_value_through_the_gemm(isa):
+    """All 256 e4m3 codes (subnormals, both zeros, NaN) as activations against one-hot
+    weight rows (1.0 at k = n), and as weights against one-hot activations: each output is
+    then one decoded code times its scales, so a wrong decode of any code shows exactly
+    (the tiles decode FP8 to bf16 by their own bit rules). A NaN code makes its whole row
+    NaN (NaN * 0), so only every 8th activation / weight row keeps the NaN codes; the others
+    hold zero there. 20 or more rows per expert take the tiles, fewer the GEMV."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    one_hot = (torch.eye(256) * 1.0).to(FP8)
+    g = torch.Generator().manual_seed(3)
+
+    def shuffled_codes(n):
+        c = codes[torch.stack([torch.randperm(256, generator=g) for _ in range(n)])]
+        keep_nan = (torch.arange(n) % 8 == 7)[:, None]
+        nan_code = (c & 0x7F) == 0x7F
+        return torch.where(nan_code & ~keep_nan, torch.zeros_like(c), c).view(FP8)
+
+    rows = 40
+    a_codes, a_hot = shuffled_codes(rows), one_hot[torch.arange(rows) % 256]
+    b_codes = shuffled_codes(256)
+    # powers of two: every product is exact whatever order a backend applies the scales in
+    # (the tiles scale the exact block sum by a_s * b_s, the reference each operand)
+    a_s = 2.0 ** torch.randint(-3, 4, (rows, 2), generator=g)
+    b_s = 2.0 ** torch.randint(-3, 4, (1, 2, 2), generator=g)
+    m = torch.zeros(rows, dtype=torch.int32)
+    for a, b in ((a_codes, one_hot), (a_hot, b_codes)):
+        args = (a, a_s, b[None], b_s, m)
+        got = moe_kernels.grouped_gemm_fp8(*args, out_dtype=torch.float32, backend="cpu")
+        want = moe_kernels.grouped_gemm_fp8(*args, out_dtype=torch.float32, backend="reference")
+        assert 0 < want.isnan().float().mean() < 0.5, "the NaN rows / columns are not apart"
+        assert torch.equal(got.isnan(), want.isnan()), isa
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), isa
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_streamed_and_unaligned_outputs(isa, offset):
+    """An output of 1 MB and more is written with streaming stores where its rows are
+    64-byte aligned (offset 0), with ordinary stores where they are not (offset 1: an out=
+    tensor starting 2 bytes into a line)."""
+    g = torch.Generator().manual_seed(4)
+    E, rows, N, K = 2, 256, 1024, 256
+    a, a_s = ref_fp8.quantize_fp8_per_token_group(torch.randn(E * rows, K, generator=g))
+    b, b_s = ref_fp8.quantize_fp8_block(torch.randn(E, N, K, generator=g) / K ** 0.5)
+    m = torch.arange(E, dtype=torch.int32).repeat_interleave(rows)
+    buf = torch.full((E * rows * N + 2,), float("nan"), dtype=torch.bfloat16)
+    out = buf[offset:offset + E * rows * N].view(E * rows, N)
+    moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend="cpu", out=out)
+    want = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32,
+                                        backend="reference")
+    assert calc_diff(out.float(), want) < 1e-5, isa
+    outside = torch.cat([buf[:offset], buf[offset + E * rows * N:]])
+    assert outside.isnan().all(), "an element outside out was written"
+
+
+@pytest.mark.parametrize("weight", ["fp8", "bf16"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_mla_tiles(isa, weight, paged):
+    """MLA through the tiles: bf16 latent rows (or an fp8 cache with its scale) against
+    fp8 or bf16 weights, T = 600 (two token chunks, a partial tile; 1.8 MB of output:
+    streamed), and heads whose dn + dv = 96 puts k / v boundaries inside 32-column blocks."""
+    g = torch.Generator().manual_seed(5)
+    T, H, dn, dv, R, rope = 600, 8, 48, 48, 512, 64
+    w32 = torch.randn(H * (dn + dv), R, generator=g) * 0.05
+    w, ws = ref_fp8.quantize_fp8_block(w32) if weight == "fp8" else (w32.bfloat16(), None)
+    if paged:
+        bs, B = 64, 3
+        lens = torch.tensor([250, 0, 350], dtype=torch.int32)
+        table = torch.randperm(B * 6, generator=g).view(B, 6).int()
+        cache = ref_fp8.to_fp8(torch.randn(B * 6, bs, R + rope, generator=g) * 20)
+        scale = torch.tensor(0.05)
+        k, v = moe_kernels.mla_decompress_kv_paged(cache, table, lens, w, num_heads=H,
+                                                   qk_nope_head_dim=dn, v_head_dim=dv,
+                                                   kv_b_proj_scale=ws, kv_cache_scale=scale,
+                                                   num_tokens=T, backend="cpu")
+        wk, wv = ref_mla.mla_decompress_kv_paged(cache, table, lens, w, ws, scale, H, dn, dv,
+                                                 T, torch.float32)
+    else:
+        fused = torch.randn(T, R + rope + 8, generator=g).bfloat16()
+        kv_c, k_pe = fused[:, :R], fused[:, R:R + rope]
+        k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, num_heads=H, qk_nope_head_dim=dn,
+                                             v_head_dim=dv, kv_b_proj_scale=ws,
+                                             backend="cpu")
+        wk, wv = ref_mla.mla_decompress_kv(kv_c, k_pe, w, ws, H, dn, dv, torch.float32)
+    assert_close(k, wk, dtype=torch.bfloat16, msg=isa)
+    assert_close(v, wv, dtype=torch.bfloat16, msg=isa)

@@ -21,6 +21,7 @@
 
 #include "../fp8.h"
 #include "../ops.h"
+#include "amx.h"
 #include "simd.h"
 
 namespace moe_kernels {
@@ -32,9 +33,10 @@ const uint8_t* fp8_bytes(const at::Tensor& t) {
   return reinterpret_cast<const uint8_t*>(t.data_ptr<fp8_t>());
 }
 
-// rows x (K) of fp8 `a` with per-128 scales -> float32 (rows, K)
+// rows x (K) of fp8 `a` with per-128 scales -> float32 (rows, K); only the rows i with
+// wanted[i] are written (the others are left for the AMX tiles, which read `a` itself)
 at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
-                        const std::vector<int64_t>& rows) {
+                        const std::vector<int64_t>& rows, const std::vector<bool>& wanted) {
   const int64_t K = a.size(1), n = static_cast<int64_t>(rows.size());
   at::Tensor out = at::empty({n, K}, a.options().dtype(at::kFloat));
   const uint8_t* ap = fp8_bytes(a);
@@ -44,6 +46,7 @@ at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
   const SimdKernels& k = simd();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      if (!wanted[i]) continue;
       const int64_t r = rows[i];
       k.dequant_row(ap + r * sa, sp + r * ssm, ssk, K, kScaleBlock, op + i * K);
     }
@@ -64,22 +67,96 @@ struct ExpertRows {
   int64_t count(int64_t e) const { return start[e + 1] - start[e]; }
 };
 
+// How an expert's rows are multiplied: few rows by the register GEMV, more by the float32
+// panel GEMM, or by AMX tiles where the CPU has them (amx.h).
+enum class Path { gemv, panels, tiles };
+
 // One unit of parallel work: weight rows [n0, n0 + block) of expert e.
 struct Task {
   int64_t e, n0;
-  bool gemv;
+  Path path;
 };
 
-// Activation panels (simd.h, pack_panels) of every expert with more rows than a GEMV
-// takes; offset[e] is expert e's first float in the returned buffer.
-at::Tensor pack_experts(const at::Tensor& x, const ExpertRows& er, std::vector<int64_t>& offset) {
+int64_t task_rows(Path p) {
+  return p == Path::gemv ? kGemvBlockN : p == Path::panels ? kGemmBlockN : amx::kGroupRows;
+}
+
+// The AMX operands of every expert on tiles: token panels (amx::pack_tokens of the
+// expert's rows, straight from fp8) and their scales as amx::Gemm reads them;
+// panel[e] / scale[e] are expert e's first elements.
+struct TokenTiles {
+  at::Tensor tokens, scales;
+  std::vector<int64_t> panel, scale;
+};
+
+TokenTiles pack_token_tiles(const at::Tensor& a, const at::Tensor& a_scales,
+                            const ExpertRows& er, const std::vector<Path>& path) {
+  const int64_t E = static_cast<int64_t>(path.size()), K = a.size(1);
+  const int64_t KB = ceil_div(K, kScaleBlock);
+  TokenTiles t;
+  t.panel.assign(E, -1);
+  t.scale.assign(E, -1);
+  int64_t elems = 0, scales = 0;
+  std::vector<int64_t> tiled;
+  for (int64_t e = 0; e < E; ++e) {
+    if (path[e] != Path::tiles) continue;
+    t.panel[e] = elems;
+    t.scale[e] = scales;
+    elems += amx::panel_elems(er.count(e), K);
+    scales += ceil_div(er.count(e), amx::kTileRows) * KB * amx::kTileRows;
+    tiled.push_back(e);
+  }
+  t.tokens = at::empty({elems}, a.options().dtype(at::kShort));
+  t.scales = at::empty({scales}, a.options().dtype(at::kFloat));
+  std::vector<int64_t> offsets(er.rows.size());
+  for (size_t i = 0; i < er.rows.size(); ++i) offsets[i] = er.rows[i] * a.stride(0);
+  uint16_t* tp = reinterpret_cast<uint16_t*>(t.tokens.data_ptr<int16_t>());
+  float* sp = t.scales.data_ptr<float>();
+  const float* as = a_scales.data_ptr<float>();
+  const int64_t ssm = a_scales.stride(0), ssk = a_scales.stride(1);
+  at::parallel_for(0, static_cast<int64_t>(tiled.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = tiled[i], m = er.count(e), r0 = er.start[e];
+      amx::pack_tokens(a.data_ptr(), amx::Src::fp8, offsets.data() + r0, m, K, tp + t.panel[e]);
+      float* s = sp + t.scale[e];   // (token tile, kb, token in tile); padding tokens 0
+      for (int64_t j = 0; j * amx::kTileRows < m; ++j)
+        for (int64_t kb = 0; kb < KB; ++kb)
+          for (int64_t q = 0; q < amx::kTileRows; ++q) {
+            const int64_t tok = j * amx::kTileRows + q;
+            *s++ = tok < m ? as[er.rows[r0 + tok] * ssm + kb * ssk] : 0.0f;
+          }
+    }
+  });
+  return t;
+}
+
+// amx::Sink of the grouped GEMMs: token i of an expert is out row rows[i]
+struct RowsSink {
+  const OutRows* y;
+  const int64_t* rows;
+  int64_t n0, elem;
+  bool stream;
+  static void store(void* ctx, const float* block, int64_t m0, int64_t n, int64_t c0,
+                    int64_t cols) {
+    const RowsSink& s = *static_cast<const RowsSink*>(ctx);
+    for (int64_t i = 0; i < n; ++i) {
+      char* dst = static_cast<char*>(s.y->base) + (s.rows[m0 + i] * s.y->ld + s.n0 + c0) * s.elem;
+      amx::store_row(block + i * amx::kBlockRows, cols, 1.0f, s.y->type, dst, s.stream);
+    }
+  }
+};
+
+// Activation panels (simd.h, pack_panels) of every expert on the panel GEMM; offset[e] is
+// expert e's first float in the returned buffer.
+at::Tensor pack_experts(const at::Tensor& x, const ExpertRows& er, const std::vector<Path>& path,
+                        std::vector<int64_t>& offset) {
   const SimdKernels& k = simd();
   const int64_t E = static_cast<int64_t>(er.start.size()) - 1, K = x.size(1);
   int64_t total = 0;
   std::vector<int64_t> large;
   offset.assign(E, -1);
   for (int64_t e = 0; e < E; ++e) {
-    if (er.count(e) <= kMaxGemvRows) continue;
+    if (path[e] != Path::panels) continue;
     offset[e] = total;
     total += ceil_div(er.count(e), k.panel_rows) * k.panel_rows * K;
     large.push_back(e);
@@ -110,33 +187,54 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   const int64_t n = static_cast<int64_t>(er.rows.size());
   if (n == 0) return;
   const int64_t E = b.size(0), N = b.size(1), K = b.size(2), KB = b_scales.size(2);
-  const at::Tensor x = dequant_rows(a, a_scales, er.rows);
-  std::vector<int64_t> offset;
-  const at::Tensor panels = pack_experts(x, er, offset);
-  std::vector<Task> tasks;
+  const bool tiles = amx_enabled();
+  std::vector<Path> path(E);
+  std::vector<bool> dequant(n);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = er.count(e);
-    if (m == 0) continue;
-    const bool gemv = m <= kMaxGemvRows;
-    for (int64_t n0 = 0; n0 < N; n0 += gemv ? kGemvBlockN : kGemmBlockN)
-      tasks.push_back({e, n0, gemv});
+    path[e] = m <= kMaxGemvRows ? Path::gemv : tiles ? Path::tiles : Path::panels;
+    for (int64_t i = er.start[e]; i < er.start[e + 1]; ++i) dequant[i] = path[e] != Path::tiles;
+  }
+  const at::Tensor x = dequant_rows(a, a_scales, er.rows, dequant);
+  std::vector<int64_t> offset;
+  const at::Tensor panels = pack_experts(x, er, path, offset);
+  const TokenTiles tt = tiles ? pack_token_tiles(a, a_scales, er, path) : TokenTiles{};
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    if (er.count(e) == 0) continue;
+    for (int64_t n0 = 0; n0 < N; n0 += task_rows(path[e])) tasks.push_back({e, n0, path[e]});
   }
   const uint8_t* bp = fp8_bytes(b);
   const float* bsp = b_scales.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* pp = panels.data_ptr<float>();
   const SrcType type = simd_type(out.scalar_type(), "out");
+  const bool stream = out.numel() * out.element_size() >= amx::kStreamBytes;
   const SimdKernels& k = simd();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wbuf;
+    std::vector<uint16_t> tile_buf;
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
       const int64_t r0 = er.start[task.e], m = er.count(task.e);
       const uint8_t* be = bp + task.e * N * K;
       const float* se = bsp + task.e * b_scales.size(1) * KB;
       const OutRows y{out.data_ptr(), type, out.stride(0), er.rows.data() + r0};
-      if (task.gemv) {
+      if (task.path == Path::gemv) {
         k.gemv_fp8(xp + r0 * K, K, m, be, se, K, task.n0, std::min(N, task.n0 + kGemvBlockN), y);
+        continue;
+      }
+      if (task.path == Path::tiles) {
+        const int64_t cols = std::min(amx::kGroupRows, N - task.n0);
+        tile_buf.resize(ceil_div(cols, amx::kBlockRows) * amx::block_elems(K));
+        amx::pack_weights(be + task.n0 * K, amx::Src::fp8, K, cols, K, tile_buf.data());
+        const uint16_t* tp = reinterpret_cast<const uint16_t*>(tt.tokens.data_ptr<int16_t>());
+        // the task's rows are one 128-row scale block (n0 is a multiple of 128)
+        const amx::Gemm g{tile_buf.data(), tp + tt.panel[task.e], m, K, cols,
+                          se + (task.n0 / kScaleBlock) * KB, 1,
+                          tt.scales.data_ptr<float>() + tt.scale[task.e]};
+        RowsSink sink{&y, y.rows, task.n0, out.element_size(), stream};
+        amx::gemm(g, {&RowsSink::store, &sink});
         continue;
       }
       const int64_t nb = std::min(kGemmBlockN, N - task.n0), ldw = gemm_weight_stride(K);

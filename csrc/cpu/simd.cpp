@@ -6,40 +6,62 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "amx.h"
+
 namespace moe_kernels {
 namespace {
 
+struct Build {
+  const char* name;
+  const SimdKernels* kernels;
+  bool amx;
+};
+
+constexpr Build kBuilds[] = {{"amx", &simd_avx512::kernels, true},
+                             {"avx512", &simd_avx512::kernels, false},
+                             {"avx2", &simd_avx2::kernels, false},
+                             {"generic", &simd_generic::kernels, false}};
+
+bool runs_here(const Build& b) {
+  if (b.amx) return amx::supported();
+  if (b.kernels == &simd_avx512::kernels) return simd_avx512::supported();
+  if (b.kernels == &simd_avx2::kernels) return simd_avx2::supported();
+  return true;
+}
+
 // The build called `name` if this CPU runs it, else nullptr.
-const SimdKernels* build_named(const char* name) {
-  if (std::strcmp(name, "avx512") == 0)
-    return simd_avx512::supported() ? &simd_avx512::kernels : nullptr;
-  if (std::strcmp(name, "avx2") == 0) return simd_avx2::supported() ? &simd_avx2::kernels : nullptr;
-  if (std::strcmp(name, "generic") == 0) return &simd_generic::kernels;
+const Build* build_named(const char* name) {
+  for (const Build& b : kBuilds)
+    if (std::strcmp(name, b.name) == 0) return runs_here(b) ? &b : nullptr;
   return nullptr;
 }
 
-const SimdKernels* initial_choice() {
+const Build* initial_choice() {
   const char* forced = std::getenv("MOE_KERNELS_CPU_ISA");
-  const SimdKernels* k = forced != nullptr ? build_named(forced) : nullptr;
-  if (k != nullptr) return k;
-  for (const char* name : {"avx512", "avx2"})
-    if ((k = build_named(name)) != nullptr) return k;
-  return &simd_generic::kernels;
+  const Build* b = forced != nullptr ? build_named(forced) : nullptr;
+  if (b != nullptr) return b;
+  for (const Build& c : kBuilds)
+    if (runs_here(c)) return &c;
+  return &kBuilds[3];
 }
 
-std::atomic<const SimdKernels*>& chosen() {
-  static std::atomic<const SimdKernels*> kernels{initial_choice()};
-  return kernels;
+std::atomic<const Build*>& chosen() {
+  static std::atomic<const Build*> build{initial_choice()};
+  return build;
 }
 
 }  // namespace
 
-const SimdKernels& simd() { return *chosen().load(std::memory_order_relaxed); }
+const SimdKernels& simd() { return *chosen().load(std::memory_order_relaxed)->kernels; }
+
+bool amx_enabled() { return chosen().load(std::memory_order_relaxed)->amx; }
+
+const char* cpu_isa() { return chosen().load(std::memory_order_relaxed)->name; }
 
 bool set_cpu_isa(const char* name) {
-  const SimdKernels* k = build_named(name);
-  if (k != nullptr) chosen().store(k);
-  return k != nullptr;
+  const Build* b = build_named(name);
+  if (b != nullptr) chosen().store(b);
+  return b != nullptr;
 }
 
 }  // namespace moe_kernels

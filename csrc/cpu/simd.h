@@ -1,8 +1,9 @@
 // The CPU kernels' vector inner loops, built three times from one source
 // (simd_kernels.inc): for AVX-512 (F, BW, VL, DQ with FMA and F16C; 16 float lanes), for
-// AVX2 (with FMA and F16C; 8 lanes) and for the x86-64 baseline (SSE2, 4 lanes). simd()
-// picks the widest this CPU runs; MOE_KERNELS_CPU_ISA=avx2|generic (or set_cpu_isa) picks
-// a narrower one, which is how tests run every build on one machine.
+// AVX2 (with FMA and F16C; 8 lanes) and for the x86-64 baseline (SSE2, 4 lanes), plus the
+// AMX tile GEMMs (amx.h) beside AVX-512. The widest this CPU runs is chosen;
+// MOE_KERNELS_CPU_ISA=avx512|avx2|generic (or set_cpu_isa) picks a narrower one, which is
+// how tests run every build on one machine.
 //
 // Framework-free on purpose: the AVX-512 translation unit must not instantiate inline
 // functions (torch's, the standard library's) that the rest of the extension would then
@@ -75,7 +76,12 @@ extern const SimdKernels kernels;
 }
 
 const SimdKernels& simd();
-// "avx512", "avx2" or "generic"; an ISA this CPU lacks is refused (returns false).
+// Whether the GEMMs whose operands are exact in bf16 run on AMX tiles (amx.h): the "amx"
+// build, the AVX-512 vector kernels plus tiles, chosen first where amx::supported().
+bool amx_enabled();
+// The build running: "amx", "avx512", "avx2" or "generic".
+const char* cpu_isa();
+// One of those names; an ISA this CPU lacks is refused (returns false).
 bool set_cpu_isa(const char* name);
 
 }  // namespace moe_kernels

@@ -1,0 +1,344 @@
+// AMX bf16 tiles for the CPU GEMMs (amx.h). Every header comes before the target pragma
+// (simd_avx512.cpp says why). The tile instructions are written as inline assembly with a
+// memory clobber: GCC's own tile macros declare no memory access, so it could move the
+// packing stores past a tile load or the reads of a tile store before it.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cpuid.h>
+
+#include "amx.h"
+
+namespace moe_kernels::amx {
+
+bool supported() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+    if (!tile || !bf16 || !simd_avx512::supported()) return false;
+    // Linux keeps tile data off until a process asks (ARCH_REQ_XCOMP_PERM, XTILEDATA = 18)
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+}  // namespace moe_kernels::amx
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+// GCC 12 warns of the undefined source operand inside its own AVX-512 shuffle intrinsics
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace moe_kernels::amx {
+namespace {
+
+#define MOE_TILE_LOAD(t, p) \
+  asm volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(p), "r"(int64_t{64}) : "memory")
+#define MOE_TILE_STORE(t, p) \
+  asm volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(p), "r"(int64_t{64}) : "memory")
+#define MOE_TILE_ZERO(t) asm volatile("tilezero %%tmm" #t ::)
+// tmm c += tmm a (16 x 32 bf16) . tmm b (VNNI 16 x 16 pairs)
+#define MOE_TILE_DP(c, a, b) asm volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+
+// Tiles 0-3: results (C^T of weight tile i / 2 and token tile i % 2); 4, 5: weight tiles;
+// 6, 7: token tiles. All 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct TileScope {
+  TileScope() {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    asm volatile("ldtilecfg %0" ::"m"(cfg));
+  }
+  ~TileScope() { asm volatile("tilerelease" ::: "memory"); }
+};
+
+// 32 fp8 e4m3 bytes -> 32 bf16 (exact): normal codes move their exponent and mantissa bits
+// (exponent bias 7 -> 127), the 8 subnormal magnitudes come from a table, NaN -> 0x7FC0.
+inline __m512i fp8_to_bf16(__m256i bytes) {
+  const __m512i x = _mm512_cvtepu8_epi16(bytes);
+  const __m512i em = _mm512_and_si512(x, _mm512_set1_epi16(0x7F));
+  const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(x, _mm512_set1_epi16(0x80)), 8);
+  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(em, 4), _mm512_set1_epi16(0x3C00));
+  // m * 2^-9 for m = 0..7
+  const __m512i table = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         0, 0, 0, 0, 0, 0, 0x3C60, 0x3C40, 0x3C20, 0x3C00,
+                                         0x3BC0, 0x3B80, 0x3B00, 0);
+  const __m512i sub = _mm512_permutexvar_epi16(em, table);
+  __m512i mag = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(em, _mm512_set1_epi16(8)), normal, sub);
+  mag = _mm512_mask_blend_epi16(_mm512_cmpeq_epi16_mask(em, _mm512_set1_epi16(0x7F)), mag,
+                                _mm512_set1_epi16(0x7FC0));
+  return _mm512_or_si512(mag, sign);
+}
+
+// 32 values of k from k0 (fewer at the end of K, zeros after) as bf16
+inline __m512i load_chunk(const void* row, Src type, int64_t k0, int64_t K) {
+  const int64_t n = K - k0 < kChunk ? K - k0 : kChunk;
+  const __mmask32 m = n == kChunk ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+  if (type == Src::fp8)
+    return fp8_to_bf16(_mm256_maskz_loadu_epi8(m, static_cast<const uint8_t*>(row) + k0));
+  return _mm512_maskz_loadu_epi16(m, static_cast<const uint16_t*>(row) + k0);
+}
+
+// r[i][j] -> r[j][i] for 16 x 16 32-bit values: pairs of rows interleaved by 32 and 64
+// bits give 4 x 4 blocks transposed within each 128-bit lane, which two rounds of lane
+// shuffles put in place.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4 i + j], lane L: column 4 L + j of rows 4 i .. 4 i + 3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[4 + j] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
+// The result tiles' products of chunks [c0, c1): weight tiles w0, w1, token tiles b0 and,
+// with kTwo, b1 (chunks kTileElems apart); result tiles 0 and 2, and 1 and 3 with kTwo.
+// Tiles are not renamed, so a load waits for the last product reading its register: each
+// next-chunk load is issued right after that product (4% faster than loading a chunk's
+// four tiles before its products, MLA shape; loading the token tiles with the T1 hint was
+// 30% slower).
+template <bool kTwo>
+inline void products(const uint16_t* w0, const uint16_t* w1, const uint16_t* b0,
+                     const uint16_t* b1, int64_t c0, int64_t c1) {
+  int64_t o = c0 * kTileElems;
+  MOE_TILE_LOAD(4, w0 + o);
+  MOE_TILE_LOAD(6, b0 + o);
+  if (kTwo) MOE_TILE_LOAD(7, b1 + o);
+  MOE_TILE_LOAD(5, w1 + o);
+  for (int64_t c = c0; c < c1; ++c) {
+    const bool next = c + 1 < c1;
+    o += kTileElems;
+    MOE_TILE_DP(0, 4, 6);
+    if (kTwo) MOE_TILE_DP(1, 4, 7);
+    if (next) MOE_TILE_LOAD(4, w0 + o);
+    MOE_TILE_DP(2, 5, 6);
+    if (next) MOE_TILE_LOAD(6, b0 + o);
+    if (kTwo) MOE_TILE_DP(3, 5, 7);
+    if (next) {
+      MOE_TILE_LOAD(5, w1 + o);
+      if (kTwo) MOE_TILE_LOAD(7, b1 + o);
+    }
+  }
+}
+
+inline void zero_results() {
+  MOE_TILE_ZERO(0);
+  MOE_TILE_ZERO(1);
+  MOE_TILE_ZERO(2);
+  MOE_TILE_ZERO(3);
+}
+
+// Result tile i to buf[i] (16 x 16 float32); tiles 1 and 3 only with two token tiles
+inline void store_results(float (*buf)[256], bool two) {
+  MOE_TILE_STORE(0, buf[0]);
+  MOE_TILE_STORE(2, buf[2]);
+  if (two) {
+    MOE_TILE_STORE(1, buf[1]);
+    MOE_TILE_STORE(3, buf[3]);
+  }
+}
+
+}  // namespace
+
+void pack_weights(const void* w, Src type, int64_t ldw, int64_t n, int64_t K, uint16_t* dst) {
+  const int64_t C = chunks(K), elem = type == Src::fp8 ? 1 : 2;
+  for (int64_t row = 0; row < (n + kBlockRows - 1) / kBlockRows * kBlockRows; ++row) {
+    const int64_t b = row / kBlockRows, t = row % kBlockRows / kTileRows, r = row % kTileRows;
+    uint16_t* out = dst + b * block_elems(K) + t * C * kTileElems + r * kChunk;
+    const char* src = static_cast<const char*>(w) + row * ldw * elem;
+    for (int64_t c = 0; c < C; ++c) {
+      const __m512i v = row < n ? load_chunk(src, type, c * kChunk, K) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + c * kTileElems, v);
+    }
+  }
+}
+
+void pack_tokens(const void* x, Src type, const int64_t* offsets, int64_t m, int64_t K,
+                 uint16_t* dst) {
+  const int64_t C = chunks(K), elem = type == Src::fp8 ? 1 : 2;
+  for (int64_t j = 0; j * kTileRows < m; ++j) {
+    for (int64_t c = 0; c < C; ++c) {
+      __m512i r[16];
+      for (int64_t i = 0; i < kTileRows; ++i) {
+        const int64_t tok = j * kTileRows + i;
+        const int64_t off = tok < m ? offsets[tok] : -1;
+        r[i] = off < 0 ? _mm512_setzero_si512()
+                       : load_chunk(static_cast<const char*>(x) + off * elem, type, c * kChunk, K);
+      }
+      transpose16(r);   // row p: the pair (2 p, 2 p + 1) of each token
+      uint16_t* out = dst + (j * C + c) * kTileElems;
+      for (int p = 0; p < 16; ++p) _mm512_storeu_si512(out + p * kChunk, r[p]);
+    }
+  }
+}
+
+namespace {
+
+// 16 floats as type (bf16 and f16 rounded to nearest even, bf16 NaN -> 0x7FC0 as c10)
+inline __m256i to_half(__m512 v, SrcType type) {
+  if (type == SrcType::f16) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+}  // namespace
+
+void store_row(const float* src, int64_t n, float scale, SrcType type, void* dst, bool stream) {
+  const __m512 s = _mm512_set1_ps(scale);
+  const int64_t elem = type == SrcType::f32 ? 4 : 2, line = 64 / elem;
+  int64_t k = 0;
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    for (; k + line <= n; k += line) {   // whole cache lines, written without reading them
+      char* out = static_cast<char*>(dst) + k * elem;
+      if (type == SrcType::f32) {
+        _mm512_stream_ps(reinterpret_cast<float*>(out), _mm512_mul_ps(_mm512_loadu_ps(src + k), s));
+      } else {
+        const __m256i lo = to_half(_mm512_mul_ps(_mm512_loadu_ps(src + k), s), type);
+        const __m256i hi = to_half(_mm512_mul_ps(_mm512_loadu_ps(src + k + 16), s), type);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(out),
+                            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+      }
+    }
+  }
+  for (; k < n; k += 16) {
+    const __mmask16 m = n - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - k)) - 1);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + k), s);
+    if (type == SrcType::f32)
+      _mm512_mask_storeu_ps(static_cast<float*>(dst) + k, m, v);
+    else
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(dst) + k, m, to_half(v, type));
+  }
+}
+
+namespace {
+
+constexpr int64_t kGroupBlocks = kGroupRows / kBlockRows;
+// Token pairs swept per K block: their accumulators (kGroupBlocks x 8 x 4 KB) stay in L2.
+constexpr int64_t kGroupPairs = 8;
+
+// The products of one step: K block kb (chunks [c0, c1)) of token tiles j0 (and j0 + 1
+// when two) against weight block wb, left in the result tiles.
+struct Step {
+  int64_t wb, j0, kb, c0, c1;
+  bool two;
+  float* acc;   // this (weight block, token pair)'s 4 x 256 accumulators
+};
+
+// acc (= at kb 0) += buf * scale, result tile i's scale being the weight scale times
+// token tile j0 + i % 2's token scales (lanes are tokens)
+inline void promote(const float (*buf)[256], const Gemm& g, const Step& st, int64_t KB) {
+  const float ws = g.weight_scale != nullptr ? g.weight_scale[st.kb * g.weight_scale_stride] : 1.0f;
+  for (int i = 0; i < 4; i += st.two ? 1 : 2) {
+    const float* ts = g.token_scale != nullptr
+                          ? g.token_scale + ((st.j0 + i % 2) * KB + st.kb) * kTileRows
+                          : nullptr;
+    const __m512 s = ts != nullptr ? _mm512_mul_ps(_mm512_loadu_ps(ts), _mm512_set1_ps(ws))
+                                   : _mm512_set1_ps(ws);
+    float* acc = st.acc + i * 256;
+    for (int r = 0; r < 16; ++r) {
+      const __m512 v = _mm512_load_ps(buf[i] + r * 16);
+      _mm512_store_ps(acc + r * 16, st.kb == 0 ? _mm512_mul_ps(v, s)
+                                               : _mm512_fmadd_ps(v, s, _mm512_load_ps(acc + r * 16)));
+    }
+  }
+}
+
+// acc tile i = C^T of weight tile i / 2 and token tile i % 2 -> block[token][weight row]
+inline void hand_over(const Gemm& g, const Step& st, const Sink& sink) {
+  alignas(64) float block[kBlockRows * kBlockRows];
+  for (int i = 0; i < 4; i += st.two ? 1 : 2) {
+    __m512i r[16];
+    for (int q = 0; q < 16; ++q) r[q] = _mm512_castps_si512(_mm512_load_ps(st.acc + i * 256 + q * 16));
+    transpose16(r);
+    float* out = block + (i % 2) * kTileRows * kBlockRows + (i / 2) * kTileRows;
+    for (int q = 0; q < 16; ++q) _mm512_storeu_ps(out + q * kBlockRows, _mm512_castsi512_ps(r[q]));
+  }
+  const int64_t m0 = st.j0 * kTileRows, c0 = st.wb * kBlockRows;
+  sink.store(sink.ctx, block, m0, g.m - m0 < kBlockRows ? g.m - m0 : kBlockRows, c0,
+             g.cols - c0 < kBlockRows ? g.cols - c0 : kBlockRows);
+}
+
+}  // namespace
+
+// Loops: token groups of kGroupPairs pairs; K blocks kb; the group's pairs; the call's
+// weight blocks. A pair's kb slice (8 KB) then serves every weight block from L1, and the
+// weight blocks' slices (4 x 8 KB) every pair; each step's products are issued before the
+// previous step's promotion (and hand-over after its last K block), which the vector units
+// do while the tile unit multiplies.
+void gemm(const Gemm& g, const Sink& sink) {
+  TileScope tiles;
+  const int64_t C = chunks(g.K), KB = (g.K + kScaleK - 1) / kScaleK, per_block = kScaleK / kChunk;
+  const int64_t nb = (g.cols + kBlockRows - 1) / kBlockRows, pairs = (g.m + kBlockRows - 1) / kBlockRows;
+  const int64_t bstride = block_elems(g.K);
+  alignas(64) float buf[2][4][256];
+  alignas(64) static thread_local float acc[kGroupBlocks * kGroupPairs][4 * 256];
+  Step prev{};
+  bool pending = false;
+  int64_t s = 0;
+  for (int64_t p0 = 0; p0 < pairs; p0 += kGroupPairs) {
+    const int64_t np = pairs - p0 < kGroupPairs ? pairs - p0 : kGroupPairs;
+    for (int64_t kb = 0; kb < KB; ++kb) {
+      const int64_t c0 = kb * per_block, c1 = c0 + per_block < C ? c0 + per_block : C;
+      for (int64_t p = p0; p < p0 + np; ++p) {
+        const bool two = g.m - p * kBlockRows > kTileRows;
+        const uint16_t* b0 = g.tokens + 2 * p * C * kTileElems;
+        for (int64_t wb = 0; wb < nb; ++wb, ++s) {
+          const uint16_t* w0 = g.weights + wb * bstride;
+          const Step st{wb, 2 * p, kb, c0, c1, two, acc[(p - p0) * kGroupBlocks + wb]};
+          zero_results();
+          const uint16_t *w1 = w0 + C * kTileElems, *b1 = b0 + C * kTileElems;
+          if (two) products<true>(w0, w1, b0, b1, c0, c1);
+          else products<false>(w0, w1, b0, b1, c0, c1);
+          if (pending) {
+            promote(buf[(s - 1) & 1], g, prev, KB);
+            if (prev.kb == KB - 1) hand_over(g, prev, sink);
+          }
+          store_results(buf[s & 1], two);
+          prev = st;
+          pending = true;
+        }
+      }
+    }
+  }
+  if (pending) {
+    promote(buf[(s - 1) & 1], g, prev, KB);
+    hand_over(g, prev, sink);
+  }
+  _mm_sfence();   // streamed rows (store_row) visible before the caller's threads join
+}
+
+}  // namespace moe_kernels::amx
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
