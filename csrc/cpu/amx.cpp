@@ -335,8 +335,10 @@ void gemm(const Gemm& g, const Sink& sink) {
     promote(buf[(s - 1) & 1], g, prev, KB);
     hand_over(g, prev, sink);
   }
-  _mm_sfence();   // streamed rows (store_row) visible before the caller's threads join
+  stream_fence();
 }
+
+void stream_fence() { _mm_sfence(); }
 
 }  // namespace moe_kernels::amx
 

@@ -85,6 +85,10 @@ void gemm(const Gemm& g, const Sink& sink);
 // 2.6 MB of K / V (T = 256, H = 16) cost 2.0 ms that way and 0.5 ms streamed (1 core).
 void store_row(const float* src, int64_t n, float scale, SrcType type, void* dst, bool stream);
 
+// Orders this thread's streamed stores (store_row) before what it writes next, so they
+// are visible to the threads that join it; gemm() ends with one.
+void stream_fence();
+
 // Outputs at least this large are streamed (store_row): half a core's L2 and more, whose
 // lines the rest of the call's work evicts before a reader comes anyway.
 constexpr int64_t kStreamBytes = int64_t{1} << 20;
