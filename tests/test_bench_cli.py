@@ -123,3 +123,25 @@ def test_spread_is_the_deciles_over_the_median():
     times = [float(i) for i in range(1, 102)]          # median 51, p10 ~10.2, p90 ~91.8
     _, spread = common._summary(times, 1.0)
     assert abs(spread - (91.8 - 10.2) / 51) < 0.01
+
+
+def test_cpu_timing_interleaves_the_rows_of_a_case():
+    """The rows of one case are timed in turns (CPU_ROUNDS rounds), each keeping its own
+    repetitions: a call log shows the alternation, and each median is its own function's."""
+    import time
+
+    from moe_kernels.bench import common
+    log = []
+
+    def sleeper(name, seconds):
+        def fn(i):
+            log.append(name)
+            time.sleep(seconds)
+        return fn
+
+    (slow, _), (fast, _) = common._time_cpu_interleaved(
+        [sleeper("slow", 2e-3), sleeper("fast", 2e-4)], n_sets=1, min_time_s=0.03)
+    assert slow > 2000 and 200 < fast < slow / 3, (slow, fast)
+    timed = log[4:]   # after each function's two warm-up calls
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert switches >= 2 * common.CPU_ROUNDS - 1, timed

@@ -537,7 +537,9 @@ def _check_layer_loading(results, world, tmp_present):
         assert torch.equal(st["out"], one(hidden)), f"rank {rank}"
 
 
-@pytest.mark.parametrize("world", [2, 4])
+# four ranks of the layer (18 s on 2 cores) run with the slow tests; CI covers four ranks
+# through test_dispatch_combine_equals_one_process and the layer through two
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ep_layer_equals_one_device_layer(world, tmp_path):
     backends = LAYER_BACKENDS[world]
     directory = _write_checkpoint(tmp_path, world) if world == 2 else None

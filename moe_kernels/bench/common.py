@@ -88,17 +88,34 @@ def _summary(times: list[float], scale: float) -> tuple[float, float]:
 
 def _time_cpu(fn: Callable[[int], object], n_sets: int,
               min_time_s: float = 0.3) -> tuple[float, float]:
-    fn(0)
-    t0 = time.perf_counter()
-    fn(1 % n_sets)
-    one = max(time.perf_counter() - t0, 1e-7)
-    reps = int(min(max(5, min_time_s / one), 2000))
-    times = []
-    for i in range(reps):
+    return _time_cpu_interleaved([fn], n_sets, min_time_s)[0]
+
+
+# Rounds of the CPU timing: each function runs a slice of its repetitions per round, in
+# turn, so that a machine whose speed drifts over seconds (a shared host: the same matmul
+# measured 0.9 ms and 2.2 ms a minute apart) slows every side of a comparison alike.
+CPU_ROUNDS = 6
+
+
+def _time_cpu_interleaved(fns: list[Callable[[int], object]], n_sets: int,
+                          min_time_s: float = 0.3) -> list[tuple[float, float]]:
+    """_summary of each fn's repetitions, ~min_time_s of them each, taken in CPU_ROUNDS
+    interleaved rounds."""
+    reps = []
+    for fn in fns:
+        fn(0)
         t0 = time.perf_counter()
-        fn(i % n_sets)
-        times.append(time.perf_counter() - t0)
-    return _summary(times, 1e6)
+        fn(1 % n_sets)
+        one = max(time.perf_counter() - t0, 1e-7)
+        reps.append(max(1, int(min(max(5, min_time_s / one), 2000)) // CPU_ROUNDS))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(CPU_ROUNDS):
+        for fn, n, out in zip(fns, reps, times):
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn(len(out) % n_sets)
+                out.append(time.perf_counter() - t0)
+    return [_summary(t, 1e6) for t in times]
 
 
 def _time_cuda_graph(fn: Callable[[int], object], n_sets: int,
@@ -196,12 +213,19 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
     copy = copy_bandwidth_gbps(device)
     peak = peak_tflops(device, math) if flops else 0.0
     results = []
-    for name, fn in timed:
-        correct = check(fn(0))
-        t, how, spread = timed_spread(fn, device, n_sets)
+    timed = list(timed)
+    correct = [check(fn(0)) for _, fn in timed]
+    # on the CPU the entries are timed in interleaved rounds: their ratios are what counts
+    on_cpu = (_time_cpu_interleaved([fn for _, fn in timed], n_sets) if device != "cuda"
+              else None)
+    for i, (name, fn) in enumerate(timed):
+        if on_cpu is not None:
+            (t, spread), how = on_cpu[i], "wall"
+        else:
+            t, how, spread = timed_spread(fn, device, n_sets)
         note = f"{how}, {t * 1e3 / tokens:.1f} ns/token" if tokens else how
         results.append(Result(op, case, name, device, t, nbytes, flops=flops, copy_gbps=copy,
-                              correct=correct, note=note, peak_tflops=peak, spread=spread))
+                              correct=correct[i], note=note, peak_tflops=peak, spread=spread))
     return results
 
 
