@@ -317,7 +317,7 @@ void gemm(const Gemm& g, const Sink& sink) {
           const uint16_t* w0 = g.weights + wb * bstride;
           const Step st{wb, 2 * p, kb, c0, c1, two, acc[(p - p0) * kGroupBlocks + wb]};
           zero_results();
-          const uint16_t *w1 = w0 + C * kTileElems, *b1 = b0 + C * kTileElems;
+          const uint16_t *w1 = w0 + C * kTileElems, *b1 = two ? b0 + C * kTileElems : b0;
           if (two) products<true>(w0, w1, b0, b1, c0, c1);
           else products<false>(w0, w1, b0, b1, c0, c1);
           if (pending) {
