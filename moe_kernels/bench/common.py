@@ -205,7 +205,8 @@ def is_selected(op: str) -> bool:
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
             check: Callable[[object], bool], flops: int = 0, math: str = "fp8",
             tokens: int = 0) -> list[Result]:
-    """Checks then times each (name, fn(i)) of `timed`; one Result per entry. With flops,
+    """Checks then times each (name, fn(i)) of `timed` (on the CPU all of them in
+    interleaved rounds, _time_cpu_interleaved); one Result per entry. With flops,
     the roofline includes the device's tensor-core peak for `math` ("fp8" or "bf16").
     With tokens, the note gives the time per token."""
     if not is_selected(op):
