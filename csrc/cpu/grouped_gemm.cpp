@@ -33,10 +33,9 @@ const uint8_t* fp8_bytes(const at::Tensor& t) {
   return reinterpret_cast<const uint8_t*>(t.data_ptr<fp8_t>());
 }
 
-// rows x (K) of fp8 `a` with per-128 scales -> float32 (rows, K); only the rows i with
-// wanted[i] are written (the others are left for the AMX tiles, which read `a` itself)
+// rows x (K) of fp8 `a` with per-128 scales -> float32 (rows, K)
 at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
-                        const std::vector<int64_t>& rows, const std::vector<bool>& wanted) {
+                        const std::vector<int64_t>& rows) {
   const int64_t K = a.size(1), n = static_cast<int64_t>(rows.size());
   at::Tensor out = at::empty({n, K}, a.options().dtype(at::kFloat));
   const uint8_t* ap = fp8_bytes(a);
@@ -46,7 +45,6 @@ at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
   const SimdKernels& k = simd();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      if (!wanted[i]) continue;
       const int64_t r = rows[i];
       k.dequant_row(ap + r * sa, sp + r * ssm, ssk, K, kScaleBlock, op + i * K);
     }
@@ -146,9 +144,10 @@ struct RowsSink {
   }
 };
 
-// Activation panels (simd.h, pack_panels) of every expert on the panel GEMM; offset[e] is
-// expert e's first float in the returned buffer.
-at::Tensor pack_experts(const at::Tensor& x, const ExpertRows& er, const std::vector<Path>& path,
+// Activation panels (simd.h, pack_panels) of every expert on the panel GEMM, from its
+// float32 rows at x[xstart[e]]; offset[e] is expert e's first float in the returned buffer.
+at::Tensor pack_experts(const at::Tensor& x, const std::vector<int64_t>& xstart,
+                        const ExpertRows& er, const std::vector<Path>& path,
                         std::vector<int64_t>& offset) {
   const SimdKernels& k = simd();
   const int64_t E = static_cast<int64_t>(er.start.size()) - 1, K = x.size(1);
@@ -167,7 +166,7 @@ at::Tensor pack_experts(const at::Tensor& x, const ExpertRows& er, const std::ve
   at::parallel_for(0, static_cast<int64_t>(large.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = large[i];
-      k.pack_panels(xp + er.start[e] * K, er.count(e), K, pp + offset[e]);
+      k.pack_panels(xp + xstart[e] * K, er.count(e), K, pp + offset[e]);
     }
   });
   return panels;
@@ -189,15 +188,20 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   const int64_t E = b.size(0), N = b.size(1), K = b.size(2), KB = b_scales.size(2);
   const bool tiles = amx_enabled();
   std::vector<Path> path(E);
-  std::vector<bool> dequant(n);
+  // float32 rows only for the experts off the tiles (which read `a` itself): expert e's
+  // at row xstart[e] of x
+  std::vector<int64_t> float_rows, xstart(E, -1);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = er.count(e);
     path[e] = m <= kMaxGemvRows ? Path::gemv : tiles ? Path::tiles : Path::panels;
-    for (int64_t i = er.start[e]; i < er.start[e + 1]; ++i) dequant[i] = path[e] != Path::tiles;
+    if (path[e] == Path::tiles) continue;
+    xstart[e] = static_cast<int64_t>(float_rows.size());
+    float_rows.insert(float_rows.end(), er.rows.begin() + er.start[e],
+                      er.rows.begin() + er.start[e + 1]);
   }
-  const at::Tensor x = dequant_rows(a, a_scales, er.rows, dequant);
+  const at::Tensor x = dequant_rows(a, a_scales, float_rows);
   std::vector<int64_t> offset;
-  const at::Tensor panels = pack_experts(x, er, path, offset);
+  const at::Tensor panels = pack_experts(x, xstart, er, path, offset);
   const TokenTiles tt = tiles ? pack_token_tiles(a, a_scales, er, path) : TokenTiles{};
   std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e) {
@@ -221,7 +225,8 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
       const float* se = bsp + task.e * b_scales.size(1) * KB;
       const OutRows y{out.data_ptr(), type, out.stride(0), er.rows.data() + r0};
       if (task.path == Path::gemv) {
-        k.gemv_fp8(xp + r0 * K, K, m, be, se, K, task.n0, std::min(N, task.n0 + kGemvBlockN), y);
+        k.gemv_fp8(xp + xstart[task.e] * K, K, m, be, se, K, task.n0,
+                   std::min(N, task.n0 + kGemvBlockN), y);
         continue;
       }
       if (task.path == Path::tiles) {

@@ -27,15 +27,22 @@ struct Rows {
   std::vector<int64_t> latent, pe;
 };
 
-// float32 weight (H*(dn+dv), R) from bf16/fp16/fp32 or fp8 with 128x128 block scales
-at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
+// kv_b_proj_scale: 128x128 block scales for an fp8 weight, absent otherwise
+void check_weight_scale(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
   if (w.scalar_type() == at::kFloat8_e4m3fn) {
     TORCH_CHECK_VALUE(w_scale.has_value(), "kv_b_proj_scale is required for an fp8 kv_b_proj");
     check_scales(*w_scale, "kv_b_proj_scale",
                  {ceil_div(w.size(0), kScaleBlock), ceil_div(w.size(1), kScaleBlock)});
-    return dequantize_fp8_block_cpu(w, *w_scale, kScaleBlock, kScaleBlock, at::kFloat);
+  } else {
+    TORCH_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 kv_b_proj");
   }
-  TORCH_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 kv_b_proj");
+}
+
+// float32 weight (H*(dn+dv), R) from bf16/fp16/fp32 or fp8 with 128x128 block scales
+at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
+  check_weight_scale(w, w_scale);
+  if (w.scalar_type() == at::kFloat8_e4m3fn)
+    return dequantize_fp8_block_cpu(w, *w_scale, kScaleBlock, kScaleBlock, at::kFloat);
   return w.to(at::kFloat).contiguous();
 }
 
@@ -164,12 +171,7 @@ void decompress_tiles(const at::Tensor& latent, const at::Tensor& pe_storage, in
                       at::Tensor& out_v) {
   const int64_t T = out_k.size(0), N = w.size(0), R = w.size(1);
   const bool fp8_w = w.scalar_type() == at::kFloat8_e4m3fn;
-  if (fp8_w) {
-    TORCH_CHECK_VALUE(w_scale.has_value(), "kv_b_proj_scale is required for an fp8 kv_b_proj");
-    check_scales(*w_scale, "kv_b_proj_scale", {ceil_div(N, kScaleBlock), ceil_div(R, kScaleBlock)});
-  } else {
-    TORCH_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 kv_b_proj");
-  }
+  check_weight_scale(w, w_scale);
   if (T == 0) return;
   const at::Tensor wc = w.contiguous();
   const char* wp = static_cast<const char*>(wc.data_ptr());

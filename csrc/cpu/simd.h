@@ -25,7 +25,6 @@ struct OutRows {
 };
 
 struct SimdKernels {
-  const char* name;
   // One row of FP8 per-token-group quantization: q[c] and s[g * s_stride] for the W
   // values of x (gated: silu(x[c]) * x[W + c]). Needs group % 16 == 0, group <=
   // kMaxSimdGroup and W % 16 == 0 (the caller falls back otherwise).

@@ -10,7 +10,6 @@
 #pragma GCC target("avx2,fma,f16c")
 #define MOE_SIMD_NS simd_avx2
 #define MOE_SIMD_LANES 8
-#define MOE_SIMD_NAME "avx2"
 #include "simd_kernels.inc"
 #pragma GCC pop_options
 

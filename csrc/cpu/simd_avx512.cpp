@@ -9,7 +9,6 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
 #define MOE_SIMD_NS simd_avx512
 #define MOE_SIMD_LANES 16
-#define MOE_SIMD_NAME "avx512"
 #include "simd_kernels.inc"
 #pragma GCC pop_options
 

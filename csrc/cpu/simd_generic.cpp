@@ -6,5 +6,4 @@
 
 #define MOE_SIMD_NS simd_generic
 #define MOE_SIMD_LANES 4
-#define MOE_SIMD_NAME "generic"
 #include "simd_kernels.inc"
