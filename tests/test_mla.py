@@ -89,6 +89,20 @@ def test_reference_paged_order():
     assert not rows[15:].any()
 
 
+def test_reference_ignores_the_weights_layout():
+    """The oracle gives the same bits for a float32 weight repeated with stride 0 and for its
+    contiguous copy (torch's float32 matmul sums such a weight in another order: v came out
+    1 ulp apart at this shape, H = 1, dn = 1, dv = 3, R = 14, whatever the values)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(10, 15, generator=g)
+    w = (torch.randn(4, 14, generator=g) / 14 ** 0.5)[:1].expand(4, 14)
+    got = ref.mla_decompress_kv(rows[:, :14], rows[:, 14:], w, None, 1, 1, 3, torch.float32)
+    want = ref.mla_decompress_kv(rows[:, :14].contiguous(), rows[:, 14:].contiguous(),
+                                 w.contiguous(), None, 1, 1, 3, torch.float32)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
 # --- backends against the reference -----------------------------------------------------------
 
 CONTIGUOUS = [  # (T, H, dn, dv, R, rope)

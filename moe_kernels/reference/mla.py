@@ -28,7 +28,9 @@ def up_projection(kv_b_proj: torch.Tensor, kv_b_proj_scale: torch.Tensor | None,
     if kv_b_proj.dtype == FP8:
         w = dequantize_fp8_block(kv_b_proj, kv_b_proj_scale, 128, 128, torch.float32)
     else:
-        w = kv_b_proj.float()
+        # contiguous: torch's float32 matmul sums in another order for a stride-0 weight
+        # (1 ulp apart), and the oracle must not depend on its inputs' layout
+        w = kv_b_proj.float().contiguous()
     w = w.view(num_heads, dn + dv, w.shape[-1])
     return w[:, :dn], w[:, dn:]
 
@@ -39,7 +41,7 @@ def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.T
     """kv_c (T, R), k_pe (T, rope_dim) float -> k (T, H, dn + rope_dim), v (T, H, dv) in
     out_dtype, computed in float32."""
     w_uk, w_uv = up_projection(kv_b_proj, kv_b_proj_scale, num_heads, dn, dv)
-    c = kv_c.float()
+    c = kv_c.float().contiguous()
     k_nope = torch.einsum("tr,hdr->thd", c, w_uk)
     v = torch.einsum("tr,hdr->thd", c, w_uv)
     pe = k_pe.float()[:, None, :].expand(-1, num_heads, -1)
