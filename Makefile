@@ -35,7 +35,7 @@ setup: $(if $(filter $(PY),$(PYTHON_SYS)),,$(VENV)/bin/python)
 	  || $(PIP) install --no-deps --target $(TRITON_GATE_DIR) triton==3.6.0
 
 # Builds moe_kernels._C in place (editable install), only when csrc/ or the build files changed
-# since the last build, or the .so is missing: a rebuild is ~3.5 min on 2 cores.
+# since the last build, or the .so is missing: a rebuild is ~2 min on 2 cores.
 EXT_STAMP := build/.ext-built
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 build: setup $(EXT_STAMP)

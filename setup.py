@@ -46,8 +46,9 @@ def extension():
     sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is an OpenMP pragma, serial without it. -fno-trapping-math:
     # lets GCC if-convert float selects so csrc/cpu/vec_math.h vectorizes (no code reads
-    # FP exception flags).
-    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    # FP exception flags). -g0: Python's flags add -g, whose debug info for the torch headers
+    # made each object ~18 MB and its compile ~30% longer (gating.cpp 60 s -> 46 s, 2 cores).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-g0"]
     reason = cuda_build_reason()
     if reason is not None:
         print(f"moe_kernels: building CPU kernels only ({reason})")

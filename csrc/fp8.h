@@ -2,7 +2,7 @@
 // dequantization, and the checks that keep direct torch.ops calls from reading out of
 // bounds. The e4m3 numerics themselves are framework-free: common/fp8_math.h.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>

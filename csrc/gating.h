@@ -2,7 +2,7 @@
 // argument checks (so torch.ops.moe_kernels.grouped_topk called directly fails cleanly,
 // never reads out of bounds) and the parsed options.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 

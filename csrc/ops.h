@@ -1,6 +1,6 @@
 // Declarations of every kernel entry point (CPU always, CUDA when built with it).
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <string>

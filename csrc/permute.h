@@ -1,7 +1,7 @@
 // Torch-side helpers of the permutation ops shared by the CPU kernels and the CUDA
 // binding: the topk_ids checks, so direct torch.ops calls fail cleanly.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 

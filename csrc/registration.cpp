@@ -1,7 +1,10 @@
 // The Python module moe_kernels._C. The op schemas are defined once, in Python
 // (moe_kernels/_library.py, Op); the kernels register on them per dispatch key next to
 // their code (TORCH_LIBRARY_IMPL in csrc/cpu, csrc/cuda), and the dispatcher checks each
-// kernel's signature against its schema when both are loaded.
+// kernel's signature against its schema when both are loaded. The only file with
+// torch/extension.h (pybind11 and torch's whole C++ API): every other one includes
+// ATen/ATen.h and, where it registers kernels, torch/library.h; with torch/extension.h
+// each took ~3x as long to compile (gating.cpp 46 s -> 17 s on 2 cores).
 #include <torch/extension.h>
 
 #include <map>

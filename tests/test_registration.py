@@ -2,6 +2,7 @@
 every variant with a fake; the package imports and works without the compiled extension
 (reference + Triton, one warning)."""
 
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -140,3 +141,13 @@ def test_degenerate_sizes_through_torch_ops_never_kill_the_process():
     survived = [line for line in r.stdout.splitlines() if line.startswith("survived")]
     assert r.returncode == 0 and len(survived) == 10, (
         f"killed (rc {r.returncode}) after: {survived}\n{r.stderr[-2000:]}")
+
+
+def test_only_the_module_file_includes_torch_extension_h():
+    """torch/extension.h tripled a file's compile time (csrc/registration.cpp says why):
+    the kernels' files include ATen/ATen.h and torch/library.h instead."""
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    including = sorted(str(p.relative_to(csrc)) for p in csrc.rglob("*")
+                       if p.suffix in (".cpp", ".cu", ".h", ".cuh", ".inc")
+                       and "#include <torch/extension.h>" in p.read_text())
+    assert including == ["registration.cpp"]

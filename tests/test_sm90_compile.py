@@ -172,17 +172,31 @@ _BAD_KERNELS = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("triton_path", VERSIONS)
-def test_the_gate_catches_each_kind_of_defect(tmp_path, triton_path):
+@pytest.fixture(scope="module")
+def defect_reports(tmp_path_factory):
+    """The bad kernels compiled under every available triton at once (one per core, as the
+    gate: one after the other they took ~37 s of CI); {path: (returncode, stdout, stderr)}."""
     reason = _nvidia_backend_reason()
     if reason:
         pytest.skip(reason)
-    script = tmp_path / "bad_kernels.py"
+    script = tmp_path_factory.mktemp("sm90_defects") / "bad_kernels.py"
     script.write_text("import json\n" + _BAD_KERNELS)
-    proc = subprocess.run([sys.executable, str(script)], env=_env(triton_path),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    procs = {p.values[0]: subprocess.Popen([sys.executable, str(script)], env=_env(p.values[0]),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+             for p in VERSIONS if not p.marks}
+    results = {}
+    for path, proc in procs.items():
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        results[path] = (proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("triton_path", VERSIONS)
+def test_the_gate_catches_each_kind_of_defect(defect_reports, triton_path):
+    rc, out, err = defect_reports[triton_path]
+    assert rc == 0, err[-4000:]
+    found = json.loads(out.strip().splitlines()[-1])
     assert any("compile error" in v and "PLAIN_GLOBAL" in v for v in found["global"]), found
     assert any(v.startswith("spills") for v in found["spill"]), found
     assert any("through registers" in v for v in found["uint8"]), found

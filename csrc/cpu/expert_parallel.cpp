@@ -1,7 +1,8 @@
 // The expert-parallel slot map on the CPU (semantics: moe_kernels/reference/
 // expert_parallel.py): pair (t, k) of logical expert e -> log2phy[e, (t + offset) % logcnt[e]].
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "../ops.h"
 

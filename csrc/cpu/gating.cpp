@@ -1,7 +1,8 @@
 // grouped_topk on the CPU: one pass per token row, rows split across threads by
 // at::parallel_for. Same selection rules as moe_kernels/reference/gating.py.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>

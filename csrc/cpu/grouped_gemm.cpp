@@ -12,7 +12,8 @@
 // Dequantize-then-multiply equals "promotion every 128" up to float32 rounding, since a
 // scale is constant over each 128-wide K block.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>

@@ -5,7 +5,8 @@
 // are written from it in parallel. A chunk's product stays around 4 MB, so it is written
 // back from cache instead of materialising a (T, H, dn + dv) tensor.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <vector>
 

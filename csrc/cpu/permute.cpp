@@ -3,7 +3,8 @@
 // stable: ascending pair index inside each expert); row copies and the weighted
 // reduction run in parallel over rows / tokens.
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstring>
 #include <vector>

@@ -2,7 +2,8 @@
 // where torch has CUDA (setup.py).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "../gating.h"
 #include "../ops.h"

@@ -2,7 +2,8 @@
 // only where torch has CUDA (setup.py). Row movement on the GPU is the Triton kernels'.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 
