@@ -52,29 +52,37 @@ def _versions() -> list:
 VERSIONS = _versions()
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """Runs the gate under every available triton at once; {path: (returncode, output,
-    report dict)}."""
+def _run_per_version(argv_of) -> dict:
+    """Runs argv_of(path) under every available triton at once, one process each (one per
+    core); {path: (returncode, stdout, stderr)}. Skips without triton's NVIDIA backend."""
     reason = _nvidia_backend_reason()
     if reason:
         pytest.skip(reason)
-    out_dir = tmp_path_factory.mktemp("sm90")
-    runs = {}
-    for p in VERSIONS:
-        path = p.values[0]
-        if p.marks:
-            continue
-        out = out_dir / f"{pathlib.Path(path).name if path else 'installed'}.json"
-        proc = subprocess.Popen([sys.executable, "-m", "moe_kernels.bench.sm90", "--json",
-                                 str(out)], env=_env(path), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        runs[path] = (proc, out)
+    procs = {p.values[0]: subprocess.Popen(argv_of(p.values[0]), env=_env(p.values[0]),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+             for p in VERSIONS if not p.marks}
     results = {}
-    for path, (proc, out) in runs.items():
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-        results[path] = (proc.returncode, output,
-                         json.loads(out.read_text()) if out.exists() else None)
+    for path, proc in procs.items():
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        results[path] = (proc.returncode, out, err)
+    return results
+
+
+def _json_name(path) -> str:
+    return f"{pathlib.Path(path).name if path else 'installed'}.json"
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """The gate under every available triton; {path: (returncode, output, report dict)}."""
+    out_dir = tmp_path_factory.mktemp("sm90")
+    runs = _run_per_version(lambda path: [sys.executable, "-m", "moe_kernels.bench.sm90",
+                                          "--json", str(out_dir / _json_name(path))])
+    results = {}
+    for path, (rc, out, err) in runs.items():
+        report = out_dir / _json_name(path)
+        results[path] = (rc, out + err, json.loads(report.read_text()) if report.exists() else None)
     return results
 
 
@@ -174,22 +182,11 @@ _BAD_KERNELS = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def defect_reports(tmp_path_factory):
-    """The bad kernels compiled under every available triton at once (one per core, as the
-    gate: one after the other they took ~37 s of CI); {path: (returncode, stdout, stderr)}."""
-    reason = _nvidia_backend_reason()
-    if reason:
-        pytest.skip(reason)
+    """The bad kernels compiled under every available triton at once (one after the other
+    they took ~37 s of CI); {path: (returncode, stdout, stderr)}."""
     script = tmp_path_factory.mktemp("sm90_defects") / "bad_kernels.py"
     script.write_text("import json\n" + _BAD_KERNELS)
-    procs = {p.values[0]: subprocess.Popen([sys.executable, str(script)], env=_env(p.values[0]),
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True)
-             for p in VERSIONS if not p.marks}
-    results = {}
-    for path, proc in procs.items():
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-        results[path] = (proc.returncode, out, err)
-    return results
+    return _run_per_version(lambda path: [sys.executable, str(script)])
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)
