@@ -1,57 +1,105 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build (CUDA kernels for sm_90a), run every test including
-# the slow sweeps, run moe-bench, and leave the results in $OUT (or benchmarks/results/).
-# Prints a short table last. Usage: bash benchmarks/gpu_check.sh
-# (RUN_TUNE=1 adds the Triton launch-config sweeps, gating and grouped GEMM: the GEMM one
-# writes moe_kernels/configs/grouped_gemm/<device>.json, copied to $OUT to commit;
-# PYTEST_ARGS passes options to pytest.)
+# One call on the GPU machine, sized for one 10-minute command (a session's device time is
+# about 15 minutes, the machine's start included). Stages, in order:
+#   build      the extension with the CUDA kernels for sm_90a (ninja, all cores)
+#   bench      moe-bench on defaults: every op, the torch peers, the eager-call rows
+#              (its JSON is rewritten after every op, so a stopped run keeps its rows)
+#   tests      the CUDA tests (-k "$TEST_SELECT"), not the slow ones, in parallel (xdist)
+#   slow       the slow sweeps (large int64 cases: several GB each), one at a time
+#   sanitizer  compute-sanitizer memcheck over every kernel family (sanitize_cuda.py)
+#   probe      which C++ exceptions reach Python on this image (issue of the GPU image)
+# Each stage gets at most its cap and what is left of BUDGET_S, and writes its log to $OUT
+# when it ends; a stage that runs out of time says so. The table of every stage is printed
+# last. Usage: bash benchmarks/gpu_check.sh
+#   BUDGET_S (default 540)    total seconds for all stages
+#   STAGES                    stages to run (default: "build bench tests slow sanitizer probe")
+#   TEST_SELECT               pytest -k of the tests stage (default: "cuda or nccl")
+#   PYTEST_ARGS               more pytest options for tests and slow
+#   RUN_TUNE=1                adds the Triton launch-config sweeps after bench; the grouped
+#                             GEMM one writes moe_kernels/configs/grouped_gemm/<device>.json,
+#                             copied to $OUT to commit (run with fewer stages: $OUT returns
+#                             at most 8 files)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} MAX_JOBS=${MAX_JOBS:-16}
+BUDGET_S=${BUDGET_S:-540}
+STAGES=${STAGES:-build bench tests slow sanitizer probe}
+TEST_SELECT=${TEST_SELECT:-cuda or nccl}
 stamp=$(date -u +%Y%m%dT%H%M)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
+start=$(date +%s)
+summary=()
 
-echo "== build"; t0=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "built in $(( $(date +%s) - t0 )) s"; grep -E "registers|spill" "$OUT/build.log" | head -5
+# run_stage NAME CAP_S LOG COMMAND...: COMMAND under min(CAP_S, time left), output to LOG.
+run_stage() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$(( BUDGET_S - ($(date +%s) - start) ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 15 )); then
+    summary+=("$(printf '%-10s %-9s %5s  %s' "$name" "no time" "-" "budget spent")"); return
+  fi
+  echo "== $name (at most ${limit} s)"
+  local t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" > "$log" 2>&1
+  local rc=$? took=$(( $(date +%s) - t0 )) state
+  if [ $rc = 0 ]; then state=ok
+  elif [ $rc = 124 ] || [ $rc = 137 ]; then state=timeout
+  else state="rc=$rc"; fi
+  summary+=("$(printf '%-10s %-9s %4ss  %s' "$name" "$state" "$took" "$(stage_line "$name" "$log")")")
+  echo "   $state in ${took} s"
+}
 
-echo "== tests"
-python3 -m pytest tests -q -rfE -p no:cacheprovider ${PYTEST_ARGS:-} --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
-test_rc=$?
-tail -15 "$OUT/tests.log"
+# One line of a stage's log that says how it went.
+stage_line() {
+  case $1 in
+    build) grep -m1 -E "moe_kernels: (building|CUDA kernels skipped)" "$2" ;;
+    tests|slow) grep -E "(passed|failed|error|no tests ran)" "$2" | tail -1 ;;
+    sanitizer) { grep -E "ERROR SUMMARY" "$2"; grep -E "^sanitize_cuda:" "$2"; } | tr '\n' ' ' ;;
+    probe) grep -c "raised" "$2" | sed 's/$/ variants raised/' ;;
+    bench) grep -E "results disagree|WARNING" "$2" | head -1 | cut -c1-120 ;;
+  esac
+}
 
-echo "== compute-sanitizer (memcheck) on the CUDA gating kernel and the MLA paged kernel"
-compute-sanitizer --tool memcheck --error-exitcode 9 python3 -c "
-import torch, moe_kernels as mk
-for T, E, G, tg in [(1, 256, 8, 4), (37, 72, 8, 3), (300, 384, 1, 1), (5, 1000, 8, 2)]:
-    x = torch.randn(T, E, device='cuda').bfloat16()
-    mk.grouped_topk(x, 8, num_expert_group=G, topk_group=tg, correction_bias=torch.zeros(E, device='cuda'), backend='cuda')
-# the MLA paged kernel with block ids out of range and lengths past the table (the
-# unchecked CUDA-graph path): it must read nothing out of bounds
-cache = torch.randn(6, 16, 576, device='cuda').bfloat16()
-w = torch.randn(4 * 256, 512, device='cuda').bfloat16()
-table = torch.tensor([[0, 99, -3], [5, 2, 1]], dtype=torch.int32, device='cuda')
-lens = torch.tensor([60, 40], dtype=torch.int32, device='cuda')
-k = torch.empty(100, 4, 192, device='cuda').bfloat16(); v = torch.empty(100, 4, 128, device='cuda').bfloat16()
-torch.ops.moe_kernels.mla_decompress_kv_paged_triton(cache, table, lens, w, None, None, k, v)
-torch.cuda.synchronize(); print('memcheck run done')" > "$OUT/sanitizer.log" 2>&1
-san_rc=$?; tail -3 "$OUT/sanitizer.log"
+have_xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+have_timeout=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 180")
+bench_json="$OUT/bench_${gpu}_${stamp}.json"
 
-echo "== C++ exceptions on this image: which variant reaches Python (docs/index.md)"
-timeout 300 python3 benchmarks/probe_cpp_exceptions.py > "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" 2>&1
-cat "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt"
+for stage in $STAGES; do
+  case $stage in
+    build) run_stage build 240 "$OUT/build.log" python3 setup.py build_ext --inplace
+           [ -n "$(ls moe_kernels/_C*.so 2>/dev/null)" ] || { tail -40 "$OUT/build.log"; break; } ;;
+    bench) run_stage bench 240 "$OUT/bench_${gpu}_${stamp}.txt" \
+             python3 -m moe_kernels.bench --json "$bench_json"
+           if [ "${RUN_TUNE:-0}" = 1 ]; then
+             run_stage tune 120 "$OUT/tune.log" bash -c "python3 benchmarks/tune_gating.py && \
+               python3 benchmarks/tune_grouped_gemm.py ${TUNE_ARGS:---quick}"
+             cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null
+           fi ;;
+    tests) run_stage tests 200 "$OUT/tests_${gpu}_${stamp}.txt" \
+             python3 -m pytest tests -q -rfE -p no:cacheprovider -m "not slow" -k "$TEST_SELECT" \
+             $have_xdist $have_timeout ${PYTEST_ARGS:-} ;;
+    slow)  run_stage slow 120 "$OUT/slow_${gpu}_${stamp}.txt" \
+             python3 -m pytest tests -q -rfE -p no:cacheprovider -m slow $have_timeout ${PYTEST_ARGS:-} ;;
+    sanitizer) run_stage sanitizer 120 "$OUT/sanitizer_${gpu}_${stamp}.txt" \
+             compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_cuda.py ;;
+    probe) run_stage probe 60 "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" \
+             python3 benchmarks/probe_cpp_exceptions.py ;;
+    *) echo "gpu_check: unknown stage $stage"; exit 2 ;;
+  esac
+done
 
-if [ "${RUN_TUNE:-0}" = 1 ]; then  # ~1 min of device time: only when retuning
-  echo "== triton tuning sweep"
-  python3 benchmarks/tune_gating.py > "$OUT/tune.log" 2>&1; cat "$OUT/tune.log"
-  python3 benchmarks/tune_grouped_gemm.py ${TUNE_ARGS:---quick} > "$OUT/tune_gemm.log" 2>&1
-  tail -12 "$OUT/tune_gemm.log"; cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null
-fi
-
-echo "== moe-bench"
-python3 -m moe_kernels.bench --json "$OUT/bench_${gpu}_${stamp}.json" > "$OUT/bench.log" 2>&1
-bench_rc=$?
-cat "$OUT/bench.log"
-echo "== summary: tests rc=$test_rc sanitizer rc=$san_rc bench rc=$bench_rc"
+# The bench rows, condensed (the full table is bench_*.txt, every figure in the JSON).
+[ -f "$bench_json" ] && python3 - "$bench_json" <<'EOF'
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+print(f"{'op':24s} {'case':44s} {'backend':22s} {'us':>10s} {'GB/s':>8s} {'TFLOPS':>7s} {'%roof':>6s} ok")
+for r in rows:
+    ok = {None: "-", True: "yes", False: "NO"}[r["correct"]]
+    us = f"{r['time_us']:.2f}" if r["time_us"] > 0 else r["note"][:40]
+    print(f"{r['op'][:24]:24s} {r['case'][:44]:44s} {r['backend'][:22]:22s} {us:>10s} "
+          f"{r['gbps']:8.1f} {r['tflops']:7.1f} {r['roofline_pct']:6.1f} {ok}")
+EOF
+echo "== gpu_check on $gpu at $(git rev-parse --short HEAD 2>/dev/null), $(( $(date +%s) - start )) s"
+printf '%s\n' "${summary[@]}"

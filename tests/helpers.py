@@ -10,6 +10,17 @@ from moe_kernels import _library
 from moe_kernels.testing import rules
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def expect_inductor_bf16_round_trip(request, device: str, backend: str) -> None:
+    """Marks a test that compares a compiled reference with eager as failing where torch's
+    CPU Inductor drops a float32 -> bf16 -> float32 round trip after a matmul, with or
+    without `emulate_precision_casts` (measured with torch 2.11.0: every element of a
+    (6, 512) x (512, 256) product left unrounded; 2.13.0 keeps it). Our kernels are opaque
+    to Inductor and unaffected; strict, so a torch that fixes it is noticed."""
+    if backend == "reference" and device == "cpu" and torch.__version__ < "2.13":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            f"torch {torch.__version__}: CPU Inductor drops the reference's bf16 rounding")))
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 

@@ -145,3 +145,100 @@ def test_cpu_timing_interleaves_the_rows_of_a_case():
     timed = log[4:]   # after each function's two warm-up calls
     switches = sum(a != b for a, b in zip(timed, timed[1:]))
     assert switches >= 2 * common.CPU_ROUNDS - 1, timed
+
+
+def test_a_peer_that_cannot_run_is_an_untimed_row():
+    """A torch peer this build or device lacks (block-scaled `_scaled_mm` before CUDA 12.9)
+    leaves a row saying why and the other rows timed; one of our kernels failing stops the
+    run; the table, compile flags and --compare pass over the untimed row."""
+    import torch
+
+    from moe_kernels.bench import common
+
+    def unsupported(i):
+        raise RuntimeError("no such kernel here")
+
+    x = torch.ones(4)
+    timed = [("cpu", lambda i: x + 1), ("torch-scaled_mm", unsupported),
+             ("torch-compile", lambda i: x + 1)]
+    rows = common.measure("op", "case", "cpu", timed, 16, 1, lambda out: bool((out == 2).all()))
+    by = {r.backend: r for r in rows}
+    assert set(by) == {"cpu", "torch-scaled_mm", "torch-compile"}
+    assert by["torch-scaled_mm"].time_us == 0 and by["torch-scaled_mm"].correct is None
+    assert "unavailable: RuntimeError: no such kernel here" in by["torch-scaled_mm"].note
+    assert by["cpu"].time_us > 0 and by["cpu"].correct
+    line = next(ln for ln in common.format_table(rows).splitlines() if "scaled_mm" in ln)
+    assert line.split()[3] == "-"
+    assert all(b != "torch-scaled_mm" for _, _, b, _ in common.behind_compile(rows))
+    with pytest.raises(RuntimeError, match="no such kernel"):
+        common.measure("op", "case", "cpu", [("cpu", unsupported)], 16, 1, bool)
+
+
+def test_compare_skips_untimed_rows(tmp_path, capsys):
+    a = _write(tmp_path / "a.json", [("op", "c", "torch-scaled_mm", 0.0, None)], "a")
+    b = _write(tmp_path / "b.json", [("op", "c", "torch-scaled_mm", 10.0, True)], "b")
+    assert cli.main(["--compare", a, b]) == 0
+    assert "REGRESSION" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_eager_call_rows_time_each_implemented_backend():
+    """One row per op and backend it implements (none for a backend it lacks), on the op's
+    smallest non-empty edge case."""
+    from moe_kernels.bench import common
+    rows = common.eager_call_rows(["permute", "unpermute"], "cpu", ["cpu"])
+    assert [(r.op, r.backend, r.case) for r in rows] == [
+        ("permute", "cpu", common.EAGER_CASE), ("unpermute", "cpu", common.EAGER_CASE)]
+    assert all(0 < r.time_us < 1e5 and "case '" in r.note for r in rows)
+    assert common.eager_call_rows(["grouped_topk"], "cpu", ["cuda"]) == []
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_json_is_written_after_each_op(tmp_path, monkeypatch):
+    """A run stopped by a time limit keeps the rows of the ops it finished."""
+    from moe_kernels.bench import MODULES
+    path = tmp_path / "r.json"
+    seen = []
+    real_eager_rows = cli.eager_call_rows
+
+    def spy(*a, **k):
+        seen.append(json.loads(path.read_text())["results"] if path.exists() else None)
+        return real_eager_rows(*a, **k)
+
+    monkeypatch.setattr(cli, "eager_call_rows", spy)
+    assert cli.main(["--op", "unpermute", "--op", "grouped_gemm_fp8_masked", "--tokens", "2",
+                     "--backend", "cpu", "--no-compile", "--json", str(path)]) == 0
+    # the second op's module runs after the first's rows were written
+    assert seen[0] is None and seen[1] and {r["op"] for r in seen[1]} == {"unpermute"}
+    assert [m.__name__ for m in MODULES].index("moe_kernels.bench.permute") < \
+        [m.__name__ for m in MODULES].index("moe_kernels.bench.grouped_gemm")
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_copy_bound_peers_agree_with_the_reference():
+    """permute's index_select and unpermute's index_add_ peers give the reference's rows."""
+    from moe_kernels.bench import permute
+    rows = permute.run("cpu", ["cpu"], [3], compile_reference=False)
+    peers = {r.backend: r for r in rows if r.backend in ("torch-index_select", "torch-index_add")}
+    assert set(peers) == {"torch-index_select", "torch-index_add"}
+    assert all(r.correct and r.time_us > 0 for r in peers.values())
+
+
+def test_grouped_gemm_peers_on_the_cpu_tensors():
+    """The GPU peers' data preparation, checked where torch runs it: `_grouped_mm` on the
+    bf16 operands equals the per-expert reference (segments of unequal and zero length),
+    and each segment's activation scales are M-major, as cuBLAS reads 1x128 scales."""
+    import torch
+
+    from moe_kernels.bench import grouped_gemm as g
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    a, a_s, b, b_s = g._operands(3, 32, 256, 384, "cpu", torch.Generator().manual_seed(0))
+    bounds = [(0, 32), (32, 50), (64, 64)]
+    want = g.torch_per_expert(a, a_s, b, b_s, bounds)
+    peers = dict(g.torch_peers(a, a_s, b, b_s, bounds, "cuda"))
+    assert set(peers) == {"torch-scaled_mm", "torch-grouped_mm-bf16"}
+    assert g._close(peers["torch-grouped_mm-bf16"](), want)
+    for (lo, hi), s in zip(bounds, g.m_major_scales(a_s, bounds)):
+        assert torch.equal(s, a_s[lo:hi]) and (hi - lo < 2 or s.stride() == (1, hi - lo))
+    assert g.torch_peers(a, a_s, b, b_s, bounds, "cpu") == []

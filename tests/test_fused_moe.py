@@ -11,7 +11,8 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import fused_moe as ref
 
-from helpers import FP8_INPUT_OPCHECKS, device_backend_params, poison_allocator
+from helpers import (FP8_INPUT_OPCHECKS, device_backend_params, expect_inductor_bf16_round_trip,
+                     poison_allocator)
 
 BACKENDS = ("triton", "cpu", "reference")
 H, INTER, E, TOPK = 256, 128, 12, 4
@@ -98,7 +99,8 @@ def test_partial_blocks_and_odd_experts(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
-def test_torch_compile_fullgraph(device, backend):
+def test_torch_compile_fullgraph(device, backend, request):
+    expect_inductor_bf16_round_trip(request, device, backend)
     torch._dynamo.reset()
     w13, s13, w2, s2 = make_layer(seed=2, device=device)
     hidden = torch.randn(6, H).bfloat16().to(device)

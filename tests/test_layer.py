@@ -24,7 +24,7 @@ from moe_kernels import checkpoint
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import layer as ref_layer
 
-from helpers import calc_diff, device_backend_params
+from helpers import calc_diff, device_backend_params, expect_inductor_bf16_round_trip
 
 BACKENDS = ("reference", "triton", "cpu")
 
@@ -357,7 +357,8 @@ def test_bad_config():
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
-def test_torch_compile_forward(device, backend):
+def test_torch_compile_forward(device, backend, request):
+    expect_inductor_bf16_round_trip(request, device, backend)
     torch._dynamo.reset()
     cfg = make_config()
     layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, make_weights(cfg), device=device,

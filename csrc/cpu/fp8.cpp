@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_block_cpu(const at::Tensor& w_in
   TORCH_CHECK_VALUE(block_n >= 1 && block_k >= 1, "block sizes must be >= 1");
   const at::Tensor w = w_in.contiguous();
   const int64_t N = w.size(-2), K = w.size(-1);
-  const int64_t B = N * K ? w.numel() / (N * K) : 0;
+  const int64_t B = N * K != 0 ? w.numel() / (N * K) : 0;
   const int64_t NB = ceil_div(N, block_n), KB = ceil_div(K, block_k);
   at::Tensor q = at::empty(w.sizes(), w.options().dtype(at::kFloat8_e4m3fn));
   std::vector<int64_t> s_shape(w.sizes().begin(), w.sizes().end() - 2);

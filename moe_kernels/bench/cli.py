@@ -9,13 +9,14 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
 from moe_kernels import _library
-from moe_kernels.bench import OPS
+from moe_kernels.bench import MODULES, OPS
 from moe_kernels.bench.common import (behind_compile, copy_bandwidth_gbps, device_name,
-                                      format_table, measuring, noise_warning)
+                                      eager_call_rows, format_table, measuring, noise_warning)
 
 
 def _git_commit() -> str:
@@ -72,9 +73,11 @@ def main(argv=None) -> int:
         return 1 if flagged else 0
     if args.plot:
         _require_matplotlib()
-    # Inductor's compile workers are processes that outlive the compile and compete with
-    # the timed CPU kernels for cores (2.5x slower CPU figures seen with them).
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    if args.device == "cpu":
+        # Inductor's compile workers are processes that outlive the compile and compete with
+        # the timed CPU kernels for cores (2.5x slower CPU figures seen with them); GPU
+        # timings do not share the cores, and there parallel compiles save minutes.
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import triton
     meta = {"device": device_name(args.device), "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(),
@@ -86,9 +89,19 @@ def main(argv=None) -> int:
     results = []
     selected = set(args.op or OPS)
     with measuring(selected):
-        for module in dict.fromkeys(OPS[name] for name in sorted(selected)):
-            results += module.run(args.device, args.backend, args.tokens,
-                                  compile_reference=not args.no_compile)
+        # in MODULES' order: the kernels first, the layer and expert parallelism (which
+        # run them all) last, so that a run stopped by a time limit has the op rows
+        for module in (m for m in MODULES if selected & set(m.MEASURES)):
+            t0 = time.perf_counter()
+            rows = module.run(args.device, args.backend, args.tokens,
+                              compile_reference=not args.no_compile)
+            rows += eager_call_rows(module.MEASURES, args.device, args.backend)
+            results += rows
+            # written after every op, so that a run stopped by a time limit keeps its rows
+            if args.json:
+                _write_json(args.json, meta, results)
+            print(f"moe-bench: {module.__name__.rsplit('.', 1)[-1]}: {len(rows)} rows in "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     print(format_table(results))
     warning = noise_warning(results)
     if warning:
@@ -96,11 +109,6 @@ def main(argv=None) -> int:
     for op, case, backend, speedup in behind_compile(results):
         print(f"moe-bench: {op} '{case}' {backend}: {speedup:.2f}x torch.compile (behind)",
               file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,
-                                                      roofline_pct=r.roofline_pct, tflops=r.tflops)
-                                                 for r in results]}, f, indent=1)
     if args.plot:
         plot_roofline(results, meta, args.plot)
         print(f"moe-bench: wrote {args.plot}")
@@ -109,6 +117,15 @@ def main(argv=None) -> int:
         print(f"moe-bench: {len(failed)} results disagree with the reference", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_json(path: str, meta: dict, results) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,
+                                                  roofline_pct=r.roofline_pct, tflops=r.tflops)
+                                             for r in results]}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _key(r: dict) -> tuple[str, str, str]:
@@ -137,10 +154,11 @@ def compare(path_a: str | None, path_b: str, threshold: float = 0.05) -> tuple[s
         speedup = "-"
         flags = []
         if old is not None:
-            ratio = old["time_us"] / r["time_us"] if r["time_us"] > 0 else float("inf")
-            speedup = f"{ratio:.2f}x"
-            if ratio < 1.0 / (1.0 + threshold):
-                flags.append("REGRESSION")
+            if old["time_us"] > 0 and r["time_us"] > 0:  # 0: a peer that could not run
+                ratio = old["time_us"] / r["time_us"]
+                speedup = f"{ratio:.2f}x"
+                if ratio < 1.0 / (1.0 + threshold):
+                    flags.append("REGRESSION")
         elif path_a:
             flags.append("new")
         if r.get("correct") is False:

@@ -214,8 +214,7 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
     copy = copy_bandwidth_gbps(device)
     peak = peak_tflops(device, math) if flops else 0.0
     results = []
-    timed = list(timed)
-    correct = [check(fn(0)) for _, fn in timed]
+    timed, correct = _first_calls(op, case, device, list(timed), check, results)
     # on the CPU the entries are timed in interleaved rounds: their ratios are what counts
     on_cpu = (_time_cpu_interleaved([fn for _, fn in timed], n_sets) if device != "cuda"
               else None)
@@ -228,6 +227,40 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
         results.append(Result(op, case, name, device, t, nbytes, flops=flops, copy_gbps=copy,
                               correct=correct[i], note=note, peak_tflops=peak, spread=spread))
     return results
+
+
+def is_peer(backend: str) -> bool:
+    """Rows of torch code timed beside ours: the reference (eager, compiled) and the
+    strongest torch-native baselines (`torch-scaled_mm`, `torch-index_select`, ...)."""
+    return backend.startswith("torch-")
+
+
+def _first_calls(op, case, device, timed, check, results):
+    """(the entries that ran, each one's check of its first call). A peer this torch or
+    device cannot run (e.g. block-scaled `_scaled_mm` before CUDA 12.9) becomes an untimed
+    row saying why, not a failed run; our own rows must run."""
+    ran, correct = [], []
+    for name, fn in timed:
+        try:
+            out = fn(0)
+        except Exception as exc:
+            if not is_peer(name):
+                raise
+            sync_quietly(device)
+            results.append(Result(op, case, name, device, 0.0, 0,
+                                  note=f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"))
+            continue
+        ran.append((name, fn))
+        correct.append(check(out))
+    return ran, correct
+
+
+def sync_quietly(device: str) -> None:
+    """Synchronise after a failed call, whose error may surface only here."""
+    try:
+        sync(device)
+    except Exception:
+        pass
 
 
 # Dense tensor-core peaks (TFLOPS) by math and device name (docs/benchmarks.md, goals).
@@ -245,17 +278,71 @@ def peak_tflops(device: str, math: str = "fp8") -> float:
     return next((v for k, v in PEAK_TFLOPS[math].items() if k in name), 0.0)
 
 
-def host_us_per_call(fn: Callable[[], object], device: str, n: int = 2000) -> float:
-    """Host time per call of fn in a tight loop (launch cost; tiny inputs)."""
+def host_us_per_call(fn: Callable[[], object], device: str, n: int = 2000,
+                     budget_s: float = 0.3) -> float:
+    """Host time per call of fn in a tight loop (launch cost; tiny inputs): up to n calls,
+    fewer when they would take longer than budget_s."""
     for _ in range(50):
         fn()
     sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        fn()
+    sync(device)
+    n = int(max(20, min(n, budget_s / max((time.perf_counter() - t0) / 10, 1e-9))))
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
     t1 = time.perf_counter()
     sync(device)
     return (t1 - t0) / n * 1e6
+
+
+EAGER_CASE = "eager call, tiny input (host us)"
+
+
+def eager_call_rows(op_names, device: str, backends) -> list[Result]:
+    """Host time of one eager call of each public op in `op_names` per kernel backend, on
+    the op's smallest edge case of moe_kernels.testing (tiny tensors): what a decode step
+    without CUDA graphs pays per op (goal: <= 10 us above the kernel). Backends an op does
+    not implement give no row."""
+    import moe_kernels
+    from moe_kernels import testing
+    rows = []
+    for op in op_names:
+        if op not in testing.ops() or not is_selected(op):
+            continue
+        case = smallest_case(op, device)
+        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+        public = getattr(moe_kernels, op)
+        for b in kernel_backends(device, backends, _library.BACKENDS):
+            call = lambda b=b: public(*args, backend=b, **kwargs)
+            try:
+                call()
+            except _library.BackendUnavailableError:
+                continue
+            rows.append(Result(op, EAGER_CASE, b, device, host_us_per_call(call, device), 0,
+                               note=f"case '{case.name}'"))
+    return rows
+
+
+def smallest_case(op: str, device: str):
+    """The edge case of `op` with the fewest input elements, none of its tensors empty."""
+    from moe_kernels import testing
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, (list, tuple)):
+            return [t for y in x for t in tensors(y)]
+        return []
+
+    sizes = []
+    for case in testing.cases(op, "edge", device=device):
+        ts = tensors(list(case.inputs.values()))
+        if ts and all(t.numel() for t in ts):
+            sizes.append((sum(t.numel() for t in ts), case))
+    return min(sizes, key=lambda s: s[0])[1]
 
 
 _COPY_GBPS: dict[str, float] = {}
@@ -299,11 +386,12 @@ def format_table(results: list[Result]) -> str:
         base = by_case[(r.op, r.case)]
         eager, comp = base.get("torch-eager"), base.get("torch-compile")
         noisy = "!" if r.spread > NOISY_SPREAD else ""
-        rows.append((r.op, r.case, r.backend, f"{r.time_us:.2f}", f"{r.spread:.0%}{noisy}",
-                     f"{r.gbps:.1f}",
+        timed = r.time_us > 0  # an unavailable peer's row is not timed
+        rows.append((r.op, r.case, r.backend, f"{r.time_us:.2f}" if timed else "-",
+                     f"{r.spread:.0%}{noisy}", f"{r.gbps:.1f}",
                      f"{r.tflops:.1f}" if r.flops else "-", f"{r.roofline_pct:.1f}",
-                     f"{eager / r.time_us:.2f}x" if eager else "-",
-                     f"{comp / r.time_us:.2f}x" if comp else "-",
+                     f"{eager / r.time_us:.2f}x" if eager and timed else "-",
+                     f"{comp / r.time_us:.2f}x" if comp and timed else "-",
                      {None: "-", True: "yes", False: "NO"}[r.correct], r.note))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
@@ -319,7 +407,7 @@ def behind_compile(rows) -> list[tuple[str, str, str, float]]:
     behind = []
     for r in rows:
         comp = compiled.get((get(r, "op"), get(r, "case")))
-        if comp is None or get(r, "backend").startswith("torch") or get(r, "time_us") <= comp:
+        if comp is None or is_peer(get(r, "backend")) or get(r, "time_us") <= comp:
             continue
         behind.append((get(r, "op"), get(r, "case"), get(r, "backend"), comp / get(r, "time_us")))
     return behind

@@ -8,7 +8,9 @@ GPU cases and floors (H100: FP8 dense 1979 TFLOPS, copy 3.0 TB/s):
 - masked decode, 32 experts, M=32 with 8-32 valid rows, N=4096, K=7168: weights 940 MB
   dominate -> ~313 us at 3.0 TB/s: memory bound, judged in GB/s (goal >= 2800).
 The torch reference timed beside: dequantize the weights to bf16 and one bf16 matmul per
-expert (segments known on the host), eager and compiled.
+expert (segments known on the host), eager and compiled. On the GPU also the torch-native
+peers: cuBLAS block-scaled `torch._scaled_mm` per expert and bf16 `torch._grouped_mm`
+(operands dequantized beforehand); the masked case runs them on the valid rows.
 """
 
 from __future__ import annotations
@@ -43,7 +45,44 @@ def torch_per_expert(a, a_s, b, b_s, bounds):
     return torch.cat([a16[lo:hi] @ b16[e].T for e, (lo, hi) in enumerate(bounds)])
 
 
+def scaled_mm_per_expert(a, a_s_per_expert, b, b_s, bounds):
+    """The cuBLAS peer: block-scaled FP8 `torch._scaled_mm` (1x128 activation scales,
+    128x128 weight scales; CUDA >= 12.9 on sm_90), one call per expert segment. cuBLAS
+    reads 1x128 scales M-major: `a_s_per_expert` holds each segment's scales so laid out,
+    prepared outside the timed call (in the peer's favour). Returns the segments' outputs."""
+    return [torch._scaled_mm(a[lo:hi], b[e].t(), a_s_per_expert[e], b_s[e].t(),
+                             out_dtype=torch.bfloat16)
+            for e, (lo, hi) in enumerate(bounds) if hi > lo]
+
+
+def m_major_scales(a_s, bounds):
+    """Each segment's (rows, K/128) activation scales with stride (1, rows)."""
+    return [a_s[lo:hi].t().contiguous().t() for lo, hi in bounds]
+
+
+def grouped_mm_bf16(a16, b16_kn, offs):
+    """The peer of a user without FP8 kernels: `torch._grouped_mm` on bf16 activations and
+    weights (dequantized once, outside the timed call), segment ends in `offs`."""
+    return torch._grouped_mm(a16, b16_kn, offs=offs, out_dtype=torch.bfloat16)
+
+
+def torch_peers(a, a_s, b, b_s, bounds, device):
+    """(name, fn) of the torch-native GPU peers on these segments (rows [lo, hi) of a
+    belong to expert e); none on the CPU, where torch has neither."""
+    if device != "cuda":
+        return []
+    a_s_m = m_major_scales(a_s, bounds)
+    rows = torch.cat([torch.arange(lo, hi) for lo, hi in bounds]).to(a.device)
+    a16 = ref_fp8.dequantize_per_token_group(a, a_s).bfloat16()[rows]
+    b16_kn = ref_fp8.dequantize_fp8_block(b, b_s, dtype=torch.bfloat16).transpose(-2, -1)
+    offs = torch.tensor([hi - lo for lo, hi in bounds]).cumsum(0).int().to(a.device)
+    return [("torch-scaled_mm", lambda: scaled_mm_per_expert(a, a_s_m, b, b_s, bounds)),
+            ("torch-grouped_mm-bf16", lambda: grouped_mm_bf16(a16, b16_kn, offs))]
+
+
 def _close(out, want) -> bool:
+    if isinstance(out, (list, tuple)):  # a peer's per-expert outputs
+        out = torch.cat(list(out))
     out, want = out.float(), want.float()
     return bool(((out - want).norm() / want.norm().clamp_min(1e-30)) < 1e-2)
 
@@ -72,6 +111,8 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         timed += [("torch-eager", lambda i: torch_per_expert(a, a_s, b, b_s, bounds))]
         if baseline_c is not None:
             timed += [("torch-compile", lambda i: baseline_c(a, a_s, b, b_s, bounds))]
+        timed += [(name, lambda i, fn=fn: fn())
+                  for name, fn in torch_peers(a, a_s, b, b_s, bounds, device)]
         nbytes = R * K + R * (K // 128) * 4 + E * N * K + R * N * 2
         results += measure("grouped_gemm_fp8", case, device, timed, nbytes, 1,
                            lambda out: _close(out, want), flops=2 * R * N * K)
@@ -101,9 +142,14 @@ def _masked(device, backends, gen, baseline_c) -> list[Result]:
     timed += [("torch-eager", lambda i: baseline(torch_per_expert, i))]
     if baseline_c is not None:
         timed += [("torch-compile", lambda i: baseline(baseline_c, i))]
+    # the peers on the valid rows (segments known on the host), one input set: its
+    # weights alone exceed the L2 many times over
+    timed += [(name, lambda i, fn=fn: fn()) for name, fn in torch_peers(*sets[0], bounds, device)]
     nbytes = valid * K + valid * (K // 128) * 4 + E * N * K + valid * N * 2
 
     def check(out):
+        if isinstance(out, (list, tuple)):  # torch-scaled_mm: per-expert valid rows
+            return _close(out, want)
         got = out.reshape(E * M, N)[rows] if out.dim() == 3 else out
         return _close(got, want)
 

@@ -5,7 +5,9 @@ Floors (bytes moved / copy bandwidth): permute reads hidden once and writes T*K 
 unpermute reads the T*K rows and the weights and writes hidden; moe_align_block_size
 reads the ids and writes the sorted ids and block experts (tiny: launch-bound).
 At 4096 x 7168 bf16 on an H100 (3.0 TB/s): permute 58.7 MB -> 19.6 us, unpermute
-58.9 MB -> 19.6 us.
+58.9 MB -> 19.6 us. Besides the reference (eager, compiled), the torch-native peers:
+`index_select` of each row's token (permute) and `index_add_` of the weighted rows into a
+float32 sum (unpermute).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         want_out, _, want_idx = reference.permute(hidden[0], ids[0], E, 1, None)
         permuted = [reference.permute(hidden[i], ids[i], E, 1, None) for i in range(n_sets)]
         layouts = [ops.PermuteLayout(*p[2]) for p in permuted]
+        # the copy-bound torch peers' indices (align=1: no padding rows)
+        token_of_row = [(lay.pair_of_row // K).long() for lay in layouts]
+        weight_of_row = [w[i].reshape(-1)[layouts[i].pair_of_row.long()] for i in range(n_sets)]
 
         case = f"align T={T} K={K} E={E} block={BLOCK}"
         want_align = reference.moe_align_block_size(ids[0], E, BLOCK)
@@ -72,6 +77,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         timed += [("torch-eager", lambda i: reference.permute(hidden[i], ids[i], E, 1, None)[0])]
         if compile_reference:
             timed += [("torch-compile", lambda i: ref_permute(hidden[i], ids[i], E, 1, None)[0])]
+        timed += [("torch-index_select", lambda i: hidden[i].index_select(0, token_of_row[i]))]
         nbytes = T * H * 2 + P * H * 2 + P * 4 * 3
         results += measure("permute", case, device, timed, nbytes, n_sets,
                            lambda out: torch.equal(out, want_out))
@@ -85,11 +91,21 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         if compile_reference:
             timed += [("torch-compile", lambda i: ref_unpermute(permuted[i][0],
                                                                  layouts[i].row_of_pair, w[i]))]
+        timed += [("torch-index_add", lambda i: index_add_unpermute(
+            permuted[i][0], token_of_row[i], weight_of_row[i], T))]
         nbytes = P * H * 2 + P * 8 + T * H * 2
         results += measure("unpermute", case, device, timed, nbytes, n_sets,
                            lambda out: torch.allclose(out.float(), want_y.float(), rtol=1.6e-2,
                                                       atol=1e-2))
     return results
+
+
+def index_add_unpermute(rows, token_of_row, weight_of_row, T):
+    """The torch peer of unpermute: weight each row, `index_add_` it into its token's float32
+    sum, round to the rows' dtype."""
+    out = torch.zeros(T, rows.shape[1], dtype=torch.float32, device=rows.device)
+    out.index_add_(0, token_of_row, rows.float() * weight_of_row[:, None])
+    return out.to(rows.dtype)
 
 
 def sm90_cases():

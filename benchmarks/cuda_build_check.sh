@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds the whole extension, CUDA kernels included (sm_90a), against the GPU machine's
+# torch (2.11.0+cu130) on a machine without a GPU, then runs the CPU test suite under that
+# torch and triton 3.6: what the GPU run would otherwise find first, at no device time.
+# Needs nvcc 13 and the package index (the torch wheel is ~530 MB, its CUDA libraries
+# ~3 GB; cuBLAS / cuSPARSE headers come with them). Not part of CI.
+# Usage: bash benchmarks/cuda_build_check.sh [pytest args...]
+#   WORK (default /tmp/moe_kernels_cuda_check): the venv, a toolkit view and the worktree
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${WORK:-/tmp/moe_kernels_cuda_check}
+TORCH=${TORCH:-torch==2.11.0}
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+[ -x "$NVCC" ] || { echo "cuda_build_check: nvcc not found"; exit 2; }
+mkdir -p "$WORK"
+if [ ! -x "$WORK/venv/bin/python" ]; then
+  python3 -m venv "$WORK/venv"
+  "$WORK/venv/bin/pip" install -q "$TORCH" numpy pybind11 ninja "setuptools<82" wheel \
+    pytest hypothesis safetensors
+fi
+PY=$WORK/venv/bin/python
+# A toolkit view: the local nvcc and its headers, plus the CUDA library headers torch's
+# own CUDA headers include (shipped with torch's nvidia-* wheels).
+home=$WORK/cuda_home
+toolkit=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
+libs=$("$PY" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))")
+rm -rf "$home" && mkdir -p "$home/include"
+ln -s "$toolkit/bin" "$home/bin"
+[ -d "$toolkit/lib64" ] && ln -s "$toolkit/lib64" "$home/lib64"
+for f in "$toolkit"/include/* "$libs"/*; do
+  [ -e "$home/include/$(basename "$f")" ] || ln -s "$f" "$home/include/"
+done
+# A clean copy of the committed tree, so that this build touches nothing here.
+tree=$WORK/tree
+rm -rf "$tree" && git worktree prune && git worktree add --detach "$tree" HEAD > /dev/null
+trap 'git worktree remove --force "$tree"' EXIT
+git diff HEAD | (cd "$tree" && git apply --allow-empty)   # uncommitted changes too
+echo "== build against $("$PY" -c 'import torch; print(torch.__version__)')"
+(cd "$tree" && CUDA_HOME=$home MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace \
+   > "$WORK/build.log" 2>&1) || { tail -40 "$WORK/build.log"; exit 1; }
+grep -E "moe_kernels: building|warning" "$WORK/build.log" | grep -v avx512fintrin | head -20
+(cd "$tree" && "$PY" -c "from moe_kernels import _library as l; \
+   assert l.extension_has_cuda(), 'extension built without CUDA'; print('extension with CUDA loads')")
+echo "== CPU tests under this torch and triton"
+(cd "$tree" && "$PY" -m pytest tests -q -m "not slow" -p no:cacheprovider \
+   --deselect tests/test_sm90_compile.py "$@")
