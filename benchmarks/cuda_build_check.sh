@@ -10,8 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/moe_kernels_cuda_check}
 TORCH=${TORCH:-torch==2.11.0}
-NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-[ -x "$NVCC" ] || { echo "cuda_build_check: nvcc not found"; exit 2; }
+# The toolkit: $CUDA_HOME, else /usr/local/cuda, else where nvcc lives (a wrapper script
+# on PATH would point elsewhere, hence the fixed places first).
+toolkit=${CUDA_HOME:-}
+[ -n "$toolkit" ] || { [ -x /usr/local/cuda/bin/nvcc ] && toolkit=/usr/local/cuda; }
+[ -n "$toolkit" ] || toolkit=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+[ -x "$toolkit/bin/nvcc" ] || { echo "cuda_build_check: no CUDA toolkit (nvcc) found"; exit 2; }
 mkdir -p "$WORK"
 if [ ! -x "$WORK/venv/bin/python" ]; then
   python3 -m venv "$WORK/venv"
@@ -22,7 +26,6 @@ PY=$WORK/venv/bin/python
 # A toolkit view: the local nvcc and its headers, plus the CUDA library headers torch's
 # own CUDA headers include (shipped with torch's nvidia-* wheels).
 home=$WORK/cuda_home
-toolkit=$(dirname "$(dirname "$(readlink -f "$NVCC")")")
 libs=$("$PY" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))")
 rm -rf "$home" && mkdir -p "$home/include"
 ln -s "$toolkit/bin" "$home/bin"
@@ -30,11 +33,11 @@ ln -s "$toolkit/bin" "$home/bin"
 for f in "$toolkit"/include/* "$libs"/*; do
   [ -e "$home/include/$(basename "$f")" ] || ln -s "$f" "$home/include/"
 done
-# A clean copy of the committed tree, so that this build touches nothing here.
+# A copy of the working tree (tracked and untracked files, nothing ignored), so that this
+# build touches nothing here.
 tree=$WORK/tree
-rm -rf "$tree" && git worktree prune && git worktree add --detach "$tree" HEAD > /dev/null
-trap 'git worktree remove --force "$tree"' EXIT
-git diff HEAD | (cd "$tree" && git apply --allow-empty)   # uncommitted changes too
+rm -rf "$tree" && mkdir -p "$tree"
+git ls-files -co --exclude-standard -z | tar --null -cf - -T - | tar -xf - -C "$tree"
 echo "== build against $("$PY" -c 'import torch; print(torch.__version__)')"
 (cd "$tree" && CUDA_HOME=$home MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace \
    > "$WORK/build.log" 2>&1) || { tail -40 "$WORK/build.log"; exit 1; }

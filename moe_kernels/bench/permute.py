@@ -115,6 +115,10 @@ def sm90_cases():
     for E, id_dtype in ((256, torch.int32), (256, torch.int64), (384, torch.int32)):
         yield (f"permute_index T=4096x8 E={E} {id_dtype}",
                lambda E=E, d=id_dtype: permute.permute_index(meta(4096, 8, dtype=d), E, 128))
+    # decode: one program does the whole index
+    for T, E, align in ((1, 256, 128), (16, 256, 1), (16, 384, 64)):
+        yield (f"permute_index (one chunk) T={T}x8 E={E} align={align}",
+               lambda T=T, E=E, a=align: permute.permute_index(meta(T, 8, dtype=torch.int32), E, a))
     for D, dt in ((7168, torch.bfloat16), (7168, FP8), (7168, torch.float32), (56, torch.float32)):
         yield (f"gather_rows R=32768 D={D} {dt}", lambda D=D, dt=dt: permute.gather_rows(
             meta(4096, D, dtype=dt), meta(32768 + 256 * 127, dtype=torch.int32),

@@ -4,7 +4,8 @@ Index computation without atomics, so ranks are deterministic: pairs are cut int
 of BLOCK; kernel 1 counts each chunk's pairs per expert and each pair's rank among the
 earlier pairs of its chunk with the same expert (a BLOCK x BLOCK comparison); cumulative
 sums over chunks and experts (torch, on device, no host sync) give every chunk's start
-inside every expert; kernel 2 writes row = offset[e] + chunk start + rank.
+inside every expert; kernel 2 writes row = offset[e] + chunk start + rank. Up to one
+chunk of pairs (decode), one kernel does all of it.
 """
 
 from __future__ import annotations
@@ -53,14 +54,55 @@ def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of
     tl.store(m_indices_ptr + row, e.to(tl.int32), mask=routed)
 
 
+@triton.jit
+def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row_of_pair_ptr,
+                            pair_of_row_ptr, P, E, R, align, E_PAD: tl.constexpr,
+                            BLOCK: tl.constexpr, FILL: tl.constexpr):
+    p = tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int64)
+    expert = tl.where((ids >= 0) & (ids < E), ids, -1)
+    routed = expert >= 0
+    e = tl.where(routed, expert, 0)
+    counts = tl.histogram(e.to(tl.int32), E_PAD, mask=routed)
+    e_range = tl.arange(0, E_PAD)
+    ends = tl.cumsum(((counts + align - 1) // align * align).to(tl.int64), 0)
+    tl.store(counts_ptr + e_range, counts, mask=e_range < E)
+    tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
+    tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
+    for r0 in range(0, R, FILL):  # every row padding (-1) first; routed rows overwritten below
+        r = r0 + tl.arange(0, FILL)
+        tl.store(pair_of_row_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < R)
+        tl.store(m_indices_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < R)
+    # the offsets and the fill were stored by other threads of this program: a CTA barrier
+    # orders their global stores before the loads and stores below
+    tl.debug_barrier()
+    i = tl.arange(0, BLOCK)
+    rank = tl.sum(((expert[None, :] == expert[:, None]) & (i[None, :] < i[:, None])).to(tl.int32),
+                  axis=1)
+    row = tl.load(offsets_ptr + e, mask=routed, other=0) + rank
+    tl.store(row_of_pair_ptr + p, tl.where(routed, row, -1).to(tl.int32), mask=p < P)
+    tl.store(pair_of_row_ptr + row, p.to(tl.int32), mask=routed)
+    tl.store(m_indices_ptr + row, e.to(tl.int32), mask=routed)
+
+
+# Rows a program of _index_one_chunk_kernel marks as padding per step.
+_FILL = 512
+
+
 def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     """topk_ids (T, K) int -> [expert_offsets (E+1,) int64, tokens_per_expert (E,) int32,
-    m_indices (R,) int32, row_of_pair (T, K) int32, pair_of_row (R,) int32]."""
+    m_indices (R,) int32, row_of_pair (T, K) int32, pair_of_row (R,) int32].
+
+    Up to _CHUNK pairs (decode: T <= 16 at top-8) one program computes everything in one
+    launch; eager decode pays per torch call on the host, and the two-kernel path below
+    makes ten of them."""
     T, K = topk_ids.shape
     P, E = T * K, num_experts
     R = permuted_rows(P, E, align)
     dev = topk_ids.device
     ids = topk_ids.contiguous().view(-1)
+    if P <= _CHUNK:
+        return _index_one_chunk(ids, T, K, E, R, align)
     n_chunks = max(triton.cdiv(P, _CHUNK), 1)
     chunk_counts = torch.zeros((n_chunks, E), dtype=torch.int32, device=dev)
     rank = torch.empty(max(P, 1), dtype=torch.int32, device=dev)
@@ -78,6 +120,17 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
         _scatter_rows_kernel[(n_chunks,)](ids, rank, offsets, chunk_start, row_of_pair,
                                           pair_of_row, m_indices, P, E, BLOCK=_CHUNK)
     return [offsets, counts.int(), m_indices, row_of_pair, pair_of_row]
+
+
+def _index_one_chunk(ids, T, K, E, R, align):
+    new = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=ids.device)
+    out = [new((E + 1,), torch.int64), new((E,), torch.int32), new((R,), torch.int32),
+           new((T, K), torch.int32), new((R,), torch.int32)]
+    offsets, counts, m_indices, row_of_pair, pair_of_row = out
+    _index_one_chunk_kernel[(1,)](ids, offsets, counts, m_indices, row_of_pair, pair_of_row,
+                                  T * K, E, R, align, E_PAD=triton.next_power_of_2(E),
+                                  BLOCK=_CHUNK, FILL=_FILL)
+    return out
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int):
