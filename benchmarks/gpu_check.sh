@@ -58,7 +58,7 @@ stage_line() {
     tests|slow) grep -E "(passed|failed|error|no tests ran)" "$2" | tail -1 ;;
     sanitizer) { grep -E "ERROR SUMMARY" "$2"; grep -E "^sanitize_cuda:" "$2"; } | tr '\n' ' ' ;;
     probe) grep -c "raised" "$2" | sed 's/$/ variants raised/' ;;
-    bench) grep -E "results disagree|WARNING" "$2" | head -1 | cut -c1-120 ;;
+    bench) grep -E "results disagree|raised \(traceback|WARNING" "$2" | cut -c1-100 | tr "\n" " " ;;
   esac
 }
 

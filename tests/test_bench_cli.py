@@ -242,3 +242,24 @@ def test_grouped_gemm_peers_on_the_cpu_tensors():
     for (lo, hi), s in zip(bounds, g.m_major_scales(a_s, bounds)):
         assert torch.equal(s, a_s[lo:hi]) and (hi - lo < 2 or s.stride() == (1, hi - lo))
     assert g.torch_peers(a, a_s, b, b_s, bounds, "cpu") == []
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_a_failing_op_module_costs_only_its_own_rows(tmp_path, monkeypatch, capsys):
+    """A kernel that breaks on the device fails its op's rows; the run goes on to the next
+    op, keeps its rows and exits 1 naming what raised."""
+    from moe_kernels.bench import fp8
+
+    def broken(*a, **k):
+        raise RuntimeError("does not compile here")
+
+    monkeypatch.setattr(fp8, "run", broken)   # fp8's rows come before the GEMMs'
+    path = tmp_path / "r.json"
+    rc = cli.main(["--op", "quantize_fp8_per_token_group", "--op", "grouped_gemm_fp8_masked",
+                   "--backend", "cpu", "--no-compile", "--json", str(path)])
+    assert rc == 1
+    ops = {r["op"] for r in json.loads(path.read_text())["results"]}
+    assert ops == {"grouped_gemm_fp8_masked"}
+    err = capsys.readouterr().err
+    assert "does not compile here" in err and "raised (traceback above): " \
+        "moe_kernels.bench.fp8" in err
