@@ -8,6 +8,9 @@
 #   slow       the slow sweeps (large int64 cases: several GB each), one at a time
 #   sanitizer  compute-sanitizer memcheck over every kernel family (sanitize_cuda.py)
 #   probe      which C++ exceptions reach Python on this image (issue of the GPU image)
+#   ncu        (not by default) Nsight Compute's speed-of-light and occupancy sections of
+#              each op's kernels at the goal shapes (benchmarks/ncu_cases.py; NCU_CASES
+#              picks cases): what limits a kernel that misses its goal
 # Each stage gets at most its cap and what is left of BUDGET_S, and writes its log to $OUT
 # when it ends; a stage that runs out of time says so. The table of every stage is printed
 # last. Usage: bash benchmarks/gpu_check.sh
@@ -58,6 +61,7 @@ stage_line() {
     tests|slow) grep -E "(passed|failed|error|no tests ran)" "$2" | tail -1 ;;
     sanitizer) { grep -E "ERROR SUMMARY" "$2"; grep -E "^sanitize_cuda:" "$2"; } | tr '\n' ' ' ;;
     probe) grep -c "raised" "$2" | sed 's/$/ variants raised/' ;;
+    ncu) grep -c '"Duration"' "$2" | sed 's/$/ kernels profiled/' ;;
     bench) grep -E "results disagree|raised \(traceback|WARNING" "$2" | cut -c1-100 | tr "\n" " " ;;
   esac
 }
@@ -86,6 +90,9 @@ for stage in $STAGES; do
              compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_cuda.py ;;
     probe) run_stage probe 60 "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" \
              python3 benchmarks/probe_cpp_exceptions.py ;;
+    ncu)   run_stage ncu 240 "$OUT/ncu_${gpu}_${stamp}.csv" ncu --profile-from-start off \
+             --section SpeedOfLight --section Occupancy --csv python3 benchmarks/ncu_cases.py \
+             ${NCU_CASES:-} ;;
     *) echo "gpu_check: unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -263,3 +263,23 @@ def test_a_failing_op_module_costs_only_its_own_rows(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "does not compile here" in err and "raised (traceback above): " \
         "moe_kernels.bench.fp8" in err
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_gpu_scripts_run_at_small_sizes_on_the_cpu():
+    """benchmarks/ncu_cases.py and sanitize_cuda.py run only on the GPU machine, where a
+    broken call would cost device time: their calls run here on the CPU backend."""
+    import importlib.util
+    import pathlib
+
+    def load(name):
+        path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    assert load("ncu_cases").main(["--smoke"]) == 0
+    sanitize = load("sanitize_cuda")
+    assert sanitize.check_layer("cpu", ("cpu",)) == 0
+    assert sanitize.check_mla_paged_out_of_range("cpu") == 0
