@@ -13,5 +13,12 @@ INDEX_DTYPES = (torch.int32, torch.int64)   # expert ids, m_indices, block table
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for ints (b > 0)."""
+    """ceil(a / b) for ints (b > 0). Host code uses this, not `triton.cdiv`: that one is a
+    constexpr function whose call unwraps its arguments, ~2.2 us a call against 0.1."""
     return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0), as `triton.next_power_of_2` computes
+    it at a twentieth of the host cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0

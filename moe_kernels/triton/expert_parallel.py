@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels._common import cdiv
+
 BLOCK = 1024
 
 
@@ -38,7 +40,7 @@ def map_to_slots(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Te
     if P == 0:
         return out
     ids, table, cnt = topk_ids.contiguous(), log2phy.contiguous(), logcnt.contiguous()
-    grid = (triton.cdiv(P, BLOCK),)
+    grid = (cdiv(P, BLOCK),)
     _map_to_slots_kernel[grid](ids, table, cnt, out, P, K, table.shape[0], table.shape[1],
                                token_offset, BLOCK=BLOCK)
     return out

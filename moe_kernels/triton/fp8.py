@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels._common import cdiv, next_power_of_2
 from moe_kernels.triton.numerics import (SOFTWARE_ROUNDING, fp8_e4m3_bits, fp8_e4m3_value,
                                          round_for_store)
 
@@ -69,7 +70,7 @@ def _token_group_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_qm, stride_
 
 def _rows_per_program(M: int, width: int) -> int:
     # ~4K elements per program: enough bytes in flight per SM, few programs at small M
-    return max(1, min(triton.next_power_of_2(max(M, 1)), 4096 // width, 32))
+    return max(1, min(next_power_of_2(max(M, 1)), 4096 // width, 32))
 
 
 def _token_groups_out(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m0: bool,
@@ -78,7 +79,7 @@ def _token_groups_out(x: torch.Tensor, width: int, group_size: int, eps: float, 
     M = x.shape[0]
     if M > 0 and width > 0:
         rows = _rows_per_program(M, group_size)
-        _token_group_kernel[(triton.cdiv(M, rows), triton.cdiv(width, group_size))](
+        _token_group_kernel[(cdiv(M, rows), cdiv(width, group_size))](
             x, q.view(_U8), s, M, width, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
             eps, GATED=gated, UE8M0=ue8m0, ROWS=rows, GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING,
             num_warps=4 if rows * group_size >= 2048 else 1)
@@ -87,7 +88,7 @@ def _token_groups_out(x: torch.Tensor, width: int, group_size: int, eps: float, 
 def _token_groups(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m0: bool,
                   column_major: bool, gated: bool):
     M = x.shape[0]
-    G = triton.cdiv(width, group_size)
+    G = cdiv(width, group_size)
     q = torch.empty((M, width), dtype=torch.float8_e4m3fn, device=x.device)
     if column_major:
         s = torch.empty((G, M), dtype=torch.float32, device=x.device).t()
@@ -146,7 +147,7 @@ def quantize_fp8_block(w, block_n, block_k, eps=1e-10):
     """w (..., N, K) float, contiguous -> q (..., N, K) fp8, s (..., NB, KB) float32."""
     *batch, N, K = w.shape
     B = math.prod(batch)
-    NB, KB = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    NB, KB = cdiv(N, block_n), cdiv(K, block_k)
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty((*batch, NB, KB), dtype=torch.float32, device=w.device)
     if w.numel() > 0:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels._common import cdiv, next_power_of_2
+
 # Below every real key (reference.EXCLUDED_KEY); jit code may read only constexpr globals.
 _NEG_KEY = tl.constexpr(-9223372036854775808)
 
@@ -127,15 +129,15 @@ def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor | None, top
         return w, ids
     G = num_expert_group
     GS = E // G
-    G_PAD, GS_PAD = triton.next_power_of_2(G), triton.next_power_of_2(GS)
+    G_PAD, GS_PAD = next_power_of_2(G), next_power_of_2(GS)
     rows, num_warps = config or _launch_config(T, G_PAD * GS_PAD)
     # the kernel reads bias[e] at e: a strided (a column of a per-layer table) or expanded
     # bias is made contiguous first (E floats, a no-op when already contiguous)
     bias = correction_bias.contiguous() if correction_bias is not None else logits
-    _grouped_topk_kernel[(triton.cdiv(T, rows),)](
+    _grouped_topk_kernel[(cdiv(T, rows),)](
         logits, bias, w, ids, T, logits.stride(0), float(routed_scaling_factor),
         G=G, GS=GS, G_PAD=G_PAD, GS_PAD=GS_PAD, TOPK_GROUP=topk_group, TOP_K=top_k,
-        K_PAD=triton.next_power_of_2(top_k), SOFTMAX=scoring_func == "softmax",
+        K_PAD=next_power_of_2(top_k), SOFTMAX=scoring_func == "softmax",
         HAS_BIAS=correction_bias is not None, GROUP_TOP2=group_scoring == "top2_sum",
         SELECT_GROUPS=topk_group < G, RENORM=bool(renormalize), ROWS=rows,
         num_warps=num_warps)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels._common import SCALE_BLOCK
+from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
 from moe_kernels.configs.grouped_gemm import gemm_config
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
@@ -250,7 +250,7 @@ def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
     if R == 0 or N == 0:
         return
     cfg = gemm_config("contiguous", max(R // max(E, 1), 1), a.device)
-    grid = (triton.cdiv(R, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (cdiv(R, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     _contiguous_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales,
                              m_indices.contiguous(),
                              out, R, N, K, E, a.stride(0), a_scales.stride(0),
@@ -279,11 +279,11 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     bm = cfg["BLOCK_M"]
     # sum_e ceil(c_e / BM) <= floor(R / BM) + (number of non-empty experts)
     tiles_m = R // bm + min(R, E)
-    grid = (tiles_m * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (tiles_m * cdiv(N, cfg["BLOCK_N"]),)
     _segments_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales,
                            expert_offsets.contiguous(), tokens_per_expert.contiguous(), out, N, K, E, tiles_m, a.stride(0),
                            a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales),
-                           out.stride(0), E_PAD=triton.next_power_of_2(E), GROUP=GROUP_M,
+                           out.stride(0), E_PAD=next_power_of_2(E), GROUP=GROUP_M,
                            **_launch_opts(cfg, K))
     return out
 
@@ -298,7 +298,7 @@ def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out):
     a2 = a.reshape(E * M, K)
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
     cfg = gemm_config("masked", M, a.device)
-    grid = (E * triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (E * cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
     _masked_kernel[grid](_fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m.contiguous(),
                          out, M, N,
                          K, a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales),

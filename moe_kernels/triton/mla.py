@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from moe_kernels import _common
-from moe_kernels._common import FP8
+from moe_kernels._common import FP8, cdiv, next_power_of_2
 from moe_kernels._library import triton_interpreting
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
@@ -174,7 +174,7 @@ def _bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 def _next_pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _launch(rows, row_strides, pe, pe_strides, kv_b_proj, kv_b_proj_scale, kv_cache_scale,
@@ -196,7 +196,7 @@ def _launch(rows, row_strides, pe, pe_strides, kv_b_proj, kv_b_proj_scale, kv_ca
         block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
     scale = kv_cache_scale if kv_cache_scale is not None else out_k
     B, max_blocks = block_table.shape if paged else (0, 0)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), H)
+    grid = (cdiv(T, cfg["BLOCK_T"]), H)
     _decompress_kernel[grid](
         _bytes(rows), _bytes(pe), _bytes(kv_b_proj), ws, scale, block_table, seq_lens,
         out_k, out_v, T, R, B, max_blocks, num_blocks, page,

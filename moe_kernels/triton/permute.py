@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_kernels._common import cdiv, next_power_of_2
 from moe_kernels.reference.permute import permuted_rows
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
@@ -103,7 +104,7 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     ids = topk_ids.contiguous().view(-1)
     if P <= _CHUNK:
         return _index_one_chunk(ids, T, K, E, R, align)
-    n_chunks = max(triton.cdiv(P, _CHUNK), 1)
+    n_chunks = max(cdiv(P, _CHUNK), 1)
     chunk_counts = torch.zeros((n_chunks, E), dtype=torch.int32, device=dev)
     rank = torch.empty(max(P, 1), dtype=torch.int32, device=dev)
     row_of_pair = torch.empty((T, K), dtype=torch.int32, device=dev)
@@ -111,7 +112,7 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     m_indices = torch.full((R,), -1, dtype=torch.int32, device=dev)
     if P > 0:
         _chunk_count_kernel[(n_chunks,)](ids, chunk_counts, rank, P, E,
-                                         E_PAD=triton.next_power_of_2(E), BLOCK=_CHUNK)
+                                         E_PAD=next_power_of_2(E), BLOCK=_CHUNK)
     counts = chunk_counts.sum(dim=0, dtype=torch.int64)
     padded = (counts + align - 1) // align * align
     offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0)])
@@ -128,7 +129,7 @@ def _index_one_chunk(ids, T, K, E, R, align):
            new((T, K), torch.int32), new((R,), torch.int32)]
     offsets, counts, m_indices, row_of_pair, pair_of_row = out
     _index_one_chunk_kernel[(1,)](ids, offsets, counts, m_indices, row_of_pair, pair_of_row,
-                                  T * K, E, R, align, E_PAD=triton.next_power_of_2(E),
+                                  T * K, E, R, align, E_PAD=next_power_of_2(E),
                                   BLOCK=_CHUNK, FILL=_FILL)
     return out
 
@@ -172,13 +173,13 @@ def gather_rows_out(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: tor
     R, D = pair_of_row.shape[0], x.shape[1]
     K = row_of_pair.shape[1]
     if R > 0 and D > 0:
-        block = min(triton.next_power_of_2(D), 4096)
+        block = min(next_power_of_2(D), 4096)
         rows = max(1, 4096 // block)
         # A copy: move the bits as integers of the same width, so every dtype works (FP8
         # too, whose `other=0` the interpreter cannot cast) and +0.0 padding is all zeros.
         as_int = _INT_OF_SIZE[x.element_size()]
         # index tensors are read at flat offsets: contiguous (no-op when they are)
-        _gather_rows_kernel[(triton.cdiv(R, rows),)](x.view(as_int), pair_of_row.contiguous(),
+        _gather_rows_kernel[(cdiv(R, rows),)](x.view(as_int), pair_of_row.contiguous(),
                                                      out.view(as_int), R, D, K,
                                                      x.shape[0] * K, ROWS=rows, BLOCK_D=block,
                                                      num_warps=4)
@@ -216,8 +217,8 @@ def unpermute_out(expert_out: torch.Tensor, row_of_pair: torch.Tensor,
     T, K = row_of_pair.shape
     R, H = expert_out.shape
     if T > 0 and H > 0:
-        block = min(triton.next_power_of_2(H), 1024)
-        _unpermute_kernel[(T, triton.cdiv(H, block))](expert_out, row_of_pair.contiguous(),
+        block = min(next_power_of_2(H), 1024)
+        _unpermute_kernel[(T, cdiv(H, block))](expert_out, row_of_pair.contiguous(),
                                                       topk_weights.contiguous(),
                                                       out, H, R, K=K, BLOCK_H=block,
                                                       SOFTWARE=SOFTWARE_ROUNDING,
