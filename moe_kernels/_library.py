@@ -16,6 +16,7 @@ Backends of every op: "reference" (pure PyTorch, float32 math, the oracle), "tri
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -66,7 +67,11 @@ def extension_has_cuda() -> bool:
     return _C_WITH_CUDA
 
 
+@functools.lru_cache(maxsize=None)
 def triton_interpreting() -> bool:
+    """Whether Triton kernels run under its interpreter. Read once, at the first use:
+    Triton itself decides when it decorates our kernels (their modules load on first use
+    too), and reading the environment costs ~1 us per eager call."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
