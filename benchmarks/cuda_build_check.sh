@@ -6,6 +6,9 @@
 # ~3 GB; cuBLAS / cuSPARSE headers come with them). Not part of CI.
 # Usage: bash benchmarks/cuda_build_check.sh [pytest args...]
 #   WORK (default /tmp/moe_kernels_cuda_check): the venv, a toolkit view and the worktree
+#   PYTHON (default python3): the interpreter of the venv (the GPU machine's is 3.12)
+#   CARRY=1: also leave the built .so in moe_kernels/ with its stamp, for the GPU run to
+#            carry instead of building (benchmarks/carried_build.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/moe_kernels_cuda_check}
@@ -18,7 +21,7 @@ toolkit=${CUDA_HOME:-}
 [ -x "$toolkit/bin/nvcc" ] || { echo "cuda_build_check: no CUDA toolkit (nvcc) found"; exit 2; }
 mkdir -p "$WORK"
 if [ ! -x "$WORK/venv/bin/python" ]; then
-  python3 -m venv "$WORK/venv"
+  "${PYTHON:-python3}" -m venv "$WORK/venv"
   "$WORK/venv/bin/pip" install -q "$TORCH" numpy pybind11 ninja "setuptools<82" wheel \
     pytest hypothesis safetensors
 fi
@@ -44,6 +47,10 @@ echo "== build against $("$PY" -c 'import torch; print(torch.__version__)')"
 grep -E "moe_kernels: building|warning" "$WORK/build.log" | grep -v avx512fintrin | head -20
 (cd "$tree" && "$PY" -c "from moe_kernels import _library as l; \
    assert l.extension_has_cuda(), 'extension built without CUDA'; print('extension with CUDA loads')")
+if [ "${CARRY:-0}" = 1 ]; then
+  so=$(ls "$tree"/moe_kernels/_C*.so)
+  cp "$so" moe_kernels/ && "$PY" benchmarks/carried_build.py write "$so"
+fi
 echo "== CPU tests under this torch and triton"
 (cd "$tree" && "$PY" -m pytest tests -q -m "not slow" -p no:cacheprovider \
    --deselect tests/test_sm90_compile.py "$@")

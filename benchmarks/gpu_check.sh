@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine, sized for one 10-minute command (a session's device time is
 # about 15 minutes, the machine's start included). Stages, in order:
-#   build      the extension with the CUDA kernels for sm_90a (ninja, all cores)
+#   build      the extension with the CUDA kernels for sm_90a (ninja, all cores), unless
+#              a build carried with the call stands in for it (benchmarks/carried_build.py)
 #   bench      moe-bench on defaults: every op, the torch peers, the eager-call rows
 #              (its JSON is rewritten after every op, so a stopped run keeps its rows)
 #   tests      the CUDA tests (-k "$TEST_SELECT"), not the slow ones, in parallel (xdist)
@@ -57,7 +58,7 @@ run_stage() {
 # One line of a stage's log that says how it went.
 stage_line() {
   case $1 in
-    build) grep -m1 -E "moe_kernels: (building|CUDA kernels skipped)" "$2" ;;
+    build) grep -E "^carried_build:|moe_kernels: (building|CUDA kernels skipped)" "$2" | tr "\n" " " ;;
     tests|slow) grep -E "(passed|failed|error|no tests ran)" "$2" | tail -1 ;;
     sanitizer) { grep -E "ERROR SUMMARY" "$2"; grep -E "^sanitize_cuda:" "$2"; } | tr '\n' ' ' ;;
     probe) grep -c "raised" "$2" | sed 's/$/ variants raised/' ;;
@@ -72,7 +73,8 @@ bench_json="$OUT/bench_${gpu}_${stamp}.json"
 
 for stage in $STAGES; do
   case $stage in
-    build) run_stage build 240 "$OUT/build.log" python3 setup.py build_ext --inplace
+    build) run_stage build 240 "$OUT/build.log" bash -c \
+             "python3 benchmarks/carried_build.py check || python3 setup.py build_ext --inplace"
            [ -n "$(ls moe_kernels/_C*.so 2>/dev/null)" ] || { tail -40 "$OUT/build.log"; break; } ;;
     bench) run_stage bench 240 "$OUT/bench_${gpu}_${stamp}.txt" \
              python3 -m moe_kernels.bench --json "$bench_json"

@@ -57,3 +57,30 @@ def test_make_build_is_incremental():
     assert "--no-build-isolation" not in out.stdout, (
         "make build would rebuild the extension: csrc/ changed since the last build, or "
         "the build is not incremental\n" + out.stdout)
+
+
+def _carried_build_module():
+    spec = importlib.util.spec_from_file_location("carried_build",
+                                                  ROOT / "benchmarks" / "carried_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_carried_build_stamp_follows_every_build_input(tmp_path):
+    """A build carried to the GPU machine stands in for one there only while no file the
+    build reads has changed: the digest moves with any csrc/ file and setup.py."""
+    cb = _carried_build_module()
+    (tmp_path / "csrc" / "cpu").mkdir(parents=True)
+    (tmp_path / "csrc" / "cpu" / "a.cpp").write_text("int a;")
+    (tmp_path / "setup.py").write_text("setup()")
+    (tmp_path / "pyproject.toml").write_text("")
+    base = cb.source_digest(tmp_path)
+    assert cb.source_digest(tmp_path) == base
+    (tmp_path / "csrc" / "cpu" / "a.cpp").write_text("int b;")
+    changed_source = cb.source_digest(tmp_path)
+    (tmp_path / "setup.py").write_text("setup(x=1)")
+    assert len({base, changed_source, cb.source_digest(tmp_path)}) == 3
+    (tmp_path / "csrc" / "cuda").mkdir()
+    (tmp_path / "csrc" / "cuda" / "k.cu").write_text("")
+    assert cb.source_digest(tmp_path) not in {base, changed_source}
