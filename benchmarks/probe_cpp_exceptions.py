@@ -16,6 +16,9 @@ gcc 12.2) every variant raised. The variants below separate the candidate causes
                 unwinder of its own instead of the process's)
   no_clones     TORCH_CHECK_VALUE, without the target_clones (ifunc) function our CPU
                 kernels use
+  moe_kernels   our own extension as it is loaded here (built on this machine, or carried
+                from the CPU machine's compiler: benchmarks/carried_build.py): a direct
+                torch.ops call with a bad argument
 
 Usage: python3 benchmarks/probe_cpp_exceptions.py  (prints one line per variant)
 """
@@ -47,7 +50,23 @@ def source(variant: str) -> str:
             f"at::Tensor boom(at::Tensor x) {{ {call} {BODIES[variant]} }}\n")
 
 
+def run_ours() -> None:
+    import torch
+    import moe_kernels
+    if not moe_kernels.extension_loaded():
+        print("skipped: moe_kernels._C is not loaded")
+        return
+    try:
+        torch.ops.moe_kernels.grouped_topk(torch.zeros(4, 10), None, 2, 3, 1, "sigmoid", "max",
+                                           True, 1.0)
+        print("returned (no error for a bad num_expert_group)")
+    except Exception as e:
+        print("raised", type(e).__name__)
+
+
 def run_variant(variant: str) -> None:
+    if variant == "moe_kernels":
+        return run_ours()
     from torch.utils.cpp_extension import load_inline
     import torch
     m = load_inline(f"exc_probe_{variant}", cpp_sources=[source(variant)], functions=["boom"],
@@ -61,7 +80,8 @@ def run_variant(variant: str) -> None:
 
 def main() -> None:
     procs = {k: subprocess.Popen([sys.executable, __file__, k], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for k in BODIES}
+                                 stderr=subprocess.STDOUT, text=True)
+             for k in (*BODIES, "moe_kernels")}
     for k, p in procs.items():
         out = p.communicate()[0].strip()
         last = out.splitlines()[-1] if out else ""
