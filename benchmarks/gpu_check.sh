@@ -5,7 +5,8 @@
 #              a build carried with the call stands in for it (benchmarks/carried_build.py)
 #   bench      moe-bench on defaults: every op, the torch peers, the eager-call rows
 #              (its JSON is rewritten after every op, so a stopped run keeps its rows)
-#   tests      the CUDA tests (-k "$TEST_SELECT"), not the slow ones, in parallel (xdist)
+#   tests      the CUDA tests (-k "$TEST_SELECT"), not the slow ones, in parallel (xdist);
+#              verbose, so that a stage stopped by its limit still names what failed
 #   slow       the slow sweeps (large int64 cases: several GB each), one at a time
 #   sanitizer  compute-sanitizer memcheck over every kernel family (sanitize_cuda.py)
 #   probe      which C++ exceptions reach Python on this image (issue of the GPU image)
@@ -59,7 +60,9 @@ run_stage() {
 stage_line() {
   case $1 in
     build) grep -E "^carried_build:|moe_kernels: (building|CUDA kernels skipped)" "$2" | tr "\n" " " ;;
-    tests|slow) grep -E "(passed|failed|error|no tests ran)" "$2" | tail -1 ;;
+    tests|slow) grep -E "^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s" "$2" | tail -1 \
+                  | grep . || echo "$(grep -c ' PASSED' "$2") passed, $(grep -c ' FAILED' "$2") \
+failed before it was stopped" ;;
     sanitizer) { grep -E "ERROR SUMMARY" "$2"; grep -E "^sanitize_cuda:" "$2"; } | tr '\n' ' ' ;;
     probe) grep -c "raised" "$2" | sed 's/$/ variants raised/' ;;
     ncu) grep -c '"Duration"' "$2" | sed 's/$/ kernels profiled/' ;;
@@ -84,13 +87,13 @@ for stage in $STAGES; do
              cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null
            fi ;;
     tests) run_stage tests 200 "$OUT/tests_${gpu}_${stamp}.txt" \
-             python3 -m pytest tests -q -rfE -p no:cacheprovider -m "not slow" -k "$TEST_SELECT" \
+             python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m "not slow" -k "$TEST_SELECT" \
              $have_xdist $have_timeout ${PYTEST_ARGS:-} ;;
     slow)  run_stage slow 120 "$OUT/slow_${gpu}_${stamp}.txt" \
-             python3 -m pytest tests -q -rfE -p no:cacheprovider -m slow $have_timeout ${PYTEST_ARGS:-} ;;
+             python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m slow $have_timeout ${PYTEST_ARGS:-} ;;
     sanitizer) run_stage sanitizer 120 "$OUT/sanitizer_${gpu}_${stamp}.txt" \
              compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_cuda.py ;;
-    probe) run_stage probe 60 "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" \
+    probe) run_stage probe 100 "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" \
              python3 benchmarks/probe_cpp_exceptions.py ;;
     ncu)   run_stage ncu 240 "$OUT/ncu_${gpu}_${stamp}.csv" ncu --profile-from-start off \
              --section SpeedOfLight --section Occupancy --csv python3 benchmarks/ncu_cases.py \
