@@ -326,7 +326,9 @@ def test_docs_worked_example_runs_as_written(tmp_path):
     printed report is what moe-check prints, and the Python snippet runs."""
     module, snippet = _doc_blocks()
     (tmp_path / "my_topk.py").write_text(module)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), TESTS_DIR]))
+    # the repository too, for a tree that is built in place rather than installed
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), TESTS_DIR,
+                                                       os.path.dirname(TESTS_DIR)]))
     r = subprocess.run([sys.executable, "-m", "moe_kernels.testing.cli", "grouped_topk",
                         "my_topk:grouped_topk"], capture_output=True, text=True, env=env,
                        timeout=300)
