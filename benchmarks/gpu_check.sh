@@ -20,7 +20,8 @@
 #   STAGES                    stages to run (default: "build bench tests slow sanitizer probe")
 #   TEST_SELECT               pytest -k of the tests stage (default: "cuda or nccl")
 #   PYTEST_ARGS               more pytest options for tests and slow
-#   RUN_TUNE=1                adds the Triton launch-config sweeps after bench; the grouped
+#   RUN_TUNE=1                adds the Triton launch-config sweeps after bench (gating, MLA:
+#                             printed; grouped GEMM: a file); the grouped
 #                             GEMM one writes moe_kernels/configs/grouped_gemm/<device>.json,
 #                             copied to $OUT to commit (run with fewer stages: $OUT returns
 #                             at most 8 files)
@@ -82,7 +83,8 @@ for stage in $STAGES; do
     bench) run_stage bench 240 "$OUT/bench_${gpu}_${stamp}.txt" \
              python3 -m moe_kernels.bench --json "$bench_json"
            if [ "${RUN_TUNE:-0}" = 1 ]; then
-             run_stage tune 120 "$OUT/tune.log" bash -c "python3 benchmarks/tune_gating.py && \
+             run_stage tune 180 "$OUT/tune.log" bash -c "python3 benchmarks/tune_gating.py && \
+               python3 benchmarks/tune_mla.py && \
                python3 benchmarks/tune_grouped_gemm.py ${TUNE_ARGS:---quick}"
              cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null
            fi ;;
