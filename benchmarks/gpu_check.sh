@@ -1,44 +1,51 @@
 #!/usr/bin/env bash
 # One call on the GPU machine, sized for one 10-minute command (a session's device time is
-# about 15 minutes, the machine's start included). Stages, in order:
+# about 15 minutes, the machine's start included). Stages, in order of what a short run
+# must not miss:
 #   build      the extension with the CUDA kernels for sm_90a (ninja, all cores), unless
 #              a build carried with the call stands in for it (benchmarks/carried_build.py)
-#   bench      moe-bench on defaults: every op, the torch peers, the eager-call rows
-#              (its JSON is rewritten after every op, so a stopped run keeps its rows)
+#   bench      moe-bench on defaults without torch.compile: every op, ours, torch eager,
+#              the torch-native peers, the eager-call rows (its JSON is rewritten after
+#              every op, so a stopped run keeps its rows)
 #   tests      the CUDA tests (-k "$TEST_SELECT"), not the slow ones, in parallel (xdist);
 #              verbose, so that a stage stopped by its limit still names what failed
-#   slow       the slow sweeps (large int64 cases: several GB each), one at a time
 #   sanitizer  compute-sanitizer memcheck over every kernel family (sanitize_cuda.py)
-#   probe      which C++ exceptions reach Python on this image (issue of the GPU image)
+#   compile    the torch.compile rows (moe-bench --only-compile: ~20 Inductor compiles),
+#              merged into the bench JSON at the end
+#   slow       the slow sweeps (large int64 cases: several GB each), one at a time
+#   probe      which C++ exceptions reach Python on this image (its six extension builds
+#              take a minute; the variant of our own extension answers at once)
 #   ncu        (not by default) Nsight Compute's speed-of-light and occupancy sections of
 #              each op's kernels at the goal shapes (benchmarks/ncu_cases.py; NCU_CASES
 #              picks cases): what limits a kernel that misses its goal
 # Each stage gets at most its cap and what is left of BUDGET_S, and writes its log to $OUT
-# when it ends; a stage that runs out of time says so. The table of every stage is printed
-# last. Usage: bash benchmarks/gpu_check.sh
+# when it ends; a stage that runs out of time says so. The bench rows and a line per stage
+# are printed last. Usage: bash benchmarks/gpu_check.sh
 #   BUDGET_S (default 540)    total seconds for all stages
-#   STAGES                    stages to run (default: "build bench tests slow sanitizer probe")
+#   STAGES                    stages to run (default: "build bench tests sanitizer compile
+#                             slow probe")
 #   TEST_SELECT               pytest -k of the tests stage (default: "cuda or nccl")
 #   PYTEST_ARGS               more pytest options for tests and slow
+#   BENCH_ARGS                more moe-bench options for bench and compile (e.g. --op NAME)
 #   RUN_TUNE=1                adds the Triton launch-config sweeps after bench (gating, MLA:
-#                             printed; grouped GEMM: a file); the grouped
-#                             GEMM one writes moe_kernels/configs/grouped_gemm/<device>.json,
-#                             copied to $OUT to commit (run with fewer stages: $OUT returns
-#                             at most 8 files)
+#                             printed; grouped GEMM: writes
+#                             moe_kernels/configs/grouped_gemm/<device>.json, copied to $OUT
+#                             to commit; run with fewer stages: $OUT returns 8 files at most)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} MAX_JOBS=${MAX_JOBS:-16}
 BUDGET_S=${BUDGET_S:-540}
-STAGES=${STAGES:-build bench tests slow sanitizer probe}
+STAGES=${STAGES:-build bench tests sanitizer compile slow probe}
 TEST_SELECT=${TEST_SELECT:-cuda or nccl}
 stamp=$(date -u +%Y%m%dT%H%M)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 start=$(date +%s)
 summary=()
 
-# run_stage NAME CAP_S LOG COMMAND...: COMMAND under min(CAP_S, time left), output to LOG.
+# run_stage NAME CAP_S LOG COMMAND...: COMMAND under min(CAP_S, time left), its output
+# appended to LOG (stages may share a file: $OUT returns 8 files at most).
 run_stage() {
   local name=$1 cap=$2 log=$3; shift 3
   local left=$(( BUDGET_S - ($(date +%s) - start) ))
@@ -47,17 +54,19 @@ run_stage() {
     summary+=("$(printf '%-10s %-9s %5s  %s' "$name" "no time" "-" "budget spent")"); return
   fi
   echo "== $name (at most ${limit} s)"
-  local t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" > "$log" 2>&1
+  local t0=$(date +%s) tmp=$(mktemp)
+  timeout -k 10 "$limit" "$@" > "$tmp" 2>&1
   local rc=$? took=$(( $(date +%s) - t0 )) state
   if [ $rc = 0 ]; then state=ok
   elif [ $rc = 124 ] || [ $rc = 137 ]; then state=timeout
   else state="rc=$rc"; fi
-  summary+=("$(printf '%-10s %-9s %4ss  %s' "$name" "$state" "$took" "$(stage_line "$name" "$log")")")
+  { echo "===== $name: $state in ${took} s: $*"; cat "$tmp"; } >> "$log"
+  summary+=("$(printf '%-10s %-9s %4ss  %s' "$name" "$state" "$took" "$(stage_line "$name" "$tmp")")")
+  rm -f "$tmp"
   echo "   $state in ${took} s"
 }
 
-# One line of a stage's log that says how it went.
+# One line of a stage's output that says how it went.
 stage_line() {
   case $1 in
     build) grep -E "^carried_build:|moe_kernels: (building|CUDA kernels skipped)" "$2" | tr "\n" " " ;;
@@ -65,34 +74,40 @@ stage_line() {
                   | grep . || echo "$(grep -c ' PASSED' "$2") passed, $(grep -c ' FAILED' "$2") \
 failed before it was stopped" ;;
     sanitizer) { grep -E "ERROR SUMMARY" "$2"; grep -E "^sanitize_cuda:" "$2"; } | tr '\n' ' ' ;;
-    probe) grep -c "raised" "$2" | sed 's/$/ variants raised/' ;;
+    probe) grep -E "^variant" "$2" | awk '{print $2 ":" ($5 == "" ? "rc" $4 : $5)}' | tr '\n' ' ' ;;
     ncu) grep -c '"Duration"' "$2" | sed 's/$/ kernels profiled/' ;;
-    bench) grep -E "results disagree|raised \(traceback|WARNING" "$2" | cut -c1-100 | tr "\n" " " ;;
+    bench|compile) grep -E "results disagree|raised \(traceback|WARNING" "$2" | cut -c1-100 | tr "\n" " " ;;
   esac
 }
 
 have_xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 have_timeout=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout 180")
 bench_json="$OUT/bench_${gpu}_${stamp}.json"
+compile_json="$OUT/bench_compile_${gpu}_${stamp}.json"
+bench_log="$OUT/bench_${gpu}_${stamp}.txt"
+tests_log="$OUT/tests_${gpu}_${stamp}.txt"
 
 for stage in $STAGES; do
   case $stage in
-    build) run_stage build 240 "$OUT/build.log" bash -c \
+    build) run_stage build 240 "$OUT/build_${stamp}.log" bash -c \
              "python3 benchmarks/carried_build.py check || python3 setup.py build_ext --inplace"
-           [ -n "$(ls moe_kernels/_C*.so 2>/dev/null)" ] || { tail -40 "$OUT/build.log"; break; } ;;
-    bench) run_stage bench 240 "$OUT/bench_${gpu}_${stamp}.txt" \
-             python3 -m moe_kernels.bench --json "$bench_json"
+           [ -n "$(ls moe_kernels/_C*.so 2>/dev/null)" ] || { tail -40 "$OUT/build_${stamp}.log"; break; } ;;
+    bench) run_stage bench 210 "$bench_log" python3 -m moe_kernels.bench --no-compile \
+             --json "$bench_json" ${BENCH_ARGS:-}
            if [ "${RUN_TUNE:-0}" = 1 ]; then
-             run_stage tune 180 "$OUT/tune.log" bash -c "python3 benchmarks/tune_gating.py && \
+             run_stage tune 180 "$OUT/tune_${stamp}.log" bash -c "python3 benchmarks/tune_gating.py && \
                python3 benchmarks/tune_mla.py && \
                python3 benchmarks/tune_grouped_gemm.py ${TUNE_ARGS:---quick}"
              cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null
            fi ;;
-    tests) run_stage tests 200 "$OUT/tests_${gpu}_${stamp}.txt" \
-             python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m "not slow" -k "$TEST_SELECT" \
-             $have_xdist $have_timeout ${PYTEST_ARGS:-} ;;
-    slow)  run_stage slow 120 "$OUT/slow_${gpu}_${stamp}.txt" \
-             python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m slow $have_timeout ${PYTEST_ARGS:-} ;;
+    compile) run_stage compile 240 "$bench_log" python3 -m moe_kernels.bench --only-compile \
+             --json "$compile_json" ${BENCH_ARGS:-} ;;
+    tests) run_stage tests 200 "$tests_log" \
+             python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m "not slow" \
+             -k "$TEST_SELECT" $have_xdist $have_timeout ${PYTEST_ARGS:-} ;;
+    slow)  run_stage slow 120 "$tests_log" \
+             python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m slow \
+             $have_timeout ${PYTEST_ARGS:-} ;;
     sanitizer) run_stage sanitizer 120 "$OUT/sanitizer_${gpu}_${stamp}.txt" \
              compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_cuda.py ;;
     probe) run_stage probe 100 "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" \
@@ -104,16 +119,31 @@ for stage in $STAGES; do
   esac
 done
 
-# The bench rows, condensed (the full table is bench_*.txt, every figure in the JSON).
-[ -f "$bench_json" ] && python3 - "$bench_json" <<'EOF'
-import json, sys
-rows = json.load(open(sys.argv[1]))["results"]
-print(f"{'op':24s} {'case':44s} {'backend':22s} {'us':>10s} {'GB/s':>8s} {'TFLOPS':>7s} {'%roof':>6s} ok")
+# The compile pass's rows go into the bench JSON (one file per run to commit), then the
+# rows, condensed, with ours over eager and over compile per case.
+[ -f "$bench_json" ] && python3 - "$bench_json" "$compile_json" <<'EOF'
+import json, os, sys
+bench, extra = sys.argv[1], sys.argv[2]
+data = json.load(open(bench))
+if os.path.exists(extra):
+    data["results"] += json.load(open(extra))["results"]
+    json.dump(data, open(bench, "w"), indent=1)
+    os.remove(extra)
+rows = data["results"]
+base = {}
+for r in rows:
+    base.setdefault((r["op"], r["case"]), {})[r["backend"]] = r["time_us"]
+ratio = lambda ref, t: f"{ref / t:.2f}x" if ref and t > 0 else "-"
+print(f"{'op':24s} {'case':40s} {'backend':20s} {'us':>9s} {'GB/s':>7s} {'TFLOPS':>6s} "
+      f"{'%roof':>5s} {'/eager':>6s} {'/comp':>6s} ok")
 for r in rows:
     ok = {None: "-", True: "yes", False: "NO"}[r["correct"]]
-    us = f"{r['time_us']:.2f}" if r["time_us"] > 0 else r["note"][:40]
-    print(f"{r['op'][:24]:24s} {r['case'][:44]:44s} {r['backend'][:22]:22s} {us:>10s} "
-          f"{r['gbps']:8.1f} {r['tflops']:7.1f} {r['roofline_pct']:6.1f} {ok}")
+    t = r["time_us"]
+    us = f"{t:.2f}" if t > 0 else r["note"][:30]
+    b = base[(r["op"], r["case"])]
+    print(f"{r['op'][:24]:24s} {r['case'][:40]:40s} {r['backend'][:20]:20s} {us:>9s} "
+          f"{r['gbps']:7.1f} {r['tflops']:6.1f} {r['roofline_pct']:5.1f} "
+          f"{ratio(b.get('torch-eager'), t):>6s} {ratio(b.get('torch-compile'), t):>6s} {ok}")
 EOF
 echo "== gpu_check on $gpu at $(git rev-parse --short HEAD 2>/dev/null), $(( $(date +%s) - start )) s"
 printf '%s\n' "${summary[@]}"

@@ -283,3 +283,20 @@ def test_gpu_scripts_run_at_small_sizes_on_the_cpu():
     sanitize = load("sanitize_cuda")
     assert sanitize.check_layer("cpu", ("cpu",)) == 0
     assert sanitize.check_mla_paged_out_of_range("cpu") == 0
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_compile_rows_in_a_second_pass(tmp_path):
+    """--no-compile then --only-compile: every row once, the compile rows in the second
+    file alone (the GPU run times every op first, then spends what is left on compiling)."""
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    common = ["--op", "unpermute", "--tokens", "2", "--backend", "cpu"]
+    assert cli.main(common + ["--no-compile", "--json", str(first)]) == 0
+    assert cli.main(common + ["--only-compile", "--json", str(second)]) == 0
+    a = [(r["case"], r["backend"]) for r in json.loads(first.read_text())["results"]]
+    b = [(r["case"], r["backend"]) for r in json.loads(second.read_text())["results"]]
+    assert b and {backend for _, backend in b} == {"torch-compile"}
+    assert "torch-compile" not in {backend for _, backend in a} and len(set(a)) == len(a)
+    assert {case for case, _ in b} <= {case for case, _ in a}
+    with pytest.raises(SystemExit, match="exclude each other"):
+        cli.main(common + ["--no-compile", "--only-compile"])

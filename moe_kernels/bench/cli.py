@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,8 @@ import torch
 from moe_kernels import _library
 from moe_kernels.bench import MODULES, OPS
 from moe_kernels.bench.common import (behind_compile, copy_bandwidth_gbps, device_name,
-                                      eager_call_rows, format_table, measuring, noise_warning)
+                                      eager_call_rows, format_table, measuring, noise_warning,
+                                      only_rows)
 
 
 def _git_commit() -> str:
@@ -41,6 +43,9 @@ def parse_args(argv):
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile reference (saves its compile time)")
+    p.add_argument("--only-compile", action="store_true",
+                   help="time the torch.compile rows alone (a second pass after a run with "
+                        "--no-compile, whose rows come first when time is short)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH",
                    help="also write a PNG of each kernel's %% of roofline (needs matplotlib: "
@@ -72,6 +77,8 @@ def main(argv=None) -> int:
         table, flagged = compare(a, b, threshold=args.threshold)
         print(table)
         return 1 if flagged else 0
+    if args.no_compile and args.only_compile:
+        raise SystemExit("moe-bench: --no-compile and --only-compile exclude each other")
     if args.plot:
         _require_matplotlib()
     if args.device == "cpu":
@@ -89,7 +96,8 @@ def main(argv=None) -> int:
     print("moe-bench: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     results, failed_modules = [], []
     selected = set(args.op or OPS)
-    with measuring(selected):
+    row_filter = only_rows({"torch-compile"}) if args.only_compile else contextlib.nullcontext()
+    with measuring(selected), row_filter:
         # in MODULES' order: the kernels first, the layer and expert parallelism (which
         # run them all) last, so that a run stopped by a time limit has the op rows
         for module in (m for m in MODULES if selected & set(m.MEASURES)):
@@ -97,7 +105,10 @@ def main(argv=None) -> int:
             try:
                 rows = module.run(args.device, args.backend, args.tokens,
                                   compile_reference=not args.no_compile)
-                rows += eager_call_rows(module.MEASURES, args.device, args.backend)
+                if args.only_compile:   # modules that time outside measure() too
+                    rows = [r for r in rows if r.backend == "torch-compile"]
+                else:
+                    rows += eager_call_rows(module.MEASURES, args.device, args.backend)
             except Exception:
                 # one op failing (a kernel that does not compile on this device, say) must
                 # not cost the rows of the others: a GPU run is short and rare

@@ -202,6 +202,22 @@ def is_selected(op: str) -> bool:
     return selected is None or op in selected
 
 
+# The rows (backend names) this run times; None: all (moe-bench --only-compile: the
+# torch.compile rows alone, a second pass after one with --no-compile).
+_ONLY_ROWS: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("rows",
+                                                                              default=None)
+
+
+@contextlib.contextmanager
+def only_rows(names):
+    """measure() inside times only the entries named in `names`."""
+    token = _ONLY_ROWS.set(frozenset(names))
+    try:
+        yield
+    finally:
+        _ONLY_ROWS.reset(token)
+
+
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
             check: Callable[[object], bool], flops: int = 0, math: str = "fp8",
             tokens: int = 0) -> list[Result]:
@@ -210,6 +226,10 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
     the roofline includes the device's tensor-core peak for `math` ("fp8" or "bf16").
     With tokens, the note gives the time per token."""
     if not is_selected(op):
+        return []
+    only = _ONLY_ROWS.get()
+    timed = [t for t in timed if only is None or t[0] in only]
+    if not timed:
         return []
     copy = copy_bandwidth_gbps(device)
     peak = peak_tflops(device, math) if flops else 0.0
