@@ -420,3 +420,14 @@ def test_int64_addressing():
     out, layout = moe_kernels.permute(hidden, ids, E)
     last = layout.pair_of_row[-8:].long()
     assert torch.equal(out[-8:, :4].float(), hidden[last // K, :4].float())
+
+
+@pytest.mark.skipif(_library.backend_unavailable_reason("triton", torch.device("cpu")) is not None,
+                    reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant", ["permute_index_triton", "moe_align_block_size_triton"])
+def test_triton_index_refuses_zero_alignment_on_direct_calls(variant):
+    """The registered Triton index ops skip the public checks: an alignment of 0 would divide
+    by zero inside the kernel and write rows anywhere (on the GPU, out of bounds)."""
+    ids = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="align"):
+        getattr(torch.ops.moe_kernels, variant)(ids, 4, 0)

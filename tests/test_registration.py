@@ -120,6 +120,8 @@ calls = [
         torch.zeros(2, 0, 80), i32(1, 1), torch.ones(1, dtype=torch.int32),
         torch.zeros(64, 64), None, None, torch.empty(1, 2, 16), torch.empty(1, 2, 16))),
     ("align 0", lambda: ops.permute_index(i32(2, 2), 4, 0)),
+    ("align 0 (triton)", lambda: ops.permute_index_triton(i32(2, 2), 4, 0)),
+    ("block_size 0 (triton)", lambda: ops.moe_align_block_size_triton(i32(2, 2), 4, 0)),
     ("block_size 0", lambda: ops.moe_align_block_size(i32(2, 2), 4, 0)),
     ("groups 0", lambda: ops.grouped_topk(torch.zeros(2, 8), None, 2, 0, 1, "sigmoid", "max",
                                           True, 1.0)),
@@ -139,7 +141,7 @@ def test_degenerate_sizes_through_torch_ops_never_kill_the_process():
     r = subprocess.run([sys.executable, "-c", _DEGENERATE_CALLS], capture_output=True,
                        text=True, timeout=300)
     survived = [line for line in r.stdout.splitlines() if line.startswith("survived")]
-    assert r.returncode == 0 and len(survived) == 10, (
+    assert r.returncode == 0 and len(survived) == 12, (
         f"killed (rc {r.returncode}) after: {survived}\n{r.stderr[-2000:]}")
 
 

@@ -97,6 +97,9 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     Up to _CHUNK pairs (decode: T <= 16 at top-8) one program computes everything in one
     launch; eager decode pays per torch call on the host, and the two-kernel path below
     makes ten of them."""
+    if align < 1 or num_experts < 1:   # direct torch.ops calls skip the public checks
+        raise ValueError(f"permute_index: align ({align}) and num_experts ({num_experts}) "
+                         f"must be >= 1")
     T, K = topk_ids.shape
     P, E = T * K, num_experts
     R = permuted_rows(P, E, align)
