@@ -5,8 +5,8 @@ output allocation, grid arithmetic and the torch calls between kernels, not the 
 nor Triton's launcher (on the GPU, `moe-bench`'s eager-call rows time everything).
 
 Inputs: each op's smallest non-empty edge case of moe_kernels.testing, as in those rows.
-Ops whose host code feeds one kernel's output to torch indexing (permute_masked) cannot
-run on unlaunched kernels and are listed as such.
+An op whose host code fed one kernel's output to torch indexing could not run on
+unlaunched kernels; it would be listed as such.
 
 Usage: python3 benchmarks/host_overhead.py   (us per call, best of 5 runs of 1000 calls)
 """

@@ -153,10 +153,15 @@ def test_moe_align_block_size_matches_reference(device, backend, T, K, E, bs):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
-def test_permute_masked(device, backend):
+@pytest.mark.parametrize("T,K,E,M,one_expert", [
+    (23, 4, 5, 6, None),    # one chunk of pairs (Triton: one program), some experts overflow M
+    (70, 4, 9, 5, None),    # 280 pairs: three chunks, slots continue across chunks
+    (40, 4, 7, 24, 3),      # every pair on one expert: 160 pairs, 24 kept, 136 dropped
+])
+def test_permute_masked(device, backend, T, K, E, M, one_expert):
     """Direct oracle: expert e's slot j holds the j-th routed pair (in pair order) of e."""
-    T, K, E, H, M = 23, 4, 5, 12, 6
-    ids = make_ids(T, K, E, device, seed=11, skip=0.1)
+    H = 12
+    ids = make_ids(T, K, E, device, seed=11, skip=0.1, one_expert=one_expert)
     hidden = torch.randn(T, H, device=device)
     out, layout = moe_kernels.permute_masked(hidden, ids, E, M, backend=backend)
     assert out.shape == (E, M, H)

@@ -187,13 +187,17 @@ _SELECTED: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("se
 
 
 @contextlib.contextmanager
-def measuring(ops):
-    """measure() inside times only the rows of `ops` (public names)."""
-    token = _SELECTED.set(frozenset(ops))
+def _restricted(var: contextvars.ContextVar, values):
+    token = var.set(frozenset(values))
     try:
         yield
     finally:
-        _SELECTED.reset(token)
+        var.reset(token)
+
+
+def measuring(ops):
+    """measure() inside times only the rows of `ops` (public names)."""
+    return _restricted(_SELECTED, ops)
 
 
 def is_selected(op: str) -> bool:
@@ -208,14 +212,9 @@ _ONLY_ROWS: contextvars.ContextVar[frozenset | None] = contextvars.ContextVar("r
                                                                               default=None)
 
 
-@contextlib.contextmanager
 def only_rows(names):
     """measure() inside times only the entries named in `names`."""
-    token = _ONLY_ROWS.set(frozenset(names))
-    try:
-        yield
-    finally:
-        _ONLY_ROWS.reset(token)
+    return _restricted(_ONLY_ROWS, names)
 
 
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,

@@ -119,6 +119,11 @@ def sm90_cases():
     for T, E, align in ((1, 256, 128), (16, 256, 1), (16, 384, 64)):
         yield (f"permute_index (one chunk) T={T}x8 E={E} align={align}",
                lambda T=T, E=E, a=align: permute.permute_index(meta(T, 8, dtype=torch.int32), E, a))
+    # the masked layout's index: one chunk (decode) and several (128 tokens per rank)
+    for T, E, M in ((1, 256, 32), (16, 256, 32), (128, 256, 128), (4096, 384, 256)):
+        yield (f"permute_masked_index T={T}x8 E={E} M={M}",
+               lambda T=T, E=E, M=M: permute.permute_masked_index(
+                   meta(T, 8, dtype=torch.int32), E, M))
     for D, dt in ((7168, torch.bfloat16), (7168, FP8), (7168, torch.float32), (56, torch.float32)):
         yield (f"gather_rows R=32768 D={D} {dt}", lambda D=D, dt=dt: permute.gather_rows(
             meta(4096, D, dtype=dt), meta(32768 + 256 * 127, dtype=torch.int32),

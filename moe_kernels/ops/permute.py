@@ -52,6 +52,12 @@ def _fake_index(topk_ids, num_experts, align):
             new((R,), torch.int32), new((T, K), torch.int32), new((R,), torch.int32)]
 
 
+def _fake_masked_index(topk_ids, num_experts, max_tokens):
+    T, K = topk_ids.shape
+    new = lambda *shape: topk_ids.new_empty(shape, dtype=torch.int32)
+    return [new(num_experts), new(num_experts), new(T, K), new(num_experts * max_tokens)]
+
+
 def _fake_align(topk_ids, num_experts, block_size):
     R = reference.permuted_rows(topk_ids.numel(), num_experts, block_size)
     return [topk_ids.new_empty((R,), dtype=torch.int32),
@@ -72,6 +78,11 @@ _ROW_KERNELS = dict(triton="permute", native=("cpu",), borrow={"cuda": "triton"}
 PERMUTE_INDEX = _library.Op(
     "permute_index", "(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
     fake=_fake_index, **_INDEX_KERNELS)
+# The masked layout's index straight from the ids (Triton); other backends derive it from
+# PERMUTE_INDEX with reference.masked_index's tensor ops.
+PERMUTE_MASKED_INDEX = _library.Op(
+    "permute_masked_index", "(Tensor topk_ids, int num_experts, int max_tokens) -> Tensor[]",
+    fake=_fake_masked_index, triton="permute")
 MOE_ALIGN_BLOCK_SIZE = _library.Op(
     "moe_align_block_size", "(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
     fake=_fake_align, **_INDEX_KERNELS)
@@ -236,8 +247,12 @@ def permute_masked_unchecked(backend, hidden, topk_ids, num_experts, max_tokens,
         rows, rows_scales, index = reference.permute_masked(hidden, topk_ids, E, M, scales)
         return (_copy_into(out, rows),
                 MaskedLayout(*index, scales=_copy_into(out_scales, rows_scales)))
-    masked_m, counts, row_of_pair, pair_of_row = reference.masked_index(
-        topk_ids, PERMUTE_INDEX.kernel(backend)(topk_ids, E, 1), E, M)
+    if backend == "triton":
+        masked_m, counts, row_of_pair, pair_of_row = PERMUTE_MASKED_INDEX.kernel(backend)(
+            topk_ids, E, M)
+    else:
+        masked_m, counts, row_of_pair, pair_of_row = reference.masked_index(
+            topk_ids, PERMUTE_INDEX.kernel(backend)(topk_ids, E, 1), E, M)
 
     def gather(x, buf):
         rows = _gather(backend, x, pair_of_row, row_of_pair, buf)

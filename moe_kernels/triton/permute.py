@@ -23,6 +23,15 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @triton.jit
+def _rank_in_block(expert, BLOCK: tl.constexpr):
+    """Each pair's number of earlier pairs of the block with the same expert (a BLOCK x
+    BLOCK comparison: deterministic, no atomics)."""
+    i = tl.arange(0, BLOCK)
+    earlier_same = (expert[None, :] == expert[:, None]) & (i[None, :] < i[:, None])
+    return tl.sum(earlier_same.to(tl.int32), axis=1)
+
+
+@triton.jit
 def _chunk_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, P, E,
                         E_PAD: tl.constexpr, BLOCK: tl.constexpr):
     c = tl.program_id(0)
@@ -33,14 +42,30 @@ def _chunk_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, P, E,
     # a histogram, not a (BLOCK, E_PAD) one-hot sum: that spilled on sm_90a at E_PAD=256
     counts = tl.histogram(tl.where(expert >= 0, expert, 0).to(tl.int32), E_PAD, mask=expert >= 0)
     tl.store(chunk_counts_ptr + c.to(tl.int64) * E + e_range, counts, mask=e_range < E)
-    i = tl.arange(0, BLOCK)
-    earlier_same = (expert[None, :] == expert[:, None]) & (i[None, :] < i[:, None])
-    tl.store(rank_ptr + p, tl.sum(earlier_same.to(tl.int32), axis=1), mask=p < P)
+    tl.store(rank_ptr + p, _rank_in_block(expert, BLOCK), mask=p < P)
+
+
+@triton.jit
+def _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
+                m_indices_ptr, M, MASKED: tl.constexpr):
+    """Pair p (expert e, slot-th of its expert) to its row: `start` (the expert's first
+    row) + slot, or in the masked layout e * M + slot, kept while slot < M."""
+    if MASKED:
+        kept = routed & (slot < M)
+        row = e * M + slot
+    else:
+        kept = routed
+        row = start + slot
+    tl.store(row_of_pair_ptr + p, tl.where(kept, row, -1).to(tl.int32), mask=in_range)
+    tl.store(pair_of_row_ptr + row, p.to(tl.int32), mask=kept)
+    if not MASKED:
+        tl.store(m_indices_ptr + row, e.to(tl.int32), mask=kept)
 
 
 @triton.jit
 def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of_pair_ptr,
-                         pair_of_row_ptr, m_indices_ptr, P, E, BLOCK: tl.constexpr):
+                         pair_of_row_ptr, m_indices_ptr, P, E, M, BLOCK: tl.constexpr,
+                         MASKED: tl.constexpr):
     c = tl.program_id(0)
     p = c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = p < P
@@ -48,17 +73,17 @@ def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of
     routed = in_range & (ids >= 0) & (ids < E)
     e = tl.where(routed, ids, 0)
     rank = tl.load(rank_ptr + p, mask=routed, other=0).to(tl.int64)
-    start = tl.load(chunk_start_ptr + c.to(tl.int64) * E + e, mask=routed, other=0)
-    row = tl.load(offsets_ptr + e, mask=routed, other=0) + start + rank
-    tl.store(row_of_pair_ptr + p, tl.where(routed, row, -1).to(tl.int32), mask=in_range)
-    tl.store(pair_of_row_ptr + row, p.to(tl.int32), mask=routed)
-    tl.store(m_indices_ptr + row, e.to(tl.int32), mask=routed)
+    slot = tl.load(chunk_start_ptr + c.to(tl.int64) * E + e, mask=routed, other=0) + rank
+    start = 0 if MASKED else tl.load(offsets_ptr + e, mask=routed, other=0)
+    _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
+                m_indices_ptr, M, MASKED)
 
 
 @triton.jit
 def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row_of_pair_ptr,
-                            pair_of_row_ptr, P, E, R, align, E_PAD: tl.constexpr,
-                            BLOCK: tl.constexpr, FILL: tl.constexpr):
+                            pair_of_row_ptr, P, E, R, align, M, E_PAD: tl.constexpr,
+                            BLOCK: tl.constexpr, FILL: tl.constexpr, MASKED: tl.constexpr):
+    """MASKED: offsets_ptr receives masked_m = min(counts, M) and m_indices is not written."""
     p = tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int64)
     expert = tl.where((ids >= 0) & (ids < E), ids, -1)
@@ -66,24 +91,25 @@ def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row
     e = tl.where(routed, expert, 0)
     counts = tl.histogram(e.to(tl.int32), E_PAD, mask=routed)
     e_range = tl.arange(0, E_PAD)
-    ends = tl.cumsum(((counts + align - 1) // align * align).to(tl.int64), 0)
     tl.store(counts_ptr + e_range, counts, mask=e_range < E)
-    tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
-    tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
+    if MASKED:
+        tl.store(offsets_ptr + e_range, tl.minimum(counts, M), mask=e_range < E)
+    else:
+        ends = tl.cumsum(((counts + align - 1) // align * align).to(tl.int64), 0)
+        tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
+        tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
     for r0 in range(0, R, FILL):  # every row padding (-1) first; routed rows overwritten below
         r = r0 + tl.arange(0, FILL)
         tl.store(pair_of_row_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < R)
-        tl.store(m_indices_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < R)
+        if not MASKED:
+            tl.store(m_indices_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < R)
     # the offsets and the fill were stored by other threads of this program: a CTA barrier
     # orders their global stores before the loads and stores below
     tl.debug_barrier()
-    i = tl.arange(0, BLOCK)
-    rank = tl.sum(((expert[None, :] == expert[:, None]) & (i[None, :] < i[:, None])).to(tl.int32),
-                  axis=1)
-    row = tl.load(offsets_ptr + e, mask=routed, other=0) + rank
-    tl.store(row_of_pair_ptr + p, tl.where(routed, row, -1).to(tl.int32), mask=p < P)
-    tl.store(pair_of_row_ptr + row, p.to(tl.int32), mask=routed)
-    tl.store(m_indices_ptr + row, e.to(tl.int32), mask=routed)
+    slot = _rank_in_block(expert, BLOCK).to(tl.int64)
+    start = 0 if MASKED else tl.load(offsets_ptr + e, mask=routed, other=0)
+    _store_rows(p, p < P, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
+                m_indices_ptr, M, MASKED)
 
 
 # Rows a program of _index_one_chunk_kernel marks as padding per step.
@@ -107,23 +133,30 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     ids = topk_ids.contiguous().view(-1)
     if P <= _CHUNK:
         return _index_one_chunk(ids, T, K, E, R, align)
-    n_chunks = max(cdiv(P, _CHUNK), 1)
-    chunk_counts = torch.zeros((n_chunks, E), dtype=torch.int32, device=dev)
-    rank = torch.empty(max(P, 1), dtype=torch.int32, device=dev)
+    n_chunks, chunk_counts, rank, counts, chunk_start = _count_chunks(ids, P, E)
     row_of_pair = torch.empty((T, K), dtype=torch.int32, device=dev)
     pair_of_row = torch.full((R,), -1, dtype=torch.int32, device=dev)
     m_indices = torch.full((R,), -1, dtype=torch.int32, device=dev)
-    if P > 0:
-        _chunk_count_kernel[(n_chunks,)](ids, chunk_counts, rank, P, E,
-                                         E_PAD=next_power_of_2(E), BLOCK=_CHUNK)
-    counts = chunk_counts.sum(dim=0, dtype=torch.int64)
     padded = (counts + align - 1) // align * align
     offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0)])
-    chunk_start = (chunk_counts.cumsum(0, dtype=torch.int64) - chunk_counts).contiguous()
-    if P > 0:
-        _scatter_rows_kernel[(n_chunks,)](ids, rank, offsets, chunk_start, row_of_pair,
-                                          pair_of_row, m_indices, P, E, BLOCK=_CHUNK)
+    _scatter_rows_kernel[(n_chunks,)](ids, rank, offsets, chunk_start, row_of_pair,
+                                      pair_of_row, m_indices, P, E, 0, BLOCK=_CHUNK,
+                                      MASKED=False)
     return [offsets, counts.int(), m_indices, row_of_pair, pair_of_row]
+
+
+def _count_chunks(ids, P, E):
+    """More than one chunk of pairs (P > 0): (chunks, per-chunk counts (chunks, E) int32,
+    in-chunk ranks (P,) int32, counts (E,) int64, each chunk's start inside each expert
+    (chunks, E) int64)."""
+    n_chunks = cdiv(P, _CHUNK)
+    chunk_counts = torch.empty((n_chunks, E), dtype=torch.int32, device=ids.device)
+    rank = torch.empty(P, dtype=torch.int32, device=ids.device)
+    _chunk_count_kernel[(n_chunks,)](ids, chunk_counts, rank, P, E,
+                                     E_PAD=next_power_of_2(E), BLOCK=_CHUNK)
+    counts = chunk_counts.sum(dim=0, dtype=torch.int64)
+    chunk_start = (chunk_counts.cumsum(0, dtype=torch.int64) - chunk_counts).contiguous()
+    return n_chunks, chunk_counts, rank, counts, chunk_start
 
 
 def _index_one_chunk(ids, T, K, E, R, align):
@@ -132,9 +165,37 @@ def _index_one_chunk(ids, T, K, E, R, align):
            new((T, K), torch.int32), new((R,), torch.int32)]
     offsets, counts, m_indices, row_of_pair, pair_of_row = out
     _index_one_chunk_kernel[(1,)](ids, offsets, counts, m_indices, row_of_pair, pair_of_row,
-                                  T * K, E, R, align, E_PAD=next_power_of_2(E),
-                                  BLOCK=_CHUNK, FILL=_FILL)
+                                  T * K, E, R, align, 0, E_PAD=next_power_of_2(E),
+                                  BLOCK=_CHUNK, FILL=_FILL, MASKED=False)
     return out
+
+
+def permute_masked_index(topk_ids: torch.Tensor, num_experts: int, max_tokens: int):
+    """topk_ids (T, K) int -> [masked_m (E,) int32, tokens_per_expert (E,) int32,
+    row_of_pair (T, K) int32 (row e * M + slot; -1 for skipped pairs and pairs beyond the
+    capacity M), pair_of_row (E * M,) int32 (-1 for empty rows)]: reference.masked_index
+    computed in one launch up to _CHUNK pairs, in two kernels beyond (no permute_index and
+    no fifteen torch calls to derive it)."""
+    if num_experts < 1 or max_tokens < 0:   # direct torch.ops calls skip the public checks
+        raise ValueError(f"permute_masked_index: num_experts ({num_experts}) must be >= 1 "
+                         f"and max_tokens ({max_tokens}) >= 0")
+    T, K = topk_ids.shape
+    P, E, M = T * K, num_experts, max_tokens
+    ids = topk_ids.contiguous().view(-1)
+    new = lambda *shape: torch.empty(shape, dtype=torch.int32, device=ids.device)
+    masked_m, counts, row_of_pair, pair_of_row = new(E), new(E), new(T, K), new(E * M)
+    if P <= _CHUNK:   # pair_of_row stands in for the m_indices a masked layout lacks
+        _index_one_chunk_kernel[(1,)](ids, masked_m, counts, pair_of_row, row_of_pair,
+                                      pair_of_row, P, E, E * M, 1, M,
+                                      E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
+                                      MASKED=True)
+        return [masked_m, counts, row_of_pair, pair_of_row]
+    n_chunks, _, rank, counts64, chunk_start = _count_chunks(ids, P, E)
+    pair_of_row.fill_(-1)
+    _scatter_rows_kernel[(n_chunks,)](ids, rank, chunk_start, chunk_start, row_of_pair,
+                                      pair_of_row, pair_of_row, P, E, M, BLOCK=_CHUNK,
+                                      MASKED=True)
+    return [counts64.clamp(max=M).int(), counts64.int(), row_of_pair, pair_of_row]
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int):
