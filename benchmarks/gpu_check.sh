@@ -108,8 +108,11 @@ for stage in $STAGES; do
     slow)  run_stage slow 120 "$tests_log" \
              python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m slow \
              $have_timeout ${PYTEST_ARGS:-} ;;
+    # without torch's caching allocator each tensor is its own allocation, so that memcheck
+    # sees an access past a tensor's end (inside a pooled block it would be legal memory)
     sanitizer) run_stage sanitizer 120 "$OUT/sanitizer_${gpu}_${stamp}.txt" \
-             compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_cuda.py ;;
+             env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+             --error-exitcode 9 python3 benchmarks/sanitize_cuda.py ;;
     probe) run_stage probe 100 "$OUT/cpp_exception_probe_${gpu}_${stamp}.txt" \
              python3 benchmarks/probe_cpp_exceptions.py ;;
     ncu)   run_stage ncu 240 "$OUT/ncu_${gpu}_${stamp}.csv" ncu --profile-from-start off \
