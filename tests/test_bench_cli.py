@@ -149,8 +149,8 @@ def test_cpu_timing_interleaves_the_rows_of_a_case():
 
 def test_a_peer_that_cannot_run_is_an_untimed_row():
     """A torch peer this build or device lacks (block-scaled `_scaled_mm` before CUDA 12.9)
-    leaves a row saying why and the other rows timed; one of our kernels failing stops the
-    run; the table, compile flags and --compare pass over the untimed row."""
+    leaves a row saying why and the other rows timed; one of our kernels raising is a failed
+    row; the table, compile flags and --compare pass over the untimed rows."""
     import torch
 
     from moe_kernels.bench import common
@@ -170,8 +170,12 @@ def test_a_peer_that_cannot_run_is_an_untimed_row():
     line = next(ln for ln in common.format_table(rows).splitlines() if "scaled_mm" in ln)
     assert line.split()[3] == "-"
     assert all(b != "torch-scaled_mm" for _, _, b, _ in common.behind_compile(rows))
-    with pytest.raises(RuntimeError, match="no such kernel"):
-        common.measure("op", "case", "cpu", [("cpu", unsupported)], 16, 1, bool)
+    rows = common.measure("op", "case", "cpu", [("cpu", unsupported), ("torch-eager",
+                          lambda i: x + 1)], 16, 1, lambda out: bool((out == 2).all()))
+    by = {r.backend: r for r in rows}
+    assert by["cpu"].correct is False and by["cpu"].time_us == 0
+    assert by["cpu"].note == "raised RuntimeError: no such kernel here"
+    assert by["torch-eager"].correct and by["torch-eager"].time_us > 0
 
 
 def test_compare_skips_untimed_rows(tmp_path, capsys):
@@ -300,3 +304,18 @@ def test_compile_rows_in_a_second_pass(tmp_path):
     assert {case for case, _ in b} <= {case for case, _ in a}
     with pytest.raises(SystemExit, match="exclude each other"):
         cli.main(common + ["--no-compile", "--only-compile"])
+
+
+def test_an_eager_call_that_raises_is_a_failed_row(monkeypatch):
+    """The eager-call row of an op whose call raises says so (and fails the run) instead of
+    costing its op's timed rows."""
+    import moe_kernels
+    from moe_kernels.bench import common
+
+    def broken(*a, backend=None, **k):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(moe_kernels, "unpermute", broken)
+    rows = common.eager_call_rows(["unpermute"], "cpu", ["cpu"])
+    assert len(rows) == 1 and rows[0].correct is False and rows[0].time_us == 0
+    assert "raised RuntimeError: launch failed" in rows[0].note

@@ -255,19 +255,20 @@ def is_peer(backend: str) -> bool:
 
 
 def _first_calls(op, case, device, timed, check, results):
-    """(the entries that ran, each one's check of its first call). A peer this torch or
-    device cannot run (e.g. block-scaled `_scaled_mm` before CUDA 12.9) becomes an untimed
-    row saying why, not a failed run; our own rows must run."""
+    """(the entries that ran, each one's check of its first call). An entry that raises
+    becomes an untimed row saying why: a peer this torch or device cannot run (e.g.
+    block-scaled `_scaled_mm` before CUDA 12.9) is `unavailable`; one of our own rows
+    is a failed row (the run exits 1), and the case's other rows are still timed."""
     ran, correct = [], []
     for name, fn in timed:
         try:
             out = fn(0)
         except Exception as exc:
-            if not is_peer(name):
-                raise
             sync_quietly(device)
+            why = f"{type(exc).__name__}: {str(exc)[:120]}"
             results.append(Result(op, case, name, device, 0.0, 0,
-                                  note=f"unavailable: {type(exc).__name__}: {str(exc)[:120]}"))
+                                  correct=None if is_peer(name) else False,
+                                  note=("unavailable: " if is_peer(name) else "raised ") + why))
             continue
         ran.append((name, fn))
         correct.append(check(out))
@@ -338,10 +339,13 @@ def eager_call_rows(op_names, device: str, backends) -> list[Result]:
             call = lambda b=b: public(*args, backend=b, **kwargs)
             try:
                 call()
+                us, note, ok = host_us_per_call(call, device), f"case '{case.name}'", None
             except _library.BackendUnavailableError:
                 continue
-            rows.append(Result(op, EAGER_CASE, b, device, host_us_per_call(call, device), 0,
-                               note=f"case '{case.name}'"))
+            except Exception as exc:   # a failed row, not the loss of the op's other rows
+                sync_quietly(device)
+                us, note, ok = 0.0, f"raised {type(exc).__name__}: {str(exc)[:100]}", False
+            rows.append(Result(op, EAGER_CASE, b, device, us, 0, correct=ok, note=note))
     return rows
 
 
