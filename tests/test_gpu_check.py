@@ -1,0 +1,54 @@
+"""benchmarks/gpu_check.sh runs only on the GPU machine, whose time is short and rare: its
+stage logic (bounded stages, logs, the second bench pass merged into one JSON, the table
+and the summary) runs here on the CPU with stand-ins for nvidia-smi and compute-sanitizer,
+so a broken script is found before a device call is spent on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from moe_kernels import _library
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _stub(path: pathlib.Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_gpu_check_stages_merge_and_summary(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "nvidia-smi", 'echo "Stand-in GPU"')
+    # runs the program as the sanitizer would, keeping its exit code
+    _stub(bin_dir / "compute-sanitizer",
+          'while [ "${1#-}" != "$1" ]; do case $1 in --tool|--error-exitcode) shift;; esac; '
+          'shift; done; "$@"; rc=$?; echo "========= ERROR SUMMARY: 0 errors"; exit $rc')
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUDGET_S="300", STAGES="bench compile sanitizer",
+               BENCH_ARGS="--op unpermute --tokens 2 --backend cpu",
+               PATH=f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    benches = list(out.glob("bench_Stand-in_GPU_*.json"))
+    assert len(benches) == 1 and not list(out.glob("bench_compile_*")), sorted(out.iterdir())
+    rows = json.loads(benches[0].read_text())["results"]
+    backends = {(r["case"], r["backend"]) for r in rows if r["op"] == "unpermute"}
+    case = "unpermute T=2 K=8 H=2048 bf16"
+    assert {(case, "cpu"), (case, "torch-eager"), (case, "torch-compile")} <= backends
+    lines = r.stdout.splitlines()
+    table = [ln for ln in lines if ln.startswith("unpermute ") and " cpu " in ln]
+    assert table and "x" in table[0].split()[-2]           # ours over compile
+    summary = lines[lines.index(next(ln for ln in lines if ln.startswith("== gpu_check"))) + 1:]
+    assert [ln.split()[:2] for ln in summary] == [["bench", "ok"], ["compile", "ok"],
+                                                  ["sanitizer", "rc=2"]], summary
+    assert "ERROR SUMMARY: 0 errors" in summary[2] and "no CUDA device" in summary[2]
