@@ -21,6 +21,7 @@ import moe_kernels
 from moe_kernels import _library, testing
 
 from helpers import HAS_CUDA
+from properties import flat
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 
@@ -28,14 +29,8 @@ CUDA_BACKENDS = ("triton", "cuda")
 
 
 def tensors_of(x) -> list[torch.Tensor]:
-    """The tensors in a result or input: a tensor, or nested tuples / lists / dicts."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        x = list(x.values())
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in tensors_of(y)]
-    return []
+    """The tensors of a result or of an inputs dict (tuples and layouts unrolled)."""
+    return flat(list(x.values()) if isinstance(x, dict) else x)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

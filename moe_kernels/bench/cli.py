@@ -18,8 +18,8 @@ import torch
 from moe_kernels import _library
 from moe_kernels.bench import MODULES, OPS
 from moe_kernels.bench.common import (behind_compile, copy_bandwidth_gbps, device_name,
-                                      eager_call_rows, format_table, measuring, noise_warning,
-                                      only_rows)
+                                      eager_call_rows, format_table, is_peer, measuring,
+                                      noise_warning, only_rows)
 
 
 def _git_commit() -> str:
@@ -219,7 +219,7 @@ def plot_roofline(results, meta: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     labels = [f"{r.op} | {r.case} | {r.backend}" for r in results]
     values = [r.roofline_pct for r in results]
-    colors = ["0.7" if r.backend.startswith("torch") else "tab:blue" for r in results]
+    colors = ["0.7" if is_peer(r.backend) else "tab:blue" for r in results]
     fig, ax = plt.subplots(figsize=(12, 0.28 * len(results) + 1.5))
     ax.barh(range(len(results)), values, color=colors)
     ax.set_yticks(range(len(results)), labels, fontsize=7)

@@ -78,11 +78,12 @@ _ROW_KERNELS = dict(triton="permute", native=("cpu",), borrow={"cuda": "triton"}
 PERMUTE_INDEX = _library.Op(
     "permute_index", "(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
     fake=_fake_index, **_INDEX_KERNELS)
-# The masked layout's index straight from the ids (Triton); other backends derive it from
-# PERMUTE_INDEX with reference.masked_index's tensor ops.
+# The masked layout's index straight from the ids (Triton, which the "cuda" backend borrows
+# as it does for the rows); the C++ CPU backend derives it from PERMUTE_INDEX with
+# reference.masked_index's tensor ops.
 PERMUTE_MASKED_INDEX = _library.Op(
     "permute_masked_index", "(Tensor topk_ids, int num_experts, int max_tokens) -> Tensor[]",
-    fake=_fake_masked_index, triton="permute")
+    fake=_fake_masked_index, triton="permute", borrow={"cuda": "triton"})
 MOE_ALIGN_BLOCK_SIZE = _library.Op(
     "moe_align_block_size", "(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
     fake=_fake_align, **_INDEX_KERNELS)
@@ -247,7 +248,7 @@ def permute_masked_unchecked(backend, hidden, topk_ids, num_experts, max_tokens,
         rows, rows_scales, index = reference.permute_masked(hidden, topk_ids, E, M, scales)
         return (_copy_into(out, rows),
                 MaskedLayout(*index, scales=_copy_into(out_scales, rows_scales)))
-    if backend == "triton":
+    if backend in PERMUTE_MASKED_INDEX.backends:
         masked_m, counts, row_of_pair, pair_of_row = PERMUTE_MASKED_INDEX.kernel(backend)(
             topk_ids, E, M)
     else:

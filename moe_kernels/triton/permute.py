@@ -133,7 +133,7 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     ids = topk_ids.contiguous().view(-1)
     if P <= _CHUNK:
         return _index_one_chunk(ids, T, K, E, R, align)
-    n_chunks, chunk_counts, rank, counts, chunk_start = _count_chunks(ids, P, E)
+    n_chunks, rank, counts, chunk_start = _count_chunks(ids, P, E)
     row_of_pair = torch.empty((T, K), dtype=torch.int32, device=dev)
     pair_of_row = torch.full((R,), -1, dtype=torch.int32, device=dev)
     m_indices = torch.full((R,), -1, dtype=torch.int32, device=dev)
@@ -146,9 +146,8 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
 
 
 def _count_chunks(ids, P, E):
-    """More than one chunk of pairs (P > 0): (chunks, per-chunk counts (chunks, E) int32,
-    in-chunk ranks (P,) int32, counts (E,) int64, each chunk's start inside each expert
-    (chunks, E) int64)."""
+    """More than one chunk of pairs (P > 0): (chunks, in-chunk ranks (P,) int32, counts
+    (E,) int64, each chunk's start inside each expert (chunks, E) int64)."""
     n_chunks = cdiv(P, _CHUNK)
     chunk_counts = torch.empty((n_chunks, E), dtype=torch.int32, device=ids.device)
     rank = torch.empty(P, dtype=torch.int32, device=ids.device)
@@ -156,7 +155,7 @@ def _count_chunks(ids, P, E):
                                      E_PAD=next_power_of_2(E), BLOCK=_CHUNK)
     counts = chunk_counts.sum(dim=0, dtype=torch.int64)
     chunk_start = (chunk_counts.cumsum(0, dtype=torch.int64) - chunk_counts).contiguous()
-    return n_chunks, chunk_counts, rank, counts, chunk_start
+    return n_chunks, rank, counts, chunk_start
 
 
 def _index_one_chunk(ids, T, K, E, R, align):
@@ -190,7 +189,7 @@ def permute_masked_index(topk_ids: torch.Tensor, num_experts: int, max_tokens: i
                                       E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
                                       MASKED=True)
         return [masked_m, counts, row_of_pair, pair_of_row]
-    n_chunks, _, rank, counts64, chunk_start = _count_chunks(ids, P, E)
+    n_chunks, rank, counts64, chunk_start = _count_chunks(ids, P, E)
     pair_of_row.fill_(-1)
     _scatter_rows_kernel[(n_chunks,)](ids, rank, chunk_start, chunk_start, row_of_pair,
                                       pair_of_row, pair_of_row, P, E, M, BLOCK=_CHUNK,
