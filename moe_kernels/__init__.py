@@ -14,7 +14,7 @@ from moe_kernels.ops.fp8 import (dequantize_fp8_block, quantize_fp8_block,
 from moe_kernels.ops.fused_moe import fused_moe_fp8
 from moe_kernels.ops.gating import grouped_topk, update_correction_bias_
 from moe_kernels.ops.grouped_gemm import grouped_gemm_fp8, grouped_gemm_fp8_masked
-from moe_kernels.ops.mla import mla_decompress_kv, mla_decompress_kv_paged
+from moe_kernels.ops.mla import mla_decompress_kv, mla_decompress_kv_paged, mla_pack_kv_b_proj
 from moe_kernels.ops.permute import (MaskedLayout, PermuteLayout, moe_align_block_size,
                                      permute, permute_masked, unpermute)
 
@@ -43,6 +43,7 @@ __all__ = [
     "fused_moe_fp8",
     "mla_decompress_kv",
     "mla_decompress_kv_paged",
+    "mla_pack_kv_b_proj",
     "DeepseekV3MoE",
     "ExpertPlacement",
     "EPHandle",

@@ -37,7 +37,7 @@ def _cpu_flags() -> set[str]:
 
 # What each build needs, in /proc/cpuinfo's names (simd.h): a build this CPU lacks skips.
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}
-NEEDS = {"amx": AVX512 | {"amx_tile", "amx_bf16"}, "avx512": AVX512,
+NEEDS = {"amx": AVX512 | {"amx_tile", "amx_bf16", "avx512_bf16"}, "avx512": AVX512,
          "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
 
 
@@ -200,23 +200,25 @@ def test_streamed_and_unaligned_outputs(isa, offset):
     assert outside.isnan().all(), "an element outside out was written"
 
 
-@pytest.mark.parametrize("weight", ["fp8", "bf16"])
+@pytest.mark.parametrize("weight", ["fp8", "bf16", "fp8 packed", "bf16 packed"])
 @pytest.mark.parametrize("paged", [False, True])
 def test_mla_tiles(isa, weight, paged):
     """MLA through the tiles: bf16 latent rows (or an fp8 cache with its scale) against
-    fp8 or bf16 weights, T = 600 (two token chunks, a partial tile; 1.8 MB of output:
-    streamed), and heads whose dn + dv = 96 puts k / v boundaries inside 32-column blocks."""
+    fp8 or bf16 weights, as stored or packed (mla_pack_kv_b_proj; the other builds unpack
+    it), T = 600 (two token chunks, a partial tile; 1.8 MB of output: streamed), and heads
+    whose dn + dv = 96 puts k / v boundaries inside 32-column blocks."""
     g = torch.Generator().manual_seed(5)
     T, H, dn, dv, R, rope = 600, 8, 48, 48, 512, 64
     w32 = torch.randn(H * (dn + dv), R, generator=g) * 0.05
-    w, ws = ref_fp8.quantize_fp8_block(w32) if weight == "fp8" else (w32.bfloat16(), None)
+    w, ws = ref_fp8.quantize_fp8_block(w32) if "fp8" in weight else (w32.bfloat16(), None)
+    w_in = moe_kernels.mla_pack_kv_b_proj(w) if "packed" in weight else w
     if paged:
         bs, B = 64, 3
         lens = torch.tensor([250, 0, 350], dtype=torch.int32)
         table = torch.randperm(B * 6, generator=g).view(B, 6).int()
         cache = ref_fp8.to_fp8(torch.randn(B * 6, bs, R + rope, generator=g) * 20)
         scale = torch.tensor(0.05)
-        k, v = moe_kernels.mla_decompress_kv_paged(cache, table, lens, w, num_heads=H,
+        k, v = moe_kernels.mla_decompress_kv_paged(cache, table, lens, w_in, num_heads=H,
                                                    qk_nope_head_dim=dn, v_head_dim=dv,
                                                    kv_b_proj_scale=ws, kv_cache_scale=scale,
                                                    num_tokens=T, backend="cpu")
@@ -225,9 +227,9 @@ def test_mla_tiles(isa, weight, paged):
     else:
         fused = torch.randn(T, R + rope + 8, generator=g).bfloat16()
         kv_c, k_pe = fused[:, :R], fused[:, R:R + rope]
-        k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, num_heads=H, qk_nope_head_dim=dn,
-                                             v_head_dim=dv, kv_b_proj_scale=ws,
-                                             backend="cpu")
+        k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, w_in, num_heads=H,
+                                             qk_nope_head_dim=dn, v_head_dim=dv,
+                                             kv_b_proj_scale=ws, backend="cpu")
         wk, wv = ref_mla.mla_decompress_kv(kv_c, k_pe, w, ws, H, dn, dv, torch.float32)
     assert_close(k, wk, dtype=torch.bfloat16, msg=isa)
     assert_close(v, wv, dtype=torch.bfloat16, msg=isa)

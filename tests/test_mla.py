@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moe_kernels
+from moe_kernels import _library
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import mla as ref
 
@@ -343,6 +344,131 @@ def test_torch_compile_fullgraph(device, backend):
     want = f(kv, cache)
     for g_, w_ in zip(got, want):
         assert torch.equal(g_, w_)
+
+
+# --- the packed weight (mla_pack_kv_b_proj) ----------------------------------------------------
+
+needs_ext = pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not loaded")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_pack_layout(fp8):
+    """The packed form's documented index map, element by element (independent of the
+    reference's unpack, which is then checked to invert it)."""
+    w, _ = make_weight(2, 24, 8, 64, fp8=fp8, dtype=torch.bfloat16, seed=1)
+    packed = moe_kernels.mla_pack_kv_b_proj(w)
+    assert packed.shape == (4, 2, 16, 32) and packed.dtype == torch.bfloat16
+    wb = w.to(torch.bfloat16)
+    for j in range(4):
+        for c in range(2):
+            for p in (0, 7, 15):
+                for q in (0, 5, 15):
+                    for e in (0, 1):
+                        assert packed[j, c, p, 2 * q + e] == wb[16 * j + q, 32 * c + 2 * p + e]
+    assert torch.equal(ref.unpack_kv_b_proj(packed), wb)
+
+
+PACKABLE = [c for c in CONTIGUOUS if (c[1] * (c[2] + c[3])) % 32 == 0 and c[4] % 32 == 0]
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("T,H,dn,dv,R,rope", PACKABLE)
+@pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, False), (torch.bfloat16, True),
+                                       (torch.float32, True)])
+def test_packed_weight(backend, T, H, dn, dv, R, rope, dtype, fp8):
+    """The packed weight gives what the checkpoint weight gives, bit for bit (same values,
+    same kernel math), and the reference's answer by the float rule; a float32 latent takes
+    the float path with it."""
+    kv_c, k_pe = make_latent(T, R, rope, dtype, seed=T + 1, pad=8)
+    w, s = make_weight(H, dn, dv, R, fp8=fp8, dtype=torch.bfloat16, seed=R + 1)
+    kw = dict(num_heads=H, qk_nope_head_dim=dn, v_head_dim=dv, kv_b_proj_scale=s,
+              backend=backend)
+    poison_allocator("cpu")
+    k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, moe_kernels.mla_pack_kv_b_proj(w), **kw)
+    k0, v0 = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, **kw)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    check_backend(k, v, kv_c, k_pe, w, s, H, dn, dv, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("seq_lens,block_size,cache_dtype", PAGED[:4])
+def test_packed_weight_paged(seq_lens, block_size, cache_dtype):
+    H, dn, dv, R, rope = 2, 48, 16, 128, 16
+    cache, table, lens, scale = paged_case(seq_lens, block_size, R, rope, cache_dtype,
+                                           seed=len(seq_lens), device="cpu")
+    w, s = make_weight(H, dn, dv, R, fp8=True, seed=6)
+    kw = dict(num_heads=H, qk_nope_head_dim=dn, v_head_dim=dv, kv_b_proj_scale=s,
+              kv_cache_scale=scale, backend="cpu")
+    k, v = moe_kernels.mla_decompress_kv_paged(cache, table, lens,
+                                               moe_kernels.mla_pack_kv_b_proj(w), **kw)
+    k0, v0 = moe_kernels.mla_decompress_kv_paged(cache, table, lens, w, **kw)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+    rows = explicit_paged_rows(cache, table, lens, 1.0 if scale is None else scale).float()
+    check_backend(k, v, rows[:, :R], rows[:, R:], w, s, H, dn, dv,
+                  torch.float32 if cache_dtype == torch.float32 else torch.bfloat16)
+
+
+BAD_PACK = [
+    ("rows not a multiple of 32", torch.zeros(48, 64, dtype=torch.bfloat16), ValueError,
+     "multiples of 32"),
+    ("columns not a multiple of 32", torch.zeros(64, 48, dtype=torch.bfloat16), ValueError,
+     "multiples of 32"),
+    ("empty", torch.zeros(0, 64, dtype=torch.bfloat16), ValueError, "multiples of 32"),
+    ("float32", torch.zeros(64, 64), TypeError, "kv_b_proj must have dtype"),
+    ("3-D", torch.zeros(2, 64, 64, dtype=torch.bfloat16), ValueError, "2-D"),
+]
+
+
+@pytest.mark.parametrize("desc,w,exc,words", BAD_PACK, ids=[b[0] for b in BAD_PACK])
+def test_bad_pack(desc, w, exc, words):
+    with pytest.raises(exc, match=words):
+        moe_kernels.mla_pack_kv_b_proj(w)
+
+
+_PACKED = moe_kernels.mla_pack_kv_b_proj(make_weight(2, 16, 16, 64, fp8=False,
+                                                     dtype=torch.bfloat16)[0])
+BAD_PACKED = [
+    ("packed for other heads", dict(kv_b_proj=_PACKED, num_heads=4), ValueError,
+     "packed kv_b_proj"),
+    ("packed float32", dict(kv_b_proj=_PACKED.float()), TypeError, "kv_b_proj must have dtype"),
+    ("packed not contiguous", dict(kv_b_proj=_PACKED.transpose(2, 3).contiguous().transpose(2, 3)),
+     ValueError, "contiguous"),
+    ("packed scale shape", dict(kv_b_proj=_PACKED, kv_b_proj_scale=torch.ones(2, 2)),
+     ValueError, "kv_b_proj_scale must have shape"),
+    ("packed on triton", dict(kv_b_proj=_PACKED, backend="triton"), ValueError,
+     "layout of the CPU kernels"),
+    ("5-D", dict(kv_b_proj=_PACKED[None]), ValueError, "2-D"),
+]
+
+
+@pytest.mark.parametrize("desc,over,exc,words", BAD_PACKED, ids=[b[0] for b in BAD_PACKED])
+def test_bad_packed_weight(desc, over, exc, words):
+    with pytest.raises(exc, match=words):
+        moe_kernels.mla_decompress_kv(**_contiguous_args(**over))
+
+
+def test_bad_packed_weight_paged():
+    kw = _paged_args(kv_b_proj=_PACKED, backend="triton")
+    with pytest.raises(ValueError, match="layout of the CPU kernels"):
+        moe_kernels.mla_decompress_kv_paged(**kw)
+
+
+@needs_ext
+def test_packed_weight_direct_op_calls():
+    """Direct torch.ops calls: the Triton kernel refuses a packed weight, the C++ one a
+    4-D weight of the wrong shape, each with a ValueError (no crash, no garbage)."""
+    kv_c, k_pe = make_latent(4, 64, 16, torch.bfloat16)
+    out_k, out_v = torch.empty(4, 2, 32, dtype=torch.bfloat16), torch.empty(4, 2, 16,
+                                                                             dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="packed form"):
+        torch.ops.moe_kernels.mla_decompress_kv_triton(kv_c, k_pe, _PACKED, None, out_k, out_v)
+    with pytest.raises(ValueError, match="packed kv_b_proj must be contiguous"):
+        torch.ops.moe_kernels.mla_decompress_kv(kv_c, k_pe, _PACKED[:, :, :8], None, out_k,
+                                                out_v)
+    with pytest.raises(ValueError, match="kv_b_proj has 64 rows"):
+        torch.ops.moe_kernels.mla_decompress_kv(kv_c, k_pe, _PACKED, None, out_k[:, :1],
+                                                out_v[:, :1])
 
 
 # --- bad input --------------------------------------------------------------------------------

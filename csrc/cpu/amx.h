@@ -79,11 +79,53 @@ struct Gemm {
 // of the calling thread on entry and releases them on return.
 void gemm(const Gemm& g, const Sink& sink);
 
+// The other orientation, for calls with many tokens against one weight group (MLA): tokens
+// are the A operand, read as stored (bf16 rows, k-contiguous, ld elements apart), and weight
+// rows the B operand in VNNI form, so that a result tile is already [token][weight row]:
+// nothing is transposed after the products, and the tokens need no repacking.
+
+// Token rows as the A operand, in tiles: token tile j (16 tokens), chunk c at
+// dst + (j * chunks(K) + c) * kTileElems holds, at i * kChunk + k, the bf16 of element
+// 32 c + k of token 16 j + i (element offset offsets[16 j + i] of x; -1: zeros); zero past K,
+// and for tokens [m, rows) (rows: m rounded up to kBlockRows, so that every token pair
+// reads whole tiles). A tile is 1 KB in one piece, read in order, where 16 rows 1 KB apart
+// (K = 512) would fall into 4 of the 64 sets of L1.
+void pack_token_rows(const void* x, Src type, const int64_t* offsets, int64_t m, int64_t rows,
+                     int64_t K, uint16_t* dst);
+
+// Rows [0, n) of w (rows ldw elements apart) as VNNI B tiles: weight tile j (16 rows),
+// chunk c at dst + (j * chunks(K) + c) * kTileElems holds, at p * kChunk + 2 q + e,
+// w[(16 j + q) * ldw + 32 c + 2 p + e]; zero past n rows (up to a kBlockRows multiple)
+// and past K.
+void pack_weights_vnni(const void* w, Src type, int64_t ldw, int64_t n, int64_t K,
+                       uint16_t* dst);
+
+struct RowGemm {
+  const uint16_t* tokens;        // pack_token_rows of m tokens
+  int64_t m, K;
+  const uint16_t* weights;       // pack_weights_vnni of the call's cols (<= kGroupRows) rows
+  int64_t cols;
+  // Results sum, over 128-wide K blocks kb, weight_scale[kb * weight_scale_stride] * (the
+  // block's exact product); nullptr: the product over all of K, unscaled.
+  const float* weight_scale;
+  int64_t weight_scale_stride;
+};
+
+// Every token of g against the call's weight rows, results to sink as gemm() hands them
+// over; configures the tiles of the calling thread on entry and releases them on return.
+void gemm_rows(const RowGemm& g, const Sink& sink);
+
 // dst[k] = type(src[k] * scale) for k < n, as torch rounds (bf16 and f16 to nearest even).
 // stream: whole 64-byte lines at a 64-byte aligned dst are written past the caches
 // (non-temporal), which skips reading each line before it is written: storing MLA's
 // 2.6 MB of K / V (T = 256, H = 16) cost 2.0 ms that way and 0.5 ms streamed (1 core).
 void store_row(const float* src, int64_t n, float scale, SrcType type, void* dst, bool stream);
+
+// store_row of rows rows: row i from src + i * ld (floats) to dst + i * dst_stride (bytes).
+// One call per block column run instead of one per row: a call per row took as long as a
+// third of the tile products of its block (MLA shape).
+void store_rows(const float* src, int64_t ld, int64_t rows, int64_t n, float scale,
+                SrcType type, void* dst, int64_t dst_stride, bool stream);
 
 // Orders this thread's streamed stores (store_row) before what it writes next, so they
 // are visible to the threads that join it; gemm() ends with one.

@@ -24,6 +24,7 @@
 #include "../ops.h"
 #include "amx.h"
 #include "simd.h"
+#include "tasks.h"
 
 namespace moe_kernels {
 namespace {
@@ -216,42 +217,46 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   const SrcType type = simd_type(out.scalar_type(), "out");
   const bool stream = out.numel() * out.element_size() >= amx::kStreamBytes;
   const SimdKernels& k = simd();
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+  struct Scratch {
     std::vector<float> wbuf;
-    std::vector<uint16_t> tile_buf;
-    for (int64_t t = begin; t < end; ++t) {
-      const Task& task = tasks[t];
-      const int64_t r0 = er.start[task.e], m = er.count(task.e);
-      const uint8_t* be = bp + task.e * N * K;
-      const float* se = bsp + task.e * b_scales.size(1) * KB;
-      const OutRows y{out.data_ptr(), type, out.stride(0), er.rows.data() + r0};
-      if (task.path == Path::gemv) {
-        k.gemv_fp8(xp + xstart[task.e] * K, K, m, be, se, K, task.n0,
-                   std::min(N, task.n0 + kGemvBlockN), y);
-        continue;
-      }
-      if (task.path == Path::tiles) {
-        const int64_t cols = std::min(amx::kGroupRows, N - task.n0);
-        tile_buf.resize(ceil_div(cols, amx::kBlockRows) * amx::block_elems(K));
-        amx::pack_weights(be + task.n0 * K, amx::Src::fp8, K, cols, K, tile_buf.data());
-        const uint16_t* tp = reinterpret_cast<const uint16_t*>(tt.tokens.data_ptr<int16_t>());
-        // the task's rows are one 128-row scale block (n0 is a multiple of 128)
-        const amx::Gemm g{tile_buf.data(), tp + tt.panel[task.e], m, K, cols,
-                          se + (task.n0 / kScaleBlock) * KB, 1,
-                          tt.scales.data_ptr<float>() + tt.scale[task.e]};
-        RowsSink sink{&y, y.rows, task.n0, out.element_size(), stream};
-        amx::gemm(g, {&RowsSink::store, &sink});
-        continue;
-      }
-      const int64_t nb = std::min(kGemmBlockN, N - task.n0), ldw = gemm_weight_stride(K);
-      wbuf.resize(nb * ldw);
-      for (int64_t i = 0; i < nb; ++i) {
-        const int64_t row = task.n0 + i;
-        k.dequant_row(be + row * K, se + (row / kScaleBlock) * KB, 1, K, kScaleBlock,
-                      wbuf.data() + i * ldw);
-      }
-      k.gemm_panels(pp + offset[task.e], m, wbuf.data(), ldw, nb, K, y, task.n0);
+    TileScratch tiles;
+  };
+  const int64_t tile_elems = amx::kGroupRows / amx::kBlockRows * amx::block_elems(K);
+  for_each_task(static_cast<int64_t>(tasks.size()),
+                [&] { return Scratch{{}, TileScratch(tiles ? tile_elems : 0)}; },
+                [&](Scratch& scratch, int64_t t) {
+    std::vector<float>& wbuf = scratch.wbuf;
+    const Task& task = tasks[t];
+    const int64_t r0 = er.start[task.e], m = er.count(task.e);
+    const uint8_t* be = bp + task.e * N * K;
+    const float* se = bsp + task.e * b_scales.size(1) * KB;
+    const OutRows y{out.data_ptr(), type, out.stride(0), er.rows.data() + r0};
+    if (task.path == Path::gemv) {
+      k.gemv_fp8(xp + xstart[task.e] * K, K, m, be, se, K, task.n0,
+                 std::min(N, task.n0 + kGemvBlockN), y);
+      return;
     }
+    if (task.path == Path::tiles) {
+      const int64_t cols = std::min(amx::kGroupRows, N - task.n0);
+      uint16_t* tile_buf = scratch.tiles.data();
+      amx::pack_weights(be + task.n0 * K, amx::Src::fp8, K, cols, K, tile_buf);
+      const uint16_t* tp = reinterpret_cast<const uint16_t*>(tt.tokens.data_ptr<int16_t>());
+      // the task's rows are one 128-row scale block (n0 is a multiple of 128)
+      const amx::Gemm g{tile_buf, tp + tt.panel[task.e], m, K, cols,
+                        se + (task.n0 / kScaleBlock) * KB, 1,
+                        tt.scales.data_ptr<float>() + tt.scale[task.e]};
+      RowsSink sink{&y, y.rows, task.n0, out.element_size(), stream};
+      amx::gemm(g, {&RowsSink::store, &sink});
+      return;
+    }
+    const int64_t nb = std::min(kGemmBlockN, N - task.n0), ldw = gemm_weight_stride(K);
+    wbuf.resize(nb * ldw);
+    for (int64_t i = 0; i < nb; ++i) {
+      const int64_t row = task.n0 + i;
+      k.dequant_row(be + row * K, se + (row / kScaleBlock) * KB, 1, K, kScaleBlock,
+                    wbuf.data() + i * ldw);
+    }
+    k.gemm_panels(pp + offset[task.e], m, wbuf.data(), ldw, nb, K, y, task.n0);
   });
 }
 

@@ -14,6 +14,7 @@
 #include "../ops.h"
 #include "amx.h"
 #include "simd.h"
+#include "tasks.h"
 
 namespace moe_kernels {
 namespace {
@@ -28,23 +29,53 @@ struct Rows {
   std::vector<int64_t> latent, pe;
 };
 
-// kv_b_proj_scale: 128x128 block scales for an fp8 weight, absent otherwise
+// kv_b_proj is either the checkpoint's (N, R) rows or the packed form of
+// moe_kernels.mla_pack_kv_b_proj: bf16 (N / 16, R / 32, 16, 32), the VNNI tiles of
+// amx::pack_weights_vnni over all N rows (docs/mla.md), the values exact (fp8 widened).
+bool is_packed(const at::Tensor& w) { return w.dim() == 4; }
+int64_t weight_rows(const at::Tensor& w) { return is_packed(w) ? w.size(0) * amx::kTileRows : w.size(0); }
+int64_t weight_cols(const at::Tensor& w) { return is_packed(w) ? w.size(1) * amx::kChunk : w.size(1); }
+
+void check_weight(const at::Tensor& w) {
+  if (!is_packed(w)) {
+    TORCH_CHECK_VALUE(w.dim() == 2, "kv_b_proj must be 2-D, or 4-D packed (mla_pack_kv_b_proj)");
+    return;
+  }
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kBFloat16, "a packed kv_b_proj must be bfloat16");
+  TORCH_CHECK_VALUE(w.size(0) % 2 == 0 && w.size(2) == amx::kTileRows && w.size(3) == amx::kChunk &&
+                        w.is_contiguous(),
+                    "a packed kv_b_proj must be contiguous (N / 16, R / 32, 16, 32) with N a "
+                    "multiple of 32, got ", w.sizes());
+}
+
+// kv_b_proj_scale: 128x128 block scales, required for an fp8 weight, optional for a packed
+// one (the values of an fp8 checkpoint, given with its scales), absent otherwise
 void check_weight_scale(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
-  if (w.scalar_type() == at::kFloat8_e4m3fn) {
+  const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
+  if (fp8 || (is_packed(w) && w_scale.has_value())) {
     TORCH_CHECK_VALUE(w_scale.has_value(), "kv_b_proj_scale is required for an fp8 kv_b_proj");
     check_scales(*w_scale, "kv_b_proj_scale",
-                 {ceil_div(w.size(0), kScaleBlock), ceil_div(w.size(1), kScaleBlock)});
+                 {ceil_div(weight_rows(w), kScaleBlock), ceil_div(weight_cols(w), kScaleBlock)});
   } else {
-    TORCH_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 kv_b_proj");
+    TORCH_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 or packed kv_b_proj");
   }
 }
 
-// float32 weight (H*(dn+dv), R) from bf16/fp16/fp32 or fp8 with 128x128 block scales
+// float32 weight (H*(dn+dv), R) from bf16/fp16/fp32 or fp8 with 128x128 block scales, or
+// from the packed tiles (times the block scales when given)
 at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
   check_weight_scale(w, w_scale);
   if (w.scalar_type() == at::kFloat8_e4m3fn)
     return dequantize_fp8_block_cpu(w, *w_scale, kScaleBlock, kScaleBlock, at::kFloat);
-  return w.to(at::kFloat).contiguous();
+  if (!is_packed(w)) return w.to(at::kFloat).contiguous();
+  const int64_t N = weight_rows(w), R = weight_cols(w);
+  // [j, c, p, q, e] holds row 16 j + q, column 32 c + 2 p + e
+  at::Tensor rows = w.view({w.size(0), w.size(1), amx::kTileRows, amx::kTileRows, 2})
+                        .permute({0, 3, 1, 2, 4}).reshape({N, R}).to(at::kFloat);
+  if (w_scale.has_value())
+    rows.mul_(w_scale->repeat_interleave(kScaleBlock, 0).repeat_interleave(kScaleBlock, 1)
+                  .narrow(0, 0, N).narrow(1, 0, R));
+  return rows;
 }
 
 // (n, width) float32: rows offsets[t0 .. t0 + n) of storage, times scale; zeros for -1
@@ -135,12 +166,10 @@ struct KvSink {
                                : Run{c, len, s.v + (h * s.v_head + j - s.dn) * s.elem, s.v_token};
       c += len;
     }
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t t = s.t0 + m0 + i;
-      for (int64_t r = 0; r < nruns; ++r)
-        amx::store_row(block + i * amx::kBlockRows + runs[r].c, runs[r].len, s.scale, s.type,
-                       runs[r].base + t * runs[r].token * s.elem, s.stream);
-    }
+    for (int64_t r = 0; r < nruns; ++r)
+      amx::store_rows(block + runs[r].c, amx::kBlockRows, rows, runs[r].len, s.scale, s.type,
+                      runs[r].base + (s.t0 + m0) * runs[r].token * s.elem,
+                      runs[r].token * s.elem, s.stream);
   }
 };
 
@@ -152,66 +181,73 @@ struct KvSink {
 void store_pe_heads(const float* pe, int64_t n, int64_t rope, const KvSink& s, int64_t cols) {
   const int64_t seg = s.dn + s.dv;
   for (int64_t h = ceil_div(s.n0, seg); h * seg < s.n0 + cols; ++h)
-    for (int64_t i = 0; i < n; ++i)
-      amx::store_row(pe + i * rope, rope, 1.0f, s.type,
-                     s.k + ((s.t0 + i) * s.k_token + h * s.k_head + s.dn) * s.elem, s.stream);
+    amx::store_rows(pe, rope, n, rope, 1.0f, s.type,
+                    s.k + (s.t0 * s.k_token + h * s.k_head + s.dn) * s.elem,
+                    s.k_token * s.elem, s.stream);
 }
 
-// Tokens a chunk of the AMX path packs at once (R = 512: 512 KB of bf16 tiles, in L2).
+// Tokens a chunk of the AMX path packs at once (R = 512: 512 KB of bf16 rows, in L2).
 constexpr int64_t kTileChunk = 512;
 
-// The AMX path: per chunk of tokens, their latent rows packed into tiles (fp8 and bf16 as
-// they are stored: both exact in bf16), then in parallel every 128-row group of weights
-// packed by its task into a buffer that stays in L1 and multiplied with them. Packing the
-// whole 4 MB weight up front instead took 0.8 ms of a 4.9 ms call (T = 256, H = 16, one
-// core), bound by writing and re-reading the buffer. An fp8 cache's scale multiplies the
-// results.
+// The AMX path (amx::gemm_rows: tokens as the A operand, so results come out token-major):
+// per chunk of tokens, their latent rows converted to bf16 rows (fp8 and bf16 as they are
+// stored: both exact in bf16), then in parallel every 128-row group of weights packed by
+// its task into VNNI tiles (128 KB at R = 512, in L2; each 32-row pair of it in L1 while
+// it meets every token) and multiplied with them. Packing the whole 4 MB weight up front
+// instead took 0.8 ms of a 4.9 ms call (T = 256, H = 16, one core), bound by writing and
+// re-reading the buffer. An fp8 cache's scale multiplies the results.
 void decompress_tiles(const at::Tensor& latent, const at::Tensor& pe_storage, int64_t rope,
                       const Rows& rows, const at::Tensor& w,
                       const std::optional<at::Tensor>& w_scale, float scale, at::Tensor& out_k,
                       at::Tensor& out_v) {
-  const int64_t T = out_k.size(0), N = w.size(0), R = w.size(1);
-  const bool fp8_w = w.scalar_type() == at::kFloat8_e4m3fn;
+  const int64_t T = out_k.size(0), N = weight_rows(w), R = weight_cols(w);
+  const bool packed = is_packed(w), scaled = w_scale.has_value();
   check_weight_scale(w, w_scale);
   if (T == 0) return;
   const at::Tensor wc = w.contiguous();
   const char* wp = static_cast<const char*>(wc.data_ptr());
-  const amx::Src wtype = fp8_w ? amx::Src::fp8 : amx::Src::bf16;
+  const amx::Src wtype = w.scalar_type() == at::kFloat8_e4m3fn ? amx::Src::fp8 : amx::Src::bf16;
   const amx::Src xtype =
       latent.scalar_type() == at::kFloat8_e4m3fn ? amx::Src::fp8 : amx::Src::bf16;
   const int64_t groups = ceil_div(N, amx::kGroupRows), welem = wc.element_size();
   const int64_t tile_elems = amx::panel_elems(amx::kTileRows, R);
+  const int64_t chunk_rows = ceil_div(std::min(kTileChunk, T), amx::kBlockRows) * amx::kBlockRows;
+  // at::empty's CPU storage is 64-byte aligned
   const at::Tensor tokens_t =
-      at::empty({amx::panel_elems(std::min(kTileChunk, T), R)}, w.options().dtype(at::kShort));
+      at::empty({amx::panel_elems(chunk_rows, R)}, w.options().dtype(at::kShort));
   uint16_t* tokens = reinterpret_cast<uint16_t*>(tokens_t.data_ptr<int16_t>());
   const SrcType type = simd_type(out_k.scalar_type(), "out_k");
   const bool stream = (out_k.numel() + out_v.numel()) * out_k.element_size() >= amx::kStreamBytes;
   for (int64_t t0 = 0; t0 < T; t0 += kTileChunk) {
-    const int64_t n = std::min(kTileChunk, T - t0), tiles = ceil_div(n, amx::kTileRows);
-    at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
+    const int64_t n = std::min(kTileChunk, T - t0);
+    const int64_t padded = ceil_div(n, amx::kBlockRows) * amx::kBlockRows;
+    at::parallel_for(0, padded / amx::kTileRows, 4, [&](int64_t begin, int64_t end) {
       const int64_t first = begin * amx::kTileRows;
-      amx::pack_tokens(latent.data_ptr(), xtype, rows.latent.data() + t0 + first,
-                       std::min(n, end * amx::kTileRows) - first, R,
-                       tokens + begin * tile_elems);
+      amx::pack_token_rows(latent.data_ptr(), xtype, rows.latent.data() + t0 + first,
+                           std::max<int64_t>(0, std::min(n, end * amx::kTileRows) - first),
+                           (end - begin) * amx::kTileRows, R, tokens + begin * tile_elems);
     });
     const at::Tensor pe = gather_any(pe_storage, rows.pe, t0, n, rope, scale);
-    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint16_t> wbuf(amx::kGroupRows / amx::kBlockRows * amx::block_elems(R));
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t n0 = b * amx::kGroupRows, cols = std::min(amx::kGroupRows, N - n0);
-        amx::pack_weights(wp + n0 * R * welem, wtype, R, cols, R, wbuf.data());
-        const float* ws = fp8_w ? w_scale->data_ptr<float>() + (n0 / kScaleBlock) * w_scale->stride(0)
-                                : nullptr;
-        const amx::Gemm g{wbuf.data(), tokens, n, R, cols, ws, fp8_w ? w_scale->stride(1) : 0,
-                          nullptr};
-        KvSink sink{static_cast<char*>(out_k.data_ptr()), static_cast<char*>(out_v.data_ptr()),
-                    out_k.stride(0), out_k.stride(1), out_v.stride(0), out_v.stride(1),
-                    out_k.size(2) - rope, out_v.size(2), t0, n0, out_k.element_size(), type,
-                    scale, stream};
-        amx::gemm(g, {&KvSink::store, &sink});
-        store_pe_heads(pe.data_ptr<float>(), n, rope, sink, cols);
-        amx::stream_fence();
-      }
+    const int64_t wbuf_elems =
+        packed ? 0 : amx::kGroupRows / amx::kTileRows * amx::chunks(R) * amx::kTileElems;
+    for_each_task(groups, [&] { return TileScratch(wbuf_elems); },
+                  [&](TileScratch& wbuf, int64_t b) {
+      const int64_t n0 = b * amx::kGroupRows, cols = std::min(amx::kGroupRows, N - n0);
+      const uint16_t* tiles = wbuf.data();
+      if (packed)   // the group's tiles, in place: N is a multiple of 32
+        tiles = reinterpret_cast<const uint16_t*>(wp) + n0 / amx::kTileRows * amx::chunks(R) * amx::kTileElems;
+      else
+        amx::pack_weights_vnni(wp + n0 * R * welem, wtype, R, cols, R, wbuf.data());
+      const float* ws = scaled ? w_scale->data_ptr<float>() + (n0 / kScaleBlock) * w_scale->stride(0)
+                               : nullptr;
+      const amx::RowGemm g{tokens, n, R, tiles, cols, ws, scaled ? w_scale->stride(1) : 0};
+      KvSink sink{static_cast<char*>(out_k.data_ptr()), static_cast<char*>(out_v.data_ptr()),
+                  out_k.stride(0), out_k.stride(1), out_v.stride(0), out_v.stride(1),
+                  out_k.size(2) - rope, out_v.size(2), t0, n0, out_k.element_size(), type,
+                  scale, stream};
+      amx::gemm_rows(g, {&KvSink::store, &sink});
+      store_pe_heads(pe.data_ptr<float>(), n, rope, sink, cols);
+      amx::stream_fence();
     });
   }
 }
@@ -242,16 +278,16 @@ void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
                            const at::Tensor& kv_b_proj,
                            const std::optional<at::Tensor>& kv_b_proj_scale, at::Tensor& out_k,
                            at::Tensor& out_v) {
-  TORCH_CHECK_VALUE(kv_c.dim() == 2 && k_pe.dim() == 2 && kv_b_proj.dim() == 2,
-                    "kv_c, k_pe and kv_b_proj must be 2-D");
+  TORCH_CHECK_VALUE(kv_c.dim() == 2 && k_pe.dim() == 2, "kv_c and k_pe must be 2-D");
+  check_weight(kv_b_proj);
   const int64_t T = kv_c.size(0);
-  TORCH_CHECK_VALUE(k_pe.size(0) == T && kv_b_proj.size(1) == kv_c.size(1),
+  TORCH_CHECK_VALUE(k_pe.size(0) == T && weight_cols(kv_b_proj) == kv_c.size(1),
                     "k_pe must have T rows and kv_b_proj R = kv_c.size(1) columns");
   // a last dimension of one element has any stride (the Python checks let it through too)
   TORCH_CHECK_VALUE((kv_c.size(1) <= 1 || kv_c.stride(1) == 1) &&
                         (k_pe.size(1) <= 1 || k_pe.stride(1) == 1),
                     "kv_c and k_pe need a contiguous last dimension");
-  check_outputs(out_k, out_v, T, kv_b_proj.size(0), k_pe.size(1));
+  check_outputs(out_k, out_v, T, weight_rows(kv_b_proj), k_pe.size(1));
   Rows rows{std::vector<int64_t>(T), std::vector<int64_t>(T)};
   for (int64_t t = 0; t < T; ++t) {
     rows.latent[t] = t * kv_c.stride(0);
@@ -265,17 +301,17 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
                                  const std::optional<at::Tensor>& kv_b_proj_scale,
                                  const std::optional<at::Tensor>& kv_cache_scale,
                                  at::Tensor& out_k, at::Tensor& out_v) {
-  TORCH_CHECK_VALUE(kv_cache.dim() == 3 && kv_b_proj.dim() == 2, "kv_cache must be 3-D, "
-                    "kv_b_proj 2-D");
+  TORCH_CHECK_VALUE(kv_cache.dim() == 3, "kv_cache must be 3-D");
+  check_weight(kv_b_proj);
   TORCH_CHECK_VALUE(kv_cache.stride(2) == 1, "kv_cache needs a contiguous last dimension");
   TORCH_CHECK_VALUE(kv_cache.size(1) >= 1, "kv_cache's block_size (dim 1) must be >= 1");
-  const int64_t R = kv_b_proj.size(1), rope = kv_cache.size(2) - R;
+  const int64_t R = weight_cols(kv_b_proj), rope = kv_cache.size(2) - R;
   TORCH_CHECK_VALUE(rope >= 1, "kv_cache rows must be wider than kv_b_proj's R = ", R);
   TORCH_CHECK_VALUE(block_table.dim() == 2 && seq_lens.dim() == 1 &&
                         seq_lens.size(0) == block_table.size(0),
                     "block_table must be (B, max_blocks) and seq_lens (B,)");
   const int64_t T = out_k.size(0);
-  check_outputs(out_k, out_v, T, kv_b_proj.size(0), rope);
+  check_outputs(out_k, out_v, T, weight_rows(kv_b_proj), rope);
   const at::Tensor table = block_table.to(at::kLong).contiguous();
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
   const int64_t* bt = table.data_ptr<int64_t>();

@@ -8,7 +8,10 @@ at 3.0 TB/s. Compute bound: 34 ns/token floor, goal <= 50 ns/token.
 The torch path timed beside is the unfused one of inference engines: one matmul by the
 whole kv_b_proj (bf16, dequantized at load when the checkpoint is FP8), view, split, and a
 concat with the broadcast k_pe; the paged form first gathers the rows with a slot index
-computed on the host (and dequantizes an FP8 cache). Eager and compiled.
+computed on the host (and dequantizes an FP8 cache). Eager and compiled. The `cpu` backend
+gets its weight prepared at load too (mla_pack_kv_b_proj: the tiles its kernel multiplies);
+on the CPU a second case times both sides from the FP8 checkpoint weight as stored (torch
+dequantizing it per call, the kernel packing it per call).
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ def unfused_paged(cache, slots, scale, w16, H):
     return unfused(rows[:, :R], rows[:, R:], w16, H)
 
 
+def unfused_stored(kv_c, k_pe, wq, ws, H):
+    """unfused from the FP8 checkpoint weight, dequantized in the call."""
+    return unfused(kv_c, k_pe, ref_fp8.dequantize_fp8_block(wq, ws, dtype=torch.bfloat16), H)
+
+
+def _weight_for(backend: str, wq, packed):
+    """What each backend is given: the packed form for `cpu` (prepared at load, as torch's
+    dequantized bf16 weight is), the FP8 checkpoint weight otherwise."""
+    return packed if backend == "cpu" else wq
+
+
 def _close(out, want) -> bool:
     (k, v), (wk, wv) = out, want
     err = max(float((k.float() - wk).norm() / wk.norm().clamp_min(1e-30)),
@@ -63,8 +77,11 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
     w32 = torch.randn(H * (DN + DV), R, generator=gen) / R ** 0.5
     wq, ws = (t.to(device) for t in ref_fp8.quantize_fp8_block(w32))
     w16 = ref_fp8.dequantize_fp8_block(wq, ws, dtype=torch.bfloat16)   # dequantized at load
+    packed = ops.mla_pack_kv_b_proj(wq) if "cpu" in backends else None  # packed at load
     base_c = torch.compile(unfused, dynamic=False) if compile_reference else None
     base_pc = torch.compile(unfused_paged, dynamic=False) if compile_reference else None
+    base_sc = (torch.compile(unfused_stored, dynamic=False)
+               if compile_reference and "cpu" in backends else None)
     results = []
     for T in tokens or default_tokens(device):
         fused = torch.randn(T, R + ROPE, generator=gen).bfloat16().to(device)
@@ -73,19 +90,30 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         flops = 2 * T * R * H * (DN + DV)
         out_bytes = T * H * (DN + ROPE + DV) * 2
         nbytes = T * (R + ROPE) * 2 + wq.numel() + out_bytes
-        case = f"contiguous T={T} H={H} bf16, fp8 kv_b_proj"
+        case = f"contiguous T={T} H={H} bf16, fp8 kv_b_proj prepared at load"
         timed = [(b, lambda i, b=b: ops.mla_decompress_kv(
-            kv_c, k_pe, wq, num_heads=H, kv_b_proj_scale=ws, backend=b)) for b in backends]
+            kv_c, k_pe, _weight_for(b, wq, packed), num_heads=H, kv_b_proj_scale=ws,
+            backend=b)) for b in backends]
         timed += [("torch-eager", lambda i: unfused(kv_c, k_pe, w16, H))]
         if base_c is not None:
             timed += [("torch-compile", lambda i: base_c(kv_c, k_pe, w16, H))]
         results += measure("mla_decompress_kv", case, device, timed, nbytes, 1,
                            lambda out: _close(out, want), flops=flops, math="bf16", tokens=T)
-        results += _paged(device, backends, T, H, wq, ws, w16, gen, base_pc)
+        if "cpu" in backends:
+            case = f"contiguous T={T} H={H} bf16, fp8 kv_b_proj as stored"
+            timed = [("cpu", lambda i: ops.mla_decompress_kv(
+                kv_c, k_pe, wq, num_heads=H, kv_b_proj_scale=ws, backend="cpu"))]
+            timed += [("torch-eager", lambda i: unfused_stored(kv_c, k_pe, wq, ws, H))]
+            if base_sc is not None:
+                timed += [("torch-compile", lambda i: base_sc(kv_c, k_pe, wq, ws, H))]
+            results += measure("mla_decompress_kv", case, device, timed, nbytes, 1,
+                               lambda out: _close(out, want), flops=flops, math="bf16",
+                               tokens=T)
+        results += _paged(device, backends, T, H, wq, ws, w16, packed, gen, base_pc)
     return results
 
 
-def _paged(device, backends, T, H, wq, ws, w16, gen, compiled) -> list[Result]:
+def _paged(device, backends, T, H, wq, ws, w16, packed, gen, compiled) -> list[Result]:
     """An FP8 cache (block 64) of 8 sequences of T/8 tokens in shuffled blocks."""
     bs, B = 64, 8
     per_seq = cdiv(T, B)
@@ -102,10 +130,10 @@ def _paged(device, backends, T, H, wq, ws, w16, gen, compiled) -> list[Result]:
                                              torch.float32)
     flops = 2 * T * R * H * (DN + DV)
     nbytes = T * (R + ROPE) + wq.numel() + T * H * (DN + ROPE + DV) * 2
-    case = f"paged T={T} H={H} fp8 cache (block {bs}), fp8 kv_b_proj"
+    case = f"paged T={T} H={H} fp8 cache (block {bs}), fp8 kv_b_proj prepared at load"
     timed = [(b, lambda i, b=b: ops.mla_decompress_kv_paged(
-        cache, table, lens, wq, num_heads=H, kv_b_proj_scale=ws, kv_cache_scale=scale_t,
-        num_tokens=T, backend=b)) for b in backends]
+        cache, table, lens, _weight_for(b, wq, packed), num_heads=H, kv_b_proj_scale=ws,
+        kv_cache_scale=scale_t, num_tokens=T, backend=b)) for b in backends]
     timed += [("torch-eager", lambda i: unfused_paged(cache, slots, scale_t, w16, H))]
     if compiled is not None:
         timed += [("torch-compile", lambda i: compiled(cache, slots, scale_t, w16, H))]

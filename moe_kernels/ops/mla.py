@@ -41,8 +41,41 @@ def _check_dims(op, num_heads, dn, dv):
     check_int(op, "v_head_dim", dv, low=1)
 
 
+def _packed_shape(N: int, R: int) -> tuple[int, int, int, int]:
+    return (N // 16, R // 32, 16, 32)
+
+
+def _check_packed_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R, ref_name, ref):
+    """A packed kv_b_proj (mla_pack_kv_b_proj): bf16 tiles, scales optional."""
+    check_tensor(op, "kv_b_proj", kv_b_proj, ndim=4, dtypes=(torch.bfloat16,))
+    N = num_heads * (dn + dv)
+    want = _packed_shape(N, R)
+    if N % 32 or R % 32 or tuple(kv_b_proj.shape) != want:
+        raise ValueError(f"{op}: a packed kv_b_proj (4-D, from mla_pack_kv_b_proj) of "
+                         f"num_heads * (qk_nope_head_dim + v_head_dim) = {N} rows and R = {R} "
+                         f"columns (R from {ref_name}) has shape {want}, both multiples of 32; "
+                         f"got {tuple(kv_b_proj.shape)}")
+    if not kv_b_proj.is_contiguous():
+        raise ValueError(f"{op}: a packed kv_b_proj must be contiguous")
+    check_same_device(op, "kv_b_proj", kv_b_proj, ref_name, ref)
+    if kv_b_proj_scale is not None:
+        check_scales(op, "kv_b_proj_scale", kv_b_proj_scale,
+                     (cdiv(N, SCALE_BLOCK), cdiv(R, SCALE_BLOCK)), "kv_b_proj", kv_b_proj)
+
+
+def _check_packed_backend(op, kv_b_proj, backend):
+    if kv_b_proj.dim() == 4 and backend not in PACKED_BACKENDS:
+        raise ValueError(f"{op}: a packed kv_b_proj (mla_pack_kv_b_proj) is a layout of the "
+                         f"CPU kernels: backend must be one of {PACKED_BACKENDS}, got "
+                         f"{backend!r}")
+
+
 def _check_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R, ref_name, ref):
-    """kv_b_proj (H*(dn+dv), R) float or fp8 (+ 128x128 float32 scales)."""
+    """kv_b_proj (H*(dn+dv), R) float or fp8 (+ 128x128 float32 scales), or packed."""
+    check_tensor(op, "kv_b_proj", kv_b_proj)
+    if kv_b_proj.dim() == 4:
+        return _check_packed_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R,
+                                    ref_name, ref)
     check_tensor(op, "kv_b_proj", kv_b_proj, ndim=2, dtypes=WEIGHT_DTYPES)
     want = (num_heads * (dn + dv), R)
     if tuple(kv_b_proj.shape) != want:
@@ -63,7 +96,10 @@ def _check_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R, ref_name
 
 
 def _check_matching_dtypes(op, name, x, kv_b_proj):
-    """Float operands of the up-projection share one dtype (fp8 converts exactly to any)."""
+    """Float operands of the up-projection share one dtype (fp8 converts exactly to any, and
+    so do the packed weight's values, which are those of a bf16 or fp8 checkpoint)."""
+    if kv_b_proj.dim() == 4:
+        return
     if FP8 not in (x.dtype, kv_b_proj.dtype) and x.dtype != kv_b_proj.dtype:
         raise TypeError(f"{op}: {name} is {x.dtype} but kv_b_proj is {kv_b_proj.dtype}; use "
                         f"one dtype (or an fp8 kv_b_proj with scales)")
@@ -100,6 +136,31 @@ def _run(op: _library.Op, backend, args, out_k, out_v, ref_fn, ref_args):
 
 # --- public API -------------------------------------------------------------------------------
 
+# Backends that take a packed kv_b_proj: the C++ CPU kernels, and the reference (unpacked).
+PACKED_BACKENDS = ("cpu", "reference")
+
+
+def mla_pack_kv_b_proj(kv_b_proj: torch.Tensor) -> torch.Tensor:
+    """kv_b_proj (N, R) bf16 or float8_e4m3fn on the CPU, N and R multiples of 32 -> its
+    packed form for the `cpu` backend, done once at load: bf16 (N / 16, R / 32, 16, 32), the
+    tiles the AMX kernel multiplies, the values exact (fp8 widened to bf16). Pass it as
+    kv_b_proj with the same kv_b_proj_scale (for an fp8 checkpoint) to mla_decompress_kv
+    and mla_decompress_kv_paged (backend "cpu" or "reference"); it saves the per-call
+    packing (docs/mla.md). Memory: 2 bytes per weight, as a bf16 checkpoint."""
+    op = "mla_pack_kv_b_proj"
+    check_tensor(op, "kv_b_proj", kv_b_proj, ndim=2, dtypes=(torch.bfloat16, FP8))
+    N, R = kv_b_proj.shape
+    if N % 32 or R % 32 or N == 0 or R == 0:
+        raise ValueError(f"{op}: kv_b_proj must have rows and columns that are positive "
+                         f"multiples of 32, got shape {(N, R)}; pass such a weight unpacked")
+    if not kv_b_proj.is_cpu:
+        raise ValueError(f"{op}: the packed form is for the CPU kernels; kv_b_proj is on "
+                         f"{kv_b_proj.device}")
+    # [j, c, p, 2 q + e] = row 16 j + q, column 32 c + 2 p + e (reference.unpack_kv_b_proj)
+    return (kv_b_proj.to(torch.bfloat16).view(N // 16, 16, R // 32, 16, 2)
+            .permute(0, 2, 3, 1, 4).reshape(_packed_shape(N, R)))
+
+
 def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.Tensor, *,
                       num_heads: int, qk_nope_head_dim: int = 128, v_head_dim: int = 128,
                       kv_b_proj_scale: torch.Tensor | None = None,
@@ -132,6 +193,7 @@ def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.T
     _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_c, inputs)
     _check_out(op, "out_v", out_v, (T, H, dv), kv_c, {**inputs, "out_k": out_k})
     backend = MLA_DECOMPRESS_KV.resolve(backend, kv_c)
+    _check_packed_backend(op, kv_b_proj, backend)
     out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, kv_c.dtype, kv_c)
     return _run(MLA_DECOMPRESS_KV, backend, (kv_c, k_pe, kv_b_proj, kv_b_proj_scale), out_k, out_v,
                 reference.mla_decompress_kv,
@@ -224,8 +286,11 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
                          f"has {block_table.shape[0]} rows")
     _check_dims(op, num_heads, qk_nope_head_dim, v_head_dim)
     H, dn, dv = num_heads, qk_nope_head_dim, v_head_dim
-    check_tensor(op, "kv_b_proj", kv_b_proj, ndim=2)
-    R = kv_b_proj.shape[1]
+    check_tensor(op, "kv_b_proj", kv_b_proj)
+    if kv_b_proj.dim() not in (2, 4):
+        raise ValueError(f"{op}: kv_b_proj must be 2-D, or 4-D packed (mla_pack_kv_b_proj), "
+                         f"got shape {tuple(kv_b_proj.shape)}")
+    R = kv_b_proj.shape[1] * (32 if kv_b_proj.dim() == 4 else 1)
     rope = kv_cache.shape[2] - R
     if rope < 1:
         raise ValueError(f"{op}: kv_cache rows ({kv_cache.shape[2]}) must hold the latent "
@@ -255,6 +320,7 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
     _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_cache, inputs)
     _check_out(op, "out_v", out_v, (T, H, dv), kv_cache, {**inputs, "out_k": out_k})
     backend = MLA_DECOMPRESS_KV_PAGED.resolve(backend, kv_cache)
+    _check_packed_backend(op, kv_b_proj, backend)
     dtype = next((d for d in (kv_cache.dtype, kv_b_proj.dtype) if d != FP8), torch.bfloat16)
     out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, kv_cache)
     return _run(MLA_DECOMPRESS_KV_PAGED, backend, (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale,

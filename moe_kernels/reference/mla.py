@@ -21,11 +21,25 @@ from moe_kernels.reference.fp8 import dequantize_fp8_block
 
 
 
+def unpack_kv_b_proj(packed: torch.Tensor) -> torch.Tensor:
+    """The packed form of mla_pack_kv_b_proj, (N / 16, R / 32, 16, 32) bf16 whose
+    [j, c, p, 2 q + e] is row 16 j + q, column 32 c + 2 p + e -> the (N, R) rows."""
+    J, C = packed.shape[:2]
+    return packed.view(J, C, 16, 16, 2).permute(0, 3, 1, 2, 4).reshape(16 * J, 32 * C)
+
+
+def weight_rows(kv_b_proj: torch.Tensor, kv_b_proj_scale: torch.Tensor | None) -> torch.Tensor:
+    """kv_b_proj as (N, R) rows: the checkpoint's, or unpacked from the 4-D packed form."""
+    return unpack_kv_b_proj(kv_b_proj) if kv_b_proj.dim() == 4 else kv_b_proj
+
+
 def up_projection(kv_b_proj: torch.Tensor, kv_b_proj_scale: torch.Tensor | None,
                   num_heads: int, dn: int, dv: int):
-    """kv_b_proj (H*(dn+dv), R) bf16/fp16/fp32, or fp8 with 128x128 block scales ->
-    W_UK (H, dn, R), W_UV (H, dv, R) float32."""
-    if kv_b_proj.dtype == FP8:
+    """kv_b_proj (H*(dn+dv), R) bf16/fp16/fp32, or fp8 with 128x128 block scales, or packed
+    (mla_pack_kv_b_proj, times the block scales when given) -> W_UK (H, dn, R),
+    W_UV (H, dv, R) float32."""
+    kv_b_proj = weight_rows(kv_b_proj, kv_b_proj_scale)
+    if kv_b_proj.dtype == FP8 or kv_b_proj_scale is not None:
         w = dequantize_fp8_block(kv_b_proj, kv_b_proj_scale, 128, 128, torch.float32)
     else:
         # contiguous: torch's float32 matmul sums in another order for a stride-0 weight
@@ -94,6 +108,6 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
                             out_dtype: torch.dtype):
     """Paged form: rows gathered and dequantized in float32, then mla_decompress_kv."""
     rows = gather_paged_rows(kv_cache, block_table, seq_lens, num_tokens, kv_cache_scale)
-    R = kv_b_proj.shape[1]
+    R = weight_rows(kv_b_proj, kv_b_proj_scale).shape[1]
     return mla_decompress_kv(rows[:, :R], rows[:, R:], kv_b_proj, kv_b_proj_scale, num_heads,
                              dn, dv, out_dtype)
