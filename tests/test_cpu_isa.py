@@ -15,6 +15,7 @@ import torch
 import moe_kernels
 from moe_kernels import _library, testing
 from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.ops import mla as mla_ops
 from moe_kernels.reference import mla as ref_mla
 
 from helpers import assert_close, assert_fp8_close, calc_diff
@@ -204,14 +205,14 @@ def test_streamed_and_unaligned_outputs(isa, offset):
 @pytest.mark.parametrize("paged", [False, True])
 def test_mla_tiles(isa, weight, paged):
     """MLA through the tiles: bf16 latent rows (or an fp8 cache with its scale) against
-    fp8 or bf16 weights, as stored or packed (mla_pack_kv_b_proj; the other builds unpack
+    fp8 or bf16 weights, as stored or packed (pack_kv_b_proj_tiles; the other builds unpack
     it), T = 600 (two token chunks, a partial tile; 1.8 MB of output: streamed), and heads
     whose dn + dv = 96 puts k / v boundaries inside 32-column blocks."""
     g = torch.Generator().manual_seed(5)
     T, H, dn, dv, R, rope = 600, 8, 48, 48, 512, 64
     w32 = torch.randn(H * (dn + dv), R, generator=g) * 0.05
     w, ws = ref_fp8.quantize_fp8_block(w32) if "fp8" in weight else (w32.bfloat16(), None)
-    w_in = moe_kernels.mla_pack_kv_b_proj(w) if "packed" in weight else w
+    w_in = mla_ops.pack_kv_b_proj_tiles(w) if "packed" in weight else w
     if paged:
         bs, B = 64, 3
         lens = torch.tensor([250, 0, 350], dtype=torch.int32)

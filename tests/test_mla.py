@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import moe_kernels
 from moe_kernels import _library
+from moe_kernels.ops import mla as mla_ops
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import mla as ref
 
@@ -351,12 +352,15 @@ def test_torch_compile_fullgraph(device, backend):
 needs_ext = pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not loaded")
 
 
+pack_tiles = mla_ops.pack_kv_b_proj_tiles
+
+
 @pytest.mark.parametrize("fp8", [False, True])
 def test_pack_layout(fp8):
     """The packed form's documented index map, element by element (independent of the
     reference's unpack, which is then checked to invert it)."""
     w, _ = make_weight(2, 24, 8, 64, fp8=fp8, dtype=torch.bfloat16, seed=1)
-    packed = moe_kernels.mla_pack_kv_b_proj(w)
+    packed = pack_tiles(w)
     assert packed.shape == (4, 2, 16, 32) and packed.dtype == torch.bfloat16
     wb = w.to(torch.bfloat16)
     for j in range(4):
@@ -366,6 +370,27 @@ def test_pack_layout(fp8):
                     for e in (0, 1):
                         assert packed[j, c, p, 2 * q + e] == wb[16 * j + q, 32 * c + 2 * p + e]
     assert torch.equal(ref.unpack_kv_b_proj(packed), wb)
+
+
+@needs_ext
+def test_pack_picks_the_fastest_form():
+    """mla_pack_kv_b_proj packs where the cpu backend runs its tile path, and gives the
+    weight back where it would only be unpacked per call."""
+    w, _ = make_weight(2, 16, 16, 64, fp8=True)
+    before = _library._C.cpu_isa()
+    try:
+        for isa in ("amx", "avx512", "generic"):
+            try:
+                _library._C.set_cpu_isa(isa)
+            except ValueError:
+                continue   # this CPU cannot run that build
+            got = moe_kernels.mla_pack_kv_b_proj(w)
+            if isa == "amx":
+                assert torch.equal(got, pack_tiles(w)), isa
+            else:
+                assert got is w, isa
+    finally:
+        _library._C.set_cpu_isa(before)
 
 
 PACKABLE = [c for c in CONTIGUOUS if (c[1] * (c[2] + c[3])) % 32 == 0 and c[4] % 32 == 0]
@@ -385,7 +410,7 @@ def test_packed_weight(backend, T, H, dn, dv, R, rope, dtype, fp8):
     kw = dict(num_heads=H, qk_nope_head_dim=dn, v_head_dim=dv, kv_b_proj_scale=s,
               backend=backend)
     poison_allocator("cpu")
-    k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, moe_kernels.mla_pack_kv_b_proj(w), **kw)
+    k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, pack_tiles(w), **kw)
     k0, v0 = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, **kw)
     assert torch.equal(k, k0) and torch.equal(v, v0)
     check_backend(k, v, kv_c, k_pe, w, s, H, dn, dv, dtype)
@@ -400,8 +425,7 @@ def test_packed_weight_paged(seq_lens, block_size, cache_dtype):
     w, s = make_weight(H, dn, dv, R, fp8=True, seed=6)
     kw = dict(num_heads=H, qk_nope_head_dim=dn, v_head_dim=dv, kv_b_proj_scale=s,
               kv_cache_scale=scale, backend="cpu")
-    k, v = moe_kernels.mla_decompress_kv_paged(cache, table, lens,
-                                               moe_kernels.mla_pack_kv_b_proj(w), **kw)
+    k, v = moe_kernels.mla_decompress_kv_paged(cache, table, lens, pack_tiles(w), **kw)
     k0, v0 = moe_kernels.mla_decompress_kv_paged(cache, table, lens, w, **kw)
     assert torch.equal(k, k0) and torch.equal(v, v0)
     rows = explicit_paged_rows(cache, table, lens, 1.0 if scale is None else scale).float()
@@ -420,14 +444,14 @@ BAD_PACK = [
 ]
 
 
+@pytest.mark.parametrize("pack", [moe_kernels.mla_pack_kv_b_proj, pack_tiles])
 @pytest.mark.parametrize("desc,w,exc,words", BAD_PACK, ids=[b[0] for b in BAD_PACK])
-def test_bad_pack(desc, w, exc, words):
+def test_bad_pack(pack, desc, w, exc, words):
     with pytest.raises(exc, match=words):
-        moe_kernels.mla_pack_kv_b_proj(w)
+        pack(w)
 
 
-_PACKED = moe_kernels.mla_pack_kv_b_proj(make_weight(2, 16, 16, 64, fp8=False,
-                                                     dtype=torch.bfloat16)[0])
+_PACKED = pack_tiles(make_weight(2, 16, 16, 64, fp8=False, dtype=torch.bfloat16)[0])
 BAD_PACKED = [
     ("packed for other heads", dict(kv_b_proj=_PACKED, num_heads=4), ValueError,
      "packed kv_b_proj"),

@@ -71,11 +71,15 @@ at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_
   const int64_t N = weight_rows(w), R = weight_cols(w);
   // [j, c, p, q, e] holds row 16 j + q, column 32 c + 2 p + e
   at::Tensor rows = w.view({w.size(0), w.size(1), amx::kTileRows, amx::kTileRows, 2})
-                        .permute({0, 3, 1, 2, 4}).reshape({N, R}).to(at::kFloat);
-  if (w_scale.has_value())
-    rows.mul_(w_scale->repeat_interleave(kScaleBlock, 0).repeat_interleave(kScaleBlock, 1)
-                  .narrow(0, 0, N).narrow(1, 0, R));
-  return rows;
+                        .permute({0, 3, 1, 2, 4}).to(at::kFloat).reshape({N, R});
+  if (!w_scale.has_value()) return rows;
+  if (N % kScaleBlock == 0 && R % kScaleBlock == 0) {   // one broadcast pass, no scale copy
+    rows.view({N / kScaleBlock, kScaleBlock, R / kScaleBlock, kScaleBlock})
+        .mul_(w_scale->view({N / kScaleBlock, 1, R / kScaleBlock, 1}));
+    return rows;
+  }
+  return rows.mul_(w_scale->repeat_interleave(kScaleBlock, 0).repeat_interleave(kScaleBlock, 1)
+                       .narrow(0, 0, N).narrow(1, 0, R));
 }
 
 // (n, width) float32: rows offsets[t0 .. t0 + n) of storage, times scale; zeros for -1

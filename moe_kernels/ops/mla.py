@@ -141,13 +141,26 @@ PACKED_BACKENDS = ("cpu", "reference")
 
 
 def mla_pack_kv_b_proj(kv_b_proj: torch.Tensor) -> torch.Tensor:
-    """kv_b_proj (N, R) bf16 or float8_e4m3fn on the CPU, N and R multiples of 32 -> its
-    packed form for the `cpu` backend, done once at load: bf16 (N / 16, R / 32, 16, 32), the
-    tiles the AMX kernel multiplies, the values exact (fp8 widened to bf16). Pass it as
-    kv_b_proj with the same kv_b_proj_scale (for an fp8 checkpoint) to mla_decompress_kv
-    and mla_decompress_kv_paged (backend "cpu" or "reference"); it saves the per-call
-    packing (docs/mla.md). Memory: 2 bytes per weight, as a bf16 checkpoint."""
-    op = "mla_pack_kv_b_proj"
+    """kv_b_proj (N, R) bf16 or float8_e4m3fn on the CPU, N and R multiples of 32 -> the
+    form the `cpu` backend runs fastest on this machine, made once at load: where its AMX
+    tile path runs, the packed tiles (pack_kv_b_proj_tiles: bf16 (N / 16, R / 32, 16, 32),
+    the values exact); elsewhere (no AMX, or MOE_KERNELS_CPU_ISA narrower than amx),
+    kv_b_proj itself. Pass the result as kv_b_proj with the same kv_b_proj_scale (for an
+    fp8 checkpoint) to mla_decompress_kv and mla_decompress_kv_paged (backend "cpu" or
+    "reference"); it saves the per-call packing (docs/mla.md). Memory: 2 bytes per weight
+    when packed."""
+    _check_packable("mla_pack_kv_b_proj", kv_b_proj)
+    if not _cpu_tiles_run():
+        return kv_b_proj
+    return pack_kv_b_proj_tiles(kv_b_proj)
+
+
+def _cpu_tiles_run() -> bool:
+    """The cpu backend's build is the AMX one (csrc/cpu/simd.h), as MLA's tile path needs."""
+    return _library.extension_loaded() and _library._C.cpu_isa() == "amx"
+
+
+def _check_packable(op, kv_b_proj):
     check_tensor(op, "kv_b_proj", kv_b_proj, ndim=2, dtypes=(torch.bfloat16, FP8))
     N, R = kv_b_proj.shape
     if N % 32 or R % 32 or N == 0 or R == 0:
@@ -156,7 +169,15 @@ def mla_pack_kv_b_proj(kv_b_proj: torch.Tensor) -> torch.Tensor:
     if not kv_b_proj.is_cpu:
         raise ValueError(f"{op}: the packed form is for the CPU kernels; kv_b_proj is on "
                          f"{kv_b_proj.device}")
-    # [j, c, p, 2 q + e] = row 16 j + q, column 32 c + 2 p + e (reference.unpack_kv_b_proj)
+
+
+def pack_kv_b_proj_tiles(kv_b_proj: torch.Tensor) -> torch.Tensor:
+    """The packed form on any machine (mla_pack_kv_b_proj picks it where it pays): bf16
+    (N / 16, R / 32, 16, 32) with [j, c, p, 2 q + e] = kv_b_proj[16 j + q, 32 c + 2 p + e]
+    (reference.unpack_kv_b_proj inverts it). The `cpu` backend without the tile path
+    unpacks it per call (correct, slower than the weight as stored)."""
+    _check_packable("pack_kv_b_proj_tiles", kv_b_proj)
+    N, R = kv_b_proj.shape
     return (kv_b_proj.to(torch.bfloat16).view(N // 16, 16, R // 32, 16, 2)
             .permute(0, 2, 3, 1, 4).reshape(_packed_shape(N, R)))
 
