@@ -433,6 +433,40 @@ def test_packed_weight_paged(seq_lens, block_size, cache_dtype):
                   torch.float32 if cache_dtype == torch.float32 else torch.bfloat16)
 
 
+@needs_ext
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_packed_weight_property(data):
+    """Random packable shapes, fp8 or bf16 weights, contiguous or paged: the packed tiles give
+    the checkpoint weight's outputs bit for bit on the cpu backend."""
+    H = data.draw(st.integers(1, 6))
+    dn = 16 * data.draw(st.integers(1, 6))
+    dv = 32 * data.draw(st.integers(1, 4)) - dn % 32   # dn + dv a multiple of 32
+    R = 32 * data.draw(st.integers(1, 10))
+    rope = data.draw(st.integers(1, 24))
+    fp8 = data.draw(st.booleans())
+    seed = data.draw(st.integers(0, 99))
+    w, s = make_weight(H, dn, dv, R, fp8=fp8, dtype=torch.bfloat16, seed=seed)
+    packed = pack_tiles(w)
+    kw = dict(num_heads=H, qk_nope_head_dim=dn, v_head_dim=dv, kv_b_proj_scale=s,
+              backend="cpu")
+    if data.draw(st.booleans()):
+        T = data.draw(st.integers(0, 70))
+        kv_c, k_pe = make_latent(T, R, rope, torch.bfloat16, seed=seed, pad=data.draw(
+            st.integers(0, 8)))
+        got = moe_kernels.mla_decompress_kv(kv_c, k_pe, packed, **kw)
+        want = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, **kw)
+    else:
+        lens = data.draw(st.lists(st.integers(0, 40), max_size=4))
+        bs = data.draw(st.sampled_from([1, 16, 64]))
+        cache, table, lens_t, scale = paged_case(lens, bs, R, rope, FP8, seed=seed,
+                                                 device="cpu")
+        kw["kv_cache_scale"] = scale
+        got = moe_kernels.mla_decompress_kv_paged(cache, table, lens_t, packed, **kw)
+        want = moe_kernels.mla_decompress_kv_paged(cache, table, lens_t, w, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 BAD_PACK = [
     ("rows not a multiple of 32", torch.zeros(48, 64, dtype=torch.bfloat16), ValueError,
      "multiples of 32"),
