@@ -70,6 +70,15 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
                                  const std::optional<at::Tensor>& kv_cache_scale,
                                  at::Tensor& out_k, at::Tensor& out_v);
 
+// The paged call's value checks on the host (seq_lens >= 0, block tables long enough,
+// block ids in range where used), reported instead of thrown, the first problem found as
+// {kind, b, j, value, need}: kind 0 none (value = sum(seq_lens)), 1 seq_lens[b] = value < 0,
+// 2 sequence b (length value) needs `need` blocks, more than the table has, 3
+// block_table[b, j] = value out of range. The Python layer raises (ops/mla.py).
+std::vector<int64_t> mla_paged_values_cpu(const at::Tensor& block_table,
+                                          const at::Tensor& seq_lens, int64_t num_blocks,
+                                          int64_t block_size);
+
 // expert_parallel.cpp
 at::Tensor map_to_slots_cpu(const at::Tensor& topk_ids, const at::Tensor& log2phy,
                             const at::Tensor& logcnt, int64_t token_offset);

@@ -59,6 +59,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decompress_kv_cpu", &moe_kernels::mla_decompress_kv_cpu);
   m.def("mla_decompress_kv_paged_cpu", &moe_kernels::mla_decompress_kv_paged_cpu);
   m.def("map_to_slots_cpu", &moe_kernels::map_to_slots_cpu);
+  m.def("mla_paged_values_cpu", &moe_kernels::mla_paged_values_cpu);
 #ifdef MOE_KERNELS_WITH_CUDA
   m.def("grouped_topk_cuda", &moe_kernels::grouped_topk_cuda);
   m.def("permute_index_cuda", &moe_kernels::permute_index_cuda);

@@ -467,6 +467,24 @@ def test_packed_weight_property(data):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@needs_ext
+@settings(max_examples=200, deadline=None)
+@given(lens=st.lists(st.integers(-2, 40), max_size=5), bs=st.sampled_from([1, 4, 16]),
+       width=st.integers(0, 6), num_blocks=st.integers(0, 12), seed=st.integers(0, 99),
+       dtype=st.sampled_from([torch.int32, torch.int64]))
+def test_paged_value_checks_cpp_and_numpy_agree(lens, bs, width, num_blocks, seed, dtype):
+    """The paged value checks in C++ (extension loaded) and in numpy (without it) report the
+    same first problem, or the same sum(seq_lens), on random tables with bad entries."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(-2, num_blocks + 2, (len(lens), width), generator=g).to(dtype)
+    seq_lens = torch.tensor(lens, dtype=dtype)
+    got = mla_ops._paged_value_problem(table, seq_lens, num_blocks, bs)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_library, "extension_loaded", lambda: False)
+        want = mla_ops._paged_value_problem(table, seq_lens, num_blocks, bs)
+    assert got == want
+
+
 BAD_PACK = [
     ("rows not a multiple of 32", torch.zeros(48, 64, dtype=torch.bfloat16), ValueError,
      "multiples of 32"),

@@ -343,6 +343,30 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
   decompress(kv_cache, kv_cache, rope, rows, kv_b_proj, kv_b_proj_scale, scale, out_k, out_v);
 }
 
+std::vector<int64_t> mla_paged_values_cpu(const at::Tensor& block_table,
+                                          const at::Tensor& seq_lens, int64_t num_blocks,
+                                          int64_t block_size) {
+  const at::Tensor table = block_table.to(at::kLong).contiguous();
+  const at::Tensor lens_t = seq_lens.to(at::kLong).contiguous();
+  const int64_t* bt = table.data_ptr<int64_t>();
+  const int64_t* lens = lens_t.data_ptr<int64_t>();
+  const int64_t B = table.size(0), max_blocks = table.size(1);
+  const auto need = [&](int64_t b) { return lens[b] > 0 ? ceil_div(lens[b], block_size) : 0; };
+  for (int64_t b = 0; b < B; ++b)
+    if (lens[b] < 0) return {1, b, 0, lens[b], 0};
+  for (int64_t b = 0; b < B; ++b)
+    if (need(b) > max_blocks) return {2, b, 0, lens[b], need(b)};
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < need(b); ++j) {
+      const int64_t id = bt[b * max_blocks + j];
+      if (id < 0 || id >= num_blocks) return {3, b, j, id, 0};
+    }
+    total += lens[b];
+  }
+  return {0, 0, 0, total, 0};
+}
+
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("mla_decompress_kv", &mla_decompress_kv_cpu);
   m.impl("mla_decompress_kv_paged", &mla_decompress_kv_paged_cpu);
