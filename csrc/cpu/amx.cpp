@@ -223,7 +223,8 @@ inline __m512i to_bf16_pair(__m512 lo, __m512 hi) {
   if (tiny != 0)   // denormal inputs: rare
     return _mm512_inserti64x4(_mm512_castsi256_si512(to_half(lo, SrcType::bf16)),
                               to_half(hi, SrcType::bf16), 1);
-  const __m512i r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  // bit cast: __m512bh is a vector of short before GCC 13 and of __bf16 from it
+  const __m512i r = __builtin_bit_cast(__m512i, _mm512_cvtne2ps_pbh(hi, lo));
   const __mmask32 nan = static_cast<__mmask32>(_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q)) |
                         static_cast<__mmask32>(_mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) << 16;
   return _mm512_mask_blend_epi16(nan, r, _mm512_set1_epi16(0x7FC0));
