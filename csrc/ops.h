@@ -74,7 +74,8 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
 // block ids in range where used), reported instead of thrown, the first problem found as
 // {kind, b, j, value, need}: kind 0 none (value = sum(seq_lens)), 1 seq_lens[b] = value < 0,
 // 2 sequence b (length value) needs `need` blocks, more than the table has, 3
-// block_table[b, j] = value out of range. The Python layer raises (ops/mla.py).
+// block_table[b, j] = value out of range, 4 block_size = value < 1. The Python layer
+// raises (ops/mla.py).
 std::vector<int64_t> mla_paged_values_cpu(const at::Tensor& block_table,
                                           const at::Tensor& seq_lens, int64_t num_blocks,
                                           int64_t block_size);

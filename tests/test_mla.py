@@ -485,6 +485,15 @@ def test_paged_value_checks_cpp_and_numpy_agree(lens, bs, width, num_blocks, see
     assert got == want
 
 
+@needs_ext
+def test_paged_value_checks_refuse_block_size_0():
+    """The C++ checks divide by the block size: 0 is reported, not a SIGFPE."""
+    table, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    assert tuple(_library._C.mla_paged_values_cpu(table, lens, 1, 0)) == (4, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        mla_ops._check_paged_values("op", table, lens, 1, 0, None)
+
+
 BAD_PACK = [
     ("rows not a multiple of 32", torch.zeros(48, 64, dtype=torch.bfloat16), ValueError,
      "multiples of 32"),

@@ -1,9 +1,11 @@
 // MLA latent KV decompression on the CPU (semantics:
-// moe_kernels/reference/mla.py). The weight is dequantized once to float32; tokens go in
-// chunks: their latent rows are gathered (paged) and converted to float32 in parallel, one
-// at::mm (itself parallel) up-projects the chunk for every head, and K (with k_pe) and V
-// are written from it in parallel. A chunk's product stays around 4 MB, so it is written
-// back from cache instead of materialising a (T, H, dn + dv) tensor.
+// moe_kernels/reference/mla.py). Two paths (docs/mla.md). With AMX and operands exact in
+// bf16: bf16 tiles (amx::gemm_rows), K / V stored straight from them (decompress_tiles).
+// Otherwise the weight is dequantized once to float32; tokens go in chunks: their latent
+// rows are gathered (paged) and converted to float32 in parallel, one at::mm (itself
+// parallel) up-projects the chunk for every head, and K (with k_pe) and V are written from
+// it in parallel. A chunk's product stays around 4 MB, so it is written back from cache
+// instead of materialising a (T, H, dn + dv) tensor.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -190,7 +192,7 @@ void store_pe_heads(const float* pe, int64_t n, int64_t rope, const KvSink& s, i
                     s.k_token * s.elem, s.stream);
 }
 
-// Tokens a chunk of the AMX path packs at once (R = 512: 512 KB of bf16 rows, in L2).
+// Tokens a chunk of the AMX path packs at once (R = 512: 512 KB of bf16 tiles, in L2).
 constexpr int64_t kTileChunk = 512;
 
 // The AMX path (amx::gemm_rows: tokens as the A operand, so results come out token-major):
@@ -351,6 +353,7 @@ std::vector<int64_t> mla_paged_values_cpu(const at::Tensor& block_table,
   const int64_t* bt = table.data_ptr<int64_t>();
   const int64_t* lens = lens_t.data_ptr<int64_t>();
   const int64_t B = table.size(0), max_blocks = table.size(1);
+  if (block_size < 1) return {4, 0, 0, block_size, 0};   // no division by it
   const auto need = [&](int64_t b) { return lens[b] > 0 ? ceil_div(lens[b], block_size) : 0; };
   for (int64_t b = 0; b < B; ++b)
     if (lens[b] < 0) return {1, b, 0, lens[b], 0};

@@ -245,10 +245,13 @@ def _cache_scale(op, kv_cache, kv_cache_scale):
 def _paged_value_problem(block_table, seq_lens, num_blocks, block_size):
     """The first problem of the values as (kind, b, j, value, need): kind 0 none (value =
     sum(seq_lens)), 1 seq_lens[b] = value < 0, 2 sequence b of length value needs `need`
-    blocks, more than block_table has, 3 block_table[b, j] = value is not a block. In C++
+    blocks, more than block_table has, 3 block_table[b, j] = value is not a block, 4
+    block_size = value < 1 (the callers check it first). In C++
     (reported, not thrown) where the extension is loaded: ~1 us against ~15 us for numpy;
     numpy otherwise (torch's small ops cost ~10 us each on the CPU)."""
     table, seq_lens = block_table.cpu(), seq_lens.cpu()   # one host sync on CUDA
+    if block_size < 1:
+        return 4, 0, 0, block_size, 0
     if _library.extension_loaded():
         return tuple(_library._C.mla_paged_values_cpu(table, seq_lens, num_blocks, block_size))
     lens = seq_lens.numpy().astype(np.int64)
@@ -280,6 +283,8 @@ def _check_paged_values(op, block_table, seq_lens, num_blocks, block_size, num_t
         raise ValueError(f"{op}: block_table is too short for sequence {b}: seq_lens[{b}] = "
                          f"{value} needs {need} blocks of {block_size}, block_table has "
                          f"{block_table.shape[1]} per sequence")
+    if kind == 4:
+        raise ValueError(f"{op}: kv_cache's block_size must be >= 1, got {value}")
     if kind == 3:
         raise ValueError(f"{op}: block_table[{b}, {j}] = {value} is not a block of "
                          f"kv_cache (num_blocks = {num_blocks})")
