@@ -494,6 +494,37 @@ def test_paged_value_checks_refuse_block_size_0():
         mla_ops._check_paged_values("op", table, lens, 1, 0, None)
 
 
+@needs_ext
+def test_packed_weight_opcheck_and_compile():
+    """The packed (4-D) weight through the registered ops' checks (schema, fake, autograd
+    registration) and a fullgraph torch.compile, equal to eager bit for bit."""
+    torch._dynamo.reset()
+    H, dn, dv, R, rope = 2, 16, 16, 64, 16
+    w, s = make_weight(H, dn, dv, R, fp8=True, seed=1)
+    packed = pack_tiles(w)
+    kv_c, k_pe = make_latent(10, R, rope, torch.bfloat16, seed=2)
+    out_k = torch.empty(10, H, dn + rope, dtype=torch.bfloat16)
+    out_v = torch.empty(10, H, dv, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.moe_kernels.mla_decompress_kv.default,
+                          (kv_c, k_pe, packed, s, out_k, out_v))
+    cache, table, lens, scale = paged_case([6, 3], 4, R, rope, FP8, seed=3, device="cpu")
+    torch.library.opcheck(torch.ops.moe_kernels.mla_decompress_kv_paged.default,
+                          (cache, table, lens, packed, s, torch.tensor(scale), out_k[:9],
+                           out_v[:9]), test_utils=FP8_INPUT_OPCHECKS)
+    kw = dict(num_heads=H, qk_nope_head_dim=dn, v_head_dim=dv, kv_b_proj_scale=s,
+              backend="cpu")
+
+    def f(kv_c, k_pe):
+        k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, packed, **kw)
+        pk, pv = moe_kernels.mla_decompress_kv_paged(cache, table, lens, packed,
+                                                     kv_cache_scale=scale, num_tokens=9, **kw)
+        return k * 2, v, pk, pv
+
+    got = torch.compile(f, fullgraph=True)(kv_c, k_pe)
+    for g_, w_ in zip(got, f(kv_c, k_pe)):
+        assert torch.equal(g_, w_)
+
+
 BAD_PACK = [
     ("rows not a multiple of 32", torch.zeros(48, 64, dtype=torch.bfloat16), ValueError,
      "multiples of 32"),

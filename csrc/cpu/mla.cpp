@@ -218,10 +218,8 @@ void decompress_tiles(const at::Tensor& latent, const at::Tensor& pe_storage, in
   const int64_t groups = ceil_div(N, amx::kGroupRows), welem = wc.element_size();
   const int64_t tile_elems = amx::panel_elems(amx::kTileRows, R);
   const int64_t chunk_rows = ceil_div(std::min(kTileChunk, T), amx::kBlockRows) * amx::kBlockRows;
-  // at::empty's CPU storage is 64-byte aligned
-  const at::Tensor tokens_t =
-      at::empty({amx::panel_elems(chunk_rows, R)}, w.options().dtype(at::kShort));
-  uint16_t* tokens = reinterpret_cast<uint16_t*>(tokens_t.data_ptr<int16_t>());
+  TileScratch tokens_buf(amx::panel_elems(chunk_rows, R));
+  uint16_t* tokens = tokens_buf.data();
   const SrcType type = simd_type(out_k.scalar_type(), "out_k");
   const bool stream = (out_k.numel() + out_v.numel()) * out_k.element_size() >= amx::kStreamBytes;
   for (int64_t t0 = 0; t0 < T; t0 += kTileChunk) {
