@@ -6,7 +6,8 @@ On the GPU machine (torch 2.11.0+cu130, gcc 13.3) the first probe's variants (TO
 with our flags and without) all died with SIGSEGV; on the CPU machines (torch 2.13.0,
 gcc 12.2) every variant raised. The variants below separate the candidate causes:
 
-  check         TORCH_CHECK_VALUE escaping to Python (what our kernels do)
+  check         TORCH_CHECK_VALUE escaping to Python (what our private entry points
+                `_C.<op>_<backend>` still do when called with bad arguments)
   check_caught  the same c10::Error thrown and caught inside the function: does throwing
                 (or the stack trace c10::Error captures when built) crash by itself?
   std_caught    std::runtime_error thrown and caught inside: does unwinding work at all?
@@ -18,7 +19,12 @@ gcc 12.2) every variant raised. The variants below separate the candidate causes
                 kernels use
   moe_kernels   our own extension as it is loaded here (built on this machine, or carried
                 from the CPU machine's compiler: benchmarks/carried_build.py): a direct
-                torch.ops call with a bad argument
+                torch.ops call with a bad argument. Its C++ check reports the problem and
+                Python raises it (csrc/checks.h), so this must raise even where C++
+                exceptions kill the process
+  moe_kernels_entry  the same bad argument passed to the private entry point
+                `_C.grouped_topk_cpu`, which throws in C++: whether our extension's own
+                throw survives here
 
 Usage: python3 benchmarks/probe_cpp_exceptions.py  (prints one line per variant)
 """
@@ -50,23 +56,23 @@ def source(variant: str) -> str:
             f"at::Tensor boom(at::Tensor x) {{ {call} {BODIES[variant]} }}\n")
 
 
-def run_ours() -> None:
+def run_ours(entry: bool) -> None:
     import torch
     import moe_kernels
     if not moe_kernels.extension_loaded():
         print("skipped: moe_kernels._C is not loaded")
         return
+    call = moe_kernels._library._C.grouped_topk_cpu if entry else torch.ops.moe_kernels.grouped_topk
     try:
-        torch.ops.moe_kernels.grouped_topk(torch.zeros(4, 10), None, 2, 3, 1, "sigmoid", "max",
-                                           True, 1.0)
+        call(torch.zeros(4, 10), None, 2, 3, 1, "sigmoid", "max", True, 1.0)
         print("returned (no error for a bad num_expert_group)")
     except Exception as e:
         print("raised", type(e).__name__)
 
 
 def run_variant(variant: str) -> None:
-    if variant == "moe_kernels":
-        return run_ours()
+    if variant in ("moe_kernels", "moe_kernels_entry"):
+        return run_ours(variant == "moe_kernels_entry")
     from torch.utils.cpp_extension import load_inline
     import torch
     m = load_inline(f"exc_probe_{variant}", cpp_sources=[source(variant)], functions=["boom"],
@@ -81,11 +87,11 @@ def run_variant(variant: str) -> None:
 def main() -> None:
     procs = {k: subprocess.Popen([sys.executable, __file__, k], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
-             for k in (*BODIES, "moe_kernels")}
+             for k in (*BODIES, "moe_kernels", "moe_kernels_entry")}
     for k, p in procs.items():
         out = p.communicate()[0].strip()
         last = out.splitlines()[-1] if out else ""
-        print(f"variant {k:13s} rc={p.returncode:4d}  {last}")
+        print(f"variant {k:17s} rc={p.returncode:4d}  {last}")
 
 
 if __name__ == "__main__":

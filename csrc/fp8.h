@@ -1,12 +1,13 @@
 // Torch-side helpers of the FP8 ops shared by the CPU kernels: c10 conversions, row
-// dequantization, and the checks that keep direct torch.ops calls from reading out of
-// bounds. The e4m3 numerics themselves are framework-free: common/fp8_math.h.
+// dequantization, and the checks of FP8 operands and scales (reported, csrc/checks.h).
+// The e4m3 numerics themselves are framework-free: common/fp8_math.h.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "checks.h"
 #include "common/fp8_math.h"
 #include "cpu/simd.h"
 
@@ -29,7 +30,9 @@ inline void dequant_row(const c10::Float8_e4m3fn* src, const float* scales,
   }
 }
 
-// The vector kernels' name (csrc/cpu/simd.h) of a float dtype; `name` is the tensor's
+// The vector kernels' name (csrc/cpu/simd.h) of a float dtype; `name` is the tensor's.
+// The entry points' checks admit only these dtypes here (simd_dtype), so this never throws
+// on arguments a check passed.
 inline SrcType simd_type(at::ScalarType t, const char* name) {
   switch (t) {
     case at::kFloat: return SrcType::f32;
@@ -39,14 +42,17 @@ inline SrcType simd_type(at::ScalarType t, const char* name) {
   }
 }
 
-inline void check_fp8(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat8_e4m3fn, name, " must be float8_e4m3fn");
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D");
+inline Report check_fp8(const at::Tensor& t, const char* name, int64_t dim) {
+  MK_CHECK_TYPE(t.scalar_type() == at::kFloat8_e4m3fn, name, " must be float8_e4m3fn, got ",
+                t.scalar_type());
+  MK_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
+  return {};
 }
 
-inline void check_scales(const at::Tensor& s, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, name, " must be float32");
-  TORCH_CHECK_VALUE(s.sizes() == shape, name, " must have shape ", shape, ", got ", s.sizes());
+inline Report check_scales(const at::Tensor& s, const char* name, at::IntArrayRef shape) {
+  MK_CHECK_TYPE(s.scalar_type() == at::kFloat, name, " must be float32, got ", s.scalar_type());
+  MK_CHECK_VALUE(s.sizes() == shape, name, " must have shape ", shape, ", got ", s.sizes());
+  return {};
 }
 
 }  // namespace moe_kernels

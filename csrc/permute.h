@@ -1,9 +1,11 @@
 // Torch-side helpers of the permutation ops shared by the CPU kernels and the CUDA
-// binding: the topk_ids checks, so direct torch.ops calls fail cleanly.
+// binding: the row count of a layout and the topk_ids check (reported, csrc/checks.h).
 #pragma once
 #include <ATen/ATen.h>
 
 #include <algorithm>
+
+#include "checks.h"
 
 namespace moe_kernels {
 
@@ -15,13 +17,22 @@ inline int64_t permuted_rows(int64_t P, int64_t num_experts, int64_t align) {
   return P + std::min(num_experts, P) * (align - 1);
 }
 
-inline void check_topk_ids(const at::Tensor& topk_ids, int64_t num_experts, int64_t align,
-                           const char* align_name) {
-  TORCH_CHECK_VALUE(topk_ids.dim() == 2, "topk_ids must be 2-D (T, K)");
-  TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
-                   "topk_ids must be int32 or int64");
-  TORCH_CHECK_VALUE(num_experts >= 1, "num_experts must be >= 1");
-  TORCH_CHECK_VALUE(align >= 1, align_name, " must be >= 1");
+// topk_ids (T, K) int32 | int64 of any strides, num_experts and the row alignment; the
+// layout's rows (permuted_rows) must fit the int32 indices the kernels write.
+inline Report check_topk_ids(const at::Tensor& topk_ids, int64_t num_experts, int64_t align,
+                             const char* align_name) {
+  MK_CHECK_VALUE(topk_ids.dim() == 2, "topk_ids must be 2-D (T, K), got ", topk_ids.dim(), "-D");
+  MK_CHECK_TYPE(index_dtype(topk_ids.scalar_type()), "topk_ids must be int32 or int64, got ",
+                topk_ids.scalar_type());
+  MK_CHECK_VALUE(num_experts >= 1 && num_experts <= kInt32Max,
+                 "num_experts must be in [1, 2^31 - 1], got ", num_experts);
+  MK_CHECK_VALUE(align >= 1 && align <= kInt32Max, align_name, " must be in [1, 2^31 - 1], got ",
+                 align);
+  const int64_t P = topk_ids.numel();
+  MK_CHECK_VALUE(P <= kInt32Max && permuted_rows(P, num_experts, align) <= kInt32Max,
+                 "the layout of ", P, " pairs with ", align_name, " = ", align, " has ",
+                 permuted_rows(P, num_experts, align), " rows, more than int32 indices address");
+  return {};
 }
 
 }  // namespace moe_kernels

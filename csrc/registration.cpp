@@ -1,10 +1,11 @@
-// The Python module moe_kernels._C. The op schemas are defined once, in Python
-// (moe_kernels/_library.py, Op); the kernels register on them per dispatch key next to
-// their code (TORCH_LIBRARY_IMPL in csrc/cpu, csrc/cuda), and the dispatcher checks each
-// kernel's signature against its schema when both are loaded. The only file with
+// The Python module moe_kernels._C: every kernel entry point `<op>_<backend>` and its
+// argument check `<op>_<backend>_check`. The op schemas are defined once, in Python
+// (moe_kernels/_library.py, Op), which also registers each op's kernel per dispatch key: a
+// Python function that runs the check, raises its error, and calls the entry point, so no
+// argument reaches a C++ throw (csrc/checks.h says why that matters). The only file with
 // torch/extension.h (pybind11 and torch's whole C++ API): every other one includes
-// ATen/ATen.h and, where it registers kernels, torch/library.h; with torch/extension.h
-// each took ~3x as long to compile (gating.cpp 46 s -> 17 s on 2 cores).
+// ATen/ATen.h; with torch/extension.h each took ~3x as long to compile (gating.cpp 46 s ->
+// 17 s on 2 cores).
 #include <torch/extension.h>
 
 #include <map>
@@ -14,9 +15,20 @@
 #include "cpu/simd.h"
 #include "ops.h"
 
-// Direct entry points for the eager path, `_C.<op>_<backend>` (the name moe_kernels.
-// _library.Op looks up): calling these skips the dispatcher and the Python autograd kernel
-// (docs/index.md, eager fast path).
+// `_C.<entry>_check`: the entry's check as (kind, message), kind 0 when the arguments pass,
+// 1 for a ValueError, 2 for a TypeError (csrc/checks.h).
+template <typename... Args>
+auto reported(moe_kernels::Report (*check)(Args...)) {
+  return [check](Args... args) { return moe_kernels::to_python(check(args...)); };
+}
+
+// An entry point and its check. The entry points are the eager path's direct calls,
+// `_C.<op>_<backend>` (the name moe_kernels._library.Op looks up): calling these skips the
+// dispatcher and the Python autograd kernel (docs/index.md, eager fast path).
+#define MK_DEF_ENTRY(m, name)                \
+  m.def(#name, &moe_kernels::name);          \
+  m.def(#name "_check", reported(&moe_kernels::check_##name))
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", []() {
 #ifdef MOE_KERNELS_WITH_CUDA
@@ -38,31 +50,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK_VALUE(moe_kernels::set_cpu_isa(name.c_str()), "cpu isa must be one of 'amx', "
                       "'avx512', 'avx2', 'generic' that this CPU runs, got '", name, "'");
   });
-  m.def("grouped_topk_cpu", &moe_kernels::grouped_topk_cpu);
-  m.def("permute_index_cpu", &moe_kernels::permute_index_cpu);
-  m.def("moe_align_block_size_cpu", &moe_kernels::moe_align_block_size_cpu);
-  m.def("gather_rows_cpu", &moe_kernels::gather_rows_cpu);
-  m.def("unpermute_cpu", &moe_kernels::unpermute_cpu);
-  m.def("quantize_fp8_per_token_group_cpu", &moe_kernels::quantize_fp8_per_token_group_cpu);
-  m.def("quantize_fp8_block_cpu", &moe_kernels::quantize_fp8_block_cpu);
-  m.def("dequantize_fp8_block_cpu", &moe_kernels::dequantize_fp8_block_cpu);
-  m.def("silu_and_mul_quant_fp8_cpu", &moe_kernels::silu_and_mul_quant_fp8_cpu);
-  m.def("grouped_gemm_fp8_cpu", &moe_kernels::grouped_gemm_fp8_cpu);
-  m.def("grouped_gemm_fp8_masked_cpu", &moe_kernels::grouped_gemm_fp8_masked_cpu);
-  m.def("gather_rows_out_cpu", &moe_kernels::gather_rows_out_cpu);
-  m.def("unpermute_out_cpu", &moe_kernels::unpermute_out_cpu);
-  m.def("quantize_fp8_per_token_group_out_cpu",
-        &moe_kernels::quantize_fp8_per_token_group_out_cpu);
-  m.def("silu_and_mul_quant_fp8_out_cpu", &moe_kernels::silu_and_mul_quant_fp8_out_cpu);
-  m.def("grouped_gemm_fp8_out_cpu", &moe_kernels::grouped_gemm_fp8_out_cpu);
-  m.def("grouped_gemm_fp8_masked_out_cpu", &moe_kernels::grouped_gemm_fp8_masked_out_cpu);
-  m.def("mla_decompress_kv_cpu", &moe_kernels::mla_decompress_kv_cpu);
-  m.def("mla_decompress_kv_paged_cpu", &moe_kernels::mla_decompress_kv_paged_cpu);
-  m.def("map_to_slots_cpu", &moe_kernels::map_to_slots_cpu);
+  MK_DEF_ENTRY(m, grouped_topk_cpu);
+  MK_DEF_ENTRY(m, permute_index_cpu);
+  MK_DEF_ENTRY(m, moe_align_block_size_cpu);
+  MK_DEF_ENTRY(m, gather_rows_cpu);
+  MK_DEF_ENTRY(m, unpermute_cpu);
+  MK_DEF_ENTRY(m, quantize_fp8_per_token_group_cpu);
+  MK_DEF_ENTRY(m, quantize_fp8_block_cpu);
+  MK_DEF_ENTRY(m, dequantize_fp8_block_cpu);
+  MK_DEF_ENTRY(m, silu_and_mul_quant_fp8_cpu);
+  MK_DEF_ENTRY(m, grouped_gemm_fp8_cpu);
+  MK_DEF_ENTRY(m, grouped_gemm_fp8_masked_cpu);
+  MK_DEF_ENTRY(m, gather_rows_out_cpu);
+  MK_DEF_ENTRY(m, unpermute_out_cpu);
+  MK_DEF_ENTRY(m, quantize_fp8_per_token_group_out_cpu);
+  MK_DEF_ENTRY(m, silu_and_mul_quant_fp8_out_cpu);
+  MK_DEF_ENTRY(m, grouped_gemm_fp8_out_cpu);
+  MK_DEF_ENTRY(m, grouped_gemm_fp8_masked_out_cpu);
+  MK_DEF_ENTRY(m, mla_decompress_kv_cpu);
+  MK_DEF_ENTRY(m, mla_decompress_kv_paged_cpu);
+  MK_DEF_ENTRY(m, map_to_slots_cpu);
   m.def("mla_paged_values_cpu", &moe_kernels::mla_paged_values_cpu);
 #ifdef MOE_KERNELS_WITH_CUDA
-  m.def("grouped_topk_cuda", &moe_kernels::grouped_topk_cuda);
-  m.def("permute_index_cuda", &moe_kernels::permute_index_cuda);
-  m.def("moe_align_block_size_cuda", &moe_kernels::moe_align_block_size_cuda);
+  MK_DEF_ENTRY(m, grouped_topk_cuda);
+  MK_DEF_ENTRY(m, permute_index_cuda);
+  MK_DEF_ENTRY(m, moe_align_block_size_cuda);
 #endif
 }

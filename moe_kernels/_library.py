@@ -4,11 +4,12 @@ backends, and `Op`, the one declaration each op makes.
 Schemas are defined here in Python, once per op (`Op(name, signature, ...)` in the op's
 module), and nowhere else: the package must import and trace (fakes, torch.compile)
 without the compiled extension, and the Triton kernels, which exist only in Python, need
-the schemas anyway. The C++ kernels register their implementations per dispatch key next
-to their code (`TORCH_LIBRARY_IMPL(moe_kernels, CPU | CUDA, m)` in csrc/); the dispatcher
-checks each against the Python schema when both are loaded, so a C++ signature that drifts
-from its schema fails at import. C++ programs that use the `.so` without Python do not see
-the ops (the schemas are Python's).
+the schemas anyway. The C++ kernels are registered here too, per dispatch key, as a
+Python function that runs the entry point's C++ check (`_C.<op>_<backend>_check`, which
+reports instead of throwing), raises its error, and then calls the entry point
+`_C.<op>_<backend>`: no argument of a direct torch.ops call makes C++ code throw
+(csrc/checks.h says why). C++ programs that use the `.so` without Python do not see the
+ops (the schemas are Python's).
 
 Backends of every op: "reference" (pure PyTorch, float32 math, the oracle), "triton"
 (GPU; CPU under TRITON_INTERPRET=1), "cpu" (C++), "cuda" (C++/CUDA).
@@ -38,7 +39,7 @@ def _load_extension():
     if os.environ.get("MOE_KERNELS_NO_EXT") == "1":
         return None, "disabled by MOE_KERNELS_NO_EXT=1"
     try:
-        from moe_kernels import _C  # noqa: F401  (its TORCH_LIBRARY_IMPLs register on load)
+        from moe_kernels import _C  # noqa: F401
     except ImportError as exc:
         return None, str(exc)
     return _C, None
@@ -196,6 +197,15 @@ def check_expert_limit(op: str, backend: str, cuda_limit: str, name: str, value:
 
 _is_compiling = torch.compiler.is_compiling
 
+# The dispatch key of each C++ backend's kernels.
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def raise_reported(op: str, kind: int, message: str) -> None:
+    """Raises what a C++ check reported as (kind, message): 1 ValueError, 2 TypeError
+    (csrc/checks.h)."""
+    raise (TypeError if kind == 2 else ValueError)(f"{op}: {message}")
+
 
 def no_output(*args) -> None:
     """The fake of an op that only writes into its `Tensor(a!)` arguments (`-> ()`)."""
@@ -214,8 +224,8 @@ class Op:
       it gets its own op `<name>_triton` (same signature; one dispatch key holds one kernel,
       and the C++ kernels hold CPU and CUDA of `<name>`), or `<name>` itself when the op
       has no C++ kernel.
-    native: backends with a C++ kernel, `_C.<name>_<backend>` (registered on `<name>` by
-      csrc/ per dispatch key).
+    native: backends with a C++ kernel, `_C.<name>_<backend>`, registered on `<name>` for
+      the backend's dispatch key behind its check `_C.<name>_<backend>_check`.
     borrow: backends that run another backend's kernel, e.g. {"cuda": "triton"}.
     composite: a Python implementation over other ops, registered for every device
       (CompositeExplicitAutograd) on `<name>`; `backends` then says which it can run.
@@ -246,6 +256,9 @@ class Op:
                 _LIB.impl(triton_op, self._triton_impl, key)
         if composite is not None:
             _LIB.impl(name, composite, "CompositeExplicitAutograd")
+        for backend in native:
+            if backend_unavailable_reason(backend, torch.device(backend)) is None:
+                _LIB.impl(name, self._checked_kernel(backend), _DISPATCH_KEYS[backend])
         for variant in self.variants:
             torch.library.register_fake(f"{NAMESPACE}::{variant}", lib=_LIB)(fake)
         self.backends = backends or tuple(
@@ -253,6 +266,20 @@ class Op:
             if b == "reference" or (b == "triton" and triton) or b in native or b in self.borrow)
         self._eager: dict[str, object] = {}
         self._resolved: dict[tuple, str] = {}
+
+    def _checked_kernel(self, backend: str):
+        """The registered kernel of a C++ backend: its check, then its entry point."""
+        check = getattr(_C, f"{self.name}_{backend}_check")
+        name = self.name
+
+        def kernel(*args):
+            kind, message = check(*args)
+            if kind:
+                raise_reported(name, kind, message)
+            return self._bare(backend)(*args)
+
+        kernel.__name__ = f"{name}_{backend}"
+        return kernel
 
     def _triton_impl(self, *args):
         return self._bare("triton")(*args)

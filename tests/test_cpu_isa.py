@@ -239,3 +239,29 @@ def test_mla_tiles(isa, weight, paged):
         wk, wv = ref_mla.mla_decompress_kv(kv_c, k_pe, w, ws, H, dn, dv, torch.float32)
     assert_close(k, wk, dtype=torch.bfloat16, msg=isa)
     assert_close(v, wv, dtype=torch.bfloat16, msg=isa)
+
+
+@pytest.mark.parametrize("k_dtype,v_dtype", [(torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32),
+                                             (torch.float16, torch.bfloat16)])
+def test_mla_tiles_outputs_of_two_dtypes(isa, k_dtype, v_dtype):
+    """out_k and out_v of different dtypes (allowed: docs/api.md), through the tiles (bf16
+    latent rows): each is written in its own dtype, equal bit for bit to a call whose two
+    buffers share that dtype. The tiles once wrote out_v in out_k's element size: heap
+    corruption when out_k is the wider."""
+    g = torch.Generator().manual_seed(8)
+    T, H, dn, dv, R, rope = 40, 2, 48, 48, 256, 32
+    w = (torch.randn(H * (dn + dv), R, generator=g) * 0.05).bfloat16()
+    kv_c = torch.randn(T, R, generator=g).bfloat16()
+    k_pe = torch.randn(T, rope, generator=g).bfloat16()
+
+    def run(kd, vd):
+        out_k = torch.full((T, H, dn + rope), float("nan"), dtype=kd)
+        out_v = torch.full((T, H, dv), float("nan"), dtype=vd)
+        return moe_kernels.mla_decompress_kv(kv_c, k_pe, w, num_heads=H, qk_nope_head_dim=dn,
+                                             v_head_dim=dv, out_k=out_k, out_v=out_v,
+                                             backend="cpu")
+
+    k, v = run(k_dtype, v_dtype)
+    assert torch.equal(k, run(k_dtype, k_dtype)[0]), isa
+    assert torch.equal(v, run(v_dtype, v_dtype)[1]), isa

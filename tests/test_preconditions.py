@@ -193,10 +193,18 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("permute", "scales rows != T", _set(scales=lambda s: s[:2]), ValueError, "scales"),
     ("permute", "ids on another device", _set(topk_ids=_on_meta), ValueError, "topk_ids"),
     ("permute", "num_experts not an int", _set(num_experts=6.0), TypeError, "num_experts"),
+    # layouts are addressed by int32 indices: each bound once was a C++ error only
+    ("permute", "num_experts 2^31", _set(num_experts=2**31), ValueError, "num_experts"),
+    ("permute", "align 2^31", _set(align=2**31), ValueError, "align"),
+    ("permute", "rows past int32", _set(align=2**30), ValueError, "align"),
     # permute_masked
     ("permute_masked", "M 0", _set(max_tokens_per_expert=0), ValueError, "max_tokens_per_expert"),
     ("permute_masked", "num_experts 0", _set(num_experts=0), ValueError, "num_experts"),
     ("permute_masked", "float ids", _set(topk_ids=_float), TypeError, "topk_ids"),
+    ("permute_masked", "M 2^31", _set(max_tokens_per_expert=2**31), ValueError,
+     "max_tokens_per_expert"),
+    ("permute_masked", "rows past int32", _set(max_tokens_per_expert=2**29), ValueError,
+     "max_tokens_per_expert"),
     # unpermute
     ("unpermute", "rows sliced", _set(expert_out=lambda r: r[:5]), ValueError, "expert_out"),
     ("unpermute", "int expert_out", _set(expert_out=_int), TypeError, "expert_out"),
@@ -215,6 +223,12 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("moe_align_block_size", "block_size 0", _set(block_size=0), ValueError, "block_size"),
     ("moe_align_block_size", "num_experts 0", _set(num_experts=0), ValueError, "num_experts"),
     ("moe_align_block_size", "float ids", _set(topk_ids=_float), TypeError, "topk_ids"),
+    ("moe_align_block_size", "num_experts 2^31", _set(num_experts=2**31), ValueError,
+     "num_experts"),
+    ("moe_align_block_size", "block_size 2^31", _set(block_size=2**31), ValueError,
+     "block_size"),
+    ("moe_align_block_size", "rows past int32", _set(block_size=2**30), ValueError,
+     "block_size"),
     # quantize_fp8_per_token_group
     ("quantize_fp8_per_token_group", "int x", _set(x=_int), TypeError, "x"),
     ("quantize_fp8_per_token_group", "fp8 x", _set(x=lambda x: x.to(FP8)), TypeError, "x"),

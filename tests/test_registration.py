@@ -1,6 +1,6 @@
-"""The op namespace: each schema defined once (Python), the C++ kernels registered on it,
-every variant with a fake; the package imports and works without the compiled extension
-(reference + Triton, one warning)."""
+"""The op namespace: each schema defined once (Python), the C++ kernels registered on it
+behind their checks, every variant with a fake; the package imports and works without the
+compiled extension (reference + Triton, one warning)."""
 
 import pathlib
 import subprocess
@@ -30,8 +30,8 @@ def test_every_public_op_is_registered():
 
 @pytest.mark.parametrize("name,backend", NATIVE)
 def test_cpp_kernels_registered_on_the_python_schema(name, backend):
-    """csrc/ registers `<name>` per dispatch key (the dispatcher has checked its signature
-    against the schema), and `_C.<name>_<backend>` exists for the eager path."""
+    """`<name>` has a kernel for the backend's dispatch key (the checked Python kernel of
+    _library.Op), and `_C` has the entry point `<name>_<backend>` and its check."""
     if backend == "cuda" and not moe_kernels.extension_has_cuda():
         pytest.skip("moe_kernels._C built without CUDA kernels")
     if not moe_kernels.extension_loaded():
@@ -39,6 +39,7 @@ def test_cpp_kernels_registered_on_the_python_schema(name, backend):
     qualname = f"moe_kernels::{name}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, backend.upper())
     assert callable(getattr(_library._C, f"{name}_{backend}"))
+    assert callable(getattr(_library._C, f"{name}_{backend}_check"))
 
 
 def test_schema_is_written_once():

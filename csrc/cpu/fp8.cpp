@@ -6,7 +6,6 @@
 // loops below, whose amax GCC left scalar); the loops below take every other size.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <type_traits>
 #include <vector>
@@ -79,7 +78,9 @@ void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool
     return;
   }
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(group), up(gated ? group : 0);
+    // a group wider than the row holds the row (a group_size of 2^40 allocates nothing)
+    const int64_t width = std::min(group, W);
+    std::vector<float> buf(width), up(gated ? width : 0);
     for (int64_t m = begin; m < end; ++m) {
       const scalar_t* row = xp + m * sx;
       for (int64_t g = 0; g < G; ++g) {
@@ -95,30 +96,49 @@ void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool
   });
 }
 
-// q (M, W) contiguous and s (M, ceil(W / group)) of any strides, written in place.
+// The dtypes token_groups and the block quantizer read (their AT_DISPATCH).
+bool quantizable_dtype(at::ScalarType t) { return simd_dtype(t) || t == at::kDouble; }
+
+// x (M, W), or [gate | up] (M, 2W) when gated; group_size >= 1
+Report check_token_group_input(const at::Tensor& x, int64_t group, bool gated) {
+  MK_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+  MK_CHECK_TYPE(quantizable_dtype(x.scalar_type()),
+                "x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
+  MK_CHECK_VALUE(!gated || x.size(1) % 2 == 0, "x must be [gate | up] with an even width, got ",
+                 x.size(1));
+  MK_CHECK_VALUE(group >= 1, "group_size must be >= 1, got ", group);
+  return {};
+}
+
+// q (M, W) contiguous float8_e4m3fn and s (M, ceil(W / group)) float32 of any strides
+Report check_token_group_out(const at::Tensor& x, int64_t group, bool gated, const at::Tensor& q,
+                             const at::Tensor& s) {
+  MK_CHECK(check_token_group_input(x, group, gated));
+  const int64_t M = x.size(0), W = gated ? x.size(1) / 2 : x.size(1), G = ceil_div(W, group);
+  MK_CHECK_TYPE(q.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn, got ",
+                q.scalar_type());
+  MK_CHECK_VALUE(q.dim() == 2 && q.size(0) == M && q.size(1) == W && q.is_contiguous(),
+                 "q must be contiguous of shape (", M, ", ", W, "), got ", q.sizes());
+  MK_CHECK_TYPE(s.scalar_type() == at::kFloat, "s must be float32, got ", s.scalar_type());
+  MK_CHECK_VALUE(s.dim() == 2 && s.size(0) == M && s.size(1) == G, "s must have shape (", M,
+                 ", ", G, "), got ", s.sizes());
+  return {};
+}
+
+// q (M, W) contiguous and s (M, ceil(W / group)) of any strides, written in place; the
+// arguments checked (check_token_group_out).
 void token_group_out(const at::Tensor& x_in, int64_t W, int64_t group, double eps, bool ue8m0,
                      bool gated, at::Tensor& q, at::Tensor& s) {
-  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D");
-  TORCH_CHECK_VALUE(group >= 1, "group_size must be >= 1");
   const at::Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
-  const int64_t M = x.size(0), G = ceil_div(W, group);
-  TORCH_CHECK_VALUE(q.scalar_type() == at::kFloat8_e4m3fn && q.dim() == 2 && q.size(0) == M &&
-                        q.size(1) == W && q.is_contiguous(),
-                    "q must be contiguous float8_e4m3fn of shape (", M, ", ", W, ")");
-  TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.dim() == 2 && s.size(0) == M &&
-                        s.size(1) == G,
-                    "s must be float32 of shape (", M, ", ", G, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fp8_quant", [&] {
     token_groups<scalar_t>(x, W, group, static_cast<float>(eps), ue8m0, gated, q, s);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> token_group_op(const at::Tensor& x, int64_t W,
-                                                  int64_t group, double eps, bool ue8m0,
-                                                  bool column_major, bool gated) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D");
-  TORCH_CHECK_VALUE(group >= 1, "group_size must be >= 1");
-  const int64_t M = x.size(0), G = ceil_div(W, group);
+std::tuple<at::Tensor, at::Tensor> token_group_op(const at::Tensor& x, int64_t group, double eps,
+                                                  bool ue8m0, bool column_major, bool gated) {
+  throw_if(check_token_group_input(x, group, gated));
+  const int64_t M = x.size(0), W = gated ? x.size(1) / 2 : x.size(1), G = ceil_div(W, group);
   at::Tensor q = at::empty({M, W}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor s = column_major ? at::empty({G, M}, x.options().dtype(at::kFloat)).t()
                               : at::empty({M, G}, x.options().dtype(at::kFloat));
@@ -126,40 +146,84 @@ std::tuple<at::Tensor, at::Tensor> token_group_op(const at::Tensor& x, int64_t W
   return {q, s};
 }
 
-int64_t gated_width(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) % 2 == 0, "x must be 2-D with an even width");
-  return x.size(1) / 2;
+}  // namespace
+
+Report check_quantize_fp8_per_token_group_cpu(const at::Tensor& x, int64_t group_size,
+                                              double /*eps*/, bool /*scale_ue8m0*/,
+                                              bool /*column_major_scales*/) {
+  return check_token_group_input(x, group_size, false);
 }
 
-}  // namespace
+Report check_quantize_fp8_per_token_group_out_cpu(const at::Tensor& x, int64_t group_size,
+                                                  double /*eps*/, bool /*scale_ue8m0*/,
+                                                  const at::Tensor& q, const at::Tensor& s) {
+  return check_token_group_out(x, group_size, false, q, s);
+}
+
+Report check_silu_and_mul_quant_fp8_cpu(const at::Tensor& x, int64_t group_size,
+                                        double /*eps*/) {
+  return check_token_group_input(x, group_size, true);
+}
+
+Report check_silu_and_mul_quant_fp8_out_cpu(const at::Tensor& x, int64_t group_size,
+                                            double /*eps*/, const at::Tensor& q,
+                                            const at::Tensor& s) {
+  return check_token_group_out(x, group_size, true, q, s);
+}
 
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_per_token_group_cpu(
     const at::Tensor& x, int64_t group_size, double eps, bool scale_ue8m0,
     bool column_major_scales) {
-  return token_group_op(x, x.size(-1), group_size, eps, scale_ue8m0, column_major_scales,
-                        false);
+  return token_group_op(x, group_size, eps, scale_ue8m0, column_major_scales, false);
 }
 
 void quantize_fp8_per_token_group_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
                                           bool scale_ue8m0, at::Tensor& q, at::Tensor& s) {
-  token_group_out(x, x.size(-1), group_size, eps, scale_ue8m0, false, q, s);
+  throw_if(check_token_group_out(x, group_size, false, q, s));
+  token_group_out(x, x.size(1), group_size, eps, scale_ue8m0, false, q, s);
 }
 
 std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8_cpu(const at::Tensor& x,
                                                               int64_t group_size, double eps) {
-  return token_group_op(x, gated_width(x), group_size, eps, false, false, true);
+  return token_group_op(x, group_size, eps, false, false, true);
 }
 
 void silu_and_mul_quant_fp8_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
                                     at::Tensor& q, at::Tensor& s) {
-  token_group_out(x, gated_width(x), group_size, eps, false, true, q, s);
+  throw_if(check_token_group_out(x, group_size, true, q, s));
+  token_group_out(x, x.size(1) / 2, group_size, eps, false, true, q, s);
+}
+
+Report check_quantize_fp8_block_cpu(const at::Tensor& w, int64_t block_n, int64_t block_k,
+                                    double /*eps*/) {
+  MK_CHECK_VALUE(w.dim() >= 2, "w must be at least 2-D (..., N, K), got ", w.dim(), "-D");
+  MK_CHECK_TYPE(quantizable_dtype(w.scalar_type()),
+                "w must be float32, bfloat16, float16 or float64, got ", w.scalar_type());
+  MK_CHECK_VALUE(block_n >= 1 && block_k >= 1, "block sizes must be >= 1, got (", block_n, ", ",
+                 block_k, ")");
+  return {};
+}
+
+Report check_dequantize_fp8_block_cpu(const at::Tensor& q, const at::Tensor& s, int64_t block_n,
+                                      int64_t block_k, at::ScalarType dtype) {
+  MK_CHECK_VALUE(q.dim() >= 2, "q must be at least 2-D (..., N, K), got ", q.dim(), "-D");
+  MK_CHECK_TYPE(q.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn, got ",
+                q.scalar_type());
+  MK_CHECK_VALUE(block_n >= 1 && block_k >= 1, "block sizes must be >= 1, got (", block_n, ", ",
+                 block_k, ")");
+  std::vector<int64_t> s_shape(q.sizes().begin(), q.sizes().end() - 2);
+  s_shape.push_back(ceil_div(q.size(-2), block_n));
+  s_shape.push_back(ceil_div(q.size(-1), block_k));
+  MK_CHECK(check_scales(s, "s", s_shape));
+  MK_CHECK_TYPE(quantizable_dtype(dtype), "dtype must be float32, bfloat16, float16 or float64, got ",
+                dtype);
+  return {};
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_block_cpu(const at::Tensor& w_in,
                                                           int64_t block_n, int64_t block_k,
                                                           double eps) {
-  TORCH_CHECK_VALUE(w_in.dim() >= 2, "w must be at least 2-D");
-  TORCH_CHECK_VALUE(block_n >= 1 && block_k >= 1, "block sizes must be >= 1");
+  throw_if(check_quantize_fp8_block_cpu(w_in, block_n, block_k, eps));
   const at::Tensor w = w_in.contiguous();
   const int64_t N = w.size(-2), K = w.size(-1);
   const int64_t B = N * K != 0 ? w.numel() / (N * K) : 0;
@@ -196,16 +260,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_block_cpu(const at::Tensor& w_in
 
 at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q_in, const at::Tensor& s_in,
                                     int64_t block_n, int64_t block_k, at::ScalarType dtype) {
-  TORCH_CHECK_VALUE(q_in.dim() >= 2, "q must be at least 2-D");
-  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn");
-  TORCH_CHECK_VALUE(block_n >= 1 && block_k >= 1, "block sizes must be >= 1");
+  throw_if(check_dequantize_fp8_block_cpu(q_in, s_in, block_n, block_k, dtype));
   const at::Tensor q = q_in.contiguous();
   const int64_t N = q.size(-2), K = q.size(-1);
   const int64_t NB = ceil_div(N, block_n), KB = ceil_div(K, block_k);
-  std::vector<int64_t> s_shape(q.sizes().begin(), q.sizes().end() - 2);
-  s_shape.push_back(NB);
-  s_shape.push_back(KB);
-  check_scales(s_in, "s", s_shape);
   const at::Tensor s = s_in.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
   if (q.numel() == 0) return out;  // before any division by N or K
@@ -234,15 +292,6 @@ at::Tensor dequantize_fp8_block_cpu(const at::Tensor& q_in, const at::Tensor& s_
     });
   });
   return out;
-}
-
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
-  m.impl("quantize_fp8_per_token_group", &quantize_fp8_per_token_group_cpu);
-  m.impl("quantize_fp8_block", &quantize_fp8_block_cpu);
-  m.impl("dequantize_fp8_block", &dequantize_fp8_block_cpu);
-  m.impl("silu_and_mul_quant_fp8", &silu_and_mul_quant_fp8_cpu);
-  m.impl("quantize_fp8_per_token_group_out", &quantize_fp8_per_token_group_out_cpu);
-  m.impl("silu_and_mul_quant_fp8_out", &silu_and_mul_quant_fp8_out_cpu);
 }
 
 }  // namespace moe_kernels

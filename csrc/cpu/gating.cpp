@@ -2,7 +2,6 @@
 // at::parallel_for. Same selection rules as moe_kernels/reference/gating.py.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -134,15 +133,28 @@ void grouped_topk_row(const scalar_t* x, const float* bias, const GroupedTopkArg
 
 }  // namespace
 
+Report check_grouped_topk_cpu(const at::Tensor& logits,
+                              const std::optional<at::Tensor>& correction_bias, int64_t top_k,
+                              int64_t num_expert_group, int64_t topk_group,
+                              c10::string_view scoring_func, c10::string_view group_scoring,
+                              bool /*renormalize*/, double /*routed_scaling_factor*/) {
+  MK_CHECK(check_grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
+                                   scoring_func, group_scoring));
+  MK_CHECK_VALUE(logits.device().is_cpu(), "logits must be on the CPU for the cpu backend");
+  return {};
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_topk_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
     int64_t top_k, int64_t num_expert_group, int64_t topk_group,
     c10::string_view scoring_func, c10::string_view group_scoring, bool renormalize,
     double routed_scaling_factor) {
+  throw_if(check_grouped_topk_cpu(logits, correction_bias, top_k, num_expert_group, topk_group,
+                                  scoring_func, group_scoring, renormalize,
+                                  routed_scaling_factor));
   const GroupedTopkArgs a =
-      check_grouped_topk(logits, correction_bias, top_k, num_expert_group, topk_group,
-                         scoring_func, group_scoring, renormalize, routed_scaling_factor);
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "grouped_topk_cpu: logits must be on the CPU");
+      grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
+                        scoring_func, group_scoring, renormalize, routed_scaling_factor);
   auto w = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kFloat));
   auto ids = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kInt));
   at::Tensor bias32;
@@ -166,7 +178,5 @@ std::tuple<at::Tensor, at::Tensor> grouped_topk_cpu(
       });
   return {w, ids};
 }
-
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("grouped_topk", &grouped_topk_cpu); }
 
 }  // namespace moe_kernels

@@ -13,7 +13,6 @@
 // scale is constant over each 128-wide K block.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
@@ -269,27 +268,94 @@ void experts_gemm_into(const at::Tensor& a, const at::Tensor& a_scales, const at
   out.copy_(packed);
 }
 
-void check_b(const at::Tensor& b, const at::Tensor& b_scales, int64_t K) {
-  check_fp8(b, "b", 3);
-  TORCH_CHECK_VALUE(b.size(2) == K, "b must have K = ", K, " columns, got ", b.size(2));
-  check_scales(b_scales, "b_scales",
-               {b.size(0), ceil_div(b.size(1), kScaleBlock), ceil_div(K, kScaleBlock)});
+Report check_b(const at::Tensor& b, const at::Tensor& b_scales, int64_t K) {
+  MK_CHECK(check_fp8(b, "b", 3));
+  MK_CHECK_VALUE(b.size(2) == K, "b must have K = ", K, " columns, got ", b.size(2));
+  return check_scales(b_scales, "b_scales",
+                      {b.size(0), ceil_div(b.size(1), kScaleBlock), ceil_div(K, kScaleBlock)});
+}
+
+// a (R, K) fp8 and its (R, ceil(K / 128)) scales, b (E, N, K) and its scales, the expert of
+// each row (any integer values; out of range skips the row)
+Report check_contiguous_operands(const at::Tensor& a, const at::Tensor& a_scales,
+                                 const at::Tensor& b, const at::Tensor& b_scales,
+                                 const at::Tensor& m_indices) {
+  MK_CHECK(check_fp8(a, "a", 2));
+  const int64_t R = a.size(0), K = a.size(1);
+  MK_CHECK(check_scales(a_scales, "a_scales", {R, ceil_div(K, kScaleBlock)}));
+  MK_CHECK(check_b(b, b_scales, K));
+  MK_CHECK_VALUE(m_indices.dim() == 1 && m_indices.size(0) == R, "m_indices must have shape (",
+                 R, ",), got ", m_indices.sizes());
+  MK_CHECK_TYPE(index_dtype(m_indices.scalar_type()), "m_indices must be int32 or int64, got ",
+                m_indices.scalar_type());
+  return {};
+}
+
+// a (E, M, K) fp8 and its (E, M, ceil(K / 128)) scales, b (E, N, K) and its scales, masked_m
+// (E,) (any integer values, clamped to [0, M])
+Report check_masked_operands(const at::Tensor& a, const at::Tensor& a_scales,
+                             const at::Tensor& b, const at::Tensor& b_scales,
+                             const at::Tensor& masked_m) {
+  MK_CHECK(check_fp8(a, "a", 3));
+  const int64_t E = a.size(0), M = a.size(1), K = a.size(2);
+  MK_CHECK(check_scales(a_scales, "a_scales", {E, M, ceil_div(K, kScaleBlock)}));
+  MK_CHECK(check_b(b, b_scales, K));
+  MK_CHECK_VALUE(b.size(0) == E, "b must have E = ", E, " groups, got ", b.size(0));
+  MK_CHECK_VALUE(masked_m.dim() == 1 && masked_m.size(0) == E, "masked_m must have shape (", E,
+                 ",), got ", masked_m.sizes());
+  MK_CHECK_TYPE(index_dtype(masked_m.scalar_type()), "masked_m must be int32 or int64, got ",
+                masked_m.scalar_type());
+  return {};
+}
+
+Report check_out_dtype(at::ScalarType t, const char* name) {
+  MK_CHECK_TYPE(simd_dtype(t), name, " must be float32, bfloat16 or float16, got ", t);
+  return {};
 }
 
 }  // namespace
 
+Report check_grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                  const at::Tensor& b, const at::Tensor& b_scales,
+                                  const at::Tensor& m_indices, at::ScalarType out_dtype) {
+  MK_CHECK(check_contiguous_operands(a, a_scales, b, b_scales, m_indices));
+  return check_out_dtype(out_dtype, "out_dtype");
+}
+
+Report check_grouped_gemm_fp8_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                      const at::Tensor& b, const at::Tensor& b_scales,
+                                      const at::Tensor& m_indices, const at::Tensor& out) {
+  MK_CHECK(check_contiguous_operands(a, a_scales, b, b_scales, m_indices));
+  const int64_t R = a.size(0), N = b.size(1);
+  MK_CHECK_VALUE(out.dim() == 2 && out.size(0) == R && out.size(1) == N, "out must have shape (",
+                 R, ", ", N, "), got ", out.sizes());
+  return check_out_dtype(out.scalar_type(), "out");
+}
+
+Report check_grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                         const at::Tensor& b, const at::Tensor& b_scales,
+                                         const at::Tensor& masked_m, at::ScalarType out_dtype) {
+  MK_CHECK(check_masked_operands(a, a_scales, b, b_scales, masked_m));
+  return check_out_dtype(out_dtype, "out_dtype");
+}
+
+Report check_grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
+                                             const at::Tensor& b, const at::Tensor& b_scales,
+                                             const at::Tensor& masked_m, const at::Tensor& out) {
+  MK_CHECK(check_masked_operands(a, a_scales, b, b_scales, masked_m));
+  const int64_t E = a.size(0), M = a.size(1), N = b.size(1);
+  MK_CHECK_VALUE(out.dim() == 3 && out.size(0) == E && out.size(1) == M && out.size(2) == N &&
+                     out.is_contiguous(),
+                 "out must be contiguous of shape (", E, ", ", M, ", ", N, "), got ", out.sizes());
+  return check_out_dtype(out.scalar_type(), "out");
+}
+
 void grouped_gemm_fp8_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
                               const at::Tensor& b_in, const at::Tensor& b_scales_in,
                               const at::Tensor& m_indices_in, at::Tensor& out) {
-  check_fp8(a_in, "a", 2);
-  const int64_t R = a_in.size(0), K = a_in.size(1);
-  check_scales(a_scales_in, "a_scales", {R, ceil_div(K, kScaleBlock)});
-  check_b(b_in, b_scales_in, K);
-  TORCH_CHECK_VALUE(m_indices_in.dim() == 1 && m_indices_in.size(0) == R,
-                    "m_indices must have shape (", R, ")");
-  const int64_t E = b_in.size(0), N = b_in.size(1);
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == R && out.size(1) == N,
-                    "out must have shape (", R, ", ", N, ")");
+  throw_if(check_grouped_gemm_fp8_out_cpu(a_in, a_scales_in, b_in, b_scales_in, m_indices_in,
+                                          out));
+  const int64_t R = a_in.size(0), E = b_in.size(0);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor b_scales = b_scales_in.contiguous();
   const at::Tensor m_indices = m_indices_in.to(at::kLong).contiguous();
@@ -308,7 +374,7 @@ void grouped_gemm_fp8_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales
 at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                 const at::Tensor& b, const at::Tensor& b_scales,
                                 const at::Tensor& m_indices, at::ScalarType out_dtype) {
-  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 3, "a must be 2-D and b 3-D");
+  throw_if(check_grouped_gemm_fp8_cpu(a, a_scales, b, b_scales, m_indices, out_dtype));
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options().dtype(out_dtype));
   grouped_gemm_fp8_out_cpu(a, a_scales, b, b_scales, m_indices, out);
   return out;
@@ -317,19 +383,11 @@ at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
 void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
                                      const at::Tensor& b_in, const at::Tensor& b_scales_in,
                                      const at::Tensor& masked_m_in, at::Tensor& out) {
-  check_fp8(a_in, "a", 3);
-  const int64_t E = a_in.size(0), M = a_in.size(1), K = a_in.size(2);
-  check_scales(a_scales_in, "a_scales", {E, M, ceil_div(K, kScaleBlock)});
-  check_b(b_in, b_scales_in, K);
-  TORCH_CHECK_VALUE(b_in.size(0) == E, "b must have ", E, " groups");
-  TORCH_CHECK_VALUE(masked_m_in.dim() == 1 && masked_m_in.size(0) == E,
-                    "masked_m must have shape (", E, ")");
-  const int64_t N = b_in.size(1);
-  TORCH_CHECK_VALUE(out.dim() == 3 && out.size(0) == E && out.size(1) == M &&
-                        out.size(2) == N && out.is_contiguous(),
-                    "out must be contiguous of shape (", E, ", ", M, ", ", N, ")");
+  throw_if(check_grouped_gemm_fp8_masked_out_cpu(a_in, a_scales_in, b_in, b_scales_in,
+                                                 masked_m_in, out));
+  const int64_t E = a_in.size(0), M = a_in.size(1), K = a_in.size(2), N = b_in.size(1);
   const at::Tensor a = a_in.reshape({E * M, K}).contiguous();
-  const at::Tensor a_scales = a_scales_in.reshape({E * M, -1});
+  const at::Tensor a_scales = a_scales_in.reshape({E * M, a_scales_in.size(2)});
   const at::Tensor b = b_in.contiguous(), b_scales = b_scales_in.contiguous();
   const at::Tensor masked_m = masked_m_in.to(at::kLong).contiguous();
   at::Tensor flat = out.view({E * M, N});
@@ -346,17 +404,10 @@ void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a_in, const at::Tensor& a
 at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                        const at::Tensor& b, const at::Tensor& b_scales,
                                        const at::Tensor& masked_m, at::ScalarType out_dtype) {
-  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3, "a and b must be 3-D");
+  throw_if(check_grouped_gemm_fp8_masked_cpu(a, a_scales, b, b_scales, masked_m, out_dtype));
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(out_dtype));
   grouped_gemm_fp8_masked_out_cpu(a, a_scales, b, b_scales, masked_m, out);
   return out;
-}
-
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
-  m.impl("grouped_gemm_fp8", &grouped_gemm_fp8_cpu);
-  m.impl("grouped_gemm_fp8_masked", &grouped_gemm_fp8_masked_cpu);
-  m.impl("grouped_gemm_fp8_out", &grouped_gemm_fp8_out_cpu);
-  m.impl("grouped_gemm_fp8_masked_out", &grouped_gemm_fp8_masked_out_cpu);
 }
 
 }  // namespace moe_kernels

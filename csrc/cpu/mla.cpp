@@ -8,7 +8,6 @@
 // instead of materialising a (T, H, dn + dv) tensor.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -38,35 +37,45 @@ bool is_packed(const at::Tensor& w) { return w.dim() == 4; }
 int64_t weight_rows(const at::Tensor& w) { return is_packed(w) ? w.size(0) * amx::kTileRows : w.size(0); }
 int64_t weight_cols(const at::Tensor& w) { return is_packed(w) ? w.size(1) * amx::kChunk : w.size(1); }
 
-void check_weight(const at::Tensor& w) {
+// The dtypes of latent and k_pe rows (gather_any, amx::pack_token_rows) and of weights.
+bool mla_input_dtype(at::ScalarType t) { return simd_dtype(t) || t == at::kFloat8_e4m3fn; }
+
+Report check_weight(const at::Tensor& w) {
   if (!is_packed(w)) {
-    TORCH_CHECK_VALUE(w.dim() == 2, "kv_b_proj must be 2-D, or 4-D packed (mla_pack_kv_b_proj)");
-    return;
+    MK_CHECK_VALUE(w.dim() == 2, "kv_b_proj must be 2-D, or 4-D packed (mla_pack_kv_b_proj), got ",
+                   w.dim(), "-D");
+    MK_CHECK_TYPE(mla_input_dtype(w.scalar_type()),
+                  "kv_b_proj must be float32, bfloat16, float16 or float8_e4m3fn, got ",
+                  w.scalar_type());
+  } else {
+    MK_CHECK_TYPE(w.scalar_type() == at::kBFloat16, "a packed kv_b_proj must be bfloat16, got ",
+                  w.scalar_type());
+    MK_CHECK_VALUE(w.size(0) % 2 == 0 && w.size(2) == amx::kTileRows &&
+                       w.size(3) == amx::kChunk && w.is_contiguous(),
+                   "a packed kv_b_proj must be contiguous (N / 16, R / 32, 16, 32) with N a "
+                   "multiple of 32, got ", w.sizes());
   }
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kBFloat16, "a packed kv_b_proj must be bfloat16");
-  TORCH_CHECK_VALUE(w.size(0) % 2 == 0 && w.size(2) == amx::kTileRows && w.size(3) == amx::kChunk &&
-                        w.is_contiguous(),
-                    "a packed kv_b_proj must be contiguous (N / 16, R / 32, 16, 32) with N a "
-                    "multiple of 32, got ", w.sizes());
+  MK_CHECK_VALUE(weight_rows(w) >= 1 && weight_cols(w) >= 1,
+                 "kv_b_proj must have rows and columns, got shape ", w.sizes());
+  return {};
 }
 
 // kv_b_proj_scale: 128x128 block scales, required for an fp8 weight, optional for a packed
 // one (the values of an fp8 checkpoint, given with its scales), absent otherwise
-void check_weight_scale(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
+Report check_weight_scale(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
   const bool fp8 = w.scalar_type() == at::kFloat8_e4m3fn;
   if (fp8 || (is_packed(w) && w_scale.has_value())) {
-    TORCH_CHECK_VALUE(w_scale.has_value(), "kv_b_proj_scale is required for an fp8 kv_b_proj");
-    check_scales(*w_scale, "kv_b_proj_scale",
-                 {ceil_div(weight_rows(w), kScaleBlock), ceil_div(weight_cols(w), kScaleBlock)});
-  } else {
-    TORCH_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 or packed kv_b_proj");
+    MK_CHECK_VALUE(w_scale.has_value(), "kv_b_proj_scale is required for an fp8 kv_b_proj");
+    return check_scales(*w_scale, "kv_b_proj_scale",
+                        {ceil_div(weight_rows(w), kScaleBlock), ceil_div(weight_cols(w), kScaleBlock)});
   }
+  MK_CHECK_VALUE(!w_scale.has_value(), "kv_b_proj_scale is only for an fp8 or packed kv_b_proj");
+  return {};
 }
 
 // float32 weight (H*(dn+dv), R) from bf16/fp16/fp32 or fp8 with 128x128 block scales, or
 // from the packed tiles (times the block scales when given)
 at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
-  check_weight_scale(w, w_scale);
   if (w.scalar_type() == at::kFloat8_e4m3fn)
     return dequantize_fp8_block_cpu(w, *w_scale, kScaleBlock, kScaleBlock, at::kFloat);
   if (!is_packed(w)) return w.to(at::kFloat).contiguous();
@@ -77,7 +86,7 @@ at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_
   if (!w_scale.has_value()) return rows;
   if (N % kScaleBlock == 0 && R % kScaleBlock == 0) {   // one broadcast pass, no scale copy
     rows.view({N / kScaleBlock, kScaleBlock, R / kScaleBlock, kScaleBlock})
-        .mul_(w_scale->view({N / kScaleBlock, 1, R / kScaleBlock, 1}));
+        .mul_(w_scale->reshape({N / kScaleBlock, 1, R / kScaleBlock, 1}));
     return rows;
   }
   return rows.mul_(w_scale->repeat_interleave(kScaleBlock, 0).repeat_interleave(kScaleBlock, 1)
@@ -150,10 +159,11 @@ bool tiles_take(const at::Tensor& latent, const at::Tensor& w, const at::Tensor&
 
 // amx::Sink of MLA: block column c is weight row n0 + c, head n / (dn + dv), which is a
 // no-PE key column below dn and a value column from there
+// (out_k and out_v may differ in dtype: each has its own type and element size)
 struct KvSink {
   char *k, *v;
-  int64_t k_token, k_head, v_token, v_head, dn, dv, t0, n0, elem;
-  SrcType type;
+  int64_t k_token, k_head, v_token, v_head, dn, dv, t0, n0, k_elem, v_elem;
+  SrcType k_type, v_type;
   float scale;
   bool stream;
   static void store(void* ctx, const float* block, int64_t m0, int64_t rows, int64_t c0,
@@ -162,20 +172,22 @@ struct KvSink {
     const int64_t seg = s.dn + s.dv;
     // the block's columns as runs within one head's k or v, found once per block: two
     // 64-bit divisions per row and run took 40% of the store time (T = 256, H = 16)
-    struct Run { int64_t c, len; char* base; int64_t token; };
+    struct Run { int64_t c, len; char* base; int64_t token, elem; SrcType type; };
     Run runs[amx::kBlockRows];
     int64_t nruns = 0;
     for (int64_t c = 0; c < cols;) {
       const int64_t n = s.n0 + c0 + c, h = n / seg, j = n % seg;
       const int64_t len = std::min(cols - c, j < s.dn ? s.dn - j : seg - j);
-      runs[nruns++] = j < s.dn ? Run{c, len, s.k + (h * s.k_head + j) * s.elem, s.k_token}
-                               : Run{c, len, s.v + (h * s.v_head + j - s.dn) * s.elem, s.v_token};
+      runs[nruns++] = j < s.dn ? Run{c, len, s.k + (h * s.k_head + j) * s.k_elem, s.k_token,
+                                     s.k_elem, s.k_type}
+                               : Run{c, len, s.v + (h * s.v_head + j - s.dn) * s.v_elem,
+                                     s.v_token, s.v_elem, s.v_type};
       c += len;
     }
     for (int64_t r = 0; r < nruns; ++r)
-      amx::store_rows(block + runs[r].c, amx::kBlockRows, rows, runs[r].len, s.scale, s.type,
-                      runs[r].base + (s.t0 + m0) * runs[r].token * s.elem,
-                      runs[r].token * s.elem, s.stream);
+      amx::store_rows(block + runs[r].c, amx::kBlockRows, rows, runs[r].len, s.scale,
+                      runs[r].type, runs[r].base + (s.t0 + m0) * runs[r].token * runs[r].elem,
+                      runs[r].token * runs[r].elem, s.stream);
   }
 };
 
@@ -187,9 +199,9 @@ struct KvSink {
 void store_pe_heads(const float* pe, int64_t n, int64_t rope, const KvSink& s, int64_t cols) {
   const int64_t seg = s.dn + s.dv;
   for (int64_t h = ceil_div(s.n0, seg); h * seg < s.n0 + cols; ++h)
-    amx::store_rows(pe, rope, n, rope, 1.0f, s.type,
-                    s.k + (s.t0 * s.k_token + h * s.k_head + s.dn) * s.elem,
-                    s.k_token * s.elem, s.stream);
+    amx::store_rows(pe, rope, n, rope, 1.0f, s.k_type,
+                    s.k + (s.t0 * s.k_token + h * s.k_head + s.dn) * s.k_elem,
+                    s.k_token * s.k_elem, s.stream);
 }
 
 // Tokens a chunk of the AMX path packs at once (R = 512: 512 KB of bf16 tiles, in L2).
@@ -208,7 +220,6 @@ void decompress_tiles(const at::Tensor& latent, const at::Tensor& pe_storage, in
                       at::Tensor& out_v) {
   const int64_t T = out_k.size(0), N = weight_rows(w), R = weight_cols(w);
   const bool packed = is_packed(w), scaled = w_scale.has_value();
-  check_weight_scale(w, w_scale);
   if (T == 0) return;
   const at::Tensor wc = w.contiguous();
   const char* wp = static_cast<const char*>(wc.data_ptr());
@@ -220,8 +231,10 @@ void decompress_tiles(const at::Tensor& latent, const at::Tensor& pe_storage, in
   const int64_t chunk_rows = ceil_div(std::min(kTileChunk, T), amx::kBlockRows) * amx::kBlockRows;
   TileScratch tokens_buf(amx::panel_elems(chunk_rows, R));
   uint16_t* tokens = tokens_buf.data();
-  const SrcType type = simd_type(out_k.scalar_type(), "out_k");
-  const bool stream = (out_k.numel() + out_v.numel()) * out_k.element_size() >= amx::kStreamBytes;
+  const SrcType k_type = simd_type(out_k.scalar_type(), "out_k");
+  const SrcType v_type = simd_type(out_v.scalar_type(), "out_v");
+  const bool stream = out_k.numel() * out_k.element_size() + out_v.numel() * out_v.element_size() >=
+                      amx::kStreamBytes;
   for (int64_t t0 = 0; t0 < T; t0 += kTileChunk) {
     const int64_t n = std::min(kTileChunk, T - t0);
     const int64_t padded = ceil_div(n, amx::kBlockRows) * amx::kBlockRows;
@@ -247,8 +260,8 @@ void decompress_tiles(const at::Tensor& latent, const at::Tensor& pe_storage, in
       const amx::RowGemm g{tokens, n, R, tiles, cols, ws, scaled ? w_scale->stride(1) : 0};
       KvSink sink{static_cast<char*>(out_k.data_ptr()), static_cast<char*>(out_v.data_ptr()),
                   out_k.stride(0), out_k.stride(1), out_v.stride(0), out_v.stride(1),
-                  out_k.size(2) - rope, out_v.size(2), t0, n0, out_k.element_size(), type,
-                  scale, stream};
+                  out_k.size(2) - rope, out_v.size(2), t0, n0, out_k.element_size(),
+                  out_v.element_size(), k_type, v_type, scale, stream};
       amx::gemm_rows(g, {&KvSink::store, &sink});
       store_pe_heads(pe.data_ptr<float>(), n, rope, sink, cols);
       amx::stream_fence();
@@ -265,33 +278,86 @@ void decompress(const at::Tensor& latent, const at::Tensor& pe_storage, int64_t 
   decompress_float(latent, pe_storage, rope, rows, float_weight(w, w_scale), scale, out_k, out_v);
 }
 
-void check_outputs(const at::Tensor& out_k, const at::Tensor& out_v, int64_t T, int64_t rows,
-                   int64_t rope) {
-  TORCH_CHECK_VALUE(out_k.dim() == 3 && out_v.dim() == 3, "out_k and out_v must be 3-D");
-  TORCH_CHECK_VALUE(out_k.size(0) == T && out_v.size(0) == T && out_k.size(1) == out_v.size(1),
-                    "out_k and out_v must be (T, H, .) with T = ", T);
+// out_k (T, H, dn + rope) and out_v (T, H, dv) of float dtypes, dn, dv >= 1, for a weight
+// of H * (dn + dv) rows
+Report check_outputs(const at::Tensor& out_k, const at::Tensor& out_v, int64_t T, int64_t rows,
+                     int64_t rope) {
+  MK_CHECK_VALUE(out_k.dim() == 3 && out_v.dim() == 3, "out_k and out_v must be 3-D, got ",
+                 out_k.dim(), "-D and ", out_v.dim(), "-D");
+  MK_CHECK_VALUE(out_k.size(0) == T && out_v.size(0) == T && out_k.size(1) == out_v.size(1),
+                 "out_k and out_v must be (T, H, .) with T = ", T, ", got ", out_k.sizes(),
+                 " and ", out_v.sizes());
   const int64_t H = out_k.size(1), dn = out_k.size(2) - rope, dv = out_v.size(2);
-  TORCH_CHECK_VALUE(H >= 1 && dn >= 1 && dv >= 1 && rows == H * (dn + dv),
-                    "kv_b_proj has ", rows, " rows, out_k/out_v give H * (dn + dv) = ",
-                    H * (dn + dv));
+  MK_CHECK_VALUE(H >= 1 && dn >= 1 && dv >= 1 && rows == H * (dn + dv), "kv_b_proj has ", rows,
+                 " rows, out_k/out_v give H * (dn + dv) = ", H * (dn + dv));
+  MK_CHECK_TYPE(simd_dtype(out_k.scalar_type()) && simd_dtype(out_v.scalar_type()),
+                "out_k and out_v must be float32, bfloat16 or float16, got ", out_k.scalar_type(),
+                " and ", out_v.scalar_type());
+  return {};
+}
+
+Report check_latent_dtype(const at::Tensor& t, const char* name) {
+  MK_CHECK_TYPE(mla_input_dtype(t.scalar_type()),
+                name, " must be float32, bfloat16, float16 or float8_e4m3fn, got ", t.scalar_type());
+  return {};
 }
 
 }  // namespace
+
+Report check_mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
+                                   const at::Tensor& kv_b_proj,
+                                   const std::optional<at::Tensor>& kv_b_proj_scale,
+                                   const at::Tensor& out_k, const at::Tensor& out_v) {
+  MK_CHECK_VALUE(kv_c.dim() == 2 && k_pe.dim() == 2, "kv_c and k_pe must be 2-D, got ",
+                 kv_c.dim(), "-D and ", k_pe.dim(), "-D");
+  MK_CHECK(check_latent_dtype(kv_c, "kv_c"));
+  MK_CHECK(check_latent_dtype(k_pe, "k_pe"));
+  MK_CHECK(check_weight(kv_b_proj));
+  MK_CHECK(check_weight_scale(kv_b_proj, kv_b_proj_scale));
+  const int64_t T = kv_c.size(0);
+  MK_CHECK_VALUE(k_pe.size(0) == T && weight_cols(kv_b_proj) == kv_c.size(1),
+                 "k_pe must have T = ", T, " rows and kv_b_proj R = kv_c.size(1) = ",
+                 kv_c.size(1), " columns");
+  // a last dimension of one element has any stride (the Python checks let it through too)
+  MK_CHECK_VALUE((kv_c.size(1) <= 1 || kv_c.stride(1) == 1) &&
+                     (k_pe.size(1) <= 1 || k_pe.stride(1) == 1),
+                 "kv_c and k_pe need a contiguous last dimension");
+  return check_outputs(out_k, out_v, T, weight_rows(kv_b_proj), k_pe.size(1));
+}
+
+Report check_mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& block_table,
+                                         const at::Tensor& seq_lens, const at::Tensor& kv_b_proj,
+                                         const std::optional<at::Tensor>& kv_b_proj_scale,
+                                         const std::optional<at::Tensor>& kv_cache_scale,
+                                         const at::Tensor& out_k, const at::Tensor& out_v) {
+  MK_CHECK_VALUE(kv_cache.dim() == 3, "kv_cache must be 3-D, got ", kv_cache.dim(), "-D");
+  MK_CHECK(check_latent_dtype(kv_cache, "kv_cache"));
+  MK_CHECK(check_weight(kv_b_proj));
+  MK_CHECK(check_weight_scale(kv_b_proj, kv_b_proj_scale));
+  MK_CHECK_VALUE(kv_cache.stride(2) == 1, "kv_cache needs a contiguous last dimension");
+  MK_CHECK_VALUE(kv_cache.size(1) >= 1, "kv_cache's block_size (dim 1) must be >= 1");
+  const int64_t R = weight_cols(kv_b_proj), rope = kv_cache.size(2) - R;
+  MK_CHECK_VALUE(rope >= 1, "kv_cache rows must be wider than kv_b_proj's R = ", R);
+  MK_CHECK_VALUE(block_table.dim() == 2 && seq_lens.dim() == 1 &&
+                     seq_lens.size(0) == block_table.size(0),
+                 "block_table must be (B, max_blocks) and seq_lens (B,), got ",
+                 block_table.sizes(), " and ", seq_lens.sizes());
+  MK_CHECK_TYPE(index_dtype(block_table.scalar_type()) && index_dtype(seq_lens.scalar_type()),
+                "block_table and seq_lens must be int32 or int64, got ", block_table.scalar_type(),
+                " and ", seq_lens.scalar_type());
+  if (kv_cache_scale.has_value())
+    MK_CHECK_VALUE(kv_cache_scale->numel() == 1 && kv_cache_scale->scalar_type() == at::kFloat,
+                   "kv_cache_scale must be one float32 value");
+  return check_outputs(out_k, out_v, out_k.dim() == 3 ? out_k.size(0) : 0,
+                       weight_rows(kv_b_proj), rope);
+}
 
 void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
                            const at::Tensor& kv_b_proj,
                            const std::optional<at::Tensor>& kv_b_proj_scale, at::Tensor& out_k,
                            at::Tensor& out_v) {
-  TORCH_CHECK_VALUE(kv_c.dim() == 2 && k_pe.dim() == 2, "kv_c and k_pe must be 2-D");
-  check_weight(kv_b_proj);
+  throw_if(check_mla_decompress_kv_cpu(kv_c, k_pe, kv_b_proj, kv_b_proj_scale, out_k, out_v));
   const int64_t T = kv_c.size(0);
-  TORCH_CHECK_VALUE(k_pe.size(0) == T && weight_cols(kv_b_proj) == kv_c.size(1),
-                    "k_pe must have T rows and kv_b_proj R = kv_c.size(1) columns");
-  // a last dimension of one element has any stride (the Python checks let it through too)
-  TORCH_CHECK_VALUE((kv_c.size(1) <= 1 || kv_c.stride(1) == 1) &&
-                        (k_pe.size(1) <= 1 || k_pe.stride(1) == 1),
-                    "kv_c and k_pe need a contiguous last dimension");
-  check_outputs(out_k, out_v, T, weight_rows(kv_b_proj), k_pe.size(1));
   Rows rows{std::vector<int64_t>(T), std::vector<int64_t>(T)};
   for (int64_t t = 0; t < T; ++t) {
     rows.latent[t] = t * kv_c.stride(0);
@@ -305,17 +371,10 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
                                  const std::optional<at::Tensor>& kv_b_proj_scale,
                                  const std::optional<at::Tensor>& kv_cache_scale,
                                  at::Tensor& out_k, at::Tensor& out_v) {
-  TORCH_CHECK_VALUE(kv_cache.dim() == 3, "kv_cache must be 3-D");
-  check_weight(kv_b_proj);
-  TORCH_CHECK_VALUE(kv_cache.stride(2) == 1, "kv_cache needs a contiguous last dimension");
-  TORCH_CHECK_VALUE(kv_cache.size(1) >= 1, "kv_cache's block_size (dim 1) must be >= 1");
+  throw_if(check_mla_decompress_kv_paged_cpu(kv_cache, block_table, seq_lens, kv_b_proj,
+                                             kv_b_proj_scale, kv_cache_scale, out_k, out_v));
   const int64_t R = weight_cols(kv_b_proj), rope = kv_cache.size(2) - R;
-  TORCH_CHECK_VALUE(rope >= 1, "kv_cache rows must be wider than kv_b_proj's R = ", R);
-  TORCH_CHECK_VALUE(block_table.dim() == 2 && seq_lens.dim() == 1 &&
-                        seq_lens.size(0) == block_table.size(0),
-                    "block_table must be (B, max_blocks) and seq_lens (B,)");
   const int64_t T = out_k.size(0);
-  check_outputs(out_k, out_v, T, weight_rows(kv_b_proj), rope);
   const at::Tensor table = block_table.to(at::kLong).contiguous();
   const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
   const int64_t* bt = table.data_ptr<int64_t>();
@@ -334,12 +393,7 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
     }
   }
   float scale = 1.0f;
-  if (kv_cache_scale.has_value()) {
-    TORCH_CHECK_VALUE(kv_cache_scale->numel() == 1 &&
-                          kv_cache_scale->scalar_type() == at::kFloat,
-                      "kv_cache_scale must be one float32 value");
-    scale = kv_cache_scale->item<float>();
-  }
+  if (kv_cache_scale.has_value()) scale = kv_cache_scale->item<float>();
   decompress(kv_cache, kv_cache, rope, rows, kv_b_proj, kv_b_proj_scale, scale, out_k, out_v);
 }
 
@@ -366,11 +420,6 @@ std::vector<int64_t> mla_paged_values_cpu(const at::Tensor& block_table,
     total += lens[b];
   }
   return {0, 0, 0, total, 0};
-}
-
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
-  m.impl("mla_decompress_kv", &mla_decompress_kv_cpu);
-  m.impl("mla_decompress_kv_paged", &mla_decompress_kv_paged_cpu);
 }
 
 }  // namespace moe_kernels

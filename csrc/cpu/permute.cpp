@@ -4,7 +4,6 @@
 // reduction run in parallel over rows / tokens.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <cstring>
 #include <vector>
@@ -23,9 +22,18 @@ int64_t expert_of(const id_t* ids, int64_t p, int64_t E) {
 
 }  // namespace
 
+Report check_permute_index_cpu(const at::Tensor& topk_ids, int64_t num_experts, int64_t align) {
+  return check_topk_ids(topk_ids, num_experts, align, "align");
+}
+
+Report check_moe_align_block_size_cpu(const at::Tensor& topk_ids, int64_t num_experts,
+                                      int64_t block_size) {
+  return check_topk_ids(topk_ids, num_experts, block_size, "block_size");
+}
+
 std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids_in, int64_t num_experts,
                                           int64_t align) {
-  check_topk_ids(topk_ids_in, num_experts, align, "align");
+  throw_if(check_permute_index_cpu(topk_ids_in, num_experts, align));
   const at::Tensor topk_ids = topk_ids_in.contiguous();
   const int64_t T = topk_ids.size(0), K = topk_ids.size(1), P = T * K, E = num_experts;
   const int64_t R = permuted_rows(P, E, align);
@@ -66,7 +74,7 @@ std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids_in, int64_t
 
 std::vector<at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
                                                  int64_t num_experts, int64_t block_size) {
-  check_topk_ids(topk_ids, num_experts, block_size, "block_size");
+  throw_if(check_moe_align_block_size_cpu(topk_ids, num_experts, block_size));
   const auto index = permute_index_cpu(topk_ids, num_experts, block_size);
   const int64_t P = topk_ids.numel(), R = index[4].numel();
   at::Tensor sorted_ids = at::where(index[4] >= 0, index[4], P).to(at::kInt);
@@ -81,19 +89,36 @@ std::vector<at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
   return {sorted_ids, expert_ids, post_padded};
 }
 
+Report check_gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
+                             const at::Tensor& row_of_pair) {
+  MK_CHECK_VALUE(x.dim() == 2, "x must be 2-D (T, D), got ", x.dim(), "-D");
+  MK_CHECK_VALUE(pair_of_row.dim() == 1, "pair_of_row must be 1-D (R,), got ", pair_of_row.dim(),
+                 "-D");
+  MK_CHECK_TYPE(pair_of_row.scalar_type() == at::kInt, "pair_of_row must be int32, got ",
+                pair_of_row.scalar_type());
+  MK_CHECK_VALUE(row_of_pair.dim() == 2 && row_of_pair.size(0) == x.size(0),
+                 "row_of_pair must be (T, K) with T = x.size(0) = ", x.size(0), ", got shape ",
+                 row_of_pair.sizes());
+  return {};
+}
+
+Report check_gather_rows_out_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
+                                 const at::Tensor& row_of_pair, const at::Tensor& out) {
+  MK_CHECK(check_gather_rows_cpu(x, pair_of_row, row_of_pair));
+  const int64_t R = pair_of_row.size(0), D = x.size(1);
+  MK_CHECK_VALUE(out.dim() == 2 && out.size(0) == R && out.size(1) == D && out.is_contiguous(),
+                 "out must be contiguous (", R, ", ", D, "), got shape ", out.sizes());
+  MK_CHECK_TYPE(out.scalar_type() == x.scalar_type(), "out must have x's dtype ",
+                x.scalar_type(), ", got ", out.scalar_type());
+  return {};
+}
+
 void gather_rows_out_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row,
                          const at::Tensor& row_of_pair, at::Tensor& out) {
-  TORCH_CHECK_VALUE(x_in.dim() == 2, "gather_rows: x must be 2-D");
-  TORCH_CHECK_VALUE(pair_of_row.dim() == 1 && pair_of_row.scalar_type() == at::kInt,
-                    "gather_rows: pair_of_row must be 1-D int32");
-  TORCH_CHECK_VALUE(row_of_pair.dim() == 2 && row_of_pair.size(0) == x_in.size(0),
-                    "gather_rows: row_of_pair must be (T, K) with T = x.size(0)");
+  throw_if(check_gather_rows_out_cpu(x_in, pair_of_row, row_of_pair, out));
   const at::Tensor x = x_in.contiguous();
   const at::Tensor src = pair_of_row.contiguous();
   const int64_t R = src.numel(), D = x.size(1), K = row_of_pair.size(1);
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == R && out.size(1) == D &&
-                        out.scalar_type() == x.scalar_type() && out.is_contiguous(),
-                    "gather_rows: out must be contiguous (", R, ", ", D, ") of x's dtype");
   const int64_t P = x.size(0) * K;
   const int64_t row_bytes = D * x.element_size();
   const char* xp = static_cast<const char*>(x.data_ptr());
@@ -112,26 +137,48 @@ void gather_rows_out_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row,
 
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
                            const at::Tensor& row_of_pair) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "gather_rows: x must be 2-D");
+  throw_if(check_gather_rows_cpu(x, pair_of_row, row_of_pair));
   at::Tensor out = at::empty({pair_of_row.size(0), x.size(1)}, x.options());
   gather_rows_out_cpu(x, pair_of_row, row_of_pair, out);
   return out;
 }
 
+Report check_unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
+                           const at::Tensor& topk_weights) {
+  MK_CHECK_VALUE(expert_out.dim() == 2, "expert_out must be 2-D (R, H), got ", expert_out.dim(),
+                 "-D");
+  MK_CHECK_TYPE(simd_dtype(expert_out.scalar_type()),
+                "expert_out must be float32, bfloat16 or float16, got ", expert_out.scalar_type());
+  MK_CHECK_VALUE(row_of_pair.dim() == 2, "row_of_pair must be 2-D (T, K), got ",
+                 row_of_pair.dim(), "-D");
+  MK_CHECK_TYPE(row_of_pair.scalar_type() == at::kInt, "row_of_pair must be int32, got ",
+                row_of_pair.scalar_type());
+  MK_CHECK_VALUE(topk_weights.sizes() == row_of_pair.sizes(),
+                 "topk_weights must have the shape of row_of_pair ", row_of_pair.sizes(),
+                 ", got ", topk_weights.sizes());
+  MK_CHECK_TYPE(at::isFloatingType(topk_weights.scalar_type()),
+                "topk_weights must be a float tensor, got ", topk_weights.scalar_type());
+  return {};
+}
+
+Report check_unpermute_out_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
+                               const at::Tensor& topk_weights, const at::Tensor& out) {
+  MK_CHECK(check_unpermute_cpu(expert_out, row_of_pair, topk_weights));
+  const int64_t T = row_of_pair.size(0), H = expert_out.size(1);
+  MK_CHECK_VALUE(out.dim() == 2 && out.size(0) == T && out.size(1) == H && out.is_contiguous(),
+                 "out must be contiguous (", T, ", ", H, "), got shape ", out.sizes());
+  MK_CHECK_TYPE(out.scalar_type() == expert_out.scalar_type(), "out must have expert_out's dtype ",
+                expert_out.scalar_type(), ", got ", out.scalar_type());
+  return {};
+}
+
 void unpermute_out_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_of_pair_in,
                        const at::Tensor& topk_weights, at::Tensor& out) {
-  TORCH_CHECK_VALUE(expert_out_in.dim() == 2, "unpermute: expert_out must be 2-D (R, H)");
-  TORCH_CHECK_VALUE(row_of_pair_in.dim() == 2 && row_of_pair_in.scalar_type() == at::kInt,
-                    "unpermute: row_of_pair must be (T, K) int32");
-  TORCH_CHECK_VALUE(topk_weights.sizes() == row_of_pair_in.sizes(),
-                    "unpermute: topk_weights must have the shape of row_of_pair");
+  throw_if(check_unpermute_out_cpu(expert_out_in, row_of_pair_in, topk_weights, out));
   const at::Tensor eo = expert_out_in.contiguous();
   const at::Tensor rows = row_of_pair_in.contiguous();
   const at::Tensor w = topk_weights.to(at::kFloat).contiguous();
   const int64_t T = rows.size(0), K = rows.size(1), R = eo.size(0), H = eo.size(1);
-  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == T && out.size(1) == H &&
-                        out.scalar_type() == eo.scalar_type() && out.is_contiguous(),
-                    "unpermute: out must be contiguous (", T, ", ", H, ") of expert_out's dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, eo.scalar_type(), "unpermute_cpu", [&] {
     const scalar_t* src = eo.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -156,20 +203,10 @@ void unpermute_out_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_of
 
 at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
                          const at::Tensor& topk_weights) {
-  TORCH_CHECK_VALUE(expert_out.dim() == 2 && row_of_pair.dim() == 2,
-                    "unpermute: expert_out (R, H) and row_of_pair (T, K) must be 2-D");
+  throw_if(check_unpermute_cpu(expert_out, row_of_pair, topk_weights));
   at::Tensor out = at::empty({row_of_pair.size(0), expert_out.size(1)}, expert_out.options());
   unpermute_out_cpu(expert_out, row_of_pair, topk_weights, out);
   return out;
-}
-
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
-  m.impl("permute_index", &permute_index_cpu);
-  m.impl("moe_align_block_size", &moe_align_block_size_cpu);
-  m.impl("gather_rows", &gather_rows_cpu);
-  m.impl("unpermute", &unpermute_cpu);
-  m.impl("gather_rows_out", &gather_rows_out_cpu);
-  m.impl("unpermute_out", &unpermute_out_cpu);
 }
 
 }  // namespace moe_kernels

@@ -3,7 +3,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "../gating.h"
 #include "../ops.h"
@@ -11,18 +10,31 @@
 
 namespace moe_kernels {
 
+Report check_grouped_topk_cuda(const at::Tensor& logits,
+                               const std::optional<at::Tensor>& correction_bias, int64_t top_k,
+                               int64_t num_expert_group, int64_t topk_group,
+                               c10::string_view scoring_func, c10::string_view group_scoring,
+                               bool /*renormalize*/, double /*routed_scaling_factor*/) {
+  MK_CHECK(check_grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
+                                   scoring_func, group_scoring));
+  MK_CHECK_VALUE(logits.is_cuda(), "logits must be a CUDA tensor for the cuda backend");
+  MK_CHECK_VALUE(logits.size(1) <= gating_cuda::kMaxExperts, "the cuda backend takes E <= ",
+                 gating_cuda::kMaxExperts, " experts, got ", logits.size(1),
+                 "; use backend='triton'");
+  return {};
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_topk_cuda(
     const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
     int64_t top_k, int64_t num_expert_group, int64_t topk_group,
     c10::string_view scoring_func, c10::string_view group_scoring, bool renormalize,
     double routed_scaling_factor) {
+  throw_if(check_grouped_topk_cuda(logits, correction_bias, top_k, num_expert_group,
+                                   topk_group, scoring_func, group_scoring, renormalize,
+                                   routed_scaling_factor));
   const GroupedTopkArgs a =
-      check_grouped_topk(logits, correction_bias, top_k, num_expert_group, topk_group,
-                         scoring_func, group_scoring, renormalize, routed_scaling_factor);
-  TORCH_CHECK_VALUE(logits.is_cuda(), "grouped_topk_cuda: logits must be a CUDA tensor");
-  TORCH_CHECK_VALUE(a.num_experts <= gating_cuda::kMaxExperts,
-                    "grouped_topk_cuda: supports E <= ", gating_cuda::kMaxExperts,
-                    " experts, got ", a.num_experts, "; use backend='triton'");
+      grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
+                        scoring_func, group_scoring, renormalize, routed_scaling_factor);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto w = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kFloat));
   auto ids = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kInt));
@@ -55,7 +67,5 @@ std::tuple<at::Tensor, at::Tensor> grouped_topk_cuda(
   TORCH_CHECK(err == cudaSuccess, "grouped_topk_cuda: launch failed: ", cudaGetErrorString(err));
   return {w, ids};
 }
-
-TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) { m.impl("grouped_topk", &grouped_topk_cuda); }
 
 }  // namespace moe_kernels

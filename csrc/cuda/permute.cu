@@ -3,7 +3,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -14,12 +13,13 @@
 namespace moe_kernels {
 namespace {
 
-void check_ids_cuda(const at::Tensor& ids, int64_t num_experts, int64_t align,
-                    const char* align_name) {
-  check_topk_ids(ids, num_experts, align, align_name);
-  TORCH_CHECK_VALUE(ids.is_cuda(), "topk_ids must be a CUDA tensor");
-  TORCH_CHECK_VALUE(num_experts <= permute_cuda::kMaxExperts, "num_experts must be <= ",
-                    permute_cuda::kMaxExperts, " for the cuda backend");
+Report check_ids_cuda(const at::Tensor& ids, int64_t num_experts, int64_t align,
+                      const char* align_name) {
+  MK_CHECK(check_topk_ids(ids, num_experts, align, align_name));
+  MK_CHECK_VALUE(ids.is_cuda(), "topk_ids must be a CUDA tensor for the cuda backend");
+  MK_CHECK_VALUE(num_experts <= permute_cuda::kMaxExperts, "the cuda backend takes num_experts <= ",
+                 permute_cuda::kMaxExperts, ", got ", num_experts, "; use backend='triton'");
+  return {};
 }
 
 struct Scratch {
@@ -51,9 +51,18 @@ void run_index(const at::Tensor& ids, int64_t num_experts, int64_t align,
 
 }  // namespace
 
+Report check_permute_index_cuda(const at::Tensor& topk_ids, int64_t num_experts, int64_t align) {
+  return check_ids_cuda(topk_ids, num_experts, align, "align");
+}
+
+Report check_moe_align_block_size_cuda(const at::Tensor& topk_ids, int64_t num_experts,
+                                       int64_t block_size) {
+  return check_ids_cuda(topk_ids, num_experts, block_size, "block_size");
+}
+
 std::vector<at::Tensor> permute_index_cuda(const at::Tensor& topk_ids, int64_t num_experts,
                                            int64_t align) {
-  check_ids_cuda(topk_ids, num_experts, align, "align");
+  throw_if(check_permute_index_cuda(topk_ids, num_experts, align));
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const int64_t T = ids.size(0), K = ids.size(1);
@@ -73,7 +82,7 @@ std::vector<at::Tensor> permute_index_cuda(const at::Tensor& topk_ids, int64_t n
 
 std::vector<at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
                                                   int64_t num_experts, int64_t block_size) {
-  check_ids_cuda(topk_ids, num_experts, block_size, "block_size");
+  throw_if(check_moe_align_block_size_cuda(topk_ids, num_experts, block_size));
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const at::Tensor ids = topk_ids.contiguous();
   const int64_t P = ids.numel();
@@ -87,11 +96,6 @@ std::vector<at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
   b.block_expert = expert_ids.data_ptr<int32_t>();
   run_index(ids, num_experts, block_size, b, s);
   return {sorted_ids, expert_ids, s.offsets.slice(0, num_experts, num_experts + 1).to(at::kInt)};
-}
-
-TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
-  m.impl("permute_index", &permute_index_cuda);
-  m.impl("moe_align_block_size", &moe_align_block_size_cuda);
 }
 
 }  // namespace moe_kernels

@@ -157,9 +157,21 @@ UNPERMUTE.register_autograd(_unpermute_autograd)
 
 # --- checks --------------------------------------------------------------------------------
 
+# Layout rows, pairs and experts are int32 in the index tensors (row_of_pair, pair_of_row,
+# m_indices), as in the C++ kernels' checks (csrc/permute.h).
+INT32_MAX = 2**31 - 1
+
+
 def _check_ids(op, topk_ids, num_experts):
     check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
-    check_int(op, "num_experts", num_experts, low=1)
+    check_int(op, "num_experts", num_experts, low=1, high=INT32_MAX)
+
+
+def _check_layout_size(op, topk_ids, capacity_name, capacity, rows):
+    """The layout's `rows` (and its pairs) must be addressable by int32 indices."""
+    if topk_ids.numel() > INT32_MAX or rows > INT32_MAX:
+        raise ValueError(f"{op}: the layout of {topk_ids.numel()} pairs with {capacity_name} = "
+                         f"{capacity} has {rows} rows, more than int32 indices address")
 
 
 # Rows are copied as integers of the element's width (any dtype of these widths).
@@ -193,7 +205,7 @@ def _check_scales(op, scales, hidden):
 def _check_permute(op, hidden, topk_ids, num_experts, capacity_name, capacity, scales):
     _check_ids(op, topk_ids, num_experts)
     _check_hidden(op, hidden, topk_ids)
-    check_int(op, capacity_name, capacity, low=1)
+    check_int(op, capacity_name, capacity, low=1, high=INT32_MAX)
     _check_scales(op, scales, hidden)
 
 
@@ -334,7 +346,9 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     num_tokens_post_padded (1,) int32."""
     op = "moe_align_block_size"
     _check_ids(op, topk_ids, num_experts)
-    check_int(op, "block_size", block_size, low=1)
+    check_int(op, "block_size", block_size, low=1, high=INT32_MAX)
+    _check_layout_size(op, topk_ids, "block_size", block_size,
+                       reference.permuted_rows(topk_ids.numel(), num_experts, block_size))
     backend = _resolve_index_backend(op, backend, topk_ids, num_experts)
     if backend == "reference":
         return reference.moe_align_block_size(topk_ids, num_experts, block_size)
@@ -357,6 +371,8 @@ def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
     memory with an input."""
     op = "permute"
     _check_permute(op, hidden, topk_ids, num_experts, "align", align, scales)
+    _check_layout_size(op, topk_ids, "align", align,
+                       reference.permuted_rows(topk_ids.numel(), num_experts, align))
     if out is not None or out_scales is not None:
         _check_rows_out(op, out, out_scales,
                         (reference.permuted_rows(topk_ids.numel(), num_experts, align),),
@@ -378,6 +394,8 @@ def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
     op = "permute_masked"
     _check_permute(op, hidden, topk_ids, num_experts, "max_tokens_per_expert",
                    max_tokens_per_expert, scales)
+    _check_layout_size(op, topk_ids, "max_tokens_per_expert", max_tokens_per_expert,
+                       num_experts * max_tokens_per_expert)
     if out is not None or out_scales is not None:
         _check_rows_out(op, out, out_scales, (num_experts, max_tokens_per_expert), hidden,
                         topk_ids, scales)

@@ -1,0 +1,50 @@
+"""Direct torch.ops calls of every op with a C++ kernel, with each argument mutated in every
+way its schema type allows (tests/direct_calls_worker.py): the C++ check reports every
+argument the kernel cannot take, the registered op raises that report as a Python error
+before any C++ code runs, and a kernel whose check passed never throws. That contract
+(csrc/checks.h) keeps C++ exceptions, which killed the process on one platform, off every
+path a user reaches."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_kernels import _library
+
+WORKER = pathlib.Path(__file__).with_name("direct_calls_worker.py")
+NATIVE = sorted((name, backend) for name, op in _library.OPS.items() for backend in op.native)
+
+pytestmark = pytest.mark.skipif(not _library.extension_loaded(),
+                                reason="moe_kernels._C is not built")
+
+
+@pytest.fixture(scope="module")
+def worker_output():
+    """The worker's lines, one process for every op (a crash ends it: the last `case`
+    line names the case that crashed)."""
+    r = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True,
+                       timeout=600)
+    return r.returncode, r.stdout.splitlines(), r.stderr
+
+
+def test_worker_finishes(worker_output):
+    rc, lines, err = worker_output
+    cases = [line for line in lines if line.startswith("case ")]
+    assert rc == 0 and lines and lines[-1] == "done", (
+        f"the worker died (rc {rc}) at: {cases[-1] if cases else None}\n{err[-3000:]}")
+
+
+@pytest.mark.parametrize("name,backend", NATIVE)
+def test_direct_calls_keep_the_check_contract(worker_output, name, backend):
+    if _library.backend_unavailable_reason(backend, torch.device(backend)) is not None \
+            or (backend == "cuda" and not torch.cuda.is_available()):
+        pytest.skip(f"the {backend} kernels cannot run here")
+    _, lines, _ = worker_output
+    ran = [line for line in lines if line.startswith(f"case {backend} {name} [")]
+    failures = [line for line in lines if line.startswith(f"FAIL {backend} {name} [")]
+    # every op has samples: an op added without them would pass vacuously
+    assert len(ran) > 20, f"{name}: {len(ran)} cases ran"
+    assert not failures, "\n".join(failures[:20])
