@@ -237,20 +237,20 @@ def run_case(name: str, backend: str, args: tuple) -> str | None:
     except Exception as exc:  # noqa: BLE001  (the check must never throw)
         return f"the check threw {exc!r}"
     entered = []
-    real = op._bare(backend)
+    real = op.entries[backend]
 
     def spy(*a):
         entered.append(True)
         return real(*a)
 
-    op._eager[backend] = spy
+    op.entries[backend] = spy
     try:
         getattr(torch.ops.moe_kernels, name)(*args)
         raised = None
     except Exception as exc:  # noqa: BLE001
         raised = exc
     finally:
-        op._eager[backend] = real
+        op.entries[backend] = real
     if kind:
         expected = TypeError if kind == 2 else ValueError
         if type(raised) is not expected or str(raised) != f"{name}: {message}":

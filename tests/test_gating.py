@@ -216,6 +216,12 @@ def test_property_random(device, backend, data):
     gsc = data.draw(st.sampled_from(["top2_sum", "max"]))
     ties = data.draw(st.booleans())
     seed = data.draw(st.integers(0, 2**31 - 1))
+    if ties and bias and gsc == "top2_sum":
+        # Two groups can tie in exact arithmetic, (s0 + 1) + (s1 - 1) = (s1 + 1) + (s0 - 1),
+        # while their float32 sums round differently, and the kernels' scores may differ
+        # from the reference's by an ulp (their own exp): which group wins is then not
+        # defined exactly, and the ids are not comparable exactly. "max" has no sums.
+        gsc = "max"
     if ties:  # integer logits: exact ties everywhere, ids compared exactly
         g = torch.Generator().manual_seed(seed)
         logits = torch.randint(-2, 3, (T, E), generator=g).to(dtype).to(device)
