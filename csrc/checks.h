@@ -11,7 +11,9 @@
 // each check to that with mutated arguments of every kind.
 //
 // The entry points call their check first too (`throw_if`), for callers of the private
-// `_C.<op>_<backend>` functions; the public Python layer checks before it calls those.
+// `_C.<op>_<backend>` functions. The CPU checks read no device (the dispatcher's CPU key
+// means CPU tensors; the caller of a private entry point answers for them), so the Triton
+// variant of an op runs its CPU check as the op's argument check on any device.
 #pragma once
 #include <ATen/ATen.h>
 

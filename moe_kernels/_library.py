@@ -178,9 +178,11 @@ def available_backends(device: torch.device) -> list[str]:
 _C_LIMITS: dict[str, int] = dict(_C.limits()) if _C is not None else {}
 
 
-# The Triton gating and permutation-index kernels hold every expert of a row in one tile,
-# whose size Triton caps (triton.language.TRITON_MAX_TENSOR_NUMEL).
-TRITON_MAX_EXPERTS = 1 << 20
+# Triton caps a tile's elements (triton.language.TRITON_MAX_TENSOR_NUMEL). The gating and
+# permutation-index kernels hold every expert of a row in one tile; the FP8 kernels a group
+# or a weight block.
+TRITON_MAX_TILE = 1 << 20
+TRITON_MAX_EXPERTS = TRITON_MAX_TILE
 
 
 def check_expert_limit(op: str, backend: str, cuda_limit: str, name: str, value: int) -> None:
@@ -199,6 +201,18 @@ _is_compiling = torch.compiler.is_compiling
 
 # The dispatch key of each C++ backend's kernels.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def check_one_device(op: str, args) -> None:
+    """ValueError unless every tensor among `args` is on one device."""
+    device = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if device is None:
+                device = a.device
+            elif a.device != device:
+                raise ValueError(f"{op}: every tensor argument must be on one device, got "
+                                 f"{device} and {a.device}")
 
 
 def raise_reported(op: str, kind: int, message: str) -> None:
@@ -229,6 +243,8 @@ class Op:
     borrow: backends that run another backend's kernel, e.g. {"cuda": "triton"}.
     composite: a Python implementation over other ops, registered for every device
       (CompositeExplicitAutograd) on `<name>`; `backends` then says which it can run.
+    triton_check: what only the Triton kernel cannot take, checked on the Triton
+      variant's direct calls after the op's C++ check (schema arguments; raises).
 
     `kernel(backend)` is the one eager fast path of every op: the bare kernel (the checked
     C++ entry point or the Triton launcher; no dispatcher round trip, docs/index.md), or
@@ -237,12 +253,14 @@ class Op:
 
     def __init__(self, name: str, signature: str, *, fake, triton: str | None = None,
                  native: tuple[str, ...] = (), borrow: dict[str, str] | None = None,
-                 composite=None, backends: tuple[str, ...] | None = None):
+                 composite=None, backends: tuple[str, ...] | None = None,
+                 triton_check=None):
         self.name = name
         self.schema = name + signature
         self.triton_module = triton
         self.native = native
         self.borrow = dict(borrow or {})
+        self._triton_check = triton_check
         _LIB.define(self.schema)
         OPS[name] = self
         self.variants = [name]
@@ -259,6 +277,8 @@ class Op:
         # the C++ entry points `_C.<name>_<backend>` that can run here
         self.entries = {b: getattr(_C, f"{name}_{b}") for b in native
                         if backend_unavailable_reason(b, torch.device(b)) is None}
+        # the op's C++ argument check, device-agnostic (csrc/checks.h), for the Triton variant
+        self._arg_check = getattr(_C, f"{name}_cpu_check") if "cpu" in self.entries else None
         for backend in self.entries:
             _LIB.impl(name, self._checked_kernel(backend), _DISPATCH_KEYS[backend])
         for variant in self.variants:
@@ -286,6 +306,19 @@ class Op:
         return kernel
 
     def _triton_impl(self, *args):
+        """The registered kernel of the Triton variant (direct torch.ops calls, compiled
+        graphs): one device for every tensor, the op's C++ argument check where the
+        extension has one (its CPU check, which reads no device), then the launcher. A
+        launch with arguments the kernel cannot take would read or write out of bounds
+        (on the GPU an illegal address, which ends the CUDA context)."""
+        check_one_device(self.name, args)
+        check = self._arg_check
+        if check is not None:
+            kind, message = check(*args)
+            if kind:
+                raise_reported(self.name, kind, message)
+        if self._triton_check is not None:
+            self._triton_check(*args)
         return self._bare("triton")(*args)
 
     def _bare(self, backend: str):

@@ -52,6 +52,7 @@ def _permute_samples(g):
     x, eo, w = torch.randn(3, 8, generator=g), torch.randn(R, 8, generator=g), torch.rand(3, 2)
     return {
         "permute_index": [(ids, 8, 4)],
+        "permute_masked_index": [(ids, 8, 4)],
         "moe_align_block_size": [(ids, 8, 4)],
         "gather_rows": [(x, pair_of_row, row_of_pair)],
         "gather_rows_out": [(x, pair_of_row, row_of_pair, torch.empty(R, 8))],
@@ -82,7 +83,10 @@ def _gemm_samples(g):
     m_indices = torch.tensor([0, 0, 2, -1, 1, 2], dtype=I32)
     am, am_s, masked_m = _fp8(3, 4, 256, g=g), torch.rand(3, 4, 2), torch.tensor([4, 0, 2],
                                                                                  dtype=I32)
+    ids = torch.tensor([[0, 2], [2, 1], [0, 2]], dtype=I32)
+    offsets, counts = _library.OPS["permute_index"].op("cpu")(ids, 3, 1)[:2]
     return {
+        "grouped_gemm_fp8_segments": [(a, a_s, b, b_s, offsets, counts, torch.bfloat16)],
         "grouped_gemm_fp8": [(a, a_s, b, b_s, m_indices, torch.bfloat16)],
         "grouped_gemm_fp8_out": [(a, a_s, b, b_s, m_indices,
                                   torch.empty(6, 64, dtype=torch.bfloat16))],
@@ -228,29 +232,53 @@ def cases(name: str, sample: tuple):
 
 # --- the contract ------------------------------------------------------------------------
 
+def _devices(args) -> set:
+    return {a.device for a in args if isinstance(a, torch.Tensor)}
+
+
 def run_case(name: str, backend: str, args: tuple) -> str | None:
-    """None when the case keeps the contract, else why not."""
+    """None when the case keeps the contract, else why not. Backend "triton": the
+    registered Triton variant, held to its op's C++ check (where the op has one) and to
+    one device per call; after them it may still refuse what only the Triton kernel
+    cannot take, with a ValueError or TypeError of its own (naming the op), never anything
+    else."""
     op = _library.OPS[name]
-    check = getattr(_library._C, f"{name}_{backend}_check")
-    try:
-        kind, message = check(*args)
-    except Exception as exc:  # noqa: BLE001  (the check must never throw)
-        return f"the check threw {exc!r}"
+    triton = backend == "triton"
+    check = op._arg_check if triton else getattr(_library._C, f"{name}_{backend}_check")
+    kind, message = 0, ""
+    if triton and len(_devices(args)) > 1:
+        kind, message = 1, "every tensor argument must be on one device"
+    elif check is not None:
+        try:
+            kind, message = check(*args)
+        except Exception as exc:  # noqa: BLE001  (the check must never throw)
+            return f"the check threw {exc!r}"
     entered = []
-    real = op.entries[backend]
+    table, key = (op._eager, "triton") if triton else (op.entries, backend)
+    real = op._bare("triton") if triton else table[key]
 
     def spy(*a):
         entered.append(True)
         return real(*a)
 
-    op.entries[backend] = spy
+    table[key] = spy
+    variant = name + op._triton_suffix if triton else name
     try:
-        getattr(torch.ops.moe_kernels, name)(*args)
+        getattr(torch.ops.moe_kernels, variant)(*args)
         raised = None
     except Exception as exc:  # noqa: BLE001
         raised = exc
     finally:
-        op.entries[backend] = real
+        table[key] = real
+    if triton and kind and message.startswith("every tensor"):
+        ok = type(raised) is ValueError and "one device" in str(raised) and not entered
+        return None if ok else f"mixed devices: the op raised {raised!r}"
+    if triton and not kind:
+        if raised is None:
+            return None if entered else "the checks passed but the launcher never ran"
+        if type(raised) in (ValueError, TypeError) and str(raised).startswith(name):
+            return None   # what only the Triton kernel cannot take (Op's triton_check)
+        return f"the Triton variant raised {raised!r}"
     if kind:
         expected = TypeError if kind == 2 else ValueError
         if type(raised) is not expected or str(raised) != f"{name}: {message}":
@@ -272,20 +300,29 @@ def _on(device: str, value):
 
 
 def backends() -> list[str]:
-    cuda = torch.cuda.is_available() and _library.extension_has_cuda()
-    return ["cpu", "cuda"] if cuda else ["cpu"]
+    """(backend, device) pairs to run: the C++ backends, and Triton where it runs."""
+    out = [("cpu", "cpu")]
+    if torch.cuda.is_available() and _library.extension_has_cuda():
+        out.append(("cuda", "cuda"))
+    for device in ("cpu", "cuda"):
+        if device == "cpu" or torch.cuda.is_available():
+            if _library.backend_unavailable_reason("triton", torch.device(device)) is None:
+                out.append(("triton", device))
+    return out
 
 
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)
-    for backend in backends():
+    for backend, device in backends():
         for name, sample_list in samples().items():
-            if (names and name not in names) or backend not in _library.OPS[name].native:
+            op = _library.OPS[name]
+            runs = op.triton_module is not None if backend == "triton" else backend in op.native
+            if (names and name not in names) or not runs:
                 continue
             for s, sample in enumerate(sample_list):
-                sample = tuple(_on(backend, v) for v in sample)
+                sample = tuple(_on(device, v) for v in sample)
                 for label, args in cases(name, sample):
-                    where = f"{backend} {name} [{s}] {label}"
+                    where = f"{backend}:{device} {name} [{s}] {label}"
                     print(f"case {where}", flush=True)
                     why = run_case(name, backend, args)
                     print(f"FAIL {where}: {why}" if why else "ok", flush=True)

@@ -1,9 +1,12 @@
-"""Direct torch.ops calls of every op with a C++ kernel, with each argument mutated in every
-way its schema type allows (tests/direct_calls_worker.py): the C++ check reports every
-argument the kernel cannot take, the registered op raises that report as a Python error
-before any C++ code runs, and a kernel whose check passed never throws. That contract
+"""Direct torch.ops calls of every op with a C++ or Triton kernel, with each argument mutated
+in every way its schema type allows (tests/direct_calls_worker.py): the C++ check reports
+every argument the kernel cannot take, the registered op raises that report as a Python
+error before any C++ code runs, and a kernel whose check passed never throws. That contract
 (csrc/checks.h) keeps C++ exceptions, which killed the process on one platform, off every
-path a user reaches."""
+path a user reaches. The Triton variants are held to the same checks (plus one device per
+call and what only Triton cannot take), so that no argument makes a launch read or write
+out of bounds (which kills the process too: a segfault under the interpreter, an illegal
+address on the GPU)."""
 
 import pathlib
 import subprocess
@@ -15,7 +18,8 @@ import torch
 from moe_kernels import _library
 
 WORKER = pathlib.Path(__file__).with_name("direct_calls_worker.py")
-NATIVE = sorted((name, backend) for name, op in _library.OPS.items() for backend in op.native)
+KERNELS = sorted((name, backend) for name, op in _library.OPS.items()
+                 for backend in (*op.native, *(("triton",) if op.triton_module else ())))
 
 pytestmark = pytest.mark.skipif(not _library.extension_loaded(),
                                 reason="moe_kernels._C is not built")
@@ -37,14 +41,33 @@ def test_worker_finishes(worker_output):
         f"the worker died (rc {rc}) at: {cases[-1] if cases else None}\n{err[-3000:]}")
 
 
-@pytest.mark.parametrize("name,backend", NATIVE)
+def _runs_here(backend: str) -> bool:
+    if backend == "triton":
+        return any(_library.backend_unavailable_reason("triton", torch.device(d)) is None
+                   for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
+    return _library.backend_unavailable_reason(backend, torch.device(backend)) is None \
+        and (backend != "cuda" or torch.cuda.is_available())
+
+
+def _lines_of(lines, kind, name, backend):
+    """The worker's `kind` lines ("case" or "FAIL") of op `name` on `backend`, any device:
+    `<kind> <backend>:<device> <name> [<sample>] ...`."""
+    out = []
+    for line in lines:
+        parts = line.split(" ", 3)
+        if len(parts) > 2 and parts[0] == kind and parts[1].split(":")[0] == backend \
+                and parts[2] == name:
+            out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("name,backend", KERNELS)
 def test_direct_calls_keep_the_check_contract(worker_output, name, backend):
-    if _library.backend_unavailable_reason(backend, torch.device(backend)) is not None \
-            or (backend == "cuda" and not torch.cuda.is_available()):
+    if not _runs_here(backend):
         pytest.skip(f"the {backend} kernels cannot run here")
     _, lines, _ = worker_output
-    ran = [line for line in lines if line.startswith(f"case {backend} {name} [")]
-    failures = [line for line in lines if line.startswith(f"FAIL {backend} {name} [")]
+    ran = _lines_of(lines, "case", name, backend)
+    failures = _lines_of(lines, "FAIL", name, backend)
     # every op has samples: an op added without them would pass vacuously
     assert len(ran) > 20, f"{name}: {len(ran)} cases ran"
     assert not failures, "\n".join(failures[:20])

@@ -577,7 +577,7 @@ def test_packed_weight_direct_op_calls():
     kv_c, k_pe = make_latent(4, 64, 16, torch.bfloat16)
     out_k, out_v = torch.empty(4, 2, 32, dtype=torch.bfloat16), torch.empty(4, 2, 16,
                                                                              dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="packed form"):
+    with pytest.raises(ValueError, match="packed kv_b_proj"):
         torch.ops.moe_kernels.mla_decompress_kv_triton(kv_c, k_pe, _PACKED, None, out_k, out_v)
     with pytest.raises(ValueError, match="packed kv_b_proj must be contiguous"):
         torch.ops.moe_kernels.mla_decompress_kv(kv_c, k_pe, _PACKED[:, :, :8], None, out_k,

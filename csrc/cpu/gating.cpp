@@ -138,10 +138,9 @@ Report check_grouped_topk_cpu(const at::Tensor& logits,
                               int64_t num_expert_group, int64_t topk_group,
                               c10::string_view scoring_func, c10::string_view group_scoring,
                               bool /*renormalize*/, double /*routed_scaling_factor*/) {
-  MK_CHECK(check_grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
-                                   scoring_func, group_scoring));
-  MK_CHECK_VALUE(logits.device().is_cpu(), "logits must be on the CPU for the cpu backend");
-  return {};
+  // no device check: the CPU checks read none (csrc/checks.h)
+  return check_grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
+                                 scoring_func, group_scoring);
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_topk_cpu(

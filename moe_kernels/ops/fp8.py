@@ -44,34 +44,60 @@ def _fake_silu(x, group_size, eps):
 
 
 _KERNELS = dict(triton="fp8", native=("cpu",))
-QUANTIZE_FP8_PER_TOKEN_GROUP = _library.Op(
+
+
+# The Triton variants' own checks (schema arguments), beside the op's C++ check: their
+# group and block sizes are tiles (_check_power_of_two, below).
+def _triton_group_check(op: str):
+    return lambda x, group_size, *rest: _check_power_of_two(op, "group_size", group_size)
+
+
+def _triton_block_check(op: str, first: int):
+    return lambda *args: _check_block_sizes(op, args[first], args[first + 1])
+def _op(name: str, signature: str, fake, triton_check):
+    return _library.Op(name, signature, fake=fake, triton_check=triton_check(name), **_KERNELS)
+
+
+QUANTIZE_FP8_PER_TOKEN_GROUP = _op(
     "quantize_fp8_per_token_group", "(Tensor x, int group_size, float eps, bool scale_ue8m0, "
-    "bool column_major_scales) -> (Tensor, Tensor)", fake=_fake_token_groups, **_KERNELS)
-QUANTIZE_FP8_BLOCK = _library.Op(
+    "bool column_major_scales) -> (Tensor, Tensor)", _fake_token_groups, _triton_group_check)
+QUANTIZE_FP8_BLOCK = _op(
     "quantize_fp8_block", "(Tensor w, int block_n, int block_k, float eps) -> (Tensor, Tensor)",
-    fake=_fake_block, **_KERNELS)
-DEQUANTIZE_FP8_BLOCK = _library.Op(
+    _fake_block, lambda op: _triton_block_check(op, 1))
+DEQUANTIZE_FP8_BLOCK = _op(
     "dequantize_fp8_block", "(Tensor q, Tensor s, int block_n, int block_k, ScalarType dtype) "
-    "-> Tensor", fake=_fake_dequant, **_KERNELS)
-SILU_AND_MUL_QUANT_FP8 = _library.Op(
+    "-> Tensor", _fake_dequant, lambda op: _triton_block_check(op, 2))
+SILU_AND_MUL_QUANT_FP8 = _op(
     "silu_and_mul_quant_fp8", "(Tensor x, int group_size, float eps) -> (Tensor, Tensor)",
-    fake=_fake_silu, **_KERNELS)
+    _fake_silu, _triton_group_check)
 # out= variants: q and s written into the caller's buffers.
-QUANTIZE_FP8_PER_TOKEN_GROUP_OUT = _library.Op(
+QUANTIZE_FP8_PER_TOKEN_GROUP_OUT = _op(
     "quantize_fp8_per_token_group_out", "(Tensor x, int group_size, float eps, "
-    "bool scale_ue8m0, Tensor(a!) q, Tensor(b!) s) -> ()", fake=_library.no_output, **_KERNELS)
-SILU_AND_MUL_QUANT_FP8_OUT = _library.Op(
+    "bool scale_ue8m0, Tensor(a!) q, Tensor(b!) s) -> ()", _library.no_output,
+    _triton_group_check)
+SILU_AND_MUL_QUANT_FP8_OUT = _op(
     "silu_and_mul_quant_fp8_out", "(Tensor x, int group_size, float eps, Tensor(a!) q, "
-    "Tensor(b!) s) -> ()", fake=_library.no_output, **_KERNELS)
+    "Tensor(b!) s) -> ()", _library.no_output, _triton_group_check)
 
 
 # --- checks ----------------------------------------------------------------------------------
 
 def _check_power_of_two(op: str, name: str, value) -> None:
+    """A group or block size: one Triton tile, so a power of two within Triton's tile cap."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < 1 or value & (value - 1):
-        raise ValueError(f"{op}: {name} must be a power of two (the Triton tile), got {value}")
+    if value < 1 or value & (value - 1) or value > _library.TRITON_MAX_TILE:
+        raise ValueError(f"{op}: {name} must be a power of two <= {_library.TRITON_MAX_TILE} "
+                         f"(the Triton tile), got {value}")
+
+
+def _check_block_sizes(op: str, block_n, block_k) -> None:
+    _check_power_of_two(op, "block[0]", block_n)
+    _check_power_of_two(op, "block[1]", block_k)
+    if block_n * block_k > _library.TRITON_MAX_TILE:
+        raise ValueError(f"{op}: block[0] * block[1] must be <= {_library.TRITON_MAX_TILE} "
+                         f"(one Triton tile), got {block_n} * {block_k}")
+
 
 
 # The smallest eps whose scale eps / 448 is a normal float32: below it a zero group's scale
@@ -89,8 +115,7 @@ def _check_eps(op: str, eps) -> None:
 def _check_block(op: str, block):
     if not isinstance(block, (tuple, list)) or len(block) != 2:
         raise TypeError(f"{op}: block must be a pair (block_n, block_k), got {block!r}")
-    _check_power_of_two(op, "block[0]", block[0])
-    _check_power_of_two(op, "block[1]", block[1])
+    _check_block_sizes(op, block[0], block[1])
     return int(block[0]), int(block[1])
 
 

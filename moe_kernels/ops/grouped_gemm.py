@@ -40,7 +40,7 @@ GROUPED_GEMM_FP8_SEGMENTS = _library.Op(
     "Tensor tokens_per_expert, ScalarType out_dtype) -> Tensor",
     fake=lambda a, a_scales, b, b_scales, offsets, counts, out_dtype: _fake_contiguous(
         a, a_scales, b, b_scales, None, out_dtype),
-    triton="grouped_gemm")
+    triton="grouped_gemm", triton_check=lambda *args: _check_segments(*args))
 # out= variants: write into the caller's buffer (DeepGEMM's `d`), its dtype the output's.
 GROUPED_GEMM_FP8_OUT = _library.Op(
     "grouped_gemm_fp8_out", f"({_OPERANDS}, Tensor m_indices, Tensor(a!) out) -> ()",
@@ -65,6 +65,22 @@ def _check_operands(op, a, a_scales, b, b_scales, a_ndim):
     E, N = b.shape[0], b.shape[1]
     check_scales(op, "b_scales", b_scales, (E, cdiv(N, SCALE_BLOCK), cdiv(K, SCALE_BLOCK)),
                  "b", b)
+
+def _check_segments(a, a_scales, b, b_scales, expert_offsets, tokens_per_expert, out_dtype):
+    """The arguments of grouped_gemm_fp8_segments (Triton only, no C++ check): the
+    operands, expert_offsets (>= E,) and tokens_per_expert (E,) integers, a float
+    out_dtype. Their values are fused_moe_fp8's layout; the kernel writes no row outside a
+    whatever they hold."""
+    op = "grouped_gemm_fp8_segments"
+    _check_operands(op, a, a_scales, b, b_scales, 2)
+    E = b.shape[0]
+    check_tensor(op, "expert_offsets", expert_offsets, ndim=1, dtypes=INDEX_DTYPES)
+    if expert_offsets.shape[0] < E:
+        raise ValueError(f"{op}: expert_offsets must have at least E = {E} entries, got "
+                         f"{tuple(expert_offsets.shape)}")
+    _check_index(op, "tokens_per_expert", tokens_per_expert, E, a)
+    _output_dtype(op, out_dtype, None)
+
 
 def _output_dtype(op, out_dtype, out):
     """out_dtype, or out's dtype with out=; bfloat16 when neither is given."""

@@ -24,13 +24,16 @@ WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
 
 _KERNELS = dict(fake=_library.no_output, triton="mla", native=("cpu",))
 _OUTPUTS = "Tensor(a!) out_k, Tensor(b!) out_v) -> ()"
+# The Triton variants refuse the CPU kernels' packed weight (argument 2, or 3 when paged).
 MLA_DECOMPRESS_KV = _library.Op(
     "mla_decompress_kv", "(Tensor kv_c, Tensor k_pe, Tensor kv_b_proj, "
-    f"Tensor? kv_b_proj_scale, {_OUTPUTS}", **_KERNELS)
+    f"Tensor? kv_b_proj_scale, {_OUTPUTS}", **_KERNELS,
+    triton_check=lambda *a: _check_packed_backend("mla_decompress_kv", a[2], "triton"))
 MLA_DECOMPRESS_KV_PAGED = _library.Op(
     "mla_decompress_kv_paged", "(Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
     f"Tensor kv_b_proj, Tensor? kv_b_proj_scale, Tensor? kv_cache_scale, {_OUTPUTS}",
-    **_KERNELS)
+    **_KERNELS,
+    triton_check=lambda *a: _check_packed_backend("mla_decompress_kv_paged", a[3], "triton"))
 
 
 # --- checks ----------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ PERMUTE_INDEX = _library.Op(
 # reference.masked_index's tensor ops.
 PERMUTE_MASKED_INDEX = _library.Op(
     "permute_masked_index", "(Tensor topk_ids, int num_experts, int max_tokens) -> Tensor[]",
-    fake=_fake_masked_index, triton="permute", borrow={"cuda": "triton"})
+    fake=_fake_masked_index, triton="permute", borrow={"cuda": "triton"},
+    triton_check=lambda *args: _check_masked_index(*args))
 MOE_ALIGN_BLOCK_SIZE = _library.Op(
     "moe_align_block_size", "(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
     fake=_fake_align, **_INDEX_KERNELS)
@@ -176,6 +177,14 @@ def _check_layout_size(op, topk_ids, capacity_name, capacity, rows):
 
 # Rows are copied as integers of the element's width (any dtype of these widths).
 _ROW_ELEMENT_BYTES = (1, 2, 4, 8)
+
+
+def _check_masked_index(topk_ids, num_experts, max_tokens):
+    """The arguments of permute_masked_index (Triton only, no C++ check)."""
+    op = "permute_masked_index"
+    _check_ids(op, topk_ids, num_experts)
+    check_int(op, "max_tokens", max_tokens, low=0, high=INT32_MAX)
+    _check_layout_size(op, topk_ids, "max_tokens", max_tokens, num_experts * max_tokens)
 
 
 def _check_hidden(op, hidden, topk_ids):

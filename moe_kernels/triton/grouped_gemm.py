@@ -171,8 +171,8 @@ def _contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, m_ptr, out_ptr, R, N, K, E,
 
 
 @triton.jit
-def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_ptr, N, K, E,
-                     tiles_m, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
+def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_ptr, R, N, K,
+                     E, tiles_m, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                      stride_bse, stride_bsn, stride_bsk, stride_om, E_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, GROUP: tl.constexpr,
@@ -190,8 +190,9 @@ def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_
         count = tl.sum(tl.where(er == e, counts, 0), axis=0)
         start = tl.load(offsets_ptr + e)
         local = (tile - first_tile).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = local < count
         rows = start + local
+        # rows outside a are no row: offsets and counts are values a direct call may get wrong
+        row_ok = (local < count) & (rows >= 0) & (rows < R)
         n0 = tile_n.to(tl.int64) * BLOCK_N
         acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e.to(tl.int64), n0, N,
                              K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
@@ -281,7 +282,8 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     tiles_m = R // bm + min(R, E)
     grid = (tiles_m * cdiv(N, cfg["BLOCK_N"]),)
     _segments_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales,
-                           expert_offsets.contiguous(), tokens_per_expert.contiguous(), out, N, K, E, tiles_m, a.stride(0),
+                           expert_offsets.contiguous(), tokens_per_expert.contiguous(), out, R, N,
+                           K, E, tiles_m, a.stride(0),
                            a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales),
                            out.stride(0), E_PAD=next_power_of_2(E), GROUP=GROUP_M,
                            **_launch_opts(cfg, K))

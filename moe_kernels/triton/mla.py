@@ -212,16 +212,8 @@ def _launch(rows, row_strides, pe, pe_strides, kv_b_proj, kv_b_proj_scale, kv_ca
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _check_rows(kv_b_proj) -> None:
-    """A direct torch.ops call may pass the CPU kernels' packed weight (4-D)."""
-    if kv_b_proj.dim() != 2:
-        raise ValueError("mla_decompress_kv (triton): kv_b_proj must be the 2-D (N, R) "
-                         "weight; the packed form (mla_pack_kv_b_proj) is for backend 'cpu'")
-
-
 def mla_decompress_kv(kv_c, k_pe, kv_b_proj, kv_b_proj_scale, out_k, out_v) -> None:
     """Writes out_k (T, H, dn + rope), out_v (T, H, dv) from kv_c (T, R), k_pe (T, rope)."""
-    _check_rows(kv_b_proj)
     _launch(kv_c, (kv_c.stride(0), 0), k_pe, (k_pe.stride(0), 0), kv_b_proj, kv_b_proj_scale,
             None, kv_c, kv_c, 0, 1, out_k, out_v, paged=False)
 
@@ -229,7 +221,6 @@ def mla_decompress_kv(kv_c, k_pe, kv_b_proj, kv_b_proj_scale, out_k, out_v) -> N
 def mla_decompress_kv_paged(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale,
                             kv_cache_scale, out_k, out_v) -> None:
     """Writes out_k, out_v from the paged cache (num_blocks, block_size, R + rope)."""
-    _check_rows(kv_b_proj)
     R = kv_b_proj.shape[1]
     strides = (kv_cache.stride(0), kv_cache.stride(1))
     _launch(kv_cache, strides, kv_cache[..., R:], strides, kv_b_proj, kv_b_proj_scale,
