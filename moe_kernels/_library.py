@@ -311,6 +311,11 @@ class Op:
         extension has one (its CPU check, which reads no device), then the launcher. A
         launch with arguments the kernel cannot take would read or write out of bounds
         (on the GPU an illegal address, which ends the CUDA context)."""
+        self.check_triton_args(*args)
+        return self._bare("triton")(*args)
+
+    def check_triton_args(self, *args) -> None:
+        """The Triton variant's checks of the schema's arguments (_triton_impl)."""
         check_one_device(self.name, args)
         check = self._arg_check
         if check is not None:
@@ -319,7 +324,6 @@ class Op:
                 raise_reported(self.name, kind, message)
         if self._triton_check is not None:
             self._triton_check(*args)
-        return self._bare("triton")(*args)
 
     def _bare(self, backend: str):
         fn = self._eager.get(backend)

@@ -20,9 +20,10 @@ settings.load_profile("default")
 
 
 class CppCheckReached(BaseException):
-    """A public function called a C++ entry point with arguments its C++ check refuses:
-    the Python checks missed a precondition, and on a platform where C++ exceptions kill
-    the process (csrc/checks.h) that call would have. A BaseException, so that no
+    """A public function called a kernel (C++ entry point or Triton launcher) with
+    arguments the kernel's own checks refuse: the Python checks missed a precondition, and
+    the call would have thrown in C++ (which kills the process on one platform:
+    csrc/checks.h) or launched out of bounds. A BaseException, so that no
     `pytest.raises(ValueError)` around the call can take it for the expected error."""
 
 
@@ -40,14 +41,27 @@ def _checked_first(name: str, backend: str, entry):
     return call
 
 
+def _triton_checked_first(op, launcher):
+    def call(*args):
+        try:
+            op.check_triton_args(*args)
+        except (ValueError, TypeError) as exc:
+            raise CppCheckReached(f"{op.name}_triton reached with arguments its checks "
+                                  f"refuse: {exc}") from None
+        return launcher(*args)
+
+    return call
+
+
 def pytest_sessionstart(session):
-    """Every C++ entry point the eager path calls (`Op._eager`) runs its check first, for the
-    whole session: any test input that passes the public checks but not the C++ ones
+    """Every kernel the eager path calls (`Op._eager`) runs its own checks first, for the
+    whole session: the C++ entry points their C++ check, the Triton launchers the Triton
+    variant's checks. Any test input that passes the public checks but not the kernel's
     fails its test (CppCheckReached)."""
     from moe_kernels import _library
-    if not _library.extension_loaded():
-        return
     for name, op in _library.OPS.items():
-        for backend in op.native:
-            if _library.backend_unavailable_reason(backend, torch.device(backend)) is None:
-                op._eager[backend] = _checked_first(name, backend, op._bare(backend))
+        for backend in op.entries:
+            op._eager[backend] = _checked_first(name, backend, op._bare(backend))
+        if op.triton_module is not None and _library.backend_unavailable_reason(
+                "triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None:
+            op._eager["triton"] = _triton_checked_first(op, op._bare("triton"))
