@@ -247,8 +247,8 @@ def test_mla_tiles(isa, weight, paged):
 def test_mla_tiles_outputs_of_two_dtypes(isa, k_dtype, v_dtype):
     """out_k and out_v of different dtypes (allowed: docs/api.md), through the tiles (bf16
     latent rows): each is written in its own dtype, equal bit for bit to a call whose two
-    buffers share that dtype. The tiles once wrote out_v in out_k's element size: heap
-    corruption when out_k is the wider."""
+    buffers share that dtype. Tiles that wrote out_v in out_k's element size would corrupt
+    the heap when out_k is the wider."""
     g = torch.Generator().manual_seed(8)
     T, H, dn, dv, R, rope = 40, 2, 48, 48, 256, 32
     w = (torch.randn(H * (dn + dv), R, generator=g) * 0.05).bfloat16()

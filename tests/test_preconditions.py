@@ -193,7 +193,7 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("permute", "scales rows != T", _set(scales=lambda s: s[:2]), ValueError, "scales"),
     ("permute", "ids on another device", _set(topk_ids=_on_meta), ValueError, "topk_ids"),
     ("permute", "num_experts not an int", _set(num_experts=6.0), TypeError, "num_experts"),
-    # layouts are addressed by int32 indices: each bound once was a C++ error only
+    # layouts are addressed by int32 indices (row_of_pair, pair_of_row, m_indices)
     ("permute", "num_experts 2^31", _set(num_experts=2**31), ValueError, "num_experts"),
     ("permute", "align 2^31", _set(align=2**31), ValueError, "align"),
     ("permute", "rows past int32", _set(align=2**30), ValueError, "align"),
