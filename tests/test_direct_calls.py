@@ -8,6 +8,7 @@ call and what only Triton cannot take), so that no argument makes a launch read 
 out of bounds (which kills the process too: a segfault under the interpreter, an illegal
 address on the GPU)."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -25,13 +26,20 @@ pytestmark = pytest.mark.skipif(not _library.extension_loaded(),
                                 reason="moe_kernels._C is not built")
 
 
-@pytest.fixture(scope="module")
-def worker_output():
+def _run_worker(backends: str | None = None):
     """The worker's lines, one process for every op (a crash ends it: the last `case`
     line names the case that crashed)."""
+    env = dict(os.environ)
+    if backends:
+        env["MOE_KERNELS_DIRECT_CALLS"] = backends
     r = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=1200, env=env)
     return r.returncode, r.stdout.splitlines(), r.stderr
+
+
+@pytest.fixture(scope="module")
+def worker_output():
+    return _run_worker()
 
 
 def test_worker_finishes(worker_output):
@@ -42,9 +50,8 @@ def test_worker_finishes(worker_output):
 
 
 def _runs_here(backend: str) -> bool:
-    if backend == "triton":
-        return any(_library.backend_unavailable_reason("triton", torch.device(d)) is None
-                   for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available())
+    if backend == "triton":   # under the interpreter; on the GPU: the slow test below
+        return _library.backend_unavailable_reason("triton", torch.device("cpu")) is None
     return _library.backend_unavailable_reason(backend, torch.device(backend)) is None \
         and (backend != "cuda" or torch.cuda.is_available())
 
@@ -71,3 +78,16 @@ def test_direct_calls_keep_the_check_contract(worker_output, name, backend):
     # every op has samples: an op added without them would pass vacuously
     assert len(ran) > 20, f"{name}: {len(ran)} cases ran"
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_triton_direct_calls_on_the_gpu():
+    """The Triton variants' direct calls on CUDA tensors: every case compiles its own
+    specialization (minutes), hence the slow marker; an illegal address ends the worker."""
+    rc, lines, err = _run_worker("triton:cuda")
+    cases = [line for line in lines if line.startswith("case ")]
+    failures = [line for line in lines if line.startswith("FAIL ")]
+    assert rc == 0 and lines and lines[-1] == "done", (
+        f"the worker died (rc {rc}) at: {cases[-1] if cases else None}\n{err[-3000:]}")
+    assert len(cases) > 1000 and not failures, "\n".join(failures[:20])
