@@ -394,9 +394,9 @@ def test_bad_input_layout_and_device():
 
 
 def test_cpp_checks_direct_op_call():
-    """Direct torch.ops calls skip the Python checks: C++ must still refuse bad input with
-    a Python exception. Run in a subprocess, so that a crash is a failure with its exit
-    code rather than the end of the test session."""
+    """Direct torch.ops calls skip the public function's checks: the kernel's C++ check
+    must still refuse bad input, raised as a Python exception. Run in a subprocess, so that
+    a crash is a failure with its exit code rather than the end of the test session."""
     if not moe_kernels.extension_loaded():
         pytest.skip("moe_kernels._C not built")
     code = textwrap.dedent("""

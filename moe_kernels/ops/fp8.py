@@ -54,6 +54,8 @@ def _triton_group_check(op: str):
 
 def _triton_block_check(op: str, first: int):
     return lambda *args: _check_block_sizes(op, args[first], args[first + 1])
+
+
 def _op(name: str, signature: str, fake, triton_check):
     return _library.Op(name, signature, fake=fake, triton_check=triton_check(name), **_KERNELS)
 
