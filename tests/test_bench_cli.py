@@ -249,6 +249,23 @@ def test_grouped_gemm_peers_on_the_cpu_tensors():
 
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_mla_cases_time_the_float32_reference_on_the_cpu():
+    """The CPU goal's bar is the float32 reference, which the unfused bf16 path timed as
+    `torch-eager` is not: every MLA case on the CPU times it too, and it agrees. The GPU
+    run spends no device time on it."""
+    from moe_kernels.bench import mla
+    rows = mla.run("cpu", ["cpu"], [16], compile_reference=False)
+    cases: dict[str, set[str]] = {}
+    for r in rows:
+        cases.setdefault(r.case, set()).add(r.backend)
+    assert len(cases) == 3 and all(b == {"cpu", "torch-eager", "torch-reference"}
+                                   for b in cases.values()), cases
+    refs = [r for r in rows if r.backend == "torch-reference"]
+    assert all(r.correct and r.time_us > 0 for r in refs)
+    assert mla._reference_rows("cuda", True)(mla.unfused, None) == []
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
 def test_a_failing_op_module_costs_only_its_own_rows(tmp_path, monkeypatch, capsys):
     """A kernel that breaks on the device fails its op's rows; the run goes on to the next
     op, keeps its rows and exits 1 naming what raised."""

@@ -12,6 +12,12 @@ computed on the host (and dequantizes an FP8 cache). Eager and compiled. The `cp
 gets its weight prepared at load too (mla_pack_kv_b_proj: the tiles its kernel multiplies);
 on the CPU a second case times both sides from the FP8 checkpoint weight as stored (torch
 dequantizing it per call, the kernel packing it per call).
+
+On the CPU every case also times the project's float32 reference (`reference/mla.py`:
+dequantize, two float32 einsums, concat), eager and compiled: the bar of the CPU goal
+("5x the pure-PyTorch reference"), which the unfused bf16 path, one oneDNN matmul on the
+same tile unit as ours, is not. On the GPU it is not timed: there the unfused path is
+the stronger peer and device time is short.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
     base_pc = torch.compile(unfused_paged, dynamic=False) if compile_reference else None
     base_sc = (torch.compile(unfused_stored, dynamic=False)
                if compile_reference and "cpu" in backends else None)
+    ref_rows = _reference_rows(device, compile_reference)
     results = []
     for T in tokens or default_tokens(device):
         fused = torch.randn(T, R + ROPE, generator=gen).bfloat16().to(device)
@@ -97,6 +104,8 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         timed += [("torch-eager", lambda i: unfused(kv_c, k_pe, w16, H))]
         if base_c is not None:
             timed += [("torch-compile", lambda i: base_c(kv_c, k_pe, w16, H))]
+        timed += ref_rows(reference.mla_decompress_kv, kv_c, k_pe, wq, ws, H, DN, DV,
+                          torch.bfloat16)
         results += measure("mla_decompress_kv", case, device, timed, nbytes, 1,
                            lambda out: _close(out, want), flops=flops, math="bf16", tokens=T)
         if "cpu" in backends:
@@ -106,14 +115,33 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
             timed += [("torch-eager", lambda i: unfused_stored(kv_c, k_pe, wq, ws, H))]
             if base_sc is not None:
                 timed += [("torch-compile", lambda i: base_sc(kv_c, k_pe, wq, ws, H))]
+            timed += ref_rows(reference.mla_decompress_kv, kv_c, k_pe, wq, ws, H, DN, DV,
+                              torch.bfloat16)
             results += measure("mla_decompress_kv", case, device, timed, nbytes, 1,
                                lambda out: _close(out, want), flops=flops, math="bf16",
                                tokens=T)
-        results += _paged(device, backends, T, H, wq, ws, w16, packed, gen, base_pc)
+        results += _paged(device, backends, T, H, wq, ws, w16, packed, gen, base_pc, ref_rows)
     return results
 
 
-def _paged(device, backends, T, H, wq, ws, w16, packed, gen, compiled) -> list[Result]:
+def _reference_rows(device: str, compile_reference: bool):
+    """rows(fn, *args) -> the (name, call) pairs timing the float32 reference `fn` on args,
+    eager and (when compile_reference) compiled once per fn; none off the CPU."""
+    compiled = {}
+
+    def rows(fn, *args):
+        if device != "cpu":
+            return []
+        out = [("torch-reference", lambda i: fn(*args))]
+        if compile_reference:
+            if fn not in compiled:
+                compiled[fn] = torch.compile(fn, dynamic=False)
+            out += [("torch-reference-compile", lambda i, fc=compiled[fn]: fc(*args))]
+        return out
+    return rows
+
+
+def _paged(device, backends, T, H, wq, ws, w16, packed, gen, compiled, ref_rows) -> list[Result]:
     """An FP8 cache (block 64) of 8 sequences of T/8 tokens in shuffled blocks."""
     bs, B = 64, 8
     per_seq = cdiv(T, B)
@@ -137,6 +165,8 @@ def _paged(device, backends, T, H, wq, ws, w16, packed, gen, compiled) -> list[R
     timed += [("torch-eager", lambda i: unfused_paged(cache, slots, scale_t, w16, H))]
     if compiled is not None:
         timed += [("torch-compile", lambda i: compiled(cache, slots, scale_t, w16, H))]
+    timed += ref_rows(reference.mla_decompress_kv_paged, cache, table, lens, wq, ws, scale_t,
+                      H, DN, DV, T, torch.bfloat16)
     return measure("mla_decompress_kv_paged", case, device, timed, nbytes, 1,
                    lambda out: _close(out, want), flops=flops, math="bf16", tokens=T)
 
