@@ -94,6 +94,43 @@ def test_float32_bit_patterns_quantize_as_the_reference(isa, ue8m0, column_major
     assert_fp8_close(q, rq, msg=isa)
 
 
+def _midpoint_quotients(amax: float, gen) -> torch.Tensor:
+    """(rows, 128) float32 groups whose first value is amax (so the scale is amax / 448)
+    and whose others, divided by that scale, land on an e4m3 rounding midpoint (normal
+    and subnormal) or within 3 ulp of one, with random signs; +-0 fill the last group."""
+    scale = torch.tensor(amax, dtype=torch.float32) / 448
+    normal = [(1 + (2 * i + 1) / 16) * 2.0 ** e for e in range(-6, 9) for i in range(8)]
+    subnormal = [(2 * i + 1) * 2.0 ** -10 for i in range(8)]
+    mids = torch.tensor([m for m in normal + subnormal if m < 448], dtype=torch.float32)
+    x = (mids * scale).view(torch.int32)
+    x = torch.cat([x + d for d in range(-3, 4)]).view(torch.float32)
+    x = x[torch.randperm(x.numel(), generator=gen)]
+    x = x * (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1)
+    rows = -(-x.numel() // 254) * 2
+    rest = torch.zeros(rows * 127)
+    rest[:x.numel()] = x
+    rest[x.numel() + 1::2] = -0.0       # the sign of zero is kept too
+    groups = torch.full((rows, 128), amax, dtype=torch.float32)
+    groups[:, 1:] = rest.view(rows, 127)
+    return groups
+
+
+# The vector builds divide a group by its scale through the reciprocal and two FMA
+# corrections (simd_kernels.inc quotient): exact only if those corrections are, since
+# x * (1 / scale) alone rounds some of these quotients to the other side of a midpoint
+# (asserted, so the case cannot pass vacuously).
+@pytest.mark.parametrize("amax", [3.7, 1.0e-3, 6.1e4, 0.1, 123.456])
+def test_quotients_at_fp8_midpoints_round_as_divided(isa, amax):
+    x = _midpoint_quotients(amax, torch.Generator().manual_seed(2)).reshape(-1, 256)
+    scale = torch.tensor(amax, dtype=torch.float32) / 448
+    divided, by_reciprocal = (x / scale).to(FP8), (x * (1 / scale)).to(FP8)
+    assert (divided.view(torch.uint8) != by_reciprocal.view(torch.uint8)).any()
+    q, s = moe_kernels.quantize_fp8_per_token_group(x, 128, backend="cpu")
+    rq, rs = ref_fp8.quantize_fp8_per_token_group(x, 128)
+    assert torch.equal(s, rs) and torch.equal(rs[:, 0], scale.expand(x.shape[0]))
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), isa
+
+
 # 0.5, an arbitrary scale, a subnormal one (products deep in the subnormals), and scales
 # around 2^119, past which the vector builds' fp16-based decode (which scales by sc * 256)
 # takes its plain path: bit for bit either way.
