@@ -3,70 +3,20 @@ every launch configuration the ops can pick, without a GPU (moe_kernels/bench/sm
 
 The interpreter that runs the other Triton tests compiles nothing, so code it passes can
 fail on the first GPU launch (a plain global read in jit code is a NameError there). Each
-supported triton version compiles in its own process (no TRITON_INTERPRET): the one
-installed here, and triton 3.6 (the GPU machine's) from `.venv/triton-3.6`, which
-`make setup` installs (or the directories in MOE_KERNELS_SM90_TRITON, colon-separated).
-Both run at once, one per core.
+supported triton version compiles in its own process (tests/triton_versions.py), both at
+once, one per core.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXTRA_TRITON = os.environ.get("MOE_KERNELS_SM90_TRITON", str(ROOT / ".venv" / "triton-3.6"))
-TIMEOUT_S = 600
-
-
-def _nvidia_backend_reason() -> str | None:
-    try:
-        import triton.backends.nvidia.compiler  # noqa: F401
-    except Exception as exc:  # triton without its NVIDIA backend cannot compile for sm_90a
-        return f"triton's NVIDIA backend is unavailable: {exc}"
-    return None
-
-
-def _env(extra_path: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, str(ROOT),
-                                                     env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _versions() -> list:
-    params = [pytest.param(None, id="installed-triton")]
-    for path in EXTRA_TRITON.split(os.pathsep):
-        marks = [] if (pathlib.Path(path) / "triton").is_dir() else [pytest.mark.skip(
-            reason=f"no triton at {path}: `make setup` installs triton 3.6 there")]
-        params.append(pytest.param(path, id=f"triton-from-{pathlib.Path(path).name}", marks=marks))
-    return params
-
-
-VERSIONS = _versions()
-
-
-def _run_per_version(argv_of) -> dict:
-    """Runs argv_of(path) under every available triton at once, one process each (one per
-    core); {path: (returncode, stdout, stderr)}. Skips without triton's NVIDIA backend."""
-    reason = _nvidia_backend_reason()
-    if reason:
-        pytest.skip(reason)
-    procs = {p.values[0]: subprocess.Popen(argv_of(p.values[0]), env=_env(p.values[0]),
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True)
-             for p in VERSIONS if not p.marks}
-    results = {}
-    for path, proc in procs.items():
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-        results[path] = (proc.returncode, out, err)
-    return results
+from triton_versions import VERSIONS, run_per_version
 
 
 def _json_name(path) -> str:
@@ -77,8 +27,8 @@ def _json_name(path) -> str:
 def reports(tmp_path_factory):
     """The gate under every available triton; {path: (returncode, output, report dict)}."""
     out_dir = tmp_path_factory.mktemp("sm90")
-    runs = _run_per_version(lambda path: [sys.executable, "-m", "moe_kernels.bench.sm90",
-                                          "--json", str(out_dir / _json_name(path))])
+    runs = run_per_version(lambda path: [sys.executable, "-m", "moe_kernels.bench.sm90",
+                                         "--json", str(out_dir / _json_name(path))])
     results = {}
     for path, (rc, out, err) in runs.items():
         report = out_dir / _json_name(path)
@@ -186,7 +136,7 @@ def defect_reports(tmp_path_factory):
     they took ~37 s of CI); {path: (returncode, stdout, stderr)}."""
     script = tmp_path_factory.mktemp("sm90_defects") / "bad_kernels.py"
     script.write_text("import json\n" + _BAD_KERNELS)
-    return _run_per_version(lambda path: [sys.executable, str(script)])
+    return run_per_version(lambda path: [sys.executable, str(script)])
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)

@@ -340,6 +340,8 @@ def eager_call_rows(op_names, device: str, backends) -> list[Result]:
             try:
                 call()
                 us, note, ok = host_us_per_call(call, device), f"case '{case.name}'", None
+                if b == "triton" and device == "cuda":
+                    note += f"; through JITFunction.run {_uncached_us(call, device):.1f} us"
             except _library.BackendUnavailableError:
                 continue
             except Exception as exc:   # a failed row, not the loss of the op's other rows
@@ -349,20 +351,29 @@ def eager_call_rows(op_names, device: str, backends) -> list[Result]:
     return rows
 
 
+def _uncached_us(call, device: str) -> float:
+    """host_us_per_call of call() with triton/launch.py's cache off: Triton's own launcher
+    path, the figure the cache is measured against."""
+    from moe_kernels.triton import launch
+    with launch.cache_enabled(False):
+        return host_us_per_call(call, device)
+
+
+def tensors_in(x) -> list:
+    """The tensors in x: a tensor, or tuples / lists (NamedTuples too) of them, nested."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in tensors_in(y)]
+    return []
+
+
 def smallest_case(op: str, device: str):
     """The edge case of `op` with the fewest input elements, none of its tensors empty."""
     from moe_kernels import testing
-
-    def tensors(x):
-        if isinstance(x, torch.Tensor):
-            return [x]
-        if isinstance(x, (list, tuple)):
-            return [t for y in x for t in tensors(y)]
-        return []
-
     sizes = []
     for case in testing.cases(op, "edge", device=device):
-        ts = tensors(list(case.inputs.values()))
+        ts = tensors_in(list(case.inputs.values()))
         if ts and all(t.numel() for t in ts):
             sizes.append((sum(t.numel() for t in ts), case))
     return min(sizes, key=lambda s: s[0])[1]

@@ -162,6 +162,7 @@ def _jit_functions():
     for info in pkgutil.iter_modules(pkg.__path__):
         module = importlib.import_module(f"moe_kernels.triton.{info.name}")
         for name, obj in vars(module).items():
+            obj = getattr(obj, "jit", obj)     # a kernel behind triton/launch.py's cache
             if isinstance(obj, JITFunction) and obj.__module__ == module.__name__:
                 yield name, obj
 

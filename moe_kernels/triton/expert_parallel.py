@@ -9,10 +9,12 @@ import triton
 import triton.language as tl
 
 from moe_kernels._common import cdiv
+from moe_kernels.triton.launch import cached_launch
 
 BLOCK = 1024
 
 
+@cached_launch
 @triton.jit
 def _map_to_slots_kernel(ids_ptr, log2phy_ptr, logcnt_ptr, out_ptr, P, K, E, R, token_offset,
                          BLOCK: tl.constexpr):

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from moe_kernels._common import cdiv, next_power_of_2
+from moe_kernels.triton.launch import cached_launch
 from moe_kernels.triton.numerics import (SOFTWARE_ROUNDING, fp8_e4m3_bits, fp8_e4m3_value,
                                          round_for_store)
 
@@ -47,6 +48,7 @@ def finite_abs(x):
     return tl.where(a < float("inf"), a, 0.0)
 
 
+@cached_launch
 @triton.jit
 def _token_group_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_qm, stride_sm,
                         stride_sg, eps, GATED: tl.constexpr, UE8M0: tl.constexpr,
@@ -133,6 +135,7 @@ def _block_tile(N, K, NB, KB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     return offs, mask, (b * NB + nb) * KB + kb
 
 
+@cached_launch
 @triton.jit
 def _block_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, NB, KB, eps, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, SOFTWARE: tl.constexpr):
@@ -157,6 +160,7 @@ def quantize_fp8_block(w, block_n, block_k, eps=1e-10):
     return q, s
 
 
+@cached_launch
 @triton.jit
 def _block_dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, NB, KB, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, SOFTWARE: tl.constexpr):

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from moe_kernels._common import cdiv, next_power_of_2
+from moe_kernels.triton.launch import cached_launch
 
 # Below every real key (reference.EXCLUDED_KEY); jit code may read only constexpr globals.
 _NEG_KEY = tl.constexpr(-9223372036854775808)
@@ -28,6 +29,7 @@ def _order_key(v, idx):
     return signed.to(tl.int64) * 4294967296 - idx
 
 
+@cached_launch
 @triton.jit
 def _grouped_topk_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr,

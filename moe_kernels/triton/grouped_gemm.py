@@ -36,6 +36,7 @@ import triton.language as tl
 
 from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
 from moe_kernels.configs.grouped_gemm import gemm_config
+from moe_kernels.triton.launch import cached_launch
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
 GROUP_M = 8
@@ -139,6 +140,7 @@ def _store_tile(out_ptr, acc, rows, row_ok, n, N, stride_om, SOFTWARE: tl.conste
              mask=row_ok[:, None] & (n < N)[None, :])
 
 
+@cached_launch
 @triton.jit
 def _contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, m_ptr, out_ptr, R, N, K, E,
                        stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
@@ -170,6 +172,7 @@ def _contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, m_ptr, out_ptr, R, N, K, E,
             _store_tile(out_ptr, part, rows, sel, n, N, stride_om, SOFTWARE)
 
 
+@cached_launch
 @triton.jit
 def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_ptr, R, N, K,
                      E, tiles_m, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
@@ -202,6 +205,7 @@ def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_
                     SOFTWARE)
 
 
+@cached_launch
 @triton.jit
 def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
                    stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,

@@ -29,6 +29,7 @@ import triton.language as tl
 from moe_kernels import _common
 from moe_kernels._common import FP8, cdiv, next_power_of_2
 from moe_kernels._library import triton_interpreting
+from moe_kernels.triton.launch import cached_launch
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
 SCALE_BLOCK = tl.constexpr(_common.SCALE_BLOCK)   # jit code reads only constexpr globals
@@ -82,6 +83,7 @@ def _load_operand(ptr, mask, IS_FP8: tl.constexpr, COMPUTE: tl.constexpr,
     return x.to(COMPUTE)
 
 
+@cached_launch
 @triton.jit
 def _decompress_kernel(
         row_ptr, pe_ptr, w_ptr, ws_ptr, kv_scale_ptr, bt_ptr, lens_ptr, k_ptr, v_ptr,

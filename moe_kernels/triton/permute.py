@@ -16,6 +16,7 @@ import triton.language as tl
 
 from moe_kernels._common import cdiv, next_power_of_2
 from moe_kernels.reference.permute import permuted_rows
+from moe_kernels.triton.launch import cached_launch
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
 _CHUNK = 128
@@ -31,6 +32,7 @@ def _rank_in_block(expert, BLOCK: tl.constexpr):
     return tl.sum(earlier_same.to(tl.int32), axis=1)
 
 
+@cached_launch
 @triton.jit
 def _chunk_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, P, E,
                         E_PAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -62,6 +64,7 @@ def _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_ro
         tl.store(m_indices_ptr + row, e.to(tl.int32), mask=kept)
 
 
+@cached_launch
 @triton.jit
 def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of_pair_ptr,
                          pair_of_row_ptr, m_indices_ptr, P, E, M, BLOCK: tl.constexpr,
@@ -79,6 +82,7 @@ def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of
                 m_indices_ptr, M, MASKED)
 
 
+@cached_launch
 @triton.jit
 def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row_of_pair_ptr,
                             pair_of_row_ptr, P, E, R, align, M, E_PAD: tl.constexpr,
@@ -212,6 +216,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     return [sorted_ids, expert_ids, offsets[-1:].int()]
 
 
+@cached_launch
 @triton.jit
 def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, R, D, K, P, ROWS: tl.constexpr,
                         BLOCK_D: tl.constexpr):
@@ -255,6 +260,7 @@ def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.T
     return out
 
 
+@cached_launch
 @triton.jit
 def _unpermute_kernel(eo_ptr, rows_ptr, w_ptr, out_ptr, H, R, K: tl.constexpr,
                       BLOCK_H: tl.constexpr, SOFTWARE: tl.constexpr):

@@ -1,0 +1,179 @@
+"""Launching compiled Triton kernels without Triton's per-call launcher in Python.
+
+`kernel[grid](*args, **kwargs)` on a `triton.jit` function goes through
+`JITFunction.run` on every call: it binds the arguments, specialises each one, turns the
+options into a string for the cache key, reads several knobs and checks the globals the
+kernel used, then calls the compiled kernel's C launcher. Measured on a 2-core Sapphire
+Rapids CPU with the C launcher stubbed out: `kernel[grid](...)` of the gating kernel
+10.9 us (triton 3.6) and 12.7 us (triton 3.9), against 0.5 us for the C launcher's
+Python call alone, and ~5 us through this cache; whole ops: `benchmarks/host_overhead.py
+--compiled` (docs/benchmarks.md). On the H100 machine the gating kernel's whole launch
+took 40 us (triton 3.6, `bench_NVIDIA_H100_80GB_HBM3_20261122T2211.txt`).
+
+`cached_launch(kernel)` wraps a kernel so that `kernel[grid](...)` looks the compiled
+kernel up by a key of our own and calls its launcher directly. The key is at least as
+fine as Triton's specialisation, so a hit is the kernel Triton would have chosen:
+
+- a tensor: its dtype and whether its address is a multiple of 16 (Triton's "D");
+- an int: whether it is 1 (Triton compiles 1 in as a constant), a multiple of 16, and
+  which of int32 / int64 / uint64 holds it;
+- a float, a bool: only the type (Triton specialises neither on its value); None: None;
+- every keyword argument (constexprs and launch options such as num_warps) by value;
+- the current device.
+
+Anything else goes through `JITFunction.run` unchanged: another argument type, a grid
+given as a function, a keyword that fills a non-constexpr parameter, a constexpr passed
+by position, launch hooks set, `JITFunction.run` replaced (as the sm_90a gate does). So
+does the first call of each key, which compiles and launches as usual and is then cached.
+Not looked at again on a hit: Triton's debug knobs (read by `JITFunction.run` per call)
+and the kernel's globals (constexpr globals of this package, never reassigned).
+`MOE_KERNELS_TRITON_LAUNCH=jit` (read at import) turns the cache off.
+
+Under TRITON_INTERPRET=1 kernels are returned unwrapped (the interpreter has no launcher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
+_U64_MIN = 1 << 63
+
+
+class _Unkeyed(Exception):
+    """An argument whose specialisation is not derived here: the call goes through
+    `JITFunction.run`."""
+
+
+def _other_key(a):
+    """The key of a positional argument that is neither a plain tensor nor an int."""
+    kind = type(a)
+    if kind is float or kind is bool or a is None:
+        return kind
+    if isinstance(a, torch.Tensor):       # a subclass (nn.Parameter)
+        return _args_key((a.data,))[0]
+    raise _Unkeyed
+
+
+def _args_key(args: tuple, T=torch.Tensor, lo=_I32_MIN, hi=_I32_MAX, u64=_U64_MIN) -> tuple:
+    """What of the positional arguments Triton's specialisation depends on (module
+    docstring), each kind in a form no other kind takes: an aligned tensor its dtype, an
+    unaligned one (dtype,); an int32 other than 1 a bool (a multiple of 16), another int
+    a 4-tuple; float, bool, None their type. Tensors and ints inline, the common cases
+    without a tuple: 26 arguments (MLA's) 4.4 -> 3.5 us, and a call per argument would
+    double it."""
+    return tuple([(a.dtype if not a.data_ptr() & 15 else (a.dtype,)) if type(a) is T
+                  else not a & 15 if type(a) is int and a != 1 and lo <= a <= hi
+                  else (a == 1, not a & 15, lo <= a <= hi, a < u64) if type(a) is int
+                  else _other_key(a) for a in args])
+
+
+class CachedLaunch:
+    """A `triton.jit` kernel whose `[grid](*args, **kwargs)` launches a cached compiled
+    kernel directly (module docstring). Every other attribute is the kernel's."""
+
+    def __init__(self, jit):
+        self.jit = jit
+        self._names = [p.name for p in jit.params]
+        self._defaults = {p.name: p.default for p in jit.params if p.has_default}
+        self._runtime = {p.name for p in jit.params if not p.is_constexpr}
+        self._constexpr = [p.is_constexpr for p in jit.params]
+        self._cache: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.jit, name)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args: tuple, kwargs: dict):
+        """Launches jit[grid](*args, **kwargs); returns nothing."""
+        if not _fast_path_open(self.jit) or type(grid) is not tuple:
+            self.jit[grid](*args, **kwargs)
+            return
+        d = _driver.active
+        device = d.get_current_device()
+        try:
+            key = (device, tuple(kwargs.items()), _args_key(args))
+            entry = self._cache.get(key)
+        except (_Unkeyed, TypeError):     # TypeError: an unhashable keyword value
+            self.jit[grid](*args, **kwargs)
+            return
+        if entry is None:
+            self._cache_miss(key, grid, args, kwargs)
+            return
+        run, function, metadata, tail = entry
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+            d.get_current_stream(device), function, metadata, None, None, None, *args, *tail)
+
+    def _cache_miss(self, key, grid, args, kwargs):
+        kernel = self.jit[grid](*args, **kwargs)
+        if hasattr(kernel, "result"):          # an asynchronous compile's future
+            kernel = kernel.result()
+        if kernel is None:                     # nothing compiled (Triton's own choice)
+            return
+        entry = self._entry(kernel, args, kwargs)
+        if entry is not None:
+            self._cache[key] = entry
+
+    def _entry(self, kernel, args, kwargs):
+        """(C launcher, function handle, packed metadata, the arguments after the
+        positional ones) of a compiled kernel, or None where the key does not hold what
+        a hit would reuse: a keyword that fills a runtime parameter (its value is not
+        keyed), a positional constexpr (keyed like a runtime argument, not by value)."""
+        if self._runtime.intersection(kwargs) or any(self._constexpr[:len(args)]):
+            return None
+        rest = self._names[len(args):]
+        if not all(n in kwargs or n in self._defaults for n in rest):
+            return None
+        tail = tuple(kwargs[n] if n in kwargs else self._defaults[n] for n in rest)
+        return kernel.run, kernel.function, kernel.packed_metadata, tail
+
+
+def _fast_path_open(jit) -> bool:
+    """Whether nothing needs `JITFunction.run`'s own path: launch hooks (profilers) are
+    passed only there, and a replaced `run` (the sm_90a gate) must see every call."""
+    rt = _knobs.runtime
+    return (_ENABLED and type(jit).run.__qualname__ == "JITFunction.run"
+            and not _hooked(rt.launch_enter_hook) and not _hooked(rt.launch_exit_hook))
+
+
+def _hooked(hook) -> bool:
+    """A launch hook is set: a callable, or a non-empty `HookChain` (triton >= 3.6 keeps
+    an empty chain there, which `JITFunction.run` passes and the launcher calls)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+_ENABLED = os.environ.get("MOE_KERNELS_TRITON_LAUNCH", "cached") != "jit"
+
+
+@contextlib.contextmanager
+def cache_enabled(enabled: bool):
+    """Within: launches through the cache (True) or through `JITFunction.run` (False); for
+    the checks and benchmarks that compare the two."""
+    global _ENABLED
+    _ENABLED, saved = enabled, _ENABLED
+    try:
+        yield
+    finally:
+        _ENABLED = saved
+
+
+_driver = _knobs = None      # triton's, bound by the first cached_launch
+
+
+def cached_launch(kernel):
+    """Decorator over `@triton.jit`: `kernel[grid](...)` through the launch cache; the
+    kernel itself where there is nothing to launch (the interpreter)."""
+    global _driver, _knobs
+    from triton import knobs
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+    if not isinstance(kernel, JITFunction):
+        return kernel
+    _driver, _knobs = driver, knobs
+    return CachedLaunch(kernel)
