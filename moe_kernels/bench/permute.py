@@ -119,6 +119,11 @@ def sm90_cases():
     for T, E, align in ((1, 256, 128), (16, 256, 1), (16, 384, 64)):
         yield (f"permute_index (one chunk) T={T}x8 E={E} align={align}",
                lambda T=T, E=E, a=align: permute.permute_index(meta(T, 8, dtype=torch.int32), E, a))
+    # moe_align_block_size at decode: the same program writes vLLM's layout itself
+    for T, block in ((1, 16), (16, 64)):
+        yield (f"moe_align_block_size (one chunk) T={T}x8 E=256 block={block}",
+               lambda T=T, b=block: permute.moe_align_block_size(
+                   meta(T, 8, dtype=torch.int32), 256, b))
     # the masked layout's index: one chunk (decode) and several (128 tokens per rank)
     for T, E, M in ((1, 256, 32), (16, 256, 32), (128, 256, 128), (4096, 384, 256)):
         yield (f"permute_masked_index T={T}x8 E={E} M={M}",

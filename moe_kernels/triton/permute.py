@@ -49,9 +49,13 @@ def _chunk_count_kernel(ids_ptr, chunk_counts_ptr, rank_ptr, P, E,
 
 @triton.jit
 def _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
-                m_indices_ptr, M, MASKED: tl.constexpr):
+                m_indices_ptr, M, align, MASKED: tl.constexpr, BLOCK_EXPERTS: tl.constexpr):
     """Pair p (expert e, slot-th of its expert) to its row: `start` (the expert's first
-    row) + slot, or in the masked layout e * M + slot, kept while slot < M."""
+    row) + slot, or in the masked layout e * M + slot, kept while slot < M. BLOCK_EXPERTS:
+    m_indices_ptr holds one expert per block of `align` rows (moe_align_block_size's
+    expert_ids), written by the pair on the block's first row (a block that starts inside
+    a segment starts on a real row: segments start on block boundaries and hold less than
+    a block of padding)."""
     if MASKED:
         kept = routed & (slot < M)
         row = e * M + slot
@@ -60,7 +64,9 @@ def _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_ro
         row = start + slot
     tl.store(row_of_pair_ptr + p, tl.where(kept, row, -1).to(tl.int32), mask=in_range)
     tl.store(pair_of_row_ptr + row, p.to(tl.int32), mask=kept)
-    if not MASKED:
+    if BLOCK_EXPERTS:
+        tl.store(m_indices_ptr + row // align, e.to(tl.int32), mask=kept & (row % align == 0))
+    elif not MASKED:
         tl.store(m_indices_ptr + row, e.to(tl.int32), mask=kept)
 
 
@@ -79,15 +85,19 @@ def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of
     slot = tl.load(chunk_start_ptr + c.to(tl.int64) * E + e, mask=routed, other=0) + rank
     start = 0 if MASKED else tl.load(offsets_ptr + e, mask=routed, other=0)
     _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
-                m_indices_ptr, M, MASKED)
+                m_indices_ptr, M, 1, MASKED, False)
 
 
 @cached_launch
 @triton.jit
 def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row_of_pair_ptr,
-                            pair_of_row_ptr, P, E, R, align, M, E_PAD: tl.constexpr,
-                            BLOCK: tl.constexpr, FILL: tl.constexpr, MASKED: tl.constexpr):
-    """MASKED: offsets_ptr receives masked_m = min(counts, M) and m_indices is not written."""
+                            pair_of_row_ptr, total_ptr, P, E, R, align, M, pad,
+                            E_PAD: tl.constexpr, BLOCK: tl.constexpr, FILL: tl.constexpr,
+                            MASKED: tl.constexpr, BLOCK_EXPERTS: tl.constexpr):
+    """Rows that no pair fills get `pad` in pair_of_row (-1; moe_align_block_size: P).
+    MASKED: offsets_ptr receives masked_m = min(counts, M) and m_indices is not written.
+    BLOCK_EXPERTS (moe_align_block_size in one launch): m_indices_ptr receives one expert
+    per block of `align` rows (-1 past the last), total_ptr the rows used (int32)."""
     p = tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int64)
     expert = tl.where((ids >= 0) & (ids < E), ids, -1)
@@ -102,18 +112,22 @@ def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row
         ends = tl.cumsum(((counts + align - 1) // align * align).to(tl.int64), 0)
         tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
         tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
-    for r0 in range(0, R, FILL):  # every row padding (-1) first; routed rows overwritten below
+        if BLOCK_EXPERTS:   # lane E - 1 holds the last end: the rows used
+            tl.store(total_ptr + e_range - (E - 1), ends.to(tl.int32), mask=e_range == E - 1)
+    # m_indices entries: one per row, or one per block
+    n_index = (R + align - 1) // align if BLOCK_EXPERTS else R
+    for r0 in range(0, R, FILL):  # every row padding first; routed rows overwritten below
         r = r0 + tl.arange(0, FILL)
-        tl.store(pair_of_row_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < R)
+        tl.store(pair_of_row_ptr + r, tl.full((FILL,), 0, tl.int32) + pad, mask=r < R)
         if not MASKED:
-            tl.store(m_indices_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < R)
+            tl.store(m_indices_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < n_index)
     # the offsets and the fill were stored by other threads of this program: a CTA barrier
     # orders their global stores before the loads and stores below
     tl.debug_barrier()
     slot = _rank_in_block(expert, BLOCK).to(tl.int64)
     start = 0 if MASKED else tl.load(offsets_ptr + e, mask=routed, other=0)
     _store_rows(p, p < P, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
-                m_indices_ptr, M, MASKED)
+                m_indices_ptr, M, align, MASKED, BLOCK_EXPERTS)
 
 
 # Rows a program of _index_one_chunk_kernel marks as padding per step.
@@ -168,8 +182,8 @@ def _index_one_chunk(ids, T, K, E, R, align):
            new((T, K), torch.int32), new((R,), torch.int32)]
     offsets, counts, m_indices, row_of_pair, pair_of_row = out
     _index_one_chunk_kernel[(1,)](ids, offsets, counts, m_indices, row_of_pair, pair_of_row,
-                                  T * K, E, R, align, 0, E_PAD=next_power_of_2(E),
-                                  BLOCK=_CHUNK, FILL=_FILL, MASKED=False)
+                                  counts, T * K, E, R, align, 0, -1, E_PAD=next_power_of_2(E),
+                                  BLOCK=_CHUNK, FILL=_FILL, MASKED=False, BLOCK_EXPERTS=False)
     return out
 
 
@@ -189,9 +203,9 @@ def permute_masked_index(topk_ids: torch.Tensor, num_experts: int, max_tokens: i
     masked_m, counts, row_of_pair, pair_of_row = new(E), new(E), new(T, K), new(E * M)
     if P <= _CHUNK:   # pair_of_row stands in for the m_indices a masked layout lacks
         _index_one_chunk_kernel[(1,)](ids, masked_m, counts, pair_of_row, row_of_pair,
-                                      pair_of_row, P, E, E * M, 1, M,
+                                      pair_of_row, counts, P, E, E * M, 1, M, -1,
                                       E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
-                                      MASKED=True)
+                                      MASKED=True, BLOCK_EXPERTS=False)
         return [masked_m, counts, row_of_pair, pair_of_row]
     n_chunks, rank, counts64, chunk_start = _count_chunks(ids, P, E)
     pair_of_row.fill_(-1)
@@ -206,7 +220,14 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
 
     Every block that starts inside an expert's padded segment starts on one of its real
     rows (segments start on block boundaries and hold less than one block of padding), so
-    a block's expert is the m_indices entry of its first row."""
+    a block's expert is the m_indices entry of its first row. Up to _CHUNK pairs one
+    launch writes the three outputs; beyond, permute_index's and three torch calls."""
+    if block_size < 1 or num_experts < 1:   # direct torch.ops calls skip the public checks
+        raise ValueError(f"moe_align_block_size: block_size ({block_size}) and num_experts "
+                         f"({num_experts}) must be >= 1")
+    T, K = topk_ids.shape
+    if T * K <= _CHUNK:
+        return _align_one_chunk(topk_ids.contiguous().view(-1), T, K, num_experts, block_size)
     offsets, _, m_indices, _, pair_of_row = permute_index(topk_ids, num_experts, block_size)
     P = topk_ids.numel()
     sorted_ids = torch.where(pair_of_row >= 0, pair_of_row, P)
@@ -214,6 +235,22 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     # with it all of m_indices, alive)
     expert_ids = m_indices[::block_size].clone(memory_format=torch.contiguous_format)
     return [sorted_ids, expert_ids, offsets[-1:].int()]
+
+
+def _align_one_chunk(ids, T, K, E, block_size):
+    """moe_align_block_size of up to _CHUNK pairs in one launch: six allocations against
+    permute_index's five plus three torch calls (torch.where, a strided clone, a cast),
+    each a kernel launch of its own on the GPU."""
+    P = T * K
+    R = permuted_rows(P, E, block_size)
+    new = lambda shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=ids.device)
+    sorted_ids, expert_ids, total = new((R,)), new((cdiv(R, block_size),)), new((1,))
+    offsets, counts, row_of_pair = new((E + 1,), torch.int64), new((E,)), new((T, K))
+    _index_one_chunk_kernel[(1,)](ids, offsets, counts, expert_ids, row_of_pair, sorted_ids,
+                                  total, P, E, R, block_size, 0, P,
+                                  E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
+                                  MASKED=False, BLOCK_EXPERTS=True)
+    return [sorted_ids, expert_ids, total]
 
 
 @cached_launch
