@@ -92,6 +92,12 @@ def test_arguments_without_a_derived_key_go_through_jit_run():
             launch._args_key((odd,))
 
 
+def _counts(out: str) -> tuple[int, int, int]:
+    """(cases, launches, mismatches) from the check's last line."""
+    words = out.strip().splitlines()[-1].split(": ", 1)[1].replace(",", "").split()
+    return int(words[0]), int(words[2]), int(words[4])
+
+
 @pytest.fixture(scope="module")
 def launch_checks():
     return run_per_version(lambda path: [sys.executable, "-m", "moe_kernels.bench.launches"])
@@ -102,8 +108,8 @@ def test_cached_launches_are_jit_runs_launches(launch_checks, triton_path):
     """Each op's smallest edge case (every kernel the ops launch at small sizes)."""
     rc, out, err = launch_checks[triton_path]
     assert rc == 0, (out + err)[-4000:]
-    last = out.strip().splitlines()[-1]
-    assert last.endswith(" 0 mismatches") and int(last.split(": ")[1].split()[0]) >= 14, last
+    cases, launches, mismatches = _counts(out)
+    assert mismatches == 0 and cases >= 14 and launches >= 20, out[-2000:]
 
 
 @pytest.mark.slow
@@ -118,7 +124,8 @@ def test_cached_launches_are_jit_runs_launches_on_every_edge_case(triton_path):
                                          "--every-case"])
     rc, out, err = runs[triton_path]
     assert rc == 0, (out + err)[-4000:]
-    assert out.strip().splitlines()[-1].endswith(" 0 mismatches")
+    cases, launches, mismatches = _counts(out)
+    assert mismatches == 0 and cases >= 100 and launches >= 100, out[-2000:]
 
 
 # Two probes in one process per triton (one compile of the gating kernel). A launch hook
@@ -151,8 +158,8 @@ _PROBES = textwrap.dedent('''
     fine = launch._args_key
     launch._args_key = lambda args: fine(tuple(   # every tensor keyed as if aligned
         torch.empty(0, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in args))
-    found["aligned"] = launches.check_call("aligned", aligned)
-    found["misaligned"] = launches.check_call("misaligned", misaligned)
+    found["aligned"] = launches.check_call("aligned", aligned)[1]
+    found["misaligned"] = launches.check_call("misaligned", misaligned)[1]
     print(json.dumps(found))
 ''')
 

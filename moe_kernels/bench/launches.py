@@ -11,7 +11,8 @@ what `JITFunction.run` did: the same compiled kernel (function handle), grid, st
 packed metadata and kernel arguments (tensors by dtype, shape, strides and 16-byte
 alignment, other values by value); the second without launch metadata or hooks (a hit).
 
-`python -m moe_kernels.bench.launches` prints one line per mismatch and exits 1 on any;
+`python -m moe_kernels.bench.launches` prints one line per mismatch and a count of cases
+and launches, and exits 1 on any mismatch;
 tests/test_triton_launch.py runs it under each triton version the project supports.
 `stub_launches()` is also what benchmarks/host_overhead.py --compiled times under.
 """
@@ -111,19 +112,19 @@ def _launches(call, cached: bool) -> list:
              a[_LAUNCH_METADATA] is not None) for a in sink]
 
 
-def check_call(where: str, call) -> list[str]:
-    """Mismatches between call()'s launches through `JITFunction.run` and through the
-    cache: its first cached call (a miss, or a hit on an entry of an earlier call, which
-    must then be that kernel) and its second (a hit)."""
+def check_call(where: str, call) -> tuple[int, list[str]]:
+    """(launches compared, mismatches) between call()'s launches through
+    `JITFunction.run` and through the cache: its first cached call (a miss, or a hit on
+    an entry of an earlier call, which must then be that kernel) and its second (a hit)."""
     jit = _launches(call, cached=False)
     if not all(through_run for *_, through_run in jit):
-        return [f"{where}: the cache was off, yet a launch bypassed JITFunction.run"]
+        return 0, [f"{where}: the cache was off, yet a launch bypassed JITFunction.run"]
     problems = []
     for attempt in ("first", "repeated"):
         cached = _launches(call, cached=True)
         if len(cached) != len(jit):
-            return problems + [f"{where}: {len(jit)} launches through JITFunction.run, "
-                               f"{len(cached)} by the {attempt} cached call"]
+            return 0, problems + [f"{where}: {len(jit)} launches through JITFunction.run, "
+                                  f"{len(cached)} by the {attempt} cached call"]
         for i, ((head_j, args_j, _), (head_c, args_c, through_run)) in \
                 enumerate(zip(jit, cached)):
             if attempt == "repeated" and through_run:
@@ -131,10 +132,10 @@ def check_call(where: str, call) -> list[str]:
             elif head_c != head_j or args_c != args_j:
                 problems.append(f"{where} launch {i}, {attempt} cached call: {head_c} "
                                 f"{args_c} != JITFunction.run's {head_j} {args_j}")
-    return problems
+    return len(jit), problems
 
 
-def check_case(op: str, case) -> list[str]:
+def check_case(op: str, case) -> tuple[int, list[str]]:
     """check_call on one case of `op` (moe_kernels.testing) with backend="triton"."""
     import moe_kernels
     from moe_kernels import testing
@@ -143,19 +144,21 @@ def check_case(op: str, case) -> list[str]:
         op, lambda *a, **k: public(*a, backend="triton", **k), case))
 
 
-def check_all(select: str | None = None, every_case: bool = False) -> tuple[int, list[str]]:
-    """(cases run, mismatches) over each op's smallest non-empty edge case, or all its
-    edge cases (each new launch configuration compiles: ~3 min on 2 cores for all)."""
+def check_all(select: str | None = None,
+              every_case: bool = False) -> tuple[int, int, list[str]]:
+    """(cases run, launches compared, mismatches) over each op's smallest non-empty edge
+    case, or all its edge cases (each new launch configuration compiles: ~3 min on 2
+    cores for all)."""
     from moe_kernels import testing
     from moe_kernels.bench.common import smallest_case
-    runs, problems = 0, []
+    runs, launches, problems = 0, 0, []
     for op in testing.ops():
         if select and select not in op:
             continue
         for case in testing.cases(op, "edge") if every_case else [smallest_case(op, "cpu")]:
-            problems += check_case(op, case)
-            runs += 1
-    return runs, problems
+            n, found = check_case(op, case)
+            runs, launches, problems = runs + 1, launches + n, problems + found
+    return runs, launches, problems
 
 
 def main(argv=None) -> int:
@@ -165,10 +168,11 @@ def main(argv=None) -> int:
                     help="every edge case, not only each op's smallest")
     args = ap.parse_args(argv)
     import triton
-    runs, problems = check_all(args.select, args.every_case)
+    runs, launches, problems = check_all(args.select, args.every_case)
     for p in problems:
         print(p)
-    print(f"triton {triton.__version__}: {runs} cases, {len(problems)} mismatches")
+    print(f"triton {triton.__version__}: {runs} cases, {launches} launches, "
+          f"{len(problems)} mismatches")
     return 1 if problems else 0
 
 
