@@ -1,13 +1,14 @@
 """The launch cache (moe_kernels/triton/launch.py): a cached launch is exactly the launch
 `JITFunction.run` makes.
 
-Two parts. In this process: the cache's key of an argument is at least as fine as
-Triton's own specialisation of it (`native_specialize_impl`, what `JITFunction.run`
-keys its compiled kernels by), so two calls that share a key get the same kernel. In a
-process per triton version, with real compiled kernels and a recording stand-in for the
-C launcher (moe_kernels/bench/launches.py): every op's launches, cached and not, hand the
-launcher the same kernel and arguments; and that check fails when the key is made too
-coarse.
+- In this process: the cache's key of an argument is at least as fine as Triton's own
+  specialisation of it (`native_specialize_impl`, what `JITFunction.run` keys its
+  compiled kernels by), so two calls that share a key get the same kernel.
+- In a process per triton version, with real compiled kernels and a recording stand-in
+  for the C launcher (moe_kernels/bench/launches.py): every op's launches, cached and
+  not, hand the launcher the same kernel and arguments; that check fails when the key is
+  made too coarse; a launch hook sends launches through `JITFunction.run`.
+- On a GPU: outputs through the cache equal those through `JITFunction.run`.
 """
 
 from __future__ import annotations
