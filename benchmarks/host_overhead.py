@@ -6,6 +6,9 @@ Default: the ops run under the Triton interpreter with every kernel launch repla
 no-op, so what is timed is our Python: argument checks, backend choice, output
 allocation, grid arithmetic and the torch calls between kernels, not Triton's launcher.
 
+The last row is one decode forward of a small DeepseekV3MoE layer (its own Python between
+the ops included).
+
 `--compiled`: the kernels are compiled for sm_90 (no interpreter) and only their C
 launcher is replaced, by a no-op (moe_kernels/bench/launches.py `stub_launches`), so
 Triton's Python launcher path is timed too: through `JITFunction.run`
@@ -87,7 +90,24 @@ def main() -> int:
             continue
         print(f"{op:30s} " + " ".join(f"{us:15.1f}" for us, _ in times)
               + f" {times[-1][1]:8.0f}  {case.name}")
+    forward = _decode_layer()
+    times = [_timed("layer", forward, mode) for mode in modes]
+    print(f"{'DeepseekV3MoE forward':30s} " + " ".join(f"{us:15.1f}" for us, _ in times)
+          + f" {times[-1][1]:8.0f}  T=1, 16 + 1 experts, H=256, top-4 of 4 groups / 2")
     return 0
+
+
+def _decode_layer():
+    """One decode step of a small DeepseekV3MoE on the triton backend: the layer's own
+    Python between its ops counts too."""
+    import torch
+
+    from moe_kernels.bench.layer import CPU_CONFIG, random_layer
+    cfg = dict(CPU_CONFIG, hidden_size=256, moe_intermediate_size=128, num_experts_per_tok=4)
+    layer = random_layer(cfg, "cpu", torch.Generator().manual_seed(0))
+    layer.backend = "triton"
+    hidden = torch.randn(1, 256).bfloat16()
+    return lambda: layer(hidden)
 
 
 if __name__ == "__main__":
