@@ -11,8 +11,9 @@ what `JITFunction.run` did: the same compiled kernel (function handle), grid, st
 packed metadata and kernel arguments (tensors by dtype, shape, strides and 16-byte
 alignment, other values by value); the second without launch metadata or hooks (a hit).
 
-`python -m moe_kernels.bench.launches` prints one line per mismatch and a count of cases
-and launches, and exits 1 on any mismatch;
+It also lists any `*_kernel` of moe_kernels.triton left without `@cached_launch`.
+`python -m moe_kernels.bench.launches` prints one line per problem and a count of cases,
+launches and problems, and exits 1 on any problem;
 tests/test_triton_launch.py runs it under each triton version the project supports.
 `stub_launches()` is also what benchmarks/host_overhead.py --compiled times under.
 """
@@ -161,6 +162,16 @@ def check_all(select: str | None = None,
     return runs, launches, problems
 
 
+def uncached_kernels() -> list[str]:
+    """`*_kernel` JIT functions of moe_kernels.triton launched without `@cached_launch`
+    (compiled mode only: under the interpreter no kernel is wrapped)."""
+    from triton.runtime.jit import JITFunction
+
+    from moe_kernels.triton.launch import package_globals
+    return [f"{module.__name__}.{name}" for module, name, obj in package_globals()
+            if name.endswith("_kernel") and isinstance(obj, JITFunction)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--select", help="only ops whose name contains this")
@@ -169,10 +180,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import triton
     runs, launches, problems = check_all(args.select, args.every_case)
+    problems += [f"{k}: launched without @cached_launch" for k in uncached_kernels()]
     for p in problems:
         print(p)
     print(f"triton {triton.__version__}: {runs} cases, {launches} launches, "
-          f"{len(problems)} mismatches")
+          f"{len(problems)} problems")
     return 1 if problems else 0
 
 

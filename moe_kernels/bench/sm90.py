@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import inspect
 import io
 import json
 import os
-import pkgutil
 import re
 import subprocess
 import sys
@@ -158,13 +156,13 @@ def launched_kernels() -> set[str]:
 
 def _jit_functions():
     from triton.runtime.jit import JITFunction
-    import moe_kernels.triton as pkg
-    for info in pkgutil.iter_modules(pkg.__path__):
-        module = importlib.import_module(f"moe_kernels.triton.{info.name}")
-        for name, obj in vars(module).items():
-            obj = getattr(obj, "jit", obj)     # a kernel behind triton/launch.py's cache
-            if isinstance(obj, JITFunction) and obj.__module__ == module.__name__:
-                yield name, obj
+
+    from moe_kernels.triton.launch import CachedLaunch, package_globals
+    for module, name, obj in package_globals():
+        if isinstance(obj, CachedLaunch):      # a kernel behind triton/launch.py's cache
+            obj = obj.jit
+        if isinstance(obj, JITFunction) and obj.__module__ == module.__name__:
+            yield name, obj
 
 
 def uncalled_helpers() -> set[str]:

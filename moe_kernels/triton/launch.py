@@ -166,6 +166,19 @@ def cache_enabled(enabled: bool):
 _driver = _knobs = None      # triton's, bound by the first cached_launch
 
 
+def package_globals():
+    """(module, name, object) for every module-level name of moe_kernels.triton's modules:
+    where the compile gate and the launch check find the kernels."""
+    import importlib
+    import pkgutil
+
+    import moe_kernels.triton as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"moe_kernels.triton.{info.name}")
+        for name, obj in vars(module).items():
+            yield module, name, obj
+
+
 def cached_launch(kernel):
     """Decorator over `@triton.jit`: `kernel[grid](...)` through the launch cache; the
     kernel itself where there is nothing to launch (the interpreter)."""
