@@ -9,12 +9,14 @@ index, exactly as `reference/gating.py`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from moe_kernels._common import cdiv, next_power_of_2
-from moe_kernels.triton.launch import cached_launch
+from moe_kernels.triton.launch import cached_launch, configure
 
 # Below every real key (reference.EXCLUDED_KEY); jit code may read only constexpr globals.
 _NEG_KEY = tl.constexpr(-9223372036854775808)
@@ -130,17 +132,25 @@ def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor | None, top
     if T == 0:
         return w, ids
     G = num_expert_group
-    GS = E // G
-    G_PAD, GS_PAD = next_power_of_2(G), next_power_of_2(GS)
-    rows, num_warps = config or _launch_config(T, G_PAD * GS_PAD)
+    rows, num_warps = config or _launch_config(
+        T, next_power_of_2(G) * next_power_of_2(E // G))
     # the kernel reads bias[e] at e: a strided (a column of a per-layer table) or expanded
     # bias is made contiguous first (E floats, a no-op when already contiguous)
     bias = correction_bias.contiguous() if correction_bias is not None else logits
-    _grouped_topk_kernel[(cdiv(T, rows),)](
-        logits, bias, w, ids, T, logits.stride(0), float(routed_scaling_factor),
-        G=G, GS=GS, G_PAD=G_PAD, GS_PAD=GS_PAD, TOPK_GROUP=topk_group, TOP_K=top_k,
-        K_PAD=next_power_of_2(top_k), SOFTMAX=scoring_func == "softmax",
-        HAS_BIAS=correction_bias is not None, GROUP_TOP2=group_scoring == "top2_sum",
-        SELECT_GROUPS=topk_group < G, RENORM=bool(renormalize), ROWS=rows,
-        num_warps=num_warps)
+    _configured(E, G, topk_group, top_k, scoring_func == "softmax",
+                correction_bias is not None, group_scoring == "top2_sum", bool(renormalize),
+                rows, num_warps)[(cdiv(T, rows),)](
+        logits, bias, w, ids, T, logits.stride(0), float(routed_scaling_factor))
     return w, ids
+
+
+@functools.lru_cache(maxsize=None)
+def _configured(E, G, topk_group, top_k, softmax, has_bias, top2, renormalize, rows,
+                num_warps):
+    """The kernel with one router configuration's constexprs bound (launch.configure)."""
+    GS = E // G
+    return configure(_grouped_topk_kernel, G=G, GS=GS, G_PAD=next_power_of_2(G),
+                     GS_PAD=next_power_of_2(GS), TOPK_GROUP=topk_group, TOP_K=top_k,
+                     K_PAD=next_power_of_2(top_k), SOFTMAX=softmax, HAS_BIAS=has_bias,
+                     GROUP_TOP2=top2, SELECT_GROUPS=topk_group < G, RENORM=renormalize,
+                     ROWS=rows, num_warps=num_warps)

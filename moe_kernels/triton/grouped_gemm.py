@@ -30,13 +30,15 @@ Tile configs: configs/grouped_gemm.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
 from moe_kernels.configs.grouped_gemm import gemm_config
-from moe_kernels.triton.launch import cached_launch
+from moe_kernels.triton.launch import cached_launch, configure
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
 
 GROUP_M = 8
@@ -239,11 +241,18 @@ def _b_strides(b, b_scales):
             b_scales.stride(2))
 
 
-def _launch_opts(cfg, K):
-    return dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=SCALE_BLOCK,
-                SWAP_AB=cfg["BLOCK_M"] < WGMMA_M, EVEN_K=K % SCALE_BLOCK == 0,
-                SOFTWARE=SOFTWARE_ROUNDING,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+def _launcher(kernel, cfg, K, **constexprs):
+    """kernel with the tile config `cfg` (configs/grouped_gemm.py) and `constexprs` bound."""
+    return _configured(kernel, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"],
+                       cfg["num_stages"], K % SCALE_BLOCK == 0, **constexprs)
+
+
+@functools.lru_cache(maxsize=None)
+def _configured(kernel, block_m, block_n, num_warps, num_stages, even_k, **constexprs):
+    """launch.configure, once per configuration."""
+    return configure(kernel, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
+                     BLOCK_K=SCALE_BLOCK, SWAP_AB=block_m < WGMMA_M, EVEN_K=even_k,
+                     SOFTWARE=SOFTWARE_ROUNDING, num_warps=num_warps, num_stages=num_stages)
 
 
 def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
@@ -256,11 +265,10 @@ def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
         return
     cfg = gemm_config("contiguous", max(R // max(E, 1), 1), a.device)
     grid = (cdiv(R, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    _contiguous_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales,
-                             m_indices.contiguous(),
-                             out, R, N, K, E, a.stride(0), a_scales.stride(0),
-                             a_scales.stride(1), *_b_strides(b, b_scales), out.stride(0),
-                             GROUP=GROUP_M, **_launch_opts(cfg, K))
+    _launcher(_contiguous_kernel, cfg, K, GROUP=GROUP_M)[grid](
+        _fp8_operand(a), a_scales, _fp8_operand(b), b_scales, m_indices.contiguous(), out, R,
+        N, K, E, a.stride(0), a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales),
+        out.stride(0))
 
 
 def grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out_dtype):
@@ -285,12 +293,10 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     # sum_e ceil(c_e / BM) <= floor(R / BM) + (number of non-empty experts)
     tiles_m = R // bm + min(R, E)
     grid = (tiles_m * cdiv(N, cfg["BLOCK_N"]),)
-    _segments_kernel[grid](_fp8_operand(a), a_scales, _fp8_operand(b), b_scales,
-                           expert_offsets.contiguous(), tokens_per_expert.contiguous(), out, R, N,
-                           K, E, tiles_m, a.stride(0),
-                           a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales),
-                           out.stride(0), E_PAD=next_power_of_2(E), GROUP=GROUP_M,
-                           **_launch_opts(cfg, K))
+    _launcher(_segments_kernel, cfg, K, E_PAD=next_power_of_2(E), GROUP=GROUP_M)[grid](
+        _fp8_operand(a), a_scales, _fp8_operand(b), b_scales, expert_offsets.contiguous(),
+        tokens_per_expert.contiguous(), out, R, N, K, E, tiles_m, a.stride(0),
+        a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales), out.stride(0))
     return out
 
 
@@ -305,10 +311,9 @@ def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out):
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
     cfg = gemm_config("masked", M, a.device)
     grid = (E * cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
-    _masked_kernel[grid](_fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m.contiguous(),
-                         out, M, N,
-                         K, a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales),
-                         N, **_launch_opts(cfg, K))
+    _launcher(_masked_kernel, cfg, K)[grid](
+        _fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m.contiguous(), out, M, N, K,
+        a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales), N)
 
 
 def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype):

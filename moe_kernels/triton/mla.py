@@ -22,6 +22,8 @@ even with unchecked inputs on the CUDA-graph path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,7 @@ import triton.language as tl
 from moe_kernels import _common
 from moe_kernels._common import FP8, cdiv, next_power_of_2
 from moe_kernels._library import triton_interpreting
-from moe_kernels.triton.launch import cached_launch
+from moe_kernels.triton.launch import cached_launch, configure
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
 SCALE_BLOCK = tl.constexpr(_common.SCALE_BLOCK)   # jit code reads only constexpr globals
@@ -189,7 +191,6 @@ def _launch(rows, row_strides, pe, pe_strides, kv_b_proj, kv_b_proj_scale, kv_ca
     if T == 0:
         return
     cfg = INTERPRETER_CONFIG if triton_interpreting() else CONFIG
-    compute, precision = _compute_dtype(rows.dtype, kv_b_proj.dtype)
     w_fp8 = kv_b_proj.dtype == FP8
     # small tables are read at flat offsets (or with the row stride only): contiguous
     # first, a no-op when they already are
@@ -199,19 +200,31 @@ def _launch(rows, row_strides, pe, pe_strides, kv_b_proj, kv_b_proj_scale, kv_ca
     scale = kv_cache_scale if kv_cache_scale is not None else out_k
     B, max_blocks = block_table.shape if paged else (0, 0)
     grid = (cdiv(T, cfg["BLOCK_T"]), H)
-    _decompress_kernel[grid](
+    kernel = _configured(dn, dv, rope, paged, rows.dtype, kv_b_proj.dtype,
+                         kv_cache_scale is not None, cfg["BLOCK_T"], cfg["BLOCK_K"],
+                         cfg["num_warps"], cfg["num_stages"])
+    kernel[grid](
         _bytes(rows), _bytes(pe), _bytes(kv_b_proj), ws, scale, block_table, seq_lens,
         out_k, out_v, T, R, B, max_blocks, num_blocks, page,
         row_strides[0], row_strides[1], pe_strides[0], pe_strides[1],
         block_table.stride(0) if paged else 0, kv_b_proj.stride(0),
         ws.stride(0) if w_fp8 else 0, out_k.stride(0), out_k.stride(1), out_v.stride(0),
-        out_v.stride(1),
-        DN=dn, DV=dv, ROPE=rope, BLOCK_DN=_next_pow2(dn), BLOCK_DV=_next_pow2(dv),
-        BLOCK_ROPE=_next_pow2(rope), PAGED=paged, KV_FP8=rows.dtype == FP8, W_FP8=w_fp8,
-        HAS_KV_SCALE=kv_cache_scale is not None, COMPUTE=compute, PRECISION=precision,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_K=cfg["BLOCK_K"], BLOCK_B=BLOCK_SEQS,
-        SOFTWARE=SOFTWARE_ROUNDING,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        out_v.stride(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _configured(dn, dv, rope, paged, kv_dtype, w_dtype, has_kv_scale, block_t, block_k,
+                num_warps, num_stages):
+    """The kernel with one configuration's constexprs and options bound
+    (launch.configure); the tile config is a key, as benchmarks/tune_mla.py edits CONFIG."""
+    compute, precision = _compute_dtype(kv_dtype, w_dtype)
+    return configure(
+        _decompress_kernel, DN=dn, DV=dv, ROPE=rope, BLOCK_DN=_next_pow2(dn),
+        BLOCK_DV=_next_pow2(dv), BLOCK_ROPE=_next_pow2(rope), PAGED=paged,
+        KV_FP8=kv_dtype == FP8, W_FP8=w_dtype == FP8, HAS_KV_SCALE=has_kv_scale,
+        COMPUTE=compute, PRECISION=precision, BLOCK_T=block_t, BLOCK_K=block_k,
+        BLOCK_B=BLOCK_SEQS, SOFTWARE=SOFTWARE_ROUNDING, num_warps=num_warps,
+        num_stages=num_stages)
 
 
 def mla_decompress_kv(kv_c, k_pe, kv_b_proj, kv_b_proj_scale, out_k, out_v) -> None:
