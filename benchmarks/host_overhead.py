@@ -58,7 +58,7 @@ def host_us(call, calls: int = 1000, runs: int = 5) -> tuple[float, float]:
     return best, len(LAUNCHES) / calls
 
 
-def _timed(op, call, cached: bool | None):
+def _timed(call, cached: bool | None):
     """host_us of call(); with the launch cache on or off where `cached` is not None."""
     if cached is None:
         return host_us(call)
@@ -84,14 +84,14 @@ def main() -> int:
         public = getattr(moe_kernels, op)
         call = lambda: public(*args, backend="triton", **kwargs)
         try:
-            times = [_timed(op, call, mode) for mode in modes]
+            times = [_timed(call, mode) for mode in modes]
         except (RuntimeError, IndexError):
             print(f"{op:30s} {'-':>15s}  (its host code reads a kernel's output)")
             continue
         print(f"{op:30s} " + " ".join(f"{us:15.1f}" for us, _ in times)
               + f" {times[-1][1]:8.0f}  {case.name}")
     forward = _decode_layer()
-    times = [_timed("layer", forward, mode) for mode in modes]
+    times = [_timed(forward, mode) for mode in modes]
     print(f"{'DeepseekV3MoE forward':30s} " + " ".join(f"{us:15.1f}" for us, _ in times)
           + f" {times[-1][1]:8.0f}  T=1, 16 + 1 experts, H=256, top-4 of 4 groups / 2")
     return 0

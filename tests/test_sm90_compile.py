@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from triton_versions import VERSIONS, run_per_version
+from triton_versions import VERSIONS, json_result, run_per_version, run_script_per_version
 
 
 def _json_name(path) -> str:
@@ -134,16 +134,13 @@ _BAD_KERNELS = textwrap.dedent('''
 def defect_reports(tmp_path_factory):
     """The bad kernels compiled under every available triton at once (one after the other
     they took ~37 s of CI); {path: (returncode, stdout, stderr)}."""
-    script = tmp_path_factory.mktemp("sm90_defects") / "bad_kernels.py"
-    script.write_text("import json\n" + _BAD_KERNELS)
-    return run_per_version(lambda path: [sys.executable, str(script)])
+    return run_script_per_version(tmp_path_factory.mktemp("sm90_defects"), "bad_kernels.py",
+                                  "import json\n" + _BAD_KERNELS)
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)
 def test_the_gate_catches_each_kind_of_defect(defect_reports, triton_path):
-    rc, out, err = defect_reports[triton_path]
-    assert rc == 0, err[-4000:]
-    found = json.loads(out.strip().splitlines()[-1])
+    found = json_result(defect_reports[triton_path])
     assert any("compile error" in v and "PLAIN_GLOBAL" in v for v in found["global"]), found
     assert any(v.startswith("spills") for v in found["spill"]), found
     assert any("through registers" in v for v in found["uint8"]), found

@@ -2,13 +2,15 @@
 interpreter: the one installed here, and triton 3.6 (the GPU machine's) from
 `.venv/triton-3.6`, which `make setup` installs (or the directories in
 MOE_KERNELS_SM90_TRITON, colon-separated). Used by the checks that compile real kernels
-without a GPU (tests/test_sm90_compile.py, tests/test_triton_launch.py)."""
+without a GPU (tests/test_sm90_compile.py, tests/test_launch.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,18 @@ def run_per_version(argv_of) -> dict:
         out, err = proc.communicate(timeout=TIMEOUT_S)
         results[path] = (proc.returncode, out, err)
     return results
+
+
+def run_script_per_version(directory: pathlib.Path, name: str, text: str) -> dict:
+    """run_per_version of the Python script `text`, written to directory / name."""
+    script = directory / name
+    script.write_text(text)
+    return run_per_version(lambda path: [sys.executable, str(script)])
+
+
+def json_result(result) -> dict:
+    """The JSON object a script printed last, from one run_per_version result (the run
+    must have succeeded)."""
+    rc, out, err = result
+    assert rc == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])

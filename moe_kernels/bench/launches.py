@@ -14,7 +14,7 @@ alignment, other values by value); the second without launch metadata or hooks (
 It also lists any `*_kernel` of moe_kernels.triton left without `@cached_launch`.
 `python -m moe_kernels.bench.launches` prints one line per problem and a count of cases,
 launches and problems, and exits 1 on any problem;
-tests/test_triton_launch.py runs it under each triton version the project supports.
+tests/test_launch.py runs it under each triton version the project supports.
 `stub_launches()` is also what benchmarks/host_overhead.py --compiled times under.
 """
 

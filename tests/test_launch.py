@@ -22,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_kernels.triton import launch
-from triton_versions import VERSIONS, run_per_version
+from triton_versions import VERSIONS, json_result, run_per_version, run_script_per_version
 
 
 def _specialise():
@@ -168,27 +168,19 @@ _PROBES = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory):
-    script = tmp_path_factory.mktemp("launch") / "probes.py"
-    script.write_text(_PROBES)
-    return run_per_version(lambda path: [sys.executable, str(script)])
+    return run_script_per_version(tmp_path_factory.mktemp("launch"), "probes.py", _PROBES)
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)
 def test_a_launch_hook_sends_launches_through_jit_run(probes, triton_path):
     """A profiler's hook must see every launch: the cache steps aside while one is set."""
-    import json
-    rc, out, err = probes[triton_path]
-    assert rc == 0, err[-4000:]
-    found = json.loads(out.strip().splitlines()[-1])
+    found = json_result(probes[triton_path])
     assert found["hooked"] == [True] and found["hook_calls"] == 1, found
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)
 def test_the_check_catches_a_key_too_coarse(probes, triton_path):
-    import json
-    rc, out, err = probes[triton_path]
-    assert rc == 0, err[-4000:]
-    found = json.loads(out.strip().splitlines()[-1])
+    found = json_result(probes[triton_path])
     assert found["aligned"] == [], found
     assert any("first cached call" in p for p in found["misaligned"]), found
 
