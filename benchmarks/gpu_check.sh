@@ -19,9 +19,17 @@
 #              each op's kernels at the goal shapes (benchmarks/ncu_cases.py; NCU_CASES
 #              picks cases): what limits a kernel that misses its goal
 # Each stage gets at most its cap and what is left of BUDGET_S, and writes its log to $OUT
-# when it ends; a stage that runs out of time says so. The bench rows and a line per stage
+# when it ends; a stage that runs out of time says so, and one that brings the host's free
+# memory under MIN_AVAIL_MB is stopped (state low-mem). The bench rows and a line per stage
 # are printed last. Usage: bash benchmarks/gpu_check.sh
+# A machine that stops answering returns nothing of its call, so a lend of ~15 minutes is
+# safer spent as two calls back to back (the machine stays warm for ~30 s between them),
+# each carrying the build, sharing one STAMP:
+#   STAMP=<s> STAGES="build bench" BUDGET_S=270 bash benchmarks/gpu_check.sh
+#   STAMP=<s> STAGES="build tests sanitizer slow compile" BUDGET_S=420 bash ...
 #   BUDGET_S (default 540)    total seconds for all stages
+#   MIN_AVAIL_MB              host memory (MB) a stage must leave free (default 1/16 of it)
+#   STAMP                     the UTC stamp in the file names (default: now)
 #   STAGES                    stages to run (default: "build bench tests sanitizer compile
 #                             slow probe")
 #   TEST_SELECT               pytest -k of the tests stage (default: "cuda or nccl")
@@ -37,9 +45,10 @@ OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} MAX_JOBS=${MAX_JOBS:-16}
 BUDGET_S=${BUDGET_S:-540}
+MIN_AVAIL_MB=${MIN_AVAIL_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024 / 16)}' /proc/meminfo)}
 STAGES=${STAGES:-build bench tests sanitizer compile slow probe}
 TEST_SELECT=${TEST_SELECT:-cuda or nccl}
-stamp=$(date -u +%Y%m%dT%H%M)
+stamp=${STAMP:-$(date -u +%Y%m%dT%H%M)}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 start=$(date +%s)
 summary=()
@@ -55,15 +64,46 @@ run_stage() {
   fi
   echo "== $name (at most ${limit} s)"
   local t0=$(date +%s) tmp=$(mktemp)
-  timeout -k 10 "$limit" "$@" > "$tmp" 2>&1
+  timeout -k 10 "$limit" "$@" > "$tmp" 2>&1 &
+  local pid=$!
+  watch_memory "$pid" "$tmp.mem" &
+  local watcher=$!
+  wait "$pid"
   local rc=$? took=$(( $(date +%s) - t0 )) state
-  if [ $rc = 0 ]; then state=ok
+  kill "$watcher" 2>/dev/null; wait "$watcher" 2>/dev/null
+  if grep -q killed "$tmp.mem" 2>/dev/null; then state=low-mem
+  elif [ $rc = 0 ]; then state=ok
   elif [ $rc = 124 ] || [ $rc = 137 ]; then state=timeout
   else state="rc=$rc"; fi
-  { echo "===== $name: $state in ${took} s: $*"; cat "$tmp"; } >> "$log"
+  local low="host memory free >= $(head -1 "$tmp.mem" 2>/dev/null) MB"
+  { echo "===== $name: $state in ${took} s ($low; GPU after: $(gpu_state)): $*"
+    cat "$tmp"; } >> "$log"
   summary+=("$(printf '%-10s %-9s %4ss  %s' "$name" "$state" "$took" "$(stage_line "$name" "$tmp")")")
-  rm -f "$tmp"
-  echo "   $state in ${took} s"
+  rm -f "$tmp" "$tmp.mem"
+  echo "   $state in ${took} s ($low)"
+}
+
+# watch_memory PID FILE: the host's lowest MemAvailable (MB) while PID runs, kept in FILE;
+# under MIN_AVAIL_MB it stops the stage (timeout passes the TERM to the stage's process
+# group) and says so in FILE. A machine that runs out of memory stops answering and
+# returns nothing of the call, so a stage that grows too large is ended instead.
+watch_memory() {
+  local pid=$1 file=$2 low=0 avail
+  while kill -0 "$pid" 2>/dev/null; do
+    avail=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
+    if (( low == 0 || avail < low )); then low=$avail; echo "$low" > "$file"; fi
+    if (( avail < MIN_AVAIL_MB )); then
+      echo killed >> "$file"; kill -TERM "$pid" 2>/dev/null; return
+    fi
+    sleep 1
+  done
+}
+
+# The GPU's memory in use and its active throttle reasons: a stage that leaves memory
+# behind or a device in a bad state shows here.
+gpu_state() {
+  nvidia-smi --query-gpu=memory.used,clocks_throttle_reasons.active --format=csv,noheader \
+    2>&1 | head -1
 }
 
 # One line of a stage's output that says how it went.

@@ -52,3 +52,27 @@ def test_gpu_check_stages_merge_and_summary(tmp_path):
     assert [ln.split()[:2] for ln in summary] == [["bench", "ok"], ["compile", "ok"],
                                                   ["sanitizer", "rc=2"]], summary
     assert "ERROR SUMMARY: 0 errors" in summary[2] and "no CUDA device" in summary[2]
+
+
+def test_gpu_check_stops_a_stage_that_leaves_too_little_host_memory(tmp_path):
+    """A machine out of memory stops answering and returns nothing of the call: a stage
+    under the floor is ended (here every stage is, the floor being above any machine's
+    memory), the run goes on and says why, with the low point it saw."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "nvidia-smi", 'echo "Stand-in GPU"')
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUDGET_S="300", STAGES="bench compile",
+               MIN_AVAIL_MB=str(1 << 40), STAMP="20000101T0000",
+               BENCH_ARGS="--op unpermute --tokens 2 --backend cpu",
+               PATH=f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    summary = lines[lines.index(next(ln for ln in lines if ln.startswith("== gpu_check"))) + 1:]
+    assert [ln.split()[:2] for ln in summary] == [["bench", "low-mem"], ["compile", "low-mem"]]
+    assert all(int(ln.split()[2].rstrip("s")) < 30 for ln in summary), summary
+    log = (out / "bench_Stand-in_GPU_20000101T0000.txt").read_text()
+    low = [int(part.split(">=")[1].split()[0]) for part in log.split("host memory free")[1:]]
+    assert len(low) == 2 and all(0 < mb < (1 << 40) for mb in low), log[:2000]
