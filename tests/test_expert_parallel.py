@@ -26,6 +26,7 @@ from moe_kernels.reference import fp8 as ref_fp8
 
 import properties
 from helpers import HAS_CUDA, assert_int_equal, calc_diff, device_backend_params
+from host_reads import HostReads
 
 FP8 = torch.float8_e4m3fn
 MAP_BACKENDS = ("triton", "cpu")
@@ -275,12 +276,15 @@ def _worker(rank, world, backends):
     for backend in backends:
         for name in SCENARIOS:
             placement, hidden, ids, w, mode, M, use_fp8 = _scenario_inputs(name, world, rank)
-            recv, handle = moe_kernels.ep_dispatch(
-                hidden, ids, w, placement, mode=mode, max_tokens_per_rank=M,
-                use_fp8=use_fp8, backend=backend)
+            with HostReads() as dispatch_reads:
+                recv, handle = moe_kernels.ep_dispatch(
+                    hidden, ids, w, placement, mode=mode, max_tokens_per_rank=M,
+                    use_fp8=use_fp8, backend=backend)
             expert_out = _run_experts(recv, handle, placement, rank, mode, use_fp8)
-            out = moe_kernels.ep_combine(expert_out, handle)
-            results[(backend, name)] = dict(out=out, dropped=handle.dropped)
+            with HostReads() as combine_reads:
+                out = moe_kernels.ep_combine(expert_out, handle)
+            results[(backend, name)] = dict(out=out, dropped=handle.dropped,
+                                            reads=dispatch_reads.reads + combine_reads.reads)
     return results
 
 
@@ -320,6 +324,10 @@ def test_dispatch_combine_equals_one_process(world):
                     f"{msg}: max diff {(got['out'] - want).abs().max()}"
                 if mode == "low_latency":
                     assert int(got["dropped"].sum()) == n_dropped, msg
+                    # docs/expert_parallel.md: no host sync (CUDA-graph capturable)
+                    assert not got["reads"], f"{msg}: host reads {got['reads']}"
+                else:   # the mode's one sync: the per-rank row counts
+                    assert got["reads"], f"{msg}: the counts' read is not seen"
         total = sum(int(results[r][(backend, "low_latency_overflow")]["dropped"].sum())
                     for r in range(world))
         assert total > 0, "the overflow scenario must overflow"
