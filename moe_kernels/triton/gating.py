@@ -37,7 +37,7 @@ def _grouped_topk_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr,
     T, stride_t, scale,
     G: tl.constexpr, GS: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr,
-    TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
+    TOPK_GROUP: tl.constexpr, TG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
     SELECT_GROUPS: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr,
 ):
@@ -55,9 +55,10 @@ def _grouped_topk_kernel(
                 mask=mask, other=float("-inf")).to(tl.float32)
     x = tl.where(x != x, float("-inf"), x)
     if SOFTMAX:
-        m = tl.max(tl.max(x, axis=2), axis=1)[:, None, None]
-        e = tl.where(mask, tl.exp(tl.where(x == m, 0.0, x - m)), 0.0)
-        s = e / tl.sum(tl.sum(e, axis=2), axis=1)[:, None, None]
+        m = tl.max(tl.max(x, axis=2), axis=1)
+        e = tl.where(mask, tl.exp(tl.where(x == m[:, None, None], 0.0, x - m[:, None, None])), 0.0)
+        den = tl.sum(tl.sum(e, axis=2), axis=1)
+        s = e / den[:, None, None]
     else:
         s = 1.0 / (1.0 + tl.exp(-x))
     if HAS_BIAS:
@@ -78,24 +79,49 @@ def _grouped_topk_kernel(
             gscore = tl.max(b_real, axis=2)
         gscore = tl.where(gscore != gscore, float("-inf"), gscore)
         gkey = tl.where((grp < G)[None, :], _order_key(gscore, grp[None, :].to(tl.int64)), _NEG_KEY)
-        kept = tl.zeros((ROWS, G_PAD), dtype=tl.int1)
-        for _ in tl.static_range(TOPK_GROUP):
-            hit = gkey == tl.max(gkey, axis=1)[:, None]
-            kept = kept | hit
-            gkey = tl.where(hit, _NEG_KEY, gkey)
-        key = tl.where(kept[:, :, None], key, _NEG_KEY)
+        tcol = tl.arange(0, TG_PAD)[None, :]
+        kept_g = tl.zeros((ROWS, TG_PAD), dtype=tl.int32)
+        for j in tl.static_range(TOPK_GROUP):
+            gbest = tl.max(gkey, axis=1)
+            kept_g = tl.where(tcol == j, ((-gbest) & 4294967295).to(tl.int32)[:, None], kept_g)
+            gkey = tl.where(gkey == gbest[:, None], _NEG_KEY, gkey)
+        # the experts of the kept groups only, reloaded (L1) and rescored by the same
+        # operations: the top_k rounds below reduce over TOPK_GROUP groups, not G
+        expert2 = kept_g[:, :, None] * GS + slot[None, None, :]       # [ROWS, TG_PAD, GS_PAD]
+        mask2 = row_ok[:, None, None] & (tcol < TOPK_GROUP)[:, :, None] & (slot < GS)[None, None, :]
+        x2 = tl.load(logits_ptr + rows[:, None, None] * stride_t + expert2, mask=mask2,
+                     other=float("-inf")).to(tl.float32)
+        x2 = tl.where(x2 != x2, float("-inf"), x2)
+        if SOFTMAX:
+            s2 = tl.exp(tl.where(x2 == m[:, None, None], 0.0, x2 - m[:, None, None])) / den[:, None, None]
+        else:
+            s2 = 1.0 / (1.0 + tl.exp(-x2))
+        if HAS_BIAS:
+            b2 = s2 + tl.load(bias_ptr + expert2, mask=mask2, other=0.0).to(tl.float32)
+        else:
+            b2 = s2
+        b2 = tl.where(b2 != b2, float("-inf"), b2)
+        key = tl.where(mask2, _order_key(b2, expert2.to(tl.int64)), _NEG_KEY)
 
     kcol = tl.arange(0, K_PAD)[None, :]
     out_ids = tl.zeros((ROWS, K_PAD), dtype=tl.int32)
-    out_s = tl.zeros((ROWS, K_PAD), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
         best = tl.max(tl.max(key, axis=2), axis=1)
-        hit = key == best[:, None, None]
-        chosen_s = tl.sum(tl.sum(tl.where(hit, s, 0.0), axis=2), axis=1)
         chosen_id = ((-best) & 4294967295).to(tl.int32)
         out_ids = tl.where(kcol == k, chosen_id[:, None], out_ids)
-        out_s = tl.where(kcol == k, chosen_s[:, None], out_s)
-        key = tl.where(hit, _NEG_KEY, key)
+        key = tl.where(key == best[:, None, None], _NEG_KEY, key)
+
+    # The chosen scores, recomputed from their logits by the tile's own operations (so to
+    # the same bits): a load per choice instead of a sum over the tile per choice.
+    out_mask = row_ok[:, None] & (kcol < TOP_K)
+    xk = tl.load(logits_ptr + rows[:, None] * stride_t + out_ids, mask=out_mask,
+                 other=float("-inf")).to(tl.float32)
+    xk = tl.where(xk != xk, float("-inf"), xk)
+    if SOFTMAX:
+        out_s = tl.exp(tl.where(xk == m[:, None], 0.0, xk - m[:, None])) / den[:, None]
+    else:
+        out_s = 1.0 / (1.0 + tl.exp(-xk))
+    out_s = tl.where(out_mask, out_s, 0.0)
 
     w = out_s
     if RENORM:
@@ -103,7 +129,6 @@ def _grouped_topk_kernel(
         w = tl.where(den > 0, out_s / tl.where(den > 0, den, 1.0), 0.0)
     w = w * scale
     out_off = rows[:, None] * TOP_K + kcol
-    out_mask = row_ok[:, None] & (kcol < TOP_K)
     tl.store(w_ptr + out_off, w, mask=out_mask)
     tl.store(ids_ptr + out_off, out_ids, mask=out_mask)
 
@@ -150,7 +175,8 @@ def _configured(E, G, topk_group, top_k, softmax, has_bias, top2, renormalize, r
     """The kernel with one router configuration's constexprs bound (launch.configure)."""
     GS = E // G
     return configure(_grouped_topk_kernel, G=G, GS=GS, G_PAD=next_power_of_2(G),
-                     GS_PAD=next_power_of_2(GS), TOPK_GROUP=topk_group, TOP_K=top_k,
+                     GS_PAD=next_power_of_2(GS), TOPK_GROUP=topk_group,
+                     TG_PAD=next_power_of_2(topk_group), TOP_K=top_k,
                      K_PAD=next_power_of_2(top_k), SOFTMAX=softmax, HAS_BIAS=has_bias,
                      GROUP_TOP2=top2, SELECT_GROUPS=topk_group < G, RENORM=renormalize,
                      ROWS=rows, num_warps=num_warps)
