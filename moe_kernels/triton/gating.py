@@ -4,7 +4,10 @@ The row is loaded as a [G_PAD, GS_PAD] tile (group, slot in group), so groups of
 (E=72 with G=8, E=160, ...) are plain masked reductions; padding slots never win. Every
 choice (kept groups, then experts) is a max over int64 keys `_order_key` that encode the
 value and the inverted index, so one reduction gives the winner and ties go to the lower
-index, exactly as `reference/gating.py`.
+index, exactly as `reference/gating.py`. With group selection, the expert rounds run on a
+[TG_PAD, GS_PAD] tile of the kept groups only, reloaded and rescored by the same
+operations; the chosen scores are recomputed from their logits (docs/gating.md: the SASS
+this saves).
 """
 
 from __future__ import annotations
@@ -137,7 +140,8 @@ def _launch_config(T: int, E_pad: int) -> tuple[int, int]:
     """(ROWS per program, num_warps), from benchmarks/tune_gating.py on an H100 at E=256
     (bf16, 8 groups): up to 512 tokens one row per single-warp program is best (3.3-3.8
     us; more rows or warps only add latency); at 4096-16384 tokens 8 rows on 2-4 warps
-    (11.5 us and 39 us; 1 row per program is 7x slower). Wider rows keep the tile size."""
+    (11.5 us and 39 us; 1 row per program is 7x slower). Wider rows keep the tile size.
+    Swept on the kernel whose rounds reduced over the whole tile; this one's sweep is owed."""
     if T <= 512:
         return 1, 1 if E_pad <= 256 else 2
     rows = max(1, 8 * 256 // E_pad)
