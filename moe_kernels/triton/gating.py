@@ -70,14 +70,17 @@ def _grouped_topk_kernel(
     else:
         b = s
     b = tl.where(b != b, float("-inf"), b)
-    key = tl.where(mask, _order_key(b, expert[None, :, :].to(tl.int64)), _NEG_KEY)
 
     if SELECT_GROUPS:
         b_real = tl.where(mask, b, float("-inf"))
         if GROUP_TOP2:
-            best = tl.max(key, axis=2)
-            second = tl.where(key == best[:, :, None], float("-inf"), b_real)
-            gscore = tl.max(b_real, axis=2) + tl.max(second, axis=2)
+            # the top two values' sum; a tied top counts twice. float32 reductions only:
+            # the whole tile's int64 keys are not needed when the experts are rescored
+            top = tl.max(b_real, axis=2)
+            is_top = b_real == top[:, :, None]
+            ties = tl.sum(is_top.to(tl.int32), axis=2)
+            second = tl.max(tl.where(is_top, float("-inf"), b_real), axis=2)
+            gscore = top + tl.where(ties > 1, top, second)
         else:
             gscore = tl.max(b_real, axis=2)
         gscore = tl.where(gscore != gscore, float("-inf"), gscore)
@@ -105,6 +108,8 @@ def _grouped_topk_kernel(
             b2 = s2
         b2 = tl.where(b2 != b2, float("-inf"), b2)
         key = tl.where(mask2, _order_key(b2, expert2.to(tl.int64)), _NEG_KEY)
+    else:
+        key = tl.where(mask, _order_key(b, expert[None, :, :].to(tl.int64)), _NEG_KEY)
 
     kcol = tl.arange(0, K_PAD)[None, :]
     out_ids = tl.zeros((ROWS, K_PAD), dtype=tl.int32)
