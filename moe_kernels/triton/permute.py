@@ -2,10 +2,12 @@
 
 Index computation without atomics, so ranks are deterministic: pairs are cut into chunks
 of BLOCK; kernel 1 counts each chunk's pairs per expert and each pair's rank among the
-earlier pairs of its chunk with the same expert (a BLOCK x BLOCK comparison); cumulative
-sums over chunks and experts (torch, on device, no host sync) give every chunk's start
-inside every expert; kernel 2 writes row = offset[e] + chunk start + rank. Up to one
-chunk of pairs (decode), one kernel does all of it.
+earlier pairs of its chunk with the same expert (a BLOCK x BLOCK comparison); one torch
+cumsum over chunks (on device, no host sync) gives every chunk's start inside every
+expert and, in its last row, the expert counts; kernel 2 derives the padded expert
+offsets from those (every program, a `tl.cumsum` over the experts) and writes row =
+offset[e] + chunk start + rank and the per-expert outputs. Up to one chunk of pairs
+(decode), one kernel does all of it.
 """
 
 from __future__ import annotations
@@ -70,22 +72,63 @@ def _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_ro
         tl.store(m_indices_ptr + row, e.to(tl.int32), mask=kept)
 
 
+@triton.jit
+def _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M,
+                    E_PAD: tl.constexpr, MASKED: tl.constexpr, BLOCK_EXPERTS: tl.constexpr):
+    """Stores the per-expert outputs of `counts` (E_PAD,) int64 and returns each expert's
+    first row (E_PAD,) int64: tokens_per_expert (int32) and, MASKED: masked_m = min(counts,
+    M) into offsets_ptr (int32), first rows 0; BLOCK_EXPERTS: the rows used into total_ptr
+    (int32); else the offsets of the experts' segments padded to `align` (E+1,) int64."""
+    e_range = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + e_range, counts.to(tl.int32), mask=e_range < E)
+    if MASKED:
+        tl.store(offsets_ptr + e_range, tl.minimum(counts, M).to(tl.int32), mask=e_range < E)
+        return tl.zeros_like(counts)
+    padded = (counts + align - 1) // align * align
+    ends = tl.cumsum(padded, 0)
+    if BLOCK_EXPERTS:   # lane E - 1 holds the last end: the rows used
+        tl.store(total_ptr + e_range - (E - 1), ends.to(tl.int32), mask=e_range == E - 1)
+    else:
+        tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
+        tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
+    return ends - padded
+
+
 @cached_launch
 @triton.jit
-def _scatter_rows_kernel(ids_ptr, rank_ptr, offsets_ptr, chunk_start_ptr, row_of_pair_ptr,
-                         pair_of_row_ptr, m_indices_ptr, P, E, M, BLOCK: tl.constexpr,
-                         MASKED: tl.constexpr):
+def _scatter_rows_kernel(ids_ptr, rank_ptr, chunk_counts_ptr, running_ptr, offsets_ptr,
+                         counts_ptr, total_ptr, row_of_pair_ptr, pair_of_row_ptr,
+                         m_indices_ptr, P, E, M, align, n_chunks, E_PAD: tl.constexpr,
+                         BLOCK: tl.constexpr, MASKED: tl.constexpr,
+                         BLOCK_EXPERTS: tl.constexpr):
+    """running: chunk_counts' cumulative sum over chunks (int64), so its last row is the
+    expert counts and running - chunk_counts each chunk's start inside each expert. Every
+    program derives the experts' first rows from the counts (E_PAD lanes, a cumsum: no
+    launch of its own); program 0 also stores the per-expert outputs."""
     c = tl.program_id(0)
+    e_range = tl.arange(0, E_PAD)
+    counts = tl.load(running_ptr + (n_chunks - 1).to(tl.int64) * E + e_range,
+                     mask=e_range < E, other=0)
+    if c == 0:
+        starts = _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M,
+                                 E_PAD, MASKED, BLOCK_EXPERTS)
+    elif MASKED:
+        starts = tl.zeros_like(counts)
+    else:
+        padded = (counts + align - 1) // align * align
+        starts = tl.cumsum(padded, 0) - padded
     p = c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = p < P
     ids = tl.load(ids_ptr + p, mask=in_range, other=-1).to(tl.int64)
     routed = in_range & (ids >= 0) & (ids < E)
     e = tl.where(routed, ids, 0)
-    rank = tl.load(rank_ptr + p, mask=routed, other=0).to(tl.int64)
-    slot = tl.load(chunk_start_ptr + c.to(tl.int64) * E + e, mask=routed, other=0) + rank
-    start = 0 if MASKED else tl.load(offsets_ptr + e, mask=routed, other=0)
+    at = c.to(tl.int64) * E + e
+    slot = (tl.load(running_ptr + at, mask=routed, other=0)
+            - tl.load(chunk_counts_ptr + at, mask=routed, other=0)
+            + tl.load(rank_ptr + p, mask=routed, other=0))
+    start = tl.gather(starts, e.to(tl.int32), 0)
     _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
-                m_indices_ptr, M, 1, MASKED, False)
+                m_indices_ptr, M, align, MASKED, BLOCK_EXPERTS)
 
 
 @cached_launch
@@ -103,17 +146,9 @@ def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row
     expert = tl.where((ids >= 0) & (ids < E), ids, -1)
     routed = expert >= 0
     e = tl.where(routed, expert, 0)
-    counts = tl.histogram(e.to(tl.int32), E_PAD, mask=routed)
-    e_range = tl.arange(0, E_PAD)
-    tl.store(counts_ptr + e_range, counts, mask=e_range < E)
-    if MASKED:
-        tl.store(offsets_ptr + e_range, tl.minimum(counts, M), mask=e_range < E)
-    else:
-        ends = tl.cumsum(((counts + align - 1) // align * align).to(tl.int64), 0)
-        tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
-        tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
-        if BLOCK_EXPERTS:   # lane E - 1 holds the last end: the rows used
-            tl.store(total_ptr + e_range - (E - 1), ends.to(tl.int32), mask=e_range == E - 1)
+    counts = tl.histogram(e.to(tl.int32), E_PAD, mask=routed).to(tl.int64)
+    starts = _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M, E_PAD,
+                             MASKED, BLOCK_EXPERTS)
     # m_indices entries: one per row, or one per block
     n_index = (R + align - 1) // align if BLOCK_EXPERTS else R
     for r0 in range(0, R, FILL):  # every row padding first; routed rows overwritten below
@@ -121,11 +156,11 @@ def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row
         tl.store(pair_of_row_ptr + r, tl.full((FILL,), 0, tl.int32) + pad, mask=r < R)
         if not MASKED:
             tl.store(m_indices_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < n_index)
-    # the offsets and the fill were stored by other threads of this program: a CTA barrier
-    # orders their global stores before the loads and stores below
+    # the fill was stored by other threads of this program: a CTA barrier orders those
+    # global stores before the stores below
     tl.debug_barrier()
     slot = _rank_in_block(expert, BLOCK).to(tl.int64)
-    start = 0 if MASKED else tl.load(offsets_ptr + e, mask=routed, other=0)
+    start = tl.gather(starts, e.to(tl.int32), 0)
     _store_rows(p, p < P, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
                 m_indices_ptr, M, align, MASKED, BLOCK_EXPERTS)
 
@@ -151,29 +186,31 @@ def permute_index(topk_ids: torch.Tensor, num_experts: int, align: int):
     ids = topk_ids.contiguous().view(-1)
     if P <= _CHUNK:
         return _index_one_chunk(ids, T, K, E, R, align)
-    n_chunks, rank, counts, chunk_start = _count_chunks(ids, P, E)
-    row_of_pair = torch.empty((T, K), dtype=torch.int32, device=dev)
+    new = lambda shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=dev)
+    offsets, counts, row_of_pair = new((E + 1,), torch.int64), new((E,)), new((T, K))
     pair_of_row = torch.full((R,), -1, dtype=torch.int32, device=dev)
     m_indices = torch.full((R,), -1, dtype=torch.int32, device=dev)
-    padded = (counts + align - 1) // align * align
-    offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0)])
-    _scatter_rows_kernel[(n_chunks,)](ids, rank, offsets, chunk_start, row_of_pair,
-                                      pair_of_row, m_indices, P, E, 0, BLOCK=_CHUNK,
-                                      MASKED=False)
-    return [offsets, counts.int(), m_indices, row_of_pair, pair_of_row]
+    _index_chunks(ids, P, E, align, 0, offsets, counts, offsets, row_of_pair, pair_of_row,
+                  m_indices, masked=False, block_experts=False)
+    return [offsets, counts, m_indices, row_of_pair, pair_of_row]
 
 
-def _count_chunks(ids, P, E):
-    """More than one chunk of pairs (P > 0): (chunks, in-chunk ranks (P,) int32, counts
-    (E,) int64, each chunk's start inside each expert (chunks, E) int64)."""
+def _index_chunks(ids, P, E, align, M, offsets, counts, total, row_of_pair, pair_of_row,
+                  m_indices, masked, block_experts):
+    """More than one chunk of pairs: three launches (counts per chunk, their cumulative
+    sum over chunks (torch), the rows), the outputs of _scatter_rows_kernel; pair_of_row
+    and m_indices come filled. Four torch calls between two kernels before (sum, cumsum,
+    a subtraction, and the padded offsets' five), each a launch of its own on the GPU."""
     n_chunks = cdiv(P, _CHUNK)
+    E_PAD = next_power_of_2(E)
     chunk_counts = torch.empty((n_chunks, E), dtype=torch.int32, device=ids.device)
     rank = torch.empty(P, dtype=torch.int32, device=ids.device)
-    _chunk_count_kernel[(n_chunks,)](ids, chunk_counts, rank, P, E,
-                                     E_PAD=next_power_of_2(E), BLOCK=_CHUNK)
-    counts = chunk_counts.sum(dim=0, dtype=torch.int64)
-    chunk_start = (chunk_counts.cumsum(0, dtype=torch.int64) - chunk_counts).contiguous()
-    return n_chunks, rank, counts, chunk_start
+    _chunk_count_kernel[(n_chunks,)](ids, chunk_counts, rank, P, E, E_PAD=E_PAD, BLOCK=_CHUNK)
+    running = chunk_counts.cumsum(0, dtype=torch.int64)
+    _scatter_rows_kernel[(n_chunks,)](ids, rank, chunk_counts, running, offsets, counts,
+                                      total, row_of_pair, pair_of_row, m_indices, P, E, M,
+                                      align, n_chunks, E_PAD=E_PAD, BLOCK=_CHUNK,
+                                      MASKED=masked, BLOCK_EXPERTS=block_experts)
 
 
 def _index_one_chunk(ids, T, K, E, R, align):
@@ -207,12 +244,10 @@ def permute_masked_index(topk_ids: torch.Tensor, num_experts: int, max_tokens: i
                                       E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
                                       MASKED=True, BLOCK_EXPERTS=False)
         return [masked_m, counts, row_of_pair, pair_of_row]
-    n_chunks, rank, counts64, chunk_start = _count_chunks(ids, P, E)
     pair_of_row.fill_(-1)
-    _scatter_rows_kernel[(n_chunks,)](ids, rank, chunk_start, chunk_start, row_of_pair,
-                                      pair_of_row, pair_of_row, P, E, M, BLOCK=_CHUNK,
-                                      MASKED=True)
-    return [counts64.clamp(max=M).int(), counts64.int(), row_of_pair, pair_of_row]
+    _index_chunks(ids, P, E, 1, M, masked_m, counts, counts, row_of_pair, pair_of_row,
+                  pair_of_row, masked=True, block_experts=False)
+    return [masked_m, counts, row_of_pair, pair_of_row]
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int):
@@ -226,30 +261,22 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
         raise ValueError(f"moe_align_block_size: block_size ({block_size}) and num_experts "
                          f"({num_experts}) must be >= 1")
     T, K = topk_ids.shape
-    if T * K <= _CHUNK:
-        return _align_one_chunk(topk_ids.contiguous().view(-1), T, K, num_experts, block_size)
-    offsets, _, m_indices, _, pair_of_row = permute_index(topk_ids, num_experts, block_size)
-    P = topk_ids.numel()
-    sorted_ids = torch.where(pair_of_row >= 0, pair_of_row, P)
-    # a fresh tensor with standard strides (contiguous() keeps a one-element view, and
-    # with it all of m_indices, alive)
-    expert_ids = m_indices[::block_size].clone(memory_format=torch.contiguous_format)
-    return [sorted_ids, expert_ids, offsets[-1:].int()]
-
-
-def _align_one_chunk(ids, T, K, E, block_size):
-    """moe_align_block_size of up to _CHUNK pairs in one launch: six allocations against
-    permute_index's five plus three torch calls (torch.where, a strided clone, a cast),
-    each a kernel launch of its own on the GPU."""
-    P = T * K
+    P, E = T * K, num_experts
+    ids = topk_ids.contiguous().view(-1)
     R = permuted_rows(P, E, block_size)
     new = lambda shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=ids.device)
-    sorted_ids, expert_ids, total = new((R,)), new((cdiv(R, block_size),)), new((1,))
-    offsets, counts, row_of_pair = new((E + 1,), torch.int64), new((E,)), new((T, K))
-    _index_one_chunk_kernel[(1,)](ids, offsets, counts, expert_ids, row_of_pair, sorted_ids,
-                                  total, P, E, R, block_size, 0, P,
-                                  E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
-                                  MASKED=False, BLOCK_EXPERTS=True)
+    total, counts, row_of_pair = new((1,)), new((E,)), new((T, K))
+    if P <= _CHUNK:   # one launch, the fill included
+        sorted_ids, expert_ids = new((R,)), new((cdiv(R, block_size),))
+        _index_one_chunk_kernel[(1,)](ids, total, counts, expert_ids, row_of_pair,
+                                      sorted_ids, total, P, E, R, block_size, 0, P,
+                                      E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
+                                      MASKED=False, BLOCK_EXPERTS=True)
+        return [sorted_ids, expert_ids, total]
+    sorted_ids = torch.full((R,), P, dtype=torch.int32, device=ids.device)
+    expert_ids = torch.full((cdiv(R, block_size),), -1, dtype=torch.int32, device=ids.device)
+    _index_chunks(ids, P, E, block_size, 0, total, counts, total, row_of_pair, sorted_ids,
+                  expert_ids, masked=False, block_experts=True)
     return [sorted_ids, expert_ids, total]
 
 
