@@ -199,8 +199,8 @@ def _index_chunks(ids, P, E, align, M, offsets, counts, total, row_of_pair, pair
                   m_indices, masked, block_experts):
     """More than one chunk of pairs: three launches (counts per chunk, their cumulative
     sum over chunks (torch), the rows), the outputs of _scatter_rows_kernel; pair_of_row
-    and m_indices come filled. Four torch calls between two kernels before (sum, cumsum,
-    a subtraction, and the padded offsets' five), each a launch of its own on the GPU."""
+    and m_indices come filled. The counts, chunk starts and padded offsets are derived in
+    the kernels: in torch they take ten calls, each a launch of its own on the GPU."""
     n_chunks = cdiv(P, _CHUNK)
     E_PAD = next_power_of_2(E)
     chunk_counts = torch.empty((n_chunks, E), dtype=torch.int32, device=ids.device)
