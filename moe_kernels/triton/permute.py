@@ -77,8 +77,9 @@ def _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M,
                     E_PAD: tl.constexpr, MASKED: tl.constexpr, BLOCK_EXPERTS: tl.constexpr):
     """Stores the per-expert outputs of `counts` (E_PAD,) int64 and returns each expert's
     first row (E_PAD,) int64: tokens_per_expert (int32) and, MASKED: masked_m = min(counts,
-    M) into offsets_ptr (int32), first rows 0; BLOCK_EXPERTS: the rows used into total_ptr
-    (int32); else the offsets of the experts' segments padded to `align` (E+1,) int64."""
+    M) into offsets_ptr (int32), first rows 0; else the offsets of the experts' segments
+    padded to `align` (E+1,) int64, and with BLOCK_EXPERTS the rows used into total_ptr
+    (int32)."""
     e_range = tl.arange(0, E_PAD)
     tl.store(counts_ptr + e_range, counts.to(tl.int32), mask=e_range < E)
     if MASKED:
@@ -86,11 +87,10 @@ def _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M,
         return tl.zeros_like(counts)
     padded = (counts + align - 1) // align * align
     ends = tl.cumsum(padded, 0)
+    tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
+    tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
     if BLOCK_EXPERTS:   # lane E - 1 holds the last end: the rows used
         tl.store(total_ptr + e_range - (E - 1), ends.to(tl.int32), mask=e_range == E - 1)
-    else:
-        tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
-        tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
     return ends - padded
 
 
@@ -147,8 +147,8 @@ def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row
     routed = expert >= 0
     e = tl.where(routed, expert, 0)
     counts = tl.histogram(e.to(tl.int32), E_PAD, mask=routed).to(tl.int64)
-    starts = _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M, E_PAD,
-                             MASKED, BLOCK_EXPERTS)
+    _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M, E_PAD, MASKED,
+                    BLOCK_EXPERTS)
     # m_indices entries: one per row, or one per block
     n_index = (R + align - 1) // align if BLOCK_EXPERTS else R
     for r0 in range(0, R, FILL):  # every row padding first; routed rows overwritten below
@@ -156,11 +156,12 @@ def _index_one_chunk_kernel(ids_ptr, offsets_ptr, counts_ptr, m_indices_ptr, row
         tl.store(pair_of_row_ptr + r, tl.full((FILL,), 0, tl.int32) + pad, mask=r < R)
         if not MASKED:
             tl.store(m_indices_ptr + r, tl.full((FILL,), -1, tl.int32), mask=r < n_index)
-    # the fill was stored by other threads of this program: a CTA barrier orders those
-    # global stores before the stores below
+    # the offsets and the fill were stored by other threads of this program: a CTA barrier
+    # orders their global stores before the loads and stores below (the offsets are read
+    # back, not gathered from registers: a gather took 239-254 registers against 168)
     tl.debug_barrier()
     slot = _rank_in_block(expert, BLOCK).to(tl.int64)
-    start = tl.gather(starts, e.to(tl.int32), 0)
+    start = 0 if MASKED else tl.load(offsets_ptr + e, mask=routed, other=0)
     _store_rows(p, p < P, routed, e, slot, start, row_of_pair_ptr, pair_of_row_ptr,
                 m_indices_ptr, M, align, MASKED, BLOCK_EXPERTS)
 
@@ -266,16 +267,17 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     R = permuted_rows(P, E, block_size)
     new = lambda shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=ids.device)
     total, counts, row_of_pair = new((1,)), new((E,)), new((T, K))
+    offsets = new((E + 1,), torch.int64)
     if P <= _CHUNK:   # one launch, the fill included
         sorted_ids, expert_ids = new((R,)), new((cdiv(R, block_size),))
-        _index_one_chunk_kernel[(1,)](ids, total, counts, expert_ids, row_of_pair,
+        _index_one_chunk_kernel[(1,)](ids, offsets, counts, expert_ids, row_of_pair,
                                       sorted_ids, total, P, E, R, block_size, 0, P,
                                       E_PAD=next_power_of_2(E), BLOCK=_CHUNK, FILL=_FILL,
                                       MASKED=False, BLOCK_EXPERTS=True)
         return [sorted_ids, expert_ids, total]
     sorted_ids = torch.full((R,), P, dtype=torch.int32, device=ids.device)
     expert_ids = torch.full((cdiv(R, block_size),), -1, dtype=torch.int32, device=ids.device)
-    _index_chunks(ids, P, E, block_size, 0, total, counts, total, row_of_pair, sorted_ids,
+    _index_chunks(ids, P, E, block_size, 0, offsets, counts, total, row_of_pair, sorted_ids,
                   expert_ids, masked=False, block_experts=True)
     return [sorted_ids, expert_ids, total]
 
