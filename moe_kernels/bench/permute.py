@@ -124,6 +124,11 @@ def sm90_cases():
         yield (f"moe_align_block_size (one chunk) T={T}x8 E=256 block={block}",
                lambda T=T, b=block: permute.moe_align_block_size(
                    meta(T, 8, dtype=torch.int32), 256, b))
+    # and beyond one chunk: the scatter kernel writes it (block experts, rows used)
+    for block in (64, 128):
+        yield (f"moe_align_block_size T=4096x8 E=256 block={block}",
+               lambda b=block: permute.moe_align_block_size(
+                   meta(4096, 8, dtype=torch.int32), 256, b))
     # the masked layout's index: one chunk (decode) and several (128 tokens per rank)
     for T, E, M in ((1, 256, 32), (16, 256, 32), (128, 256, 128), (4096, 384, 256)):
         yield (f"permute_masked_index T={T}x8 E={E} M={M}",
