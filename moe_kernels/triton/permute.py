@@ -73,25 +73,30 @@ def _store_rows(p, in_range, routed, e, slot, start, row_of_pair_ptr, pair_of_ro
 
 
 @triton.jit
+def _segment_ends(counts, align):
+    """(each expert's segment end, its size) with the segments padded to `align` rows:
+    counts (E_PAD,) int64."""
+    padded = (counts + align - 1) // align * align
+    return tl.cumsum(padded, 0), padded
+
+
+@triton.jit
 def _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M,
                     E_PAD: tl.constexpr, MASKED: tl.constexpr, BLOCK_EXPERTS: tl.constexpr):
-    """Stores the per-expert outputs of `counts` (E_PAD,) int64 and returns each expert's
-    first row (E_PAD,) int64: tokens_per_expert (int32) and, MASKED: masked_m = min(counts,
-    M) into offsets_ptr (int32), first rows 0; else the offsets of the experts' segments
-    padded to `align` (E+1,) int64, and with BLOCK_EXPERTS the rows used into total_ptr
-    (int32)."""
+    """Stores the per-expert outputs of `counts` (E_PAD,) int64: tokens_per_expert (int32)
+    and, MASKED: masked_m = min(counts, M) into offsets_ptr (int32); else the offsets of
+    the experts' segments padded to `align` (E+1,) int64, and with BLOCK_EXPERTS the rows
+    used into total_ptr (int32)."""
     e_range = tl.arange(0, E_PAD)
     tl.store(counts_ptr + e_range, counts.to(tl.int32), mask=e_range < E)
     if MASKED:
         tl.store(offsets_ptr + e_range, tl.minimum(counts, M).to(tl.int32), mask=e_range < E)
-        return tl.zeros_like(counts)
-    padded = (counts + align - 1) // align * align
-    ends = tl.cumsum(padded, 0)
-    tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
-    tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
-    if BLOCK_EXPERTS:   # lane E - 1 holds the last end: the rows used
-        tl.store(total_ptr + e_range - (E - 1), ends.to(tl.int32), mask=e_range == E - 1)
-    return ends - padded
+    else:
+        ends, _ = _segment_ends(counts, align)
+        tl.store(offsets_ptr + 1 + e_range, ends, mask=e_range < E)
+        tl.store(offsets_ptr + e_range, tl.zeros_like(ends), mask=e_range == 0)
+        if BLOCK_EXPERTS:   # lane E - 1 holds the last end: the rows used
+            tl.store(total_ptr + e_range - (E - 1), ends.to(tl.int32), mask=e_range == E - 1)
 
 
 @cached_launch
@@ -110,13 +115,13 @@ def _scatter_rows_kernel(ids_ptr, rank_ptr, chunk_counts_ptr, running_ptr, offse
     counts = tl.load(running_ptr + (n_chunks - 1).to(tl.int64) * E + e_range,
                      mask=e_range < E, other=0)
     if c == 0:
-        starts = _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M,
-                                 E_PAD, MASKED, BLOCK_EXPERTS)
-    elif MASKED:
+        _expert_outputs(counts, offsets_ptr, counts_ptr, total_ptr, E, align, M, E_PAD,
+                        MASKED, BLOCK_EXPERTS)
+    if MASKED:
         starts = tl.zeros_like(counts)
     else:
-        padded = (counts + align - 1) // align * align
-        starts = tl.cumsum(padded, 0) - padded
+        ends, padded = _segment_ends(counts, align)
+        starts = ends - padded
     p = c.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_range = p < P
     ids = tl.load(ids_ptr + p, mask=in_range, other=-1).to(tl.int64)
