@@ -27,14 +27,21 @@ E = 8
 
 
 def candidates(bucket, quick):
+    """Tile configs for a bucket; each with operands through pointers (cp.async) and
+    through TMA descriptors, and the 8-warp TMA tiles of at most 64 x 128 also capped at
+    128 registers (2 blocks per SM; they compile without spills, docs/fp8.md).
+    --quick: 8 warps from 64 rows up (4 warps spill there), 4 stages."""
     bms = [16, 32] if bucket == 16 else [32, 64] if bucket == 64 else [64, 128]
     bns = [64, 128] if quick else [32, 64, 128, 256]
-    warps = [4] if quick else [4, 8]
-    stages = [3, 4] if quick else [3, 4, 5]
-    for bm, bn, w, s in itertools.product(bms, bns, warps, stages):
-        if bm * bn >= 128 * 256 and w == 4:
-            continue  # too many accumulator registers per thread
-        yield {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s}
+    stages = [4] if quick else [3, 4, 5]
+    for bm, bn, s, tma in itertools.product(bms, bns, stages, (False, True)):
+        for w in ([4] if bm < 64 else [8]) if quick else [4, 8]:
+            if bm * bn >= 128 * 256 and w == 4:
+                continue  # too many accumulator registers per thread
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "tma": tma}
+            yield cfg
+            if tma and w == 8 and bm * bn <= 64 * 128:
+                yield dict(cfg, maxnreg=128)
 
 
 def operands(kind, rows, N, K):
@@ -54,16 +61,11 @@ def operands(kind, rows, N, K):
 
 def time_config(fn, cfg):
     bucket_table = {k: [dict(cfg, max_m=None)] for k in configs.KINDS}
-    configs._table.cache_clear()
-    saved = configs._table
-    configs._table = lambda index: bucket_table
     try:
-        return triton.testing.do_bench_cudagraph(fn, rep=50)
+        return configs.with_table(bucket_table, triton.testing.do_bench_cudagraph, fn, 50)
     except Exception as exc:  # out of shared memory, etc.
         print(f"  skip {cfg}: {type(exc).__name__}")
         return float("inf")
-    finally:
-        configs._table = saved
 
 
 def main():

@@ -100,3 +100,25 @@ def assert_fp8_close(actual: torch.Tensor, expected: torch.Tensor, *, max_steps:
     assert actual.dtype == expected.dtype == torch.float8_e4m3fn, f"{msg}: dtypes"
     verdict = rules.fp8_steps("q", actual, expected, max_steps)
     assert verdict.passed, f"{msg}: {verdict}"
+
+
+TMA = "triton-tma"
+
+
+def with_tma(params: list) -> list:
+    """params plus, for each (device, "triton") one, (device, "triton-tma"): the triton
+    backend with every FP8 grouped-GEMM tile config loading its operands through TMA
+    descriptors (configs/grouped_gemm.py `tma_table`), a path of its own in the kernels."""
+    return params + [pytest.param(p.values[0], TMA, marks=p.marks, id=f"{p.id}-tma")
+                     for p in params if p.values[1] == "triton"]
+
+
+def call_backend(fn, *args, backend: str, **kwargs):
+    """fn(*args, backend=backend, **kwargs); "triton-tma" runs backend="triton" under the
+    TMA variant of the tile table in force on the first tensor argument's device."""
+    if backend != TMA:
+        return fn(*args, backend=backend, **kwargs)
+    from moe_kernels.configs import grouped_gemm as configs
+    device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    return configs.with_table(configs.tma_table(device),
+                              lambda: fn(*args, backend="triton", **kwargs))

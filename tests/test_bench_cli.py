@@ -336,3 +336,29 @@ def test_an_eager_call_that_raises_is_a_failed_row(monkeypatch):
     rows = common.eager_call_rows(["unpermute"], "cpu", ["cpu"])
     assert len(rows) == 1 and rows[0].correct is False and rows[0].time_us == 0
     assert "raised RuntimeError: launch failed" in rows[0].note
+
+
+def test_tile_variant_rows_run_under_the_tma_tables(monkeypatch):
+    """The GPU-only `triton-tma*` rows of the GEMM benches: each calls the op under the
+    TMA variant of the table in force (every tile tma; the second also capped at 128
+    registers where an 8-warp tile has at most 64 x 128); none on the CPU."""
+    import torch
+
+    from moe_kernels.bench import grouped_gemm as bench
+    from moe_kernels.configs import grouped_gemm as configs
+    monkeypatch.setattr(configs, "table_in_force", lambda device: (
+        configs._FORCED[-1] if configs._FORCED else configs.DEFAULTS))
+    seen = lambda i: configs.table_in_force(torch.device("cuda"))
+    rows = bench.tile_variants("cuda", ["triton", "cuda"], seen)
+    assert [name for name, _ in rows] == ["triton-tma", "triton-tma-maxnreg128"]
+    plain, capped = (fn(0) for _, fn in rows)
+    for table in (plain, capped):
+        assert all(b["tma"] for buckets in table.values() for b in buckets)
+    assert not any("maxnreg" in b for buckets in plain.values() for b in buckets)
+    capped_tiles = {(b["BLOCK_M"], b["BLOCK_N"], b["num_warps"])
+                    for buckets in capped.values() for b in buckets if b.get("maxnreg") == 128}
+    # DEFAULTS' 8-warp tiles of at most 64 x 128 elements; not its 128 x 128 ones
+    assert capped_tiles == {(64, 128, 8), (128, 64, 8)}
+    assert configs.table_in_force(torch.device("cuda")) is configs.DEFAULTS   # restored
+    assert bench.tile_variants("cpu", ["triton", "cpu"], seen) == []
+    assert bench.tile_variants("cuda", ["cuda"], seen) == []

@@ -20,7 +20,8 @@ import torch
 import moe_kernels
 from moe_kernels import _library, testing
 
-from helpers import HAS_CUDA
+from helpers import HAS_CUDA, TMA, call_backend
+from moe_kernels.bench.launches import TMA_OPS
 from properties import flat
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
@@ -112,6 +113,18 @@ def test_op_graph_replay_equals_eager(op, backend):
         check_graph_equals_eager(call, case.inputs, f"{op} [{backend}] case '{case.name}'")
         ran += 1
     assert ran, f"{op}: no edge case ran"
+
+
+@pytest.mark.parametrize("op", TMA_OPS)
+def test_tma_tiles_graph_replay_equals_eager(op):
+    """The grouped GEMMs with every tile loading through TMA descriptors: a descriptor is
+    built on the host per call and passed by value, so replay must still read the
+    captured buffers (halved inputs) and rewrite every output."""
+    public = getattr(moe_kernels, op)
+    for case in testing.cases(op, "edge", device="cuda"):
+        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+        call = lambda: call_backend(public, *args, backend=TMA, **kwargs)
+        check_graph_equals_eager(call, case.inputs, f"{op} [{TMA}] case '{case.name}'")
 
 
 def test_layer_graph_replay_equals_eager():

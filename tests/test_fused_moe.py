@@ -11,8 +11,8 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import fused_moe as ref
 
-from helpers import (FP8_INPUT_OPCHECKS, device_backend_params, expect_inductor_bf16_round_trip,
-                     poison_allocator)
+from helpers import (FP8_INPUT_OPCHECKS, call_backend, device_backend_params,
+                     expect_inductor_bf16_round_trip, poison_allocator, with_tma)
 
 BACKENDS = ("triton", "cpu", "reference")
 H, INTER, E, TOPK = 256, 128, 12, 4
@@ -51,7 +51,7 @@ CASES = [  # (T, skip, one_expert): why
 ]
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
 @pytest.mark.parametrize("T,skip,one", CASES)
 def test_matches_moe_forward(device, backend, T, skip, one):
     w13, s13, w2, s2 = make_layer(seed=T, device=device)
@@ -59,7 +59,8 @@ def test_matches_moe_forward(device, backend, T, skip, one):
     hidden = torch.randn(T, H, generator=g).bfloat16().to(device)
     weights, ids = make_routing(T, seed=T + 2, device=device, skip=skip, one_expert=one)
     poison_allocator(device)
-    out = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids, backend=backend)
+    out = call_backend(moe_kernels.fused_moe_fp8, hidden, w13, s13, w2, s2, weights, ids,
+                       backend=backend)
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
     want = ref.moe_forward(hidden.cpu(), w13.cpu(), s13.cpu(), w2.cpu(), s2.cpu(),
                            weights.cpu(), ids.cpu(), out_dtype=torch.float32)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 
-from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, calc_diff, device_backend_params,
-                     poison_allocator)
+from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, calc_diff, call_backend,
+                     device_backend_params, poison_allocator, with_tma, TMA)
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -58,10 +58,11 @@ CONTIGUOUS = [  # (counts per expert, align, N, K): why
     ([17], 1, 130, 129),                   # one expert; partial N and K blocks
     ([0, 0, 0], 1, 64, 128),               # no rows at all
     ([1, 1, 1, 1, 1, 1, 1], 1, 96, 520),   # decode-like: one row each, many experts in a tile
+    ([4, 9], 1, 136, 336),                 # partial N and K blocks that TMA can read (K % 16 == 0)
 ]
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
 @pytest.mark.parametrize("counts,align,N,K", CONTIGUOUS)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_contiguous(device, backend, counts, align, N, K, out_dtype):
@@ -70,7 +71,8 @@ def test_contiguous(device, backend, counts, align, N, K, out_dtype):
                        column_major=len(counts) % 2 == 1)
     b, b_s = make_weights(len(counts), N, K, seed=N, device=device)
     poison_allocator(device)
-    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=out_dtype, backend=backend)
+    out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m, out_dtype=out_dtype,
+                       backend=backend)
     assert out.shape == (m.shape[0], N) and out.dtype == out_dtype
     want = oracle(a, a_s, b, b_s, m.cpu())
     assert calc_diff(out, want) < 1e-5
@@ -79,19 +81,19 @@ def test_contiguous(device, backend, counts, align, N, K, out_dtype):
     assert not out.float().isnan().any()
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
 def test_contiguous_any_row_order(device, backend):
     """m_indices need not be sorted: rows of several experts interleave inside a tile."""
     g = torch.Generator().manual_seed(11)
     m = torch.randint(-1, 6, (90,), generator=g).int().to(device)
     a, a_s = make_rows(90, 256, seed=2, device=device)
     b, b_s = make_weights(6, 160, 256, seed=3, device=device)
-    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=backend)
+    out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m, backend=backend)
     assert calc_diff(out, oracle(a, a_s, b, b_s, m.cpu())) < 1e-5
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
-@pytest.mark.parametrize("M,N,K", [(5, 200, 300), (40, 128, 128), (1, 64, 7)])
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("M,N,K", [(5, 200, 300), (40, 128, 128), (1, 64, 7), (7, 96, 272)])
 def test_masked(device, backend, M, N, K):
     E = 5
     masked = torch.tensor([0, 1, M, M // 2, 3 if M > 3 else M], dtype=torch.int32).to(device)
@@ -99,7 +101,8 @@ def test_masked(device, backend, M, N, K):
     a, a_s = a.view(E, M, K), a_s.view(E, M, -1)
     b, b_s = make_weights(E, N, K, seed=K, device=device)
     poison_allocator(device)
-    out = moe_kernels.grouped_gemm_fp8_masked(a, a_s, b, b_s, masked, backend=backend)
+    out = call_backend(moe_kernels.grouped_gemm_fp8_masked, a, a_s, b, b_s, masked,
+                       backend=backend)
     assert out.shape == (E, M, N)
     rows = torch.arange(E * M) % M
     group = torch.arange(E * M) // M
@@ -112,18 +115,19 @@ def test_masked(device, backend, M, N, K):
 
 @settings(max_examples=25)
 @given(data=st.data())
-@pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(("triton", "cpu"))))
 def test_property_random(device, backend, data):
     E = data.draw(st.integers(1, 6))
     counts = [data.draw(st.integers(0, 40)) for _ in range(E)]
     align = data.draw(st.sampled_from([1, 16, 32]))
     N = data.draw(st.integers(1, 260))
-    K = data.draw(st.integers(1, 300))
+    # TMA reads rows of a multiple of 16 bytes only (other K load through pointers)
+    K = data.draw(st.integers(1, 300) if backend != TMA else st.integers(1, 19).map(lambda k: 16 * k))
     m = contiguous_m_indices(counts, align).to(device)
     a, a_s = make_rows(m.shape[0], K, seed=data.draw(st.integers(0, 99)), device=device)
     b, b_s = make_weights(E, N, K, seed=data.draw(st.integers(0, 99)), device=device)
-    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32,
-                                       backend=backend)
+    out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m, out_dtype=torch.float32,
+                       backend=backend)
     want = oracle(a, a_s, b, b_s, m.cpu())
     assert calc_diff(out, want) < 1e-5
     assert not out.cpu()[(m < 0).cpu()].any()
@@ -232,7 +236,7 @@ def test_int64_addressing():
     assert calc_diff(out[-4:], want) < 1e-5
 
 
-@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
 @pytest.mark.parametrize("counts,align", [([3, 0, 20, 2], 16), ([1, 1, 1], 1)])
 def test_contiguous_nan_in_rows_without_expert(device, backend, counts, align):
     """The Triton kernel reads every row of a tile (rows of other experts and -1 rows too)
@@ -246,8 +250,70 @@ def test_contiguous_nan_in_rows_without_expert(device, backend, counts, align):
     a = bits.view(torch.float8_e4m3fn)
     a_s = torch.where(pad[:, None], torch.full_like(a_s, float("inf")), a_s)
     b, b_s = make_weights(len(counts), 192, 256, seed=6, device=device)
-    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=backend)
+    out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m, backend=backend)
     assert not out.cpu()[pad.cpu()].float().any(), "-1 rows must be exactly zero"
     keep = ~pad.cpu()
     want = oracle(a, a_s, b, b_s, m.cpu())
     assert calc_diff(out.cpu()[keep], want[keep]) < 1e-5
+
+
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+def test_masked_nan_in_rows_past_masked_m(device, backend):
+    """A TMA tile reads whole rows, past masked_m and into the next group: NaN there
+    must not reach any output, and those rows are exactly zero. (The interpreter decodes
+    e4m3 NaN bits as 480, and those rows' scales load as 0, so the NaN part bites on the
+    GPU; the zeros and the other rows are checked everywhere.)"""
+    E, M, N, K = 3, 40, 128, 256
+    masked = torch.tensor([5, 0, 40], dtype=torch.int32).to(device)
+    a, a_s = make_rows(E * M, K, seed=8, device=device)
+    past = (torch.arange(E * M) % M >= masked.cpu().long().repeat_interleave(M)).to(device)
+    bits = a.view(torch.uint8).clone()
+    bits[past] = 0x7F                                  # e4m3 NaN
+    a = bits.view(torch.float8_e4m3fn).view(E, M, K)
+    a_s = torch.where(past[:, None], torch.full_like(a_s, float("inf")), a_s).view(E, M, -1)
+    b, b_s = make_weights(E, N, K, seed=9, device=device)
+    out = call_backend(moe_kernels.grouped_gemm_fp8_masked, a, a_s, b, b_s, masked,
+                       backend=backend).reshape(E * M, N).cpu()
+    assert not out[past.cpu()].float().any(), "rows >= masked_m must be exactly zero"
+    expert_of_row = torch.where(past.cpu(), -1, torch.arange(E * M) // M)
+    want = oracle(a.reshape(E * M, K), a_s.reshape(E * M, -1), b, b_s, expert_of_row)
+    keep = ~past.cpu()
+    assert calc_diff(out[keep], want[keep]) < 1e-5
+
+
+@pytest.mark.parametrize("K,column,want", [
+    (336, None, True),      # rows of 336 bytes: 16-byte aligned
+    (300, None, False),     # rows of 300 bytes: not
+    (336, 8, False),        # a view starting 8 bytes in: base not aligned
+    (336, 16, True),        # 16 bytes in: aligned
+])
+def test_tma_only_where_the_operands_allow_it(K, column, want):
+    """The TMA variant falls back to pointer loads, not to an error, where a descriptor
+    cannot describe the operands; and never runs where the config does not ask for it."""
+    from moe_kernels.triton.grouped_gemm import _operands
+    a = torch.zeros(32, K + 16, dtype=torch.float8_e4m3fn)[:, (column or 0):(column or 0) + K]
+    b = torch.zeros(2, 64, K, dtype=torch.float8_e4m3fn)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "tma": True}
+    assert _operands(cfg, a, b)[2] is want
+    assert _operands(dict(cfg, tma=False), a, b)[2] is False
+    assert _operands({"BLOCK_M": 16, "BLOCK_N": 64}, a, b)[2] is False
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton",)))
+@pytest.mark.parametrize("op", ["grouped_gemm_fp8", "grouped_gemm_fp8_masked", "fused_moe_fp8"])
+def test_tma_tiles_equal_pointer_tiles_bit_for_bit(device, backend, op):
+    """Same tiles, same products in the same order: only how the operands reach shared
+    memory differs, so every edge case's output is bit-identical."""
+    from moe_kernels import testing
+    public = getattr(moe_kernels, op)
+    compared = 0
+    for case in testing.cases(op, "edge", device=device):
+        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+        want = public(*args, backend=backend, **kwargs)
+        got = call_backend(public, *args, backend=TMA, **kwargs)
+        assert got.shape == want.shape and got.dtype == want.dtype, case.name
+        assert torch.equal(got.view(torch.int16 if got.element_size() == 2 else torch.int32),
+                           want.view(torch.int16 if want.element_size() == 2 else torch.int32)), \
+            case.name
+        compared += got.numel() > 0
+    assert compared >= 4

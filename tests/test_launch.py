@@ -84,6 +84,23 @@ def test_tensor_keys_separate_dtype_and_16_byte_alignment():
     assert {spec[1] for spec, _ in seen.values() if spec[0].startswith("*")} == {"D", ""}
 
 
+def test_tensor_descriptor_keys_separate_dtype_block_shape_and_padding():
+    """TMA descriptors (the grouped GEMMs' TMA tiles): Triton specialises them on dtype
+    and block shape; descriptors of other shapes, strides and bases share a kernel."""
+    import moe_kernels.triton.grouped_gemm  # noqa: F401  (binds launch's triton names)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    descs = []
+    for dt in (torch.float8_e4m3fn, torch.uint8, torch.bfloat16, torch.float32):
+        for rows, cols in ((64, 256), (48, 512)):
+            t = torch.empty(rows, cols, dtype=dt)
+            for block in ((16, 128), (64, 128), (64, 64)):
+                descs.append(TensorDescriptor.from_tensor(t, list(block)))
+                if dt.is_floating_point:
+                    descs.append(TensorDescriptor.from_tensor(t, list(block), padding="nan"))
+    seen = _assert_key_is_finer(descs)
+    assert len({spec for spec, _ in seen.values()}) == 4 * 3
+
+
 def test_arguments_without_a_derived_key_go_through_jit_run():
     """Types whose specialisation the key does not model raise _Unkeyed, which sends the
     call through JITFunction.run (launch.CachedLaunch.launch)."""

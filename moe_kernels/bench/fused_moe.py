@@ -8,6 +8,8 @@ each pair's expert weights, dequantizes them to bf16 and runs the expert MLPs as
 matmuls; beyond that (gathering a weight copy per pair no longer fits), it dequantizes
 every expert once and runs every token through every expert, masked by the gate weights
 (E / top_k times the routed flops, the form without data-dependent shapes).
+On the GPU the triton rows also come in the grouped GEMMs' tile-load variants
+(`triton-tma`, `triton-tma-maxnreg128`; moe_kernels/bench/grouped_gemm.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels.bench.common import Result, kernel_backends, measure
+from moe_kernels.bench.grouped_gemm import tile_variants
 from moe_kernels.ops import fused_moe as ops
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import fused_moe as reference
@@ -85,9 +88,10 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         flops = T * K * 2 * 3 * inter * H
         # kernels against the FP8 pipeline's oracle, the bf16 baseline against the
         # unquantized one (docs/fp8.md: the two differ by the activation roundings)
-        for quantized, timed in ((True, [(b, lambda i, b=b: ops.fused_moe_fp8(*args, backend=b))
-                                          for b in backends]),
-                                 (False, _baselines(args, T * K, compiled))):
+        ours = [(b, lambda i, b=b: ops.fused_moe_fp8(*args, backend=b)) for b in backends]
+        ours += tile_variants(device, backends, lambda i, args=args: ops.fused_moe_fp8(
+            *args, backend="triton"))
+        for quantized, timed in ((True, ours), (False, _baselines(args, T * K, compiled))):
             want = reference.moe_forward(*args, out_dtype=torch.float32,
                                          quantize_activations=quantized)
             results += measure("fused_moe_fp8", case, device, timed, nbytes, 1,

@@ -11,6 +11,10 @@ The torch reference timed beside: dequantize the weights to bf16 and one bf16 ma
 expert (segments known on the host), eager and compiled. On the GPU also the torch-native
 peers: cuBLAS block-scaled `torch._scaled_mm` per expert and bf16 `torch._grouped_mm`
 (operands dequantized beforehand); the masked case runs them on the valid rows.
+On the GPU the triton rows also come in the tile-load variants the tuner weighs
+(`triton-tma`: the table in force with every tile through TMA descriptors;
+`triton-tma-maxnreg128`: those of its 8-warp tiles of at most 64 x 128 also capped at
+128 registers, 2 blocks per SM), so one run answers which load path the tiles want.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from moe_kernels._common import FP8, SCALE_BLOCK, cdiv
 from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
+from moe_kernels.configs import grouped_gemm as configs
 from moe_kernels.ops import grouped_gemm as ops
 from moe_kernels.reference import fp8 as ref_fp8
 
@@ -80,6 +85,17 @@ def torch_peers(a, a_s, b, b_s, bounds, device):
             ("torch-grouped_mm-bf16", lambda: grouped_mm_bf16(a16, b16_kn, offs))]
 
 
+def tile_variants(device: str, backends: list[str], call):
+    """(row name, fn(i)) of call(i) under each tile-load variant of the table in force
+    (module docstring); GPU only, where triton is timed."""
+    if device != "cuda" or "triton" not in backends:
+        return []
+    table = configs.table_in_force(torch.device(device))
+    return [(name, lambda i, t=t: configs.with_table(t, call, i))
+            for name, t in (("triton-tma", configs.with_tma(table)),
+                            ("triton-tma-maxnreg128", configs.with_tma(table, maxnreg=128)))]
+
+
 def _close(out, want) -> bool:
     if isinstance(out, (list, tuple)):  # a peer's per-expert outputs
         out = torch.cat(list(out))
@@ -108,6 +124,8 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         case = f"{name} {E}x{rows} rows N={N} K={K}"
         timed = [(bk, lambda i, bk=bk: ops.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=bk))
                  for bk in backends]
+        timed += tile_variants(device, backends, lambda i: ops.grouped_gemm_fp8(
+            a, a_s, b, b_s, m, backend="triton"))
         timed += [("torch-eager", lambda i: torch_per_expert(a, a_s, b, b_s, bounds))]
         if baseline_c is not None:
             timed += [("torch-compile", lambda i: baseline_c(a, a_s, b, b_s, bounds))]
@@ -139,6 +157,8 @@ def _masked(device, backends, gen, baseline_c) -> list[Result]:
     case = f"masked E={E} M={M} ({valid} valid rows) N={N} K={K}"
     timed = [(bk, lambda i, bk=bk: ops.grouped_gemm_fp8_masked(
         a3[i][0], a3[i][1], sets[i][2], sets[i][3], masked, backend=bk)) for bk in backends]
+    timed += tile_variants(device, backends, lambda i: ops.grouped_gemm_fp8_masked(
+        a3[i][0], a3[i][1], sets[i][2], sets[i][3], masked, backend="triton"))
     timed += [("torch-eager", lambda i: baseline(torch_per_expert, i))]
     if baseline_c is not None:
         timed += [("torch-compile", lambda i: baseline(baseline_c, i))]

@@ -98,6 +98,9 @@ def stub_launches(sink: list | None = None):
 def _comparable(arg):
     if isinstance(arg, torch.Tensor):
         return ("tensor", arg.dtype, tuple(arg.shape), arg.stride(), arg.data_ptr() & 15)
+    if type(arg).__name__ == "TensorDescriptor":
+        return ("tensordesc", _comparable(arg.base), tuple(arg.shape), tuple(arg.strides),
+                tuple(arg.block_shape), arg.padding)
     return arg
 
 
@@ -162,6 +165,39 @@ def check_all(select: str | None = None,
     return runs, launches, problems
 
 
+TMA_OPS = ("grouped_gemm_fp8", "grouped_gemm_fp8_masked", "fused_moe_fp8")
+
+
+def check_tma(select: str | None = None) -> tuple[int, int, list[str]]:
+    """check_case over the edge cases of the grouped-GEMM ops with every tile config
+    loading through TMA descriptors (configs.grouped_gemm.tma_table); each op must
+    launch a descriptor in at least one case, or the variant went unchecked."""
+    from moe_kernels import testing
+    from moe_kernels.configs import grouped_gemm as configs
+    runs, launches, problems = 0, 0, []
+    table = configs.tma_table(torch.device("cpu"))
+    for op in TMA_OPS:
+        if select and select not in op:
+            continue
+        described = 0
+        for case in testing.cases(op, "edge"):
+            n, found = configs.with_table(table, check_case, op, case)
+            runs, launches, problems = runs + 1, launches + n, problems + found
+            if n:
+                jit = configs.with_table(table, _launches, lambda: testing.run(
+                    op, lambda *a, **k: _public(op)(*a, backend="triton", **k), case), False)
+                described += sum(a[0] == "tensordesc" for _, args, _ in jit for a in args
+                                 if type(a) is tuple)
+        if not described:
+            problems.append(f"{op}: no launch through TMA descriptors under the TMA table")
+    return runs, launches, problems
+
+
+def _public(op: str):
+    import moe_kernels
+    return getattr(moe_kernels, op)
+
+
 def uncached_kernels() -> list[str]:
     """`*_kernel` JIT functions of moe_kernels.triton launched without `@cached_launch`
     (compiled mode only: under the interpreter no kernel is wrapped)."""
@@ -180,6 +216,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import triton
     runs, launches, problems = check_all(args.select, args.every_case)
+    tma_runs, tma_launches, tma_problems = check_tma(args.select)
+    runs, launches, problems = runs + tma_runs, launches + tma_launches, problems + tma_problems
     problems += [f"{k}: launched without @cached_launch" for k in uncached_kernels()]
     for p in problems:
         print(p)

@@ -7,7 +7,14 @@ GPU and writes `grouped_gemm/<device name>.json`:
 
     {"device": ..., "triton": ..., "torch": ..., "configs": {
         "contiguous": [{"max_m": 16, "BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4,
-                        "num_stages": 4}, ...], "segments": [...], "masked": [...]}}
+                        "num_stages": 4, "tma": false}, ...], "segments": [...],
+        "masked": [...]}}
+
+`tma` (optional, default false): the fp8 operand tiles load through TMA descriptors
+instead of per-thread `cp.async` addresses, where the operands allow it (16-byte aligned
+base and strides; else the same tile loads through pointers). `maxnreg` (optional): a
+cap on registers per thread; 128 lets two 8-warp blocks share an SM (65536 registers),
+which the 64x128 and 128x64 TMA tiles reach without spilling (sm_90a report).
 
 Without a file for the device, `DEFAULTS` apply (chosen from the sm_90a compile report,
 not yet timed: docs/fp8.md). A tile of BLOCK_M < 64 runs with A and B swapped
@@ -74,8 +81,10 @@ def pick(buckets: list[dict], m: int) -> dict:
 
 
 def all_tables() -> dict[str, dict]:
-    """Every config table an op can pick from: "defaults" and each tuned device file."""
-    tables = {"defaults": DEFAULTS}
+    """Every config table an op can pick from: "defaults", their TMA variants (what the
+    tuner weighs against them) and each tuned device file."""
+    tables = {"defaults": DEFAULTS, "defaults+tma": with_tma(DEFAULTS),
+              "defaults+tma+maxnreg128": with_tma(DEFAULTS, maxnreg=128)}
     for path in sorted(CONFIG_DIR.glob("*.json")):
         configs = json.loads(path.read_text())["configs"]
         tables[path.stem] = {kind: configs.get(kind, DEFAULTS[kind]) for kind in KINDS}
@@ -86,8 +95,9 @@ _FORCED: list[dict] = []
 
 
 def with_table(table: dict, fn, *args):
-    """fn(*args) with `table` in force for non-CUDA devices (the sm_90a compile gate runs
-    the launch wrappers on meta tensors, once per table)."""
+    """fn(*args) with `table` in force on every device (the sm_90a compile gate runs the
+    launch wrappers on meta tensors once per table; the tuner times candidates; the tests
+    run the TMA variant of the table in force, `tma_table`)."""
     _FORCED.append(table)
     try:
         return fn(*args)
@@ -95,11 +105,32 @@ def with_table(table: dict, fn, *args):
         _FORCED.pop()
 
 
-def gemm_config(kind: str, m: int, device: torch.device) -> dict:
-    """Launch config (BLOCK_M, BLOCK_N, num_warps, num_stages) for `kind` at `m` rows per
-    expert (buckets by m; one table per device)."""
+def table_in_force(device: torch.device) -> dict:
+    """The table `gemm_config` picks from on `device`."""
+    if _FORCED:
+        return _FORCED[-1]
     if triton_interpreting():
-        return pick(_INTERPRETER_BUCKETS, m)
+        return {kind: _INTERPRETER_BUCKETS for kind in KINDS}
     if device.type != "cuda":       # meta tensors: compiling for the GPU without one
-        return pick((_FORCED[-1] if _FORCED else DEFAULTS)[kind], m)
-    return pick(_table(device.index if device.index is not None else 0)[kind], m)
+        return DEFAULTS
+    return _table(device.index if device.index is not None else 0)
+
+
+def with_tma(table: dict, maxnreg: int | None = None) -> dict:
+    """table with every tile loading through TMA descriptors; maxnreg: the register cap
+    of its 8-warp tiles of at most 64 x 128 (those that fit 2 blocks per SM with it)."""
+    def variant(b):
+        fits = b["num_warps"] == 8 and b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 128
+        return dict(b, tma=True, **({"maxnreg": maxnreg} if maxnreg and fits else {}))
+    return {kind: [variant(b) for b in buckets] for kind, buckets in table.items()}
+
+
+def tma_table(device: torch.device) -> dict:
+    """The table in force on `device`, every tile loading through TMA descriptors."""
+    return with_tma(table_in_force(device))
+
+
+def gemm_config(kind: str, m: int, device: torch.device) -> dict:
+    """Launch config (BLOCK_M, BLOCK_N, num_warps, num_stages, optional tma) for `kind` at
+    `m` rows per expert (buckets by m; one table per device)."""
+    return pick(table_in_force(device)[kind], m)

@@ -35,6 +35,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
 from moe_kernels.configs.grouped_gemm import gemm_config
@@ -79,19 +80,36 @@ def _block_scales(as_row, bs_ptrs, kb, num_kb, row_ok, n_ok, stride_ask, stride_
 
 
 @triton.jit
-def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n0, N, K,
+def _tma_tiles(a_desc, b_desc, row0, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SOFTWARE: tl.constexpr):
+    """(a[row0 : row0 + BLOCK_M, k0 : k0 + BLOCK_K], b[e, n0 : n0 + BLOCK_N, k0 : ...]) as
+    fp8 tiles through TMA descriptors (out of bounds: zeros; under the interpreter the
+    descriptors hold uint8 bits)."""
+    x = a_desc.load([row0.to(tl.int32), k0])
+    w = b_desc.load([e.to(tl.int32), n0.to(tl.int32), k0]).reshape(BLOCK_N, BLOCK_K)
+    if SOFTWARE:
+        x = x.to(tl.float8e4nv, bitcast=True)
+        w = w.to(tl.float8e4nv, bitcast=True)
+    return x, w
+
+
+@triton.jit
+def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, row0, e, n0, N, K,
                    stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                    stride_bsn, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
-                   SOFTWARE: tl.constexpr):
+                   TMA: tl.constexpr, SOFTWARE: tl.constexpr):
     """sum over K blocks of dot(a[rows, kb], b[e, n, kb].T) * a_s[rows, kb] * b_s[e, n//128, kb]
     as a (BLOCK_M, BLOCK_N) float32 tile, n = n0 + [0, BLOCK_N); rows with row_ok false and
-    columns n >= N are 0. SWAP_AB computes the transposed tile (weights on the M side)."""
+    columns n >= N are 0. SWAP_AB computes the transposed tile (weights on the M side).
+    TMA: a_ptr and b_ptr are TMA descriptors of a (R, K) and b (E, N, K), and the tile's
+    rows are row0 + [0, BLOCK_M) (rows == row0 + arange where row_ok)."""
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < N
     kr = tl.arange(0, BLOCK_K)
-    a_base = a_ptr + rows * stride_am
-    b_base = b_ptr + e * stride_be + n * stride_bn
+    if not TMA:
+        a_base = a_ptr + rows * stride_am
+        b_base = b_ptr + e * stride_be + n * stride_bn
     as_row = as_ptr + rows * stride_asm
     if BLOCK_K % BLOCK_N == 0:  # the tile lies inside one 128-row scale block of b
         bs_ptrs = bs_ptr + e * stride_bse + (n0 // BLOCK_K) * stride_bsn
@@ -111,16 +129,30 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n0, N, K,
         a_s_next, b_s_next = _block_scales(as_row, bs_ptrs, kb + 1, num_kb, row_ok, n_ok,
                                            stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
         if SWAP_AB:
-            w = _load_fp8(b_base[:, None] + k[None, :], n_ok[:, None] & k_ok[None, :], SOFTWARE)
-            x = _load_fp8(a_base[None, :] + k[:, None], k_ok[:, None] & row_ok[None, :], SOFTWARE)
+            if TMA:
+                x, w = _tma_tiles(a_ptr, b_ptr, row0, e, n0, kb * BLOCK_K, BLOCK_N, BLOCK_K,
+                                  SOFTWARE)
+                x = tl.trans(x)
+            else:
+                w = _load_fp8(b_base[:, None] + k[None, :], n_ok[:, None] & k_ok[None, :],
+                              SOFTWARE)
+                x = _load_fp8(a_base[None, :] + k[:, None], k_ok[:, None] & row_ok[None, :],
+                              SOFTWARE)
             if BLOCK_K % BLOCK_N == 0:
                 scale = a_s[None, :] * b_s
             else:
                 scale = a_s[None, :] * b_s[:, None]
             acc += tl.dot(w, x) * scale
         else:
-            x = _load_fp8(a_base[:, None] + k[None, :], row_ok[:, None] & k_ok[None, :], SOFTWARE)
-            w = _load_fp8(b_base[None, :] + k[:, None], k_ok[:, None] & n_ok[None, :], SOFTWARE)
+            if TMA:
+                x, w = _tma_tiles(a_ptr, b_ptr, row0, e, n0, kb * BLOCK_K, BLOCK_N, BLOCK_K,
+                                  SOFTWARE)
+                w = tl.trans(w)
+            else:
+                x = _load_fp8(a_base[:, None] + k[None, :], row_ok[:, None] & k_ok[None, :],
+                              SOFTWARE)
+                w = _load_fp8(b_base[None, :] + k[:, None], k_ok[:, None] & n_ok[None, :],
+                              SOFTWARE)
             if BLOCK_K % BLOCK_N == 0:
                 scale = a_s[:, None] * b_s
             else:
@@ -129,9 +161,12 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e, n0, N, K,
         a_s = a_s_next
         b_s = b_s_next
     if SWAP_AB:
-        return tl.trans(acc)
-    else:
-        return acc
+        acc = tl.trans(acc)
+    if TMA:
+        # a TMA tile holds every row, those of row_ok false too (other experts' or
+        # groups' rows, maybe NaN): zero, as the masked loads make them
+        acc = tl.where(row_ok[:, None], acc, 0.0)
+    return acc
 
 
 @triton.jit
@@ -148,7 +183,8 @@ def _contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, m_ptr, out_ptr, R, N, K, E,
                        stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                        stride_bsn, stride_bsk, stride_om, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-                       EVEN_K: tl.constexpr, GROUP: tl.constexpr, SOFTWARE: tl.constexpr):
+                       EVEN_K: tl.constexpr, GROUP: tl.constexpr, TMA: tl.constexpr,
+                       SOFTWARE: tl.constexpr):
     tile_m, tile_n = _grouped_order(tl.program_id(0), tl.cdiv(R, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                     GROUP)
     rows = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -167,10 +203,11 @@ def _contiguous_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, m_ptr, out_ptr, R, N, K, E,
         if tl.max(sel.to(tl.int32), axis=0) > 0:
             # every row of the tile is read (rows of other experts too: their results are
             # not stored), so only `sel` lives across the K loop: fewer registers
-            part = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, in_range,
+            part = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, in_range, tile_m * BLOCK_M,
                                   tl.cast(e, tl.int64), n0, N, K, stride_am, stride_asm,
                                   stride_ask, stride_be, stride_bn, stride_bse, stride_bsn,
-                                  stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, SOFTWARE)
+                                  stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K, SWAP_AB, EVEN_K, TMA,
+                                  SOFTWARE)
             _store_tile(out_ptr, part, rows, sel, n, N, stride_om, SOFTWARE)
 
 
@@ -181,7 +218,7 @@ def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_
                      stride_bse, stride_bsn, stride_bsk, stride_om, E_PAD: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr, GROUP: tl.constexpr,
-                     SOFTWARE: tl.constexpr):
+                     TMA: tl.constexpr, SOFTWARE: tl.constexpr):
     # tile i belongs to the expert e with ends[e-1] <= i < ends[e], ends = cumsum of
     # ceil(count / BLOCK_M): E_PAD counts per program, cheaper than another launch
     tile, tile_n = _grouped_order(tl.program_id(0), tiles_m, tl.cdiv(N, BLOCK_N), GROUP)
@@ -194,15 +231,16 @@ def _segments_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, offsets_ptr, counts_ptr, out_
         first_tile = tl.sum(tl.where(er == e, ends - tiles, 0), axis=0)
         count = tl.sum(tl.where(er == e, counts, 0), axis=0)
         start = tl.load(offsets_ptr + e)
+        row0 = start + (tile - first_tile).to(tl.int64) * BLOCK_M
         local = (tile - first_tile).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = start + local
         # rows outside a are no row: offsets and counts are values a direct call may get wrong
         row_ok = (local < count) & (rows >= 0) & (rows < R)
         n0 = tile_n.to(tl.int64) * BLOCK_N
-        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, e.to(tl.int64), n0, N,
-                             K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
+        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, row0, e.to(tl.int64),
+                             n0, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                              stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K,
-                             SWAP_AB, EVEN_K, SOFTWARE)
+                             SWAP_AB, EVEN_K, TMA, SOFTWARE)
         _store_tile(out_ptr, acc, rows, row_ok, n0 + tl.arange(0, BLOCK_N), N, stride_om,
                     SOFTWARE)
 
@@ -213,7 +251,7 @@ def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
                    stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                    stride_bsn, stride_bsk, stride_om, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-                   EVEN_K: tl.constexpr, SOFTWARE: tl.constexpr):
+                   EVEN_K: tl.constexpr, TMA: tl.constexpr, SOFTWARE: tl.constexpr):
     tiles_m = tl.cdiv(M, BLOCK_M)
     e = (tl.program_id(0) // tiles_m).to(tl.int64)
     local = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -222,10 +260,11 @@ def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
     count = tl.load(masked_ptr + e)
     in_group = local < M
     if (tl.program_id(0) % tiles_m) * BLOCK_M < count:
-        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, in_group & (local < count), e,
-                             n0, N, K, stride_am, stride_asm, stride_ask, stride_be, stride_bn,
+        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, in_group & (local < count),
+                             e * M + (tl.program_id(0) % tiles_m) * BLOCK_M, e, n0, N, K,
+                             stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                              stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K,
-                             SWAP_AB, EVEN_K, SOFTWARE)
+                             SWAP_AB, EVEN_K, TMA, SOFTWARE)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     _store_tile(out_ptr, acc, rows, in_group, n0 + tl.arange(0, BLOCK_N), N, stride_om, SOFTWARE)
@@ -236,23 +275,47 @@ def _fp8_operand(x: torch.Tensor) -> torch.Tensor:
     return x.view(_U8) if SOFTWARE_ROUNDING else x
 
 
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether TMA can read t: 16-byte aligned base and strides, contiguous last dim, no
+    empty dim (a descriptor's requirements)."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and min(t.shape) > 0
+            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
+def _operands(cfg: dict, a: torch.Tensor, b: torch.Tensor):
+    """(a, b, tma): the fp8 operands a (R, K) and b (E, N, K) as the kernel takes them.
+    TMA descriptors (tiles BLOCK_M x 128 and 1 x BLOCK_N x 128) where the config asks for
+    them and both tensors allow it, else the tensors (uint8 bits under the interpreter)."""
+    a, b = _fp8_operand(a), _fp8_operand(b)
+    if not (cfg.get("tma") and _tma_ready(a) and _tma_ready(b)):
+        return a, b, False
+    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg["BLOCK_M"], SCALE_BLOCK]),
+            TensorDescriptor(b, list(b.shape), list(b.stride()),
+                             [1, cfg["BLOCK_N"], SCALE_BLOCK]), True)
+
+
 def _b_strides(b, b_scales):
     return (b.stride(0), b.stride(1), b_scales.stride(0), b_scales.stride(1),
             b_scales.stride(2))
 
 
-def _launcher(kernel, cfg, K, **constexprs):
-    """kernel with the tile config `cfg` (configs/grouped_gemm.py) and `constexprs` bound."""
+def _launcher(kernel, cfg, K, tma, **constexprs):
+    """kernel with the tile config `cfg` (configs/grouped_gemm.py) and `constexprs` bound;
+    tma: its operands are TMA descriptors (`_operands`)."""
     return _configured(kernel, cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"],
-                       cfg["num_stages"], K % SCALE_BLOCK == 0, **constexprs)
+                       cfg["num_stages"], cfg.get("maxnreg"), K % SCALE_BLOCK == 0, TMA=tma,
+                       **constexprs)
 
 
 @functools.lru_cache(maxsize=None)
-def _configured(kernel, block_m, block_n, num_warps, num_stages, even_k, **constexprs):
-    """launch.configure, once per configuration."""
+def _configured(kernel, block_m, block_n, num_warps, num_stages, maxnreg, even_k, **constexprs):
+    """launch.configure, once per configuration (maxnreg: ptxas's register cap per
+    thread, passed only where the config sets one)."""
+    options = {"maxnreg": maxnreg} if maxnreg else {}
     return configure(kernel, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
                      BLOCK_K=SCALE_BLOCK, SWAP_AB=block_m < WGMMA_M, EVEN_K=even_k,
-                     SOFTWARE=SOFTWARE_ROUNDING, num_warps=num_warps, num_stages=num_stages)
+                     SOFTWARE=SOFTWARE_ROUNDING, num_warps=num_warps, num_stages=num_stages,
+                     **options)
 
 
 def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
@@ -265,8 +328,9 @@ def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
         return
     cfg = gemm_config("contiguous", max(R // max(E, 1), 1), a.device)
     grid = (cdiv(R, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    _launcher(_contiguous_kernel, cfg, K, GROUP=GROUP_M)[grid](
-        _fp8_operand(a), a_scales, _fp8_operand(b), b_scales, m_indices.contiguous(), out, R,
+    a_op, b_op, tma = _operands(cfg, a, b)
+    _launcher(_contiguous_kernel, cfg, K, tma, GROUP=GROUP_M)[grid](
+        a_op, a_scales, b_op, b_scales, m_indices.contiguous(), out, R,
         N, K, E, a.stride(0), a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales),
         out.stride(0))
 
@@ -293,8 +357,9 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     # sum_e ceil(c_e / BM) <= floor(R / BM) + (number of non-empty experts)
     tiles_m = R // bm + min(R, E)
     grid = (tiles_m * cdiv(N, cfg["BLOCK_N"]),)
-    _launcher(_segments_kernel, cfg, K, E_PAD=next_power_of_2(E), GROUP=GROUP_M)[grid](
-        _fp8_operand(a), a_scales, _fp8_operand(b), b_scales, expert_offsets.contiguous(),
+    a_op, b_op, tma = _operands(cfg, a, b)
+    _launcher(_segments_kernel, cfg, K, tma, E_PAD=next_power_of_2(E), GROUP=GROUP_M)[grid](
+        a_op, a_scales, b_op, b_scales, expert_offsets.contiguous(),
         tokens_per_expert.contiguous(), out, R, N, K, E, tiles_m, a.stride(0),
         a_scales.stride(0), a_scales.stride(1), *_b_strides(b, b_scales), out.stride(0))
     return out
@@ -311,8 +376,9 @@ def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out):
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
     cfg = gemm_config("masked", M, a.device)
     grid = (E * cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
-    _launcher(_masked_kernel, cfg, K)[grid](
-        _fp8_operand(a2), s2, _fp8_operand(b), b_scales, masked_m.contiguous(), out, M, N, K,
+    a_op, b_op, tma = _operands(cfg, a2, b)
+    _launcher(_masked_kernel, cfg, K, tma)[grid](
+        a_op, s2, b_op, b_scales, masked_m.contiguous(), out, M, N, K,
         a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales), N)
 
 

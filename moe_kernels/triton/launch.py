@@ -18,6 +18,8 @@ fine as Triton's specialisation, so a hit is the kernel Triton would have chosen
 - an int: whether it is 1 (Triton compiles 1 in as a constant), a multiple of 16, and
   which of int32 / int64 / uint64 holds it;
 - a float, a bool: only the type (Triton specialises neither on its value); None: None;
+- a TMA descriptor (`triton.tools.tensor_descriptor.TensorDescriptor`): its dtype, block
+  shape and padding (its shape and strides are runtime arguments of the launcher);
 - every keyword argument (constexprs and launch options such as num_warps) by value;
 - the current device.
 
@@ -61,6 +63,8 @@ def _other_key(a):
         return kind
     if isinstance(a, torch.Tensor):       # a subclass (nn.Parameter)
         return _args_key((a.data,))[0]
+    if type(a) is _TensorDescriptor:      # Triton: "tensordesc<dtype[block_shape]>"
+        return (_TensorDescriptor, a.base.dtype, tuple(a.block_shape), a.padding)
     raise _Unkeyed
 
 
@@ -197,7 +201,7 @@ def cache_enabled(enabled: bool):
         _ENABLED = saved
 
 
-_driver = _knobs = None      # triton's, bound by the first cached_launch
+_driver = _knobs = _TensorDescriptor = None      # triton's, bound by the first cached_launch
 
 
 def package_globals():
@@ -216,11 +220,12 @@ def package_globals():
 def cached_launch(kernel):
     """Decorator over `@triton.jit`: `kernel[grid](...)` through the launch cache; the
     kernel itself where there is nothing to launch (the interpreter)."""
-    global _driver, _knobs
+    global _driver, _knobs, _TensorDescriptor
     from triton import knobs
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    _driver, _knobs, _TensorDescriptor = driver, knobs, TensorDescriptor
     if not isinstance(kernel, JITFunction):
         return kernel
-    _driver, _knobs = driver, knobs
     return CachedLaunch(kernel)
