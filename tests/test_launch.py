@@ -216,22 +216,29 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_outputs_with_the_cache_equal_jit_runs():
-    """On the GPU: each op's smallest edge case, run through JITFunction.run and then twice
-    through the cache (miss, hit), gives bit-identical outputs (every op is
-    deterministic), and the cache was used."""
+    """On the GPU: each op's smallest edge case (the grouped GEMMs' also with TMA tiles),
+    run through JITFunction.run and then twice through the cache (miss, hit), gives
+    bit-identical outputs (every op is deterministic), and the cache was used."""
     import moe_kernels
     from moe_kernels import testing
     from moe_kernels.bench.common import smallest_case, tensors_in
+    from moe_kernels.bench.launches import TMA_OPS
+    from moe_kernels.configs import grouped_gemm as configs
     for cached in _all_cached_launches():
         cached._cache.clear()
-    for op in testing.ops():
-        case = smallest_case(op, "cuda")
+    tma = configs.tma_table(torch.device("cuda"))
+    # the grouped GEMMs also with TMA descriptors (arguments the C launcher expands), on
+    # every edge case: the smallest ones have rows TMA cannot describe (K % 16 != 0)
+    runs = [(op, None, smallest_case(op, "cuda")) for op in testing.ops()]
+    runs += [(op, tma, case) for op in TMA_OPS for case in testing.cases(op, "edge", device="cuda")]
+    for op, table, case in runs:
         public = getattr(moe_kernels, op)
+        call = lambda: tensors_in(testing.run(
+            op, lambda *a, **k: public(*a, backend="triton", **k), case))
         results = []
         for enabled in (False, True, True):
             with launch.cache_enabled(enabled):
-                results.append(tensors_in(testing.run(
-                    op, lambda *a, **k: public(*a, backend="triton", **k), case)))
+                results.append(call() if table is None else configs.with_table(table, call))
         want = results[0]
         assert want, op
         for got in results[1:]:
