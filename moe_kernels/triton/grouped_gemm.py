@@ -25,6 +25,11 @@ Hopper code shape (read in the sm_90a compile report, docs/fp8.md):
   scales of block kb + 1 load (plain loads) while block kb computes.
 - Programs walk GROUP_M row tiles across every column tile before the next rows (L2
   reuse of the A rows, as the Triton matmul tutorial's grouped order).
+- A config with `tma` loads the fp8 tiles through host-built TMA descriptors instead
+  (TMA: one copy per tile, no per-thread addresses: ~60 fewer registers a thread at
+  64x128, docs/fp8.md); a tile's rows that must not be written are zeroed once after the
+  K loop, since TMA reads them whole. Operands a descriptor cannot describe (rows not a
+  multiple of 16 bytes, unaligned base) load through pointers.
 Tile configs: configs/grouped_gemm.py.
 """
 
