@@ -83,6 +83,49 @@ def test_fp8_gemm_tiles_are_wgmma_from_shared_memory(reports, triton_path):
         assert "registers" not in r["operand_path"] and r["operand_path"] != "-", r["case"]
 
 
+# Memory-bound kernels at DeepSeek-V3 sizes: their data moves in 16-byte accesses
+# (LDG.E.128 / STG.E.128), or bandwidth goals are out of reach (4-8 byte accesses issue
+# 2-4x the instructions and transactions).
+_WIDE_ACCESS = {"_gather_rows_kernel": "D=7168", "_unpermute_kernel": "H=7168",
+                "_token_group_kernel": "M=16384", "_block_quant_kernel": "7168x2048",
+                "_block_dequant_kernel": "7168x2048", "_decompress_kernel": "T=8192"}
+
+
+@pytest.mark.parametrize("triton_path", VERSIONS)
+def test_memory_bound_kernels_move_data_in_16_byte_accesses(reports, triton_path):
+    _, _, report = _report(reports, triton_path)
+    checked = set()
+    for r in report["launches"]:
+        if _WIDE_ACCESS.get(r["kernel"], "\0") in r["case"]:
+            access = r["global_access"]
+            assert access, f"{r['case']}: no SASS to read"
+            assert max(map(int, access["LDG"]), default=0) == 128, (r["case"], access)
+            assert max(map(int, access["STG"]), default=0) == 128, (r["case"], access)
+            checked.add(r["kernel"])
+    assert checked == set(_WIDE_ACCESS), set(_WIDE_ACCESS) - checked
+
+
+def test_global_access_widths_are_read_from_sass():
+    """The width parser on SASS lines of each kind: asynchronous copies (LDGSTS) and TMA
+    (UTMALDG) are not thread loads and are not counted."""
+    from moe_kernels.bench import sm90
+    sass = "\n".join([
+        "  /*0100*/  LDG.E.128 R4, desc[UR6][R2.64] ;",
+        "  /*0110*/  LDG.E R8, desc[UR6][R6.64] ;",
+        "  /*0120*/  @!P0 LDG.E.64 R10, desc[UR6][R6.64+0x8] ;",
+        "  /*0130*/  LDG.E.U16 R12, desc[UR6][R6.64] ;",
+        "  /*0140*/  LDGSTS.E.BYPASS.128 [R3], desc[UR6][R4.64] ;",
+        "  /*0150*/  UTMALDG.2D [UR8], [UR4] ;",
+        "  /*0160*/  STG.E.128 desc[UR6][R2.64], R4 ;",
+        "  /*0170*/  STG.E.U8 desc[UR6][R2.64], R9 ;",
+        "  /*0180*/  LDS.128 R4, [R3] ;",
+        "  /*0190*/  LDG.E.EL.128.CONSTANT R4, desc[UR6][R2.64] ;",
+        "  /*01a0*/  STG.E.STRONG.GPU desc[UR6][R2.64], R4 ;",
+    ])
+    assert sm90._global_access(sass) == {"LDG": {128: 2, 32: 1, 64: 1, 16: 1},
+                                         "STG": {128: 1, 8: 1, 32: 1}}
+
+
 # Kernels that break each rule once, to show that the gate sees each kind of defect.
 _BAD_KERNELS = textwrap.dedent('''
     import torch, triton, triton.language as tl

@@ -12,7 +12,9 @@ defaults and each tuned `configs/grouped_gemm/*.json`).
 Each compiled kernel is read: registers and spills (the ptxas log of the compile itself),
 shared memory, every dot (wgmma or mma.sync, operand dtype, operands from shared memory or
 registers), how operands reach shared memory (async copy, TMA, or a register round trip),
-the waits inside the main loop, and the SASS instructions of one main-loop pass.
+the waits inside the main loop, the SASS instructions of one main-loop pass, and the
+kernel's global loads and stores by width (tests/test_sm90_compile.py holds the
+memory-bound kernels to 16-byte accesses).
 
 `python -m moe_kernels.bench.sm90` (or `moe-bench --sm90-report`) prints the table and
 exits 1 on a violation of the gate (`violations`); tests/test_sm90_compile.py runs it
@@ -239,17 +241,40 @@ def _operand_path(loop: str) -> str:
     return "+".join(paths) or "-"
 
 
-def _sass_mainloop(cubin: bytes) -> dict | None:
-    """SASS instructions, tensor-core ops and waits of the innermost loop holding a
-    tensor-core op."""
+def _sass(cubin: bytes) -> str | None:
+    """The kernel's SASS (nvdisasm), or None where nvdisasm cannot run."""
     from triton import knobs
     try:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
-            sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", f.name], check=True,
+            return subprocess.run([knobs.nvidia.nvdisasm.path, "-c", f.name], check=True,
                                   capture_output=True, text=True).stdout
     except Exception:
+        return None
+
+
+_GLOBAL_ACCESS = re.compile(r"(?<![A-Z])(LDG|STG)((?:\.[A-Z0-9_]+)*)(?![A-Z])")
+_ACCESS_BITS = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def _global_access(sass: str) -> dict[str, dict[int, int]]:
+    """{"LDG": {bits: count}, "STG": {...}}: the kernel's global loads and stores by width
+    (memory-bound kernels want their data path at 128 bits: 16-byte accesses). The width
+    is the opcode's size modifier, 32 bits without one; cache and eviction modifiers may
+    stand beside it."""
+    out: dict[str, dict[int, int]] = {"LDG": {}, "STG": {}}
+    for op, modifiers in _GLOBAL_ACCESS.findall(sass):
+        sizes = [_ACCESS_BITS[m] for m in modifiers.split(".") if m in _ACCESS_BITS]
+        bits = sizes[0] if sizes else 32
+        out[op][bits] = out[op].get(bits, 0) + 1
+    return out
+
+
+def _sass_mainloop(sass: str | None) -> dict | None:
+    """SASS instructions, tensor-core ops and waits of the innermost loop holding a
+    tensor-core op."""
+    if sass is None:
         return None
     code = [ln for ln in sass.splitlines() if re.match(r"\s*(/\*[0-9a-f]+\*/)?\s+[@A-Z]", ln)
             or re.match(r"^\.L\w+:", ln.strip())]
@@ -289,6 +314,7 @@ def analyse(launch: Launch) -> dict:
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     loop = _mainloop(ttgir)
     waits = [int(p) for p in re.findall(r"warp_group_dot_wait .*?pendings = (\d+)", loop)]
+    sass = _sass(k.asm["cubin"])
     row.update(
         registers=int(regs.group(1)) if regs else None,
         spill_bytes=(int(spills.group(1)) + int(spills.group(2))) if spills else None,
@@ -298,7 +324,8 @@ def analyse(launch: Launch) -> dict:
         operand_path=_operand_path(loop) if loop else "-",
         loop_waits=waits,
         tma="cp.async.bulk.tensor" in ptx,
-        sass_loop=_sass_mainloop(k.asm["cubin"]) if loop else None)
+        sass_loop=_sass_mainloop(sass) if loop else None,
+        global_access=_global_access(sass) if sass is not None else None)
     return row
 
 
@@ -336,9 +363,18 @@ def _dot_text(row: dict) -> str:
     return ",".join(f"{k} {m}x{n} {dt} {src}" for k, m, n, dt, src in sorted(dots)) or "-"
 
 
+def _access_text(row: dict) -> str:
+    access = row.get("global_access")
+    if not access:
+        return "-"
+    part = lambda widths: " ".join(f"{b}x{n}" for b, n in sorted(widths.items(), reverse=True))
+    return f"{part(access['LDG']) or '-'} / {part(access['STG']) or '-'}"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     head = ("case", "kernel", "config", "regs", "spill B", "smem B", "dots (operands: s=shared, "
-            "r=registers)", "operand path", "loop waits", "TMA", "SASS/loop", "gate")
+            "r=registers)", "operand path", "loop waits", "TMA", "SASS/loop",
+            "global loads / stores (bits x count)", "gate")
     lines = [f"# sm_90a compile report: triton {meta['triton']}, torch {meta['torch']}, "
              f"commit {meta['commit']}", "",
              f"{meta['launches']} launches, {meta['kernels']} kernels, "
@@ -353,7 +389,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         cells = (r["case"], r["kernel"], r["config"].replace("|", "/"), r.get("registers", "-"),
                  r.get("spill_bytes", "-"), r.get("shared", "-"), _dot_text(r),
                  r.get("operand_path", "-"), ",".join(map(str, r.get("loop_waits", []))) or "-",
-                 "yes" if r.get("tma") else "no", sass_text, "; ".join(bad) or "ok")
+                 "yes" if r.get("tma") else "no", sass_text, _access_text(r),
+                 "; ".join(bad) or "ok")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -295,10 +295,12 @@ def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, R, D, K, P, ROWS: tl.constexpr,
     p = tl.load(src_ptr + r, mask=r < R, other=-1).to(tl.int64)
     valid = (p >= 0) & (p < P)          # anything else is padding: never read out of bounds
     t = tl.where(valid, p // K, 0)
-    read_end = tl.where(valid, D, 0)    # a padding row reads nothing and stores zeros
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        row = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=d[None, :] < read_end[:, None],
+        # a padding row reads nothing and stores zeros. The mask as (row) & (column): its
+        # column part keeps D's divisibility, so the loads stay 16 bytes wide (a per-row
+        # bound where(valid, D, 0) made triton 3.9 load 2 bytes at a time)
+        row = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=valid[:, None] & (d < D)[None, :],
                       other=0)
         tl.store(out_ptr + r[:, None] * D + d[None, :], row,
                  mask=(r < R)[:, None] & (d < D)[None, :])
