@@ -8,6 +8,8 @@ the sanitizer's report, a wrong result here.
 - the registered MLA paged kernels called directly with block ids out of range and
   lengths past the table (the unchecked CUDA-graph path: they must read nothing out of
   bounds and write zeros for such tokens);
+- the grouped GEMM ops again with every tile through TMA descriptors (the `tma` tile
+  configs; TMA reads whole tiles, out of bounds included, which the hardware fills);
 - one DeepseekV3MoE forward (fused shared expert, unpermute into the sum).
 
 Usage: python3 benchmarks/sanitize_cuda.py   (a line per op and backend; exit 1 on a mismatch)
@@ -25,24 +27,34 @@ import moe_kernels
 from moe_kernels import _library, testing
 
 
-def check_ops(device: str = "cuda", backends=("triton", "cuda")) -> int:
+def check_ops(device: str = "cuda", backends=("triton", "cuda"), ops=None,
+              tiles: str | None = None) -> int:
+    """Each op's edge cases on each backend against the reference. tiles="tma": under the
+    grouped GEMMs' TMA table (every tile through TMA descriptors)."""
     failures = 0
-    for op in testing.ops():
+    for op in ops or testing.ops():
         for backend in backends:
             t0 = time.perf_counter()
+            check = functools.partial(testing.check, op, functools.partial(
+                getattr(moe_kernels, op), backend=backend), preset="edge", device=device,
+                raise_on_failure=False)
             try:
-                report = testing.check(op, functools.partial(getattr(moe_kernels, op),
-                                                             backend=backend),
-                                       preset="edge", device=device, raise_on_failure=False)
+                report = check() if tiles is None else _with_tma_tiles(device, check)
             except _library.BackendUnavailableError:
                 continue
             ok = report.passed and not report.skipped
             failures += not ok
-            print(f"{op:30s} {backend:7s} {len(report.results):3d} cases  "
+            label = backend if tiles is None else f"{backend}-{tiles}"
+            print(f"{op:30s} {label:11s} {len(report.results):3d} cases  "
                   f"{'ok' if ok else 'FAILED'}  {time.perf_counter() - t0:5.1f} s", flush=True)
             if not ok:
                 print(report.message(), flush=True)
     return failures
+
+
+def _with_tma_tiles(device: str, fn):
+    from moe_kernels.configs import grouped_gemm as configs
+    return configs.with_table(configs.tma_table(torch.device(device)), fn)
 
 
 def check_mla_paged_out_of_range(device: str = "cuda") -> int:
@@ -103,7 +115,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("sanitize_cuda: no CUDA device")
         return 2
-    failures = check_ops() + check_mla_paged_out_of_range() + check_layer()
+    from moe_kernels.bench.launches import TMA_OPS
+    failures = (check_ops() + check_ops(backends=("triton",), ops=TMA_OPS, tiles="tma")
+                + check_mla_paged_out_of_range() + check_layer())
     print(f"sanitize_cuda: {failures} failure(s)")
     return 1 if failures else 0
 
