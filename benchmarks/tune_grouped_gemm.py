@@ -3,7 +3,9 @@ moe_kernels/configs/grouped_gemm/<device>.json (read by configs/grouped_gemm.py)
 
 For each kind (contiguous, segments, masked) and rows-per-expert bucket it times every
 candidate (CUDA graph over the call, median) on a DeepSeek-V3 shape of that bucket and
-keeps the fastest. Usage on the GPU machine: python3 benchmarks/tune_grouped_gemm.py
+keeps the fastest. Graph timing leaves host time out: TMA tiles cost ~10 us more of it
+per eager call than pointer tiles (docs/fp8.md), which a CUDA-graph decode never pays.
+Usage on the GPU machine: python3 benchmarks/tune_grouped_gemm.py
 [--quick] [--out PATH]. About 3-6 minutes of device time (--quick: ~1).
 """
 
