@@ -135,7 +135,8 @@ for stage in $STAGES; do
     bench) run_stage bench 210 "$bench_log" python3 -m moe_kernels.bench --no-compile \
              --json "$bench_json" ${BENCH_ARGS:-}
            if [ "${RUN_TUNE:-0}" = 1 ]; then
-             run_stage tune 180 "$OUT/tune_${stamp}.log" bash -c "python3 benchmarks/tune_gating.py && \
+             # ~3 min of it is the grouped GEMMs' quick sweep (87 configs to compile)
+             run_stage tune 300 "$OUT/tune_${stamp}.log" bash -c "python3 benchmarks/tune_gating.py && \
                python3 benchmarks/tune_mla.py && \
                python3 benchmarks/tune_grouped_gemm.py ${TUNE_ARGS:---quick}"
              cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null

@@ -6,7 +6,9 @@ candidate (CUDA graph over the call, median) on a DeepSeek-V3 shape of that buck
 keeps the fastest. Graph timing leaves host time out: TMA tiles cost ~10 us more of it
 per eager call than pointer tiles (docs/fp8.md), which a CUDA-graph decode never pays.
 Usage on the GPU machine: python3 benchmarks/tune_grouped_gemm.py
-[--quick] [--out PATH]. About 3-6 minutes of device time (--quick: ~1).
+[--quick] [--out PATH]. --quick: 8-11 configs per bucket, 29 per kind, each compiled
+once and timed at both shapes: about 3 minutes, most of it compiling; the full sweep
+(105-120 per bucket) wants a call of its own.
 """
 
 from __future__ import annotations
