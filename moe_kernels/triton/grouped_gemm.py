@@ -134,36 +134,27 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, row0, e, n0, N, K
         k_ok = (k < K) | EVEN_K       # EVEN_K: a constant mask, fewer registers
         a_s_next, b_s_next = _block_scales(as_row, bs_ptrs, kb + 1, num_kb, row_ok, n_ok,
                                            stride_ask, stride_bsk, BLOCK_N, BLOCK_K)
+        # both operand tiles as stored, K last: x (BLOCK_M, BLOCK_K), w (BLOCK_N, BLOCK_K)
+        if TMA:
+            x, w = _tma_tiles(a_ptr, b_ptr, row0, e, n0, kb * BLOCK_K, BLOCK_N, BLOCK_K,
+                              SOFTWARE)
+        else:
+            x = _load_fp8(a_base[:, None] + k[None, :], row_ok[:, None] & k_ok[None, :],
+                          SOFTWARE)
+            w = _load_fp8(b_base[:, None] + k[None, :], n_ok[:, None] & k_ok[None, :],
+                          SOFTWARE)
         if SWAP_AB:
-            if TMA:
-                x, w = _tma_tiles(a_ptr, b_ptr, row0, e, n0, kb * BLOCK_K, BLOCK_N, BLOCK_K,
-                                  SOFTWARE)
-                x = tl.trans(x)
-            else:
-                w = _load_fp8(b_base[:, None] + k[None, :], n_ok[:, None] & k_ok[None, :],
-                              SOFTWARE)
-                x = _load_fp8(a_base[None, :] + k[:, None], k_ok[:, None] & row_ok[None, :],
-                              SOFTWARE)
             if BLOCK_K % BLOCK_N == 0:
                 scale = a_s[None, :] * b_s
             else:
                 scale = a_s[None, :] * b_s[:, None]
-            acc += tl.dot(w, x) * scale
+            acc += tl.dot(w, tl.trans(x)) * scale
         else:
-            if TMA:
-                x, w = _tma_tiles(a_ptr, b_ptr, row0, e, n0, kb * BLOCK_K, BLOCK_N, BLOCK_K,
-                                  SOFTWARE)
-                w = tl.trans(w)
-            else:
-                x = _load_fp8(a_base[:, None] + k[None, :], row_ok[:, None] & k_ok[None, :],
-                              SOFTWARE)
-                w = _load_fp8(b_base[None, :] + k[:, None], k_ok[:, None] & n_ok[None, :],
-                              SOFTWARE)
             if BLOCK_K % BLOCK_N == 0:
                 scale = a_s[:, None] * b_s
             else:
                 scale = a_s[:, None] * b_s[None, :]
-            acc += tl.dot(x, w) * scale
+            acc += tl.dot(x, tl.trans(w)) * scale
         a_s = a_s_next
         b_s = b_s_next
     if SWAP_AB:
