@@ -11,7 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+import session_jobs  # noqa: E402
 
 # Interpreter runs are slow and vary in time: no per-example deadline.
 settings.register_profile("default", deadline=None,
@@ -65,3 +68,16 @@ def pytest_sessionstart(session):
         if op.triton_module is not None and _library.backend_unavailable_reason(
                 "triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None:
             op._eager["triton"] = _triton_checked_first(op, op._bare("triton"))
+
+
+@pytest.hookimpl(trylast=True)   # after -m / -k deselection
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that read session jobs (tests/session_jobs.py) run last, in their order,
+    and the jobs they read start now, one at a time beside the other tests."""
+    items[:] = sorted(items, key=session_jobs.uses_jobs)
+    if not config.option.collectonly:
+        session_jobs.start_lane(items)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session_jobs.stop_all()

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import session_jobs
 from moe_kernels import _library
 
 WORKER = pathlib.Path(__file__).with_name("direct_calls_worker.py")
@@ -26,20 +27,24 @@ pytestmark = pytest.mark.skipif(not _library.extension_loaded(),
                                 reason="moe_kernels._C is not built")
 
 
-def _run_worker(backends: str | None = None):
+def _run_worker(backends: str):
     """The worker's lines, one process for every op (a crash ends it: the last `case`
     line names the case that crashed)."""
-    env = dict(os.environ)
-    if backends:
-        env["MOE_KERNELS_DIRECT_CALLS"] = backends
+    env = dict(os.environ, MOE_KERNELS_DIRECT_CALLS=backends)
     r = subprocess.run([sys.executable, str(WORKER)], capture_output=True, text=True,
                        timeout=1200, env=env)
     return r.returncode, r.stdout.splitlines(), r.stderr
 
 
+if _library.extension_loaded():
+    session_jobs.declare("direct-calls", [sys.executable, str(WORKER)], timeout_s=1200,
+                         module=__name__, fixture="worker_output")
+
+
 @pytest.fixture(scope="module")
 def worker_output():
-    return _run_worker()
+    rc, out, err = session_jobs.result("direct-calls")
+    return rc, out.splitlines(), err
 
 
 def test_worker_finishes(worker_output):

@@ -22,7 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_kernels.triton import launch
-from triton_versions import VERSIONS, json_result, run_per_version, run_script_per_version
+from triton_versions import (VERSIONS, declare_per_version, declare_script_per_version,
+                             json_result, results_per_version, run_per_version)
 
 
 def _specialise():
@@ -117,9 +118,14 @@ def _counts(out: str) -> tuple[int, int, int]:
     return int(words[0]), int(words[2]), int(words[4])
 
 
+declare_per_version("launch-checks",
+                    lambda path: [sys.executable, "-m", "moe_kernels.bench.launches"],
+                    module=__name__, fixture="launch_checks")
+
+
 @pytest.fixture(scope="module")
 def launch_checks():
-    return run_per_version(lambda path: [sys.executable, "-m", "moe_kernels.bench.launches"])
+    return results_per_version("launch-checks")
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)
@@ -183,9 +189,12 @@ _PROBES = textwrap.dedent('''
 ''')
 
 
+declare_script_per_version("launch-probes", _PROBES, module=__name__, fixture="probes")
+
+
 @pytest.fixture(scope="module")
-def probes(tmp_path_factory):
-    return run_script_per_version(tmp_path_factory.mktemp("launch"), "probes.py", _PROBES)
+def probes():
+    return results_per_version("launch-probes")
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)

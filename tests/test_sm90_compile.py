@@ -3,8 +3,8 @@ every launch configuration the ops can pick, without a GPU (moe_kernels/bench/sm
 
 The interpreter that runs the other Triton tests compiles nothing, so code it passes can
 fail on the first GPU launch (a plain global read in jit code is a NameError there). Each
-supported triton version compiles in its own process (tests/triton_versions.py), both at
-once, one per core.
+supported triton version compiles in its own process (tests/triton_versions.py), as a
+session job beside the in-process tests (tests/session_jobs.py).
 """
 
 from __future__ import annotations
@@ -16,22 +16,26 @@ import textwrap
 
 import pytest
 
-from triton_versions import VERSIONS, json_result, run_per_version, run_script_per_version
+import session_jobs
+from triton_versions import (VERSIONS, declare_per_version, declare_script_per_version,
+                             json_result, results_per_version, version_id)
 
 
-def _json_name(path) -> str:
-    return f"{pathlib.Path(path).name if path else 'installed'}.json"
+def _json_path(path) -> pathlib.Path:
+    return session_jobs.scratch(f"sm90-{version_id(path)}.json")
+
+
+declare_per_version("sm90-gate", lambda path: [sys.executable, "-m", "moe_kernels.bench.sm90",
+                                               "--json", str(_json_path(path))],
+                    module=__name__, fixture="reports")
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def reports():
     """The gate under every available triton; {path: (returncode, output, report dict)}."""
-    out_dir = tmp_path_factory.mktemp("sm90")
-    runs = run_per_version(lambda path: [sys.executable, "-m", "moe_kernels.bench.sm90",
-                                         "--json", str(out_dir / _json_name(path))])
     results = {}
-    for path, (rc, out, err) in runs.items():
-        report = out_dir / _json_name(path)
+    for path, (rc, out, err) in results_per_version("sm90-gate").items():
+        report = _json_path(path)
         results[path] = (rc, out + err, json.loads(report.read_text()) if report.exists() else None)
     return results
 
@@ -181,12 +185,15 @@ _BAD_KERNELS = textwrap.dedent('''
 ''')
 
 
+declare_script_per_version("sm90-defects", "import json\n" + _BAD_KERNELS, module=__name__,
+                           fixture="defect_reports")
+
+
 @pytest.fixture(scope="module")
-def defect_reports(tmp_path_factory):
-    """The bad kernels compiled under every available triton at once (one after the other
-    they took ~37 s of CI); {path: (returncode, stdout, stderr)}."""
-    return run_script_per_version(tmp_path_factory.mktemp("sm90_defects"), "bad_kernels.py",
-                                  "import json\n" + _BAD_KERNELS)
+def defect_reports():
+    """The bad kernels compiled under every available triton; {path: (returncode, stdout,
+    stderr)}."""
+    return results_per_version("sm90-defects")
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)

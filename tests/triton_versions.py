@@ -2,7 +2,8 @@
 interpreter: the one installed here, and triton 3.6 (the GPU machine's) from
 `.venv/triton-3.6`, which `make setup` installs (or the directories in
 MOE_KERNELS_SM90_TRITON, colon-separated). Used by the checks that compile real kernels
-without a GPU (tests/test_sm90_compile.py, tests/test_launch.py)."""
+without a GPU (tests/test_sm90_compile.py, tests/test_launch.py). Most of them run as
+session jobs (tests/session_jobs.py), beside the in-process tests."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+
+import session_jobs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXTRA_TRITON = os.environ.get("MOE_KERNELS_SM90_TRITON", str(ROOT / ".venv" / "triton-3.6"))
@@ -44,6 +47,11 @@ def _versions() -> list:
 
 
 VERSIONS = _versions()
+_AVAILABLE = [p.values[0] for p in VERSIONS if not p.marks]
+
+
+def version_id(path: str | None) -> str:
+    return pathlib.Path(path).name if path else "installed"
 
 
 def run_per_version(argv_of) -> dict:
@@ -52,10 +60,9 @@ def run_per_version(argv_of) -> dict:
     reason = _nvidia_backend_reason()
     if reason:
         pytest.skip(reason)
-    procs = {p.values[0]: subprocess.Popen(argv_of(p.values[0]), env=_env(p.values[0]),
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           text=True)
-             for p in VERSIONS if not p.marks}
+    procs = {path: subprocess.Popen(argv_of(path), env=_env(path), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for path in _AVAILABLE}
     results = {}
     for path, proc in procs.items():
         out, err = proc.communicate(timeout=TIMEOUT_S)
@@ -63,11 +70,30 @@ def run_per_version(argv_of) -> dict:
     return results
 
 
-def run_script_per_version(directory: pathlib.Path, name: str, text: str) -> dict:
-    """run_per_version of the Python script `text`, written to directory / name."""
-    script = directory / name
+def declare_per_version(name: str, argv_of, *, module: str, fixture: str) -> None:
+    """A session job per available triton running argv_of(path), read by `fixture` of
+    `module` with results_per_version(name)."""
+    if _nvidia_backend_reason() is None:
+        for path in _AVAILABLE:
+            session_jobs.declare(f"{name}-{version_id(path)}", argv_of(path), env=_env(path),
+                                 timeout_s=TIMEOUT_S, module=module, fixture=fixture)
+
+
+def declare_script_per_version(name: str, text: str, *, module: str, fixture: str) -> None:
+    """declare_per_version of the Python script `text`."""
+    script = session_jobs.scratch(f"{name}.py")
     script.write_text(text)
-    return run_per_version(lambda path: [sys.executable, str(script)])
+    declare_per_version(name, lambda path: [sys.executable, str(script)], module=module,
+                        fixture=fixture)
+
+
+def results_per_version(name: str) -> dict:
+    """{path: (returncode, stdout, stderr)} of the jobs declare_per_version(name) made.
+    Skips without triton's NVIDIA backend."""
+    reason = _nvidia_backend_reason()
+    if reason:
+        pytest.skip(reason)
+    return {path: session_jobs.result(f"{name}-{version_id(path)}") for path in _AVAILABLE}
 
 
 def json_result(result) -> dict:
