@@ -73,9 +73,11 @@ def pytest_sessionstart(session):
 @pytest.hookimpl(trylast=True)   # after -m / -k deselection
 def pytest_collection_modifyitems(session, config, items):
     """The tests that read session jobs (tests/session_jobs.py) run last, in their order,
-    and the jobs they read start now, one at a time beside the other tests."""
+    and the jobs they read start now, one at a time beside the other tests. Not in an
+    xdist worker: each one collects every test but runs few, so there a job starts when a
+    test reads it."""
     items[:] = sorted(items, key=session_jobs.uses_jobs)
-    if not config.option.collectonly:
+    if not config.option.collectonly and not hasattr(config, "workerinput"):
         session_jobs.start_lane(items)
 
 

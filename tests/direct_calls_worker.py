@@ -57,6 +57,7 @@ def _permute_samples(g):
         "moe_align_block_size": [(ids, 8, 4)],
         "gather_rows": [(x, pair_of_row, row_of_pair)],
         "gather_rows_out": [(x, pair_of_row, row_of_pair, torch.empty(R, 8))],
+        "gather_rows_quant_fp8": [(x, pair_of_row, row_of_pair, 128, 1e-10)],
         "unpermute": [(eo, row_of_pair, w)],
         "unpermute_out": [(eo, row_of_pair, w, torch.empty(3, 8))],
     }

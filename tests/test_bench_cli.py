@@ -362,3 +362,20 @@ def test_tile_variant_rows_run_under_the_tma_tables(monkeypatch):
     assert configs.table_in_force(torch.device("cuda")) is configs.DEFAULTS   # restored
     assert bench.tile_variants("cpu", ["triton", "cpu"], seen) == []
     assert bench.tile_variants("cuda", ["cuda"], seen) == []
+
+
+def test_quant_variant_row_runs_the_separate_kernels():
+    """The GPU-only `triton-quant-then-permute` row of the fused_moe bench: the op with the
+    gathered quantization off for that call only, and only where it would be on."""
+    import torch
+
+    from moe_kernels.bench import fused_moe as bench
+    from moe_kernels.ops import fused_moe as ops
+    small, large = torch.empty(16, 7168, dtype=torch.bfloat16), torch.empty(1024, 7168)
+    seen = lambda i: ops.GATHERED_QUANT_MAX_BYTES
+    rows = bench.quant_variants("cuda", ["triton", "cuda"], small, seen)
+    assert [name for name, _ in rows] == ["triton-quant-then-permute"]
+    assert rows[0][1](0) < 0 < ops.GATHERED_QUANT_MAX_BYTES      # off in the call, restored
+    assert bench.quant_variants("cuda", ["triton"], large, seen) == []
+    assert bench.quant_variants("cpu", ["triton", "cpu"], small, seen) == []
+    assert bench.quant_variants("cuda", ["cuda"], small, seen) == []

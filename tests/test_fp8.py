@@ -174,6 +174,64 @@ def test_property_random(device, backend, data):
     assert_fp8_close(q, rq)
 
 
+# gather_rows_quant_fp8: fused_moe_fp8's first kernel on Triton at small T, x's rows
+# quantized as quantize_fp8_per_token_group does and laid out as permute(align=1) lays
+# them. Why each case: no tokens; one token over many experts; a group narrower than 128;
+# skipped pairs (-1 ids: padding rows at the layout's end) with ties of ids; every pair on
+# one expert; a width that ends in a partial group.
+GATHER_CASES = [(0, 256, 2, 4), (1, 128, 8, 16), (1, 7, 1, 1), (37, 300, 4, 5),
+                (6, 1000, 3, 7)]
+
+
+def _gathered_expectation(x, pair_of_row, K):
+    """x quantized by the reference, row r from x[pair_of_row[r] // K], zeros (scale 0) for
+    padding rows: the contract written out row by row."""
+    q, s = ref.quantize_fp8_per_token_group(x.cpu(), 128)
+    want_q = torch.zeros((len(pair_of_row), x.shape[1]), dtype=torch.uint8)
+    want_s = torch.zeros((len(pair_of_row), s.shape[1]))
+    for r, p in enumerate(pair_of_row.tolist()):
+        if p >= 0:
+            want_q[r], want_s[r] = q[p // K].view(torch.uint8), s[p // K]
+    return want_q.view(FP8), want_s
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton", "reference")))
+@pytest.mark.parametrize("T,H,K,E", GATHER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+def test_gather_rows_quant_matches_quantize_then_gather(device, backend, T, H, K, E, dtype,
+                                                       routing):
+    from moe_kernels.ops import fp8 as ops
+    from moe_kernels.reference import permute as ref_permute
+    g = torch.Generator().manual_seed(T * 31 + H)
+    # rows with a stride past H: the kernel reads x through its row stride
+    x = make_x(T, H + 16, dtype, device, seed=T + H, specials=True)[:, :H]
+    ids = (torch.randint(-1, E, (T, K), generator=g) if routing == "random"
+           else torch.full((T, K), E - 1)).int()
+    index = ref_permute.permute_index(ids, E, 1)
+    row_of_pair, pair_of_row = (t.to(device) for t in index[3:5])
+    poison_allocator(device)
+    q, s = ops.gather_rows_quant_fp8_unchecked(backend, x, pair_of_row, row_of_pair, 128,
+                                               1e-10)
+    want_q, want_s = _gathered_expectation(x, index[4], K)
+    assert torch.equal(s.cpu(), want_s), "scales"
+    assert_fp8_close(q.cpu(), want_q, msg=f"{backend} T={T} H={H}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton",)))
+def test_gather_rows_quant_reads_nothing_for_pairs_out_of_range(device, backend):
+    """A pair index outside [0, T*K) (not one permute_index makes) is a padding row: zero
+    data, scale 0, no read past x."""
+    from moe_kernels.ops import fp8 as ops
+    x = torch.randn(2, 256, device=device)
+    pair_of_row = torch.tensor([3, 4, -7, 2**31 - 1, 0], dtype=torch.int32, device=device)
+    row_of_pair = torch.zeros(2, 2, dtype=torch.int32, device=device)
+    q, s = ops.gather_rows_quant_fp8_unchecked(backend, x, pair_of_row, row_of_pair, 128, 1e-10)
+    want_q, want_s = _gathered_expectation(x, torch.tensor([3, -1, -1, -1, 0]), 2)
+    assert torch.equal(s.cpu(), want_s)
+    assert_fp8_close(q.cpu(), want_q)
+
+
 # opcheck's test_schema compares inputs before and after the call with an op PyTorch
 # lacks for float8 on the CPU ("mul_cpu_reduced_float"); the other checks run.
 
@@ -185,6 +243,11 @@ def test_opcheck(device, backend):
     torch.library.opcheck(getattr(ops, "quantize_fp8_per_token_group" + sfx).default,
                           (x, 128, 1e-10, False, True))
     torch.library.opcheck(getattr(ops, "silu_and_mul_quant_fp8" + sfx).default, (x, 64, 1e-10))
+    if backend == "triton":   # Triton only: the op itself, no _triton variant
+        pair_of_row = torch.tensor([4, -1, 0, 17], dtype=torch.int32, device=device)
+        torch.library.opcheck(ops.gather_rows_quant_fp8.default,
+                              (x, pair_of_row, torch.zeros(9, 2, dtype=torch.int32,
+                                                           device=device), 128, 1e-10))
     w = torch.randn(2, 130, 200, device=device)
     torch.library.opcheck(getattr(ops, "quantize_fp8_block" + sfx).default, (w, 128, 128, 1e-10))
     q, s = ref.quantize_fp8_block(w.cpu())

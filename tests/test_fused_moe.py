@@ -76,6 +76,30 @@ def test_matches_moe_forward(device, backend, T, skip, one):
     assert rel_err(out, exact) < 8e-2
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton",)))
+@pytest.mark.parametrize("T,skip,one", CASES)
+def test_gathered_quantization_equals_quantize_then_permute(device, backend, T, skip, one,
+                                                            monkeypatch):
+    """At small T the Triton path quantizes rows as it permutes them (one kernel,
+    GATHERED_QUANT_MAX_BYTES); the output is bit for bit that of quantize, then permute."""
+    from moe_kernels.ops import fp8 as fp8_ops
+    from moe_kernels.ops import fused_moe as ops
+    w13, s13, w2, s2 = make_layer(seed=T, device=device)
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16().to(device)
+    weights, ids = make_routing(T, seed=T + 2, device=device, skip=skip, one_expert=one)
+    gathered = []
+    fused = fp8_ops.gather_rows_quant_fp8_unchecked
+    monkeypatch.setattr(fp8_ops, "gather_rows_quant_fp8_unchecked",
+                        lambda *args: gathered.append(args) or fused(*args))
+    out = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids, backend=backend)
+    assert len(gathered) == 1, "the small batch took the separate kernels"
+    monkeypatch.setattr(ops, "GATHERED_QUANT_MAX_BYTES", -1)
+    separate = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids,
+                                         backend=backend)
+    assert len(gathered) == 1, "the threshold did not turn the fused kernel off"
+    assert torch.equal(out.view(torch.int16), separate.view(torch.int16))
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
 def test_all_pairs_skipped_gives_zeros(device, backend):
     w13, s13, w2, s2 = make_layer(seed=1, device=device)

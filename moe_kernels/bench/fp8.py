@@ -87,6 +87,12 @@ def sm90_cases():
             meta(M, 7168, dtype=torch.bfloat16), 128, 1e-10, True, True))
         yield (f"silu_and_mul_quant M={M} 2x2048", lambda M=M: fp8.silu_and_mul_quant_fp8(
             meta(M, 4096, dtype=torch.bfloat16), 128))
+    # fused_moe_fp8's first kernel at small T (up to 585 tokens at H=7168 in bf16)
+    for T in (1, 512):
+        yield (f"quant 1x128 gathered R={8 * T} ({T} tokens x top-8) H=7168 bf16",
+               lambda T=T: fp8.gather_rows_quant_fp8(
+                   meta(T, 7168, dtype=torch.bfloat16), meta(8 * T, dtype=torch.int32),
+                   meta(T, 8, dtype=torch.int32), 128, 1e-10))
     for dt in (torch.bfloat16, torch.float32):
         yield (f"quant 128x128 7168x2048 {dt}",
                lambda dt=dt: fp8.quantize_fp8_block(meta(7168, 2048, dtype=dt), 128, 128))

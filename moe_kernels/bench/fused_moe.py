@@ -9,7 +9,9 @@ matmuls; beyond that (gathering a weight copy per pair no longer fits), it dequa
 every expert once and runs every token through every expert, masked by the gate weights
 (E / top_k times the routed flops, the form without data-dependent shapes).
 On the GPU the triton rows also come in the grouped GEMMs' tile-load variants
-(`triton-tma`, `triton-tma-maxnreg128`; moe_kernels/bench/grouped_gemm.py).
+(`triton-tma`, `triton-tma-maxnreg128`; moe_kernels/bench/grouped_gemm.py), and where
+the Triton path quantizes rows as it permutes them, on the separate kernels
+(`triton-quant-then-permute`).
 """
 
 from __future__ import annotations
@@ -91,12 +93,31 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         ours = [(b, lambda i, b=b: ops.fused_moe_fp8(*args, backend=b)) for b in backends]
         ours += tile_variants(device, backends, lambda i, args=args: ops.fused_moe_fp8(
             *args, backend="triton"))
+        ours += quant_variants(device, backends, hidden, lambda i, args=args: ops.fused_moe_fp8(
+            *args, backend="triton"))
         for quantized, timed in ((True, ours), (False, _baselines(args, T * K, compiled))):
             want = reference.moe_forward(*args, out_dtype=torch.float32,
                                          quantize_activations=quantized)
             results += measure("fused_moe_fp8", case, device, timed, nbytes, 1,
                                lambda out, want=want: _close(out, want), flops=flops)
     return results
+
+
+def quant_variants(device: str, backends: list[str], hidden, call):
+    """(row name, fn(i)): call(i) on the separate quantize and permute kernels where the
+    Triton path would fuse them (ops.GATHERED_QUANT_MAX_BYTES), to time the fusion; GPU
+    only, where triton is timed."""
+    if device != "cuda" or "triton" not in backends \
+            or hidden.numel() * hidden.element_size() > ops.GATHERED_QUANT_MAX_BYTES:
+        return []
+
+    def separate(i):
+        saved, ops.GATHERED_QUANT_MAX_BYTES = ops.GATHERED_QUANT_MAX_BYTES, -1
+        try:
+            return call(i)
+        finally:
+            ops.GATHERED_QUANT_MAX_BYTES = saved
+    return [("triton-quant-then-permute", separate)]
 
 
 def _close(out, want) -> bool:

@@ -2,9 +2,10 @@
 
 Ops (each with a `_triton` variant): `quantize_fp8_per_token_group` (1 x group_size
 activation groups), `quantize_fp8_block` (weight blocks), `dequantize_fp8_block`,
-`silu_and_mul_quant_fp8` (the MoE activation fused with the quantization). Scales are
-dequantization multipliers (real = fp8 * scale). Not differentiable: quantization is a
-rounding step. Semantics: docs/api.md; NaN/inf rules and layouts: docs/fp8.md.
+`silu_and_mul_quant_fp8` (the MoE activation fused with the quantization); internal and
+Triton only: `gather_rows_quant_fp8` (the quantization fused with permute's row gather).
+Scales are dequantization multipliers (real = fp8 * scale). Not differentiable:
+quantization is a rounding step. Semantics: docs/api.md; NaN/inf rules and layouts: docs/fp8.md.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _fake_silu(x, group_size, eps):
     M, N = x.shape[0], x.shape[1] // 2
     return (x.new_empty((M, N), dtype=FP8),
             x.new_empty((M, cdiv(N, group_size)), dtype=torch.float32))
+
+
+def _fake_gathered(x, pair_of_row, row_of_pair, group_size, eps):
+    R, H = pair_of_row.shape[0], x.shape[1]
+    return (x.new_empty((R, H), dtype=FP8),
+            x.new_empty((R, cdiv(H, group_size)), dtype=torch.float32))
 
 
 _KERNELS = dict(triton="fp8", native=("cpu",))
@@ -80,6 +87,12 @@ QUANTIZE_FP8_PER_TOKEN_GROUP_OUT = _op(
 SILU_AND_MUL_QUANT_FP8_OUT = _op(
     "silu_and_mul_quant_fp8_out", "(Tensor x, int group_size, float eps, Tensor(a!) q, "
     "Tensor(b!) s) -> ()", _library.no_output, _triton_group_check)
+# Quantization fused with permute's row gather, for fused_moe_fp8's Triton path (internal:
+# Triton only, so its Triton check is every check; the "cuda" backend borrows it).
+GATHER_ROWS_QUANT_FP8 = _library.Op(
+    "gather_rows_quant_fp8", "(Tensor x, Tensor pair_of_row, Tensor row_of_pair, "
+    "int group_size, float eps) -> (Tensor, Tensor)", fake=_fake_gathered, triton="fp8",
+    borrow={"cuda": "triton"}, triton_check=lambda *args: _check_gathered(*args))
 
 
 # --- checks ----------------------------------------------------------------------------------
@@ -126,6 +139,20 @@ def _check_activation(op: str, x) -> None:
     check_last_dim_contiguous(op, "x", x)
 
 
+def _check_gathered(x, pair_of_row, row_of_pair, group_size, eps) -> None:
+    """gather_rows_quant_fp8's arguments: pair_of_row's values need no check (a pair
+    outside [0, T*K) is a padding row, nothing read)."""
+    op = "gather_rows_quant_fp8"
+    _check_activation(op, x)
+    check_tensor(op, "pair_of_row", pair_of_row, ndim=1, dtypes=(torch.int32,))
+    check_tensor(op, "row_of_pair", row_of_pair, ndim=2, dtypes=(torch.int32,))
+    if row_of_pair.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: row_of_pair must have one row per row of x ({x.shape[0]}), "
+                         f"got shape {tuple(row_of_pair.shape)}")
+    _check_power_of_two(op, "group_size", group_size)
+    _check_eps(op, eps)
+
+
 def _check_quant_out(op, out, x, width, group_size, column_major):
     """out = (q (M, width) float8_e4m3fn, s (M, G) float32 row- or column-major as
     column_major says), both contiguous in their layout, overlapping neither x nor each
@@ -163,6 +190,14 @@ def quantize_fp8_per_token_group_out_unchecked(backend, x, group_size, eps, scal
     else:
         QUANTIZE_FP8_PER_TOKEN_GROUP_OUT.kernel(backend)(x, group_size, eps, scale_ue8m0, q, s)
     return q, s
+
+
+def gather_rows_quant_fp8_unchecked(backend, x, pair_of_row, row_of_pair, group_size, eps):
+    """x's rows quantized per token group and permuted (reference.gather_rows_quant_fp8)."""
+    if backend == "reference":
+        return reference.gather_rows_quant_fp8(x, pair_of_row, row_of_pair, group_size, eps)
+    return tuple(GATHER_ROWS_QUANT_FP8.kernel(backend)(x, pair_of_row, row_of_pair,
+                                                       group_size, eps))
 
 
 def silu_and_mul_quant_fp8_unchecked(backend, x, group_size):

@@ -2,7 +2,8 @@
 
 quantize (1x128) -> permute (align=1, scales alongside) -> GEMM1 (w13) -> SiLU-mul-quant
 -> GEMM2 (w2) -> weighted unpermute, each stage through the unchecked internal layer of
-its op (the arguments are checked once, here). On the Triton backend the GEMMs run over
+its op (the arguments are checked once, here). On the Triton backend, at small T, the
+first two are one kernel (`gather_rows_quant_fp8`: GATHERED_QUANT_MAX_BYTES). On the Triton backend the GEMMs run over
 the expert segments of the align=1 layout, so no padding row is ever computed (at decode,
 with 256 experts, align=128 padding would be ~250x the real rows). Oracle:
 reference.moe_forward (float32, unquantized activations), within 2e-2 relative error.
@@ -51,13 +52,31 @@ def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
         check_same_device(op, name, t, "hidden", hidden)
 
 
+# Up to this many bytes of hidden, the Triton path quantizes the rows as it permutes them:
+# one launch where quantize, gather rows and gather scales are three (decode: 6 launches in
+# all instead of 8), and no quantized copy in token order written and read back. Each row
+# is read once per top-k choice, so hidden must stay in L2 (50 MB on the H100) between its
+# reads; beyond, the quantized copy (half hidden's bytes at bf16) is what gets re-read.
+GATHERED_QUANT_MAX_BYTES = 8 << 20
+
+
+def permuted_fp8_rows(backend, hidden, topk_ids, num_experts):
+    """hidden's rows quantized (1x128 groups) in the align=1 expert layout:
+    (q (R, H) fp8, PermuteLayout with its scales (R, H/128) float32)."""
+    if backend == "triton" and hidden.numel() * hidden.element_size() <= GATHERED_QUANT_MAX_BYTES:
+        index = perm.PERMUTE_INDEX.kernel(backend)(topk_ids, num_experts, 1)
+        q, s = fp8.gather_rows_quant_fp8_unchecked(backend, hidden, index[4], index[3],
+                                                   SCALE_BLOCK, 1e-10)
+        return q, perm.PermuteLayout(*index, scales=s)
+    q, s = fp8.quantize_fp8_per_token_group_unchecked(backend, hidden, SCALE_BLOCK, 1e-10,
+                                                      False, False)
+    return perm.permute_unchecked(backend, q, topk_ids, num_experts, 1, s)
+
+
 def fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights,
                             topk_ids):
     """The internal layer: arguments checked, backend resolved (see fused_moe_fp8)."""
-    E = w13.shape[0]
-    q, s = fp8.quantize_fp8_per_token_group_unchecked(backend, hidden, SCALE_BLOCK, 1e-10,
-                                                      False, False)
-    x, layout = perm.permute_unchecked(backend, q, topk_ids, E, 1, s)
+    x, layout = permuted_fp8_rows(backend, hidden, topk_ids, w13.shape[0])
     z = expert_mlp(backend, segment_gemm(layout, backend), x, layout.scales, w13, w13_scales,
                    w2, w2_scales, hidden.dtype)
     return perm.unpermute_unchecked(backend, z, layout.row_of_pair, topk_weights)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels._common import FP8, FP8_MAX, cdiv
+from moe_kernels.reference.permute import gather_rows
 
 
 
@@ -102,3 +103,13 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float = 
     xf = x.float()
     y = F.silu(xf[:, :N]) * xf[:, N:]
     return quantize_fp8_per_token_group(y, group_size, eps)
+
+
+def gather_rows_quant_fp8(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor,
+                          group_size: int = 128, eps: float = 1e-10):
+    """x (T, H) float; pair_of_row (R,) int32 (-1: padding); row_of_pair (T, K) int32 ->
+    q (R, H) fp8, s (R, ceil(H/group_size)) float32: x's rows quantized per token group,
+    then permuted (row r from x[pair_of_row[r] // K]; padding rows zero, scale 0)."""
+    q, s = quantize_fp8_per_token_group(x, group_size, eps)
+    K = row_of_pair.shape[1]
+    return gather_rows(q, pair_of_row, K), gather_rows(s, pair_of_row, K)

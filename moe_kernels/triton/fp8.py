@@ -1,7 +1,7 @@
 """Triton kernels for FP8 block-scaled quantization (semantics: reference/fp8.py).
 
 One program quantizes ROWS rows x one group of GROUP columns (per-token groups, also
-SiLU-and-mul when GATED) or one BLOCK_N x BLOCK_K weight block. FP8 outputs are written
+SiLU-and-mul when GATED, or rows gathered into a permuted layout when GATHER) or one BLOCK_N x BLOCK_K weight block. FP8 outputs are written
 through uint8 views: on the GPU the hardware cast (`cvt.rn.satfinite`), under the
 interpreter a software round-to-nearest-even (triton/numerics.py).
 """
@@ -50,24 +50,36 @@ def finite_abs(x):
 
 @cached_launch
 @triton.jit
-def _token_group_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_qm, stride_sm,
-                        stride_sg, eps, GATED: tl.constexpr, UE8M0: tl.constexpr,
-                        ROWS: tl.constexpr, GROUP: tl.constexpr, SOFTWARE: tl.constexpr):
+def _token_group_kernel(x_ptr, src_ptr, q_ptr, s_ptr, M, N, K, P, stride_xm, stride_qm,
+                        stride_sm, stride_sg, eps, GATED: tl.constexpr, GATHER: tl.constexpr,
+                        UE8M0: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
+                        SOFTWARE: tl.constexpr):
     """q[m, g*GROUP + j] from x[m, g*GROUP + j], or from silu(x[m, c]) * x[m, N + c] when
-    GATED; N is the width of q."""
+    GATED; N is the width of q. GATHER: row m quantizes x[src[m] // K] instead, and a row
+    whose pair src[m] is outside [0, P) is padding (q and scale 0, nothing read)."""
     m = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    if GATHER:
+        p = tl.load(src_ptr + m, mask=m < M, other=-1).to(tl.int64)
+        live = (p >= 0) & (p < P)
+        row = tl.where(live, p // K, 0)
+    else:
+        live = m < M
+        row = m
     g = tl.program_id(1)
     c = g * GROUP + tl.arange(0, GROUP)
-    mask = (m < M)[:, None] & (c < N)[None, :]
-    x = tl.load(x_ptr + m[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    # (row) & (column) masks: the column part keeps N's divisibility, for 16-byte accesses
+    mask = live[:, None] & (c < N)[None, :]
+    x = tl.load(x_ptr + row[:, None] * stride_xm + c[None, :], mask=mask,
+                other=0.0).to(tl.float32)
     if GATED:
-        up = tl.load(x_ptr + m[:, None] * stride_xm + N + c[None, :], mask=mask,
+        up = tl.load(x_ptr + row[:, None] * stride_xm + N + c[None, :], mask=mask,
                      other=0.0).to(tl.float32)
         x = x / (1.0 + tl.exp(-x)) * up
     scale = group_scale(tl.max(finite_abs(x), axis=1), eps, UE8M0)
     q = quantize_values(x, scale[:, None], SOFTWARE)
-    tl.store(q_ptr + m[:, None] * stride_qm + c[None, :], q, mask=mask)
-    tl.store(s_ptr + m * stride_sm + g * stride_sg, scale, mask=m < M)
+    tl.store(q_ptr + m[:, None] * stride_qm + c[None, :], q,
+             mask=(m < M)[:, None] & (c < N)[None, :])
+    tl.store(s_ptr + m * stride_sm + g * stride_sg, tl.where(live, scale, 0.0), mask=m < M)
 
 
 def _rows_per_program(M: int, width: int) -> int:
@@ -76,14 +88,19 @@ def _rows_per_program(M: int, width: int) -> int:
 
 
 def _token_groups_out(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m0: bool,
-                      gated: bool, q: torch.Tensor, s: torch.Tensor) -> None:
-    """q (M, width) fp8 and s (M, G) float32 (any strides) written from x."""
-    M = x.shape[0]
+                      gated: bool, q: torch.Tensor, s: torch.Tensor,
+                      gather: tuple[torch.Tensor, int, int] | None = None) -> None:
+    """q (M, width) fp8 and s (M, G) float32 (any strides) written from x: row m from x's
+    row m, or with gather = (pair_of_row (M,) int32 contiguous, K, P) from x's row
+    pair_of_row[m] // K (padding where the pair is outside [0, P))."""
+    M = q.shape[0]
     if M > 0 and width > 0:
         rows = _rows_per_program(M, group_size)
+        src, K, P = gather if gather is not None else (x, 1, 0)   # src unread without gather
         _token_group_kernel[(cdiv(M, rows), cdiv(width, group_size))](
-            x, q.view(_U8), s, M, width, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
-            eps, GATED=gated, UE8M0=ue8m0, ROWS=rows, GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING,
+            x, src, q.view(_U8), s, M, width, K, P, x.stride(0), q.stride(0), s.stride(0),
+            s.stride(1), eps, GATED=gated, GATHER=gather is not None, UE8M0=ue8m0, ROWS=rows,
+            GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING,
             num_warps=4 if rows * group_size >= 2048 else 1)
 
 
@@ -109,6 +126,20 @@ def quantize_fp8_per_token_group(x, group_size, eps, scale_ue8m0, column_major_s
 def quantize_fp8_per_token_group_out(x, group_size, eps, scale_ue8m0, q, s):
     """quantize_fp8_per_token_group into q (M, K) and s (M, G) (s in either layout)."""
     _token_groups_out(x, x.shape[1], group_size, eps, scale_ue8m0, False, q, s)
+
+
+def gather_rows_quant_fp8(x, pair_of_row, row_of_pair, group_size, eps):
+    """x (T, H) float, last dim contiguous; pair_of_row (R,) int32; row_of_pair (T, K)
+    int32 -> q (R, H) fp8, s (R, ceil(H/group)) float32: row r is x[pair_of_row[r] // K]
+    quantized in 1 x group_size groups (what quantize_fp8_per_token_group then
+    gather_rows of q and s give, bit for bit), zeros with scale 0 for padding rows."""
+    R, H = pair_of_row.shape[0], x.shape[1]
+    T, K = row_of_pair.shape
+    q = torch.empty((R, H), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((R, cdiv(H, group_size)), dtype=torch.float32, device=x.device)
+    _token_groups_out(x, H, group_size, eps, False, False, q, s,
+                      gather=(pair_of_row.contiguous(), K, T * K))
+    return q, s
 
 
 def silu_and_mul_quant_fp8(x, group_size, eps=1e-10):
