@@ -77,9 +77,11 @@ def _token_group_kernel(x_ptr, src_ptr, q_ptr, s_ptr, M, N, K, P, stride_xm, str
         x = x / (1.0 + tl.exp(-x)) * up
     scale = group_scale(tl.max(finite_abs(x), axis=1), eps, UE8M0)
     q = quantize_values(x, scale[:, None], SOFTWARE)
-    tl.store(q_ptr + m[:, None] * stride_qm + c[None, :], q,
-             mask=(m < M)[:, None] & (c < N)[None, :])
-    tl.store(s_ptr + m * stride_sm + g * stride_sg, tl.where(live, scale, 0.0), mask=m < M)
+    if GATHER:   # padding rows are written too: zeros (x was 0), scale 0
+        mask = (m < M)[:, None] & (c < N)[None, :]
+        scale = tl.where(live, scale, 0.0)
+    tl.store(q_ptr + m[:, None] * stride_qm + c[None, :], q, mask=mask)
+    tl.store(s_ptr + m * stride_sm + g * stride_sg, scale, mask=m < M)
 
 
 def _rows_per_program(M: int, width: int) -> int:
