@@ -5,7 +5,8 @@ activation groups), `quantize_fp8_block` (weight blocks), `dequantize_fp8_block`
 `silu_and_mul_quant_fp8` (the MoE activation fused with the quantization); internal and
 Triton only: `gather_rows_quant_fp8` (the quantization fused with permute's row gather).
 Scales are dequantization multipliers (real = fp8 * scale). Not differentiable:
-quantization is a rounding step. Semantics: docs/api.md; NaN/inf rules and layouts: docs/fp8.md.
+quantization is a rounding step. Semantics: docs/api.md; NaN/inf rules and layouts:
+docs/fp8.md.
 """
 
 from __future__ import annotations

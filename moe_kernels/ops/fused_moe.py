@@ -2,10 +2,10 @@
 
 quantize (1x128) -> permute (align=1, scales alongside) -> GEMM1 (w13) -> SiLU-mul-quant
 -> GEMM2 (w2) -> weighted unpermute, each stage through the unchecked internal layer of
-its op (the arguments are checked once, here). On the Triton backend, at small T, the
-first two are one kernel (`gather_rows_quant_fp8`: GATHERED_QUANT_MAX_BYTES). On the Triton backend the GEMMs run over
+its op (the arguments are checked once, here). On the Triton backend the GEMMs run over
 the expert segments of the align=1 layout, so no padding row is ever computed (at decode,
-with 256 experts, align=128 padding would be ~250x the real rows). Oracle:
+with 256 experts, align=128 padding would be ~250x the real rows), and at small T the
+first two stages are one kernel (`gather_rows_quant_fp8`: GATHERED_QUANT_MAX_BYTES). Oracle:
 reference.moe_forward (float32, unquantized activations), within 2e-2 relative error.
 Registered as the composite op `moe_kernels::fused_moe_fp8` (the device's default backend).
 """

@@ -1,9 +1,10 @@
 """Triton kernels for FP8 block-scaled quantization (semantics: reference/fp8.py).
 
 One program quantizes ROWS rows x one group of GROUP columns (per-token groups, also
-SiLU-and-mul when GATED, or rows gathered into a permuted layout when GATHER) or one BLOCK_N x BLOCK_K weight block. FP8 outputs are written
-through uint8 views: on the GPU the hardware cast (`cvt.rn.satfinite`), under the
-interpreter a software round-to-nearest-even (triton/numerics.py).
+SiLU-and-mul when GATED, or rows gathered into a permuted layout when GATHER) or one
+BLOCK_N x BLOCK_K weight block. FP8 outputs are written through uint8 views: on the GPU
+the hardware cast (`cvt.rn.satfinite`), under the interpreter a software
+round-to-nearest-even (triton/numerics.py).
 """
 
 from __future__ import annotations
