@@ -64,6 +64,11 @@ def declare(key: str, argv: list, *, module: str, fixture: str, env: dict | None
     _JOBS[key] = _Job(list(argv), env, timeout_s, module, fixture)
 
 
+def start(key: str) -> None:
+    """Starts job `key` now unless it has started (a reader about to wait on several)."""
+    _start(key)
+
+
 def _start(key: str) -> _Job:
     with _LOCK:
         job = _JOBS[key]

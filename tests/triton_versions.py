@@ -93,7 +93,10 @@ def results_per_version(name: str) -> dict:
     reason = _nvidia_backend_reason()
     if reason:
         pytest.skip(reason)
-    return {path: session_jobs.result(f"{name}-{version_id(path)}") for path in _AVAILABLE}
+    keys = {path: f"{name}-{version_id(path)}" for path in _AVAILABLE}
+    for key in keys.values():   # all at once: a run of one module waits for one compile
+        session_jobs.start(key)
+    return {path: session_jobs.result(key) for path, key in keys.items()}
 
 
 def json_result(result) -> dict:
