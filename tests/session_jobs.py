@@ -64,12 +64,9 @@ def declare(key: str, argv: list, *, module: str, fixture: str, env: dict | None
     _JOBS[key] = _Job(list(argv), env, timeout_s, module, fixture)
 
 
-def start(key: str) -> None:
-    """Starts job `key` now unless it has started (a reader about to wait on several)."""
-    _start(key)
-
-
-def _start(key: str) -> _Job:
+def start(key: str) -> _Job:
+    """Job `key`, started now unless it has started (by the lane, or by a reader about to
+    wait on several)."""
     with _LOCK:
         job = _JOBS[key]
         if job.proc is None:
@@ -85,7 +82,7 @@ def _start(key: str) -> _Job:
 def result(key: str) -> tuple[int, str, str]:
     """(returncode, stdout, stderr) of job `key`, started now if the lane has not got to it;
     a job past its time limit is killed and raises subprocess.TimeoutExpired."""
-    rc = _start(key).wait()
+    rc = start(key).wait()
     return rc, (_DIR / f"{key}.out").read_text(), (_DIR / f"{key}.err").read_text()
 
 
@@ -110,7 +107,7 @@ def start_lane(items) -> None:
             if _STOPPED.is_set():
                 return
             try:
-                _start(key).wait()
+                start(key).wait()
             except (subprocess.TimeoutExpired, RuntimeError):
                 pass   # the fixture that reads it reports the timeout or the end
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from moe_kernels.triton import launch
 from triton_versions import (VERSIONS, declare_per_version, declare_script_per_version,
-                             json_result, results_per_version, run_per_version)
+                             json_result, results_per_version)
 
 
 def _specialise():
@@ -137,17 +137,28 @@ def test_cached_launches_are_jit_runs_launches(launch_checks, triton_path):
     assert problems == 0 and cases >= 14 and launches >= 20, out[-2000:]
 
 
+if not torch.cuda.is_available():   # the test below skips on a GPU machine
+    declare_per_version("launch-checks-every-case",
+                        lambda path: [sys.executable, "-m", "moe_kernels.bench.launches",
+                                      "--every-case"],
+                        module=__name__, fixture="every_case_checks")
+
+
+@pytest.fixture(scope="module")
+def every_case_checks():
+    return results_per_version("launch-checks-every-case")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason=(
     "with a GPU the CUDA tests launch through the cache for real, and "
     "test_cuda_outputs_with_the_cache_equal_jit_runs compares; the slow stage of "
     "gpu_check.sh has no 3 min for these compiles"))
 @pytest.mark.parametrize("triton_path", VERSIONS)
-def test_cached_launches_are_jit_runs_launches_on_every_edge_case(triton_path):
+def test_cached_launches_are_jit_runs_launches_on_every_edge_case(every_case_checks,
+                                                                  triton_path):
     """Every edge case of every op in one process (~3 min of compiles per triton)."""
-    runs = run_per_version(lambda path: [sys.executable, "-m", "moe_kernels.bench.launches",
-                                         "--every-case"])
-    rc, out, err = runs[triton_path]
+    rc, out, err = every_case_checks[triton_path]
     assert rc == 0, (out + err)[-4000:]
     cases, launches, problems = _counts(out)
     assert problems == 0 and cases >= 100 and launches >= 100, out[-2000:]

@@ -2,7 +2,7 @@
 interpreter: the one installed here, and triton 3.6 (the GPU machine's) from
 `.venv/triton-3.6`, which `make setup` installs (or the directories in
 MOE_KERNELS_SM90_TRITON, colon-separated). Used by the checks that compile real kernels
-without a GPU (tests/test_sm90_compile.py, tests/test_launch.py). Most of them run as
+without a GPU (tests/test_sm90_compile.py, tests/test_launch.py). They run as
 session jobs (tests/session_jobs.py), beside the in-process tests."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -54,22 +53,6 @@ def version_id(path: str | None) -> str:
     return pathlib.Path(path).name if path else "installed"
 
 
-def run_per_version(argv_of) -> dict:
-    """Runs argv_of(path) under every available triton at once, one process each (one per
-    core); {path: (returncode, stdout, stderr)}. Skips without triton's NVIDIA backend."""
-    reason = _nvidia_backend_reason()
-    if reason:
-        pytest.skip(reason)
-    procs = {path: subprocess.Popen(argv_of(path), env=_env(path), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for path in _AVAILABLE}
-    results = {}
-    for path, proc in procs.items():
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-        results[path] = (proc.returncode, out, err)
-    return results
-
-
 def declare_per_version(name: str, argv_of, *, module: str, fixture: str) -> None:
     """A session job per available triton running argv_of(path), read by `fixture` of
     `module` with results_per_version(name)."""
@@ -100,7 +83,7 @@ def results_per_version(name: str) -> dict:
 
 
 def json_result(result) -> dict:
-    """The JSON object a script printed last, from one run_per_version result (the run
+    """The JSON object a script printed last, from one results_per_version result (the run
     must have succeeded)."""
     rc, out, err = result
     assert rc == 0, err[-4000:]
