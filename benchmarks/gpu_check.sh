@@ -32,7 +32,8 @@
 #   STAMP                     the UTC stamp in the file names (default: now)
 #   STAGES                    stages to run (default: "build bench tests sanitizer compile
 #                             slow probe")
-#   TEST_SELECT               pytest -k of the tests stage (default: "cuda or nccl")
+#   TEST_SELECT               pytest -k of the tests stage (default: "(cuda or nccl) and
+#                             not emulated": CPU emulation of the CUDA kernels runs in CI)
 #   PYTEST_ARGS               more pytest options for tests and slow
 #   BENCH_ARGS                more moe-bench options for bench and compile (e.g. --op NAME)
 #   RUN_TUNE=1                adds the Triton launch-config sweeps after bench (gating, MLA:
@@ -47,7 +48,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} MAX_JOBS=${
 BUDGET_S=${BUDGET_S:-540}
 MIN_AVAIL_MB=${MIN_AVAIL_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024 / 16)}' /proc/meminfo)}
 STAGES=${STAGES:-build bench tests sanitizer compile slow probe}
-TEST_SELECT=${TEST_SELECT:-cuda or nccl}
+TEST_SELECT=${TEST_SELECT:-(cuda or nccl) and not emulated}
 stamp=${STAMP:-$(date -u +%Y%m%dT%H%M)}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
 start=$(date +%s)
