@@ -194,7 +194,31 @@ def test_eager_call_rows_time_each_implemented_backend():
     assert [(r.op, r.backend, r.case) for r in rows] == [
         ("permute", "cpu", common.EAGER_CASE), ("unpermute", "cpu", common.EAGER_CASE)]
     assert all(0 < r.time_us < 1e5 and "case '" in r.note for r in rows)
+    assert "kernel calls alone (2)" in rows[0].note and "kernel calls alone (1)" in rows[1].note
     assert common.eager_call_rows(["grouped_topk"], "cpu", ["cuda"]) == []
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def test_kernels_alone_replays_the_top_level_kernel_calls():
+    """The eager rows' `kernel calls alone`: the kernels one public call ran, in order,
+    with its arguments; none for the reference backend."""
+    import torch
+
+    import moe_kernels
+    from moe_kernels.bench import common
+    original = _library.Op.kernel
+    hidden = torch.randn(3, 8)
+    ids = torch.tensor([[0, 2], [1, 2], [2, -1]], dtype=torch.int32)
+    call = lambda: moe_kernels.permute(hidden, ids, 4, align=2, backend="cpu")
+    with common.recording_kernels([]) as calls:
+        rows, layout = call()
+    assert [name for name, *_ in calls] == ["permute_index_cpu", "gather_rows_cpu"]
+    assert calls[0][2][0] is ids and calls[1][2][0].data_ptr() == hidden.data_ptr()
+    replay, n = common.kernels_alone(call)
+    assert n == 2 and replay() is None
+    assert common.kernels_alone(lambda: moe_kernels.permute(hidden, ids, 4, align=2,
+                                                            backend="reference")) == (None, 0)
+    assert _library.Op.kernel is original
 
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")

@@ -321,11 +321,55 @@ def host_us_per_call(fn: Callable[[], object], device: str, n: int = 2000,
 EAGER_CASE = "eager call, tiny input (host us)"
 
 
+@contextlib.contextmanager
+def recording_kernels(calls: list):
+    """Within: each kernel an op runs through `Op.kernel` (the eager path of every op:
+    the checked C++ entry point or the Triton launcher) appends (name, kernel, args,
+    kwargs) to `calls`, name as "<op>_<backend>"; kernels run from inside another recorded kernel (a composite's) are not
+    recorded apart."""
+    original, depth = _library.Op.kernel, [0]
+
+    def kernel(self, backend, needs_op=False):
+        fn = original(self, backend, needs_op)
+
+        def recorded(*args, **kwargs):
+            if depth[0] == 0:
+                calls.append((f"{self.name}_{backend}", fn, args, kwargs))
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return recorded
+
+    _library.Op.kernel = kernel
+    try:
+        yield calls
+    finally:
+        _library.Op.kernel = original
+
+
+def kernels_alone(call: Callable[[], object]):
+    """(replay, n): a function making, with the same arguments, the kernel calls that one
+    call() made, and how many; (None, 0) when it made none (the reference backend)."""
+    with recording_kernels([]) as calls:
+        call()
+    if not calls:
+        return None, 0
+
+    def replay():
+        for _, fn, args, kwargs in calls:
+            fn(*args, **kwargs)
+    return replay, len(calls)
+
+
 def eager_call_rows(op_names, device: str, backends) -> list[Result]:
     """Host time of one eager call of each public op in `op_names` per kernel backend, on
     the op's smallest edge case of moe_kernels.testing (tiny tensors): what a decode step
-    without CUDA graphs pays per op (goal: <= 10 us above the kernel). Backends an op does
-    not implement give no row."""
+    without CUDA graphs pays per op (goal: <= 10 us above the kernel). Beside it, in the
+    note, the same kernel calls made directly (`kernels_alone`): the difference is what
+    the op's Python adds (checks, backend choice, allocations, torch calls between
+    kernels). Backends an op does not implement give no row."""
     import moe_kernels
     from moe_kernels import testing
     rows = []
@@ -340,6 +384,11 @@ def eager_call_rows(op_names, device: str, backends) -> list[Result]:
             try:
                 call()
                 us, note, ok = host_us_per_call(call, device), f"case '{case.name}'", None
+                replay, n = kernels_alone(call)
+                if replay is not None:
+                    alone = host_us_per_call(replay, device)
+                    note += (f"; kernel calls alone ({n}) {alone:.1f} us: "
+                             f"+{us - alone:.1f} us")
                 if b == "triton" and device == "cuda":
                     note += f"; through JITFunction.run {_uncached_us(call, device):.1f} us"
             except _library.BackendUnavailableError:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels.bench.common import (Result, copy_bandwidth_gbps, host_us_per_call, meta,
-                                      measure, rotating_sets)
+from moe_kernels.bench.common import Result, meta, measure, rotating_sets
 from moe_kernels.ops import gating as ops
 from moe_kernels.reference import gating as reference
 
@@ -42,7 +41,6 @@ MEASURES = (OP,)
 
 def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
-    copy = copy_bandwidth_gbps(device)
     dev = torch.device(device)
     if backends is None:  # triton on CPU is the interpreter: correct but not worth timing
         backends = [b for b in ("cuda", "triton", "cpu")
@@ -66,24 +64,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
             timed.append(("torch-compile", lambda i: compiled_ref(*ref_args(i))))
         results += measure(OP, case, device, timed, nbytes, n_sets,
                            lambda out: _agrees(*out, w_ref, ids_ref))
-    results += eager_overhead(device, backends, copy)
     return results
-
-
-def eager_overhead(device: str, backends: list[str], copy: float) -> list[Result]:
-    """Host cost of one public call on a tiny input, against calling the kernel directly:
-    the price of argument checks, backend choice and registration (goal <= 10 us)."""
-    out = []
-    x = torch.randn(1, E, device=device).bfloat16()
-    bias = torch.zeros(E, device=device)
-    args = (x, bias, K, G, TOPK_GROUP, "sigmoid", "top2_sum", True, SCALE)
-    for b in backends:
-        api = host_us_per_call(lambda: ops.grouped_topk(x, K, correction_bias=bias, backend=b,
-                                                        **KWARGS), device)
-        direct = host_us_per_call(lambda: ops.GROUPED_TOPK.kernel(b)(*args), device)
-        out.append(Result(OP, "eager call, T=1 (host us)", b, device, api, 0, copy_gbps=copy,
-                          note=f"kernel call alone {direct:.2f} us: +{api - direct:.2f} us"))
-    return out
 
 
 def sm90_cases():
