@@ -32,6 +32,8 @@ std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids, int64_t nu
                                           int64_t align);
 std::vector<at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
                                                  int64_t num_experts, int64_t block_size);
+std::vector<at::Tensor> permute_masked_index_cpu(const at::Tensor& topk_ids,
+                                                 int64_t num_experts, int64_t max_tokens);
 at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
                            const at::Tensor& row_of_pair);
 at::Tensor unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,
@@ -94,6 +96,8 @@ std::vector<int64_t> mla_paged_values_cpu(const at::Tensor& block_table,
 Report check_permute_index_cpu(const at::Tensor& topk_ids, int64_t num_experts, int64_t align);
 Report check_moe_align_block_size_cpu(const at::Tensor& topk_ids, int64_t num_experts,
                                       int64_t block_size);
+Report check_permute_masked_index_cpu(const at::Tensor& topk_ids, int64_t num_experts,
+                                      int64_t max_tokens);
 Report check_gather_rows_cpu(const at::Tensor& x, const at::Tensor& pair_of_row,
                              const at::Tensor& row_of_pair);
 Report check_unpermute_cpu(const at::Tensor& expert_out, const at::Tensor& row_of_pair,

@@ -53,6 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   MK_DEF_ENTRY(m, grouped_topk_cpu);
   MK_DEF_ENTRY(m, permute_index_cpu);
   MK_DEF_ENTRY(m, moe_align_block_size_cpu);
+  MK_DEF_ENTRY(m, permute_masked_index_cpu);
   MK_DEF_ENTRY(m, gather_rows_cpu);
   MK_DEF_ENTRY(m, unpermute_cpu);
   MK_DEF_ENTRY(m, quantize_fp8_per_token_group_cpu);

@@ -247,10 +247,10 @@ def test_opcheck(device, backend):
     eo = torch.randn(index[4].shape[0], 8, device=device, requires_grad=True)
     w = torch.rand(6, 3, device=device, requires_grad=True)
     torch.library.opcheck(getattr(ops, "unpermute" + rows_sfx).default, (eo, index[3], w))
-    if backend == "triton":   # the masked layout's own index exists on Triton only
-        for big in (False, True):   # one program, and count + scatter over chunks
-            ids_m = make_ids(50, 4, 5, device, seed=5) if big else ids
-            torch.library.opcheck(ops.permute_masked_index.default, (ids_m, 5, 3))
+    for big in (False, True):   # Triton: one program, and count + scatter over chunks
+        ids_m = make_ids(50, 4, 5, device, seed=5) if big else ids
+        torch.library.opcheck(getattr(ops, "permute_masked_index" + rows_sfx).default,
+                              (ids_m, 5, 3))
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))

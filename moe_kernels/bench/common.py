@@ -363,13 +363,29 @@ def kernels_alone(call: Callable[[], object]):
     return replay, len(calls)
 
 
+def _eager_and_alone(call, device: str, note: str, rounds: int = 5):
+    """(us, note, None): the host time of call() and, in the note, of its kernel calls
+    alone, each the best of `rounds` alternating rounds (a difference of two noisy
+    figures: alternating keeps a drift of the host from falling on one side)."""
+    replay, n = kernels_alone(call)
+    us, alone = [], []
+    for _ in range(rounds):
+        us.append(host_us_per_call(call, device, budget_s=0.06))
+        if replay is not None:
+            alone.append(host_us_per_call(replay, device, budget_s=0.06))
+    if replay is not None:
+        note += (f"; kernel calls alone ({n}) {min(alone):.1f} us: "
+                 f"+{min(us) - min(alone):.1f} us")
+    return min(us), note, None
+
+
 def eager_call_rows(op_names, device: str, backends) -> list[Result]:
     """Host time of one eager call of each public op in `op_names` per kernel backend, on
     the op's smallest edge case of moe_kernels.testing (tiny tensors): what a decode step
-    without CUDA graphs pays per op (goal: <= 10 us above the kernel). Beside it, in the
-    note, the same kernel calls made directly (`kernels_alone`): the difference is what
-    the op's Python adds (checks, backend choice, allocations, torch calls between
-    kernels). Backends an op does not implement give no row."""
+    without CUDA graphs pays per op (goal: <= 10 us above the kernel), best of 5 rounds.
+    Beside it, in the note, the same kernel calls made directly (`kernels_alone`): the
+    difference is what the op's Python adds (checks, backend choice, allocations, torch
+    calls between kernels). Backends an op does not implement give no row."""
     import moe_kernels
     from moe_kernels import testing
     rows = []
@@ -383,12 +399,7 @@ def eager_call_rows(op_names, device: str, backends) -> list[Result]:
             call = lambda b=b: public(*args, backend=b, **kwargs)
             try:
                 call()
-                us, note, ok = host_us_per_call(call, device), f"case '{case.name}'", None
-                replay, n = kernels_alone(call)
-                if replay is not None:
-                    alone = host_us_per_call(replay, device)
-                    note += (f"; kernel calls alone ({n}) {alone:.1f} us: "
-                             f"+{us - alone:.1f} us")
+                us, note, ok = _eager_and_alone(call, device, f"case '{case.name}'")
                 if b == "triton" and device == "cuda":
                     note += f"; through JITFunction.run {_uncached_us(call, device):.1f} us"
             except _library.BackendUnavailableError:

@@ -78,13 +78,11 @@ _ROW_KERNELS = dict(triton="permute", native=("cpu",), borrow={"cuda": "triton"}
 PERMUTE_INDEX = _library.Op(
     "permute_index", "(Tensor topk_ids, int num_experts, int align) -> Tensor[]",
     fake=_fake_index, **_INDEX_KERNELS)
-# The masked layout's index straight from the ids (Triton, which the "cuda" backend borrows
-# as it does for the rows); the C++ CPU backend derives it from PERMUTE_INDEX with
-# reference.masked_index's tensor ops.
+# The masked layout's index straight from the ids (C++ on the CPU; Triton, which the
+# "cuda" backend borrows as it does for the rows).
 PERMUTE_MASKED_INDEX = _library.Op(
     "permute_masked_index", "(Tensor topk_ids, int num_experts, int max_tokens) -> Tensor[]",
-    fake=_fake_masked_index, triton="permute", borrow={"cuda": "triton"},
-    triton_check=lambda *args: _check_masked_index(*args))
+    fake=_fake_masked_index, triton="permute", native=("cpu",), borrow={"cuda": "triton"})
 MOE_ALIGN_BLOCK_SIZE = _library.Op(
     "moe_align_block_size", "(Tensor topk_ids, int num_experts, int block_size) -> Tensor[]",
     fake=_fake_align, **_INDEX_KERNELS)
@@ -179,14 +177,6 @@ def _check_layout_size(op, topk_ids, capacity_name, capacity, rows):
 _ROW_ELEMENT_BYTES = (1, 2, 4, 8)
 
 
-def _check_masked_index(topk_ids, num_experts, max_tokens):
-    """The arguments of permute_masked_index (Triton only, no C++ check)."""
-    op = "permute_masked_index"
-    _check_ids(op, topk_ids, num_experts)
-    check_int(op, "max_tokens", max_tokens, low=0, high=INT32_MAX)
-    _check_layout_size(op, topk_ids, "max_tokens", max_tokens, num_experts * max_tokens)
-
-
 def _check_hidden(op, hidden, topk_ids):
     check_tensor(op, "hidden", hidden, ndim=2)
     if hidden.element_size() not in _ROW_ELEMENT_BYTES:
@@ -269,12 +259,8 @@ def permute_masked_unchecked(backend, hidden, topk_ids, num_experts, max_tokens,
         rows, rows_scales, index = reference.permute_masked(hidden, topk_ids, E, M, scales)
         return (_copy_into(out, rows),
                 MaskedLayout(*index, scales=_copy_into(out_scales, rows_scales)))
-    if backend in PERMUTE_MASKED_INDEX.backends:
-        masked_m, counts, row_of_pair, pair_of_row = PERMUTE_MASKED_INDEX.kernel(backend)(
-            topk_ids, E, M)
-    else:
-        masked_m, counts, row_of_pair, pair_of_row = reference.masked_index(
-            topk_ids, PERMUTE_INDEX.kernel(backend)(topk_ids, E, 1), E, M)
+    masked_m, counts, row_of_pair, pair_of_row = PERMUTE_MASKED_INDEX.kernel(backend)(
+        topk_ids, E, M)
 
     def gather(x, buf):
         rows = _gather(backend, x, pair_of_row, row_of_pair, buf)
