@@ -626,6 +626,47 @@ def test_bad_input(desc, over, exc, words):
         moe_kernels.mla_decompress_kv(**_contiguous_args(**over))
 
 
+# Beyond BAD: invalid calls whose only fault is one the common-case predicate must see.
+_NEAR_MISSES = BAD + [
+    ("heads bool", dict(num_heads=True), None, None),
+    ("k_pe rope 0", dict(k_pe=torch.zeros(4, 0)), None, None),
+    ("k_pe on meta", dict(k_pe=torch.zeros(4, 16, device="meta")), None, None),
+    ("weight on meta", dict(kv_b_proj=torch.zeros(64, 64, device="meta")), None, None),
+    ("weight column-major", dict(kv_b_proj=torch.zeros(64, 64).t()), None, None),
+    ("fp8 scale float64", dict(kv_b_proj=_FP8_W[0], kv_b_proj_scale=_FP8_W[1].double()),
+     None, None),
+    ("fp8 scale on meta", dict(kv_b_proj=_FP8_W[0], kv_b_proj_scale=_FP8_W[1].to("meta")),
+     None, None),
+    ("fp8 scale a list", dict(kv_b_proj=_FP8_W[0], kv_b_proj_scale=[1.0]), None, None),
+]
+
+
+def _predicate_args(kw):
+    return (kw["kv_c"], kw["k_pe"], kw["kv_b_proj"], kw.get("kv_b_proj_scale"),
+            kw["num_heads"], kw["qk_nope_head_dim"], kw["v_head_dim"])
+
+
+@pytest.mark.parametrize("desc,over", [b[:2] for b in _NEAR_MISSES],
+                         ids=[b[0] for b in _NEAR_MISSES])
+def test_common_case_predicate_refuses_every_invalid_call(desc, over):
+    """mla_decompress_kv skips its checks when there are no out buffers and _plain_call
+    holds: every invalid call must fail that test (and so meet the checks)."""
+    kw = _contiguous_args(**over)
+    with pytest.raises((TypeError, ValueError)):
+        mla_ops._check_args(*_predicate_args(kw), kw.get("out_k"), kw.get("out_v"))
+    assert not (kw.get("out_k") is None and kw.get("out_v") is None
+                and mla_ops._plain_call(*_predicate_args(kw)))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_common_case_predicate_takes_the_common_call(fp8):
+    """The plain call (a bf16 / fp32 weight, or fp8 with its scales) takes the short path."""
+    kw = _contiguous_args(**(dict(kv_b_proj=_FP8_W[0], kv_b_proj_scale=_FP8_W[1]) if fp8
+                             else {}))
+    assert mla_ops._plain_call(*_predicate_args(kw))
+    mla_ops._check_args(*_predicate_args(kw), None, None)
+
+
 def _paged_args(**over):
     cache, table, lens, _ = paged_case([5, 9], 4, 64, 16, torch.float32, seed=0, device="cpu")
     w, _ = make_weight(2, 16, 16, 64, fp8=False)
