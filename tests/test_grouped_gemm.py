@@ -220,6 +220,60 @@ def test_bad_input_masked():
         moe_kernels.grouped_gemm_fp8_masked(**ok, out_dtype=torch.int32)
 
 
+def _masked_args(**over):
+    a, a_s = make_rows(6, 256, seed=0, device="cpu")
+    b, b_s = make_weights(2, 128, 256, seed=0, device="cpu")
+    kw = dict(a=a.view(2, 3, 256), a_scales=a_s.view(2, 3, 2), b=b, b_scales=b_s,
+              masked_m=torch.tensor([1, 2], dtype=torch.int32))
+    kw.update(over)
+    return kw
+
+
+_META = torch.device("meta")
+# Invalid calls, each wrong in one way the common-case predicate must see: the public
+# functions skip their checks when it holds.
+_NEAR_MISSES = [(False, desc, over) for desc, over, _, _ in BAD] + [
+    (False, "a on meta", dict(a=_args()["a"].to(_META))),
+    (False, "b_scales on meta", dict(b_scales=_args()["b_scales"].to(_META))),
+    (False, "m_indices on meta", dict(m_indices=_args()["m_indices"].to(_META))),
+    (False, "a column-major", dict(a=_args()["a"].t().contiguous().t())),
+    (False, "m_indices 2-D", dict(m_indices=_args()["m_indices"].view(2, 2))),
+    (False, "m_indices a list", dict(m_indices=[0, 0, 1, 1])),
+    (False, "out_dtype int32", dict(out_dtype=torch.int32)),
+    (True, "E of a and b differ", dict(a=_masked_args()["a"].view(3, 2, 256),
+                                       a_scales=_masked_args()["a_scales"].view(3, 2, 2),
+                                       masked_m=torch.ones(3, dtype=torch.int32))),
+    (True, "masked_m length", dict(masked_m=torch.ones(3, dtype=torch.int32))),
+    (True, "a 2-D", dict(a=_args()["a"], a_scales=_args()["a_scales"])),
+    (True, "a_scales float64", dict(a_scales=_masked_args()["a_scales"].double())),
+    (True, "masked_m int16", dict(masked_m=torch.ones(2, dtype=torch.int16))),
+]
+
+
+@pytest.mark.parametrize("masked,desc,over", _NEAR_MISSES, ids=[c[1] for c in _NEAR_MISSES])
+def test_common_case_predicate_refuses_every_invalid_call(masked, desc, over):
+    """Each invalid call fails the public checks, and the short path's predicate."""
+    from moe_kernels.ops import grouped_gemm as ops
+    kw = _masked_args(**over) if masked else _args(**over)
+    index = kw.pop("masked_m" if masked else "m_indices")
+    fn = moe_kernels.grouped_gemm_fp8_masked if masked else moe_kernels.grouped_gemm_fp8
+    with pytest.raises((TypeError, ValueError)):
+        fn(kw["a"], kw["a_scales"], kw["b"], kw["b_scales"], index,
+           out_dtype=kw.get("out_dtype"))
+    assert not ops._plain_call(kw["a"], kw["a_scales"], kw["b"], kw["b_scales"], index,
+                               3 if masked else 2, kw.get("out_dtype"))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_common_case_predicate_takes_the_common_call(masked):
+    from moe_kernels.ops import grouped_gemm as ops
+    kw = _masked_args() if masked else _args()
+    index = kw["masked_m"] if masked else kw["m_indices"]
+    for out_dtype in (None, torch.float32):
+        assert ops._plain_call(kw["a"], kw["a_scales"], kw["b"], kw["b_scales"], index,
+                               3 if masked else 2, out_dtype)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU with > 8 GB")
 def test_int64_addressing():

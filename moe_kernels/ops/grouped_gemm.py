@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._common import FLOAT_DTYPES, INDEX_DTYPES, SCALE_BLOCK, cdiv
+from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
 from moe_kernels._validate import (check_fp8, check_last_dim_contiguous, check_out,
                                    check_same_device, check_scales, check_tensor)
 from moe_kernels.reference import grouped_gemm as reference
@@ -65,6 +65,30 @@ def _check_operands(op, a, a_scales, b, b_scales, a_ndim):
     E, N = b.shape[0], b.shape[1]
     check_scales(op, "b_scales", b_scales, (E, cdiv(N, SCALE_BLOCK), cdiv(K, SCALE_BLOCK)),
                  "b", b)
+
+def _plain_call(a, a_scales, b, b_scales, index, a_ndim, out_dtype) -> bool:
+    """Whether the call is the common one (plain tensors, no `out`) and valid, in a few
+    predicates, each implied by one of the full checks (_check_operands, _output_dtype,
+    _check_index, the masked op's group count) or stricter: True means they would pass.
+    One at a time they cost ~8 us of an eager call on the CPU (docs/benchmarks.md).
+    index: m_indices (R,) with a (R, K), or masked_m (E,) with a (E, M, K)."""
+    if not (type(a) is torch.Tensor and type(b) is torch.Tensor
+            and type(a_scales) is torch.Tensor and type(b_scales) is torch.Tensor
+            and type(index) is torch.Tensor and a.dim() == a_ndim and b.dim() == 3
+            and a.dtype == FP8 and b.dtype == FP8 and a.stride(-1) == 1 and b.stride(-1) == 1
+            and a_scales.dtype == torch.float32 and b_scales.dtype == torch.float32
+            and index.dim() == 1 and index.dtype in INDEX_DTYPES
+            and (out_dtype is None or out_dtype in FLOAT_DTYPES)):
+        return False
+    E, N, K = b.shape
+    kb, device = cdiv(K, SCALE_BLOCK), a.device
+    return (a.shape[-1] == K and index.shape[0] == a.shape[0]
+            and (a_ndim == 2 or a.shape[0] == E)
+            and a_scales.shape == (*a.shape[:-1], kb)
+            and b_scales.shape == (E, cdiv(N, SCALE_BLOCK), kb)
+            and b.device == device and a_scales.device == device
+            and b_scales.device == device and index.device == device)
+
 
 def _check_segments(a, a_scales, b, b_scales, expert_offsets, tokens_per_expert, out_dtype):
     """The arguments of grouped_gemm_fp8_segments (Triton only, no C++ check): the
@@ -161,9 +185,12 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
     m_indices is correct; rows of one expert in runs aligned to the tile
     (permute(align=128)) are the fast path."""
     op = "grouped_gemm_fp8"
-    _check_operands(op, a, a_scales, b, b_scales, 2)
-    out_dtype = _output_dtype(op, out_dtype, out)
-    _check_index(op, "m_indices", m_indices, a.shape[0], a)
+    if out is None and _plain_call(a, a_scales, b, b_scales, m_indices, 2, out_dtype):
+        out_dtype = out_dtype or torch.bfloat16
+    else:
+        _check_operands(op, a, a_scales, b, b_scales, 2)
+        out_dtype = _output_dtype(op, out_dtype, out)
+        _check_index(op, "m_indices", m_indices, a.shape[0], a)
     backend = GROUPED_GEMM_FP8.resolve(backend, a)
     if out is None:
         return grouped_gemm_fp8_unchecked(backend, a, a_scales, b, b_scales, m_indices,
@@ -185,11 +212,15 @@ def grouped_gemm_fp8_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
     Returns (E, M, N) out_dtype (default bfloat16), or writes into `out` (E, M, N) as
     grouped_gemm_fp8 does."""
     op = "grouped_gemm_fp8_masked"
-    _check_operands(op, a, a_scales, b, b_scales, 3)
-    out_dtype = _output_dtype(op, out_dtype, out)
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(f"{op}: a has {a.shape[0]} groups but b has {b.shape[0]} experts")
-    _check_index(op, "masked_m", masked_m, a.shape[0], a)
+    if out is None and _plain_call(a, a_scales, b, b_scales, masked_m, 3, out_dtype):
+        out_dtype = out_dtype or torch.bfloat16
+    else:
+        _check_operands(op, a, a_scales, b, b_scales, 3)
+        out_dtype = _output_dtype(op, out_dtype, out)
+        if b.shape[0] != a.shape[0]:
+            raise ValueError(f"{op}: a has {a.shape[0]} groups but b has {b.shape[0]} "
+                             f"experts")
+        _check_index(op, "masked_m", masked_m, a.shape[0], a)
     backend = GROUPED_GEMM_FP8_MASKED.resolve(backend, a)
     if out is None:
         return grouped_gemm_fp8_masked_unchecked(backend, a, a_scales, b, b_scales, masked_m,
