@@ -2,7 +2,7 @@
 
 CI has no GPU, so without this the CUDA kernels' logic would meet its first input on the
 GPU machine. tests/cuda_emu/emulator.h emulates the runtime and device functions they use
-(a std::thread per CUDA thread, std::barrier for __syncthreads / __syncwarp, warp
+(a worker thread per CUDA thread, barriers for __syncthreads / __syncwarp, warp
 collectives through shared slots); this module rewrites the kernel sources into C++ that
 header can compile, builds tests/cuda_emu/driver.cpp twice (AddressSanitizer +
 UndefinedBehaviorSanitizer; ThreadSanitizer), and calls the driver with the public ops'
