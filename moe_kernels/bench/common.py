@@ -325,8 +325,8 @@ EAGER_CASE = "eager call, tiny input (host us)"
 def recording_kernels(calls: list):
     """Within: each kernel an op runs through `Op.kernel` (the eager path of every op:
     the checked C++ entry point or the Triton launcher) appends (name, kernel, args,
-    kwargs) to `calls`, name as "<op>_<backend>"; kernels run from inside another recorded kernel (a composite's) are not
-    recorded apart."""
+    kwargs) to `calls`, name as "<op>_<backend>"; kernels run from inside another
+    recorded kernel (a composite's) are not recorded apart."""
     original, depth = _library.Op.kernel, [0]
 
     def kernel(self, backend, needs_op=False):
