@@ -186,7 +186,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
     (permute(align=128)) are the fast path."""
     op = "grouped_gemm_fp8"
     if out is None and _plain_call(a, a_scales, b, b_scales, m_indices, 2, out_dtype):
-        out_dtype = out_dtype or torch.bfloat16
+        out_dtype = _output_dtype(op, out_dtype, None)   # bfloat16 when None: one rule
     else:
         _check_operands(op, a, a_scales, b, b_scales, 2)
         out_dtype = _output_dtype(op, out_dtype, out)
@@ -213,7 +213,7 @@ def grouped_gemm_fp8_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
     grouped_gemm_fp8 does."""
     op = "grouped_gemm_fp8_masked"
     if out is None and _plain_call(a, a_scales, b, b_scales, masked_m, 3, out_dtype):
-        out_dtype = out_dtype or torch.bfloat16
+        out_dtype = _output_dtype(op, out_dtype, None)   # bfloat16 when None: one rule
     else:
         _check_operands(op, a, a_scales, b, b_scales, 3)
         out_dtype = _output_dtype(op, out_dtype, out)
