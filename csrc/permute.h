@@ -17,15 +17,21 @@ inline int64_t permuted_rows(int64_t P, int64_t num_experts, int64_t align) {
   return P + std::min(num_experts, P) * (align - 1);
 }
 
-// topk_ids (T, K) int32 | int64 of any strides, num_experts and the row alignment; the
-// layout's rows (permuted_rows) must fit the int32 indices the kernels write.
-inline Report check_topk_ids(const at::Tensor& topk_ids, int64_t num_experts, int64_t align,
-                             const char* align_name) {
+// topk_ids (T, K) int32 | int64 of any strides and num_experts, whatever the layout.
+inline Report check_routing(const at::Tensor& topk_ids, int64_t num_experts) {
   MK_CHECK_VALUE(topk_ids.dim() == 2, "topk_ids must be 2-D (T, K), got ", topk_ids.dim(), "-D");
   MK_CHECK_TYPE(index_dtype(topk_ids.scalar_type()), "topk_ids must be int32 or int64, got ",
                 topk_ids.scalar_type());
   MK_CHECK_VALUE(num_experts >= 1 && num_experts <= kInt32Max,
                  "num_experts must be in [1, 2^31 - 1], got ", num_experts);
+  return {};
+}
+
+// check_routing, and the row alignment; the layout's rows (permuted_rows) must fit the
+// int32 indices the kernels write.
+inline Report check_topk_ids(const at::Tensor& topk_ids, int64_t num_experts, int64_t align,
+                             const char* align_name) {
+  MK_CHECK(check_routing(topk_ids, num_experts));
   MK_CHECK_VALUE(align >= 1 && align <= kInt32Max, align_name, " must be in [1, 2^31 - 1], got ",
                  align);
   const int64_t P = topk_ids.numel();

@@ -180,3 +180,69 @@ def test_bad_input():
         call(weights=weights[:, :2])
     with pytest.raises(TypeError, match="topk_ids"):
         call(ids=ids.float())
+
+
+def _valid_args():
+    w13, s13, w2, s2 = make_layer(seed=0, device="cpu")
+    weights, ids = make_routing(3, seed=0, device="cpu")
+    return dict(hidden=torch.randn(3, H).bfloat16(), w13=w13, w13_scales=s13, w2=w2,
+                w2_scales=s2, topk_weights=weights, topk_ids=ids)
+
+
+def _column_major(t):
+    """t's values with the last two dims' strides swapped (last dim not contiguous)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+# Invalid calls, each with one fault, for the common-case predicate: every one must fail
+# _check and the predicate alike (a fault the predicate missed would skip the checks).
+_NEAR_MISSES = [
+    ("hidden int", lambda kw: dict(hidden=kw["hidden"].int())),
+    ("hidden 3-D", lambda kw: dict(hidden=kw["hidden"][None])),
+    ("hidden column stride", lambda kw: dict(hidden=_column_major(kw["hidden"]))),
+    ("hidden a list", lambda kw: dict(hidden=[[0.0] * H] * 3)),
+    ("hidden width", lambda kw: dict(hidden=torch.randn(3, H + 1).bfloat16())),
+    ("w13 float", lambda kw: dict(w13=kw["w13"].float())),
+    ("w13 2-D", lambda kw: dict(w13=kw["w13"][0])),
+    ("w13 odd rows", lambda kw: dict(w13=kw["w13"][:, 1:])),
+    ("w13 column stride", lambda kw: dict(w13=_column_major(kw["w13"]))),
+    ("w2 float", lambda kw: dict(w2=kw["w2"].float())),
+    ("w2 width", lambda kw: dict(w2=kw["w2"][:, :, :64])),
+    ("w2 experts", lambda kw: dict(w2=kw["w2"][:1])),
+    ("w2 column stride", lambda kw: dict(w2=_column_major(kw["w2"]))),
+    ("w13_scales shape", lambda kw: dict(w13_scales=kw["w13_scales"][:, :1])),
+    ("w13_scales float64", lambda kw: dict(w13_scales=kw["w13_scales"].double())),
+    ("w2_scales shape", lambda kw: dict(w2_scales=kw["w2_scales"][:, :, :0])),
+    ("w2_scales a list", lambda kw: dict(w2_scales=[1.0])),
+    ("w2_scales on meta", lambda kw: dict(w2_scales=kw["w2_scales"].to("meta"))),
+    ("w13 on meta", lambda kw: dict(w13=kw["w13"].to("meta"))),
+    ("topk_ids float", lambda kw: dict(topk_ids=kw["topk_ids"].float())),
+    ("topk_ids rows", lambda kw: dict(topk_ids=kw["topk_ids"][:2])),
+    ("topk_weights int", lambda kw: dict(topk_weights=kw["topk_weights"].int())),
+    ("topk_weights columns", lambda kw: dict(topk_weights=kw["topk_weights"][:, :2])),
+    ("topk_weights on meta", lambda kw: dict(topk_weights=kw["topk_weights"].to("meta"))),
+]
+
+
+@pytest.mark.parametrize("desc,over", _NEAR_MISSES, ids=[b[0] for b in _NEAR_MISSES])
+def test_common_case_predicate_refuses_every_invalid_call(desc, over):
+    """fused_moe_fp8 skips _check when _plain_call holds: each invalid call must fail both."""
+    from moe_kernels.ops import fused_moe as ops
+    kw = _valid_args()
+    kw.update(over(kw))
+    with pytest.raises((TypeError, ValueError)):
+        ops._check(ops.OP, *kw.values())
+    assert not ops._plain_call(*kw.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_common_case_predicate_takes_the_common_call(dtype):
+    """Each activation dtype (int64 ids with float32) takes the short path, and _check
+    agrees the call is valid."""
+    from moe_kernels.ops import fused_moe as ops
+    kw = _valid_args()
+    kw["hidden"] = kw["hidden"].to(dtype)
+    if dtype == torch.float32:
+        kw["topk_ids"] = kw["topk_ids"].long()
+    assert ops._plain_call(*kw.values())
+    ops._check(ops.OP, *kw.values())

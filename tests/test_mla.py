@@ -471,13 +471,18 @@ def test_packed_weight_property(data):
 @settings(max_examples=200, deadline=None)
 @given(lens=st.lists(st.integers(-2, 40), max_size=5), bs=st.sampled_from([1, 4, 16]),
        width=st.integers(0, 6), num_blocks=st.integers(0, 12), seed=st.integers(0, 99),
-       dtype=st.sampled_from([torch.int32, torch.int64]))
-def test_paged_value_checks_cpp_and_numpy_agree(lens, bs, width, num_blocks, seed, dtype):
+       table_dtype=st.sampled_from([torch.int32, torch.int64]),
+       lens_dtype=st.sampled_from([torch.int32, torch.int64]), column_major=st.booleans())
+def test_paged_value_checks_cpp_and_numpy_agree(lens, bs, width, num_blocks, seed, table_dtype,
+                                                lens_dtype, column_major):
     """The paged value checks in C++ (extension loaded) and in numpy (without it) report the
-    same first problem, or the same sum(seq_lens), on random tables with bad entries."""
+    same first problem, or the same sum(seq_lens), on random tables with bad entries: each
+    index dtype read as it is (C++ converts none), a column-major table too."""
     g = torch.Generator().manual_seed(seed)
-    table = torch.randint(-2, num_blocks + 2, (len(lens), width), generator=g).to(dtype)
-    seq_lens = torch.tensor(lens, dtype=dtype)
+    table = torch.randint(-2, num_blocks + 2, (len(lens), width), generator=g).to(table_dtype)
+    if column_major:
+        table = table.t().contiguous().t()
+    seq_lens = torch.tensor(lens, dtype=lens_dtype)
     got = mla_ops._paged_value_problem(table, seq_lens, num_blocks, bs)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(_library, "extension_loaded", lambda: False)
@@ -492,6 +497,23 @@ def test_paged_value_checks_refuse_block_size_0():
     assert tuple(_library._C.mla_paged_values_cpu(table, lens, 1, 0)) == (4, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         mla_ops._check_paged_values("op", table, lens, 1, 0, None)
+
+
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "numpy"])
+@pytest.mark.parametrize("table,lens", [((2, 3), (3,)), ((6,), (2,)), ((2, 3), (2, 1))],
+                         ids=["rows", "table 1-D", "lens 2-D"])
+def test_paged_value_checks_refuse_other_shapes(cpp, table, lens):
+    """Called with shapes the public checks refuse, the value checks report it (kind 5)
+    instead of reading past seq_lens or asking a 1-D table for its columns."""
+    if cpp and not _library.extension_loaded():
+        pytest.skip("the C++ extension is not built")
+    table, lens = torch.zeros(table, dtype=torch.int32), torch.ones(lens, dtype=torch.int32)
+    with pytest.MonkeyPatch.context() as m:
+        if not cpp:
+            m.setattr(_library, "extension_loaded", lambda: False)
+        assert tuple(mla_ops._paged_value_problem(table, lens, 1, 1)) == (5, 0, 0, 0, 0)
+        with pytest.raises(ValueError, match=r"block_table must be \(B, max_blocks\)"):
+            mla_ops._check_paged_values("op", table, lens, 1, 1, None)
 
 
 @needs_ext
@@ -702,6 +724,82 @@ def test_bad_input_paged(desc, over, exc, words):
     kw = _paged_args()
     with pytest.raises(exc, match=words):
         moe_kernels.mla_decompress_kv_paged(**{**kw, **over(kw)})
+
+
+# Invalid paged calls whose fault _check_paged_args finds (the metadata of BAD_PAGED and
+# more): the common-case predicate must refuse each, so that each meets the checks.
+_PAGED_W_FP8 = make_weight(2, 16, 16, 64, fp8=True)
+_PAGED_NEAR_MISSES = [b[:2] for b in BAD_PAGED if b[0] in (
+    "lens count", "lens float", "cache too narrow", "cache int")] + [
+    ("heads bool", lambda kw: dict(num_heads=True)),
+    ("dv 0", lambda kw: dict(v_head_dim=0)),
+    ("num_tokens negative", lambda kw: dict(num_tokens=-1)),
+    ("num_tokens bool", lambda kw: dict(num_tokens=True)),
+    ("num_tokens float", lambda kw: dict(num_tokens=14.0)),
+    ("cache block_size 0", lambda kw: dict(kv_cache=kw["kv_cache"][:, :0])),
+    ("cache 2-D", lambda kw: dict(kv_cache=kw["kv_cache"][0])),
+    ("cache last dim strided",
+     lambda kw: dict(kv_cache=kw["kv_cache"].transpose(1, 2).contiguous().transpose(1, 2))),
+    ("cache exactly the latent", lambda kw: dict(kv_cache=kw["kv_cache"][..., :64])),
+    ("table int16", lambda kw: dict(block_table=kw["block_table"].short())),
+    ("table 1-D", lambda kw: dict(block_table=kw["block_table"][0])),
+    ("lens 2-D", lambda kw: dict(seq_lens=kw["seq_lens"][None])),
+    ("table on meta", lambda kw: dict(block_table=kw["block_table"].to("meta"))),
+    ("lens on meta", lambda kw: dict(seq_lens=kw["seq_lens"].to("meta"))),
+    ("weight on meta", lambda kw: dict(kv_b_proj=kw["kv_b_proj"].to("meta"))),
+    ("weight rows", lambda kw: dict(num_heads=3)),
+    ("weight column-major", lambda kw: dict(kv_b_proj=kw["kv_b_proj"].t().contiguous().t())),
+    ("weight 3-D", lambda kw: dict(kv_b_proj=kw["kv_b_proj"][None])),
+    ("weight int", lambda kw: dict(kv_b_proj=kw["kv_b_proj"].int())),
+    ("weight bf16, cache float32",
+     lambda kw: dict(kv_b_proj=kw["kv_b_proj"].bfloat16())),
+    ("scale for bf16 weight", lambda kw: dict(kv_b_proj_scale=torch.ones(1, 1))),
+    ("fp8 without scale", lambda kw: dict(kv_b_proj=_PAGED_W_FP8[0])),
+    ("fp8 scale shape", lambda kw: dict(kv_b_proj=_PAGED_W_FP8[0],
+                                        kv_b_proj_scale=torch.ones(2, 2))),
+    ("fp8 scale float64", lambda kw: dict(kv_b_proj=_PAGED_W_FP8[0],
+                                          kv_b_proj_scale=_PAGED_W_FP8[1].double())),
+    ("fp8 scale on meta", lambda kw: dict(kv_b_proj=_PAGED_W_FP8[0],
+                                          kv_b_proj_scale=_PAGED_W_FP8[1].to("meta"))),
+    ("fp8 scale a list", lambda kw: dict(kv_b_proj=_PAGED_W_FP8[0], kv_b_proj_scale=[1.0])),
+    ("weight packed", lambda kw: dict(kv_b_proj=_PACKED)),
+]
+
+
+def _paged_predicate_args(kw):
+    return (kw["kv_cache"], kw["block_table"], kw["seq_lens"], kw["kv_b_proj"],
+            kw.get("kv_b_proj_scale"), kw["num_heads"], kw["qk_nope_head_dim"],
+            kw["v_head_dim"], kw.get("num_tokens"))
+
+
+@pytest.mark.parametrize("desc,over", _PAGED_NEAR_MISSES, ids=[b[0] for b in _PAGED_NEAR_MISSES])
+def test_paged_common_case_predicate_refuses_every_invalid_call(desc, over):
+    """mla_decompress_kv_paged skips _check_paged_args when there are no out buffers and
+    _plain_paged_call holds: each of these calls fails the checks, so it must fail the
+    predicate too (a packed weight is valid but not the common call)."""
+    kw = _paged_args()
+    kw.update(over(kw))
+    if desc != "weight packed":
+        with pytest.raises((TypeError, ValueError)):
+            mla_ops._check_paged_args(*_paged_predicate_args(kw))
+    assert not mla_ops._plain_paged_call(*_paged_predicate_args(kw))
+
+
+@pytest.mark.parametrize("variant", ["float32", "fp8 cache, bf16 weight", "fp8 weight",
+                                     "num_tokens given"])
+def test_paged_common_case_predicate_takes_the_common_call(variant):
+    """The plain paged calls take the short path, and the full checks agree they are
+    valid."""
+    kw = _paged_args()
+    if variant == "fp8 cache, bf16 weight":
+        kw.update(kv_cache=kw["kv_cache"].to(FP8),
+                  kv_b_proj=make_weight(2, 16, 16, 64, fp8=False, dtype=torch.bfloat16)[0])
+    elif variant == "fp8 weight":
+        kw.update(kv_b_proj=_PAGED_W_FP8[0], kv_b_proj_scale=_PAGED_W_FP8[1])
+    elif variant == "num_tokens given":
+        kw.update(num_tokens=20)
+    assert mla_ops._plain_paged_call(*_paged_predicate_args(kw))
+    mla_ops._check_paged_args(*_paged_predicate_args(kw))
 
 
 def test_bad_fp8_cache_scale():

@@ -347,6 +347,17 @@ def test_registered_permute_checks_its_arguments():
         torch.ops.moe_kernels.permute_masked(torch.zeros(5, 8), ids, 3, 2, None)
 
 
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not loaded")
+def test_registered_masked_index_refuses_more_pairs_than_int32_addresses():
+    """A direct call of the masked index's C++ kernel with 2^31 pairs (a stride-0 view: no
+    memory) is refused by its check, whose message names the pairs (the masked layout has
+    no alignment to name)."""
+    ids = torch.zeros(1, 1, dtype=torch.int32).expand(2**31, 1)
+    with pytest.raises(ValueError, match="topk_ids has 2147483648 pairs, more than int32"):
+        torch.ops.moe_kernels.permute_masked_index(ids, 4, 1)
+
+
 BAD = [
     ("ids 1-D", lambda d: dict(topk_ids=torch.zeros(4, dtype=torch.int32)), ValueError, "topk_ids"),
     ("ids float", lambda d: dict(topk_ids=torch.zeros(4, 2)), TypeError, "topk_ids"),

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "../ops.h"
+#include "index_values.h"
 
 namespace moe_kernels {
 
@@ -27,14 +28,10 @@ Report check_map_to_slots_cpu(const at::Tensor& topk_ids, const at::Tensor& log2
 at::Tensor map_to_slots_cpu(const at::Tensor& topk_ids_in, const at::Tensor& log2phy_in,
                             const at::Tensor& logcnt_in, int64_t token_offset) {
   throw_if(check_map_to_slots_cpu(topk_ids_in, log2phy_in, logcnt_in, token_offset));
-  const at::Tensor ids = topk_ids_in.to(at::kLong).contiguous();
-  const at::Tensor table = log2phy_in.to(at::kLong).contiguous();
-  const at::Tensor cnt = logcnt_in.to(at::kLong).contiguous();
-  const int64_t T = ids.size(0), K = ids.size(1), E = table.size(0), R = table.size(1);
-  at::Tensor out = at::empty({T, K}, ids.options().dtype(at::kInt));
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  const int64_t* tp = table.data_ptr<int64_t>();
-  const int64_t* cp = cnt.data_ptr<int64_t>();
+  const IndexValues idp(topk_ids_in), tp(log2phy_in), cp(logcnt_in);
+  const int64_t T = topk_ids_in.size(0), K = topk_ids_in.size(1);
+  const int64_t E = log2phy_in.size(0), R = log2phy_in.size(1);
+  at::Tensor out = at::empty({T, K}, topk_ids_in.options().dtype(at::kInt));
   int32_t* op = out.data_ptr<int32_t>();
   at::parallel_for(0, T, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {

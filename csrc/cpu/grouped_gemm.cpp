@@ -22,6 +22,7 @@
 #include "../fp8.h"
 #include "../ops.h"
 #include "amx.h"
+#include "index_values.h"
 #include "simd.h"
 #include "tasks.h"
 
@@ -358,8 +359,7 @@ void grouped_gemm_fp8_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales
   const int64_t R = a_in.size(0), E = b_in.size(0);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const at::Tensor b_scales = b_scales_in.contiguous();
-  const at::Tensor m_indices = m_indices_in.to(at::kLong).contiguous();
-  const int64_t* mp = m_indices.data_ptr<int64_t>();
+  const IndexValues mp(m_indices_in);
   ExpertRows er{{}, std::vector<int64_t>(E + 1, 0)};
   for (int64_t r = 0; r < R; ++r)
     if (mp[r] >= 0 && mp[r] < E) ++er.start[mp[r] + 1];
@@ -389,9 +389,8 @@ void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a_in, const at::Tensor& a
   const at::Tensor a = a_in.reshape({E * M, K}).contiguous();
   const at::Tensor a_scales = a_scales_in.reshape({E * M, a_scales_in.size(2)});
   const at::Tensor b = b_in.contiguous(), b_scales = b_scales_in.contiguous();
-  const at::Tensor masked_m = masked_m_in.to(at::kLong).contiguous();
   at::Tensor flat = out.view({E * M, N});
-  const int64_t* mm = masked_m.data_ptr<int64_t>();
+  const IndexValues mm(masked_m_in);
   ExpertRows er{{}, {0}};
   for (int64_t e = 0; e < E; ++e) {
     const int64_t valid = std::min(std::max(mm[e], int64_t{0}), M);

@@ -14,6 +14,7 @@
 #include "../fp8.h"
 #include "../ops.h"
 #include "amx.h"
+#include "index_values.h"
 #include "simd.h"
 #include "tasks.h"
 
@@ -375,11 +376,8 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
                                              kv_b_proj_scale, kv_cache_scale, out_k, out_v));
   const int64_t R = weight_cols(kv_b_proj), rope = kv_cache.size(2) - R;
   const int64_t T = out_k.size(0);
-  const at::Tensor table = block_table.to(at::kLong).contiguous();
-  const at::Tensor lens = seq_lens.to(at::kLong).contiguous();
-  const int64_t* bt = table.data_ptr<int64_t>();
-  const int64_t* ln = lens.data_ptr<int64_t>();
-  const int64_t B = table.size(0), max_blocks = table.size(1);
+  const IndexValues bt(block_table), ln(seq_lens);
+  const int64_t B = block_table.size(0), max_blocks = block_table.size(1);
   const int64_t num_blocks = kv_cache.size(0), page = kv_cache.size(1);
   Rows rows{std::vector<int64_t>(T, -1), std::vector<int64_t>(T, -1)};
   int64_t t = 0;
@@ -400,12 +398,12 @@ void mla_decompress_kv_paged_cpu(const at::Tensor& kv_cache, const at::Tensor& b
 std::vector<int64_t> mla_paged_values_cpu(const at::Tensor& block_table,
                                           const at::Tensor& seq_lens, int64_t num_blocks,
                                           int64_t block_size) {
-  const at::Tensor table = block_table.to(at::kLong).contiguous();
-  const at::Tensor lens_t = seq_lens.to(at::kLong).contiguous();
-  const int64_t* bt = table.data_ptr<int64_t>();
-  const int64_t* lens = lens_t.data_ptr<int64_t>();
-  const int64_t B = table.size(0), max_blocks = table.size(1);
+  // the callers check the shapes first; a direct call of other shapes reads nothing
+  if (block_table.dim() != 2 || seq_lens.dim() != 1 || seq_lens.size(0) != block_table.size(0))
+    return {5, 0, 0, 0, 0};
   if (block_size < 1) return {4, 0, 0, block_size, 0};   // no division by it
+  const IndexValues bt(block_table), lens(seq_lens);
+  const int64_t B = block_table.size(0), max_blocks = block_table.size(1);
   const auto need = [&](int64_t b) { return lens[b] > 0 ? ceil_div(lens[b], block_size) : 0; };
   for (int64_t b = 0; b < B; ++b)
     if (lens[b] < 0) return {1, b, 0, lens[b], 0};

@@ -75,7 +75,9 @@ std::vector<at::Tensor> permute_index_cpu(const at::Tensor& topk_ids_in, int64_t
 
 Report check_permute_masked_index_cpu(const at::Tensor& topk_ids, int64_t num_experts,
                                       int64_t max_tokens) {
-  MK_CHECK(check_topk_ids(topk_ids, num_experts, 1, "align"));
+  MK_CHECK(check_routing(topk_ids, num_experts));
+  MK_CHECK_VALUE(topk_ids.numel() <= kInt32Max, "topk_ids has ", topk_ids.numel(),
+                 " pairs, more than int32 indices address");
   MK_CHECK_VALUE(max_tokens >= 0 && max_tokens <= kInt32Max,
                  "max_tokens must be in [0, 2^31 - 1], got ", max_tokens);
   MK_CHECK_VALUE(num_experts * max_tokens <= kInt32Max, "the layout of ", topk_ids.numel(),

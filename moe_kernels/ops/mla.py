@@ -285,10 +285,13 @@ def _paged_value_problem(block_table, seq_lens, num_blocks, block_size):
     """The first problem of the values as (kind, b, j, value, need): kind 0 none (value =
     sum(seq_lens)), 1 seq_lens[b] = value < 0, 2 sequence b of length value needs `need`
     blocks, more than block_table has, 3 block_table[b, j] = value is not a block, 4
-    block_size = value < 1 (the callers check it first). In C++
+    block_size = value < 1 (the callers check it first), 5 block_table not (B, max_blocks)
+    or seq_lens not (B,) (likewise). In C++
     (reported, not thrown) where the extension is loaded: ~1 us against ~15 us for numpy;
     numpy otherwise (torch's small ops cost ~10 us each on the CPU)."""
     table, seq_lens = block_table.cpu(), seq_lens.cpu()   # one host sync on CUDA
+    if table.dim() != 2 or seq_lens.dim() != 1 or seq_lens.shape[0] != table.shape[0]:
+        return 5, 0, 0, 0, 0
     if block_size < 1:
         return 4, 0, 0, block_size, 0
     if _library.extension_loaded():
@@ -324,6 +327,9 @@ def _check_paged_values(op, block_table, seq_lens, num_blocks, block_size, num_t
                          f"{block_table.shape[1]} per sequence")
     if kind == 4:
         raise ValueError(f"{op}: kv_cache's block_size must be >= 1, got {value}")
+    if kind == 5:
+        raise ValueError(f"{op}: block_table must be (B, max_blocks) and seq_lens (B,), got "
+                         f"shapes {tuple(block_table.shape)} and {tuple(seq_lens.shape)}")
     if kind == 3:
         raise ValueError(f"{op}: block_table[{b}, {j}] = {value} is not a block of "
                          f"kv_cache (num_blocks = {num_blocks})")
@@ -331,6 +337,73 @@ def _check_paged_values(op, block_table, seq_lens, num_blocks, block_size, num_t
         raise ValueError(f"{op}: num_tokens = {num_tokens} (or out_k's rows) is less than "
                          f"sum(seq_lens) = {value}")
     return value
+
+
+def _latent_width(kv_b_proj) -> int:
+    """R: kv_b_proj's columns (a packed weight's tiles are 32 wide)."""
+    return kv_b_proj.shape[1] * (32 if kv_b_proj.dim() == 4 else 1)
+
+
+def _check_paged_args(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale, H, dn, dv,
+                      num_tokens):
+    """Every metadata check of mla_decompress_kv_paged's inputs, each error naming its
+    argument (kv_cache_scale, out_k / out_v and the values are checked after)."""
+    op = "mla_decompress_kv_paged"
+    check_tensor(op, "kv_cache", kv_cache, ndim=3, dtypes=WEIGHT_DTYPES)
+    check_last_dim_contiguous(op, "kv_cache", kv_cache)
+    if kv_cache.shape[1] < 1:
+        raise ValueError(f"{op}: kv_cache must be (num_blocks, block_size, R + rope) with "
+                         f"block_size >= 1, got shape {tuple(kv_cache.shape)}")
+    check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES)
+    check_same_device(op, "block_table", block_table, "kv_cache", kv_cache)
+    check_same_device(op, "seq_lens", seq_lens, "kv_cache", kv_cache)
+    if seq_lens.shape[0] != block_table.shape[0]:
+        raise ValueError(f"{op}: seq_lens has {seq_lens.shape[0]} sequences but block_table "
+                         f"has {block_table.shape[0]} rows")
+    _check_dims(op, H, dn, dv)
+    check_tensor(op, "kv_b_proj", kv_b_proj)
+    if kv_b_proj.dim() not in (2, 4):
+        raise ValueError(f"{op}: kv_b_proj must be 2-D, or 4-D packed (mla_pack_kv_b_proj), "
+                         f"got shape {tuple(kv_b_proj.shape)}")
+    R = _latent_width(kv_b_proj)
+    rope = kv_cache.shape[2] - R
+    if rope < 1:
+        raise ValueError(f"{op}: kv_cache rows ({kv_cache.shape[2]}) must hold the latent "
+                         f"(R = {R}, kv_b_proj's columns) and k_pe (at least 1)")
+    _check_weight(op, kv_b_proj, kv_b_proj_scale, H, dn, dv, R, "kv_cache", kv_cache)
+    _check_matching_dtypes(op, "kv_cache", kv_cache, kv_b_proj)
+    if num_tokens is not None:
+        check_int(op, "num_tokens", num_tokens, low=0)
+
+
+def _plain_paged_call(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale, H, dn, dv,
+                      num_tokens) -> bool:
+    """Whether the call is the common one (plain tensors, an unpacked weight) and valid, in
+    a few predicates, each implied by one of _check_paged_args' checks (or stricter): True
+    means _check_paged_args would pass. As _plain_call for the contiguous op."""
+    if not (type(kv_cache) is torch.Tensor and type(block_table) is torch.Tensor
+            and type(seq_lens) is torch.Tensor and type(kv_b_proj) is torch.Tensor
+            and type(H) is int and type(dn) is int and type(dv) is int and H >= 1
+            and dn >= 1 and dv >= 1
+            and (num_tokens is None or (type(num_tokens) is int and num_tokens >= 0))
+            and kv_cache.dim() == 3 and block_table.dim() == 2 and seq_lens.dim() == 1
+            and kv_b_proj.dim() == 2 and kv_cache.dtype in WEIGHT_DTYPES
+            and block_table.dtype in INDEX_DTYPES and seq_lens.dtype in INDEX_DTYPES
+            and kv_cache.stride(2) == 1 and kv_b_proj.stride(1) == 1):
+        return False
+    N, R = H * (dn + dv), kv_b_proj.shape[1]
+    device = kv_cache.device
+    if (kv_cache.shape[1] < 1 or kv_cache.shape[2] <= R or kv_b_proj.shape[0] != N
+            or seq_lens.shape[0] != block_table.shape[0] or block_table.device != device
+            or seq_lens.device != device or kv_b_proj.device != device):
+        return False
+    if kv_b_proj.dtype != FP8:
+        return (kv_b_proj_scale is None and kv_b_proj.dtype in FLOAT_DTYPES
+                and kv_cache.dtype in (FP8, kv_b_proj.dtype))
+    s = kv_b_proj_scale
+    return (type(s) is torch.Tensor and s.dtype == torch.float32 and s.device == device
+            and s.shape == (cdiv(N, SCALE_BLOCK), cdiv(R, SCALE_BLOCK)))
 
 
 def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -355,34 +428,14 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
     sync: CUDA-graph capturable), and the kernel reads nothing out of bounds: tokens
     without a valid block get zeros."""
     op = "mla_decompress_kv_paged"
-    check_tensor(op, "kv_cache", kv_cache, ndim=3, dtypes=WEIGHT_DTYPES)
-    check_last_dim_contiguous(op, "kv_cache", kv_cache)
-    if kv_cache.shape[1] < 1:
-        raise ValueError(f"{op}: kv_cache must be (num_blocks, block_size, R + rope) with "
-                         f"block_size >= 1, got shape {tuple(kv_cache.shape)}")
-    check_tensor(op, "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES)
-    check_tensor(op, "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES)
-    check_same_device(op, "block_table", block_table, "kv_cache", kv_cache)
-    check_same_device(op, "seq_lens", seq_lens, "kv_cache", kv_cache)
-    if seq_lens.shape[0] != block_table.shape[0]:
-        raise ValueError(f"{op}: seq_lens has {seq_lens.shape[0]} sequences but block_table "
-                         f"has {block_table.shape[0]} rows")
-    _check_dims(op, num_heads, qk_nope_head_dim, v_head_dim)
     H, dn, dv = num_heads, qk_nope_head_dim, v_head_dim
-    check_tensor(op, "kv_b_proj", kv_b_proj)
-    if kv_b_proj.dim() not in (2, 4):
-        raise ValueError(f"{op}: kv_b_proj must be 2-D, or 4-D packed (mla_pack_kv_b_proj), "
-                         f"got shape {tuple(kv_b_proj.shape)}")
-    R = kv_b_proj.shape[1] * (32 if kv_b_proj.dim() == 4 else 1)
-    rope = kv_cache.shape[2] - R
-    if rope < 1:
-        raise ValueError(f"{op}: kv_cache rows ({kv_cache.shape[2]}) must hold the latent "
-                         f"(R = {R}, kv_b_proj's columns) and k_pe (at least 1)")
-    _check_weight(op, kv_b_proj, kv_b_proj_scale, H, dn, dv, R, "kv_cache", kv_cache)
-    _check_matching_dtypes(op, "kv_cache", kv_cache, kv_b_proj)
+    if not (out_k is None and out_v is None
+            and _plain_paged_call(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale,
+                                  H, dn, dv, num_tokens)):
+        _check_paged_args(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale, H, dn,
+                          dv, num_tokens)
+    rope = kv_cache.shape[2] - _latent_width(kv_b_proj)
     scale = _cache_scale(op, kv_cache, kv_cache_scale)
-    if num_tokens is not None:
-        check_int(op, "num_tokens", num_tokens, low=0)
     if out_k is not None:
         check_tensor(op, "out_k", out_k, ndim=3)
         if num_tokens is not None and out_k.shape[0] != num_tokens:
@@ -398,15 +451,17 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
                                     kv_cache.shape[1], num_tokens)
         num_tokens = total if num_tokens is None else num_tokens
     T = num_tokens
-    inputs = {"kv_cache": kv_cache, "block_table": block_table, "seq_lens": seq_lens,
-              "kv_b_proj": kv_b_proj, "kv_b_proj_scale": kv_b_proj_scale}
-    _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_cache, inputs)
-    _check_out(op, "out_v", out_v, (T, H, dv), kv_cache, {**inputs, "out_k": out_k})
+    if out_k is not None or out_v is not None:
+        inputs = {"kv_cache": kv_cache, "block_table": block_table, "seq_lens": seq_lens,
+                  "kv_b_proj": kv_b_proj, "kv_b_proj_scale": kv_b_proj_scale}
+        _check_out(op, "out_k", out_k, (T, H, dn + rope), kv_cache, inputs)
+        _check_out(op, "out_v", out_v, (T, H, dv), kv_cache, {**inputs, "out_k": out_k})
     backend = MLA_DECOMPRESS_KV_PAGED.resolve(backend, kv_cache)
     _check_packed_backend(op, kv_b_proj, backend)
     dtype = next((d for d in (kv_cache.dtype, kv_b_proj.dtype) if d != FP8), torch.bfloat16)
     out_k, out_v = _outputs(out_k, out_v, T, H, dn, dv, rope, dtype, kv_cache)
-    return _run(MLA_DECOMPRESS_KV_PAGED, backend, (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale,
-                              scale), out_k, out_v, reference.mla_decompress_kv_paged,
+    return _run(MLA_DECOMPRESS_KV_PAGED, backend,
+                (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale, scale), out_k,
+                out_v, reference.mla_decompress_kv_paged,
                 (kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scale, scale, H, dn, dv,
                  T))
