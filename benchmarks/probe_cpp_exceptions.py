@@ -64,7 +64,7 @@ def run_ours(entry: bool) -> None:
         return
     call = moe_kernels._library._C.grouped_topk_cpu if entry else torch.ops.moe_kernels.grouped_topk
     try:
-        call(torch.zeros(4, 10), None, 2, 3, 1, "sigmoid", "max", True, 1.0)
+        call(torch.zeros(4, 10), None, 2, 3, 1, "sigmoid", "max", True, 1.0, -1)
         print("returned (no error for a bad num_expert_group)")
     except Exception as e:
         print("raised", type(e).__name__)

@@ -16,7 +16,7 @@ using GroupedTopkFn = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
     int64_t top_k, int64_t num_expert_group, int64_t topk_group,
     c10::string_view scoring_func, c10::string_view group_scoring, bool renormalize,
-    double routed_scaling_factor);
+    double routed_scaling_factor, int64_t shared_expert_id);
 
 GroupedTopkFn grouped_topk_cpu;
 
@@ -24,7 +24,7 @@ using GroupedTopkCheck = Report(
     const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
     int64_t top_k, int64_t num_expert_group, int64_t topk_group,
     c10::string_view scoring_func, c10::string_view group_scoring, bool renormalize,
-    double routed_scaling_factor);
+    double routed_scaling_factor, int64_t shared_expert_id);
 GroupedTopkCheck check_grouped_topk_cpu;
 
 // Token permutation (csrc/cpu/permute.cpp).

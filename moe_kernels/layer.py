@@ -37,6 +37,7 @@ from moe_kernels.ops import fp8, fused_moe, gating
 from moe_kernels.ops import permute as perm
 from moe_kernels.ops.fp8 import dequantize_fp8_block, quantize_fp8_block
 from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.reference.gating import append_shared_expert
 
 # FP8 formats other than e4m3fn: their checkpoint weights are dequantized with their
 # weight_scale_inv and requantized to e4m3fn 128x128 blocks.
@@ -192,21 +193,28 @@ class DeepseekV3MoE(nn.Module):
             check_choice("DeepseekV3MoE", "mode", mode, ep.MODES)
         shape = hidden.shape
         x = hidden.reshape(-1, self.hidden_size).contiguous()
-        w, ids = self.route(x)
         backend = fused_moe.FUSED_MOE_FP8.resolve(self.backend, x)
-        if self.ep_group is None:
-            out = self.experts(backend, x, w, ids)
+        if self.shared_stacked:   # the router appends the shared expert's column itself
+            w, ids = self._route(x, self.num_experts)
+            out = self._expert_sum(backend, x, w, ids)
+        elif self.ep_group is None:
+            out = self.experts(backend, x, *self.route(x))
         else:
-            out = self._experts_ep(backend, x, w, ids, mode)
+            out = self._experts_ep(backend, x, *self.route(x), mode)
         return out.view(shape)
 
     def route(self, x: torch.Tensor):
         """x (T, H) -> (topk_weights (T, K) float32, topk_ids (T, K) int32): HF's router."""
+        return self._route(x, -1)
+
+    def _route(self, x: torch.Tensor, shared_expert_id: int):
+        """route, with grouped_topk's shared column (id shared_expert_id, weight 1) where
+        shared_expert_id >= 0: no concatenation after it (four launches at decode)."""
         logits = F.linear(x.float(), self.gate_weight)      # HF: the router GEMM in float32
         return gating.grouped_topk_unchecked(
             gating.GROUPED_TOPK.resolve(self.backend, logits), logits,
             self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group, "sigmoid",
-            "top2_sum", self.norm_topk_prob, self.routed_scaling_factor)
+            "top2_sum", self.norm_topk_prob, self.routed_scaling_factor, shared_expert_id)
 
     def experts(self, backend, x, w, ids):
         """The one-device expert computation of routed pairs (ids outside [0, E) add
@@ -214,9 +222,11 @@ class DeepseekV3MoE(nn.Module):
         if self.ep_group is not None:
             raise ValueError("DeepseekV3MoE.experts: this layer holds only its rank's experts")
         if self.shared_stacked:   # the shared expert is expert E, weight 1 for every token
-            T = x.shape[0]
-            ids = torch.cat([ids, ids.new_full((T, 1), self.num_experts)], dim=1)
-            w = torch.cat([w, w.new_ones(T, 1)], dim=1)
+            w, ids = append_shared_expert(w, ids, self.num_experts)
+        return self._expert_sum(backend, x, w, ids)
+
+    def _expert_sum(self, backend, x, w, ids):
+        """experts() of pairs that hold a stacked shared expert's column already, if any."""
         out = fused_moe.fused_moe_fp8_unchecked(backend, x, self.w13, self.w13_scale, self.w2,
                                                 self.w2_scale, w, ids)
         if hasattr(self, "shared_w13"):

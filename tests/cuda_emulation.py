@@ -226,9 +226,9 @@ class Emulated:
 
     def grouped_topk(self, logits, top_k, *, num_expert_group=1, topk_group=1,
                      scoring_func="sigmoid", correction_bias=None, group_scoring=None,
-                     renormalize=True, routed_scaling_factor=1.0):
-        """-> (topk_weights (T, top_k) float32, topk_ids (T, top_k) int32), the arguments
-        as moe_kernels.grouped_topk's (already valid)."""
+                     renormalize=True, routed_scaling_factor=1.0, shared_expert_id=None):
+        """-> (topk_weights (T, W) float32, topk_ids (T, W) int32), W = top_k (+ 1 with a
+        shared expert), the arguments as moe_kernels.grouped_topk's (already valid)."""
         if group_scoring is None:
             group_scoring = "top2_sum" if correction_bias is not None else "max"
         T, E = logits.shape
@@ -243,8 +243,10 @@ class Emulated:
         ints = [2, T, E, stride, dtype, num_expert_group, topk_group, top_k,
                 int(scoring_func == "softmax"), int(group_scoring == "top2_sum"),
                 int(topk_group < num_expert_group), int(bool(renormalize)),
-                int(correction_bias is not None), scale_bits]
-        w, ids = self._call(ints, payload, [(np.float32, (T, top_k)), (np.int32, (T, top_k))])
+                int(correction_bias is not None), scale_bits,
+                -1 if shared_expert_id is None else shared_expert_id]
+        W = top_k + (shared_expert_id is not None)
+        w, ids = self._call(ints, payload, [(np.float32, (T, W)), (np.int32, (T, W))])
         return w, ids
 
 

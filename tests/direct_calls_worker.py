@@ -125,8 +125,8 @@ def samples() -> dict[str, list[tuple]]:
     g = _gen()
     logits, bias = torch.randn(3, 16, generator=g), torch.randn(16, generator=g)
     out = {
-        "grouped_topk": [(logits, bias, 4, 4, 2, "sigmoid", "top2_sum", True, 2.5),
-                         (logits, None, 2, 1, 1, "softmax", "max", False, 1.0)],
+        "grouped_topk": [(logits, bias, 4, 4, 2, "sigmoid", "top2_sum", True, 2.5, -1),
+                         (logits, None, 2, 1, 1, "softmax", "max", False, 1.0, 16)],
         "map_to_slots": [(_ids(3, 2, 4, g), torch.randint(0, 8, (4, 2), dtype=I32),
                           torch.tensor([1, 2, 2, 1], dtype=I32), 5)],
     }

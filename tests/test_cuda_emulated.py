@@ -154,6 +154,21 @@ def test_grouped_topk_asan(asan, config, dtype):
         assert_same_selection(w, ids, logits, K, kw, msg=f"emulated cuda {config} T={T}")
 
 
+@pytest.mark.parametrize("config", ["deepseek_v3", "e72_g8"])
+def test_grouped_topk_shared_expert_asan(asan, config):
+    """The shared column: the routed columns as without it (a row stride of top_k + 1, the
+    last block partial), then the id with weight 1.0 in every row, nothing written past."""
+    E, G, tg, K, scoring, bias, gsc, renorm, scale = CONFIGS[config]
+    for T in (1, 37):
+        logits, b = make_inputs(T, E, torch.bfloat16, "cpu", bias, seed=T + E)
+        kw = kwargs_of(E, G, tg, K, scoring, b, gsc, renorm, scale)
+        w, ids = asan.grouped_topk(logits, K, shared_expert_id=E, **kw)
+        assert w.shape == ids.shape == (T, K + 1)
+        assert_same_selection(w[:, :K].contiguous(), ids[:, :K].contiguous(), logits, K, kw,
+                              msg=f"emulated cuda {config} T={T} shared")
+        assert (ids[:, K] == E).all() and (w[:, K] == 1.0).all()
+
+
 @pytest.mark.parametrize("config", ["deepseek_v3", "e72_g8", "e512_g8"])
 def test_grouped_topk_tsan(tsan, config):
     E, G, tg, K, scoring, bias, gsc, renorm, scale = CONFIGS[config]

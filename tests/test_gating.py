@@ -107,6 +107,60 @@ def test_matches_reference(device, backend, config, dtype):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("config", ["deepseek_v3", "e72_g8", "e8_g2"])
+def test_shared_expert_column(device, backend, config):
+    """shared_expert_id: the same routed columns (bit for bit: the column is written beside
+    them, nothing else changes), then one column of that id with weight 1.0 on every row.
+    T=0, decode, a partial program of rows, and (where rows are cheap) 520 rows, which the
+    Triton kernel takes several to a program; ids E (DeepSeek-V3's stacked shared expert)
+    and far past E."""
+    E, G, tg, K, scoring, bias, gsc, renorm, scale = CONFIGS[config]
+    sizes = (0, 1, 37) if backend == "triton" and device == "cpu" and E > 64 else (0, 1, 37, 520)
+    for T, shared in zip(sizes, (E, E + 1000, 2**31 - 1, E)):
+        logits, b = make_inputs(T, E, torch.bfloat16, device, bias, seed=T + 5)
+        kw = kwargs_of(E, G, tg, K, scoring, b, gsc, renorm, scale)
+        w_plain, ids_plain = run(backend, logits, K, kw)
+        w, ids = run(backend, logits, K, dict(kw, shared_expert_id=shared))
+        msg = f"{backend} {config} T={T} shared={shared}"
+        assert w.shape == ids.shape == (T, K + 1) and w.is_contiguous() and ids.is_contiguous()
+        assert torch.equal(w[:, :K], w_plain) and torch.equal(ids[:, :K], ids_plain), msg
+        assert (ids[:, K] == shared).all() and (w[:, K] == 1.0).all(), msg
+
+
+BAD_SHARED = [(3, ValueError, "shared_expert_id must be >= 16"),
+              (-1, ValueError, "shared_expert_id must be >= 16"),
+              (2**31, ValueError, "shared_expert_id must be <= 2147483647"),
+              (True, TypeError, "shared_expert_id must be an int"),
+              (16.0, TypeError, "shared_expert_id must be an int")]
+
+
+@pytest.mark.parametrize("shared,exc,words", BAD_SHARED, ids=[str(b[0]) for b in BAD_SHARED])
+def test_bad_shared_expert_id(shared, exc, words):
+    """An id the routed experts use (or no int) would make a routed expert run twice."""
+    with pytest.raises(exc, match=words):
+        moe_kernels.grouped_topk(torch.zeros(2, 16), 2, shared_expert_id=shared)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_shared_expert_column_has_no_gradient(backend):
+    """The gradient w.r.t. logits is the routed weights' alone, whatever flows into the
+    shared column's weight (a constant 1)."""
+    if _library.backend_unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(_library.backend_unavailable_reason(backend, torch.device("cpu")))
+    logits, b = make_inputs(5, 32, torch.float32, "cpu", True, seed=4)
+    kw = dict(num_expert_group=4, topk_group=2, correction_bias=b, routed_scaling_factor=2.5,
+              backend=backend)
+    grad_out = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    x1 = logits.clone().requires_grad_(True)
+    w, _ = moe_kernels.grouped_topk(x1, 4, shared_expert_id=32, **kw)
+    (w * grad_out).sum().backward()
+    x2 = logits.clone().requires_grad_(True)
+    w, _ = moe_kernels.grouped_topk(x2, 4, **kw)
+    (w * grad_out[:, :4]).sum().backward()
+    assert torch.equal(x1.grad, x2.grad) and x1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
 @pytest.mark.parametrize("config", ["deepseek_v3", "deepseek_v2", "e72_g8", "g_eq_e"])
 def test_exact_ties(device, backend, config):
     """Integer logits and biases give many exactly equal scores and group scores: every
@@ -281,7 +335,7 @@ def test_row_strided_logits(device, backend):
 def test_direct_op_equals_api(device, backend):
     """torch.ops.moe_kernels.* (the registered op) gives what the eager fast path gives."""
     logits, b = make_inputs(13, 64, torch.float32, device, True, seed=9)
-    args = (logits, b, 4, 8, 2, "sigmoid", "top2_sum", True, 2.5)
+    args = (logits, b, 4, 8, 2, "sigmoid", "top2_sum", True, 2.5, -1)
     op = (torch.ops.moe_kernels.grouped_topk_triton if backend == "triton"
           else torch.ops.moe_kernels.grouped_topk)
     w_op, ids_op = op(*args)
@@ -296,8 +350,8 @@ def test_opcheck(device, backend):
     logits, b = make_inputs(5, 32, torch.float32, device, True, seed=2)
     op = (torch.ops.moe_kernels.grouped_topk_triton.default if backend == "triton"
           else torch.ops.moe_kernels.grouped_topk.default)
-    for args in [(logits, b, 4, 4, 2, "sigmoid", "top2_sum", True, 2.5),
-                 (logits.requires_grad_(True), None, 3, 1, 1, "softmax", "max", False, 1.0)]:
+    for args in [(logits, b, 4, 4, 2, "sigmoid", "top2_sum", True, 2.5, -1),
+                 (logits.requires_grad_(True), None, 3, 1, 1, "softmax", "max", False, 1.0, 32)]:
         torch.library.opcheck(op, args)
 
 
@@ -404,10 +458,12 @@ def test_cpp_checks_direct_op_call():
         op = torch.ops.moe_kernels.grouped_topk
         cases = [((torch.zeros(4, 10), None, 2, 3, 1), "num_expert_group"),
                  ((torch.zeros(4, 16), None, 20, 4, 2), "top_k"),
-                 ((torch.zeros(4, 16), torch.zeros(3), 2, 1, 1), "correction_bias")]
+                 ((torch.zeros(4, 16), torch.zeros(3), 2, 1, 1), "correction_bias"),
+                 ((torch.zeros(4, 16), None, 2, 1, 1), "shared_expert_id")]
         for args, word in cases:
+            shared = 15 if word == "shared_expert_id" else -1   # an id the routed take
             try:
-                op(*args, "sigmoid", "max", True, 1.0)
+                op(*args, "sigmoid", "max", True, 1.0, shared)
             except ValueError as e:
                 assert word in str(e), str(e)
             else:

@@ -125,7 +125,7 @@ calls = [
     ("block_size 0 (triton)", lambda: ops.moe_align_block_size_triton(i32(2, 2), 4, 0)),
     ("block_size 0", lambda: ops.moe_align_block_size(i32(2, 2), 4, 0)),
     ("groups 0", lambda: ops.grouped_topk(torch.zeros(2, 8), None, 2, 0, 1, "sigmoid", "max",
-                                          True, 1.0)),
+                                          True, 1.0, -1)),
     ("gather K 0", lambda: ops.gather_rows(torch.zeros(2, 4), i32(3) - 1, i32(2, 0))),
 ]
 for name, call in calls:

@@ -129,6 +129,10 @@ void grouped_topk_row(const scalar_t* x, const float* bias, const GroupedTopkArg
   }
   const float mul = a.renormalize ? (sum > 0.0f ? a.scale / sum : 0.0f) : a.scale;
   for (int64_t k = 0; k < a.top_k; ++k) w_out[k] *= mul;
+  if (a.shared_expert_id >= 0) {
+    w_out[a.top_k] = 1.0f;
+    id_out[a.top_k] = static_cast<int32_t>(a.shared_expert_id);
+  }
 }
 
 }  // namespace
@@ -137,25 +141,27 @@ Report check_grouped_topk_cpu(const at::Tensor& logits,
                               const std::optional<at::Tensor>& correction_bias, int64_t top_k,
                               int64_t num_expert_group, int64_t topk_group,
                               c10::string_view scoring_func, c10::string_view group_scoring,
-                              bool /*renormalize*/, double /*routed_scaling_factor*/) {
+                              bool /*renormalize*/, double /*routed_scaling_factor*/,
+                              int64_t shared_expert_id) {
   // no device check: the CPU checks read none (csrc/checks.h)
   return check_grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
-                                 scoring_func, group_scoring);
+                                 scoring_func, group_scoring, shared_expert_id);
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_topk_cpu(
     const at::Tensor& logits, const std::optional<at::Tensor>& correction_bias,
     int64_t top_k, int64_t num_expert_group, int64_t topk_group,
     c10::string_view scoring_func, c10::string_view group_scoring, bool renormalize,
-    double routed_scaling_factor) {
+    double routed_scaling_factor, int64_t shared_expert_id) {
   throw_if(check_grouped_topk_cpu(logits, correction_bias, top_k, num_expert_group, topk_group,
                                   scoring_func, group_scoring, renormalize,
-                                  routed_scaling_factor));
+                                  routed_scaling_factor, shared_expert_id));
   const GroupedTopkArgs a =
       grouped_topk_args(logits, correction_bias, top_k, num_expert_group, topk_group,
-                        scoring_func, group_scoring, renormalize, routed_scaling_factor);
-  auto w = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kFloat));
-  auto ids = at::empty({a.num_tokens, top_k}, logits.options().dtype(at::kInt));
+                        scoring_func, group_scoring, renormalize, routed_scaling_factor,
+                        shared_expert_id);
+  auto w = at::empty({a.num_tokens, a.width}, logits.options().dtype(at::kFloat));
+  auto ids = at::empty({a.num_tokens, a.width}, logits.options().dtype(at::kInt));
   at::Tensor bias32;
   if (correction_bias.has_value()) bias32 = correction_bias->to(at::kFloat).contiguous();
   const float* bias = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
@@ -172,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_topk_cpu(
           RowScratch scratch(a);
           for (int64_t t = begin; t < end; ++t)
             grouped_topk_row<scalar_t>(x + t * stride, bias, a, scratch,
-                                       w_ptr + t * top_k, id_ptr + t * top_k);
+                                       w_ptr + t * a.width, id_ptr + t * a.width);
         });
       });
   return {w, ids};

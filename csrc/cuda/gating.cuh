@@ -24,10 +24,11 @@ enum class DType { kFloat32, kBFloat16, kFloat16 };
 struct Params {
   const void* logits;   // (T, E), row stride `stride` elements, last dim contiguous
   const float* bias;    // (E,) float32 or nullptr
-  float* weights;       // (T, top_k)
-  int32_t* ids;         // (T, top_k)
+  float* weights;       // (T, width): width = top_k, or top_k + 1 with a shared expert
+  int32_t* ids;         // (T, width)
   int64_t num_tokens, stride;
   int num_experts, num_groups, group_size, topk_group, top_k;
+  int shared_id;        // -1: none; else column top_k holds this id with weight 1
   bool softmax, group_top2, select_groups, renormalize;
   float scale;
 };
@@ -166,11 +167,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
   __syncwarp();
   const float mul = p.renormalize ? (sum > 0.0f ? p.scale / sum : 0.0f) : p.scale;
-  float* w_out = p.weights + t * p.top_k;
-  int32_t* id_out = p.ids + t * p.top_k;
+  const int64_t width = p.top_k + (p.shared_id >= 0 ? 1 : 0);
+  float* w_out = p.weights + t * width;
+  int32_t* id_out = p.ids + t * width;
   for (int k = lane; k < p.top_k; k += 32) {
     w_out[k] = chosen_s[k] * mul;
     id_out[k] = chosen_id[k];
+  }
+  if (p.shared_id >= 0 && lane == 0) {
+    w_out[p.top_k] = 1.0f;
+    id_out[p.top_k] = p.shared_id;
   }
 }
 

@@ -83,3 +83,7 @@ def sm90_cases():
                 yield (f"grouped_topk E={E} T={T} {dt}", lambda dt=dt, T=T, E=E, G=G, tg=tg, k=k,
                        s=scoring, g=gscore, b=bias: gating.grouped_topk(
                            meta(T, E, dtype=dt), meta(E) if b else None, k, G, tg, s, g, True, 2.5))
+    for T in (1, 4096):   # the layer's router, which writes the shared expert's column too
+        yield (f"grouped_topk E=256 T={T} shared expert column",
+               lambda T=T: gating.grouped_topk(meta(T, 256, dtype=torch.bfloat16), meta(256), 8,
+                                               8, 4, "sigmoid", "top2_sum", True, 2.5, 256))

@@ -24,16 +24,16 @@ GROUP_SCORINGS = ("top2_sum", "max")
 
 
 def _fake(logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
-          group_scoring, renormalize, routed_scaling_factor):
-    T = logits.shape[0]
-    return (logits.new_empty((T, top_k), dtype=torch.float32),
-            logits.new_empty((T, top_k), dtype=torch.int32))
+          group_scoring, renormalize, routed_scaling_factor, shared_expert_id=-1):
+    T, width = logits.shape[0], top_k + (shared_expert_id >= 0)
+    return (logits.new_empty((T, width), dtype=torch.float32),
+            logits.new_empty((T, width), dtype=torch.int32))
 
 
 GROUPED_TOPK = _library.Op(
     OP, "(Tensor logits, Tensor? correction_bias, int top_k, int num_expert_group, "
         "int topk_group, str scoring_func, str group_scoring, bool renormalize, "
-        "float routed_scaling_factor) -> (Tensor, Tensor)",
+        "float routed_scaling_factor, int shared_expert_id) -> (Tensor, Tensor)",
     fake=_fake, triton="gating", native=("cpu", "cuda"))
 
 
@@ -109,6 +109,14 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
                             scoring_func, group_scoring))
 
 
+def _check_shared_expert_id(num_experts: int, shared_expert_id) -> int:
+    """None -> -1 (no shared column); else an int id the routed experts do not use."""
+    if shared_expert_id is None:
+        return -1
+    check_int(OP, "shared_expert_id", shared_expert_id, low=num_experts, high=2**31 - 1)
+    return shared_expert_id
+
+
 def _check_scaling_factor(value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not math.isfinite(value):
@@ -118,9 +126,10 @@ def _check_scaling_factor(value) -> None:
 # --- autograd ------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    logits, _, _, _, _, scoring_func, _, renormalize, scale = inputs
-    ctx.save_for_backward(logits, output[1])
+    logits, _, top_k, _, _, scoring_func, _, renormalize, scale = inputs[:9]
+    ctx.save_for_backward(logits, output[1][:, :top_k])   # a shared column has no gradient
     ctx.opts = (scoring_func, renormalize, scale)
+    ctx.top_k = top_k
 
 
 def weights_backward(grad_w, logits, ids, scoring_func, renormalize, routed_scaling_factor):
@@ -145,8 +154,8 @@ def weights_backward(grad_w, logits, ids, scoring_func, renormalize, routed_scal
 
 def _backward(ctx, grad_w, grad_ids):
     logits, ids = ctx.saved_tensors
-    grad = weights_backward(grad_w, logits, ids, *ctx.opts)
-    return grad, None, None, None, None, None, None, None, None
+    grad = weights_backward(grad_w[:, :ctx.top_k], logits, ids, *ctx.opts)
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 GROUPED_TOPK.register_autograd(lambda backend: (_backward, _setup_context))
@@ -154,12 +163,12 @@ GROUPED_TOPK.register_autograd(lambda backend: (_backward, _setup_context))
 
 def grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
                            topk_group, scoring_func, group_scoring, renormalize,
-                           routed_scaling_factor):
+                           routed_scaling_factor, shared_expert_id=-1):
     """The internal layer: the schema's arguments, already checked; `backend` resolved."""
     kernel = (reference.grouped_topk if backend == "reference" else
               GROUPED_TOPK.kernel(backend, logits.requires_grad and torch.is_grad_enabled()))
     return kernel(logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
-                  group_scoring, renormalize, routed_scaling_factor)
+                  group_scoring, renormalize, routed_scaling_factor, shared_expert_id)
 
 
 # --- public API -------------------------------------------------------------------------
@@ -168,7 +177,8 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
                  topk_group: int = 1, scoring_func: str = "sigmoid",
                  correction_bias: torch.Tensor | None = None,
                  group_scoring: str | None = None, renormalize: bool = True,
-                 routed_scaling_factor: float = 1.0, backend: str | None = None):
+                 routed_scaling_factor: float = 1.0, shared_expert_id: int | None = None,
+                 backend: str | None = None):
     """Fused grouped top-k gating of DeepSeek-V2/V3-style routers.
 
     logits: (T, E) float32 | bfloat16 | float16, last dimension contiguous.
@@ -176,6 +186,9 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
     group_scoring: "top2_sum" | "max"; None means "top2_sum" with a bias, else "max".
     Returns topk_weights (T, top_k) float32 and topk_ids (T, top_k) int32, ordered by
     selection score descending, ties to the lower index (docs/gating.md).
+    shared_expert_id: an id >= E: both outputs get a last column (T, top_k + 1) holding
+    it with weight 1.0 for every token, the shared expert stacked after the routed ones
+    (fused_moe_fp8 then runs it with them, as SGLang's fused shared experts).
     """
     if group_scoring is None:
         group_scoring = "top2_sum" if correction_bias is not None else "max"
@@ -187,9 +200,10 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
                                     "E (logits' columns)", logits.shape[1])
     if type(routed_scaling_factor) is not float or not math.isfinite(routed_scaling_factor):
         _check_scaling_factor(routed_scaling_factor)
+    shared = _check_shared_expert_id(logits.shape[1], shared_expert_id)
     return grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
                                   topk_group, scoring_func, group_scoring, bool(renormalize),
-                                  float(routed_scaling_factor))
+                                  float(routed_scaling_factor), shared)
 
 
 def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: torch.Tensor,

@@ -105,13 +105,26 @@ def weights_of(s: torch.Tensor, ids: torch.Tensor, renormalize: bool,
     return w * routed_scaling_factor
 
 
+def append_shared_expert(w: torch.Tensor, ids: torch.Tensor, shared_expert_id: int):
+    """(T, K) weights and ids -> (T, K + 1): a last column of id shared_expert_id and
+    weight 1 (the shared expert, summed unscaled with the routed ones); as they are for
+    shared_expert_id = -1."""
+    if shared_expert_id < 0:
+        return w, ids
+    T = w.shape[0]
+    return (torch.cat([w, w.new_ones(T, 1)], dim=1),
+            torch.cat([ids, ids.new_full((T, 1), shared_expert_id)], dim=1))
+
+
 def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
                  num_expert_group: int, topk_group: int, scoring_func: str,
-                 group_scoring: str, renormalize: bool, routed_scaling_factor: float):
-    """logits (T, E) float -> (weights (T, top_k) float32, ids (T, top_k) int32).
+                 group_scoring: str, renormalize: bool, routed_scaling_factor: float,
+                 shared_expert_id: int = -1):
+    """logits (T, E) float -> (weights (T, W) float32, ids (T, W) int32), W = top_k, or
+    top_k + 1 with a shared_expert_id >= 0 (append_shared_expert).
 
     Differentiable w.r.t. `logits` through the weights (plain autograd)."""
     s, ids = select_experts(logits, top_k, num_expert_group, topk_group, scoring_func,
                             correction_bias, group_scoring)
     w = weights_of(s, ids, renormalize, routed_scaling_factor)
-    return w, ids.to(torch.int32)
+    return append_shared_expert(w, ids.to(torch.int32), shared_expert_id)

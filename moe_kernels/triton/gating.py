@@ -38,11 +38,12 @@ def _order_key(v, idx):
 @triton.jit
 def _grouped_topk_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr,
-    T, stride_t, scale,
+    T, stride_t, scale, shared_id,
     G: tl.constexpr, GS: tl.constexpr, G_PAD: tl.constexpr, GS_PAD: tl.constexpr,
     TOPK_GROUP: tl.constexpr, TG_PAD: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_TOP2: tl.constexpr,
     SELECT_GROUPS: tl.constexpr, RENORM: tl.constexpr, ROWS: tl.constexpr,
+    SHARED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < T
@@ -136,9 +137,15 @@ def _grouped_topk_kernel(
         den = tl.sum(out_s, axis=1)[:, None]
         w = tl.where(den > 0, out_s / tl.where(den > 0, den, 1.0), 0.0)
     w = w * scale
-    out_off = rows[:, None] * TOP_K + kcol
+    # rows of TOP_K columns, or TOP_K + 1 whose last holds the shared expert (weight 1)
+    width = TOP_K + 1 if SHARED else TOP_K
+    out_off = rows[:, None] * width + kcol
     tl.store(w_ptr + out_off, w, mask=out_mask)
     tl.store(ids_ptr + out_off, out_ids, mask=out_mask)
+    if SHARED:
+        tl.store(w_ptr + rows * width + TOP_K, tl.full((ROWS,), 1.0, tl.float32), mask=row_ok)
+        tl.store(ids_ptr + rows * width + TOP_K, tl.full((ROWS,), 0, tl.int32) + shared_id,
+                 mask=row_ok)
 
 
 def _launch_config(T: int, E_pad: int) -> tuple[int, int]:
@@ -156,13 +163,15 @@ def _launch_config(T: int, E_pad: int) -> tuple[int, int]:
 def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int,
                  num_expert_group: int, topk_group: int, scoring_func: str,
                  group_scoring: str, renormalize: bool, routed_scaling_factor: float,
-                 config: tuple[int, int] | None = None):
-    """logits (T, E) float, last dim contiguous -> (w (T, top_k) float32, ids int32).
-    Arguments are validated by moe_kernels.ops.gating. `config` = (rows per program,
-    num_warps) overrides `_launch_config` (benchmarks/tune_gating.py)."""
+                 shared_expert_id: int = -1, config: tuple[int, int] | None = None):
+    """logits (T, E) float, last dim contiguous -> (w (T, W) float32, ids int32), W =
+    top_k, + 1 with a shared_expert_id >= 0 (its column last, weight 1). Arguments are
+    validated by moe_kernels.ops.gating. `config` = (rows per program, num_warps)
+    overrides `_launch_config` (benchmarks/tune_gating.py)."""
     T, E = logits.shape
-    w = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((T, top_k), dtype=torch.int32, device=logits.device)
+    width = top_k + (shared_expert_id >= 0)
+    w = torch.empty((T, width), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((T, width), dtype=torch.int32, device=logits.device)
     if T == 0:
         return w, ids
     G = num_expert_group
@@ -173,14 +182,15 @@ def grouped_topk(logits: torch.Tensor, correction_bias: torch.Tensor | None, top
     bias = correction_bias.contiguous() if correction_bias is not None else logits
     _configured(E, G, topk_group, top_k, scoring_func == "softmax",
                 correction_bias is not None, group_scoring == "top2_sum", bool(renormalize),
-                rows, num_warps)[(cdiv(T, rows),)](
-        logits, bias, w, ids, T, logits.stride(0), float(routed_scaling_factor))
+                rows, num_warps, shared_expert_id >= 0)[(cdiv(T, rows),)](
+        logits, bias, w, ids, T, logits.stride(0), float(routed_scaling_factor),
+        shared_expert_id)
     return w, ids
 
 
 @functools.lru_cache(maxsize=None)
 def _configured(E, G, topk_group, top_k, softmax, has_bias, top2, renormalize, rows,
-                num_warps):
+                num_warps, shared):
     """The kernel with one router configuration's constexprs bound (launch.configure)."""
     GS = E // G
     return configure(_grouped_topk_kernel, G=G, GS=GS, G_PAD=next_power_of_2(G),
@@ -188,4 +198,4 @@ def _configured(E, G, topk_group, top_k, softmax, has_bias, top2, renormalize, r
                      TG_PAD=next_power_of_2(topk_group), TOP_K=top_k,
                      K_PAD=next_power_of_2(top_k), SOFTMAX=softmax, HAS_BIAS=has_bias,
                      GROUP_TOP2=top2, SELECT_GROUPS=topk_group < G, RENORM=renormalize,
-                     ROWS=rows, num_warps=num_warps)
+                     ROWS=rows, SHARED=shared, num_warps=num_warps)

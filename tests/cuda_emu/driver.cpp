@@ -10,8 +10,8 @@
 //        row_of_pair[P] i32, pair_of_row[R] i32
 //     -> error, then (vllm) sorted_ids[R] i32, expert_ids[ceil(R/align)] i32, offsets[E+1] i64
 //   2 grouped_topk: T E stride dtype G topk_group top_k softmax group_top2 select_groups
-//     renormalize has_bias scale_bits, then (T-1)*stride+E logits (T>0), E float32 bias
-//     -> error, then weights[T*top_k] f32, ids[T*top_k] i32
+//     renormalize has_bias scale_bits shared_id, then (T-1)*stride+E logits (T>0), E float32
+//     bias -> error, then weights[T*W] f32, ids[T*W] i32 (W = top_k, + 1 with shared_id >= 0)
 // error: int64 cudaError_t of the launch. A violation the emulator sees ends the process
 // with status 3, a sanitizer's report with the sanitizer's status.
 #include <cstdio>
@@ -119,12 +119,14 @@ void grouped_topk() {
   const bool has_bias = read_i64() != 0;
   const uint32_t scale_bits = static_cast<uint32_t>(read_i64());
   std::memcpy(&p.scale, &scale_bits, sizeof p.scale);
+  p.shared_id = static_cast<int>(read_i64());
+  const int64_t width = p.top_k + (p.shared_id >= 0 ? 1 : 0);
   const int64_t n = T > 0 ? (T - 1) * stride + E : 0;
   const int64_t elt = dtype == 0 ? 4 : 2;
   auto logits = read_array<unsigned char>(n * elt);
   std::vector<float> bias = has_bias ? read_array<float>(E) : std::vector<float>();
-  auto weights = poisoned<float>(T * p.top_k);
-  auto ids = poisoned<int32_t>(T * p.top_k);
+  auto weights = poisoned<float>(T * width);
+  auto ids = poisoned<int32_t>(T * width);
   p.logits = logits.data();
   p.bias = has_bias ? bias.data() : nullptr;
   p.weights = weights.data();
