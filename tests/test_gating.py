@@ -179,6 +179,26 @@ def test_exact_ties(device, backend, config):
         assert ids[0].tolist() == list(range(K))
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+def test_equal_logits_tie_at_every_position(device, backend, scoring):
+    """Equal logits must give equal scores wherever they sit in the row, so the tie goes
+    to the lower index. Rows of a larger first logit (the softmax's maximum) and one value
+    everywhere else, E = 2..40: experts past the last full vector of a row (a loop's
+    epilogue) once scored an ulp off the others (E = 12, softmax: expert 11 before 2)."""
+    first, rest = torch.tensor([1.8125, 2.5, 0.75, 3.0]), torch.tensor([-1.9296875, 0.3, -2.75,
+                                                                      -0.0625])
+    for E in range(2, 41):
+        K = (E + 1) // 2
+        logits = rest[:, None].expand(4, E).clone()
+        logits[:, 0] = first
+        w, ids = moe_kernels.grouped_topk(logits.to(device), K, scoring_func=scoring,
+                                          backend=backend)
+        want = torch.arange(K, dtype=torch.int32).expand(4, K)
+        assert torch.equal(ids.cpu(), want), f"E={E}: {ids.tolist()}"
+        assert (w[:, 1:] == w[:, 1:2]).all(), f"E={E}: unequal weights {w.tolist()}"
+
+
 def test_reference_hand_example():
     """A worked example, computed by hand (not by any code here): E=8, G=4 groups of 2,
     2 groups kept, top 3, 'max' group score, sigmoid of logits chosen so that sigmoid

@@ -42,14 +42,44 @@ inline float exp_branchless(float x) {
   return y;
 }
 
-// s[i] = 1 / (1 + exp(-s[i]))
-MOE_VEC_CLONES inline void sigmoid_inplace(float* s, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) s[i] = 1.0f / (1.0f + exp_branchless(-s[i]));
+// Equal inputs must give equal outputs wherever they sit in a row (the gating tie rule
+// compares scores). An auto-vectorized loop over n elements computes its last n % width in
+// an epilogue that GCC compiles apart, and rounded differently (E = 9, softmax: expert 8
+// scored an ulp above experts 1-7, which had the same logit). So every element goes through
+// one out-of-line function of whole 16-wide blocks, the row's tail copied into a padded
+// block: the same instructions for every element (with -fno-trapping-math each clone's
+// block is vector code only, no scalar op).
+constexpr int64_t kVecBlock = 16;
+
+template <typename Blocks>
+inline void in_blocks(float* s, int64_t n, Blocks blocks) {
+  const int64_t full = n / kVecBlock, done = full * kVecBlock;
+  if (full > 0) blocks(s, full);
+  if (done < n) {
+    float block[kVecBlock] = {};
+    std::copy(s + done, s + n, block);
+    blocks(block, 1);
+    std::copy(block, block + (n - done), s + done);
+  }
 }
 
+MOE_VEC_CLONES __attribute__((noinline)) inline void sigmoid_blocks(float* s, int64_t blocks) {
+  for (int64_t b = 0; b < blocks; ++b, s += kVecBlock)
+    for (int64_t j = 0; j < kVecBlock; ++j) s[j] = 1.0f / (1.0f + exp_branchless(-s[j]));
+}
+
+MOE_VEC_CLONES __attribute__((noinline)) inline void exp_shifted_blocks(float* s, int64_t blocks,
+                                                                        float m) {
+  for (int64_t b = 0; b < blocks; ++b, s += kVecBlock)
+    for (int64_t j = 0; j < kVecBlock; ++j) s[j] = exp_branchless(s[j] == m ? 0.0f : s[j] - m);
+}
+
+// s[i] = 1 / (1 + exp(-s[i]))
+inline void sigmoid_inplace(float* s, int64_t n) { in_blocks(s, n, sigmoid_blocks); }
+
 // s[i] = exp(s[i] == m ? 0 : s[i] - m) (limit rule of reference.scores)
-MOE_VEC_CLONES inline void exp_shifted_inplace(float* s, int64_t n, float m) {
-  for (int64_t i = 0; i < n; ++i) s[i] = exp_branchless(s[i] == m ? 0.0f : s[i] - m);
+inline void exp_shifted_inplace(float* s, int64_t n, float m) {
+  in_blocks(s, n, [m](float* p, int64_t blocks) { exp_shifted_blocks(p, blocks, m); });
 }
 
 // Sum in 16 interleaved partial sums (a fixed order, so deterministic): a single running
