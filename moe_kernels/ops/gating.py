@@ -24,7 +24,7 @@ GROUP_SCORINGS = ("top2_sum", "max")
 
 
 def _fake(logits, correction_bias, top_k, num_expert_group, topk_group, scoring_func,
-          group_scoring, renormalize, routed_scaling_factor, shared_expert_id=-1):
+          group_scoring, renormalize, routed_scaling_factor, shared_expert_id):
     T, width = logits.shape[0], top_k + (shared_expert_id >= 0)
     return (logits.new_empty((T, width), dtype=torch.float32),
             logits.new_empty((T, width), dtype=torch.int32))
@@ -126,7 +126,7 @@ def _check_scaling_factor(value) -> None:
 # --- autograd ------------------------------------------------------------------------------
 
 def _setup_context(ctx, inputs, output):
-    logits, _, top_k, _, _, scoring_func, _, renormalize, scale = inputs[:9]
+    logits, _, top_k, _, _, scoring_func, _, renormalize, scale, _ = inputs
     ctx.save_for_backward(logits, output[1][:, :top_k])   # a shared column has no gradient
     ctx.opts = (scoring_func, renormalize, scale)
     ctx.top_k = top_k
