@@ -376,14 +376,15 @@ def test_opcheck(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
-def test_torch_compile_fullgraph(device, backend):
+@pytest.mark.parametrize("shared", [None, 64], ids=["routed", "shared-column"])
+def test_torch_compile_fullgraph(device, backend, shared):
     torch._dynamo.reset()
     logits, b = make_inputs(21, 64, torch.float32, device, True, seed=8)
 
     def route(x, bias):
         w, ids = moe_kernels.grouped_topk(x, 4, num_expert_group=8, topk_group=2,
                                           correction_bias=bias, routed_scaling_factor=2.5,
-                                          backend=backend)
+                                          shared_expert_id=shared, backend=backend)
         return w * 2.0, ids
 
     compiled = torch.compile(route, fullgraph=True)
