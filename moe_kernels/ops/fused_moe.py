@@ -73,7 +73,9 @@ def _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids) 
     inter, device = two_i // 2, hidden.device
     c = lambda n: cdiv(n, SCALE_BLOCK)
     ids_shape = topk_ids.shape
-    return (two_i % 2 == 0 and h13 == H and w2.shape == (E, H, inter)
+    # is_contiguous() says nothing of an empty weight's strides: those go to _check
+    return (two_i % 2 == 0 and h13 == H and E > 0 and inter > 0 and H > 0
+            and w2.shape == (E, H, inter)
             and w13_scales.shape == (E, c(two_i), c(H)) and w2_scales.shape == (E, c(H), c(inter))
             and len(ids_shape) == 2 and ids_shape[0] == T and topk_weights.shape == ids_shape
             and w13.device == device and w2.device == device and w13_scales.device == device

@@ -97,7 +97,7 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
         ok = (type(top_k) is int and type(num_expert_group) is int and type(topk_group) is int
               and (E, top_k, num_expert_group, topk_group, scoring_func,
                    group_scoring) in _VALID_CONFIGS
-              and (logits.is_contiguous() or E == 1 or logits.stride(1) == 1))
+              and (E == 1 or logits.stride(1) == 1))   # not is_contiguous(): True when empty
         if ok and correction_bias is not None:
             ok = (isinstance(correction_bias, torch.Tensor) and correction_bias.dim() == 1
                   and correction_bias.shape[0] == E and correction_bias.is_floating_point()
