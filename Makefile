@@ -15,6 +15,7 @@ endif
 PIP := $(PY) -m pip --disable-pip-version-check -q
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 CUDA_ARCH_FLAGS := -gencode=arch=compute_90a,code=sm_90a
+CUDA_GATE_FLAGS := -Xptxas --warn-on-spills,--warn-on-local-memory-usage,-Werror
 # The GPU machine's triton, for the sm_90a compile gate (tests/test_sm90_compile.py), which
 # compiles every kernel under both it and the venv's triton: their register use differs.
 TRITON_GATE_DIR := $(VENV)/triton-3.6
@@ -61,11 +62,12 @@ bench: build
 # Compiles every framework-free .cuh (device code, and csrc/common/ through
 # check_device.cuh) for sm_90a: catches CUDA errors on machines whose
 # torch has no CUDA (the kernels themselves are built and tested on the GPU machine).
+# A register spill or any local memory (an array indexed at run time) fails it.
 check-cuda:
 	@if [ -z "$(NVCC)" ]; then echo "check-cuda: nvcc not found, skipped"; else \
 	  tmp=$$(mktemp -d); for f in csrc/cuda/*.cuh csrc/common/*.cuh; do echo "nvcc $(CUDA_ARCH_FLAGS) $$f"; \
 	    printf '#include "%s"\n' "$(CURDIR)/$$f" > $$tmp/check.cu; \
-	    $(NVCC) -std=c++17 $(CUDA_ARCH_FLAGS) -c $$tmp/check.cu -o $$tmp/check.o || exit 1; done; \
+	    $(NVCC) -std=c++17 $(CUDA_ARCH_FLAGS) $(CUDA_GATE_FLAGS) -c $$tmp/check.cu -o $$tmp/check.o || exit 1; done; \
 	  rm -rf $$tmp; fi
 
 gpu-check:

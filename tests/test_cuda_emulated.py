@@ -16,6 +16,7 @@ import session_jobs
 from helpers import assert_int_equal
 from moe_kernels import testing
 from moe_kernels.reference import permute as ref_permute
+import test_gating
 from test_gating import CONFIGS, assert_same_selection, kwargs_of, make_inputs
 
 BUILDS = {s: (s, None) for s in emu.SANITIZERS} | {
@@ -184,10 +185,42 @@ def test_grouped_topk_checker_cases(asan, preset):
     testing.check("grouped_topk", asan.grouped_topk, preset=preset)
 
 
+# test_gating's edge cases on the emulated kernel, for the layouts the GPU run would meet
+# first: every tie position of a lane's run (E = 2..40: partial last lanes), group ties on
+# the shuffle path (deepseek_v3: 4 lanes a group) and the shared-memory path (the others),
+# NaN / inf rows, +-inf group sums, a row stride that leaves rows unaligned for 16-byte loads.
+@pytest.mark.parametrize("config", ["deepseek_v3", "deepseek_v2", "e72_g8", "g_eq_e"])
+def test_grouped_topk_exact_ties_asan(asan, config):
+    test_gating.test_exact_ties("cpu", asan.grouped_topk, config)
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+def test_grouped_topk_tie_at_every_position_asan(asan, scoring):
+    test_gating.test_equal_logits_tie_at_every_position("cpu", asan.grouped_topk, scoring)
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+def test_grouped_topk_nan_inf_rows_asan(asan, scoring):
+    test_gating.test_nan_inf_rows("cpu", asan.grouped_topk, scoring)
+
+
+def test_grouped_topk_inf_group_scores_asan(asan):
+    test_gating.test_bias_with_inf_group_scores("cpu", asan.grouped_topk)
+
+
+def test_grouped_topk_row_strided_asan(asan):
+    test_gating.test_row_strided_logits("cpu", asan.grouped_topk)
+
+
+def test_grouped_topk_property_asan(asan):
+    """test_gating's random configurations (group sizes 2..70, both group paths, exact ties)."""
+    test_gating.test_property_random(device="cpu", backend=asan.grouped_topk)
+
+
 def test_grouped_topk_over_48kb_of_shared_memory(asan):
-    """E = G = 1024: 4 warps x (4 KB of scores + 8 KB of group keys + the chosen 8), past
-    the 48 KB a launch gets without cudaFuncSetAttribute (the emulator refuses it as the
-    GPU does)."""
+    """E = G = 1024: 4 warps x (4 KB of scores, 4 KB of selection scores, 8 KB of group keys
+    and the chosen 8 ids), past the 48 KB a launch gets without cudaFuncSetAttribute (the
+    emulator refuses it as the GPU does)."""
     E, G, tg, K = 1024, 1024, 8, 8
     logits, _ = make_inputs(6, E, torch.float32, "cpu", False, seed=3)
     kw = kwargs_of(E, G, tg, K, "sigmoid", None, "max", True, 1.0)

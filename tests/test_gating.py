@@ -49,6 +49,10 @@ def make_inputs(T, E, dtype, device, bias, seed, scale=1.0):
 
 
 def run(backend, logits, top_k, cfg_kwargs):
+    """backend: a backend's name, or a callable with grouped_topk's signature (the emulated
+    CUDA kernel of test_cuda_emulated.py, which runs these tests' bodies too)."""
+    if callable(backend):
+        return backend(logits, top_k, **cfg_kwargs)
     poison_allocator(logits.device.type)
     return moe_kernels.grouped_topk(logits, top_k, backend=backend, **cfg_kwargs)
 
@@ -192,11 +196,32 @@ def test_equal_logits_tie_at_every_position(device, backend, scoring):
         K = (E + 1) // 2
         logits = rest[:, None].expand(4, E).clone()
         logits[:, 0] = first
-        w, ids = moe_kernels.grouped_topk(logits.to(device), K, scoring_func=scoring,
-                                          backend=backend)
+        w, ids = run(backend, logits.to(device), K, dict(scoring_func=scoring))
         want = torch.arange(K, dtype=torch.int32).expand(4, K)
         assert torch.equal(ids.cpu(), want), f"E={E}: {ids.tolist()}"
         assert (w[:, 1:] == w[:, 1:2]).all(), f"E={E}: unequal weights {w.tolist()}"
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(["triton"]))
+@pytest.mark.parametrize("config", ["deepseek_v3", "e72_g8", "kimi_k2", "deepseek_v2"])
+def test_triton_choice_forms_agree(device, backend, config):
+    """The Triton kernel chooses by two int32 reductions (image, then index) or by one
+    over int64 keys, by launch shape (triton/gating.py `_keys32`): both forms give the
+    reference's ids exactly on exact ties, and the same weights bit for bit."""
+    from moe_kernels.triton import gating as triton_gating
+    E, G, tg, K, scoring, bias, gsc, renorm, scale = CONFIGS[config]
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randint(-2, 3, (9, E), generator=g).float().to(device)
+    logits[0] = 0.0
+    b = (torch.randint(-1, 2, (E,), generator=g).float() * 0.5).to(device) if bias else None
+    kw = kwargs_of(E, G, tg, K, scoring, b, gsc, renorm, scale)
+    got = {}
+    for keys32 in (True, False):
+        got[keys32] = triton_gating.grouped_topk(logits, b, K, G, tg, scoring, gsc, renorm,
+                                                 scale, config=(4, 1, keys32))
+        assert_same_selection(*got[keys32], logits, K, kw, exact=True,
+                              msg=f"{config} keys32={keys32}")
+    assert torch.equal(got[True][0], got[False][0]) and torch.equal(got[True][1], got[False][1])
 
 
 def test_reference_hand_example():
@@ -466,6 +491,18 @@ def test_bad_input_layout_and_device():
         with pytest.raises(ValueError, match="correction_bias"):
             moe_kernels.grouped_topk(torch.zeros(4, 16, device="cuda"), 2,
                                      correction_bias=torch.zeros(16))
+
+
+def test_empty_logits_with_a_strided_last_dim_are_refused():
+    """torch calls an empty tensor contiguous whatever its strides; the layout rule is the
+    last stride, so an empty (0, E) with stride 2 is refused like a full one, also by the
+    fast check of a configuration already seen (which once let it through)."""
+    moe_kernels.grouped_topk(torch.zeros(3, 6), 2)             # the configuration, seen
+    empty = torch.zeros(4).as_strided((0, 6), (12, 2))
+    assert empty.is_contiguous() and empty.stride(1) == 2
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError, match="contiguous last dimension"):
+            moe_kernels.grouped_topk(empty, 2, backend=backend)
 
 
 def test_cpp_checks_direct_op_call():

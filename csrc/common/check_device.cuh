@@ -13,7 +13,8 @@ __global__ void check_common_device_code(const float* x, float* y, uint8_t* q, i
   const float s = group_scale(x[0], 1e-10f, true);
   q[0] = fp8_bits(x[1] / s);
   y[0] = fp8_value(q[0]) * s + finite_abs(x[2]) + group_score(x, 8, true);
-  key[0] = order_key(nan_to_neg_inf(x[3]), ceil_div(5, 2)) + index_of_key(key[1]);
+  key[0] = order_key(nan_to_neg_inf(x[3]), ceil_div(5, 2)) + index_of_key(key[1]) +
+           order_bits(x[4]);
 }
 
 }  // namespace moe_kernels

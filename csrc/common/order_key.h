@@ -24,10 +24,21 @@ MOE_HD int32_t float_bits(float v) {
 #endif
 }
 
+// The order-preserving int32 image of v (-0.0 as +0.0; no NaN).
+MOE_HD int32_t monotone_bits(float v) {
+  const int32_t bits = float_bits(v == 0.0f ? 0.0f : v);
+  return bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
+}
+
 MOE_HD int64_t order_key(float v, int64_t index) {
-  int32_t bits = float_bits(v == 0.0f ? 0.0f : v);
-  int32_t monotone = bits >= 0 ? bits : (bits ^ 0x7FFFFFFF);
-  return static_cast<int64_t>(monotone) * 4294967296LL - index;
+  return static_cast<int64_t>(monotone_bits(v)) * 4294967296LL - index;
+}
+
+// The same order as an unsigned 32-bit image, for hardware warp reductions of unsigned
+// values: larger value, larger image. Never 0 (-inf maps to 0x007FFFFF), so 0 can mark an
+// excluded candidate. No NaN (map it to -inf first).
+MOE_HD uint32_t order_bits(float v) {
+  return static_cast<uint32_t>(monotone_bits(v)) ^ 0x80000000u;
 }
 
 MOE_HD int32_t index_of_key(int64_t key) {

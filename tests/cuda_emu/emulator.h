@@ -185,6 +185,21 @@ T exchange(uint32_t mask, T v, int src) {
   return out;
 }
 
+// Every lane writes its value, then each folds all lanes' values in lane order.
+template <class T, class Fold>
+T reduce(uint32_t mask, T v, Fold fold) {
+  check_full_warp(mask);
+  Thread& t = self();
+  t.warp->slot[t.lane] = static_cast<uint64_t>(v);
+  t.warp->bar.arrive_and_wait();
+  if (t.warp->exited.load() & mask) violation("a full-mask warp collective after a lane exited");
+  T out = static_cast<T>(t.warp->slot[0]);
+  for (int l = 1; l < 32; ++l)
+    if ((t.warp->full >> l) & 1u) out = fold(out, static_cast<T>(t.warp->slot[l]));
+  t.warp->bar.arrive_and_wait();
+  return out;
+}
+
 template <class T>
 uint32_t match_any(uint32_t mask, T v) {
   check_full_warp(mask);
@@ -332,6 +347,12 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 }
 template <class T>
 unsigned __match_any_sync(unsigned mask, T v) { return ::cuda_emu::match_any(mask, v); }
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
+  return ::cuda_emu::reduce(mask, v, [](unsigned a, unsigned b) { return a > b ? a : b; });
+}
+inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
+  return ::cuda_emu::reduce(mask, v, [](unsigned a, unsigned b) { return a < b ? a : b; });
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 template <class T>
 T __ldg(const T* p) { return *p; }
