@@ -11,12 +11,12 @@ from moe_kernels.bench.common import rotating_sets, time_us
 from moe_kernels.triton import gating
 
 K = 8
-ROUTERS = {  # name: (E, groups, topk_group, group scoring)
-    "deepseek_v3": (256, 8, 4, "top2_sum"),
-    "kimi_k2": (384, 1, 1, "max"),
+ROUTERS = {  # name: (E, groups, topk_group, group scoring, token counts)
+    "deepseek_v3": (256, 8, 4, "top2_sum", (1, 64, 512, 4096, 16384)),
+    "kimi_k2": (384, 1, 1, "max", (1, 4096)),   # decode and prefill: the sweep's time is shared
 }
-for name, (E, G, tg, gscore) in ROUTERS.items():
-    for T in (1, 64, 512, 4096, 16384):
+for name, (E, G, tg, gscore, token_counts) in ROUTERS.items():
+    for T in token_counts:
         n_sets = rotating_sets(T * E * 2, "cuda")
         sets = [torch.randn(T, E, device="cuda").bfloat16() for _ in range(n_sets)]
         bias = torch.randn(E, device="cuda") * 0.1
