@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cuda_emulation as emu
 import session_jobs
@@ -213,8 +215,21 @@ def test_grouped_topk_row_strided_asan(asan):
 
 
 def test_grouped_topk_property_asan(asan):
-    """test_gating's random configurations (group sizes 2..70, both group paths, exact ties)."""
-    test_gating.test_property_random(device="cpu", backend=asan.grouped_topk)
+    """test_gating's random configurations (group sizes 2..70, both group paths, exact ties),
+    25 examples (an emulated call costs ~0.4 s)."""
+    body = test_gating.test_property_random.hypothesis.inner_test
+    run = settings(max_examples=25)(given(data=st.data())(body))
+    run(device="cpu", backend=asan.grouped_topk)
+
+
+@pytest.mark.parametrize("E,G,tg,K", [(256, 1, 1, 40), (1024, 8, 6, 700)])
+def test_grouped_topk_top_k_past_a_warp_asan(asan, E, G, tg, K):
+    """top_k > 32: the chosen ids and the weights' sum span several rounds of the output
+    loop (one id a lane each)."""
+    logits, b = make_inputs(5, E, torch.bfloat16, "cpu", True, seed=K)
+    kw = kwargs_of(E, G, tg, K, "sigmoid", b, "top2_sum", True, 1.0)
+    w, ids = asan.grouped_topk(logits, K, **kw)
+    assert_same_selection(w, ids, logits, K, kw, msg=f"E={E} top_k={K}")
 
 
 def test_grouped_topk_over_48kb_of_shared_memory(asan):
