@@ -5,8 +5,8 @@ The row is loaded as a [G_PAD, GS_PAD] tile (group, slot in group), so groups of
 choice (kept groups, then experts) follows the order of `reference/gating.py` exactly
 (larger value, then lower index), in one of two forms (KEYS32):
 - two int32 reductions: the max of the value's order-preserving int32 image `_monotone`,
-  then the min index among the entries holding it; fewer instructions, some of them
-  one REDUX each (sm_80+);
+  then the min index among the entries holding it: fewer instructions (a reduction within
+  a warp can be one REDUX instruction on sm_80+);
 - one max over int64 keys `_order_key` (the image and the inverted index): where a row's
   reductions cross warps, each crossing goes through shared memory behind a barrier, and
   this form crosses once a choice instead of twice.
