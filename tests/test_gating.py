@@ -495,8 +495,8 @@ def test_bad_input_layout_and_device():
 
 def test_empty_logits_with_a_strided_last_dim_are_refused():
     """torch calls an empty tensor contiguous whatever its strides; the layout rule is the
-    last stride, so an empty (0, E) with stride 2 is refused like a full one, also by the
-    fast check of a configuration already seen (which once let it through)."""
+    last stride, so an empty (0, E) with stride 2 is refused like a full one, by the fast
+    check of a configuration already seen too (`_check_args`, not only the full checks)."""
     moe_kernels.grouped_topk(torch.zeros(3, 6), 2)             # the configuration, seen
     empty = torch.zeros(4).as_strided((0, 6), (12, 2))
     assert empty.is_contiguous() and empty.stride(1) == 2
