@@ -202,8 +202,8 @@ def _keys32(num_warps: int) -> bool:
     reductions never leave the warp. From the sm_90a SASS (bf16, DeepSeek-V3 routing, one
     row on one warp): 1256 -> 1024 instructions on triton 3.6, 1008 -> 752 on 3.9. On more
     warps it depends on the layout each triton picks: at 4096 tokens (8 rows, 2 warps)
-    3.9's barriers go 45 -> 13 but 3.6's 46 -> 82 (its reductions cross warps, now twice a
-    choice), so the int64 form stays there until the H100 sweep (benchmarks/
+    3.9's barriers go 45 -> 13 but 3.6's 46 -> 82 (its reductions cross warps, twice a choice
+    in this form), so the int64 form stays there until the H100 sweep (benchmarks/
     tune_gating.py) says otherwise."""
     return num_warps == 1
 
