@@ -70,6 +70,11 @@ void grouped_gemm_fp8_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
 void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                      const at::Tensor& b, const at::Tensor& b_scales,
                                      const at::Tensor& masked_m, at::Tensor& out);
+// The routed experts' FP8 forward (csrc/cpu/fused_moe.cpp): the stages above in one call.
+at::Tensor fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
+                             const at::Tensor& w13_scales, const at::Tensor& w2,
+                             const at::Tensor& w2_scales, const at::Tensor& topk_weights,
+                             const at::Tensor& topk_ids);
 // MLA latent KV decompression (csrc/cpu/mla.cpp): fills out_k (T, H, dn + rope) and
 // out_v (T, H, dv).
 void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
@@ -131,6 +136,10 @@ Report check_grouped_gemm_fp8_out_cpu(const at::Tensor& a, const at::Tensor& a_s
 Report check_grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                              const at::Tensor& b, const at::Tensor& b_scales,
                                              const at::Tensor& masked_m, const at::Tensor& out);
+Report check_fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
+                               const at::Tensor& w13_scales, const at::Tensor& w2,
+                               const at::Tensor& w2_scales, const at::Tensor& topk_weights,
+                               const at::Tensor& topk_ids);
 Report check_mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
                                    const at::Tensor& kv_b_proj,
                                    const std::optional<at::Tensor>& kv_b_proj_scale,

@@ -95,6 +95,10 @@ def _gemm_samples(g):
         "grouped_gemm_fp8_masked": [(am, am_s, b, b_s, masked_m, torch.bfloat16)],
         "grouped_gemm_fp8_masked_out": [(am, am_s, b, b_s, masked_m,
                                          torch.empty(3, 4, 64, dtype=torch.bfloat16))],
+        # E = 3 experts, H = 256, I = 32 (w13 (3, 64, 256), w2 (3, 256, 32))
+        "fused_moe_fp8": [(torch.randn(3, 256, generator=g).to(torch.bfloat16), b, b_s,
+                           _fp8(3, 256, 32, g=g), torch.rand(3, 2, 1), torch.rand(3, 2),
+                           ids)],
     }
 
 

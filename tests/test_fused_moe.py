@@ -100,6 +100,56 @@ def test_gathered_quantization_equals_quantize_then_permute(device, backend, T, 
     assert torch.equal(out.view(torch.int16), separate.view(torch.int16))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T,skip,one", CASES)
+def test_cpu_kernel_equals_the_composed_stages(T, skip, one, dtype):
+    """The cpu backend runs every stage in one C++ call (csrc/cpu/fused_moe.cpp): bit for
+    bit the stages called one by one through the ops' internal layer."""
+    from moe_kernels.ops import fused_moe as ops
+    if not moe_kernels.extension_loaded():
+        pytest.skip("moe_kernels._C is not built")
+    w13, s13, w2, s2 = make_layer(seed=T, device="cpu")
+    g = torch.Generator().manual_seed(T + 7)
+    # every other row of a wider tensor: rows strided, last dimension contiguous
+    hidden = torch.randn(T, 2, H, generator=g).to(dtype)[:, 0]
+    weights, ids = make_routing(T, seed=T + 2, device="cpu", skip=skip, one_expert=one)
+    for routing_ids in (ids, ids.long()):
+        out = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, routing_ids,
+                                        backend="cpu")
+        composed = ops.fused_moe_fp8_composed("cpu", hidden, w13, s13, w2, s2, weights,
+                                              routing_ids)
+        assert out.dtype == dtype and out.shape == (T, H)
+        assert torch.equal(out.view(torch.uint8), composed.view(torch.uint8))
+
+
+def test_cpu_kernel_equals_the_composed_stages_on_partial_blocks():
+    """H and I not multiples of 128, E = 5, float32 activations."""
+    from moe_kernels.ops import fused_moe as ops
+    if not moe_kernels.extension_loaded():
+        pytest.skip("moe_kernels._C is not built")
+    h, inter, e = 200, 72, 5
+    w13, s13, w2, s2 = make_layer(seed=9, device="cpu", E=e, H=h, inter=inter)
+    hidden = torch.randn(9, h)
+    weights, ids = make_routing(9, seed=4, device="cpu", E=e, K=2)
+    out = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids, backend="cpu")
+    composed = ops.fused_moe_fp8_composed("cpu", hidden, w13, s13, w2, s2, weights, ids)
+    assert torch.equal(out.view(torch.int32), composed.view(torch.int32))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_no_experts_gives_zeros(device, backend):
+    """E = 0 (weights of no expert, e.g. a rank that holds none): every pair is skipped,
+    as ids outside [0, E) are, on every backend and through the registered op."""
+    w13, s13, w2, s2 = [t[:0] for t in make_layer(seed=1, device=device)]
+    hidden = torch.randn(4, H).bfloat16().to(device)
+    weights, ids = make_routing(4, seed=3, device=device)
+    out = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids, backend=backend)
+    assert out.dtype == torch.bfloat16 and torch.equal(out.cpu(), torch.zeros(4, H).bfloat16())
+    if backend == "cpu":
+        direct = torch.ops.moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids)
+        assert torch.equal(direct, torch.zeros(4, H).bfloat16())
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
 def test_all_pairs_skipped_gives_zeros(device, backend):
     w13, s13, w2, s2 = make_layer(seed=1, device=device)
@@ -180,6 +230,12 @@ def test_bad_input():
         call(weights=weights[:, :2])
     with pytest.raises(TypeError, match="topk_ids"):
         call(ids=ids.float())
+    # float32, bfloat16, float16 activations (every backend: the cpu GEMMs and the
+    # unpermute write no float64)
+    for backend in ("reference", "cpu"):
+        with pytest.raises(TypeError, match="hidden must have dtype"):
+            moe_kernels.fused_moe_fp8(hidden.double(), w13, s13, w2, s2, weights, ids,
+                                      backend=backend)
 
 
 def _valid_args():

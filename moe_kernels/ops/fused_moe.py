@@ -7,7 +7,10 @@ the expert segments of the align=1 layout, so no padding row is ever computed (a
 with 256 experts, align=128 padding would be ~250x the real rows), and at small T the
 first two stages are one kernel (`gather_rows_quant_fp8`: GATHERED_QUANT_MAX_BYTES). Oracle:
 reference.moe_forward (float32, unquantized activations), within 2e-2 relative error.
-Registered as the composite op `moe_kernels::fused_moe_fp8` (the device's default backend).
+On the cpu backend the same stages run in one C++ call (csrc/cpu/fused_moe.cpp: the same
+kernels, the same bits, no Python between them). Registered as `moe_kernels::fused_moe_fp8`:
+that C++ kernel for CPU tensors, elsewhere a composite running the device's default
+backend.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ OP = "fused_moe_fp8"
 
 
 def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
-    check_float_tensor(op, "hidden", hidden, ndim=2)
+    check_tensor(op, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_last_dim_contiguous(op, "hidden", hidden)
     check_fp8(op, "w13", w13, ndim=3)
     check_fp8(op, "w2", w2, ndim=3)
@@ -106,7 +109,21 @@ def permuted_fp8_rows(backend, hidden, topk_ids, num_experts):
 
 def fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights,
                             topk_ids):
-    """The internal layer: arguments checked, backend resolved (see fused_moe_fp8)."""
+    """The internal layer: arguments checked, backend resolved (see fused_moe_fp8). On
+    the cpu backend one C++ call runs every stage (csrc/cpu/fused_moe.cpp)."""
+    if w13.shape[0] == 0:          # no expert: every pair is skipped
+        return hidden.new_zeros(hidden.shape)
+    if backend == "cpu":
+        return FUSED_MOE_FP8.kernel(backend)(hidden, w13, w13_scales, w2, w2_scales,
+                                             topk_weights, topk_ids)
+    return fused_moe_fp8_composed(backend, hidden, w13, w13_scales, w2, w2_scales,
+                                  topk_weights, topk_ids)
+
+
+def fused_moe_fp8_composed(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights,
+                           topk_ids):
+    """The stages as calls of the ops' internal layer, one kernel each (on the Triton
+    backend at small T the first two are one)."""
     x, layout = permuted_fp8_rows(backend, hidden, topk_ids, w13.shape[0])
     z = expert_mlp(backend, segment_gemm(layout, backend), x, layout.scales, w13, w13_scales,
                    w2, w2_scales, hidden.dtype)
@@ -154,7 +171,8 @@ def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Ten
     hidden: (T, H) bfloat16 | float16 | float32; w13: (E, 2I, H) float8_e4m3fn, rows
     [gate | up]; w13_scales: (E, ceil(2I/128), ceil(H/128)) float32; w2: (E, H, I)
     float8_e4m3fn; w2_scales: (E, ceil(H/128), ceil(I/128)) float32; topk_weights: (T, K)
-    float; topk_ids: (T, K) int32 | int64 (ids outside [0, E) skipped). Returns (T, H) in
+    float; topk_ids: (T, K) int32 | int64 (ids outside [0, E) skipped; E = 0 skips every
+    pair). Returns (T, H) in
     hidden's dtype: sum_k w[t, k] * down(silu(gate(h_t)) * up(h_t)) of expert ids[t, k]."""
     if not _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
         _check(OP, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
@@ -167,5 +185,6 @@ FUSED_MOE_FP8 = _library.Op(
     OP, "(Tensor hidden, Tensor w13, Tensor w13_scales, Tensor w2, Tensor w2_scales, "
         "Tensor topk_weights, Tensor topk_ids) -> Tensor",
     fake=lambda hidden, *weights_and_routing: hidden.new_empty(hidden.shape),
+    native=("cpu",),
     composite=lambda *args: fused_moe_fp8(*args),
     backends=("reference", "triton", "cpu"))
