@@ -171,6 +171,38 @@ def test_gemv_and_gemm_tiles_with_tails(isa, rows):
     assert calc_diff(got, want) < 1e-10, f"{isa}: calc_diff {calc_diff(got, want)}"
 
 
+# big_scale: a weight scale of 2^119, where the vector builds' fp16-based decode takes its
+# plain path, and one of 2^118, where it does not
+@pytest.mark.parametrize("big_scale", [False, True])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8])
+def test_every_fp8_weight_code_through_the_gemv(isa, rows, big_scale):
+    """1 to 8 rows per expert take the register GEMV, which decodes a 128-wide weight block
+    without the NaN select where no byte of it is an FP8 NaN code. Weight row n holds every
+    e4m3 code, rotated by n; the NaN codes (0x7F, 0xFF) stay in every 8th row and are zero
+    elsewhere, so blocks with and without them meet every code. One-hot activations at k in
+    both 128-blocks read single weights out: each output is one decoded code times its two
+    scales (powers of two, exact in any order), or NaN for a row holding a NaN code."""
+    codes = torch.arange(256)
+    n = torch.arange(256)[:, None]
+    b = ((codes[None, :] + n) % 256).to(torch.uint8)
+    b = torch.where(((b & 0x7F) == 0x7F) & (n % 8 != 7), torch.zeros_like(b), b).view(FP8)
+    ks = torch.tensor([0, 127, 128, 200, 255, 1, 64, 129])[:rows]
+    a = (torch.nn.functional.one_hot(ks, 256) * 1.0).to(FP8)
+    g = torch.Generator().manual_seed(rows)
+    a_s = 2.0 ** torch.randint(-3, 4, (rows, 2), generator=g)
+    b_s = 2.0 ** torch.randint(-3, 4, (1, 2, 2), generator=g)
+    if big_scale:   # 2^119 takes the plain decode, 2^118 not; products stay finite
+        a_s.fill_(2.0 ** -3)
+        b_s[0, 1, 0] = 2.0 ** 119     # rows 128..255, first K block
+        b_s[0, 0, 1] = 2.0 ** 118
+    args = (a, a_s, b[None], b_s, torch.zeros(rows, dtype=torch.int32))
+    got = moe_kernels.grouped_gemm_fp8(*args, out_dtype=torch.float32, backend="cpu")
+    want = moe_kernels.grouped_gemm_fp8(*args, out_dtype=torch.float32, backend="reference")
+    assert 0 < want.isnan().float().mean() < 0.5, "the NaN rows are not apart"
+    assert torch.equal(got.isnan(), want.isnan()), isa
+    assert torch.equal(got.nan_to_num(), want.nan_to_num()), isa
+
+
 # The ops whose C++ kernels run the vector builds, through moe_kernels.testing's cases and
 # rules (edge: named failure modes; random: seeded shapes).
 VECTOR_OPS = ("grouped_topk", "quantize_fp8_per_token_group", "silu_and_mul_quant_fp8", "dequantize_fp8_block",
