@@ -150,6 +150,18 @@ def test_no_experts_gives_zeros(device, backend):
         assert torch.equal(direct, torch.zeros(4, H).bfloat16())
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+@pytest.mark.parametrize("h,inter", [(256, 0), (0, 64)])
+def test_zero_widths(device, backend, h, inter):
+    """No intermediate column (I = 0: every GEMM2 output an empty sum) gives zeros; no
+    hidden column (H = 0) gives (T, 0). Every backend, no kernel reading past its inputs."""
+    w13, s13, w2, s2 = make_layer(seed=3, device=device, E=4, H=h, inter=inter)
+    hidden = torch.randn(5, h).bfloat16().to(device)
+    weights, ids = make_routing(5, seed=4, device=device, E=4, K=2)
+    out = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids, backend=backend)
+    assert out.shape == (5, h) and out.dtype == torch.bfloat16 and not out.float().any()
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
 def test_all_pairs_skipped_gives_zeros(device, backend):
     w13, s13, w2, s2 = make_layer(seed=1, device=device)

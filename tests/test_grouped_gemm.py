@@ -113,6 +113,36 @@ def test_masked(device, backend, M, N, K):
     assert not got.cpu()[expert_of_row < 0].float().any(), "rows >= masked_m must be zero"
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_shapes_with_nothing_to_sum(device, backend):
+    """K = 0: every output is an empty sum, zero, on every backend and through out= (a
+    NaN-filled buffer, so unwritten elements show); the Triton kernels read a first K
+    block's scales ahead of their loop, which such an input does not have, so nothing is
+    launched. The masked layout with no group (E = 0) or no row (M = 0): empty outputs."""
+    m = torch.tensor([0, 1, -1, 0, 1], dtype=torch.int32, device=device)
+    a, a_s = make_rows(5, 128, seed=1, device=device)
+    b, b_s = make_weights(2, 72, 128, seed=2, device=device)
+    a, a_s, b, b_s = a[:, :0], a_s[:, :0], b[..., :0], b_s[..., :0]
+    out = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=backend)
+    assert out.shape == (5, 72) and not out.float().any()
+    buf = torch.full((5, 72), float("nan"), device=device).bfloat16()
+    moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out=buf, backend=backend)
+    assert not buf.float().any()
+    am, ams = a.new_empty((2, 3, 0)), a_s.new_empty((2, 3, 0))
+    masked = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    buf = torch.full((2, 3, 72), float("nan"), device=device).bfloat16()
+    moe_kernels.grouped_gemm_fp8_masked(am, ams, b, b_s, masked, out=buf, backend=backend)
+    assert not buf.float().any()
+    # no group, no row
+    a2, a2_s = make_rows(6, 128, seed=3, device=device)
+    b2, b2_s = make_weights(2, 72, 128, seed=4, device=device)
+    for E, M in ((0, 3), (2, 0)):
+        got = moe_kernels.grouped_gemm_fp8_masked(
+            a2[:E * M].view(E, M, 128), a2_s[:E * M].view(E, M, 1), b2[:E], b2_s[:E],
+            torch.full((E,), M, dtype=torch.int32, device=device), backend=backend)
+        assert got.shape == (E, M, 72)
+
+
 @settings(max_examples=25)
 @given(data=st.data())
 @pytest.mark.parametrize("device,backend", with_tma(device_backend_params(("triton", "cpu"))))

@@ -635,6 +635,8 @@ BAD = [
      "kv_b_proj_scale must have shape"),
     ("scale for bf16", dict(kv_b_proj_scale=torch.ones(1, 1)), ValueError, "only for an fp8"),
     ("heads 0", dict(num_heads=0), ValueError, "num_heads"),
+    ("latent width 0", dict(kv_c=torch.zeros(4, 0), kv_b_proj=torch.zeros(64, 0)), ValueError,
+     "latent width R"),
     ("dn float", dict(qk_nope_head_dim=16.0), TypeError, "qk_nope_head_dim"),
     ("column stride", dict(kv_c=torch.zeros(64, 4).t()), ValueError, "contiguous last"),
     ("out_k shape", dict(out_k=torch.zeros(4, 2, 16)), ValueError, "out_k must have shape"),
@@ -763,6 +765,7 @@ _PAGED_NEAR_MISSES = [b[:2] for b in BAD_PAGED if b[0] in (
                                           kv_b_proj_scale=_PAGED_W_FP8[1].to("meta"))),
     ("fp8 scale a list", lambda kw: dict(kv_b_proj=_PAGED_W_FP8[0], kv_b_proj_scale=[1.0])),
     ("weight packed", lambda kw: dict(kv_b_proj=_PACKED)),
+    ("latent width 0", lambda kw: dict(kv_b_proj=kw["kv_b_proj"][:, :0])),
 ]
 
 

@@ -157,6 +157,7 @@ def test_moe_align_block_size_matches_reference(device, backend, T, K, E, bs):
     (23, 4, 5, 6, None),    # one chunk of pairs (Triton: one program), some experts overflow M
     (70, 4, 9, 5, None),    # 280 pairs: three chunks, slots continue across chunks
     (40, 4, 7, 24, 3),      # every pair on one expert: 160 pairs, 24 kept, 136 dropped
+    (5, 0, 4, 3, None),     # no pair at all (K = 0): every row padding, unpermute gives zeros
 ])
 def test_permute_masked(device, backend, T, K, E, M, one_expert):
     """Direct oracle: expert e's slot j holds the j-th routed pair (in pair order) of e."""
@@ -179,6 +180,27 @@ def test_permute_masked(device, backend, T, K, E, M, one_expert):
     y = moe_kernels.unpermute(out, layout, w, backend=backend)
     kept = (layout.row_of_pair >= 0).float()
     torch.testing.assert_close(y, (w * kept).sum(1, keepdim=True) * hidden, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_zero_width_rows(device, backend):
+    """H = 0 (rows of no element): every layout, out= buffer and gradient keeps its shape,
+    on every backend. A flattening reshape(-1, 0) is ambiguous to torch, so none is used."""
+    ids = make_ids(3, 2, 4, device, seed=5, skip=0.0, beyond=0.0)
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    w = torch.rand(3, 2, device=device, requires_grad=True)
+    rows, layout = moe_kernels.permute(x, ids, 4, align=2, backend=backend)
+    assert rows.shape == (layout.m_indices.shape[0], 0)
+    y = moe_kernels.unpermute(rows, layout, w, backend=backend)
+    y.sum().backward()
+    assert x.grad.shape == (3, 0) and torch.equal(w.grad, torch.zeros_like(w))
+    out = torch.empty(rows.shape, device=device)
+    moe_kernels.permute(x.detach(), ids, 4, align=2, out=out, backend=backend)
+    masked, mlayout = moe_kernels.permute_masked(x.detach(), ids, 4, 2, backend=backend)
+    assert masked.shape == (4, 2, 0)
+    moe_kernels.permute_masked(x.detach(), ids, 4, 2, out=torch.empty(4, 2, 0, device=device),
+                               backend=backend)
+    assert moe_kernels.unpermute(masked, mlayout, w.detach(), backend=backend).shape == (3, 0)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))

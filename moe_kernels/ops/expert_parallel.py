@@ -381,6 +381,6 @@ def _combine_rows_low_latency(op, expert_out, handle):
     # the inverse of dispatch's packing: buffer row b <- masked row i with index[i] == b;
     # buffer rows nothing was packed from stay zero (their pairs read nothing)
     buf = expert_out.new_zeros((n + 1, H))
-    buf.index_copy_(0, handle.unpack_index.reshape(-1), expert_out.reshape(-1, H))
+    buf.index_copy_(0, handle.unpack_index.reshape(-1), expert_out.flatten(0, -2))
     back = buf[:n]
     return _all_to_all(torch.empty_like(back), back, handle.group)

@@ -136,7 +136,7 @@ def expert_mlp(backend, gemm, q, s, w13, w13_scales, w2, w2_scales, out_dtype):
     expert segments, or the masked layout). GEMM1 writes bf16, as SGLang and vLLM do."""
     y = gemm(q, s, w13, w13_scales, torch.bfloat16)
     rows = y.shape[:-1]
-    q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y.reshape(-1, y.shape[-1]),
+    q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y.flatten(0, -2),
                                                   SCALE_BLOCK)
     return gemm(q2.view(*rows, q2.shape[-1]), s2.view(*rows, s2.shape[-1]), w2, w2_scales,
                 out_dtype)

@@ -80,6 +80,9 @@ def _check_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R, ref_name
         return _check_packed_weight(op, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv, R,
                                     ref_name, ref)
     check_tensor(op, "kv_b_proj", kv_b_proj, ndim=2, dtypes=WEIGHT_DTYPES)
+    if R < 1:    # the C++ kernels' check says the same: no latent, nothing to project
+        raise ValueError(f"{op}: the latent width R ({ref_name}'s, kv_b_proj's columns) must "
+                         f"be >= 1, got kv_b_proj of shape {tuple(kv_b_proj.shape)}")
     want = (num_heads * (dn + dv), R)
     if tuple(kv_b_proj.shape) != want:
         raise ValueError(f"{op}: kv_b_proj must have shape (num_heads * (qk_nope_head_dim + "
@@ -222,7 +225,7 @@ def _plain_call(kv_c, k_pe, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv) -> bo
         return False
     T, R = kv_c.shape
     N, device = num_heads * (dn + dv), kv_c.device
-    if (k_pe.shape[0] != T or k_pe.shape[1] < 1 or kv_b_proj.shape != (N, R)
+    if (R < 1 or k_pe.shape[0] != T or k_pe.shape[1] < 1 or kv_b_proj.shape != (N, R)
             or k_pe.device != device or kv_b_proj.device != device):
         return False
     if kv_b_proj.dtype != FP8:
@@ -394,7 +397,7 @@ def _plain_paged_call(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scal
         return False
     N, R = H * (dn + dv), kv_b_proj.shape[1]
     device = kv_cache.device
-    if (kv_cache.shape[1] < 1 or kv_cache.shape[2] <= R or kv_b_proj.shape[0] != N
+    if (R < 1 or kv_cache.shape[1] < 1 or kv_cache.shape[2] <= R or kv_b_proj.shape[0] != N
             or seq_lens.shape[0] != block_table.shape[0] or block_table.device != device
             or seq_lens.device != device or kv_b_proj.device != device):
         return False

@@ -106,7 +106,7 @@ UNPERMUTE_OUT = _library.Op(
 def _sum_rows_back(grad, row_of_pair, backend):
     """d x[t] = sum_k grad[row_of_pair[t, k]]: the unpermute pattern with weight 1, through
     `backend`'s registered op (differentiable again). grad: (R, H), or (E, M, H)."""
-    flat = grad.reshape(-1, grad.shape[-1]).contiguous()
+    flat = grad.flatten(0, -2).contiguous()
     ones = torch.ones(row_of_pair.shape, dtype=torch.float32, device=grad.device)
     if backend == "reference":
         return reference.unpermute(flat, row_of_pair, ones)
@@ -138,7 +138,7 @@ def _unpermute_autograd(backend):
             # row r receives w * grad of its token; padding rows get zero
             R = expert_out.shape[0]
             target = torch.where(valid, rows, R).reshape(-1)
-            contrib = (grad.float()[:, None, :] * w.float()[..., None]).reshape(-1, grad.shape[1])
+            contrib = (grad.float()[:, None, :] * w.float()[..., None]).flatten(0, 1)
             buf = grad.new_zeros((R + 1, grad.shape[1]), dtype=torch.float32)
             buf.index_copy_(0, target, contrib)  # targets distinct except the spare row R
             grad_eo = buf[:R].to(expert_out.dtype)
@@ -222,7 +222,7 @@ def _gather(backend, x, pair_of_row, row_of_pair, out=None):
     """x's rows in layout order: a new tensor, or written into out (rows, D) and returned."""
     if out is not None:
         GATHER_ROWS_OUT.kernel(backend)(x.contiguous(), pair_of_row, row_of_pair,
-                                        out.view(-1, x.shape[1]))
+                                        out.flatten(0, -2))
         return out
     grad = x.requires_grad and torch.is_grad_enabled()
     return GATHER_ROWS.kernel(backend, grad)(x.contiguous(), pair_of_row, row_of_pair)
@@ -411,7 +411,7 @@ def unpermute(expert_out: torch.Tensor, layout, topk_weights: torch.Tensor, *,
     op = "unpermute"
     row_of_pair = _check_layout_rows(op, expert_out, layout)
     if expert_out.dim() == 3:
-        expert_out = expert_out.reshape(-1, expert_out.shape[2])
+        expert_out = expert_out.flatten(0, 1)
     check_float_tensor(op, "topk_weights", topk_weights, ndim=2)
     if topk_weights.shape != row_of_pair.shape:
         raise ValueError(f"{op}: topk_weights must have shape {tuple(row_of_pair.shape)} (the "

@@ -34,7 +34,8 @@ def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype=torch.
     (E, ceil(N/128), ceil(K/128)), masked_m (E,) int -> (E, M, N) out_dtype; rows
     >= masked_m[e] of group e are zero."""
     E, M, K = a.shape
-    a32 = dequantize_per_token_group(a.reshape(E * M, K), a_scales.reshape(E * M, -1))
+    a32 = dequantize_per_token_group(a.reshape(E * M, K),
+                                     a_scales.reshape(E * M, a_scales.shape[2]))
     b32 = dequantize_fp8_block(b, b_scales, dtype=torch.float32)
     out = torch.bmm(a32.view(E, M, K), b32.transpose(1, 2))
     rows = torch.arange(M, device=a.device)

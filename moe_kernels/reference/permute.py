@@ -63,7 +63,7 @@ def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, top_k: int) -> torch
         # a copy: move the bits (Inductor cannot promote float8 in the where below)
         return gather_rows(x.view(torch.uint8), pair_of_row, top_k).view(x.dtype)
     src = pair_of_row.long()
-    if x.shape[0] == 0:  # only padding rows (a static shape, not a value: no sync)
+    if x.shape[0] == 0 or top_k == 0:  # only padding rows (static shapes: no sync)
         return x.new_zeros((src.shape[0], x.shape[1]))
     rows = x.index_select(0, torch.clamp(src, min=0) // top_k)
     return torch.where((src >= 0)[:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))

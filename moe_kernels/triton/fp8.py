@@ -141,7 +141,8 @@ def gather_rows_quant_fp8(x, pair_of_row, row_of_pair, group_size, eps):
     q = torch.empty((R, H), dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((R, cdiv(H, group_size)), dtype=torch.float32, device=x.device)
     _token_groups_out(x, H, group_size, eps, False, False, q, s,
-                      gather=(pair_of_row.contiguous(), K, T * K))
+                      # K = 0: no pair (P = 0), so no row reads; a divisor of 1 all the same
+                      gather=(pair_of_row.contiguous(), max(K, 1), T * K))
     return q, s
 
 

@@ -330,13 +330,22 @@ def _configured(kernel, block_m, block_n, num_warps, num_stages, maxnreg, even_k
                      **options)
 
 
+def _zero_when_k_is_0(out: torch.Tensor, K: int) -> bool:
+    """K = 0: every output element is an empty sum, 0, written without a launch (the
+    kernels read a first K block's scales ahead of the loop, which K = 0 does not have:
+    an out-of-bounds read). Returns whether K is 0."""
+    if K == 0:
+        out.zero_()
+    return K == 0
+
+
 def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
     """a (R, K) fp8 (last dim contiguous), a_scales (R, KB) float32, b (E, N, K) fp8
     (last dim contiguous), b_scales (E, NB, KB) float32, m_indices (R,) int32 -> written
     into out (R, N), last dim contiguous (rows without an expert: zeros)."""
     R, K = a.shape
     E, N = b.shape[0], b.shape[1]
-    if R == 0 or N == 0:
+    if R == 0 or N == 0 or _zero_when_k_is_0(out, K):
         return
     cfg = gemm_config("contiguous", max(R // max(E, 1), 1), a.device)
     grid = (cdiv(R, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
@@ -362,7 +371,7 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     R, K = a.shape
     E, N = b.shape[0], b.shape[1]
     out = torch.empty((R, N), dtype=out_dtype, device=a.device)
-    if R == 0 or N == 0:
+    if R == 0 or N == 0 or _zero_when_k_is_0(out, K):
         return out
     cfg = gemm_config("segments", max(R // max(E, 1), 1), a.device)
     bm = cfg["BLOCK_M"]
@@ -382,7 +391,7 @@ def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out):
     masked_m (E,) int32 -> written into out (E, M, N) contiguous; rows >= masked_m[e] zero."""
     E, M, K = a.shape
     N = b.shape[1]
-    if E * M == 0 or N == 0:
+    if E * M == 0 or N == 0 or _zero_when_k_is_0(out, K):
         return
     a2 = a.reshape(E * M, K)
     s2 = a_scales.reshape(E * M, a_scales.shape[2])

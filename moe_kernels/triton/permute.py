@@ -321,7 +321,7 @@ def gather_rows_out(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: tor
         as_int = _INT_OF_SIZE[x.element_size()]
         # index tensors are read at flat offsets: contiguous (no-op when they are)
         _gather_rows_kernel[(cdiv(R, rows),)](x.view(as_int), pair_of_row.contiguous(),
-                                                     out.view(as_int), R, D, K,
+                                                     out.view(as_int), R, D, max(K, 1),
                                                      x.shape[0] * K, ROWS=rows, BLOCK_D=block,
                                                      num_warps=4)
 
