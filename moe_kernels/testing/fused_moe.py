@@ -33,6 +33,10 @@ def _fused_cases(preset, g, dev):
             mk("intermediate_not_multiple_of_128", "I = 200: partial scale blocks", 4, 2, 3,
                I=200),
             mk("float32_hidden", "float32 in and out", 4, 2, 4, dtype=torch.float32),
+            mk("no_experts", "E = 0 (weights of no expert): every pair skipped, zeros", 4, 2,
+               0, ids=torch.zeros(4, 2, dtype=torch.int32)),
+            mk("no_intermediate", "I = 0: every down-projection an empty sum, zeros", 4, 2, 3,
+               I=0),
         ]
     if preset == "deepseek_v3":
         H, I, E = (7168, 2048, 32) if dev.type == "cuda" else (512, 256, 16)

@@ -54,6 +54,8 @@ def _contiguous_cases(preset, g, dev):
                _runs([9, 0, 6, 3]), col_major=True),
             mk("float32_out", "out_dtype float32", _runs([5, 5, 5, 5]),
                out_dtype=torch.float32),
+            mk("k_zero", "K = 0: every output an empty sum, zero (no K block, no scales to "
+               "read)", [0, 1, -1, 2], K=0),
         ]
     if preset == "deepseek_v3":
         N, K, rows = (4096, 7168, 256) if dev.type == "cuda" else (512, 1024, 48)
@@ -78,7 +80,7 @@ def _masked_case(g, dev, name, why, masked_m, *, M=8, N=256, K=384, col_major=Fa
     a, a_s = fp8_rows(g, E * M, K, dev)
     b, b_s = fp8_weights(g, (E, N, K), device=dev)
     b_s = b_s * torch.exp2(torch.randint(-3, 4, b_s.shape, generator=g)).to(dev)
-    a_s = a_s.view(E, M, -1)
+    a_s = a_s.view(E, M, a_s.shape[1])
     if col_major:    # per expert (M, G) column-major, DeepGEMM's layout
         a_s = a_s.transpose(1, 2).contiguous().transpose(1, 2)
     return Case("grouped_gemm_fp8_masked", name, dict(
@@ -96,6 +98,8 @@ def _masked_cases(preset, g, dev):
             mk("n_k_not_multiples_of_128", "N = 200, K = 300", [3, 5], N=200, K=300),
             mk("column_major_scales", "per-expert column-major a_scales", [7, 1, 4],
                col_major=True),
+            mk("k_zero", "K = 0: every output an empty sum, zero", [8, 0, 3], K=0),
+            mk("no_groups", "E = 0: an empty output", []),
         ]
     if preset == "deepseek_v3":
         N, K, M = (4096, 7168, 256) if dev.type == "cuda" else (512, 1024, 16)

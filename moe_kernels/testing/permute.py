@@ -57,6 +57,8 @@ def _id_cases(g, dev, make):
          topk_ids(g, 2, 2, 16, device=dev), 16),
         ("int64_strided_ids", "int64 ids, a column slice (row stride 6)",
          row_strided(strided.long().to(dev), 3), 10),
+        ("no_pairs", "K = 0: no pair at all, every row padding",
+         torch.zeros(4, 0, dtype=torch.int32, device=dev), 8),
     )]
 
 
@@ -157,6 +159,8 @@ def _permute_cases(op, extra: dict):
                 mk("nan_rows", "NaN and inf values are copied, not computed on", ids, 6,
                    hidden=_hidden(g, 10, H, dev).index_fill_(1, torch.tensor([3], device=dev),
                                                              float("nan"))),
+                mk("zero_width_rows", "H = 0: rows of no element", ids, 6,
+                   hidden=_hidden(g, 10, 0, dev)),
             ]
         if preset == "deepseek_v3":
             H = 7168 if dev.type == "cuda" else 1024
@@ -192,7 +196,7 @@ def _unpermute_case(g, dev, name, why, ids, E, *, H=40, dtype=torch.bfloat16, ma
     unread = torch.ones(expert_out.shape[:-1].numel(), dtype=torch.bool, device=dev)
     read = layout.row_of_pair.reshape(-1).long()
     unread[read[read >= 0]] = False
-    expert_out.view(-1, H)[unread] = float("nan")
+    expert_out.flatten(0, -2)[unread] = float("nan")
     weights = torch.rand(T, K, generator=g).to(weights_dtype).to(dev)
     return Case("unpermute", name, dict(expert_out=expert_out, layout=layout,
                                         topk_weights=weights), why)
@@ -208,6 +212,7 @@ def _unpermute_cases(preset, g, dev):
             mk("float16_out_bf16_weights", "fp16 rows, bf16 weights", ids, 6,
                dtype=torch.float16, weights_dtype=torch.bfloat16),
             mk("float32_rows", "float32 rows: float32 bounds", ids, 6, dtype=torch.float32),
+            mk("zero_width_rows", "H = 0: rows of no element", ids, 6, H=0),
         ]
     if preset == "deepseek_v3":
         H = 7168 if dev.type == "cuda" else 1024
