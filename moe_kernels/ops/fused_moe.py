@@ -172,8 +172,8 @@ def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Ten
     [gate | up]; w13_scales: (E, ceil(2I/128), ceil(H/128)) float32; w2: (E, H, I)
     float8_e4m3fn; w2_scales: (E, ceil(H/128), ceil(I/128)) float32; topk_weights: (T, K)
     float; topk_ids: (T, K) int32 | int64 (ids outside [0, E) skipped; E = 0 skips every
-    pair). Returns (T, H) in
-    hidden's dtype: sum_k w[t, k] * down(silu(gate(h_t)) * up(h_t)) of expert ids[t, k]."""
+    pair). Returns (T, H) in hidden's dtype: sum_k w[t, k] * down(silu(gate(h_t)) *
+    up(h_t)) of expert ids[t, k]."""
     if not _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
         _check(OP, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
     backend = FUSED_MOE_FP8.resolve(backend, hidden)
