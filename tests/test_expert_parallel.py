@@ -249,6 +249,7 @@ SCENARIOS = {  # name: (tokens per rank (one entry per rank), mode, M, use_fp8, 
     "one_rank_hot": ([5, 6, 2, 4], "normal", None, False, False, True),
     "low_latency": ([3, 0, 5, 2], "low_latency", 64, False, True, False),
     "low_latency_fp8": ([2, 4, 1, 3], "low_latency", 64, True, False, False),
+    "low_latency_fp8_idle_rank": ([3, 0, 2, 1], "low_latency", 64, True, False, False),
     "low_latency_overflow": ([9, 7, 4, 8], "low_latency", 2, False, False, True),
 }
 E_TOTAL, TOPK, HIDDEN = 8, 3, 160
@@ -333,6 +334,23 @@ def test_dispatch_combine_equals_one_process(world):
         assert total > 0, "the overflow scenario must overflow"
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("H", [128, 160])
+def test_fp8_payload_of_no_rows(backend, H):
+    """A rank without tokens packs FP8 rows of none: a (0, H + 4 * groups) payload that
+    unpacks to (0, H) rows and (0, groups) scales. The reference quantizer's empty scale
+    tensor of one group has strides (1, 0), which a dtype view refuses."""
+    if backend == "cpu" and not moe_kernels.extension_loaded():
+        pytest.skip("moe_kernels._C is not built")
+    from moe_kernels.ops import expert_parallel as ep_ops
+    G = -(-H // 128)
+    payload, unpack = ep_ops._pack(torch.randn(0, H), True, backend)
+    assert payload.shape == (0, H + 4 * G) and payload.dtype == torch.uint8
+    q, s = unpack(payload)
+    assert q.shape == (0, H) and q.dtype == torch.float8_e4m3fn
+    assert s.shape == (0, G) and s.dtype == torch.float32
+
+
 def _failing_worker(rank, world):
     if rank == 1:
         raise ValueError("rank one fails")
@@ -360,6 +378,7 @@ def _dispatch_args():
     (dict(mode="low_latency"), ValueError, "max_tokens_per_rank"),
     (dict(max_tokens_per_rank=8), ValueError, "max_tokens_per_rank"),
     (dict(align=0), ValueError, "align"),
+    (dict(hidden=torch.zeros(4, 0)), ValueError, "hidden must have at least one column"),
     ({}, ValueError, "not initialized"),      # valid arguments, but no process group
 ])
 def test_dispatch_refuses_bad_arguments(change, exc, arg):

@@ -169,7 +169,10 @@ def _pack(hidden, use_fp8, backend):
     q, s = fp8_ops.quantize_fp8_per_token_group_unchecked(backend, hidden, SCALE_BLOCK, 1e-10,
                                                           False, False)
     G = s.shape[1]
-    payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1)
+    if T == 0:     # no row: an empty scale tensor may carry any strides, which view refuses
+        payload = hidden.new_empty((0, H + 4 * G), dtype=torch.uint8)
+    else:
+        payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1)
     return payload, lambda b: (b[:, :H].contiguous().view(FP8),
                                b[:, H:].contiguous().view(torch.float32).view(-1, G))
 
@@ -186,6 +189,9 @@ def _check_dispatch(op, hidden, topk_ids, topk_weights, placement, group, mode,
     check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_float_tensor(op, "topk_weights", topk_weights, ndim=2)
     T = hidden.shape[0]
+    if hidden.shape[1] < 1:   # the payload is the rows' bytes: a row of none has no layout
+        raise ValueError(f"{op}: hidden must have at least one column, got shape "
+                         f"{tuple(hidden.shape)}")
     if topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"{op}: topk_ids and topk_weights must both be (T={T}, K), got "
                          f"{tuple(topk_ids.shape)} and {tuple(topk_weights.shape)}")
