@@ -338,8 +338,8 @@ def test_dispatch_combine_equals_one_process(world):
 @pytest.mark.parametrize("H", [128, 160])
 def test_fp8_payload_of_no_rows(backend, H):
     """A rank without tokens packs FP8 rows of none: a (0, H + 4 * groups) payload that
-    unpacks to (0, H) rows and (0, groups) scales. The reference quantizer's empty scale
-    tensor of one group has strides (1, 0), which a dtype view refuses."""
+    unpacks to (0, H) rows and (0, groups) scales (the payload views the scales' bytes,
+    which needs row-major strides from every backend's quantizer, also for no rows)."""
     if backend == "cpu" and not moe_kernels.extension_loaded():
         pytest.skip("moe_kernels._C is not built")
     from moe_kernels.ops import expert_parallel as ep_ops

@@ -61,6 +61,8 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, eps: fl
     q = to_fp8(xf / scale[..., None]).view(M, G * group_size)[:, :K]
     if column_major_scales:
         scale = scale.t().contiguous().t()
+    else:   # row-major strides whatever M (a reduction over no rows leaves strides (1, 0))
+        scale = scale.clone(memory_format=torch.contiguous_format)
     return q.contiguous(), scale
 
 
