@@ -162,6 +162,29 @@ def test_zero_widths(device, backend, h, inter):
     assert out.shape == (5, h) and out.dtype == torch.bfloat16 and not out.float().any()
 
 
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_hidden_stays_in_its_token(device, backend, value):
+    """One NaN in a token's hidden row makes that token's whole output row NaN (its
+    quantized row holds a NaN code, which every product takes), on every backend; +-inf
+    saturates to +-448 (docs/fp8.md), so its row stays finite. Other tokens' outputs are
+    bit for bit those of the call without it. (The Triton interpreter used to read the
+    NaN code as 480 and lose it.)"""
+    w13, s13, w2, s2 = make_layer(seed=2, device=device)
+    hidden = torch.randn(6, H, generator=torch.Generator().manual_seed(5)).bfloat16()
+    weights, ids = make_routing(6, seed=6, device=device)
+    spoiled = hidden.clone()
+    spoiled[3, 77] = float(value)
+    clean, out = (call_backend(moe_kernels.fused_moe_fp8, h.to(device), w13, s13, w2, s2,
+                               weights, ids, backend=backend).cpu() for h in (hidden, spoiled))
+    if value == "nan":
+        assert out[3].isnan().all(), "the token's whole row"
+    else:
+        assert out[3].isfinite().all()
+    others = torch.arange(6) != 3
+    assert torch.equal(out[others].view(torch.int16), clean[others].view(torch.int16))
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu")))
 def test_all_pairs_skipped_gives_zeros(device, backend):
     w13, s13, w2, s2 = make_layer(seed=1, device=device)

@@ -351,6 +351,51 @@ def test_gradient(device, backend, scoring, renorm):
     torch.testing.assert_close(x.grad.cpu(), x_ref.grad, rtol=1e-4, atol=1e-6)
 
 
+def _rows_for_gradients() -> torch.Tensor:
+    """(9, 8) logits, a row per case the softmax gradient must get right (why):"""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(9, 8, generator=g)
+    x[0] = 0.0                          # all equal: a zero-initialised router, ties at the max
+    x[1, [2, 5]] = x[1].max() + 1.0     # two entries tied at the maximum
+    x[2, 4] = float("nan")              # a NaN entry (counts as -inf, zero gradient)
+    x[3, 6] = float("inf")              # one +inf: saturated, no gradient
+    x[4, [0, 7]] = float("inf")         # two +inf sharing the mass: saturated
+    x[5] = float("-inf")                # all -inf: uniform, saturated
+    x[6] = float("nan")                 # all NaN: as all -inf
+    x[7, [1, 3]] = float("-inf")        # -inf entries in a finite row
+    return x                            # row 8: plain random logits
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("scoring,renorm", [("softmax", True), ("softmax", False),
+                                            ("sigmoid", True)])
+def test_gradient_at_ties_and_non_finite_logits(device, backend, scoring, renorm):
+    """The gradient w.r.t. logits against float64 autograd of the documented formula
+    (torch's softmax / sigmoid, NaN as -inf) given the selection; a softmax row whose
+    maximum is +-inf is saturated and gets zero (docs/api.md). The reference used to give
+    entries tied at the row maximum no gradient (an all-equal row: none at all), where
+    the other backends' analytic gradient was right."""
+    logits = _rows_for_gradients()
+    probe = torch.randn(9, 3, generator=torch.Generator().manual_seed(22))
+    x = logits.clone().to(device).requires_grad_(True)
+    w, ids = moe_kernels.grouped_topk(x, 3, scoring_func=scoring, renormalize=renorm,
+                                      routed_scaling_factor=1.5, backend=backend)
+    (w * probe.to(device)).sum().backward()
+    _, ids_ref = ref.grouped_topk(logits, None, 3, 1, 1, scoring, "max", renorm, 1.5)
+    assert_int_equal(ids.cpu(), ids_ref)
+    x64 = logits.double().nan_to_num(nan=float("-inf")).requires_grad_(True)
+    s = torch.softmax(x64, dim=-1) if scoring == "softmax" else torch.sigmoid(x64)
+    u = s.gather(1, ids.cpu().long())
+    if renorm:
+        u = u / u.sum(dim=-1, keepdim=True)
+    (u * 1.5 * probe.double()).sum().backward()
+    want = x64.grad.nan_to_num(0.0)          # the saturated rows' NaN from inf - inf
+    if scoring == "softmax":
+        want[3:7] = 0.0
+    assert x.grad.cpu().isfinite().all()
+    torch.testing.assert_close(x.grad.cpu().double(), want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(KERNEL_BACKENDS))
 def test_deterministic(device, backend):
     logits, b = make_inputs(37, 256, torch.bfloat16, device, True, seed=11)

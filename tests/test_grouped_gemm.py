@@ -344,9 +344,8 @@ def test_contiguous_nan_in_rows_without_expert(device, backend, counts, align):
 @pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
 def test_masked_nan_in_rows_past_masked_m(device, backend):
     """A TMA tile reads whole rows, past masked_m and into the next group: NaN there
-    must not reach any output, and those rows are exactly zero. (The interpreter decodes
-    e4m3 NaN bits as 480, and those rows' scales load as 0, so the NaN part bites on the
-    GPU; the zeros and the other rows are checked everywhere.)"""
+    must not reach any output, and those rows are exactly zero (with pointer loads, those
+    rows load as 0 with scale 0, so the NaN part bites with TMA tiles)."""
     E, M, N, K = 3, 40, 128, 256
     masked = torch.tensor([5, 0, 40], dtype=torch.int32).to(device)
     a, a_s = make_rows(E * M, K, seed=8, device=device)
@@ -363,6 +362,82 @@ def test_masked_nan_in_rows_past_masked_m(device, backend):
     want = oracle(a.reshape(E * M, K), a_s.reshape(E * M, -1), b, b_s, expert_of_row)
     keep = ~past.cpu()
     assert calc_diff(out[keep], want[keep]) < 1e-5
+
+
+# One non-finite input each (docs/api.md, "Non-finite inputs"): (what, where). An `a` code
+# or scale reaches one row; a weight scale the rows of its expert times its 128-column
+# block; a weight code the rows of its expert times its column. inf scales are where the
+# backends' forms differ (0 x inf is NaN after dequantizing first, not in the per-block
+# promotion), hence "non-finite" rather than NaN or inf.
+NON_FINITE = [
+    ("a_code", "nan"), ("a_scale", "nan"), ("a_scale", "inf"), ("a_scale", "-inf"),
+    ("b_scale", "nan"), ("b_scale", "inf"), ("b_code", "nan"),
+]
+_E4M3_NAN = 0x7F
+
+
+def _spoil(a, a_s, b, b_s, what, value, row, expert):
+    """Copies of the operands with one value of `what` made non-finite, in `row` of a or
+    in `expert`'s weight (block / column 1 of N, K block 0); the (R, N) mask of the
+    outputs it reaches, given each row's expert."""
+    a, a_s, b, b_s = a.clone(), a_s.clone(), b.clone(), b_s.clone()
+    if what == "a_code":
+        a.view(torch.uint8).view(-1, a.shape[-1])[row, 3] = _E4M3_NAN
+    elif what == "a_scale":
+        a_s.view(-1, a_s.shape[-1])[row, 0] = float(value)
+    elif what == "b_scale":
+        b_s[expert, 1, 0] = float(value)
+    else:
+        b.view(torch.uint8)[expert, 130, 5] = _E4M3_NAN
+    return a, a_s, b, b_s
+
+
+def _reached(what, R, N, row, expert, expert_of_row):
+    mask = torch.zeros(R, N, dtype=torch.bool)
+    if what.startswith("a_"):
+        mask[row] = True
+    else:
+        cols = slice(128, 256) if what == "b_scale" else slice(130, 131)
+        mask[expert_of_row == expert, cols] = True
+    return mask
+
+
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("masked", [False, True], ids=["contiguous", "masked"])
+@pytest.mark.parametrize("what,value", NON_FINITE, ids=[f"{w}-{v}" for w, v in NON_FINITE])
+def test_non_finite_input_reaches_exactly_its_outputs(device, backend, masked, what, value):
+    """A NaN code or a non-finite scale makes non-finite exactly the outputs whose sum
+    takes it, on every backend; every other output is the finite one, and rows without an
+    expert or past masked_m stay exactly zero. A NaN / inf weight scale used to make the
+    Triton masked kernel write NaN into its rows past masked_m (their scale of 0 times
+    it), and the interpreter read NaN codes as 480."""
+    E, M, N, K = 3, 6, 200, 256
+    if masked:
+        counts = torch.tensor([4, 0, 2], dtype=torch.int32)
+        slot = torch.arange(E * M) % M
+        expert_of_row = torch.where(slot < counts.long().repeat_interleave(M),
+                                    torch.arange(E * M) // M, -1)
+    else:
+        m = contiguous_m_indices([4, 0, 2], 4, pad_extra=2)
+        expert_of_row = m.long()
+    R = expert_of_row.shape[0]
+    a, a_s = make_rows(R, K, seed=11, device=device)
+    b, b_s = make_weights(E, N, K, seed=12, device=device)
+    row = int((expert_of_row == 2).nonzero()[0])             # a row of expert 2
+    bad = _spoil(a, a_s, b, b_s, what, value, row, 2)
+    if masked:
+        op, last = moe_kernels.grouped_gemm_fp8_masked, counts.to(device)
+        bad = (bad[0].view(E, M, K), bad[1].view(E, M, -1), bad[2], bad[3])
+    else:
+        op, last = moe_kernels.grouped_gemm_fp8, m.to(device)
+    out = call_backend(op, *bad, last, out_dtype=torch.float32, backend=backend)
+    out = out.reshape(R, N).cpu()
+    reached = _reached(what, R, N, row, 2, expert_of_row)
+    assert not out[reached].isfinite().any(), "every output the bad value reaches"
+    assert out[~reached].isfinite().all(), "no output it does not reach"
+    want = oracle(a, a_s, b, b_s, expert_of_row)
+    assert calc_diff(out[~reached], want[~reached]) < 1e-5
+    assert not out[expert_of_row < 0].any(), "rows without an expert stay exactly zero"
 
 
 @pytest.mark.parametrize("K,column,want", [

@@ -141,6 +141,42 @@ def test_contiguous(device, backend, T, H, dn, dv, R, rope, dtype, fp8):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(("reference",) + BACKENDS))
+@pytest.mark.parametrize("spoil", ["scale-nan", "scale-inf", "code-nan"])
+def test_non_finite_weight_reaches_exactly_its_outputs(device, backend, spoil):
+    """A NaN / inf block scale of the FP8 weight makes non-finite exactly the outputs of
+    its 128 weight rows for every token, a NaN weight code those of its row; every other
+    output is the finite one (docs/api.md, "Non-finite inputs": NaN or inf, by backend)."""
+    H, dn, dv, R, rope, T = 2, 64, 128, 256, 64, 5
+    kv_c, k_pe = make_latent(T, R, rope, torch.bfloat16, seed=3, device=device)
+    w, s = make_weight(H, dn, dv, R, fp8=True, seed=4, device=device)
+    w, s = w.clone(), s.clone()
+    if spoil == "code-nan":
+        rows = [200]
+        w.view(torch.uint8)[200, 9] = 0x7F                       # e4m3 NaN
+    else:
+        rows = range(128, 256)                                   # scale block row 1
+        s[1, 1] = float(spoil.split("-")[1])
+    k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, num_heads=H, qk_nope_head_dim=dn,
+                                         v_head_dim=dv, kv_b_proj_scale=s, backend=backend)
+    reached_k = torch.zeros(T, H, dn + rope, dtype=torch.bool)
+    reached_v = torch.zeros(T, H, dv, dtype=torch.bool)
+    for row in rows:                          # weight row -> (head, k_nope or v column)
+        h, c = divmod(row, dn + dv)
+        if c < dn:
+            reached_k[:, h, c] = True
+        else:
+            reached_v[:, h, c - dn] = True
+    k, v = k.cpu().float(), v.cpu().float()
+    assert reached_k.any() or reached_v.any()
+    assert not k[reached_k].isfinite().any() and not v[reached_v].isfinite().any()
+    assert k[~reached_k].isfinite().all() and v[~reached_v].isfinite().all()
+    clean = make_weight(H, dn, dv, R, fp8=True, seed=4)
+    clean_k, clean_v = explicit(kv_c.cpu(), k_pe.cpu(), *clean, H, dn, dv)
+    assert_close(k[~reached_k], clean_k[~reached_k].float(), dtype=torch.bfloat16)
+    assert_close(v[~reached_v], clean_v[~reached_v].float(), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("reference",) + BACKENDS))
 def test_out_buffers(device, backend):
     """Caller buffers (strided rows, NaN-filled) are written in full and returned; out_v may
     have another dtype than out_k."""

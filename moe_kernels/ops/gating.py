@@ -136,8 +136,10 @@ def weights_backward(grad_w, logits, ids, scoring_func, renormalize, routed_scal
     """d loss / d logits (T, E) in logits' dtype, from grad_w (T, K) and the chosen ids.
 
     The selection is piecewise constant, so only w = scale * s[ids] (/ sum) carries a
-    gradient; NaN logits (treated as -inf) get zero."""
-    s = reference.scores(reference.clean_logits(logits), scoring_func)
+    gradient; NaN logits (treated as -inf) get zero, and so does a softmax row whose
+    largest logit is +-inf (saturated: `reference.scores`)."""
+    x = reference.clean_logits(logits)
+    s = reference.scores(x, scoring_func)
     u = s.gather(1, ids.long())
     g = grad_w.float() * routed_scaling_factor
     if renormalize:
@@ -149,6 +151,7 @@ def weights_backward(grad_w, logits, ids, scoring_func, renormalize, routed_scal
         dx = ds * s * (1.0 - s)
     else:
         dx = s * (ds - (ds * s).sum(dim=-1, keepdim=True))
+        dx = torch.where(torch.isinf(x.amax(dim=-1, keepdim=True)), 0.0, dx)
     return torch.where(torch.isnan(logits), 0.0, dx).to(logits.dtype)
 
 

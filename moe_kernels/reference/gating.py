@@ -32,14 +32,17 @@ def clean_logits(logits: torch.Tensor) -> torch.Tensor:
 def scores(x: torch.Tensor, scoring_func: str) -> torch.Tensor:
     """(T, E) float32 without NaN -> scores s in [0, 1].
 
-    Softmax is taken in the limit sense, so it never yields NaN: entries equal to the row
-    maximum have a zero shifted logit, hence +inf entries share the mass equally and a row
-    of all -inf is uniform.
+    Softmax is taken in the limit sense, so it never yields NaN: in a row whose maximum is
+    +-inf, the entries equal to it have a zero shifted logit, hence +inf entries share the
+    mass equally and a row of all -inf is uniform. Such a row is saturated: a constant, no
+    gradient. Elsewhere the shifted logit is x - m, whose gradient also holds for ties at
+    the maximum (a constant 0 there would drop the tied entries' gradient: an all-equal
+    row, as a zero-initialised router gives, would get none).
     """
     if scoring_func == "sigmoid":
         return torch.sigmoid(x)
     m = x.amax(dim=-1, keepdim=True)
-    e = torch.exp(torch.where(x == m, 0.0, x - m))
+    e = torch.exp(torch.where((x == m) & torch.isinf(m), 0.0, x - m))
     return e / e.sum(dim=-1, keepdim=True)
 
 

@@ -17,7 +17,9 @@ sm90).
 Hopper code shape (read in the sm_90a compile report, docs/fp8.md):
 - Operands load through fp8-typed pointers, so the pipeliner copies them global -> shared
   asynchronously (cp.async) and wgmma reads both from shared memory. Under the interpreter,
-  which cannot fill a masked fp8 load, they load as uint8 and are bit-cast (SOFTWARE).
+  which cannot fill a masked fp8 load, they load as uint8 and are decoded to float32
+  (SOFTWARE; its own fp8 dot would read the NaN codes 0x7F / 0xFF as +-480: the products
+  are exact either way, and NaN codes give NaN as on the GPU).
 - Tiles of fewer than 64 rows (decode) swap A and B (SWAP_AB, from BLOCK_M < 64): the
   weight tile takes wgmma's 64-row M side and the tokens its N side (8..256), instead of
   falling back to mma.sync.
@@ -27,8 +29,10 @@ Hopper code shape (read in the sm_90a compile report, docs/fp8.md):
   reuse of the A rows, as the Triton matmul tutorial's grouped order).
 - A config with `tma` loads the fp8 tiles through host-built TMA descriptors instead
   (TMA: one copy per tile, no per-thread addresses: ~60 fewer registers a thread at
-  64x128, docs/fp8.md); a tile's rows that must not be written are zeroed once after the
-  K loop, since TMA reads them whole. Operands a descriptor cannot describe (rows not a
+  64x128, docs/fp8.md). A TMA tile holds whole rows, those of other experts too, which the
+  contiguous and segments kernels never store and the masked kernel stores as zeros (once
+  after the K loop, for pointer loads too: a masked row's scale of 0 times a NaN or inf
+  weight scale is NaN). Operands a descriptor cannot describe (rows not a
   multiple of 16 bytes, unaligned base) load through pointers.
 Tile configs: configs/grouped_gemm.py.
 """
@@ -46,7 +50,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
 from moe_kernels.configs.grouped_gemm import gemm_config
 from moe_kernels.triton.launch import cached_launch, configure
-from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
+from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
 GROUP_M = 8
 WGMMA_M = 64       # a tile with fewer rows swaps A and B
@@ -55,8 +59,9 @@ _U8 = torch.uint8
 
 @triton.jit
 def _load_fp8(ptrs, mask, SOFTWARE: tl.constexpr):
+    """An fp8 operand tile; under the interpreter its values in float32 (module docstring)."""
     if SOFTWARE:     # interpreter: the bits as uint8 (it cannot cast `other` to fp8)
-        return tl.load(ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+        return fp8_e4m3_value(tl.load(ptrs, mask=mask, other=0), SOFTWARE)
     else:
         return tl.load(ptrs, mask=mask, other=0.0)
 
@@ -90,12 +95,12 @@ def _tma_tiles(a_desc, b_desc, row0, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: 
                SOFTWARE: tl.constexpr):
     """(a[row0 : row0 + BLOCK_M, k0 : k0 + BLOCK_K], b[e, n0 : n0 + BLOCK_N, k0 : ...]) as
     fp8 tiles through TMA descriptors (out of bounds: zeros; under the interpreter the
-    descriptors hold uint8 bits)."""
+    descriptors hold uint8 bits, decoded to float32 here)."""
     x = a_desc.load([row0.to(tl.int32), k0])
     w = b_desc.load([e.to(tl.int32), n0.to(tl.int32), k0]).reshape(BLOCK_N, BLOCK_K)
     if SOFTWARE:
-        x = x.to(tl.float8e4nv, bitcast=True)
-        w = w.to(tl.float8e4nv, bitcast=True)
+        x = fp8_e4m3_value(x, SOFTWARE)
+        w = fp8_e4m3_value(w, SOFTWARE)
     return x, w
 
 
@@ -106,8 +111,8 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, row0, e, n0, N, K
                    BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr, EVEN_K: tl.constexpr,
                    TMA: tl.constexpr, SOFTWARE: tl.constexpr):
     """sum over K blocks of dot(a[rows, kb], b[e, n, kb].T) * a_s[rows, kb] * b_s[e, n//128, kb]
-    as a (BLOCK_M, BLOCK_N) float32 tile, n = n0 + [0, BLOCK_N); rows with row_ok false and
-    columns n >= N are 0. SWAP_AB computes the transposed tile (weights on the M side).
+    as a (BLOCK_M, BLOCK_N) float32 tile, n = n0 + [0, BLOCK_N); rows with row_ok false
+    and columns n >= N hold no result (the caller stores them as zeros, or not at all). SWAP_AB computes the transposed tile (weights on the M side).
     TMA: a_ptr and b_ptr are TMA descriptors of a (R, K) and b (E, N, K), and the tile's
     rows are row0 + [0, BLOCK_M) (rows == row0 + arange where row_ok)."""
     n = n0 + tl.arange(0, BLOCK_N)
@@ -159,10 +164,6 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, row0, e, n0, N, K
         b_s = b_s_next
     if SWAP_AB:
         acc = tl.trans(acc)
-    if TMA:
-        # a TMA tile holds every row, those of row_ok false too (other experts' or
-        # groups' rows, maybe NaN): zero, as the masked loads make them
-        acc = tl.where(row_ok[:, None], acc, 0.0)
     return acc
 
 
@@ -257,11 +258,16 @@ def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
     count = tl.load(masked_ptr + e)
     in_group = local < M
     if (tl.program_id(0) % tiles_m) * BLOCK_M < count:
-        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, in_group & (local < count),
+        valid = in_group & (local < count)
+        acc = _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, valid,
                              e * M + (tl.program_id(0) % tiles_m) * BLOCK_M, e, n0, N, K,
                              stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                              stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K,
                              SWAP_AB, EVEN_K, TMA, SOFTWARE)
+        # rows past masked_m are stored, as zeros: neither their masked loads (a NaN or
+        # inf weight scale times their scale of 0 is NaN) nor a TMA tile (it holds those
+        # rows' data, maybe NaN) makes their products 0
+        acc = tl.where(valid[:, None], acc, 0.0)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     _store_tile(out_ptr, acc, rows, in_group, n0 + tl.arange(0, BLOCK_N), N, stride_om, SOFTWARE)
