@@ -168,7 +168,10 @@ def _resolve_backend_uncached(backend: str | None, device: torch.device, op: str
     return resolved
 
 
-def available_backends(device: torch.device) -> list[str]:
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run on `device` (a torch.device or its name, "cpu",
+    "cuda:0"), in the order of BACKENDS."""
+    device = torch.device(device)
     return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
 
 

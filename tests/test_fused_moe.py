@@ -168,8 +168,8 @@ def test_non_finite_hidden_stays_in_its_token(device, backend, value):
     """One NaN in a token's hidden row makes that token's whole output row NaN (its
     quantized row holds a NaN code, which every product takes), on every backend; +-inf
     saturates to +-448 (docs/fp8.md), so its row stays finite. Other tokens' outputs are
-    bit for bit those of the call without it. (The Triton interpreter used to read the
-    NaN code as 480 and lose it.)"""
+    bit for bit those of the call without it. (Catches an interpreted GEMM that reads the
+    NaN code as the interpreter's fp8 cast does, 480, and loses it.)"""
     w13, s13, w2, s2 = make_layer(seed=2, device=device)
     hidden = torch.randn(6, H, generator=torch.Generator().manual_seed(5)).bfloat16()
     weights, ids = make_routing(6, seed=6, device=device)

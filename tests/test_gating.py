@@ -372,9 +372,9 @@ def _rows_for_gradients() -> torch.Tensor:
 def test_gradient_at_ties_and_non_finite_logits(device, backend, scoring, renorm):
     """The gradient w.r.t. logits against float64 autograd of the documented formula
     (torch's softmax / sigmoid, NaN as -inf) given the selection; a softmax row whose
-    maximum is +-inf is saturated and gets zero (docs/api.md). The reference used to give
-    entries tied at the row maximum no gradient (an all-equal row: none at all), where
-    the other backends' analytic gradient was right."""
+    maximum is +-inf is saturated and gets zero (docs/api.md). Catches a softmax that
+    shifts entries tied at the row maximum by a constant 0, which drops their gradient (an
+    all-equal row would get none at all)."""
     logits = _rows_for_gradients()
     probe = torch.randn(9, 3, generator=torch.Generator().manual_seed(22))
     x = logits.clone().to(device).requires_grad_(True)

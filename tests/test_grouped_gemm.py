@@ -408,9 +408,9 @@ def _reached(what, R, N, row, expert, expert_of_row):
 def test_non_finite_input_reaches_exactly_its_outputs(device, backend, masked, what, value):
     """A NaN code or a non-finite scale makes non-finite exactly the outputs whose sum
     takes it, on every backend; every other output is the finite one, and rows without an
-    expert or past masked_m stay exactly zero. A NaN / inf weight scale used to make the
-    Triton masked kernel write NaN into its rows past masked_m (their scale of 0 times
-    it), and the interpreter read NaN codes as 480."""
+    expert or past masked_m stay exactly zero. Catches a masked kernel that relies on its
+    masked loads to zero the rows past masked_m (their scale of 0 times a NaN / inf weight
+    scale is NaN), and an interpreted GEMM that reads NaN codes as 480."""
     E, M, N, K = 3, 6, 200, 256
     if masked:
         counts = torch.tensor([4, 0, 2], dtype=torch.int32)

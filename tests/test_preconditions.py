@@ -317,7 +317,7 @@ def _backends(op: str) -> list[str]:
     name = op.split("(")[0]
     if name not in _library.OPS:       # a function without backends (update_correction_bias_)
         return [None]
-    here = _library.available_backends(torch.device("cpu"))
+    here = _library.available_backends("cpu")       # by name, as torch takes devices
     return [b for b in _library.OPS[name].backends if b in here]
 
 

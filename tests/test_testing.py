@@ -148,6 +148,27 @@ def test_compare_reports_worst_error_and_index():
     assert verdict.where == (2, 5) and verdict.rule == "close" and verdict.worst > 1e4
 
 
+@pytest.mark.parametrize("op,wrap", [
+    ("grouped_gemm_fp8", lambda t: t),
+    ("mla_decompress_kv", lambda t: (t[:, None, :], t[:, None, :])),
+])
+def test_non_finite_kind_is_free_where_the_contract_leaves_it(op, wrap):
+    """GEMM and MLA outputs reached by a non-finite input may be NaN or +-inf
+    (docs/api.md): either passes where the reference has the other, a finite value where
+    it has neither fails, and so does a non-finite one where it is finite."""
+    want = torch.randn(3, 130, generator=torch.Generator().manual_seed(0))
+    want[1, :64] = float("nan")
+    got = want.clone()
+    got[1, :32] = float("inf")
+    got[1, 32:64] = float("-inf")
+    assert testing.compare(op, wrap(got), wrap(want)).passed
+    finite = want.clone()
+    finite[1, :64] = 0.0
+    for a, b in ((finite, want), (want, finite)):
+        (verdict, *_) = testing.compare(op, wrap(a), wrap(b)).failures
+        assert verdict.where[0] == 1 and "finite" in verdict.detail
+
+
 # --- adapters: the projects' conventions, emulated from our reference ------------------------
 
 def vllm_grouped_topk(hidden_states, gating_output, topk, renormalize, num_expert_group=0,

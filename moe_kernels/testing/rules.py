@@ -92,16 +92,23 @@ def exact(name: str, got, want: torch.Tensor) -> Verdict:
                    f"{got.detach().cpu()[where].item()}, expected {want.cpu()[where].item()}")
 
 
-def close(name: str, got, want: torch.Tensor, dtype: torch.dtype | None = None) -> Verdict:
+def close(name: str, got, want: torch.Tensor, dtype: torch.dtype | None = None, *,
+          any_non_finite: bool = False) -> Verdict:
     """|got - want| <= atol + rtol |want| with (rtol, atol) of `dtype` (default: want's),
-    NaN exactly where want has NaN, +-inf where want has it. worst: the largest
-    |got - want| / (atol + rtol |want|) (<= 1 passes)."""
+    NaN exactly where want has NaN, +-inf where want has it (any_non_finite: NaN and +-inf
+    as one class, non-finite exactly where want is, for outputs whose contract leaves the
+    kind open). worst: the largest |got - want| / (atol + rtol |want|) (<= 1 passes)."""
     rule = "close"
     bad = _shape_dtype(name, rule, got, want)
     if bad:
         return bad
     rtol, atol = TOLERANCES[dtype or want.dtype]
     g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    if any_non_finite:
+        bad = _non_finite_apart(name, rule, g, w)
+        if bad:
+            return bad
+        g, w = _zero_where_non_finite(g, w)
     g_nan, w_nan = g.isnan(), w.isnan()
     if not torch.equal(g_nan, w_nan):
         where = _first(g_nan != w_nan)
@@ -124,6 +131,24 @@ def close(name: str, got, want: torch.Tensor, dtype: torch.dtype | None = None) 
     return Verdict(name, rule, worst <= 1, worst, where if worst > 1 else None, detail)
 
 
+def _non_finite_apart(name: str, rule: str, g: torch.Tensor, w: torch.Tensor):
+    """A failing Verdict where got is finite and want is not, or the reverse; else None."""
+    g_fin, w_fin = g.isfinite(), w.isfinite()
+    if torch.equal(g_fin, w_fin):
+        return None
+    where = _first(g_fin != w_fin)
+    what = "finite where a non-finite value is" if bool(g_fin[where]) else \
+        "non-finite where none is"
+    return Verdict(name, rule, False, float("inf"), where,
+                   f"{what} expected: got {g[where].item()}, expected {w[where].item()}")
+
+
+def _zero_where_non_finite(g: torch.Tensor, w: torch.Tensor):
+    """g and w with their (shared) non-finite elements set to 0: compared apart."""
+    fin = w.isfinite()
+    return torch.where(fin, g, 0.0), torch.where(fin, w, 0.0)
+
+
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's similarity measure 1 - 2 sum(xy) / sum(x^2 + y^2), in float64: 0 for
     equal tensors, about rel_err^2 / 2 for close ones."""
@@ -134,17 +159,19 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def gemm(name: str, got, want: torch.Tensor, bound: float = GEMM_CALC_DIFF) -> Verdict:
     """calc_diff(got, want) < bound over the whole output and over each row (so that one
-    wrong row of many is not averaged away); NaN only where want has NaN. worst: the
-    largest calc_diff, where: its row."""
+    wrong row of many is not averaged away); non-finite exactly where want is, NaN and
+    +-inf alike (docs/api.md: which of them a non-finite input gives is the
+    implementation's; DeepGEMM-style promotion gives inf where dequantizing first gives
+    NaN). worst: the largest calc_diff, where: its row."""
     rule = f"calc_diff < {bound:g}"
     bad = _shape_dtype(name, rule, got, want)
     if bad:
         return bad
     g, w = got.detach().cpu().double(), want.detach().cpu().double()
-    if not torch.equal(g.isnan(), w.isnan()):
-        where = _first(g.isnan() != w.isnan())
-        return Verdict(name, rule, False, float("inf"), where, "NaN where none is expected")
-    g, w = torch.nan_to_num(g), torch.nan_to_num(w)
+    bad = _non_finite_apart(name, rule, g, w)
+    if bad:
+        return bad
+    g, w = _zero_where_non_finite(g, w)
     whole = calc_diff(g, w)
     if not g.numel():
         return Verdict(name, rule, True, 0.0, None, "empty")
