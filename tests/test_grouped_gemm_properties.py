@@ -1,9 +1,12 @@
 """grouped_gemm_fp8 and grouped_gemm_fp8_masked, property-tested on every backend: random
 sizes (no rows, one row, partial N and K blocks, E = 1), m_indices in any order with -1
 and out-of-range ids, masked_m of 0 and of M, and every tensor argument in a drawn memory
-layout (tests/properties.py; column-major scales among them). Each example must follow
-the layout rule and agree with the reference on the same values laid out contiguously
-(docs/api.md: calc_diff < 1e-5), with rows that have no expert exactly zero."""
+layout (tests/properties.py; column-major scales among them), and at times one non-finite
+value (a NaN code, or a NaN / +-inf scale) drawn into a drawn operand. Each example must
+follow the layout rule and agree with the reference on the same values laid out
+contiguously (moe_kernels.testing's GEMM rule: calc_diff < 1e-5 over the whole output and
+each row, non-finite exactly where the reference is, NaN and inf alike: docs/api.md), with
+rows that have no expert exactly zero."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 
 import properties
-from helpers import calc_diff
+from moe_kernels.testing import rules
 
 ROWS = ("a", "b")
 
@@ -25,7 +28,23 @@ def draw_operands(data, E, rows, interp):
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     b, bs = ref_fp8.quantize_fp8_block(torch.randn(E, N, K, generator=g) / K ** 0.5)
     a, a_s = ref_fp8.quantize_fp8_per_token_group(torch.randn(rows, K, generator=g) * 2)
+    a, a_s, b, bs = draw_non_finite(data, a, a_s, b, bs)
     return a, a_s, b, bs, g
+
+
+def draw_non_finite(data, *operands):
+    """The operands, or copies with one drawn element of one drawn operand made
+    non-finite: an fp8 one gets the NaN code, a scale NaN, +inf or -inf."""
+    which = data.draw(st.sampled_from([None, None, 0, 1, 2, 3]), label="non-finite in")
+    if which is None or not operands[which].numel():
+        return operands
+    t = operands[which].clone()
+    at = data.draw(st.integers(0, t.numel() - 1), label="at")
+    if t.dtype == torch.float8_e4m3fn:
+        t.view(torch.uint8).view(-1)[at] = 0x7F
+    else:
+        t.view(-1)[at] = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]))
+    return tuple(t if i == which else x for i, x in enumerate(operands))
 
 
 def check(fn, inputs, device, backend, data, expert_of_row, msg):
@@ -38,7 +57,8 @@ def check(fn, inputs, device, backend, data, expert_of_row, msg):
     want = properties.reference(fn, inputs)
     msg = f"{backend} {msg} {layouts}"
     assert got.shape == want.shape and got.dtype == want.dtype, msg
-    assert calc_diff(got, want) < 1e-5, msg
+    verdict = rules.gemm("out", got, want)
+    assert verdict.passed, f"{msg}: {verdict}"
     no_expert = expert_of_row(properties.contiguous_copy(properties.on("cpu", inputs))) < 0
     assert not got.cpu()[no_expert].float().any(), f"{msg}: rows without an expert"
 
