@@ -24,6 +24,30 @@ def expect_inductor_bf16_round_trip(request, device: str, backend: str) -> None:
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
+def _available_host_gib() -> float:
+    """MemAvailable of /proc/meminfo in GiB (0 where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+    return kib / (1 << 20)
+
+
+def big_memory_devices(gib: float) -> list:
+    """("cpu", "cuda") params of a test whose tensors take about `gib` GiB: on the CPU it
+    runs the C++ kernels (skipped without the extension or that much available host
+    memory), on CUDA the default backend (skipped without a GPU that holds them)."""
+    cpu_reason = (None if _library.extension_loaded() else "moe_kernels._C is not built")
+    if cpu_reason is None and _available_host_gib() < gib * 1.25:
+        cpu_reason = f"needs {gib * 1.25:.0f} GiB of available host memory"
+    cuda_reason = "no CUDA device" if not HAS_CUDA else (
+        None if torch.cuda.get_device_properties(0).total_memory >= gib * 1.25 * (1 << 30)
+        else f"needs a GPU with {gib * 1.25:.0f} GiB")
+    return [pytest.param(d, id=d, marks=[pytest.mark.skip(reason=r)] if r else [])
+            for d, r in (("cpu", cpu_reason), ("cuda", cuda_reason))]
+
+
 def backend_params(device: str, backends=_library.BACKENDS):
     """pytest params of the backends on `device`; those that cannot run here are skipped
     with the reason (never silently dropped, never a vacuous pass)."""

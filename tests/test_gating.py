@@ -24,7 +24,7 @@ import moe_kernels
 from moe_kernels import BackendUnavailableError, _library
 from moe_kernels.reference import gating as ref
 
-from helpers import (DEVICES, HAS_CUDA, assert_close, assert_int_equal,
+from helpers import (DEVICES, HAS_CUDA, assert_close, assert_int_equal, big_memory_devices,
                      device_backend_params, poison_allocator)
 
 KERNEL_BACKENDS = ("triton", "cpu", "cuda")
@@ -599,16 +599,22 @@ def test_update_correction_bias(device):
         moe_kernels.update_correction_bias_(counts, counts, 0.01)
 
 
+def _int64_params():
+    """(device, backend): the C++ kernel on the CPU, both GPU kernels on CUDA."""
+    cpu, cuda = big_memory_devices(4.5)
+    return [pytest.param("cpu", "cpu", id="cpu-cpu", marks=cpu.marks)] + [
+        pytest.param("cuda", b, id=f"cuda-{b}", marks=cuda.marks) for b in ("triton", "cuda")]
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU with > 6 GB")
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_int64_addressing(backend):
+@pytest.mark.parametrize("device,backend", _int64_params())
+def test_int64_addressing(device, backend):
     """T * E beyond 2**31 elements: rows past the 2**31-th element must be right."""
-    if moe_kernels._library.backend_unavailable_reason(backend, torch.device("cuda")):
+    if moe_kernels._library.backend_unavailable_reason(backend, torch.device(device)):
         pytest.skip(f"{backend} unavailable")
     T, E = (1 << 23) + 64, 256
-    logits = torch.zeros(T, E, dtype=torch.bfloat16, device="cuda")
-    tail = torch.randn(64, E, generator=torch.Generator().manual_seed(1)).bfloat16().cuda()
+    logits = torch.zeros(T, E, dtype=torch.bfloat16, device=device)
+    tail = torch.randn(64, E, generator=torch.Generator().manual_seed(1)).bfloat16().to(device)
     logits[-64:] = tail
     w, ids = moe_kernels.grouped_topk(logits, 8, num_expert_group=8, topk_group=4,
                                       backend=backend)

@@ -19,8 +19,8 @@ from moe_kernels.ops import mla as mla_ops
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import mla as ref
 
-from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, assert_close, device_backend_params,
-                     poison_allocator)
+from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, assert_close, big_memory_devices,
+                     device_backend_params, poison_allocator)
 
 BACKENDS = ("triton", "cpu")
 from moe_kernels._common import FP8
@@ -878,11 +878,11 @@ def test_cuda_graph_capture():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU with > 8 GB")
-def test_int64_addressing():
+@pytest.mark.parametrize("device", big_memory_devices(8))
+def test_int64_addressing(device):
     """T * H * (dn + rope) beyond 2**31 elements: the last tokens must be right."""
     T, H, R, rope = 90_000, 128, 512, 64      # k: 90000 * 128 * 192 = 2.2e9 elements
-    kv_c, k_pe = make_latent(T, R, rope, torch.bfloat16, seed=3, device="cuda")
-    w, s = make_weight(H, 128, 128, R, fp8=True, seed=4, device="cuda")
+    kv_c, k_pe = make_latent(T, R, rope, torch.bfloat16, seed=3, device=device)
+    w, s = make_weight(H, 128, 128, R, fp8=True, seed=4, device=device)
     k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, num_heads=H, kv_b_proj_scale=s)
     check_backend(k[-3:], v[-3:], kv_c[-3:], k_pe[-3:], w, s, H, 128, 128, torch.bfloat16)

@@ -15,8 +15,8 @@ import moe_kernels
 from moe_kernels import BackendUnavailableError, _library
 from moe_kernels.reference import permute as ref
 
-from helpers import (DEVICES, HAS_CUDA, assert_close, assert_int_equal, device_backend_params,
-                     poison_allocator)
+from helpers import (DEVICES, HAS_CUDA, assert_close, assert_int_equal, big_memory_devices,
+                     device_backend_params, poison_allocator)
 
 BACKENDS = ("triton", "cpu", "cuda")  # cuda: CUDA index + Triton rows
 LAYOUT_FIELDS = ("expert_offsets", "tokens_per_expert", "m_indices", "row_of_pair",
@@ -452,16 +452,22 @@ def test_too_many_experts_for_triton_is_a_value_error():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU with > 12 GB")
-def test_int64_addressing():
-    """R * H beyond 2**31 elements: the last rows must land right."""
+@pytest.mark.parametrize("device", big_memory_devices(6))
+def test_int64_addressing(device):
+    """R * H beyond 2**31 elements: the last rows must land right, and unpermute must read
+    them back from there (CPU: the C++ kernels)."""
     T, K, E, H = 40000, 8, 64, 7168   # R * H = 320000 * 7168 > 2**31
-    ids = torch.randint(0, E, (T, K), device="cuda", dtype=torch.int32)
-    hidden = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
-    hidden[:, :4] = torch.arange(T, device="cuda")[:, None].bfloat16()
+    ids = torch.randint(0, E, (T, K), device=device, dtype=torch.int32)
+    hidden = torch.empty(T, H, device=device, dtype=torch.bfloat16)
+    hidden[:, :4] = (torch.arange(T, device=device)[:, None] % 256).bfloat16()
     out, layout = moe_kernels.permute(hidden, ids, E)
     last = layout.pair_of_row[-8:].long()
     assert torch.equal(out[-8:, :4].float(), hidden[last // K, :4].float())
+    out[:, 4:].zero_()
+    weights = torch.zeros(T, K, device=device)
+    weights[-1] = 1.0
+    back = moe_kernels.unpermute(out, layout, weights)
+    assert torch.equal(back[-1, :4].float(), hidden[-1, :4].float() * K)
 
 
 @pytest.mark.skipif(_library.backend_unavailable_reason("triton", torch.device("cpu")) is not None,
