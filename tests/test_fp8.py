@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import moe_kernels
 from moe_kernels.reference import fp8 as ref
 
-from helpers import (FP8_INPUT_OPCHECKS, assert_close, assert_fp8_close, device_backend_params,
+from helpers import (FP8_INPUT_OPCHECKS, assert_close, assert_fp8_close, big_memory_devices,
+                     device_backend_params,
                      poison_allocator)
 
 BACKENDS = ("triton", "cpu")
@@ -319,3 +320,38 @@ BAD = [
 def test_bad_input(desc, call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", big_memory_devices(7))
+@pytest.mark.parametrize("op", ["quantize_fp8_per_token_group", "silu_and_mul_quant_fp8",
+                                "quantize_fp8_block", "dequantize_fp8_block"])
+def test_int64_addressing(device, op):
+    """Inputs of more than 2**31 elements: the last rows must be right (CPU: the C++
+    kernels; CUDA: the Triton ones)."""
+    M, K = 300_000, 7168                      # 2.15e9 elements
+    tail = torch.randn(3, K, generator=torch.Generator().manual_seed(2)).bfloat16()
+    if op == "dequantize_fp8_block":
+        q_tail, s_tail = ref.quantize_fp8_block(tail[:, :K].float(), 128, 128)
+        q = torch.zeros(M, K, dtype=FP8, device=device)
+        q[-3:] = q_tail.to(device)
+        s = torch.ones(M // 128 + 1, K // 128, device=device)   # 300000 = 2343 * 128 + 96
+        s[-1] = s_tail.to(device)
+        out = moe_kernels.dequantize_fp8_block(q, s)
+        want = ref.dequantize_fp8_block(q_tail, s_tail, 128, 128, torch.bfloat16)
+        assert torch.equal(out[-3:].cpu(), want)
+        return
+    x = torch.zeros(M, K, dtype=torch.bfloat16, device=device)
+    x[-3:] = tail.to(device)
+    if op == "quantize_fp8_block":
+        # the last block row holds rows 299904..299999: three non-zero rows at its end
+        q, s = moe_kernels.quantize_fp8_block(x)
+        q_ref, s_ref = ref.quantize_fp8_block(x[-96:].cpu().float(), 128, 128)
+        assert_fp8_close(q[-96:].cpu(), q_ref)
+        assert torch.equal(s[-1].cpu(), s_ref[0])
+        return
+    fn = getattr(moe_kernels, op)
+    q, s = fn(x)
+    q_ref, s_ref = getattr(ref, op)(tail)
+    assert_fp8_close(q[-3:].cpu(), q_ref)
+    assert torch.equal(s[-3:].cpu(), s_ref)
