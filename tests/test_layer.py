@@ -357,17 +357,22 @@ def test_bad_config():
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
-def test_torch_compile_forward(device, backend, request):
+@pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
+def test_torch_compile_forward(device, backend, dynamic, request):
+    """fullgraph, and with dynamic=True (symbolic sizes and floats, as engines compile for
+    any batch): two token counts through one compiled layer, each equal to eager."""
     expect_inductor_bf16_round_trip(request, device, backend)
     torch._dynamo.reset()
     cfg = make_config()
     layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, make_weights(cfg), device=device,
                                               backend=backend)
-    hidden = make_hidden(6, cfg, device=device)
-    # as in test_fused_moe: Inductor must keep the reference's intermediate bf16 rounding
-    with torch._inductor.config.patch(emulate_precision_casts=True):
-        got = torch.compile(layer, fullgraph=True)(hidden)
-    assert torch.equal(got, layer(hidden))
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+    for T in (6, 11):
+        hidden = make_hidden(T, cfg, device=device)
+        # as in test_fused_moe: Inductor must keep the reference's intermediate bf16 rounding
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            got = compiled(hidden)
+        assert torch.equal(got, layer(hidden)), f"T={T}"
 
 
 def test_routing_config_checked_at_construction_and_hidden_width_at_forward():

@@ -117,9 +117,14 @@ def _check_shared_expert_id(num_experts: int, shared_expert_id) -> int:
     return shared_expert_id
 
 
+def _finite(value) -> bool:
+    """-inf < value < inf, NaN failing both: comparisons, which torch.compile also traces
+    on a symbolic float (dynamic=True), where math.isfinite breaks the graph."""
+    return -math.inf < value < math.inf
+
+
 def _check_scaling_factor(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise ValueError(f"{OP}: routed_scaling_factor must be a finite float, got {value!r}")
 
 
@@ -201,7 +206,7 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
     if backend == "triton" or backend == "cuda":
         _library.check_expert_limit(OP, backend, "gating_cuda_max_experts",
                                     "E (logits' columns)", logits.shape[1])
-    if type(routed_scaling_factor) is not float or not math.isfinite(routed_scaling_factor):
+    if type(routed_scaling_factor) is not float or not _finite(routed_scaling_factor):
         _check_scaling_factor(routed_scaling_factor)
     shared = _check_shared_expert_id(logits.shape[1], shared_expert_id)
     return grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
