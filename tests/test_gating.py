@@ -464,7 +464,6 @@ def test_torch_compile_fullgraph(device, backend, shared):
     assert_close(w_c, w_e, dtype=torch.float32)
 
 
-
 BAD_INPUTS = [
     # (description, logits shape, dtype, kwargs, exception, words in the message)
     ("E % G != 0", (4, 10), torch.float32, dict(num_expert_group=3), ValueError, "num_expert_group"),
