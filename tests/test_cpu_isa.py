@@ -17,6 +17,7 @@ from moe_kernels import _library, testing
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.ops import mla as mla_ops
 from moe_kernels.reference import mla as ref_mla
+from moe_kernels.reference import permute as ref_permute
 
 from helpers import assert_close, assert_fp8_close, calc_diff
 
@@ -169,6 +170,37 @@ def test_gemv_and_gemm_tiles_with_tails(isa, rows):
     want = moe_kernels.grouped_gemm_fp8(a, a_s, b, b_s, m, out_dtype=torch.float32,
                                         backend="reference")
     assert calc_diff(got, want) < 1e-10, f"{isa}: calc_diff {calc_diff(got, want)}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("H", [1, 7, 16, 72, 200])
+def test_unpermute_row_sums_with_tails(isa, dtype, H):
+    """The weighted row sum of unpermute runs four vectors of columns at a time, then one,
+    then single values: H = 1 and 7 take only the last, 16 a single vector on AVX-512 (four
+    on SSE2), 72 and 200 all three. Skipped pairs (-1, and a row past the end) add nothing,
+    a row no routed pair names (NaN here) is not read, and a token with no routed pair is
+    zeros. Bit for bit the reference's (multiply, then add, in pair order: no FMA on any
+    build), and against
+    float64 sums of the same values, by the tolerance of the output dtype."""
+    g = torch.Generator().manual_seed(H)
+    T, K, R = 6, 3, 14
+    expert_out = (torch.randn(R, H, generator=g) * 3).to(dtype)
+    expert_out[13] = float("nan")                         # a row no routed pair names
+    row_of_pair = torch.randint(0, 13, (T, K), generator=g, dtype=torch.int32)
+    row_of_pair[1, 0], row_of_pair[2] = -1, -1
+    row_of_pair[4, 1] = R                                 # past the end: skipped
+    w = torch.rand(T, K, generator=g)
+    out = torch.ops.moe_kernels.unpermute(expert_out, row_of_pair, w)
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            r = int(row_of_pair[t, k])
+            if 0 <= r < R:
+                want[t] += float(w[t, k]) * expert_out[r].double()
+    assert_close(out, want.to(torch.float32), dtype=dtype, msg=f"{isa} H={H}")
+    assert not out[2].float().any(), "a token without a routed pair"
+    ref = ref_permute.unpermute(expert_out, torch.where(row_of_pair < R, row_of_pair, -1), w)
+    assert torch.equal(out, ref), f"{isa} H={H}: not the reference's bits"
 
 
 # big_scale: a weight scale of 2^119, where the vector builds' fp16-based decode takes its

@@ -54,6 +54,11 @@ struct SimdKernels {
   void (*group_top2)(const float* b, int64_t G, int64_t GS, float* first, float* second);
   // The indices i < n with b[i] >= threshold, ascending, into idx; returns how many.
   int64_t (*indices_at_least)(const float* b, int64_t n, float threshold, int32_t* idx);
+  // out[h] = sum over j < n, in the order of j, of w[j] * rows[j][h] in float32 (rows of
+  // `type`, widened exactly), stored as `type` (bf16 as c10 rounds it) for h < H; n = 0
+  // stores zeros.
+  void (*weighted_row_sum)(const void* const* rows, const float* w, int64_t n, int64_t H,
+                           SrcType type, void* out);
 };
 
 constexpr int64_t kMaxSimdGroup = 2048;
