@@ -1,9 +1,11 @@
 """mla_decompress_kv and mla_decompress_kv_paged, property-tested on every backend: random
 head counts and dimensions (1 among them), T = 0, empty sequences, page size 1, fp8
 weights and caches, and every tensor argument in a drawn memory layout
-(tests/properties.py; kv_c and k_pe as column slices of one tensor among them). Each
-example must follow the layout rule and agree with the reference on the same values laid
-out contiguously, by the float rule of the output dtype."""
+(tests/properties.py; kv_c and k_pe as column slices of one tensor among them), and at
+times one non-finite value in an fp8 weight (a NaN code, or a NaN / +-inf block scale).
+Each example must follow the layout rule and agree with the reference on the same values
+laid out contiguously, by moe_kernels.testing's rule for MLA: the float rule of the output
+dtype, non-finite exactly where the reference is, NaN and inf alike (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 
 import properties
-from helpers import assert_close
+from moe_kernels.testing import rules
 
 FP8 = torch.float8_e4m3fn
 ROWS = ("kv_c", "k_pe", "kv_b_proj", "kv_cache")
@@ -32,6 +34,12 @@ def draw_weight(data, heads, R, dtype, g):
     w = torch.randn(rows, R, generator=g) / R ** 0.5
     if data.draw(st.booleans(), label="fp8 kv_b_proj"):
         q, s = ref_fp8.quantize_fp8_block(w)
+        which = data.draw(st.sampled_from([None, None, "code", "scale"]), label="non-finite")
+        if which == "code":
+            q.view(torch.uint8).view(-1)[data.draw(st.integers(0, q.numel() - 1))] = 0x7F
+        elif which == "scale":
+            s.view(-1)[data.draw(st.integers(0, s.numel() - 1))] = data.draw(
+                st.sampled_from([float("nan"), float("inf"), -float("inf")]))
         return dict(kv_b_proj=q, kv_b_proj_scale=s)
     return dict(kv_b_proj=w.to(dtype))
 
@@ -40,7 +48,8 @@ def check(got, inputs, fn, msg):
     want = properties.reference(fn, inputs)
     for a, b, name in zip(got, want, ("k", "v")):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{msg}: {name}"
-        assert_close(a, b, msg=f"{msg}: {name}")
+        verdict = rules.close(name, a, b, any_non_finite=True)
+        assert verdict.passed, f"{msg}: {verdict}"
 
 
 @properties.property_test("mla_decompress_kv", max_examples=20)
