@@ -202,6 +202,30 @@ def check_expert_limit(op: str, backend: str, cuda_limit: str, name: str, value:
 
 _is_compiling = torch.compiler.is_compiling
 
+
+def on_tensors_device(launcher):
+    """launcher(x, ...) run with x's CUDA device current, as a torch op runs on its
+    tensors' device whatever the current one is. A Triton launch takes the current
+    device's context and stream: a tensor on cuda:1 launched while cuda:0 is current is
+    refused by Triton's pointer check ("cannot be accessed from Triton (cpu tensor?)",
+    triton-lang/triton#2441), and any workspace or device property a launcher reads
+    would be the other device's. What a process with one model spread over several GPUs
+    meets (HF `device_map="auto"`). The C++ CUDA kernels take a `CUDAGuard` for the same
+    reason (csrc/cuda/). x: the schema's first argument, a tensor in every op (checked
+    when the op is declared); every tensor argument is on its device (check_one_device /
+    the public checks). One device: two reads of the current device, ~0.3 us."""
+    def run(x, *rest):
+        if x.is_cuda:
+            index = x.get_device()
+            if index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return launcher(x, *rest)
+        return launcher(x, *rest)
+
+    run.__name__ = getattr(launcher, "__name__", "launch")
+    run.__wrapped__ = launcher
+    return run
+
 # The dispatch key of each C++ backend's kernels.
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -260,6 +284,9 @@ class Op:
                  triton_check=None):
         self.name = name
         self.schema = name + signature
+        if triton is not None and not signature.startswith("(Tensor "):
+            raise ValueError(f"{name}: a Triton op's first argument must be a tensor (the "
+                             f"launch runs on its device: on_tensors_device), got {signature}")
         self.triton_module = triton
         self.native = native
         self.borrow = dict(borrow or {})
@@ -334,7 +361,7 @@ class Op:
             source = self.borrow.get(backend, backend)
             if source == "triton":
                 module = importlib.import_module(f"moe_kernels.triton.{self.triton_module}")
-                fn = getattr(module, self.name)
+                fn = on_tensors_device(getattr(module, self.name))
             elif source in self.entries:
                 fn = self._checked_kernel(source)
             else:

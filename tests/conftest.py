@@ -53,6 +53,7 @@ def _triton_checked_first(op, launcher):
                                   f"refuse: {exc}") from None
         return launcher(*args)
 
+    call.__wrapped__ = launcher
     return call
 
 
