@@ -1,11 +1,16 @@
-"""Tensors on a CUDA device other than the current one: every op runs on its tensors'
-device, as torch ops do, and leaves the current device as it found it.
+"""Where an op runs: on its tensors' CUDA device, whichever is current, and on the
+current stream, as torch ops do.
 
-Why: a Triton launch takes the current device's context and stream, so without a guard a
-model spread over two GPUs in one process (HF `device_map="auto"`) fails on the second
-("Pointer argument cannot be accessed from Triton", triton-lang/triton#2441) or runs on
-the wrong stream. `_library.on_tensors_device` is the guard of every Triton launcher;
-the C++ CUDA kernels take a `CUDAGuard`.
+Device: a Triton launch takes the current device's context and stream, so without a
+guard a model spread over two GPUs in one process (HF `device_map="auto"`) fails on the
+second ("Pointer argument cannot be accessed from Triton", triton-lang/triton#2441) or
+runs on the wrong stream. `_library.on_tensors_device` is the guard of every Triton
+launcher; the C++ CUDA kernels take a `CUDAGuard`.
+
+Stream: an op launched on another stream than the caller's would read its inputs before
+the caller's stream has written them. The CUDA-graph tests see a launch outside the
+capture stream only as a replay mismatch; here the inputs are written on a side stream
+behind a sleep, so any kernel not ordered on that stream reads the poison.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 
 import moe_kernels
 from moe_kernels import _library, testing
+
+from helpers import HAS_CUDA
 
 from test_layer import as_fp8_checkpoint, make_config, make_hidden, make_weights
 
@@ -113,3 +120,58 @@ def test_layer_on_the_second_device(backend):
     got = layer(hidden)
     assert torch.cuda.current_device() == 0
     assert got.device == hidden.device and torch.equal(got, want)
+
+
+def _poisoned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A tensor like t (same strides) filled with values no case holds: NaN, or -2**31
+    / the dtype's minimum for integers (an out-of-range id, a negative length)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    if t.is_floating_point() and t.element_size() > 1:
+        return out.fill_(float("nan"))
+    if t.dtype == torch.float8_e4m3fn:
+        return out.view(torch.uint8).fill_(0x7F).view(t.dtype)
+    return out.fill_(torch.iinfo(t.dtype).min)
+
+
+def _on_side_stream_late(public, backend):
+    """public(..., backend=backend) called on a new side stream with copies of its tensor
+    arguments that are poisoned, then written there with the arguments' values only after
+    a sleep of ~20 ms; synchronised before returning."""
+    def call(*args, **kwargs):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        pairs = {}
+
+        def late(x):
+            if not isinstance(x, torch.Tensor) or 0 in x.stride():   # expanded: as is
+                return x
+            if id(x) not in pairs:
+                pairs[id(x)] = (x, _poisoned_copy(x))
+            return pairs[id(x)][1]
+
+        with torch.cuda.stream(side):
+            args = [late(a) for a in args]
+            kwargs = {k: late(v) for k, v in kwargs.items()}
+            torch.cuda._sleep(20_000_000)
+            for original, copy in pairs.values():
+                copy.copy_(original)
+            result = public(*args, backend=backend, **kwargs)
+        side.synchronize()
+        return result
+
+    return call
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("op", testing.ops())
+def test_op_runs_on_the_current_stream(op, backend):
+    """Every op's edge cases on a side stream whose inputs are written there only after a
+    sleep: a kernel not ordered on that stream reads poison (NaN, out-of-range ids) and
+    its result differs from the reference's."""
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    call = _on_side_stream_late(getattr(moe_kernels, op), backend)
+    report = testing.check(op, call, device="cuda", raise_on_failure=False)
+    assert report.passed, report.message()
+    assert len(report.skipped) < len(report.results), f"{op}: no edge case ran"
