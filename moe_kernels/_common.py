@@ -3,6 +3,8 @@ references, benchmarks): one definition each."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -22,3 +24,19 @@ def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (0 for n = 0), as `triton.next_power_of_2` computes
     it at a twentieth of the host cost."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def without_autocast(fn):
+    """fn run with autocast off on its first argument's device (a tensor): its float32
+    math stays float32 inside a caller's `torch.autocast` region, which would otherwise run
+    every matmul in the autocast dtype (the references' GEMMs, the layer's router).
+    Checked first (~0.1 us): entering the context costs ~1-2 us of eager time."""
+    @functools.wraps(fn)
+    def run(x, *args, **kwargs):
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+
+    return run

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_kernels import checkpoint
-from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv
+from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv, without_autocast
 from moe_kernels._validate import check_choice, check_int
 from moe_kernels.ops import expert_parallel as ep
 from moe_kernels.ops import fp8, fused_moe, gating
@@ -48,6 +48,13 @@ CONFIG_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                  "routed_scaling_factor", "norm_topk_prob")
 
 ROUTED_EXPERT_KEY = re.compile(r"experts\.(\d+)\.")
+
+
+@without_autocast
+def router_logits(x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+    """x (T, H) any float dtype, gate_weight (E, H) float32 -> logits (T, E) float32: HF's
+    router GEMM in float32, also inside a caller's autocast region."""
+    return F.linear(x.float(), gate_weight)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -210,7 +217,7 @@ class DeepseekV3MoE(nn.Module):
     def _route(self, x: torch.Tensor, shared_expert_id: int):
         """route, with grouped_topk's shared column (id shared_expert_id, weight 1) where
         shared_expert_id >= 0: no concatenation after it (four launches at decode)."""
-        logits = F.linear(x.float(), self.gate_weight)      # HF: the router GEMM in float32
+        logits = router_logits(x, self.gate_weight)
         return gating.grouped_topk_unchecked(
             gating.GROUPED_TOPK.resolve(self.backend, logits), logits,
             self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group, "sigmoid",

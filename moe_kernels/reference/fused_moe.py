@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_kernels._common import without_autocast
 from moe_kernels.reference.fp8 import (dequantize_fp8_block, dequantize_per_token_group,
                                        quantize_fp8_per_token_group)
 
@@ -24,6 +25,7 @@ def _fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     return dequantize_per_token_group(*quantize_fp8_per_token_group(x))
 
 
+@without_autocast
 def moe_forward(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids,
                 out_dtype=None, quantize_activations=True):
     """hidden (T, H); w13 (E, 2I, H) fp8 [gate rows | up rows], w13_scales

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels._common import without_autocast
 from moe_kernels.reference.fp8 import dequantize_fp8_block, dequantize_per_token_group
 
 
+@without_autocast
 def grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out_dtype=torch.bfloat16):
     """a (R, K) fp8, a_scales (R, ceil(K/128)), b (E, N, K) fp8, b_scales
     (E, ceil(N/128), ceil(K/128)), m_indices (R,) int -> (R, N) out_dtype; rows whose
@@ -29,6 +31,7 @@ def grouped_gemm_fp8(a, a_scales, b, b_scales, m_indices, out_dtype=torch.bfloat
     return out.to(out_dtype)
 
 
+@without_autocast
 def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype=torch.bfloat16):
     """a (E, M, K) fp8, a_scales (E, M, ceil(K/128)), b (E, N, K) fp8, b_scales
     (E, ceil(N/128), ceil(K/128)), masked_m (E,) int -> (E, M, N) out_dtype; rows

@@ -18,7 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_kernels._common import without_autocast
 
+
+@without_autocast
 def route(hidden, gate_weight, bias, top_k, n_group, topk_group, norm_topk_prob,
           routed_scaling_factor):
     """HF DeepseekV3TopkRouter in float32 -> weights (T, top_k) float32, ids (T, top_k)."""
@@ -37,12 +40,14 @@ def route(hidden, gate_weight, bias, top_k, n_group, topk_group, norm_topk_prob,
     return w * routed_scaling_factor, ids
 
 
+@without_autocast
 def mlp(x, w13, w2):
     """down(silu(gate(x)) * up(x)) in float32; w13 (2I, H) gate rows first, w2 (H, I)."""
     gate, up = (x.float() @ w13.float().T).chunk(2, dim=-1)
     return (F.silu(gate) * up) @ w2.float().T
 
 
+@without_autocast
 def deepseek_v3_moe(hidden, gate_weight, bias, w13, w2, shared_w13, shared_w2, *, top_k,
                     n_group, topk_group, norm_topk_prob, routed_scaling_factor):
     """hidden (..., H) -> (..., H) float32."""

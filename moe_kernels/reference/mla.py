@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_kernels._common import FP8
+from moe_kernels._common import FP8, without_autocast
 from moe_kernels.reference.fp8 import dequantize_fp8_block
 
 
@@ -49,6 +49,7 @@ def up_projection(kv_b_proj: torch.Tensor, kv_b_proj_scale: torch.Tensor | None,
     return w[:, :dn], w[:, dn:]
 
 
+@without_autocast
 def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.Tensor,
                       kv_b_proj_scale: torch.Tensor | None, num_heads: int, dn: int, dv: int,
                       out_dtype: torch.dtype):
@@ -101,6 +102,7 @@ def gather_paged_rows(kv_cache: torch.Tensor, block_table: torch.Tensor,
     return torch.where(((slots >= 0) & (slots < nb * bs))[:, None], rows, 0.0)
 
 
+@without_autocast
 def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
                             seq_lens: torch.Tensor, kv_b_proj: torch.Tensor,
                             kv_b_proj_scale: torch.Tensor | None, kv_cache_scale,
