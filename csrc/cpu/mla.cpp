@@ -137,7 +137,7 @@ void decompress_float(const at::Tensor& latent, const at::Tensor& pe_storage, in
   const int64_t R = w.size(1), dn = dk - rope;
   const at::Tensor wt = w.t();
   // at::mm dispatches again, and inside a caller's torch.autocast region would multiply in
-  // bf16: the float32 path stays float32 (tests/test_autocast.py)
+  // bf16: the float32 path stays float32 (tests/test_torch_modes.py)
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t chunk = std::max<int64_t>(16, kChunkFloats / std::max<int64_t>(1, w.size(0)));
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {

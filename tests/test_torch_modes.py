@@ -1,0 +1,115 @@
+"""Every op and the layer under torch's global modes give what they give without them,
+bit for bit, on every backend.
+
+Autocast: it runs every matmul it meets in its dtype and moves other torch ops to
+float32 or the widest dtype. Inference scripts and training loops (Megatron, HF Trainer)
+wrap whole models in it; without a guard the float32 reference's GEMMs and the layer's
+float32 router would run in bf16 (another routing than the contract's, a reference that
+is no longer float32). The kernels are opaque ops, which autocast does not touch, but
+the torch code around them is not.
+
+Deterministic algorithms (`torch.use_deterministic_algorithms(True)`, as reproducible
+training sets it): a torch op between our kernels with only a nondeterministic CUDA
+implementation would raise there, and torch.empty outputs are filled (NaN) first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import _library, testing
+
+from helpers import device_backend_params
+from test_cuda_graphs import assert_same_bits
+from test_layer import as_fp8_checkpoint, make_config, make_hidden, make_weights
+
+AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float16)}
+
+
+def _outcome(call):
+    """(result, None) or (None, the exception's type)."""
+    try:
+        return call(), None
+    except (ValueError, TypeError, RuntimeError) as exc:
+        return None, type(exc)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def _modes(device: str) -> dict:
+    """name: a function making the mode's context."""
+    modes = {f"autocast {dtype}": functools.partial(torch.autocast, device, dtype=dtype)
+             for dtype in AUTOCAST_DTYPES[device]}
+    modes["deterministic"] = deterministic_algorithms
+    return modes
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", testing.ops())
+def test_op_ignores_global_modes(device, backend, op):
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    public = getattr(moe_kernels, op)
+    ran = 0
+    for case in testing.cases(op, "edge", device=device):
+        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+        call = lambda: public(*args, backend=backend, **kwargs)
+        want, want_error = _outcome(call)
+        for name, mode in _modes(device).items():
+            with mode():
+                got, got_error = _outcome(call)
+            assert got_error == want_error, f"{case.name} under {name}: {got_error}"
+            if want_error is None:
+                assert_same_bits(got, want, f"{op} {case.name} under {name}")
+                ran += 1
+    assert ran, f"{op}: every edge case raised"
+
+
+# triton on the GPU only: the layer's own torch code (router, shared expert) is the same on
+# every backend, fused_moe_fp8's Triton composite is checked op by op above, and the layer
+# under the interpreter took 19 s of CI
+@pytest.mark.parametrize("device,backend", device_backend_params(("reference", "cpu")) +
+                         device_backend_params(("triton",), devices=("cuda",)))
+def test_layer_ignores_global_modes(device, backend):
+    """The layer's router is float32 inside autocast too (HF's float32 router GEMM)."""
+    cfg = make_config()
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)),
+                                              device=device, backend=backend)
+    for name, mode in _modes(device).items():
+        for hidden_dtype in (torch.bfloat16, torch.float32):
+            hidden = make_hidden(9, cfg, dtype=hidden_dtype, device=device)
+            want = layer(hidden)
+            with mode():
+                got = layer(hidden)
+                routed = layer.route(hidden)
+            assert_same_bits(got, want, f"{name}, hidden {hidden_dtype}")
+            assert_same_bits(routed, layer.route(hidden), f"route: {name}, {hidden_dtype}")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_compiled_layer_ignores_autocast(device):
+    """The same under torch.compile(fullgraph=True), the device's default backend: the
+    guard traces (autocast read as a constant, its region entered in the graph)."""
+    cfg = make_config()
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)),
+                                              device=device)
+    hidden = make_hidden(9, cfg, device=device)
+    want = layer(hidden)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = compiled(hidden)
+    assert_same_bits(got, want, "compiled under autocast")
