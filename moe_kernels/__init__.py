@@ -17,6 +17,9 @@ from moe_kernels.ops.grouped_gemm import grouped_gemm_fp8, grouped_gemm_fp8_mask
 from moe_kernels.ops.mla import mla_decompress_kv, mla_decompress_kv_paged, mla_pack_kv_b_proj
 from moe_kernels.ops.permute import (MaskedLayout, PermuteLayout, moe_align_block_size,
                                      permute, permute_masked, unpermute)
+from moe_kernels._library import register_non_differentiable
+
+register_non_differentiable()
 
 __version__ = "0.1.0"
 

@@ -318,6 +318,7 @@ class Op:
             if b == "reference" or (b == "triton" and triton) or b in native or b in self.borrow)
         self._eager: dict[str, object] = {}
         self._resolved: dict[tuple, str] = {}
+        self.differentiable = False
 
     def _checked_kernel(self, backend: str):
         """The kernel of a C++ backend, for the dispatcher and the eager path alike: the
@@ -392,6 +393,7 @@ class Op:
             backward, setup = make(backend)
             torch.library.register_autograd(f"{NAMESPACE}::{variant}", backward,
                                             setup_context=setup, lib=_LIB)
+        self.differentiable = True
 
     def resolve(self, backend: str | None, x: torch.Tensor) -> str:
         """resolve_backend_of among this op's backends, memoised per (backend, device type):
@@ -404,3 +406,27 @@ class Op:
         if x.is_cuda or x.is_cpu:
             self._resolved[key] = resolved
         return resolved
+
+
+def _no_gradient(ctx, *grads):
+    raise RuntimeError("unreachable: the outputs are marked non-differentiable")
+
+
+def _outputs_non_differentiable(ctx, inputs, output):
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+
+def register_non_differentiable() -> None:
+    """Every op without a backward (register_autograd) gets outputs that never require
+    grad through the dispatcher too (torch.ops calls, compiled graphs), as on the eager
+    path, which calls the kernels directly; without it torch's fallback would mark them
+    requiring grad and drop the gradient with a deprecation warning at backward. Ops that
+    only write into buffers (`-> ()`) have no output to mark. Called once, after every op
+    module is imported."""
+    for op in OPS.values():
+        if op.differentiable or op.schema.endswith("-> ()"):
+            continue
+        for variant in op.variants:
+            torch.library.register_autograd(f"{NAMESPACE}::{variant}", _no_gradient,
+                                            setup_context=_outputs_non_differentiable,
+                                            lib=_LIB)

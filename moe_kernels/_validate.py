@@ -119,11 +119,31 @@ def check_no_overlap(op: str, name: str, out: torch.Tensor, inputs: dict) -> Non
                              f"must not overlap an input")
 
 
+def _first_requiring_grad(inputs: dict) -> str | None:
+    """The name of the first tensor of `inputs` that autograd would record a use of."""
+    if torch.is_grad_enabled():
+        for name, x in inputs.items():
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                return name
+    return None
+
+
 def check_no_grad_inputs(op: str, **inputs) -> None:
     """out= results are not recorded by autograd (as in torch), so no input may need one."""
-    if not torch.is_grad_enabled():
-        return
-    for name, x in inputs.items():
-        if x is not None and x.requires_grad:
-            raise ValueError(f"{op}: out= does not support autograd, but {name} requires grad; "
-                             f"call without out= or under torch.no_grad()")
+    name = _first_requiring_grad(inputs)
+    if name is not None:
+        raise ValueError(f"{op}: out= does not support autograd, but {name} requires grad; "
+                         f"call without out= or under torch.no_grad()")
+
+
+def check_forward_only(op: str, **inputs) -> None:
+    """ValueError when an input requires grad (grad mode on) of an op with no backward whose
+    result depends smoothly on it (GEMMs, MLA, fused_moe_fp8, expert parallelism): its
+    gradient would be missing without a word, which in fine-tuning trains the layers
+    before it wrongly. Under torch.no_grad() / torch.inference_mode(), or with detached
+    inputs, the op runs."""
+    name = _first_requiring_grad(inputs)
+    if name is not None:
+        raise ValueError(f"{op}: {name} requires grad, but {op} has no backward (forward "
+                         f"only); call it under torch.no_grad() or torch.inference_mode(), "
+                         f"or pass {name}.detach()")

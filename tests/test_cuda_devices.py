@@ -26,7 +26,7 @@ from moe_kernels import _library, testing
 
 from helpers import HAS_CUDA
 
-from test_layer import as_fp8_checkpoint, make_config, make_hidden, make_weights
+from test_layer import make_fp8_layer, make_hidden
 
 TWO_DEVICES = torch.cuda.is_available() and torch.cuda.device_count() >= 2
 needs_two_devices = pytest.mark.skipif(
@@ -110,9 +110,7 @@ def test_op_on_the_second_device(op, backend):
 def test_layer_on_the_second_device(backend):
     """The DeepseekV3MoE layer on cuda:1 while cuda:0 is current gives what it gives with
     cuda:1 current, bit for bit."""
-    cfg = make_config()
-    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)),
-                                              device="cuda:1", backend=backend)
+    layer, cfg = make_fp8_layer("cuda:1", backend)
     hidden = make_hidden(5, cfg, device="cuda:1")
     torch.cuda.set_device(1)
     want = layer(hidden)

@@ -103,6 +103,21 @@ def reference_output(hidden, sd, cfg):
         norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
 
 
+def make_fp8_layer(device="cpu", backend=None):
+    """The layer of make_config() loaded from its FP8 checkpoint (make_weights)."""
+    cfg = make_config()
+    return moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)),
+                                             device=device, backend=backend), cfg
+
+
+# The layer's (device, backend) pairs for the tests of rules that cut across ops (modes,
+# autograd): triton on the GPU only, since the layer's own torch code (router, shared
+# expert) is the same on every backend, the ops' Triton paths are checked op by op, and
+# the layer under the interpreter takes ~19 s of CI per test.
+LAYER_PARAMS = (device_backend_params(("reference", "cpu"))
+                + device_backend_params(("triton",), devices=("cuda",)))
+
+
 def make_hidden(T, cfg, seed=1, dtype=torch.bfloat16, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(T, cfg.hidden_size, generator=g).to(dtype).to(device)

@@ -26,7 +26,7 @@ from moe_kernels import _library, testing
 
 from helpers import device_backend_params
 from test_cuda_graphs import assert_same_bits
-from test_layer import as_fp8_checkpoint, make_config, make_hidden, make_weights
+from test_layer import LAYER_PARAMS, make_fp8_layer, make_hidden
 
 AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float16)}
 
@@ -77,16 +77,10 @@ def test_op_ignores_global_modes(device, backend, op):
     assert ran, f"{op}: every edge case raised"
 
 
-# triton on the GPU only: the layer's own torch code (router, shared expert) is the same on
-# every backend, fused_moe_fp8's Triton composite is checked op by op above, and the layer
-# under the interpreter took 19 s of CI
-@pytest.mark.parametrize("device,backend", device_backend_params(("reference", "cpu")) +
-                         device_backend_params(("triton",), devices=("cuda",)))
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
 def test_layer_ignores_global_modes(device, backend):
     """The layer's router is float32 inside autocast too (HF's float32 router GEMM)."""
-    cfg = make_config()
-    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)),
-                                              device=device, backend=backend)
+    layer, cfg = make_fp8_layer(device, backend)
     for name, mode in _modes(device).items():
         for hidden_dtype in (torch.bfloat16, torch.float32):
             hidden = make_hidden(9, cfg, dtype=hidden_dtype, device=device)
@@ -103,9 +97,7 @@ def test_layer_ignores_global_modes(device, backend):
 def test_compiled_layer_ignores_autocast(device):
     """The same under torch.compile(fullgraph=True), the device's default backend: the
     guard traces (autocast read as a constant, its region entered in the graph)."""
-    cfg = make_config()
-    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(make_weights(cfg)),
-                                              device=device)
+    layer, cfg = make_fp8_layer(device)
     hidden = make_hidden(9, cfg, device=device)
     want = layer(hidden)
     torch._dynamo.reset()

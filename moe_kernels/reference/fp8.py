@@ -49,6 +49,7 @@ def _pad_last(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pad)) if pad else x
 
 
+@torch.no_grad()   # not differentiable, as the kernels' outputs (docs/api.md)
 def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, eps: float = 1e-10,
                                  scale_ue8m0: bool = False, column_major_scales: bool = False):
     """x (M, K) float -> q (M, K) float8_e4m3fn, s (M, ceil(K/group_size)) float32.
@@ -66,6 +67,7 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, eps: fl
     return q.contiguous(), scale
 
 
+@torch.no_grad()   # not differentiable, as the kernels' outputs (docs/api.md)
 def quantize_fp8_block(w: torch.Tensor, block_n: int = 128, block_k: int = 128,
                        eps: float = 1e-10):
     """w (..., N, K) float -> q (..., N, K) float8_e4m3fn,
@@ -82,6 +84,7 @@ def quantize_fp8_block(w: torch.Tensor, block_n: int = 128, block_k: int = 128,
     return q.reshape(*batch, N, K).contiguous(), scale.reshape(*batch, *scale.shape[1:])
 
 
+@torch.no_grad()   # not differentiable, as the kernels' outputs (docs/api.md)
 def dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block_n: int = 128,
                          block_k: int = 128, dtype: torch.dtype = torch.bfloat16):
     """q (..., N, K) fp8, s (..., ceil(N/block_n), ceil(K/block_k)) -> (..., N, K) dtype,
@@ -98,6 +101,7 @@ def dequantize_per_token_group(q: torch.Tensor, s: torch.Tensor, group_size: int
     return q.float() * s.float().repeat_interleave(group_size, dim=-1)[..., :K]
 
 
+@torch.no_grad()   # not differentiable, as the kernels' outputs (docs/api.md)
 def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float = 1e-10):
     """x (M, 2N) = [gate | up] -> quantize(silu(gate) * up) computed in float32:
     q (M, N) fp8, s (M, ceil(N/group_size)) float32."""
@@ -107,6 +111,7 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float = 
     return quantize_fp8_per_token_group(y, group_size, eps)
 
 
+@torch.no_grad()   # not differentiable, as the kernels' outputs (docs/api.md)
 def gather_rows_quant_fp8(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor,
                           group_size: int = 128, eps: float = 1e-10):
     """x (T, H) float; pair_of_row (R,) int32 (-1: padding); row_of_pair (T, K) int32 ->

@@ -64,7 +64,9 @@ def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, top_k: int) -> torch
         return gather_rows(x.view(torch.uint8), pair_of_row, top_k).view(x.dtype)
     src = pair_of_row.long()
     if x.shape[0] == 0 or top_k == 0:  # only padding rows (static shapes: no sync)
-        return x.new_zeros((src.shape[0], x.shape[1]))
+        zeros = x.new_zeros((src.shape[0], x.shape[1]))
+        # + an empty sum (0, exactly): the zeros stay in x's graph, as the kernels' are
+        return zeros + x.narrow(0, 0, 0).sum(0) if x.requires_grad else zeros
     rows = x.index_select(0, torch.clamp(src, min=0) // top_k)
     return torch.where((src >= 0)[:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
 

@@ -1,0 +1,177 @@
+"""What each op does with inputs that require grad, identical on every backend and through
+every path (eager, torch.ops, torch.compile) (docs/api.md, "Autograd"):
+
+- differentiable (gating, permutation): outputs require grad as the reference's do, and
+  backward runs (each op's own test checks the gradient's values);
+- no gradient by nature (the FP8 quantizers, dequantize): outputs never require grad;
+- forward only (the GEMMs, fused_moe_fp8, MLA, expert parallelism, the layer): an input
+  that requires grad is a ValueError naming it while grad mode is on (a missing gradient
+  would otherwise go unnoticed), and the op runs under torch.no_grad().
+
+Why: the kernels are called directly on the eager path, so without a rule their outputs
+would be detached, while the reference's carried a gradient and the registered ops' got
+torch's deprecated not-implemented fallback (requires grad, gradient dropped with a
+warning at backward): three behaviours for one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import _library, testing
+
+from helpers import device_backend_params
+from test_layer import LAYER_PARAMS, make_fp8_layer, make_hidden
+
+DIFFERENTIABLE = ("grouped_topk", "permute", "permute_masked", "unpermute")
+NO_GRADIENT = ("quantize_fp8_per_token_group", "silu_and_mul_quant_fp8",
+               "quantize_fp8_block", "dequantize_fp8_block")
+FORWARD_ONLY = ("grouped_gemm_fp8", "grouped_gemm_fp8_masked", "fused_moe_fp8",
+                "mla_decompress_kv", "mla_decompress_kv_paged")
+
+
+INTEGER_ONLY = ("moe_align_block_size",)     # no float input
+
+
+def test_every_op_has_a_rule():
+    assert sorted(DIFFERENTIABLE + NO_GRADIENT + FORWARD_ONLY + INTEGER_ONLY) == testing.ops()
+
+
+def _outputs(result) -> list:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _outputs(r)]
+    return [v for v in vars(result).values() if isinstance(v, torch.Tensor)] \
+        if hasattr(result, "__dict__") else []
+
+
+def _with_grad(case):
+    """(args, kwargs) of the case with every float input (not fp8, not an out= buffer)
+    requiring grad, and the names of those inputs."""
+    names = [k for k, x in case.inputs.items()
+             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.element_size() > 1
+             and not k.startswith("out")]
+    inputs = {k: x.detach().clone().requires_grad_(True) if k in names else x
+              for k, x in case.inputs.items()}
+    args, kwargs = testing.run(case.op, lambda *a, **k: (a, k),
+                               dataclasses.replace(case, inputs=inputs))
+    return args, kwargs, names
+
+
+def _grad_cases(op, device):
+    return [c for c in testing.cases(op, "edge", device=device)
+            if not any(k.startswith("out") for k in c.inputs)]
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", testing.ops())
+def test_inputs_that_require_grad(device, backend, op):
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    if op in INTEGER_ONLY:
+        pytest.skip(f"{op} takes no float input")
+    public = getattr(moe_kernels, op)
+    checked = 0
+    for case in _grad_cases(op, device):
+        args, kwargs, names = _with_grad(case)
+        if not names:
+            continue
+        try:
+            want = public(*args, backend="reference", **kwargs)
+        except ValueError as exc:
+            if op in FORWARD_ONLY and "requires grad" in str(exc):
+                with pytest.raises(ValueError, match=f"{op}: .* requires grad"):
+                    public(*args, backend=backend, **kwargs)
+                assert any(f"{n} requires grad" in str(exc) for n in names), str(exc)
+                with torch.no_grad():
+                    public(*args, backend=backend, **kwargs)
+                checked += 1
+            continue   # the case is refused for another reason, on every backend alike
+        assert op not in FORWARD_ONLY, f"{case.name}: ran with {names} requiring grad"
+        got = public(*args, backend=backend, **kwargs)
+        got_flags = [t.requires_grad for t in _outputs(got)]
+        if op in NO_GRADIENT:
+            assert not any(got_flags), f"{case.name}: {got_flags}"
+        else:
+            assert got_flags == [t.requires_grad for t in _outputs(want)], case.name
+            assert any(got_flags), case.name
+            sum(t.float().sum() for t in _outputs(got) if t.requires_grad).backward()
+        checked += 1
+    assert checked, f"{op}: no edge case took an input that requires grad"
+
+
+def _registered_calls():
+    """(op, registered call) with float inputs that require grad, by the schemas' order.
+    (MLA's registered ops write into buffers: they have no output to mark.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, generator=g, requires_grad=True)
+    q, s = moe_kernels.quantize_fp8_block(torch.randn(256, 256, generator=g))
+    s = s.clone().requires_grad_(True)
+    ops = torch.ops.moe_kernels
+    return {
+        "quantize_fp8_per_token_group":
+            lambda: ops.quantize_fp8_per_token_group(x, 128, 1e-10, False, False),
+        "silu_and_mul_quant_fp8": lambda: ops.silu_and_mul_quant_fp8(x, 128, 1e-10),
+        "dequantize_fp8_block": lambda: ops.dequantize_fp8_block(q, s, 128, 128, torch.float32),
+        "grouped_gemm_fp8": lambda: ops.grouped_gemm_fp8(
+            q, torch.rand(256, 2, generator=g, requires_grad=True), q[None], s[None],
+            torch.zeros(256, dtype=torch.int32), torch.float32),
+    }
+
+
+@pytest.mark.parametrize("op", list(_registered_calls()))
+def test_registered_op_outputs_never_require_grad(op):
+    """Through torch.ops (the dispatcher, what compiled graphs call; direct calls skip the
+    public checks), the ops without a backward give outputs that do not require grad,
+    where torch's fallback would mark them and drop the gradient at backward with only a
+    warning."""
+    outputs = _outputs(_registered_calls()[op]())
+    assert outputs and not any(t.requires_grad for t in outputs)
+
+
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+def test_layer_is_forward_only(device, backend):
+    layer, cfg = make_fp8_layer(device, backend)
+    hidden = make_hidden(3, cfg, device=device).requires_grad_(True)
+    with pytest.raises(ValueError, match="DeepseekV3MoE: hidden requires grad"):
+        layer(hidden)
+    with torch.no_grad():
+        want = layer(hidden)
+    assert torch.equal(layer(hidden.detach()), want)
+    weights, _ = layer.route(hidden)                 # the router alone is differentiable
+    weights.sum().backward()
+    assert hidden.grad is not None
+
+
+def test_expert_parallel_ops_are_forward_only():
+    """Refused before anything else is checked (no process group is needed to see it)."""
+    hidden = torch.randn(3, 128, requires_grad=True)
+    ids = torch.zeros(3, 2, dtype=torch.int32)
+    placement = moe_kernels.ExpertPlacement.uniform(4, 1)
+    with pytest.raises(ValueError, match="ep_dispatch: hidden requires grad"):
+        moe_kernels.ep_dispatch(hidden, ids, torch.rand(3, 2), placement)
+    with pytest.raises(ValueError, match="ep_dispatch: topk_weights requires grad"):
+        moe_kernels.ep_dispatch(hidden.detach(), ids, torch.rand(3, 2, requires_grad=True),
+                                placement)
+
+
+@pytest.mark.parametrize("op", ["quantize_fp8_per_token_group", "mla_decompress_kv"])
+def test_compiled_calls_follow_the_rules(op):
+    """Under torch.compile(fullgraph=True) the rules hold as in eager: a quantizer's outputs
+    do not require grad, a forward-only op refuses (the check traces)."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 256, requires_grad=True)
+    if op == "quantize_fp8_per_token_group":
+        q, s = torch.compile(moe_kernels.quantize_fp8_per_token_group, fullgraph=True)(x)
+        assert not q.requires_grad and not s.requires_grad
+        return
+    w = torch.randn(2 * 256, 256)
+    fn = torch.compile(lambda c, pe: moe_kernels.mla_decompress_kv(c, pe, w, num_heads=2),
+                       fullgraph=True)
+    with pytest.raises(Exception, match="kv_c requires grad"):
+        fn(x, torch.randn(4, 64))
