@@ -28,11 +28,12 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     L, n = weight.shape
     cap = n // num_packs
     order = torch.argsort(weight, dim=1, descending=True, stable=True)
-    pack = torch.empty((L, n), dtype=torch.int64)
-    rank = torch.empty((L, n), dtype=torch.int64)
-    load = torch.zeros((L, num_packs), dtype=weight.dtype)
-    count = torch.zeros((L, num_packs), dtype=torch.int64)
-    rows = torch.arange(L)
+    i64 = dict(dtype=torch.int64, device=weight.device)
+    pack = torch.empty((L, n), **i64)
+    rank = torch.empty((L, n), **i64)
+    load = torch.zeros((L, num_packs), dtype=weight.dtype, device=weight.device)
+    count = torch.zeros((L, num_packs), **i64)
+    rows = torch.arange(L, **i64)
     for i in range(n):
         item = order[:, i]
         p = torch.where(count < cap, load, torch.inf).argmin(dim=1)   # first lightest
@@ -47,11 +48,12 @@ def replicate_experts(weight: torch.Tensor, num_phy: int):
     """weight (L, n) float -> phy2log (L, num_phy), replica rank (L, num_phy), logcnt (L, n),
     all int64: one replica per expert, each extra one to the largest load per replica."""
     L, n = weight.shape
-    rows = torch.arange(L)
-    phy2log = torch.cat([torch.arange(n).expand(L, n),
-                         torch.empty((L, num_phy - n), dtype=torch.int64)], dim=1)
-    rank = torch.zeros((L, num_phy), dtype=torch.int64)
-    logcnt = torch.ones((L, n), dtype=torch.int64)
+    i64 = dict(dtype=torch.int64, device=weight.device)
+    rows = torch.arange(L, **i64)
+    phy2log = torch.cat([torch.arange(n, **i64).expand(L, n),
+                         torch.empty((L, num_phy - n), **i64)], dim=1)
+    rank = torch.zeros((L, num_phy), **i64)
+    logcnt = torch.ones((L, n), **i64)
     for i in range(n, num_phy):
         e = (weight / logcnt).argmax(dim=1)
         phy2log[:, i] = e
@@ -120,8 +122,14 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     logcnt (layers, E) int64: replicas per expert (>= 1).
     Physical slot p lives on GPU p // (num_replicas // num_gpus)."""
     _check(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    L, E = weight.shape
-    w = weight.detach().float().cpu()
+    with torch.device("cpu"):   # on the host whatever torch.set_default_device says
+        return _rebalance(weight.detach().float().cpu(), num_replicas, num_groups,
+                          num_nodes, num_gpus)
+
+
+def _rebalance(w: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
+               num_gpus: int):
+    L, E = w.shape
     if num_groups % num_nodes == 0:
         phy2log, phy_rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
     else:

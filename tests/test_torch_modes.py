@@ -1,4 +1,4 @@
-"""Every op and the layer under torch's global modes give what they give without them,
+"""Every op and the layer under torch's global modes and defaults give what they give without them,
 bit for bit, on every backend.
 
 Autocast: it runs every matmul it meets in its dtype and moves other torch ops to
@@ -26,7 +26,8 @@ from moe_kernels import _library, testing
 
 from helpers import device_backend_params
 from test_cuda_graphs import assert_same_bits
-from test_layer import LAYER_PARAMS, make_fp8_layer, make_hidden
+from test_layer import (LAYER_PARAMS, as_fp8_checkpoint, make_config, make_fp8_layer,
+                        make_hidden, make_weights)
 
 AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float16)}
 
@@ -48,11 +49,26 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(False)
 
 
+@contextlib.contextmanager
+def default_dtype(dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def _modes(device: str) -> dict:
-    """name: a function making the mode's context."""
+    """name: a function making the mode's context. The default device "meta" stands for
+    any other device than the tensors' (torch.set_default_device("cuda") in a script that
+    also runs ops on the CPU): a tensor made without a device lands there and fails."""
     modes = {f"autocast {dtype}": functools.partial(torch.autocast, device, dtype=dtype)
              for dtype in AUTOCAST_DTYPES[device]}
     modes["deterministic"] = deterministic_algorithms
+    modes.update({f"default dtype {d}": functools.partial(default_dtype, d)
+                  for d in (torch.float64, torch.bfloat16)})
+    modes["default device meta"] = lambda: torch.device("meta")
     return modes
 
 
@@ -105,3 +121,35 @@ def test_compiled_layer_ignores_autocast(device):
     with torch.autocast(device, dtype=torch.bfloat16):
         got = compiled(hidden)
     assert_same_bits(got, want, "compiled under autocast")
+
+
+@pytest.mark.parametrize("mode", ["default dtype torch.float64", "default dtype torch.bfloat16",
+                                  "default device meta"])
+def test_layer_built_under_defaults(mode):
+    """The layer built (from_hf, device="cpu") under another default dtype or device holds
+    the same buffers and gives the same output: its buffers and checks name their dtypes
+    and devices (a float64 default made the routing check's probe float64, refused)."""
+    cfg = make_config()
+    checkpoint = as_fp8_checkpoint(make_weights(cfg))
+    want_layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, checkpoint, device="cpu")
+    with _modes("cpu")[mode]():
+        layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, checkpoint, device="cpu")
+    assert {k: (v.dtype, v.device) for k, v in layer.state_dict().items()} == \
+        {k: (v.dtype, v.device) for k, v in want_layer.state_dict().items()}
+    hidden = make_hidden(5, cfg)
+    assert_same_bits(layer(hidden), want_layer(hidden), mode)
+
+
+@pytest.mark.parametrize("mode", ["default dtype torch.float64", "default device meta"])
+def test_eplb_under_defaults(mode):
+    """EPLB computes on the host (its outputs are CPU tensors) whatever the defaults."""
+    weight = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) * 100
+    want = moe_kernels.eplb.rebalance_experts(weight, 20, 4, 2, 4)
+    with _modes("cpu")[mode]():
+        got = moe_kernels.eplb.rebalance_experts(weight, 20, 4, 2, 4)
+        packs = moe_kernels.eplb.balanced_packing(weight, 4)
+        replicas = moe_kernels.eplb.replicate_experts(weight, 20)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(g, w) for g, w in zip(packs, moe_kernels.eplb.balanced_packing(weight, 4)))
+    assert all(torch.equal(g, w)
+               for g, w in zip(replicas, moe_kernels.eplb.replicate_experts(weight, 20)))

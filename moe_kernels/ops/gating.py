@@ -72,7 +72,7 @@ def check_routing_config(op: str, num_experts: int, top_k: int, num_expert_group
                          topk_group: int, group_scoring: str = "top2_sum") -> None:
     """The checks of grouped_topk's scalar configuration, for callers (the layer) that
     validate it once, up front; errors name grouped_topk's arguments."""
-    logits = torch.empty((0, num_experts), device="meta")
+    logits = torch.empty((0, num_experts), dtype=torch.float32, device="meta")
     try:
         _check_args_slow(logits, top_k, num_expert_group, topk_group, "sigmoid", None,
                          group_scoring)
