@@ -201,6 +201,7 @@ def check_expert_limit(op: str, backend: str, cuda_limit: str, name: str, value:
 
 
 _is_compiling = torch.compiler.is_compiling
+_transforms_active = torch._C._are_functorch_transforms_active   # ~0.05 us
 
 
 def on_tensors_device(launcher):
@@ -377,8 +378,12 @@ class Op:
                        self.name + (self._triton_suffix if triton else "")).default
 
     def kernel(self, backend: str, needs_op: bool = False):
-        """The callable running `backend`'s kernel with the schema's arguments."""
-        if needs_op or _is_compiling():
+        """The callable running `backend`'s kernel with the schema's arguments: the
+        registered op when torch.compile traces, autograd must record the call
+        (`needs_op`), or a torch.func transform (vmap, grad) wraps the tensors, which a
+        bare kernel would take for plain ones (vmap: "Cannot access data pointer";
+        through the dispatcher, torch's batching fallback runs the op per sample)."""
+        if needs_op or _is_compiling() or _transforms_active():
             return self.op(backend)
         try:
             return self._eager[backend]

@@ -25,7 +25,7 @@ import moe_kernels
 from moe_kernels import _library, testing
 
 from helpers import device_backend_params
-from test_cuda_graphs import assert_same_bits
+from test_cuda_graphs import assert_same_bits, tensors_of
 from test_layer import (LAYER_PARAMS, as_fp8_checkpoint, make_config, make_fp8_layer,
                         make_hidden, make_weights)
 
@@ -153,3 +153,35 @@ def test_eplb_under_defaults(mode):
     assert all(torch.equal(g, w) for g, w in zip(packs, moe_kernels.eplb.balanced_packing(weight, 4)))
     assert all(torch.equal(g, w)
                for g, w in zip(replicas, moe_kernels.eplb.replicate_experts(weight, 20)))
+
+
+# torch.func.vmap over a stack of one case's first input: ops that return new tensors run
+# per sample through torch's batching fallback (the eager path hands the registered op to
+# the transform, where a bare kernel took the batched tensors for plain ones and failed on
+# their data pointers); ops that write into buffers (MLA) or only make integer indexes
+# (moe_align_block_size) have no fallback, and torch says so.
+VMAP_RUNS = ("quantize_fp8_per_token_group", "silu_and_mul_quant_fp8", "quantize_fp8_block",
+             "grouped_topk", "unpermute", "grouped_gemm_fp8", "fused_moe_fp8")
+VMAP_REFUSED = ("mla_decompress_kv", "moe_align_block_size")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("op", VMAP_RUNS + VMAP_REFUSED)
+def test_vmap(device, backend, op):
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    public = getattr(moe_kernels, op)
+    case = next(c for c in testing.cases(op, "edge", device=device)
+                if not any(k.startswith("out") for k in c.inputs)
+                and next(iter(c.inputs.values())).numel() > 0)
+    args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+    first, rest = args[0], args[1:]
+    call = lambda x: public(x, *rest, backend=backend, **kwargs)
+    stacked = torch.stack([first, first.flip(0)])
+    if op in VMAP_REFUSED:
+        with pytest.raises(RuntimeError, match="Batching rule not implemented"):
+            torch.func.vmap(call)(stacked)
+        return
+    got = torch.func.vmap(call)(stacked)
+    for i in range(2):
+        assert_same_bits([t[i] for t in tensors_of(got)], call(stacked[i]), f"{op} sample {i}")
