@@ -30,7 +30,7 @@ def without_autocast(fn):
     """fn run with autocast off on its first argument's device (a tensor): its float32
     math stays float32 inside a caller's `torch.autocast` region, which would otherwise run
     every matmul in the autocast dtype (the references' GEMMs, the layer's router).
-    Checked first (~0.1 us): entering the context costs ~1-2 us of eager time."""
+    Checked first: the query took ~0.2 us, entering the context ~4 us (2-core CPU)."""
     @functools.wraps(fn)
     def run(x, *args, **kwargs):
         device_type = x.device.type

@@ -214,7 +214,8 @@ def on_tensors_device(launcher):
     meets (HF `device_map="auto"`). The C++ CUDA kernels take a `CUDAGuard` for the same
     reason (csrc/cuda/). x: the schema's first argument, a tensor in every op (checked
     when the op is declared); every tensor argument is on its device (check_one_device /
-    the public checks). One device: two reads of the current device, ~0.3 us."""
+    the public checks). On one device it costs a tensor's device and the current device
+    read per launch; the context is entered only when they differ."""
     def run(x, *rest):
         if x.is_cuda:
             index = x.get_device()

@@ -141,7 +141,8 @@ def check_forward_only(op: str, **inputs) -> None:
     result depends smoothly on it (GEMMs, MLA, fused_moe_fp8, expert parallelism): its
     gradient would be missing without a word, which in fine-tuning trains the layers
     before it wrongly. Under torch.no_grad() / torch.inference_mode(), or with detached
-    inputs, the op runs."""
+    inputs, the op runs. Callers test torch.is_grad_enabled() first, so that an inference
+    call does not pay for building the keywords."""
     name = _first_requiring_grad(inputs)
     if name is not None:
         raise ValueError(f"{op}: {name} requires grad, but {op} has no backward (forward "
