@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import pytest
 import torch
@@ -185,3 +186,49 @@ def test_vmap(device, backend, op):
     got = torch.func.vmap(call)(stacked)
     for i in range(2):
         assert_same_bits([t[i] for t in tensors_of(got)], call(stacked[i]), f"{op} sample {i}")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_check_warns_when_float32_matmuls_are_reduced():
+    """moe_kernels.testing judges with the float32 reference, whose GEMMs follow torch's
+    float32 matmul precision: a check under "high" / "medium" says so."""
+    impl = functools.partial(moe_kernels.quantize_fp8_per_token_group, backend="reference")
+    with matmul_precision("medium"), pytest.warns(UserWarning, match="float32_matmul_precision"):
+        testing.check("quantize_fp8_per_token_group", impl)
+    with matmul_precision("highest"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        testing.check("quantize_fp8_per_token_group", impl)
+
+
+# The paths that are torch float32 matmuls follow torch.set_float32_matmul_precision as
+# every torch matmul does (docs/api.md); the kernels do not. "medium" lets oneDNN run
+# float32 matmuls in bf16 on CPUs with AMX, where the difference shows.
+PRECISION_FREE = ("grouped_gemm_fp8", "grouped_gemm_fp8_masked", "fused_moe_fp8")
+
+
+# (Triton on the GPU only: its interpreter multiplies with numpy, whatever torch's setting)
+@pytest.mark.parametrize("device,backend", device_backend_params(("cpu",)) + device_backend_params(
+    ("triton", "cuda"), devices=("cuda",)))
+@pytest.mark.parametrize("op", PRECISION_FREE)
+def test_kernels_ignore_matmul_precision(device, backend, op):
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    public = getattr(moe_kernels, op)
+    for case in testing.cases(op, "edge", device=device):
+        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+        want, want_error = _outcome(lambda: public(*args, backend=backend, **kwargs))
+        if want_error is not None:
+            continue
+        for precision in ("high", "medium"):
+            with matmul_precision(precision):
+                got = public(*args, backend=backend, **kwargs)
+            assert_same_bits(got, want, f"{op} {case.name} at {precision}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -241,6 +242,19 @@ def check_case(op: str, impl: Callable, case: Case) -> CaseResult:
     return CaseResult(case, comparison)
 
 
+def warn_if_reduced_precision() -> None:
+    """A UserWarning when torch's float32 matmuls may run at reduced precision: the
+    reference's float32 GEMMs are torch matmuls and follow the setting ("high": TF32 on
+    CUDA, "medium": also bf16 on CPUs with AMX), so the oracle would no longer be float32."""
+    precision = torch.get_float32_matmul_precision()
+    if precision != "highest":
+        warnings.warn(f"moe_kernels.testing: torch.get_float32_matmul_precision() is "
+                      f"{precision!r}, so the float32 reference's GEMMs may run in TF32 "
+                      f"(CUDA) or bf16 (CPU) and judge with a less exact oracle; call "
+                      f"torch.set_float32_matmul_precision('highest') first",
+                      UserWarning, stacklevel=3)
+
+
 def check(op: str, impl: Callable, *, preset: str = "edge", seed: int = 0, device="cpu",
           adapter: str | None = None, raise_on_failure: bool = True) -> Report:
     """Runs impl over the cases of a preset and compares each result with the reference.
@@ -252,6 +266,7 @@ def check(op: str, impl: Callable, *, preset: str = "edge", seed: int = 0, devic
     if adapter is not None:
         from moe_kernels.testing.adapters import adapt
         impl = adapt(adapter, impl, op)
+    warn_if_reduced_precision()
     report = Report(op, preset)
     for case in cases(op, preset, seed, device):
         report.results.append(check_case(op, impl, case))
