@@ -42,22 +42,28 @@ def _outcome(call):
 
 
 @contextlib.contextmanager
+def torch_setting(get, set_, value):
+    """A global torch setting at `value` within, restored after."""
+    saved = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(saved)
+
+
 def deterministic_algorithms():
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(False)
+    return torch_setting(torch.are_deterministic_algorithms_enabled,
+                         torch.use_deterministic_algorithms, True)
 
 
-@contextlib.contextmanager
 def default_dtype(dtype):
-    saved = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(saved)
+    return torch_setting(torch.get_default_dtype, torch.set_default_dtype, dtype)
+
+
+def matmul_precision(precision: str):
+    return torch_setting(torch.get_float32_matmul_precision,
+                         torch.set_float32_matmul_precision, precision)
 
 
 def _modes(device: str) -> dict:
@@ -186,16 +192,6 @@ def test_vmap(device, backend, op):
     got = torch.func.vmap(call)(stacked)
     for i in range(2):
         assert_same_bits([t[i] for t in tensors_of(got)], call(stacked[i]), f"{op} sample {i}")
-
-
-@contextlib.contextmanager
-def matmul_precision(precision: str):
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(saved)
 
 
 def test_check_warns_when_float32_matmuls_are_reduced():
