@@ -34,7 +34,9 @@ def without_autocast(fn):
     @functools.wraps(fn)
     def run(x, *args, **kwargs):
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        # (a device without autocast, e.g. meta, has none to turn off; asking raises)
+        if (torch.amp.is_autocast_available(device_type)
+                and torch.is_autocast_enabled(device_type)):
             with torch.autocast(device_type, enabled=False):
                 return fn(x, *args, **kwargs)
         return fn(x, *args, **kwargs)

@@ -404,7 +404,9 @@ class Op:
     def resolve(self, backend: str | None, x: torch.Tensor) -> str:
         """resolve_backend_of among this op's backends, memoised per (backend, device type):
         this runs on every eager call."""
-        key = (backend, x.is_cuda)
+        # is_cpu as well: a tensor on neither (meta, another accelerator) must not find
+        # the CPU's entry, whose bare C++ kernel would read a meta tensor's null data
+        key = (backend, x.is_cuda, x.is_cpu)
         hit = self._resolved.get(key) if backend is None or type(backend) is str else None
         if hit is not None:
             return hit

@@ -228,3 +228,47 @@ def test_kernels_ignore_matmul_precision(device, backend, op):
             with matmul_precision(precision):
                 got = public(*args, backend=backend, **kwargs)
             assert_same_bits(got, want, f"{op} {case.name} at {precision}")
+
+
+def _to_meta(x):
+    """x with every tensor on the meta device (layouts, NamedTuples, unrolled)."""
+    if isinstance(x, torch.Tensor):
+        return x.to("meta")
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_to_meta(v) for v in x))
+    return x
+
+
+@pytest.mark.parametrize("op", testing.ops())
+def test_meta_tensors_infer_shapes(op):
+    """Meta tensors (shape planning, modules built on the meta device) run the reference
+    backend, the default for a device without kernels: the outputs' shapes and dtypes of a
+    real call, no data read. The CPU's memoised backend choice once answered for them
+    too, and its C++ kernel read their null data: a segfault. A kernel backend named
+    explicitly is refused."""
+    public = getattr(moe_kernels, op)
+    ran = 0
+    for case in testing.cases(op, "edge"):
+        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+        want, error = _outcome(lambda: public(*args, **kwargs))     # memoises the CPU's choice
+        if error is not None:
+            continue
+        got = public(*[_to_meta(a) for a in args], **{k: _to_meta(v) for k, v in kwargs.items()})
+        got, want = tensors_of(got), tensors_of(want)
+        assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want], case.name
+        assert all(t.is_meta for t in got), case.name
+        ran += 1
+    assert ran
+    with pytest.raises(_library.BackendUnavailableError, match="cpu"):
+        public(*[_to_meta(a) for a in args], backend="cpu",
+               **{k: _to_meta(v) for k, v in kwargs.items()})
+
+
+def test_layer_on_the_meta_device():
+    """A layer built on the meta device (memory planning before loading) runs a meta
+    forward: the output's shape and dtype."""
+    cfg = make_config()
+    make_fp8_layer("cpu")[0](make_hidden(2, cfg))        # the CPU's backend choice memoised
+    layer = moe_kernels.DeepseekV3MoE.from_config(cfg, device="meta")
+    out = layer(make_hidden(5, cfg).to("meta"))
+    assert out.is_meta and out.shape == (5, cfg.hidden_size) and out.dtype == torch.bfloat16
