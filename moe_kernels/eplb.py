@@ -64,7 +64,8 @@ def replicate_experts(weight: torch.Tensor, num_phy: int):
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
-    return inv.scatter_(1, perm, torch.arange(perm.shape[1]).expand_as(perm).contiguous())
+    index = torch.arange(perm.shape[1], device=perm.device)
+    return inv.scatter_(1, perm, index.expand_as(perm).contiguous())
 
 
 def _hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus):
@@ -75,7 +76,7 @@ def _hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus):
     group_pack, group_rank = balanced_packing(weight.view(L, num_groups, group_size).sum(-1),
                                               num_nodes)
     log2mlog = (((group_pack * groups_per_node + group_rank) * group_size)[..., None]
-                + torch.arange(group_size)).flatten(1)
+                + torch.arange(group_size, device=weight.device)).flatten(1)
     mlog2log = _inverse(log2mlog)
     # 2. replicas within each node
     per_node = weight.gather(1, mlog2log).view(L * num_nodes, E // num_nodes)
@@ -86,7 +87,8 @@ def _hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus):
     phy2pphy = pack * (num_phy // num_gpus) + rank_in_pack
     pphy2phy = _inverse(phy2pphy)
     pphy2mlog = phy2mlog.gather(1, pphy2phy).view(L, num_nodes, -1)
-    pphy2mlog = (pphy2mlog + torch.arange(0, E, E // num_nodes).view(1, -1, 1)).flatten(1)
+    node_start = torch.arange(0, E, E // num_nodes, device=weight.device)
+    pphy2mlog = (pphy2mlog + node_start.view(1, -1, 1)).flatten(1)
     pphy2log = mlog2log.gather(1, pphy2mlog)
     pphy_rank = phy_rank.gather(1, pphy2phy).view(L, -1)
     logcnt = mlogcnt.view(L, -1).gather(1, log2mlog)
@@ -122,22 +124,16 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     logcnt (layers, E) int64: replicas per expert (>= 1).
     Physical slot p lives on GPU p // (num_replicas // num_gpus)."""
     _check(weight, num_replicas, num_groups, num_nodes, num_gpus)
-    with torch.device("cpu"):   # on the host whatever torch.set_default_device says
-        return _rebalance(weight.detach().float().cpu(), num_replicas, num_groups,
-                          num_nodes, num_gpus)
-
-
-def _rebalance(w: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
-               num_gpus: int):
-    L, E = w.shape
+    L, E = weight.shape
+    w = weight.detach().float().cpu()    # on the host: every tensor below names w's device
     if num_groups % num_nodes == 0:
         phy2log, phy_rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
     else:
         phy2log, phy_rank, logcnt = _hierarchical(w, num_replicas, 1, 1, num_gpus)
     width = int(logcnt.max())
-    log2phy = torch.full((L, E * width), -1, dtype=torch.int64)
+    log2phy = torch.full((L, E * width), -1, dtype=torch.int64, device=w.device)
     log2phy.scatter_(1, phy2log * width + phy_rank,
-                     torch.arange(num_replicas).expand(L, -1).contiguous())
+                     torch.arange(num_replicas, device=w.device).expand(L, -1).contiguous())
     return phy2log, log2phy.view(L, E, width), logcnt
 
 

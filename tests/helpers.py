@@ -137,6 +137,15 @@ def with_tma(params: list) -> list:
                      for p in params if p.values[1] == "triton"]
 
 
+def outcome(call):
+    """(call(), None), or (None, the type of the ValueError / TypeError / RuntimeError it
+    raised): for comparing two calls that may both refuse their inputs."""
+    try:
+        return call(), None
+    except (ValueError, TypeError, RuntimeError) as exc:
+        return None, type(exc)
+
+
 def call_backend(fn, *args, backend: str, **kwargs):
     """fn(*args, backend=backend, **kwargs); "triton-tma" runs backend="triton" under the
     TMA variant of the tile table in force on the first tensor argument's device."""

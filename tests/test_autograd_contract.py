@@ -25,6 +25,7 @@ import moe_kernels
 from moe_kernels import _library, testing
 
 from helpers import device_backend_params
+from properties import flat
 from test_layer import LAYER_PARAMS, make_fp8_layer, make_hidden
 
 DIFFERENTIABLE = ("grouped_topk", "permute", "permute_masked", "unpermute")
@@ -39,15 +40,6 @@ INTEGER_ONLY = ("moe_align_block_size",)     # no float input
 
 def test_every_op_has_a_rule():
     assert sorted(DIFFERENTIABLE + NO_GRADIENT + FORWARD_ONLY + INTEGER_ONLY) == testing.ops()
-
-
-def _outputs(result) -> list:
-    if isinstance(result, torch.Tensor):
-        return [result]
-    if isinstance(result, (tuple, list)):
-        return [t for r in result for t in _outputs(r)]
-    return [v for v in vars(result).values() if isinstance(v, torch.Tensor)] \
-        if hasattr(result, "__dict__") else []
 
 
 def _with_grad(case):
@@ -94,13 +86,13 @@ def test_inputs_that_require_grad(device, backend, op):
             continue   # the case is refused for another reason, on every backend alike
         assert op not in FORWARD_ONLY, f"{case.name}: ran with {names} requiring grad"
         got = public(*args, backend=backend, **kwargs)
-        got_flags = [t.requires_grad for t in _outputs(got)]
+        got_flags = [t.requires_grad for t in flat(got)]
         if op in NO_GRADIENT:
             assert not any(got_flags), f"{case.name}: {got_flags}"
         else:
-            assert got_flags == [t.requires_grad for t in _outputs(want)], case.name
+            assert got_flags == [t.requires_grad for t in flat(want)], case.name
             assert any(got_flags), case.name
-            sum(t.float().sum() for t in _outputs(got) if t.requires_grad).backward()
+            sum(t.float().sum() for t in flat(got) if t.requires_grad).backward()
         checked += 1
     assert checked, f"{op}: no edge case took an input that requires grad"
 
@@ -130,7 +122,7 @@ def test_registered_op_outputs_never_require_grad(op):
     public checks), the ops without a backward give outputs that do not require grad,
     where torch's fallback would mark them and drop the gradient at backward with only a
     warning."""
-    outputs = _outputs(_registered_calls()[op]())
+    outputs = flat(_registered_calls()[op]())
     assert outputs and not any(t.requires_grad for t in outputs)
 
 

@@ -25,10 +25,11 @@ import moe_kernels
 from moe_kernels import _library, testing
 
 from helpers import HAS_CUDA
+from test_cuda_graphs import poison
 
 from test_layer import make_fp8_layer, make_hidden
 
-TWO_DEVICES = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+TWO_DEVICES = HAS_CUDA and torch.cuda.device_count() >= 2
 needs_two_devices = pytest.mark.skipif(
     not TWO_DEVICES, reason="needs two CUDA devices (the tensors on cuda:1, cuda:0 current)")
 
@@ -121,14 +122,11 @@ def test_layer_on_the_second_device(backend):
 
 
 def _poisoned_copy(t: torch.Tensor) -> torch.Tensor:
-    """A tensor like t (same strides) filled with values no case holds: NaN, or -2**31
-    / the dtype's minimum for integers (an out-of-range id, a negative length)."""
+    """A tensor like t (same strides) poisoned as the CUDA-graph tests poison outputs:
+    NaN, or all bits set (an fp8 NaN code, a -1 id or length)."""
     out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-    if t.is_floating_point() and t.element_size() > 1:
-        return out.fill_(float("nan"))
-    if t.dtype == torch.float8_e4m3fn:
-        return out.view(torch.uint8).fill_(0x7F).view(t.dtype)
-    return out.fill_(torch.iinfo(t.dtype).min)
+    poison([out])
+    return out
 
 
 def _on_side_stream_late(public, backend):
@@ -165,7 +163,7 @@ def _on_side_stream_late(public, backend):
 @pytest.mark.parametrize("op", testing.ops())
 def test_op_runs_on_the_current_stream(op, backend):
     """Every op's edge cases on a side stream whose inputs are written there only after a
-    sleep: a kernel not ordered on that stream reads poison (NaN, out-of-range ids) and
+    sleep: a kernel not ordered on that stream reads poison (NaN, -1 ids and lengths) and
     its result differs from the reference's."""
     if backend not in _library.OPS[op].backends:
         pytest.skip(f"{op} has no {backend} backend")

@@ -19,7 +19,7 @@ import moe_kernels
 from moe_kernels import testing
 from moe_kernels.testing.core import Case
 
-from helpers import device_backend_params
+from helpers import device_backend_params, outcome
 
 # fused_moe_fp8's weights: the contract leaves the outputs of the tokens routed to an
 # expert with a non-finite weight value unspecified (GEMM1's output is quantized again,
@@ -60,10 +60,7 @@ def _plant(t: torch.Tensor, value: str) -> torch.Tensor:
 
 def _outcome(op: str, fn, case: Case):
     """(result, None) or (None, the error's type)."""
-    try:
-        return testing.run(op, fn, case), None
-    except (ValueError, TypeError, RuntimeError) as exc:
-        return None, type(exc)
+    return outcome(lambda: testing.run(op, fn, case))
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(("triton", "cpu", "cuda")))

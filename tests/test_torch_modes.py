@@ -16,6 +16,7 @@ implementation would raise there, and torch.empty outputs are filled (NaN) first
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 
@@ -25,20 +26,13 @@ import torch
 import moe_kernels
 from moe_kernels import _library, testing
 
-from helpers import device_backend_params
+from helpers import device_backend_params, outcome
+from properties import on
 from test_cuda_graphs import assert_same_bits, tensors_of
 from test_layer import (LAYER_PARAMS, as_fp8_checkpoint, make_config, make_fp8_layer,
                         make_hidden, make_weights)
 
 AUTOCAST_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16, torch.float16)}
-
-
-def _outcome(call):
-    """(result, None) or (None, the exception's type)."""
-    try:
-        return call(), None
-    except (ValueError, TypeError, RuntimeError) as exc:
-        return None, type(exc)
 
 
 @contextlib.contextmanager
@@ -89,10 +83,10 @@ def test_op_ignores_global_modes(device, backend, op):
     for case in testing.cases(op, "edge", device=device):
         args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
         call = lambda: public(*args, backend=backend, **kwargs)
-        want, want_error = _outcome(call)
+        want, want_error = outcome(call)
         for name, mode in _modes(device).items():
             with mode():
-                got, got_error = _outcome(call)
+                got, got_error = outcome(call)
             assert got_error == want_error, f"{case.name} under {name}: {got_error}"
             if want_error is None:
                 assert_same_bits(got, want, f"{op} {case.name} under {name}")
@@ -135,7 +129,8 @@ def test_compiled_layer_ignores_autocast(device):
 def test_layer_built_under_defaults(mode):
     """The layer built (from_hf, device="cpu") under another default dtype or device holds
     the same buffers and gives the same output: its buffers and checks name their dtypes
-    and devices (a float64 default made the routing check's probe float64, refused)."""
+    and devices (a routing check's probe made in the default dtype would be float64, and
+    refused)."""
     cfg = make_config()
     checkpoint = as_fp8_checkpoint(make_weights(cfg))
     want_layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, checkpoint, device="cpu")
@@ -164,7 +159,7 @@ def test_eplb_under_defaults(mode):
 
 # torch.func.vmap over a stack of one case's first input: ops that return new tensors run
 # per sample through torch's batching fallback (the eager path hands the registered op to
-# the transform, where a bare kernel took the batched tensors for plain ones and failed on
+# the transform: a bare kernel would take the batched tensors for plain ones and fail on
 # their data pointers); ops that write into buffers (MLA) or only make integer indexes
 # (moe_align_block_size) have no fallback, and torch says so.
 VMAP_RUNS = ("quantize_fp8_per_token_group", "silu_and_mul_quant_fp8", "quantize_fp8_block",
@@ -221,7 +216,7 @@ def test_kernels_ignore_matmul_precision(device, backend, op):
     public = getattr(moe_kernels, op)
     for case in testing.cases(op, "edge", device=device):
         args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
-        want, want_error = _outcome(lambda: public(*args, backend=backend, **kwargs))
+        want, want_error = outcome(lambda: public(*args, backend=backend, **kwargs))
         if want_error is not None:
             continue
         for precision in ("high", "medium"):
@@ -230,38 +225,27 @@ def test_kernels_ignore_matmul_precision(device, backend, op):
             assert_same_bits(got, want, f"{op} {case.name} at {precision}")
 
 
-def _to_meta(x):
-    """x with every tensor on the meta device (layouts, NamedTuples, unrolled)."""
-    if isinstance(x, torch.Tensor):
-        return x.to("meta")
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        return type(x)(*(_to_meta(v) for v in x))
-    return x
-
-
 @pytest.mark.parametrize("op", testing.ops())
 def test_meta_tensors_infer_shapes(op):
     """Meta tensors (shape planning, modules built on the meta device) run the reference
     backend, the default for a device without kernels: the outputs' shapes and dtypes of a
-    real call, no data read. The CPU's memoised backend choice once answered for them
-    too, and its C++ kernel read their null data: a segfault. A kernel backend named
-    explicitly is refused."""
+    real call, no data read. The CPU's call first memoises its backend choice, which must
+    not answer for meta tensors too (its C++ kernel would read their null data: a
+    segfault). A kernel backend named explicitly is refused."""
     public = getattr(moe_kernels, op)
     ran = 0
     for case in testing.cases(op, "edge"):
-        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
-        want, error = _outcome(lambda: public(*args, **kwargs))     # memoises the CPU's choice
+        want, error = outcome(lambda: testing.run(op, public, case))  # memoises the CPU's choice
         if error is not None:
             continue
-        got = public(*[_to_meta(a) for a in args], **{k: _to_meta(v) for k, v in kwargs.items()})
-        got, want = tensors_of(got), tensors_of(want)
+        meta = dataclasses.replace(case, inputs=on("meta", case.inputs))
+        got, want = tensors_of(testing.run(op, public, meta)), tensors_of(want)
         assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want], case.name
         assert all(t.is_meta for t in got), case.name
         ran += 1
     assert ran
     with pytest.raises(_library.BackendUnavailableError, match="cpu"):
-        public(*[_to_meta(a) for a in args], backend="cpu",
-               **{k: _to_meta(v) for k, v in kwargs.items()})
+        testing.run(op, functools.partial(public, backend="cpu"), meta)
 
 
 def test_layer_on_the_meta_device():
