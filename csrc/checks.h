@@ -64,6 +64,23 @@ inline bool index_dtype(at::ScalarType t) { return dtype_in(t, {at::kInt, at::kL
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
+// Argument `index` of a check when it is a tensor of another layout than strided (sparse,
+// mkldnn): those have no strides or data pointer, and reading either throws. Every
+// `_C.<entry>_check` runs this over its arguments first (csrc/registration.cpp), so no
+// check reads such a tensor; the public ops refuse them by name before (check_tensor).
+inline Report layout_problem(size_t index, const at::Tensor& t) {
+  if (!t.defined() || t.layout() == at::kStrided) return std::nullopt;
+  return Problem{ProblemKind::kType, c10::str("argument ", index, " must be a dense (strided) "
+                                              "tensor, got layout ", t.layout())};
+}
+inline Report layout_problem(size_t index, const std::optional<at::Tensor>& t) {
+  return t ? layout_problem(index, *t) : std::nullopt;
+}
+template <typename T>
+Report layout_problem(size_t, const T&) {
+  return std::nullopt;
+}
+
 }  // namespace moe_kernels
 
 // Inside a function returning Report: return the problem when `cond` fails. The message

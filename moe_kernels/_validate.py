@@ -11,14 +11,31 @@ import torch
 from moe_kernels._common import FLOAT_DTYPES, FP8
 
 
+STRIDED = torch.strided
+
+
 def check_tensor(op: str, name: str, x, *, ndim: int | None = None, dtypes=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout is not STRIDED:
+        # sparse and mkldnn tensors have no strides or data pointer to read: every kernel,
+        # the reference's included, takes dense tensors
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor, got layout "
+                        f"{x.layout}; call .to_dense() first")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must have dtype in ({names}), got {x.dtype}")
+
+
+def all_strided(*tensors) -> bool:
+    """Whether every tensor is dense: check_tensor's layout check, for the ops' fast
+    predicates (~45 ns a tensor), ahead of any stride read (a CSR tensor raises on one)."""
+    for t in tensors:
+        if t.layout is not STRIDED:
+            return False
+    return True
 
 
 def check_float_tensor(op: str, name: str, x, *, ndim: int | None = None) -> None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from moe_kernels import checkpoint
 from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv, without_autocast
-from moe_kernels._validate import check_choice, check_forward_only, check_int
+from moe_kernels._validate import check_choice, check_forward_only, check_int, check_tensor
 from moe_kernels.ops import expert_parallel as ep
 from moe_kernels.ops import fp8, fused_moe, gating
 from moe_kernels.ops import permute as perm
@@ -183,9 +183,7 @@ class DeepseekV3MoE(nn.Module):
     def forward(self, hidden: torch.Tensor, *, mode: str | None = None) -> torch.Tensor:
         """Checks hidden once; the ops run through their unchecked internal layer. mode:
         with an ep_group, "normal" or "low_latency" for this call (default ep_mode)."""
-        if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"DeepseekV3MoE: hidden must be a float32/bfloat16/float16 tensor, "
-                            f"got {getattr(hidden, 'dtype', type(hidden).__name__)}")
+        check_tensor("DeepseekV3MoE", "hidden", hidden, dtypes=FLOAT_DTYPES)
         if hidden.dim() < 1 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"DeepseekV3MoE: hidden must have shape (..., hidden_size="
                              f"{self.hidden_size}), got {tuple(hidden.shape)}")
@@ -367,9 +365,10 @@ class _Loader:
             raise KeyError(f"DeepseekV3MoE: missing key {full!r}")
         self.used.add(full)
         t = self.sd[full]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shape):
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"DeepseekV3MoE: {full!r} must have shape {tuple(shape)}, got {got}")
+        check_tensor("DeepseekV3MoE", repr(full), t)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"DeepseekV3MoE: {full!r} must have shape {tuple(shape)}, got "
+                             f"{tuple(t.shape)}")
         return t.to(self.device) if self.device is not None else t
 
     def fp8_block(self, key: str, shape: tuple):

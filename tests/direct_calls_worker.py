@@ -3,7 +3,7 @@ must fail the test with the case that did it, not end the session).
 
 For every op with a C++ kernel: valid arguments, then each argument mutated alone in every
 way the schema's type allows (dtype, rank, each size to 0 / 1 / +1, non-contiguous layouts,
-stride 0, junk values; ints to 0 / -1 / 2^40; floats to NaN / inf; None for optional
+stride 0, sparse and mkldnn tensors, junk values; ints to 0 / -1 / 2^40; floats to NaN / inf; None for optional
 tensors and tensors for None). Each case calls the C++ check `_C.<op>_<backend>_check`
 and then the registered op `torch.ops.moe_kernels.<op>`, and holds them to the contract of
 csrc/checks.h (backend "cpu"; also "cuda", with the samples on the GPU, where there is one
@@ -24,6 +24,7 @@ import sys
 import torch
 
 import moe_kernels  # noqa: F401  (registers the ops)
+from helpers import non_strided
 from moe_kernels import _library
 from moe_kernels.ops import mla as mla_ops
 
@@ -186,6 +187,9 @@ def tensor_mutations(t: torch.Tensor):
         yield "column-major", t.mT.contiguous().mT
     if t.dim() >= 1 and t.shape[0] > 1:
         yield "stride 0", t.narrow(0, 0, 1).expand(t.shape)
+    if t.dim() >= 1:
+        for layout, variant in non_strided(t):
+            yield f"layout {layout}", variant
     if t.dtype.is_floating_point and t.dtype != FP8:
         yield "NaN", _filled(t, float("nan"))
         yield "inf", _filled(t, float("inf"))
@@ -259,6 +263,9 @@ def run_case(name: str, backend: str, args: tuple) -> str | None:
             kind, message = check(*args)
         except Exception as exc:  # noqa: BLE001  (the check must never throw)
             return f"the check threw {exc!r}"
+    variant = name + op._triton_suffix if triton else name
+    if any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args):
+        return _refuses_non_strided(variant, args, kind, message, check)
     entered = []
     table, key = (op._eager, "triton") if triton else (op.entries, backend)
     real = op._bare("triton") if triton else table[key]
@@ -268,7 +275,6 @@ def run_case(name: str, backend: str, args: tuple) -> str | None:
         return real(*a)
 
     table[key] = spy
-    variant = name + op._triton_suffix if triton else name
     try:
         getattr(torch.ops.moe_kernels, variant)(*args)
         raised = None
@@ -297,6 +303,22 @@ def run_case(name: str, backend: str, args: tuple) -> str | None:
     if not entered:
         return "the check passed but the entry point never ran"
     return None
+
+
+def _refuses_non_strided(variant: str, args: tuple, kind: int, message: str, check) -> str | None:
+    """A sparse or mkldnn tensor: the check reports a TypeError (the layout guard of every
+    `_C.<entry>_check`, csrc/registration.cpp), and the registered op never reaches a
+    kernel: the dispatcher has none for those keys (SparseCPU, MkldnnCPU, ...) and raises
+    NotImplementedError."""
+    if check is not None and kind != 2:
+        return f"the check took a non-strided tensor: ({kind}, {message!r})"
+    try:
+        getattr(torch.ops.moe_kernels, variant)(*args)
+    except (NotImplementedError, TypeError):
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"a non-strided tensor raised {exc!r}"
+    return "a non-strided tensor ran"
 
 
 def _on(device: str, value):

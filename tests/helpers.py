@@ -3,6 +3,8 @@ poisoning, and the tolerance rules (from moe_kernels.testing.rules)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -155,3 +157,23 @@ def call_backend(fn, *args, backend: str, **kwargs):
     device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
     return configs.with_table(configs.tma_table(device),
                               lambda: fn(*args, backend="triton", **kwargs))
+
+
+def non_strided(t: torch.Tensor):
+    """(label, t in a layout no kernel reads): sparse COO (for fp8, which torch cannot
+    convert, an empty one of t's shape), CSR for a matrix, mkldnn for the float types on
+    the CPU. Each has no strides (CSR raises on reading them) and no data pointer."""
+    try:
+        coo = t.to_sparse()
+    except (RuntimeError, NotImplementedError):
+        coo = torch.sparse_coo_tensor(torch.zeros(t.dim(), 0, dtype=torch.long),
+                                      torch.empty(0, dtype=t.dtype), t.shape,
+                                      device=t.device, check_invariants=False)
+    yield "sparse_coo", coo
+    if t.dim() == 2:
+        with warnings.catch_warnings():   # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = t.to_sparse_csr()
+        yield "sparse_csr", csr
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        yield "mkldnn", t.to_mkldnn()

@@ -10,6 +10,9 @@ table (stride 3) picks wrong experts and a stride-0 tensor reads past its storag
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 import torch
 
@@ -17,7 +20,8 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import permute as ref_permute
 
-from helpers import device_backend_params
+from helpers import device_backend_params, non_strided
+from test_layer import make_fp8_layer, make_hidden
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -189,3 +193,95 @@ def test_layout_never_changes_the_result(name, device, backend):
                     f"{name} {backend}: {slot} {layout} changed output {i}"
             checked += 1
     assert checked > 0, f"{name}: no layout variant ran"
+
+
+# --- layouts without strides ---------------------------------------------------------------
+
+def _with_out(make, out_of):
+    """make's arguments plus out= (out_of(args): a buffer the op takes)."""
+    def made():
+        args, kwargs = make()
+        return args, {**kwargs, "out": out_of(args)}
+    return made
+
+
+def _align():
+    return [_routing()[0], 8, 4], {}
+
+
+def _masked():
+    ids, hidden, _ = _routing()
+    return [hidden, ids, 8, 3], dict(scales=torch.rand(5, 2, generator=_g(9)))
+
+
+# The ops CASES leaves out, and out= buffers (the same check_tensor as inputs).
+REFUSING = {
+    **CASES,
+    "moe_align_block_size": (moe_kernels.moe_align_block_size, _align),
+    "permute_masked": (moe_kernels.permute_masked, _masked),
+    "quantize_fp8_block": (moe_kernels.quantize_fp8_block,
+                           lambda: ([torch.randn(130, 140, generator=_g(10))], {})),
+    "unpermute out=": (moe_kernels.unpermute, _with_out(
+        _unpermute, lambda a: torch.empty(a[2].shape[0], a[0].shape[1]))),
+    "grouped_gemm_fp8 out=": (moe_kernels.grouped_gemm_fp8, _with_out(
+        _gemm, lambda a: torch.empty(a[0].shape[0], a[2].shape[1]))),
+}
+
+
+def _argument_name(fn, slot: str) -> str:
+    """The name an error gives the tensor of `slot` ("arg1" -> fn's second parameter)."""
+    if slot.startswith("arg"):
+        return list(inspect.signature(fn).parameters)[int(slot[3:])]
+    return slot
+
+
+@pytest.mark.parametrize("name", list(REFUSING))
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS, devices=("cpu",)))
+def test_non_strided_tensors_are_refused_by_name(name, device, backend):
+    """A sparse or mkldnn tensor has no strides (CSR raises on reading them) and no data
+    pointer: each op refuses one in any argument with a TypeError naming it, on every
+    backend, before torch's own errors from inside a kernel or the reference (a
+    RuntimeError, a NotImplementedError, or a C++ throw from the extension)."""
+    fn, make = REFUSING[name]
+    base_args, base_kwargs = make()
+    refused = 0
+    for slot, get, put in _tensor_slots(base_args, base_kwargs):
+        original = get(base_args, base_kwargs)
+        if original.dim() == 0:
+            continue
+        argument = _argument_name(fn, slot)
+        for layout, variant in non_strided(original):
+            args, kwargs = list(base_args), dict(base_kwargs)
+            put(args, kwargs, variant)
+            with pytest.raises(TypeError, match=re.escape(f"{argument} must be a dense")):
+                fn(*args, **kwargs, backend=backend)
+            refused += 1
+    assert refused > 0, f"{name}: no tensor argument"
+
+
+@pytest.mark.parametrize("name,fn,make", [
+    ("update_correction_bias_", moe_kernels.update_correction_bias_,
+     lambda: ([torch.zeros(8), torch.arange(8, dtype=torch.int32), 0.1], {})),
+    ("mla_pack_kv_b_proj", moe_kernels.mla_pack_kv_b_proj,
+     lambda: ([torch.randn(64, 32).to(torch.bfloat16)], {})),
+])
+def test_non_strided_tensors_are_refused_by_backendless_ops(name, fn, make):
+    base_args, base_kwargs = make()
+    for slot, get, put in _tensor_slots(base_args, base_kwargs):
+        argument = _argument_name(fn, slot)
+        for layout, variant in non_strided(get(base_args, base_kwargs)):
+            args = list(base_args)
+            put(args, base_kwargs, variant)
+            with pytest.raises(TypeError, match=re.escape(f"{argument} must be a dense")):
+                fn(*args, **base_kwargs)
+
+
+def test_layer_refuses_non_strided_hidden_and_weights():
+    layer, cfg = make_fp8_layer()
+    hidden = make_hidden(3, cfg)
+    for layout, variant in non_strided(hidden):
+        with pytest.raises(TypeError, match="hidden must be a dense"):
+            layer(variant)
+    weights = {"gate.weight": torch.randn(cfg.n_routed_experts, cfg.hidden_size)}
+    with pytest.raises(TypeError, match="'gate.weight' must be a dense"):
+        moe_kernels.DeepseekV3MoE.from_hf(cfg, {k: v.to_sparse() for k, v in weights.items()})

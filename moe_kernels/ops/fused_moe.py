@@ -19,7 +19,7 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (check_float_tensor, check_forward_only, check_fp8,
+from moe_kernels._validate import (all_strided, check_float_tensor, check_forward_only, check_fp8,
                                    check_last_dim_contiguous, check_same_device, check_scales,
                                    check_tensor)
 from moe_kernels.ops import fp8, grouped_gemm, permute as perm
@@ -66,7 +66,9 @@ def _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids) 
     if not (type(hidden) is torch.Tensor and type(w13) is torch.Tensor
             and type(w13_scales) is torch.Tensor and type(w2) is torch.Tensor
             and type(w2_scales) is torch.Tensor and type(topk_weights) is torch.Tensor
-            and type(topk_ids) is torch.Tensor and hidden.dim() == 2 and w13.dim() == 3
+            and type(topk_ids) is torch.Tensor
+            and all_strided(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
+            and hidden.dim() == 2 and w13.dim() == 3
             and hidden.dtype in FLOAT_DTYPES and w13.dtype == FP8 and w2.dtype == FP8
             and w13_scales.dtype == torch.float32 and w2_scales.dtype == torch.float32
             and topk_ids.dtype in INDEX_DTYPES and topk_weights.dtype in FLOAT_DTYPES

@@ -13,7 +13,7 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES
-from moe_kernels._validate import (check_choice, check_float_tensor, check_int,
+from moe_kernels._validate import (STRIDED, check_choice, check_float_tensor, check_int,
                                    check_last_dim_contiguous, check_same_device,
                                    check_tensor)
 from moe_kernels.reference import gating as reference
@@ -91,7 +91,7 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
     """Fast predicates for the common case; any doubt goes to `_check_args_slow`, which
     raises the precise error (or passes, and the configuration is remembered)."""
     ok = (type(logits) is torch.Tensor or isinstance(logits, torch.Tensor)) \
-        and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES
+        and logits.layout is STRIDED and logits.dim() == 2 and logits.dtype in FLOAT_DTYPES
     if ok:
         E = logits.shape[1]
         ok = (type(top_k) is int and type(num_expert_group) is int and type(topk_group) is int
@@ -99,7 +99,8 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
                    group_scoring) in _VALID_CONFIGS
               and (E == 1 or logits.stride(1) == 1))   # not is_contiguous(): True when empty
         if ok and correction_bias is not None:
-            ok = (isinstance(correction_bias, torch.Tensor) and correction_bias.dim() == 1
+            ok = (isinstance(correction_bias, torch.Tensor)
+                  and correction_bias.layout is STRIDED and correction_bias.dim() == 1
                   and correction_bias.shape[0] == E and correction_bias.is_floating_point()
                   and correction_bias.device == logits.device)
     if not ok:

@@ -14,8 +14,9 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (check_forward_only, check_fp8, check_last_dim_contiguous,
-                                   check_out, check_same_device, check_scales, check_tensor)
+from moe_kernels._validate import (all_strided, check_forward_only, check_fp8,
+                                   check_last_dim_contiguous, check_out, check_same_device,
+                                   check_scales, check_tensor)
 from moe_kernels.reference import grouped_gemm as reference
 
 
@@ -74,7 +75,8 @@ def _plain_call(a, a_scales, b, b_scales, index, a_ndim, out_dtype) -> bool:
     index: m_indices (R,) with a (R, K), or masked_m (E,) with a (E, M, K)."""
     if not (type(a) is torch.Tensor and type(b) is torch.Tensor
             and type(a_scales) is torch.Tensor and type(b_scales) is torch.Tensor
-            and type(index) is torch.Tensor and a.dim() == a_ndim and b.dim() == 3
+            and type(index) is torch.Tensor and all_strided(a, a_scales, b, b_scales, index)
+            and a.dim() == a_ndim and b.dim() == 3
             and a.dtype == FP8 and b.dtype == FP8 and a.stride(-1) == 1 and b.stride(-1) == 1
             and a_scales.dtype == torch.float32 and b_scales.dtype == torch.float32
             and index.dim() == 1 and index.dtype in INDEX_DTYPES

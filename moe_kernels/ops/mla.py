@@ -15,9 +15,9 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (check_forward_only, check_int, check_last_dim_contiguous,
-                                   check_no_overlap, check_same_device, check_scales,
-                                   check_tensor)
+from moe_kernels._validate import (STRIDED, all_strided, check_forward_only, check_int,
+                                   check_last_dim_contiguous, check_no_overlap,
+                                   check_same_device, check_scales, check_tensor)
 from moe_kernels.reference import mla as reference
 
 WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
@@ -218,7 +218,8 @@ def _plain_call(kv_c, k_pe, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv) -> bo
     stricter): True means _check_args would pass. _check_args one check at a time took
     ~12 us of a 33 us eager call at one token on the CPU (docs/benchmarks.md)."""
     if not (type(kv_c) is torch.Tensor and type(k_pe) is torch.Tensor
-            and type(kv_b_proj) is torch.Tensor and type(num_heads) is int
+            and type(kv_b_proj) is torch.Tensor and all_strided(kv_c, k_pe, kv_b_proj)
+            and type(num_heads) is int
             and type(dn) is int and type(dv) is int and num_heads >= 1 and dn >= 1
             and dv >= 1 and kv_c.dim() == 2 and k_pe.dim() == 2 and kv_b_proj.dim() == 2
             and kv_c.dtype in FLOAT_DTYPES and k_pe.dtype in FLOAT_DTYPES
@@ -232,7 +233,8 @@ def _plain_call(kv_c, k_pe, kv_b_proj, kv_b_proj_scale, num_heads, dn, dv) -> bo
     if kv_b_proj.dtype != FP8:
         return kv_b_proj.dtype == kv_c.dtype and kv_b_proj_scale is None
     s = kv_b_proj_scale
-    return (type(s) is torch.Tensor and s.dtype == torch.float32 and s.device == device
+    return (type(s) is torch.Tensor and s.layout is STRIDED and s.dtype == torch.float32
+            and s.device == device
             and s.shape == (cdiv(N, SCALE_BLOCK), cdiv(R, SCALE_BLOCK)))
 
 
@@ -393,7 +395,7 @@ def _plain_paged_call(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scal
     means _check_paged_args would pass. As _plain_call for the contiguous op."""
     if not (type(kv_cache) is torch.Tensor and type(block_table) is torch.Tensor
             and type(seq_lens) is torch.Tensor and type(kv_b_proj) is torch.Tensor
-            and type(H) is int and type(dn) is int and type(dv) is int and H >= 1
+            and all_strided(kv_cache, block_table, seq_lens, kv_b_proj) and type(H) is int and type(dn) is int and type(dv) is int and H >= 1
             and dn >= 1 and dv >= 1
             and (num_tokens is None or (type(num_tokens) is int and num_tokens >= 0))
             and kv_cache.dim() == 3 and block_table.dim() == 2 and seq_lens.dim() == 1
@@ -411,7 +413,8 @@ def _plain_paged_call(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scal
         return (kv_b_proj_scale is None and kv_b_proj.dtype in FLOAT_DTYPES
                 and kv_cache.dtype in (FP8, kv_b_proj.dtype))
     s = kv_b_proj_scale
-    return (type(s) is torch.Tensor and s.dtype == torch.float32 and s.device == device
+    return (type(s) is torch.Tensor and s.layout is STRIDED and s.dtype == torch.float32
+            and s.device == device
             and s.shape == (cdiv(N, SCALE_BLOCK), cdiv(R, SCALE_BLOCK)))
 
 

@@ -17,7 +17,7 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, INDEX_DTYPES, cdiv
-from moe_kernels._validate import (check_float_tensor, check_int, check_no_grad_inputs,
+from moe_kernels._validate import (all_strided, check_float_tensor, check_int, check_no_grad_inputs,
                                    check_out, check_same_device, check_tensor)
 from moe_kernels.reference import permute as reference
 
@@ -291,7 +291,8 @@ def _check_layout_rows(op, expert_out, layout) -> torch.Tensor:
     if type(layout) is PermuteLayout and type(expert_out) is torch.Tensor:
         # the common case in a few predicates (eager overhead, docs/index.md)
         row_of_pair = layout.row_of_pair
-        if (expert_out.dim() == 2 and expert_out.dtype in FLOAT_DTYPES
+        if (all_strided(expert_out, row_of_pair) and expert_out.dim() == 2
+                and expert_out.dtype in FLOAT_DTYPES
                 and row_of_pair.dtype == torch.int32 and row_of_pair.dim() == 2
                 and expert_out.shape[0] == layout.pair_of_row.shape[0]):
             return row_of_pair
