@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_kernels._validate import check_tensor
+
 __all__ = ["rebalance_experts", "gpu_loads", "balanced_packing", "replicate_experts"]
 
 
@@ -97,8 +99,10 @@ def _hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus):
 
 def _check(weight, num_replicas, num_groups, num_nodes, num_gpus):
     op = "eplb.rebalance_experts"
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] < 1:
-        raise ValueError(f"{op}: weight must be a (layers, num_experts) tensor")
+    check_tensor(op, "weight", weight)
+    if weight.dim() != 2 or weight.shape[1] < 1:
+        raise ValueError(f"{op}: weight must be a (layers, num_experts) tensor, got shape "
+                         f"{tuple(weight.shape)}")
     if weight.is_complex() or weight.dtype == torch.bool:
         raise TypeError(f"{op}: weight must be real, got {weight.dtype}")
     E = weight.shape[1]

@@ -198,6 +198,15 @@ def test_eplb_refuses_bad_arguments(kw, arg):
         eplb.rebalance_experts(torch.rand(1, 8), **args)
 
 
+@pytest.mark.parametrize("weight,exc", [
+    ([[1.0] * 8], TypeError), (torch.rand(1, 8).to_sparse(), TypeError),
+    (torch.rand(8), ValueError), (torch.rand(1, 0), ValueError),
+])
+def test_eplb_refuses_bad_weight(weight, exc):
+    with pytest.raises(exc, match="weight"):
+        eplb.rebalance_experts(weight, 12, 2, 2, 4)
+
+
 # --- dispatch / combine in real process groups ---------------------------------------------
 
 def expert_fn(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
