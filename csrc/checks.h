@@ -64,20 +64,34 @@ inline bool index_dtype(at::ScalarType t) { return dtype_in(t, {at::kInt, at::kL
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
-// Argument `index` of a check when it is a tensor of another layout than strided (sparse,
-// mkldnn): those have no strides or data pointer, and reading either throws. Every
-// `_C.<entry>_check` runs this over its arguments first (csrc/registration.cpp), so no
-// check reads such a tensor; the public ops refuse them by name before (check_tensor).
-inline Report layout_problem(size_t index, const at::Tensor& t) {
-  if (!t.defined() || t.layout() == at::kStrided) return std::nullopt;
-  return Problem{ProblemKind::kType, c10::str("argument ", index, " must be a dense (strided) "
-                                              "tensor, got layout ", t.layout())};
+// Argument `index` of a check when it is a tensor whose memory the kernel cannot read:
+// another layout than strided (sparse, mkldnn: no strides or data pointer, and reading
+// either throws), a meta tensor (no data), or a tensor subclass dispatched in Python (a
+// FakeTensor has no data; the eager path sends calls under its mode to the registered op,
+// where its fake answers). Every `_C.<entry>_check` runs this over its arguments first
+// (csrc/registration.cpp), so no check or kernel reads such a tensor; the public ops refuse
+// the layouts by name before (check_tensor).
+inline Report readable_problem(size_t index, const at::Tensor& t) {
+  if (!t.defined()) return std::nullopt;
+  if (t.layout() != at::kStrided)
+    return Problem{ProblemKind::kType, c10::str("argument ", index, " must be a dense "
+                                                "(strided) tensor, got layout ", t.layout())};
+  if (t.is_meta())
+    return Problem{ProblemKind::kType, c10::str("argument ", index, " is a meta tensor; the "
+                                                "kernels read data (backend 'reference' "
+                                                "takes meta tensors)")};
+  if (t.key_set().has(c10::DispatchKey::Python))
+    return Problem{ProblemKind::kType,
+                   c10::str("argument ", index, " is a tensor subclass dispatched in Python "
+                            "(a FakeTensor outside its mode?), whose data the kernel cannot "
+                            "read; call the op under the subclass's mode")};
+  return std::nullopt;
 }
-inline Report layout_problem(size_t index, const std::optional<at::Tensor>& t) {
-  return t ? layout_problem(index, *t) : std::nullopt;
+inline Report readable_problem(size_t index, const std::optional<at::Tensor>& t) {
+  return t ? readable_problem(index, *t) : std::nullopt;
 }
 template <typename T>
-Report layout_problem(size_t, const T&) {
+Report readable_problem(size_t, const T&) {
   return std::nullopt;
 }
 

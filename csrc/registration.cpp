@@ -16,14 +16,15 @@
 #include "ops.h"
 
 // `_C.<entry>_check`: the entry's check as (kind, message), kind 0 when the arguments pass,
-// 1 for a ValueError, 2 for a TypeError (csrc/checks.h). Every tensor argument's layout is
-// checked first, so the check itself reads only strided tensors.
+// 1 for a ValueError, 2 for a TypeError (csrc/checks.h). Every tensor argument is checked
+// first to be one whose memory can be read (readable_problem), so the check itself reads
+// only such tensors.
 template <typename... Args>
 auto reported(moe_kernels::Report (*check)(Args...)) {
   return [check](Args... args) {
     moe_kernels::Report report;
     size_t index = 0;
-    ((report || (report = moe_kernels::layout_problem(index, args)), ++index), ...);
+    ((report || (report = moe_kernels::readable_problem(index, args)), ++index), ...);
     return moe_kernels::to_python(report ? report : check(args...));
   };
 }

@@ -164,7 +164,8 @@ def _resolve_backend_uncached(backend: str | None, device: torch.device, op: str
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run: {reason}")
         resolved = backend
-    _RESOLVED[(backend, device.type)] = resolved
+    if not _is_compiling():    # a mutated global is a side effect strict export warns of
+        _RESOLVED[(backend, device.type)] = resolved
     return resolved
 
 
@@ -202,6 +203,22 @@ def check_expert_limit(op: str, backend: str, cuda_limit: str, name: str, value:
 
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active   # ~0.05 us
+_dispatch_modes = torch._C._len_torch_dispatch_stack             # ~0.03 us
+
+
+_PYTHON_KEY = torch._C.DispatchKey.Python
+
+
+def check_kernel_readable(op: str, x: torch.Tensor) -> None:
+    """TypeError for a tensor subclass dispatched in Python (a FakeTensor outside its
+    mode): a launch would take its address, where it holds no data (on the GPU an illegal
+    address, which ends the CUDA context). What the C++ checks report for such a tensor
+    (readable_problem, csrc/checks.h). Under a mode Op.kernel sends calls to the
+    registered op, which the subclass answers."""
+    if isinstance(x, torch.Tensor) and torch._C._dispatch_keys(x).has(_PYTHON_KEY):
+        raise TypeError(f"{op}: a {type(x).__name__} is a tensor subclass dispatched in "
+                        f"Python (a FakeTensor outside its mode?), whose data a kernel cannot "
+                        f"read; call the op under the subclass's mode")
 
 
 def on_tensors_device(launcher):
@@ -215,8 +232,13 @@ def on_tensors_device(launcher):
     reason (csrc/cuda/). x: the schema's first argument, a tensor in every op (checked
     when the op is declared); every tensor argument is on its device (check_one_device /
     the public checks). On one device it costs a tensor's device and the current device
-    read per launch; the context is entered only when they differ."""
+    read per launch; the context is entered only when they differ. A subclass dispatched
+    in Python (a FakeTensor) is refused first (check_kernel_readable)."""
+    name = getattr(launcher, "__name__", "launch")
+
     def run(x, *rest):
+        if type(x) is not torch.Tensor:     # nn.Parameter, or a subclass: 0.03 us otherwise
+            check_kernel_readable(name, x)
         if x.is_cuda:
             index = x.get_device()
             if index != torch.cuda.current_device():
@@ -224,7 +246,7 @@ def on_tensors_device(launcher):
                     return launcher(x, *rest)
         return launcher(x, *rest)
 
-    run.__name__ = getattr(launcher, "__name__", "launch")
+    run.__name__ = name
     run.__wrapped__ = launcher
     return run
 
@@ -381,10 +403,14 @@ class Op:
     def kernel(self, backend: str, needs_op: bool = False):
         """The callable running `backend`'s kernel with the schema's arguments: the
         registered op when torch.compile traces, autograd must record the call
-        (`needs_op`), or a torch.func transform (vmap, grad) wraps the tensors, which a
+        (`needs_op`), a torch.func transform (vmap, grad) wraps the tensors, which a
         bare kernel would take for plain ones (vmap: "Cannot access data pointer";
-        through the dispatcher, torch's batching fallback runs the op per sample)."""
-        if needs_op or _is_compiling() or _transforms_active():
+        through the dispatcher, torch's batching fallback runs the op per sample), or a
+        TorchDispatchMode is active: FakeTensorMode (shape inference, torch.export), whose
+        tensors hold no data (a bare kernel threw on reading them, or segfaulted), and
+        which runs the op's fake; or a user's mode (logging, debugging), which sees the
+        op's calls only through the dispatcher."""
+        if needs_op or _is_compiling() or _transforms_active() or _dispatch_modes():
             return self.op(backend)
         try:
             return self._eager[backend]
@@ -403,17 +429,21 @@ class Op:
 
     def resolve(self, backend: str | None, x: torch.Tensor) -> str:
         """resolve_backend_of among this op's backends, memoised per (backend, device type):
-        this runs on every eager call."""
+        this runs on every eager call. A kernel backend refuses a tensor subclass
+        dispatched in Python outside a dispatch mode (check_kernel_readable)."""
         # is_cpu as well: a tensor on neither (meta, another accelerator) must not find
         # the CPU's entry, whose bare C++ kernel would read a meta tensor's null data
         key = (backend, x.is_cuda, x.is_cpu)
         hit = self._resolved.get(key) if backend is None or type(backend) is str else None
-        if hit is not None:
-            return hit
-        resolved = resolve_backend_of(backend, x, self.name, self.backends)
-        if x.is_cuda or x.is_cpu:
-            self._resolved[key] = resolved
-        return resolved
+        if hit is None:
+            hit = resolve_backend_of(backend, x, self.name, self.backends)
+            # not while torch.compile / export trace: a mutated global is a side effect
+            # that strict export warns of
+            if (x.is_cuda or x.is_cpu) and not _is_compiling():
+                self._resolved[key] = hit
+        if type(x) is not torch.Tensor and hit != "reference" and not _dispatch_modes():
+            check_kernel_readable(self.name, x)    # the public op's error, before any kernel
+        return hit
 
 
 def _no_gradient(ctx, *grads):

@@ -126,9 +126,19 @@ def check_out(op: str, name: str, out, shape: tuple, dtypes, ref_name: str, ref:
     check_no_overlap(op, name, out, inputs)
 
 
+def holds_no_data(t: torch.Tensor) -> bool:
+    """Whether t's values and addresses cannot be read: a tensor traced by torch.compile, a
+    meta tensor, or a FakeTensor (torch.export, FakeTensorMode: data_ptr throws, and its
+    storage is null)."""
+    return (torch.compiler.is_compiling() or t.is_meta
+            or (type(t) is not torch.Tensor and torch._subclasses.fake_tensor.is_fake(t)))
+
+
 def check_no_overlap(op: str, name: str, out: torch.Tensor, inputs: dict) -> None:
-    """ValueError when the buffer `out` shares memory with a tensor of `inputs`."""
-    if torch.compiler.is_compiling():
+    """ValueError when the buffer `out` shares memory with a tensor of `inputs`; nothing to
+    compare for tensors without data (torch.compile's functionalisation gives out= copy
+    semantics there)."""
+    if holds_no_data(out):
         return
     for input_name, x in inputs.items():
         if x is not None and may_overlap(out, x):

@@ -3,7 +3,7 @@ must fail the test with the case that did it, not end the session).
 
 For every op with a C++ kernel: valid arguments, then each argument mutated alone in every
 way the schema's type allows (dtype, rank, each size to 0 / 1 / +1, non-contiguous layouts,
-stride 0, sparse and mkldnn tensors, junk values; ints to 0 / -1 / 2^40; floats to NaN / inf; None for optional
+stride 0, sparse, mkldnn, meta and fake tensors, junk values; ints to 0 / -1 / 2^40; floats to NaN / inf; None for optional
 tensors and tensors for None). Each case calls the C++ check `_C.<op>_<backend>_check`
 and then the registered op `torch.ops.moe_kernels.<op>`, and holds them to the contract of
 csrc/checks.h (backend "cpu"; also "cuda", with the samples on the GPU, where there is one
@@ -22,6 +22,7 @@ import os
 import sys
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import moe_kernels  # noqa: F401  (registers the ops)
 from helpers import non_strided
@@ -190,6 +191,8 @@ def tensor_mutations(t: torch.Tensor):
     if t.dim() >= 1:
         for layout, variant in non_strided(t):
             yield f"layout {layout}", variant
+        yield "meta", t.to("meta")
+        yield "fake", FakeTensorMode().from_tensor(t)
     if t.dtype.is_floating_point and t.dtype != FP8:
         yield "NaN", _filled(t, float("nan"))
         yield "inf", _filled(t, float("inf"))
@@ -255,6 +258,8 @@ def run_case(name: str, backend: str, args: tuple) -> str | None:
     op = _library.OPS[name]
     triton = backend == "triton"
     check = op._arg_check if triton else getattr(_library._C, f"{name}_{backend}_check")
+    if any(_unreadable(a) for a in args):
+        return _refuses_unreadable(name, backend, args, check)
     kind, message = 0, ""
     if triton and len(_devices(args)) > 1:
         kind, message = 1, "every tensor argument must be on one device"
@@ -263,25 +268,7 @@ def run_case(name: str, backend: str, args: tuple) -> str | None:
             kind, message = check(*args)
         except Exception as exc:  # noqa: BLE001  (the check must never throw)
             return f"the check threw {exc!r}"
-    variant = name + op._triton_suffix if triton else name
-    if any(isinstance(a, torch.Tensor) and a.layout != torch.strided for a in args):
-        return _refuses_non_strided(variant, args, kind, message, check)
-    entered = []
-    table, key = (op._eager, "triton") if triton else (op.entries, backend)
-    real = op._bare("triton") if triton else table[key]
-
-    def spy(*a):
-        entered.append(True)
-        return real(*a)
-
-    table[key] = spy
-    try:
-        getattr(torch.ops.moe_kernels, variant)(*args)
-        raised = None
-    except Exception as exc:  # noqa: BLE001
-        raised = exc
-    finally:
-        table[key] = real
+    raised, entered = _call_registered(name, backend, args)
     if triton and kind and message.startswith("every tensor"):
         ok = type(raised) is ValueError and "one device" in str(raised) and not entered
         return None if ok else f"mixed devices: the op raised {raised!r}"
@@ -305,20 +292,52 @@ def run_case(name: str, backend: str, args: tuple) -> str | None:
     return None
 
 
-def _refuses_non_strided(variant: str, args: tuple, kind: int, message: str, check) -> str | None:
-    """A sparse or mkldnn tensor: the check reports a TypeError (the layout guard of every
-    `_C.<entry>_check`, csrc/registration.cpp), and the registered op never reaches a
-    kernel: the dispatcher has none for those keys (SparseCPU, MkldnnCPU, ...) and raises
-    NotImplementedError."""
-    if check is not None and kind != 2:
-        return f"the check took a non-strided tensor: ({kind}, {message!r})"
+def _call_registered(name: str, backend: str, args: tuple):
+    """(what the registered op raised or None, whether its kernel was entered)."""
+    op = _library.OPS[name]
+    triton = backend == "triton"
+    entered = []
+    table, key = (op._eager, "triton") if triton else (op.entries, backend)
+    real = op._bare("triton") if triton else table[key]
+
+    def spy(*a):
+        entered.append(True)
+        return real(*a)
+
+    table[key] = spy
     try:
-        getattr(torch.ops.moe_kernels, variant)(*args)
-    except (NotImplementedError, TypeError):
-        return None
+        getattr(torch.ops.moe_kernels, name + op._triton_suffix if triton else name)(*args)
+        raised = None
     except Exception as exc:  # noqa: BLE001
-        return f"a non-strided tensor raised {exc!r}"
-    return "a non-strided tensor ran"
+        raised = exc
+    finally:
+        table[key] = real
+    return raised, bool(entered)
+
+
+def _unreadable(a) -> bool:
+    """A tensor whose memory no kernel may read: sparse, mkldnn, meta, a FakeTensor."""
+    return isinstance(a, torch.Tensor) and (
+        a.layout != torch.strided or a.is_meta or torch._subclasses.fake_tensor.is_fake(a))
+
+
+def _refuses_unreadable(name: str, backend: str, args: tuple, check) -> str | None:
+    """A sparse, mkldnn, meta or fake tensor: the check reports a TypeError (the guard of
+    every `_C.<entry>_check`, csrc/registration.cpp) without throwing, and the registered
+    op never enters a kernel: the dispatcher has none of ours for the sparse and mkldnn
+    keys (NotImplementedError), and sends meta and fake tensors to the op's fake (or
+    refuses a mix of fake and real ones)."""
+    if check is not None:
+        try:
+            kind, message = check(*args)
+        except Exception as exc:  # noqa: BLE001  (the check must never throw)
+            return f"the check threw {exc!r}"
+        if kind != 2:
+            return f"the check took an unreadable tensor: ({kind}, {message!r})"
+    raised, entered = _call_registered(name, backend, args)
+    if entered:
+        return f"the kernel ran on an unreadable tensor (the op raised {raised!r})"
+    return None
 
 
 def _on(device: str, value):

@@ -25,9 +25,10 @@ import torch
 
 import moe_kernels
 from moe_kernels import _library, testing
+from moe_kernels.ops import gating as gating_ops
 
 from helpers import device_backend_params, outcome
-from properties import on
+from properties import _map_tensors, on
 from test_cuda_graphs import assert_same_bits, tensors_of
 from test_layer import (LAYER_PARAMS, as_fp8_checkpoint, make_config, make_fp8_layer,
                         make_hidden, make_weights)
@@ -256,3 +257,120 @@ def test_layer_on_the_meta_device():
     layer = moe_kernels.DeepseekV3MoE.from_config(cfg, device="meta")
     out = layer(make_hidden(5, cfg).to("meta"))
     assert out.is_meta and out.shape == (5, cfg.hidden_size) and out.dtype == torch.bfloat16
+
+
+FAKE_PARAMS = device_backend_params(("cpu", "triton", "cuda", "reference"))
+
+
+@pytest.mark.parametrize("device,backend", FAKE_PARAMS)
+@pytest.mark.parametrize("op", testing.ops())
+def test_fake_tensors_infer_shapes(device, backend, op):
+    """Under FakeTensorMode (torch.export, shape inference, memory planning) every op, on
+    every backend, gives the outputs' shapes and dtypes of a real call, no data read: the
+    kernel backends run through the dispatcher, whose fakes answer. A bare kernel threw on
+    fake tensors ("data is not allocated yet", a C++ throw)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    if backend not in _library.OPS[op].backends and op in _library.OPS:
+        pytest.skip(f"{op} has no {backend} backend")
+    public = functools.partial(getattr(moe_kernels, op), backend=backend)
+    ran = 0
+    for case in testing.cases(op, "edge", device=device):
+        want, error = outcome(lambda: testing.run(op, public, case))
+        if error is not None:
+            continue
+        mode = FakeTensorMode()
+        fake = dataclasses.replace(case, inputs=_map_tensors(mode.from_tensor, case.inputs))
+        with mode:
+            got = tensors_of(testing.run(op, public, fake))
+        want = tensors_of(want)
+        assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want], case.name
+        assert all(isinstance(t, FakeTensor) for t in got), case.name
+        ran += 1
+    assert ran
+
+
+def test_dispatch_modes_see_the_kernels():
+    """A TorchDispatchMode (a user's logging or debugging mode) sees each kernel call."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(3, 16)
+    want = moe_kernels.grouped_topk(logits, 4, num_expert_group=4, topk_group=2,
+                                    backend="cpu")
+    with Log() as log:
+        got = moe_kernels.grouped_topk(logits, 4, num_expert_group=4, topk_group=2,
+                                       backend="cpu")
+    assert "moe_kernels.grouped_topk.default" in log.ops, log.ops
+    assert_same_bits(got, want, "grouped_topk under a dispatch mode")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("op", testing.ops())
+def test_fake_tensors_outside_their_mode(device, backend, op):
+    """FakeTensors passed outside their mode would reach the eager path's bare kernels,
+    which would read where they hold no data (a C++ throw from the extension; on the GPU,
+    an illegal address): each kernel backend refuses them with a TypeError before
+    (Op.resolve), as the C++ checks and the Triton launchers would (conftest holds the
+    public layer to refusing first). Under the mode they run the op's fake (above)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    if backend not in _library.OPS[op].backends and op in _library.OPS:
+        pytest.skip(f"{op} has no {backend} backend")
+    public = functools.partial(getattr(moe_kernels, op), backend=backend)
+    refused = 0
+    for case in testing.cases(op, "edge", device=device):
+        if outcome(lambda: testing.run(op, public, case))[1] is not None:
+            continue
+        mode = FakeTensorMode()
+        fake = dataclasses.replace(case, inputs=_map_tensors(mode.from_tensor, case.inputs))
+        try:
+            got = testing.run(op, public, fake)
+        except TypeError as exc:
+            assert "dispatched in Python" in str(exc), f"{case.name}: {exc!r}"
+            refused += 1
+        else:
+            assert all(isinstance(t, FakeTensor) for t in tensors_of(got)), case.name
+    assert refused, "no case reached a kernel"
+
+
+def _exportable_case(op, device):
+    """The first edge case of op whose tensors are all non-empty, without out= buffers."""
+    return next(c for c in testing.cases(op, "edge", device=device)
+                if not any(k.startswith("out") for k in c.inputs)
+                and all(t.numel() > 0 for t in tensors_of(c.inputs)))
+
+
+@pytest.mark.parametrize("device,backend", FAKE_PARAMS)
+@pytest.mark.parametrize("op", testing.ops())
+def test_export(device, backend, op):
+    """torch.export (strict: dynamo traces our Python) of a module calling the op gives
+    the eager call's result bit for bit, and a first call inside the trace warns of no
+    side effect (the memoised backend choices are not written while tracing)."""
+    if backend not in _library.OPS[op].backends and op in _library.OPS:
+        pytest.skip(f"{op} has no {backend} backend")
+    case = _exportable_case(op, device)
+    public = functools.partial(getattr(moe_kernels, op), backend=backend)
+    names = [k for k, v in case.inputs.items() if isinstance(v, torch.Tensor)]
+
+    class Call(torch.nn.Module):
+        def forward(self, *tensors):
+            inputs = {**case.inputs, **dict(zip(names, tensors))}
+            return testing.run(op, public, dataclasses.replace(case, inputs=inputs))
+
+    args = tuple(case.inputs[k] for k in names)
+    _library.OPS[op]._resolved.clear()           # the memos a first call writes
+    _library._RESOLVED.clear()
+    gating_ops._VALID_CONFIGS.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = torch.export.export(Call(), args, strict=True)
+    side_effects = [str(w.message) for w in caught if "side effect" in str(w.message)]
+    assert not side_effects, side_effects
+    assert_same_bits(tensors_of(exported.module()(*args)), tensors_of(Call()(*args)), op)

@@ -106,8 +106,9 @@ def _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, corre
     if not ok:
         _check_args_slow(logits, top_k, num_expert_group, topk_group, scoring_func,
                          correction_bias, group_scoring)
-        _VALID_CONFIGS.add((logits.shape[1], top_k, num_expert_group, topk_group,
-                            scoring_func, group_scoring))
+        if not torch.compiler.is_compiling():   # a side effect strict export warns of
+            _VALID_CONFIGS.add((logits.shape[1], top_k, num_expert_group, topk_group,
+                                scoring_func, group_scoring))
 
 
 def _check_shared_expert_id(num_experts: int, shared_expert_id) -> int:

@@ -17,7 +17,8 @@ from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
 from moe_kernels._validate import (STRIDED, all_strided, check_forward_only, check_int,
                                    check_last_dim_contiguous, check_no_overlap,
-                                   check_same_device, check_scales, check_tensor)
+                                   check_same_device, check_scales, check_tensor,
+                                   holds_no_data)
 from moe_kernels.reference import mla as reference
 
 WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
@@ -464,11 +465,11 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
             raise ValueError(f"{op}: out_k has {out_k.shape[0]} rows but num_tokens = "
                              f"{num_tokens}")
         num_tokens = out_k.shape[0]
-    compiling = torch.compiler.is_compiling()
-    if compiling and num_tokens is None:
-        raise ValueError(f"{op}: under torch.compile pass num_tokens (or out_k): the output "
-                         f"size cannot be read from seq_lens inside a graph")
-    if not compiling and (kv_cache.is_cpu or num_tokens is None):
+    symbolic = holds_no_data(seq_lens)
+    if symbolic and num_tokens is None:
+        raise ValueError(f"{op}: under torch.compile or with meta / fake tensors pass "
+                         f"num_tokens (or out_k): the output size cannot be read from seq_lens")
+    if not symbolic and (kv_cache.is_cpu or num_tokens is None):
         total = _check_paged_values(op, block_table, seq_lens, kv_cache.shape[0],
                                     kv_cache.shape[1], num_tokens)
         num_tokens = total if num_tokens is None else num_tokens
