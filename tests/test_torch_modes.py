@@ -374,3 +374,21 @@ def test_export(device, backend, op):
     side_effects = [str(w.message) for w in caught if "side effect" in str(w.message)]
     assert not side_effects, side_effects
     assert_same_bits(tensors_of(exported.module()(*args)), tensors_of(Call()(*args)), op)
+
+
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+def test_layer_under_fake_tensor_mode(device, backend):
+    """A layer copied into FakeTensorMode (FakeCopyMode, as memory planners fake a whole
+    model) runs a fake forward: the output's shape and dtype, no data read."""
+    import copy
+
+    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensor, FakeTensorMode
+    layer, cfg = make_fp8_layer(device, backend)
+    hidden = make_hidden(5, cfg, device=device)
+    want = layer(hidden)
+    mode = FakeTensorMode()
+    with FakeCopyMode(mode):
+        fake_layer = copy.deepcopy(layer)
+    with mode:
+        got = fake_layer(mode.from_tensor(hidden))
+    assert isinstance(got, FakeTensor) and (got.shape, got.dtype) == (want.shape, want.dtype)
