@@ -26,6 +26,23 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def _autocast_device_types() -> frozenset:
+    """The device types with autocast, read once: torch.amp.is_autocast_available is not
+    traceable by torch.compile under torch 2.11 (a fullgraph compile of the layer broke
+    on it), a frozenset lookup is."""
+    types = set()
+    for name in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "privateuseone"):
+        try:
+            if torch.amp.is_autocast_available(name):
+                types.add(name)
+        except RuntimeError:
+            pass
+    return frozenset(types)
+
+
+AUTOCAST_DEVICE_TYPES = _autocast_device_types()
+
+
 def without_autocast(fn):
     """fn run with autocast off on its first argument's device (a tensor): its float32
     math stays float32 inside a caller's `torch.autocast` region, which would otherwise run
@@ -35,8 +52,7 @@ def without_autocast(fn):
     def run(x, *args, **kwargs):
         device_type = x.device.type
         # (a device without autocast, e.g. meta, has none to turn off; asking raises)
-        if (torch.amp.is_autocast_available(device_type)
-                and torch.is_autocast_enabled(device_type)):
+        if device_type in AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):
                 return fn(x, *args, **kwargs)
         return fn(x, *args, **kwargs)
