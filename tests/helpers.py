@@ -177,13 +177,3 @@ def non_strided(t: torch.Tensor):
         yield "sparse_csr", csr
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
         yield "mkldnn", t.to_mkldnn()
-
-
-def triton_before(version: str) -> bool:
-    """Whether the installed triton is older than `version` ("3.7"); False without one."""
-    try:
-        import triton
-    except ImportError:
-        return False
-    have = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    return have < tuple(int(p) for p in version.split("."))

@@ -17,7 +17,7 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref
 
 from helpers import (FP8_INPUT_OPCHECKS, assert_close, assert_fp8_close, big_memory_devices,
-                     device_backend_params, poison_allocator, triton_before)
+                     device_backend_params, poison_allocator)
 
 BACKENDS = ("triton", "cpu")
 from moe_kernels._common import FP8
@@ -125,13 +125,8 @@ def test_block_quant_dequant(device, backend, shape, dtype):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
-def test_dequant_every_fp8_value(request, device, backend):
+def test_dequant_every_fp8_value(device, backend):
     """All 256 e4m3 bit patterns (subnormals, +-0, NaN) decode as torch decodes them."""
-    if backend == "triton" and device == "cpu" and triton_before("3.7"):
-        # the interpreter's numpy emulation of the fp8 -> float32 cast (not the GPU's
-        # cvt), measured under triton 3.6.0: the one difference is 0x80 -> +0.0
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "triton < 3.7's interpreter decodes fp8 -0 as +0")))
     q = torch.arange(256, dtype=torch.uint8).view(FP8).reshape(2, 128).to(device)
     s = torch.ones(1, 1, device=device)
     d = moe_kernels.dequantize_fp8_block(q, s, dtype=torch.float32, backend=backend).cpu()

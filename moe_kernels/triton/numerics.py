@@ -67,7 +67,8 @@ def fp8_e4m3_value(bits, SOFTWARE: tl.constexpr):
         em = v & 0x7F
         normal = (((v & 0x80) << 24) | ((em << 20) + (120 << 23))).to(tl.float32, bitcast=True)
         sub = em.to(tl.float32) * 0.001953125                  # exponent 0: m * 2**-9
-        sub = tl.where((v & 0x80) != 0, -sub, sub)
+        # the sign as a bit, not a negation: triton 3.6 negates as 0 - x, so 0x80 gave +0
+        sub = (sub.to(tl.int32, bitcast=True) | ((v & 0x80) << 24)).to(tl.float32, bitcast=True)
         mag = tl.where(em < 8, sub, normal)
         return tl.where(em == 0x7F, float("nan"), mag)
     else:
