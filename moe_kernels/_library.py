@@ -217,8 +217,8 @@ def check_kernel_readable(op: str, x: torch.Tensor) -> None:
     registered op, which the subclass answers."""
     if isinstance(x, torch.Tensor) and torch._C._dispatch_keys(x).has(_PYTHON_KEY):
         raise TypeError(f"{op}: a {type(x).__name__} is a tensor subclass dispatched in "
-                        f"Python (a FakeTensor outside its mode?), whose data a kernel cannot "
-                        f"read; call the op under the subclass's mode")
+                        f"Python, whose memory a kernel cannot read: pass plain tensors "
+                        f"(DTensor.to_local()), or FakeTensors under their FakeTensorMode")
 
 
 def on_tensors_device(launcher):

@@ -273,15 +273,20 @@ def test_fake_tensors_infer_shapes(device, backend, op):
     if backend not in _library.OPS[op].backends and op in _library.OPS:
         pytest.skip(f"{op} has no {backend} backend")
     public = functools.partial(getattr(moe_kernels, op), backend=backend)
+    reference = functools.partial(getattr(moe_kernels, op), backend="reference")
     ran = 0
     for case in testing.cases(op, "edge", device=device):
-        want, error = outcome(lambda: testing.run(op, public, case))
+        # every backend's shapes and dtypes are the reference's (the interpreter is slow)
+        want, error = outcome(lambda: testing.run(op, reference, case))
         if error is not None:
             continue
         mode = FakeTensorMode()
         fake = dataclasses.replace(case, inputs=_map_tensors(mode.from_tensor, case.inputs))
         with mode:
-            got = tensors_of(testing.run(op, public, fake))
+            got, error = outcome(lambda: tensors_of(testing.run(op, public, fake)))
+        if error is not None:    # a case this backend refuses: so must its real call
+            assert outcome(lambda: testing.run(op, public, case))[1] is error, case.name
+            continue
         want = tensors_of(want)
         assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want], case.name
         assert all(isinstance(t, FakeTensor) for t in got), case.name
@@ -326,17 +331,23 @@ def test_fake_tensors_outside_their_mode(device, backend, op):
     public = functools.partial(getattr(moe_kernels, op), backend=backend)
     refused = 0
     for case in testing.cases(op, "edge", device=device):
-        if outcome(lambda: testing.run(op, public, case))[1] is not None:
-            continue
         mode = FakeTensorMode()
         fake = dataclasses.replace(case, inputs=_map_tensors(mode.from_tensor, case.inputs))
         try:
             got = testing.run(op, public, fake)
         except TypeError as exc:
-            assert "dispatched in Python" in str(exc), f"{case.name}: {exc!r}"
-            refused += 1
+            if "dispatched in Python" in str(exc):
+                refused += 1
+                continue
+            raised = exc
+        except ValueError as exc:
+            raised = exc
         else:
             assert all(isinstance(t, FakeTensor) for t in tensors_of(got)), case.name
+            continue
+        # the argument checks refused the case: so must they with plain tensors
+        assert outcome(lambda: testing.run(op, public, case))[1] is type(raised), \
+            f"{case.name}: {raised!r}"
     assert refused, "no case reached a kernel"
 
 
