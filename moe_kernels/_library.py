@@ -204,6 +204,7 @@ def check_expert_limit(op: str, backend: str, cuda_limit: str, name: str, value:
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active   # ~0.05 us
 _dispatch_modes = torch._C._len_torch_dispatch_stack             # ~0.03 us
+_jit_tracing = torch._C._is_tracing                              # ~0.03 us
 
 
 _PYTHON_KEY = torch._C.DispatchKey.Python
@@ -409,8 +410,11 @@ class Op:
         TorchDispatchMode is active: FakeTensorMode (shape inference, torch.export), whose
         tensors hold no data (a bare kernel threw on reading them, or segfaulted), and
         which runs the op's fake; or a user's mode (logging, debugging), which sees the
-        op's calls only through the dispatcher."""
-        if needs_op or _is_compiling() or _transforms_active() or _dispatch_modes():
+        op's calls only through the dispatcher. Likewise under torch.jit.trace (and the
+        TorchScript ONNX export built on it), which records dispatcher calls only: a bare
+        kernel left the trace an `aten::empty`, whose garbage it returned for any input."""
+        if (needs_op or _is_compiling() or _transforms_active() or _dispatch_modes()
+                or _jit_tracing()):
             return self.op(backend)
         try:
             return self._eager[backend]

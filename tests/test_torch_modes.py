@@ -403,3 +403,45 @@ def test_layer_under_fake_tensor_mode(device, backend):
     with mode:
         got = fake_layer(mode.from_tensor(hidden))
     assert isinstance(got, FakeTensor) and (got.shape, got.dtype) == (want.shape, want.dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("op", testing.ops())
+def test_jit_trace(device, backend, op):
+    """torch.jit.trace (and the TorchScript ONNX export built on it) records dispatcher
+    calls only: the trace of an op on a kernel backend replays the registered op, so the
+    traced function on new values gives the eager result bit for bit. A bare kernel left
+    only its output's `aten::empty` in the trace: garbage for every input. (The reference
+    backend's bit views, `Tensor.view(dtype)`, hit torch's tracer bug pytorch#90365.)"""
+    if backend not in _library.OPS[op].backends and op in _library.OPS:
+        pytest.skip(f"{op} has no {backend} backend")
+    case = _exportable_case(op, device)
+    again = next(c for c in testing.cases(op, "edge", seed=1, device=device)
+                 if c.name == case.name)
+    public = functools.partial(getattr(moe_kernels, op), backend=backend)
+    names = [k for k, v in case.inputs.items() if isinstance(v, torch.Tensor)]
+
+    def call(*tensors):
+        inputs = {**case.inputs, **dict(zip(names, tensors))}
+        return tuple(tensors_of(testing.run(op, public, dataclasses.replace(case, inputs=inputs))))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # deprecation; size checks read as traced bools
+        traced = torch.jit.trace(call, tuple(case.inputs[k] for k in names), check_trace=False)
+    new = tuple(again.inputs[k] for k in names)
+    assert not all(torch.equal(a, b) for a, b in zip(new, (case.inputs[k] for k in names)))
+    assert_same_bits(list(traced(*new)), list(call(*new)), op)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(("cpu",)) + device_backend_params(
+    ("triton",), devices=("cuda",)))
+def test_layer_jit_trace(device, backend):
+    """The layer traced by torch.jit.trace gives the eager forward on new tokens (on the
+    kernel backends: the reference's bit views hit pytorch#90365)."""
+    layer, cfg = make_fp8_layer(device, backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(layer, (make_hidden(5, cfg, device=device),),
+                                 check_trace=False)
+    hidden = make_hidden(5, cfg, seed=7, device=device)
+    assert_same_bits([traced(hidden)], [layer(hidden)], "traced layer")
