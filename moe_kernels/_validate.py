@@ -7,6 +7,7 @@ no host synchronisation and trace cleanly under torch.compile.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from moe_kernels._common import FLOAT_DTYPES, FP8
 
@@ -163,15 +164,58 @@ def check_no_grad_inputs(op: str, **inputs) -> None:
                          f"call without out= or under torch.no_grad()")
 
 
+def _jvp_transform_active() -> bool:
+    """Whether a torch.func.jvp (or jacfwd, hessian) transform is on the functorch stack."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    jvp = torch._C._functorch.TransformType.Jvp
+    return any(i.key() == jvp for i in retrieve_all_functorch_interpreters())
+
+
+def forward_ad_possible() -> bool:
+    """Whether forward-mode AD may be tracking a tensor: a `torch.autograd.forward_ad`
+    dual level is open, or a torch.func transform is active (~0.06 us when neither)."""
+    return _fwad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def autodiff_possible() -> bool:
+    """Whether reverse- or forward-mode AD may record a call: the forward-only ops' checks
+    run only then (forward-mode AD runs under torch.no_grad() too)."""
+    return torch.is_grad_enabled() or forward_ad_possible()
+
+
+# what check_no_forward_ad adds for the differentiable ops and for the forward-only ones
+FORWARD_AD_DIFFERENTIABLE = ("; reverse mode is (backward, torch.func.grad / vjp / jacrev), "
+                             "and backend='reference' implements both")
+FORWARD_AD_FORWARD_ONLY = " (forward only, on every backend)"
+
+
+def check_no_forward_ad(op: str, inputs: dict, hint: str) -> None:
+    """NotImplementedError when forward-mode AD (torch.func.jvp / jacfwd, or a dual tensor
+    of torch.autograd.forward_ad) would follow one of `inputs` ({name: tensor}) through a
+    kernel without a forward-mode formula: the registered op gave a zero tangent without
+    a word (torch.func.jvp of grouped_topk on the cpu backend: tangent 0)."""
+    if _fwad._current_level >= 0:
+        for name, x in inputs.items():
+            if isinstance(x, torch.Tensor) and _fwad.unpack_dual(x).tangent is not None:
+                raise NotImplementedError(f"{op}: {name} is a dual tensor of forward-mode AD, "
+                                          f"which {op} does not implement{hint}")
+    if torch._C._are_functorch_transforms_active() and _jvp_transform_active():
+        raise NotImplementedError(f"{op}: torch.func.jvp / jacfwd (forward-mode AD) is not "
+                                  f"implemented by {op}{hint}")
+
+
 def check_forward_only(op: str, **inputs) -> None:
     """ValueError when an input requires grad (grad mode on) of an op with no backward whose
     result depends smoothly on it (GEMMs, MLA, fused_moe_fp8, expert parallelism): its
     gradient would be missing without a word, which in fine-tuning trains the layers
     before it wrongly. Under torch.no_grad() / torch.inference_mode(), or with detached
-    inputs, the op runs. Callers test torch.is_grad_enabled() first, so that an inference
-    call does not pay for building the keywords."""
+    inputs, the op runs. Forward-mode AD is refused likewise (check_no_forward_ad), on
+    every backend. Callers test autodiff_possible() first, so that an inference call does
+    not pay for building the keywords."""
     name = _first_requiring_grad(inputs)
     if name is not None:
         raise ValueError(f"{op}: {name} requires grad, but {op} has no backward (forward "
                          f"only); call it under torch.no_grad() or torch.inference_mode(), "
                          f"or pass {name}.detach()")
+    if forward_ad_possible():
+        check_no_forward_ad(op, inputs, FORWARD_AD_FORWARD_ONLY)

@@ -31,7 +31,8 @@ from torch import nn
 
 from moe_kernels import checkpoint
 from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv, without_autocast
-from moe_kernels._validate import check_choice, check_forward_only, check_int, check_tensor
+from moe_kernels._validate import (autodiff_possible, check_choice, check_forward_only, check_int,
+                                   check_tensor)
 from moe_kernels.ops import expert_parallel as ep
 from moe_kernels.ops import fp8, fused_moe, gating
 from moe_kernels.ops import permute as perm
@@ -190,7 +191,7 @@ class DeepseekV3MoE(nn.Module):
         if hidden.device != self.w13.device:
             raise ValueError(f"DeepseekV3MoE: hidden is on {hidden.device} but the weights are "
                              f"on {self.w13.device}")
-        if torch.is_grad_enabled():     # the experts have no backward
+        if autodiff_possible():     # the experts have no backward
             check_forward_only("DeepseekV3MoE", hidden=hidden)
         if self.ep_group is None:
             if mode is not None:

@@ -138,6 +138,9 @@ def test_layer_is_forward_only(device, backend):
     weights, _ = layer.route(hidden)                 # the router alone is differentiable
     weights.sum().backward()
     assert hidden.grad is not None
+    primal = hidden.detach()
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(layer, (primal,), (torch.ones_like(primal),))
 
 
 def test_expert_parallel_ops_are_forward_only():
@@ -167,3 +170,60 @@ def test_compiled_calls_follow_the_rules(op):
                        fullgraph=True)
     with pytest.raises(Exception, match="kv_c requires grad"):
         fn(x, torch.randn(4, 64))
+
+
+def _float_call(op, public, case, backend):
+    """(f, primals): f(*float inputs) -> the op's float outputs, the case's other inputs
+    fixed; primals: those float inputs (not fp8, not out= buffers), or None without one."""
+    names = [k for k, x in case.inputs.items()
+             if isinstance(x, torch.Tensor) and x.is_floating_point() and x.element_size() > 1
+             and x.numel() > 0 and not k.startswith("out")]
+    if not names:
+        return None, None
+
+    def f(*xs):
+        inputs = {**case.inputs, **dict(zip(names, xs))}
+        result = testing.run(op, lambda *a, **k: public(*a, backend=backend, **k),
+                             dataclasses.replace(case, inputs=inputs))
+        return tuple(t for t in flat(result) if t.is_floating_point())
+
+    # dense copies (a stride-0 edge case cannot carry a tangent); the differentiable ops
+    # in float32, so that the dot-product test below sees no bf16 rounding
+    dtype = torch.float32 if op in DIFFERENTIABLE else None
+    return f, tuple(case.inputs[k].to(dtype=dtype).clone(memory_format=torch.contiguous_format)
+                    for k in names)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", DIFFERENTIABLE + FORWARD_ONLY)
+def test_forward_mode_ad(device, backend, op):
+    """Forward-mode AD (torch.func.jvp, jacfwd, dual tensors) has no formula in the
+    kernels: they refuse it (NotImplementedError), where the registered op gave a zero
+    tangent without a word. The differentiable ops' reference gives the tangent, which
+    the dot-product test holds to reverse mode: <u, J t> = <J^T u, t>. Forward-only ops
+    refuse it on every backend, under torch.no_grad() too (which leaves forward AD on)."""
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    public = getattr(moe_kernels, op)
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for case in _grad_cases(op, device):
+        f, primals = _float_call(op, public, case, backend)
+        if f is None or not all(t.numel() for t in f(*primals)):
+            continue
+        tangents = tuple(torch.randn(p.shape, generator=g).to(p) for p in primals)
+        if op in FORWARD_ONLY or backend != "reference":
+            with pytest.raises(NotImplementedError, match=f"{op}: .*forward-mode AD"):
+                torch.func.jvp(f, primals, tangents)
+            if op in FORWARD_ONLY:
+                with torch.no_grad(), pytest.raises(NotImplementedError, match="forward-mode"):
+                    torch.func.jvp(f, primals, tangents)
+        else:
+            outputs, jt = torch.func.jvp(f, primals, tangents)
+            us = tuple(torch.randn(o.shape, generator=g).to(o) for o in outputs)
+            jtu = torch.func.vjp(f, *primals)[1](us)
+            lhs = sum((u.double() * t.double()).sum() for u, t in zip(us, jt))
+            rhs = sum((a.double() * t.double()).sum() for a, t in zip(jtu, tangents))
+            torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-4)
+        checked += 1
+    assert checked, f"{op}: no case with float inputs and outputs"

@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK
-from moe_kernels._validate import (check_choice, check_float_tensor, check_forward_only,
-                                   check_int, check_last_dim_contiguous, check_same_device,
-                                   check_tensor)
+from moe_kernels._validate import (autodiff_possible, check_choice, check_float_tensor,
+                                   check_forward_only, check_int, check_last_dim_contiguous,
+                                   check_same_device, check_tensor)
 from moe_kernels.ops import fp8 as fp8_ops
 from moe_kernels.ops import permute as perm
 from moe_kernels.reference import expert_parallel as reference
@@ -237,7 +237,7 @@ def ep_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
       (CUDA-graph capturable). At most M pairs per (source rank, slot) travel; the rest are
       counted in handle.dropped."""
     op = "ep_dispatch"
-    if torch.is_grad_enabled():
+    if autodiff_possible():
         check_forward_only(op, hidden=hidden, topk_weights=topk_weights)
     _check_dispatch(op, hidden, topk_ids, topk_weights, placement, group, mode,
                     max_tokens_per_rank, align)
@@ -356,7 +356,7 @@ def combine_rows(op, expert_out, handle):
         raise TypeError(f"{op}: handle must be the EPHandle ep_dispatch returned, got "
                         f"{type(handle).__name__}")
     check_float_tensor(op, "expert_out", expert_out)
-    if torch.is_grad_enabled():
+    if autodiff_possible():
         check_forward_only(op, expert_out=expert_out)
     if expert_out.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: expert_out must be float32, bfloat16 or float16, got "

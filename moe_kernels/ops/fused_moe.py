@@ -19,9 +19,9 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (all_strided, check_float_tensor, check_forward_only, check_fp8,
-                                   check_last_dim_contiguous, check_same_device, check_scales,
-                                   check_tensor)
+from moe_kernels._validate import (all_strided, autodiff_possible, check_float_tensor,
+                                   check_forward_only, check_fp8, check_last_dim_contiguous,
+                                   check_same_device, check_scales, check_tensor)
 from moe_kernels.ops import fp8, grouped_gemm, permute as perm
 
 OP = "fused_moe_fp8"
@@ -177,7 +177,7 @@ def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Ten
     float; topk_ids: (T, K) int32 | int64 (ids outside [0, E) skipped; E = 0 skips every
     pair). Returns (T, H) in hidden's dtype: sum_k w[t, k] * down(silu(gate(h_t)) *
     up(h_t)) of expert ids[t, k]."""
-    if torch.is_grad_enabled():
+    if autodiff_possible():
         check_forward_only(OP, hidden=hidden, w13=w13, w13_scales=w13_scales, w2=w2,
                            w2_scales=w2_scales, topk_weights=topk_weights)
     if not _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):

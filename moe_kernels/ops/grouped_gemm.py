@@ -14,7 +14,7 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (all_strided, check_forward_only, check_fp8,
+from moe_kernels._validate import (all_strided, autodiff_possible, check_forward_only, check_fp8,
                                    check_last_dim_contiguous, check_out, check_same_device,
                                    check_scales, check_tensor)
 from moe_kernels.reference import grouped_gemm as reference
@@ -187,7 +187,7 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
     m_indices is correct; rows of one expert in runs aligned to the tile
     (permute(align=128)) are the fast path."""
     op = "grouped_gemm_fp8"
-    if torch.is_grad_enabled():
+    if autodiff_possible():
         check_forward_only(op, a=a, a_scales=a_scales, b=b, b_scales=b_scales)
     if out is None and _plain_call(a, a_scales, b, b_scales, m_indices, 2, out_dtype):
         out_dtype = _output_dtype(op, out_dtype, None)   # bfloat16 when None: one rule
@@ -216,7 +216,7 @@ def grouped_gemm_fp8_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
     Returns (E, M, N) out_dtype (default bfloat16), or writes into `out` (E, M, N) as
     grouped_gemm_fp8 does."""
     op = "grouped_gemm_fp8_masked"
-    if torch.is_grad_enabled():
+    if autodiff_possible():
         check_forward_only(op, a=a, a_scales=a_scales, b=b, b_scales=b_scales)
     if out is None and _plain_call(a, a_scales, b, b_scales, masked_m, 3, out_dtype):
         out_dtype = _output_dtype(op, out_dtype, None)   # bfloat16 when None: one rule

@@ -15,10 +15,9 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (STRIDED, all_strided, check_forward_only, check_int,
-                                   check_last_dim_contiguous, check_no_overlap,
-                                   check_same_device, check_scales, check_tensor,
-                                   holds_no_data)
+from moe_kernels._validate import (STRIDED, all_strided, autodiff_possible, check_forward_only,
+                                   check_int, check_last_dim_contiguous, check_no_overlap,
+                                   check_same_device, check_scales, check_tensor, holds_no_data)
 from moe_kernels.reference import mla as reference
 
 WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
@@ -253,7 +252,7 @@ def mla_decompress_kv(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_b_proj: torch.T
     Returns k (T, H, dn + rope), v (T, H, dv) in kv_c's dtype, or written into out_k / out_v
     (any float dtype, last dim contiguous) and returned."""
     op = "mla_decompress_kv"
-    if torch.is_grad_enabled():
+    if autodiff_possible():
         check_forward_only(op, kv_c=kv_c, k_pe=k_pe, kv_b_proj=kv_b_proj,
                            kv_b_proj_scale=kv_b_proj_scale)
     if not (out_k is None and out_v is None
@@ -448,7 +447,7 @@ def mla_decompress_kv_paged(kv_cache: torch.Tensor, block_table: torch.Tensor,
     sync: CUDA-graph capturable), and the kernel reads nothing out of bounds: tokens
     without a valid block get zeros."""
     op = "mla_decompress_kv_paged"
-    if torch.is_grad_enabled():
+    if autodiff_possible():
         check_forward_only(op, kv_cache=kv_cache, kv_b_proj=kv_b_proj,
                            kv_b_proj_scale=kv_b_proj_scale, kv_cache_scale=kv_cache_scale)
     H, dn, dv = num_heads, qk_nope_head_dim, v_head_dim
