@@ -205,6 +205,7 @@ _is_compiling = torch.compiler.is_compiling
 _transforms_active = torch._C._are_functorch_transforms_active   # ~0.05 us
 _dispatch_modes = torch._C._len_torch_dispatch_stack             # ~0.03 us
 _jit_tracing = torch._C._is_tracing                              # ~0.03 us
+_profiling = torch._C._autograd._profiler_enabled                # ~0.03 us
 
 
 _PYTHON_KEY = torch._C.DispatchKey.Python
@@ -412,14 +413,32 @@ class Op:
         which runs the op's fake; or a user's mode (logging, debugging), which sees the
         op's calls only through the dispatcher. Likewise under torch.jit.trace (and the
         TorchScript ONNX export built on it), which records dispatcher calls only: a bare
-        kernel left the trace an `aten::empty`, whose garbage it returned for any input."""
+        kernel left the trace an `aten::empty`, whose garbage it returned for any input.
+        Under torch.profiler the bare kernel runs in a range named as its op."""
         if (needs_op or _is_compiling() or _transforms_active() or _dispatch_modes()
                 or _jit_tracing()):
             return self.op(backend)
+        if _profiling():
+            return self._profiled(backend)
         try:
             return self._eager[backend]
         except KeyError:
             return self._bare(backend)
+
+    def _profiled(self, backend: str):
+        """The bare kernel inside a torch.profiler range named as its registered op
+        ("moe_kernels::grouped_topk"), as the dispatcher records torch's ops: a bare
+        kernel was missing from profiles, its host time attributed to nothing. Not the
+        registered op itself, whose dispatcher round trip (~30 us for the differentiable
+        ops' Python autograd kernel) would show in the profile as our host cost."""
+        bare = self._eager.get(backend) or self._bare(backend)
+        label = self.op(backend).name()
+
+        def run(*args):
+            with torch.autograd.profiler.record_function(label):
+                return bare(*args)
+
+        return run
 
     def register_autograd(self, make) -> None:
         """make(backend) -> (backward, setup_context) for the variant running `backend`
