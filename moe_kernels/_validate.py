@@ -184,9 +184,9 @@ def autodiff_possible() -> bool:
 
 
 # what check_no_forward_ad adds for the differentiable ops and for the forward-only ones
-FORWARD_AD_DIFFERENTIABLE = ("; reverse mode is (backward, torch.func.grad / vjp / jacrev), "
-                             "and backend='reference' implements both")
-FORWARD_AD_FORWARD_ONLY = " (forward only, on every backend)"
+_FORWARD_AD_DIFFERENTIABLE = ("; reverse mode is (backward, torch.func.grad / vjp / jacrev),"
+                              " and backend='reference' implements both")
+_FORWARD_AD_FORWARD_ONLY = " (forward only, on every backend)"
 
 
 def check_no_forward_ad(op: str, inputs: dict, hint: str) -> None:
@@ -204,6 +204,14 @@ def check_no_forward_ad(op: str, inputs: dict, hint: str) -> None:
                                   f"implemented by {op}{hint}")
 
 
+def check_differentiable_kernel(op: str, backend: str, inputs: dict) -> None:
+    """A differentiable op's kernels have a backward, not a forward-mode formula: on a
+    kernel backend, forward-mode AD through `inputs` is refused (check_no_forward_ad);
+    the reference's torch ops give the tangent."""
+    if backend != "reference" and forward_ad_possible():
+        check_no_forward_ad(op, inputs, _FORWARD_AD_DIFFERENTIABLE)
+
+
 def check_forward_only(op: str, **inputs) -> None:
     """ValueError when an input requires grad (grad mode on) of an op with no backward whose
     result depends smoothly on it (GEMMs, MLA, fused_moe_fp8, expert parallelism): its
@@ -218,4 +226,4 @@ def check_forward_only(op: str, **inputs) -> None:
                          f"only); call it under torch.no_grad() or torch.inference_mode(), "
                          f"or pass {name}.detach()")
     if forward_ad_possible():
-        check_no_forward_ad(op, inputs, FORWARD_AD_FORWARD_ONLY)
+        check_no_forward_ad(op, inputs, _FORWARD_AD_FORWARD_ONLY)

@@ -3,11 +3,12 @@ must fail the test with the case that did it, not end the session).
 
 For every op with a C++ kernel: valid arguments, then each argument mutated alone in every
 way the schema's type allows (dtype, rank, each size to 0 / 1 / +1, non-contiguous layouts,
-stride 0, sparse, mkldnn, meta and fake tensors, junk values; ints to 0 / -1 / 2^40; floats to NaN / inf; None for optional
-tensors and tensors for None). Each case calls the C++ check `_C.<op>_<backend>_check`
-and then the registered op `torch.ops.moe_kernels.<op>`, and holds them to the contract of
-csrc/checks.h (backend "cpu"; also "cuda", with the samples on the GPU, where there is one
-and the extension has CUDA kernels):
+stride 0, sparse, mkldnn, meta and fake tensors, junk values; ints to 0 / -1 / 2^40;
+floats to NaN / inf; None for optional tensors and tensors for None). Each case calls the
+C++ check `_C.<op>_<backend>_check` and then the registered op
+`torch.ops.moe_kernels.<op>`, and holds them to the contract of csrc/checks.h (backend
+"cpu"; also "cuda", with the samples on the GPU, where there is one and the extension has
+CUDA kernels):
 - the check never throws;
 - when it reports a problem, the op raises exactly that error (ValueError or TypeError,
   "<op>: <message>") and the C++ entry point is never called;

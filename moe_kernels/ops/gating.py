@@ -13,10 +13,9 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES
-from moe_kernels._validate import (FORWARD_AD_DIFFERENTIABLE, STRIDED, check_choice,
+from moe_kernels._validate import (STRIDED, check_choice, check_differentiable_kernel,
                                    check_float_tensor, check_int, check_last_dim_contiguous,
-                                   check_no_forward_ad, check_same_device, check_tensor,
-                                   forward_ad_possible)
+                                   check_same_device, check_tensor)
 from moe_kernels.reference import gating as reference
 
 OP = "grouped_topk"
@@ -206,9 +205,8 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
     _check_args(logits, top_k, num_expert_group, topk_group, scoring_func, correction_bias,
                 group_scoring)
     backend = GROUPED_TOPK.resolve(backend, logits)
-    if backend != "reference" and forward_ad_possible():
-        check_no_forward_ad(OP, {"logits": logits, "correction_bias": correction_bias},
-                            FORWARD_AD_DIFFERENTIABLE)
+    check_differentiable_kernel(OP, backend, {"logits": logits,
+                                              "correction_bias": correction_bias})
     if backend == "triton" or backend == "cuda":
         _library.check_expert_limit(OP, backend, "gating_cuda_max_experts",
                                     "E (logits' columns)", logits.shape[1])

@@ -395,7 +395,8 @@ def _plain_paged_call(kv_cache, block_table, seq_lens, kv_b_proj, kv_b_proj_scal
     means _check_paged_args would pass. As _plain_call for the contiguous op."""
     if not (type(kv_cache) is torch.Tensor and type(block_table) is torch.Tensor
             and type(seq_lens) is torch.Tensor and type(kv_b_proj) is torch.Tensor
-            and all_strided(kv_cache, block_table, seq_lens, kv_b_proj) and type(H) is int and type(dn) is int and type(dv) is int and H >= 1
+            and all_strided(kv_cache, block_table, seq_lens, kv_b_proj)
+            and type(H) is int and type(dn) is int and type(dv) is int and H >= 1
             and dn >= 1 and dv >= 1
             and (num_tokens is None or (type(num_tokens) is int and num_tokens >= 0))
             and kv_cache.dim() == 3 and block_table.dim() == 2 and seq_lens.dim() == 1

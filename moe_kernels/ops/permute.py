@@ -17,9 +17,9 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, INDEX_DTYPES, cdiv
-from moe_kernels._validate import (FORWARD_AD_DIFFERENTIABLE, all_strided, check_float_tensor,
-                                   check_int, check_no_forward_ad, check_no_grad_inputs, check_out,
-                                   check_same_device, check_tensor, forward_ad_possible)
+from moe_kernels._validate import (all_strided, check_differentiable_kernel, check_float_tensor,
+                                   check_int, check_no_grad_inputs, check_out,
+                                   check_same_device, check_tensor)
 from moe_kernels.reference import permute as reference
 
 
@@ -331,12 +331,6 @@ def _check_rows_out(op, out, out_scales, rows_shape, hidden, topk_ids, scales):
                   "hidden", hidden, {**inputs, "out": out})
 
 
-def _check_no_forward_ad(op, backend, inputs):
-    """The kernels of these differentiable ops have a backward, not a forward-mode formula."""
-    if backend != "reference" and forward_ad_possible():
-        check_no_forward_ad(op, inputs, FORWARD_AD_DIFFERENTIABLE)
-
-
 # --- public API ------------------------------------------------------------------------------
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: int, *,
@@ -381,7 +375,7 @@ def permute(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
                         (reference.permuted_rows(topk_ids.numel(), num_experts, align),),
                         hidden, topk_ids, scales)
     backend = _resolve_index_backend(op, backend, hidden, num_experts)
-    _check_no_forward_ad(op, backend, {"hidden": hidden, "scales": scales})
+    check_differentiable_kernel(op, backend, {"hidden": hidden, "scales": scales})
     return permute_unchecked(backend, hidden, topk_ids, num_experts, align, scales, out,
                              out_scales)
 
@@ -404,7 +398,7 @@ def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: in
         _check_rows_out(op, out, out_scales, (num_experts, max_tokens_per_expert), hidden,
                         topk_ids, scales)
     backend = _resolve_index_backend(op, backend, hidden, num_experts)
-    _check_no_forward_ad(op, backend, {"hidden": hidden, "scales": scales})
+    check_differentiable_kernel(op, backend, {"hidden": hidden, "scales": scales})
     return permute_masked_unchecked(backend, hidden, topk_ids, num_experts,
                                     max_tokens_per_expert, scales, out, out_scales)
 
@@ -435,7 +429,8 @@ def unpermute(expert_out: torch.Tensor, layout, topk_weights: torch.Tensor, *,
                   {"expert_out": expert_out, "layout.row_of_pair": row_of_pair,
                    "topk_weights": topk_weights})
     backend = UNPERMUTE.resolve(backend, expert_out)
-    _check_no_forward_ad(op, backend, {"expert_out": expert_out, "topk_weights": topk_weights})
+    check_differentiable_kernel(op, backend, {"expert_out": expert_out,
+                                              "topk_weights": topk_weights})
     return unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights, out)
 
 
