@@ -31,9 +31,14 @@ auto reported(moe_kernels::Report (*check)(Args...)) {
 
 // An entry point and its check. The entry points are the eager path's direct calls,
 // `_C.<op>_<backend>` (the name moe_kernels._library.Op looks up): calling these skips the
-// dispatcher and the Python autograd kernel (docs/index.md, eager fast path).
-#define MK_DEF_ENTRY(m, name)                \
-  m.def(#name, &moe_kernels::name);          \
+// dispatcher and the Python autograd kernel (docs/index.md, eager fast path). An entry
+// point runs without the GIL, as torch's own ops do: holding it, a CPU kernel would stop
+// every other Python thread of the process for its whole run (a server's scheduler beside a
+// CPU MoE layer: ~1 ms a call at T = 4096). Its arguments are converted before the release
+// and its result after; nothing between touches Python. The release costs ~0.05 us a call
+// (gather_rows_out on 3 rows: 0.31 -> 0.34 us); the checks, ~1 us, keep the GIL.
+#define MK_DEF_ENTRY(m, name)                                                               \
+  m.def(#name, &moe_kernels::name, pybind11::call_guard<pybind11::gil_scoped_release>());   \
   m.def(#name "_check", reported(&moe_kernels::check_##name))
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
