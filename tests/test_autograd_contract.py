@@ -227,3 +227,53 @@ def test_forward_mode_ad(device, backend, op):
             torch.testing.assert_close(lhs, rhs, rtol=1e-4, atol=1e-4)
         checked += 1
     assert checked, f"{op}: no case with float inputs and outputs"
+
+
+def _differentiable_call(op, device, backend, dtype):
+    """(f, inputs): the op as a function of its float inputs (dtype), on inputs whose
+    routing no finite-difference step of gradcheck flips (scores 0.05 apart): one
+    skipped pair, expert 2 past the masked layout's capacity."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.tensor([[0, 2], [2, -1], [1, 2], [2, 0]], dtype=torch.int32, device=device)
+    hidden = torch.randn(4, 3, generator=g, dtype=dtype).to(device)
+    if op == "grouped_topk":
+        logits = (torch.randperm(32, generator=g).view(4, 8) * 0.05).to(dtype).to(device)
+        return (lambda x: moe_kernels.grouped_topk(x, 2, num_expert_group=2, topk_group=1,
+                                                   backend=backend)[0]), (logits,)
+    if op == "permute":
+        return (lambda h: moe_kernels.permute(h, ids, 4, align=2, backend=backend)[0]), (hidden,)
+    if op == "permute_masked":
+        return (lambda h: moe_kernels.permute_masked(h, ids, 4, 2, backend=backend)[0]), (hidden,)
+    _, layout = moe_kernels.permute(hidden, ids, 4, align=2, backend=backend)
+    expert_out = torch.randn(layout.m_indices.shape[0], 3, generator=g, dtype=dtype).to(device)
+    w = torch.rand(4, 2, generator=g, dtype=dtype).to(device)
+    return (lambda e, wt: moe_kernels.unpermute(e, layout, wt, backend=backend)), (expert_out, w)
+
+
+@pytest.mark.filterwarnings("ignore:Input #[0-9]+ requires gradient and is not a double")
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", DIFFERENTIABLE)
+def test_double_backward(device, backend, op):
+    """The backward of each differentiable op is differentiable again (create_graph=True:
+    gradient penalties, Hessian-vector products): gradgradcheck in float32, whose steps
+    and tolerance fit float32 (these functions are linear, bilinear or smooth here)."""
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    f, inputs = _differentiable_call(op, device, backend, torch.float32)
+    inputs = tuple(x.requires_grad_(True) for x in inputs)
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-2, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("op", ("permute", "permute_masked"))
+def test_float64_gradcheck(device, backend, op):
+    """permute and permute_masked copy rows of any dtype, float64 too, which is what
+    torch.autograd.gradcheck runs: their gradient and its gradient match finite
+    differences on every backend. (The kernel backends summed the gradient's rows with
+    unpermute, which takes float32 / bf16 / fp16: a TypeError at backward.)"""
+    if backend not in _library.OPS[op].backends:
+        pytest.skip(f"{op} has no {backend} backend")
+    f, (hidden,) = _differentiable_call(op, device, backend, torch.float64)
+    hidden.requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (hidden,))
+    assert torch.autograd.gradgradcheck(f, (hidden,))
