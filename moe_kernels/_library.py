@@ -56,6 +56,21 @@ if _C is None:
     )
 
 
+def _warn_if_cpu_isa_not_taken() -> None:
+    """MOE_KERNELS_CPU_ISA names a build this CPU does not run, or none at all (a typo):
+    the C++ side then takes the widest build, which a benchmark or a bisection meant to
+    run on another would measure without a word."""
+    forced = os.environ.get("MOE_KERNELS_CPU_ISA")
+    if _C is not None and forced and _C.cpu_isa() != forced:
+        warnings.warn(
+            f"moe_kernels: MOE_KERNELS_CPU_ISA={forced!r} is not one of 'amx', 'avx512', "
+            f"'avx2', 'generic' that this CPU runs; the cpu backend runs {_C.cpu_isa()!r}",
+            RuntimeWarning, stacklevel=2)
+
+
+_warn_if_cpu_isa_not_taken()
+
+
 def extension_loaded() -> bool:
     return _C is not None
 

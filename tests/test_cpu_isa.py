@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -59,6 +61,21 @@ def test_default_build_is_the_widest_this_cpu_runs():
     if os.environ.get("MOE_KERNELS_CPU_ISA"):
         pytest.skip("MOE_KERNELS_CPU_ISA chooses the build")
     assert _library._C.cpu_isa() == widest
+
+
+@pytest.mark.parametrize("name", ["generic", "avx-512", "amx"])
+def test_environment_choice_not_taken_warns(name):
+    """MOE_KERNELS_CPU_ISA naming no build (a typo) or one this CPU lacks: a RuntimeWarning
+    at import that says which build runs; a build it runs: none."""
+    run = subprocess.run([sys.executable, "-c", "import moe_kernels._library as l; "
+                          "print(l._C.cpu_isa())"], capture_output=True, text=True,
+                         env={**os.environ, "MOE_KERNELS_CPU_ISA": name}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    taken = run.stdout.split()[-1]
+    warned = f"MOE_KERNELS_CPU_ISA={name!r} is not one of" in run.stderr
+    assert warned == (taken != name), run.stderr
+    if name == "avx-512":
+        assert warned and f"the cpu backend runs {taken!r}" in run.stderr
 
 
 def test_unknown_or_unsupported_build_is_refused():
