@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -267,3 +269,16 @@ def test_cuda_outputs_with_the_cache_equal_jit_runs():
                 assert g.dtype == w.dtype and g.shape == w.shape, op
                 assert torch.equal(_bits(g), _bits(w)), op
     assert sum(len(c._cache) for c in _all_cached_launches()) >= 14
+
+
+@pytest.mark.parametrize("mode,enabled,warned", [("cached", True, False), ("jit", False, False),
+                                                  ("JIT", True, True)])
+def test_launch_mode_from_the_environment(mode, enabled, warned):
+    """MOE_KERNELS_TRITON_LAUNCH: "jit" turns the cache off; a value that is neither (a
+    typo) keeps it, with a RuntimeWarning naming the value."""
+    run = subprocess.run([sys.executable, "-c", "from moe_kernels.triton import launch; "
+                          "print(launch._ENABLED)"], capture_output=True, text=True,
+                         env={**os.environ, "MOE_KERNELS_TRITON_LAUNCH": mode}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == str(enabled)
+    assert (f"MOE_KERNELS_TRITON_LAUNCH={mode!r} is neither" in run.stderr) == warned

@@ -186,7 +186,19 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-_ENABLED = os.environ.get("MOE_KERNELS_TRITON_LAUNCH", "cached") != "jit"
+def _launch_mode_from_environment() -> bool:
+    """MOE_KERNELS_TRITON_LAUNCH: "cached" (the default) or "jit"; another value (a typo
+    that meant "jit") warns and keeps the cache."""
+    mode = os.environ.get("MOE_KERNELS_TRITON_LAUNCH", "cached")
+    if mode not in ("cached", "jit"):
+        import warnings
+        warnings.warn(f"moe_kernels: MOE_KERNELS_TRITON_LAUNCH={mode!r} is neither 'cached' "
+                      f"nor 'jit'; Triton kernels launch through the cache", RuntimeWarning,
+                      stacklevel=2)
+    return mode != "jit"
+
+
+_ENABLED = _launch_mode_from_environment()
 
 
 @contextlib.contextmanager
