@@ -184,13 +184,7 @@ class DeepseekV3MoE(nn.Module):
     def forward(self, hidden: torch.Tensor, *, mode: str | None = None) -> torch.Tensor:
         """Checks hidden once; the ops run through their unchecked internal layer. mode:
         with an ep_group, "normal" or "low_latency" for this call (default ep_mode)."""
-        check_tensor("DeepseekV3MoE", "hidden", hidden, dtypes=FLOAT_DTYPES)
-        if hidden.dim() < 1 or hidden.shape[-1] != self.hidden_size:
-            raise ValueError(f"DeepseekV3MoE: hidden must have shape (..., hidden_size="
-                             f"{self.hidden_size}), got {tuple(hidden.shape)}")
-        if hidden.device != self.w13.device:
-            raise ValueError(f"DeepseekV3MoE: hidden is on {hidden.device} but the weights are "
-                             f"on {self.w13.device}")
+        self._check_hidden("DeepseekV3MoE", "hidden", hidden, rows_only=False)
         if autodiff_possible():     # the experts have no backward
             check_forward_only("DeepseekV3MoE", hidden=hidden)
         if self.ep_group is None:
@@ -206,13 +200,27 @@ class DeepseekV3MoE(nn.Module):
             w, ids = self._route(x, self.num_experts)
             out = self._expert_sum(backend, x, w, ids)
         elif self.ep_group is None:
-            out = self.experts(backend, x, *self.route(x))
+            out = self._experts(backend, x, *self._route(x, -1))
         else:
-            out = self._experts_ep(backend, x, *self.route(x), mode)
+            out = self._experts_ep(backend, x, *self._route(x, -1), mode)
         return out.view(shape)
 
+    def _check_hidden(self, op: str, name: str, x, rows_only: bool) -> None:
+        """x: float, on the weights' device, (T, hidden_size) where rows_only, else
+        (..., hidden_size)."""
+        check_tensor(op, name, x, ndim=2 if rows_only else None, dtypes=FLOAT_DTYPES)
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            lead = "T" if rows_only else "..."
+            raise ValueError(f"{op}: {name} must have shape ({lead}, hidden_size="
+                             f"{self.hidden_size}), got {tuple(x.shape)}")
+        if x.device != self.w13.device:
+            raise ValueError(f"{op}: {name} is on {x.device} but the weights are on "
+                             f"{self.w13.device}")
+
     def route(self, x: torch.Tensor):
-        """x (T, H) -> (topk_weights (T, K) float32, topk_ids (T, K) int32): HF's router."""
+        """x (T, H) float -> (topk_weights (T, K) float32, topk_ids (T, K) int32): HF's
+        router (differentiable w.r.t. x, as grouped_topk is)."""
+        self._check_hidden("DeepseekV3MoE.route", "x", x, rows_only=True)
         return self._route(x, -1)
 
     def _route(self, x: torch.Tensor, shared_expert_id: int):
@@ -224,11 +232,26 @@ class DeepseekV3MoE(nn.Module):
             self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group, "sigmoid",
             "top2_sum", self.norm_topk_prob, self.routed_scaling_factor, shared_expert_id)
 
-    def experts(self, backend, x, w, ids):
-        """The one-device expert computation of routed pairs (ids outside [0, E) add
-        nothing) plus the shared expert: (T, H) in x's dtype."""
+    def experts(self, backend, x, topk_weights, topk_ids):
+        """The one-device expert computation of routed pairs plus the shared expert: x (T,
+        H) float, topk_weights (T, K) float, topk_ids (T, K) int32 | int64 (ids outside
+        [0, E) add nothing) -> (T, H) in x's dtype. backend: as the ops' (None: the
+        device's default); forward only, as forward is."""
+        op = "DeepseekV3MoE.experts"
         if self.ep_group is not None:
-            raise ValueError("DeepseekV3MoE.experts: this layer holds only its rank's experts")
+            raise ValueError(f"{op}: this layer holds only its rank's experts")
+        self._check_hidden(op, "x", x, rows_only=True)
+        if autodiff_possible():
+            check_forward_only(op, x=x, topk_weights=topk_weights)
+        x = x.contiguous()        # any strides, as forward takes
+        E = self.num_experts      # the routed experts' weights, the checks' shapes
+        fused_moe.check_args(op, x, self.w13[:E], self.w13_scale[:E], self.w2[:E],
+                             self.w2_scale[:E], topk_weights, topk_ids)
+        backend = fused_moe.FUSED_MOE_FP8.resolve(backend, x)
+        return self._experts(backend, x, topk_weights, topk_ids)
+
+    def _experts(self, backend, x, w, ids):
+        """experts() of checked arguments and a resolved backend."""
         if self.shared_stacked:   # the shared expert is expert E, weight 1 for every token
             w, ids = append_shared_expert(w, ids, self.num_experts)
         return self._expert_sum(backend, x, w, ids)

@@ -286,7 +286,7 @@ def _column_major(t):
 
 
 # Invalid calls, each with one fault, for the common-case predicate: every one must fail
-# _check and the predicate alike (a fault the predicate missed would skip the checks).
+# check_args and the predicate alike (a fault the predicate missed would skip the checks).
 _NEAR_MISSES = [
     ("hidden int", lambda kw: dict(hidden=kw["hidden"].int())),
     ("hidden 3-D", lambda kw: dict(hidden=kw["hidden"][None])),
@@ -321,18 +321,18 @@ _NEAR_MISSES = [
 
 @pytest.mark.parametrize("desc,over", _NEAR_MISSES, ids=[b[0] for b in _NEAR_MISSES])
 def test_common_case_predicate_refuses_every_invalid_call(desc, over):
-    """fused_moe_fp8 skips _check when _plain_call holds: each invalid call must fail both."""
+    """fused_moe_fp8 skips check_args when _plain_call holds: each invalid call must fail both."""
     from moe_kernels.ops import fused_moe as ops
     kw = _valid_args()
     kw.update(over(kw))
     with pytest.raises((TypeError, ValueError)):
-        ops._check(ops.OP, *kw.values())
+        ops.check_args(ops.OP, *kw.values())
     assert not ops._plain_call(*kw.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_common_case_predicate_takes_the_common_call(dtype):
-    """Each activation dtype (int64 ids with float32) takes the short path, and _check
+    """Each activation dtype (int64 ids with float32) takes the short path, and check_args
     agrees the call is valid."""
     from moe_kernels.ops import fused_moe as ops
     kw = _valid_args()
@@ -340,4 +340,4 @@ def test_common_case_predicate_takes_the_common_call(dtype):
     if dtype == torch.float32:
         kw["topk_ids"] = kw["topk_ids"].long()
     assert ops._plain_call(*kw.values())
-    ops._check(ops.OP, *kw.values())
+    ops.check_args(ops.OP, *kw.values())

@@ -25,6 +25,7 @@ from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import layer as ref_layer
 
 from helpers import calc_diff, device_backend_params, expect_inductor_bf16_round_trip
+from test_cuda_graphs import assert_same_bits
 
 BACKENDS = ("reference", "triton", "cpu")
 
@@ -403,6 +404,63 @@ def test_routing_config_checked_at_construction_and_hidden_width_at_forward():
                           num_experts_per_tok=2)
     with pytest.raises(ValueError, match="hidden_size=256"):
         layer(torch.randn(3, 512))
+
+
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+def test_route_and_experts_compose_forward(device, backend):
+    """The public parts of forward: experts(route(x)) is forward, bit for bit, on any
+    strides of x and int64 ids; backend=None is the device's default backend."""
+    layer, cfg = make_fp8_layer(device, backend)
+    x = make_hidden(9, cfg, device=device)
+    w, ids = layer.route(x)
+    want = layer(x)
+    assert_same_bits(layer.experts(backend, x, w, ids), want, "experts(route(x))")
+    strided = x.t().contiguous().t()
+    assert_same_bits(layer.experts(backend, strided, w, ids.long()), want, "strided x, int64 ids")
+    default = layer.experts(None, x, w, ids)
+    layer.backend = None
+    assert_same_bits(default, layer(x), "experts(None, ...) against forward of backend None")
+
+
+# One fault each for route(x) and experts(backend, x, topk_weights, topk_ids): (what, the
+# call's arguments changed, error type, words of the message). experts() ran the unchecked
+# expert path, whose Triton kernels would have read its shapes as they came.
+def _route_faults(x, w, ids):
+    return [
+        ("x 3-D", dict(x=x[None]), ValueError, "x must be 2-D"),
+        ("x 1-D", dict(x=x[0]), ValueError, "x must be 2-D"),
+        ("x wrong width", dict(x=x[:, :100]), ValueError, r"x must have shape \(T, hidden_size"),
+        ("x int", dict(x=x.int()), TypeError, "x must have dtype"),
+        ("x fp8", dict(x=x.to(torch.float8_e4m3fn)), TypeError, "x must have dtype"),
+        ("x not a tensor", dict(x=x.tolist()), TypeError, "x must be a torch.Tensor"),
+    ]
+
+
+def _experts_faults(x, w, ids):
+    return _route_faults(x, w, ids) + [
+        ("ids float", dict(topk_ids=ids.float()), TypeError, "topk_ids must have dtype"),
+        ("ids 1-D", dict(topk_ids=ids[0]), ValueError, "topk_ids must be 2-D"),
+        ("weights of other K", dict(topk_weights=w[:, :2]), ValueError, "must both have shape"),
+        ("pairs of other T", dict(topk_weights=w[:2], topk_ids=ids[:2]), ValueError,
+         "must both have shape"),
+        ("backend unknown", dict(backend="bogus"), ValueError, "backend must be"),
+    ]
+
+
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+@pytest.mark.parametrize("part", ["route", "experts"])
+def test_route_and_experts_check_their_arguments(device, backend, part):
+    layer, cfg = make_fp8_layer(device, backend)
+    x = make_hidden(5, cfg, device=device)
+    w, ids = layer.route(x)
+    faults = (_route_faults if part == "route" else _experts_faults)(x, w, ids)
+    for what, change, exc, words in faults:
+        args = {"backend": backend, "x": x, "topk_weights": w, "topk_ids": ids, **change}
+        with pytest.raises(exc, match=words):
+            if part == "route":
+                layer.route(args["x"])
+            else:
+                layer.experts(args["backend"], args["x"], args["topk_weights"], args["topk_ids"])
 
 
 def test_expert_parallel_arguments_need_an_ep_group():

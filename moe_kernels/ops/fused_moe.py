@@ -27,7 +27,8 @@ from moe_kernels.ops import fp8, grouped_gemm, permute as perm
 OP = "fused_moe_fp8"
 
 
-def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
+def check_args(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
+    """fused_moe_fp8's argument checks, errors named `op` (also the layer's experts())."""
     check_tensor(op, "hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_last_dim_contiguous(op, "hidden", hidden)
     check_fp8(op, "w13", w13, ndim=3)
@@ -58,9 +59,9 @@ def _check(op, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
 
 def _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids) -> bool:
     """Whether the call is the common one (plain tensors of the usual dtypes, one device)
-    and valid, in a few predicates, each implied by one of _check's checks (or stricter):
-    True means _check would pass. _check one check at a time took 14 us of a decode call's
-    Python on the CPU, this ~4 (2-core VM, a slow stretch)."""
+    and valid, in a few predicates, each implied by one of check_args' checks (or
+    stricter): True means check_args would pass. check_args, one check at a time, took 14
+    us of a decode call's Python on the CPU, this ~4 (2-core VM, a slow stretch)."""
     # tensor attributes cost 0.1-0.4 us each from Python: one shape read per tensor, and
     # is_contiguous() (0.09 us) for the weights where stride(2) takes 0.26-0.4 us
     if not (type(hidden) is torch.Tensor and type(w13) is torch.Tensor
@@ -79,7 +80,7 @@ def _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids) 
     inter, device = two_i // 2, hidden.device
     c = lambda n: cdiv(n, SCALE_BLOCK)
     ids_shape = topk_ids.shape
-    # is_contiguous() says nothing of an empty weight's strides: those go to _check
+    # is_contiguous() says nothing of an empty weight's strides: those go to check_args
     return (two_i % 2 == 0 and h13 == H and E > 0 and inter > 0 and H > 0
             and w2.shape == (E, H, inter)
             and w13_scales.shape == (E, c(two_i), c(H)) and w2_scales.shape == (E, c(H), c(inter))
@@ -181,7 +182,7 @@ def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Ten
         check_forward_only(OP, hidden=hidden, w13=w13, w13_scales=w13_scales, w2=w2,
                            w2_scales=w2_scales, topk_weights=topk_weights)
     if not _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
-        _check(OP, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
+        check_args(OP, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
     backend = FUSED_MOE_FP8.resolve(backend, hidden)
     return fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales,
                                    topk_weights, topk_ids)
