@@ -105,6 +105,13 @@ def _check(weight, num_replicas, num_groups, num_nodes, num_gpus):
                          f"{tuple(weight.shape)}")
     if weight.is_complex() or weight.dtype == torch.bool:
         raise TypeError(f"{op}: weight must be real, got {weight.dtype}")
+    # a load is a count: NaN and inf broke the packing (an inf pack load reads as a full
+    # pack, so packs overflowed and an expert could lose its only slot), and a negative
+    # one turns "heaviest" around; read on the host, as the policy runs there
+    loads = weight.detach().double().cpu()
+    if not (torch.isfinite(loads).all() and (loads >= 0).all()):
+        raise ValueError(f"{op}: weight must hold finite loads >= 0 (NaN, inf or a negative "
+                         f"value found)")
     E = weight.shape[1]
     for name, v in (("num_replicas", num_replicas), ("num_groups", num_groups),
                     ("num_nodes", num_nodes), ("num_gpus", num_gpus)):
@@ -129,7 +136,9 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     Physical slot p lives on GPU p // (num_replicas // num_gpus)."""
     _check(weight, num_replicas, num_groups, num_nodes, num_gpus)
     L, E = weight.shape
-    w = weight.detach().float().cpu()    # on the host: every tensor below names w's device
+    # on the host (every tensor below names w's device), in float64: float32 rounds counts
+    # past 2^24 (a long window's token counts) and could overflow the packs' sums
+    w = weight.detach().double().cpu()
     if num_groups % num_nodes == 0:
         phy2log, phy_rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
     else:

@@ -207,6 +207,31 @@ def test_eplb_refuses_bad_weight(weight, exc):
         eplb.rebalance_experts(weight, 12, 2, 2, 4)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
+def test_eplb_refuses_loads_that_are_not_counts(bad):
+    """An inf load read as a full pack in the packing: packs overflowed and an expert lost
+    its only slot (logcnt 1, no slot in phy2log); NaN and negative loads are no counts."""
+    w = torch.ones(1, 8)
+    w[0, 0] = bad
+    with pytest.raises(ValueError, match="weight must hold finite loads >= 0"):
+        eplb.rebalance_experts(w, 12, 4, 1, 2)
+
+
+def test_eplb_tells_apart_counts_float32_rounds_together():
+    """2^24 and 2^24 + 1 tokens are one float32 value: the heavier expert gets the extra
+    replica (float32 made it a tie, which goes to the lower index)."""
+    w = torch.tensor([[2**24, 2**24 + 1]], dtype=torch.int64)
+    assert eplb.rebalance_experts(w, 3, 1, 1, 1)[2].tolist() == [[1, 2]]
+
+
+def test_local_experts_takes_a_rank_of_the_placement():
+    placement = ExpertPlacement.uniform(8, 2)
+    assert placement.local_experts(1).tolist() == [4, 5, 6, 7]
+    for rank, exc in ((2, ValueError), (-1, ValueError), (0.5, TypeError)):
+        with pytest.raises(exc, match="rank"):
+            placement.local_experts(rank)
+
+
 # --- dispatch / combine in real process groups ---------------------------------------------
 
 def expert_fn(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

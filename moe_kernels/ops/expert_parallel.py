@@ -110,7 +110,10 @@ class ExpertPlacement:
                                self.logcnt.to(device), self.world_size)
 
     def local_experts(self, rank: int) -> torch.Tensor:
-        """(P / world_size,) int64: the logical expert of each of rank's slots, in order."""
+        """(P / world_size,) int64: the logical expert of each of rank's slots, in order.
+        rank in [0, world_size) (a slice past the table was an empty tensor)."""
+        check_int("ExpertPlacement.local_experts", "rank", rank, low=0,
+                  high=self.world_size - 1, high_name="world_size - 1")
         S = self.slots_per_rank
         return self.phy2log[rank * S:(rank + 1) * S]
 
