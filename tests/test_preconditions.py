@@ -181,6 +181,11 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("update_correction_bias_", "counts of E+1", _set(tokens_per_expert=lambda c: torch.arange(7)),
      ValueError, "tokens_per_expert"),
     ("update_correction_bias_", "int bias", _set(correction_bias=_int), TypeError, "correction_bias"),
+    # a NaN / inf rate turned the whole bias NaN / inf (every later routing with it)
+    ("update_correction_bias_", "NaN rate", _set(rate=float("nan")), ValueError, "rate"),
+    ("update_correction_bias_", "inf rate", _set(rate=float("inf")), ValueError, "rate"),
+    ("update_correction_bias_", "negative rate", _set(rate=-1e-3), ValueError, "rate"),
+    ("update_correction_bias_", "tensor rate", _set(rate=torch.tensor(1e-3)), TypeError, "rate"),
     # permute
     ("permute", "num_experts 0", _set(num_experts=0), ValueError, "num_experts"),
     ("permute", "align 0", _set(align=0), ValueError, "align"),

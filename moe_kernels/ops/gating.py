@@ -223,8 +223,14 @@ def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: to
     """Auxiliary-loss-free balancing step, in place and without host synchronisation:
     correction_bias (E,) float += rate * sign(mean(count) - count).
 
-    tokens_per_expert: (E,) any real dtype (counts of the last step). Returns the bias."""
+    tokens_per_expert: (E,) any real dtype (counts of the last step); rate: a finite float
+    >= 0 (a NaN or inf rate turned the whole bias NaN / inf, and with it every later
+    routing). Returns the bias."""
     op = "update_correction_bias_"
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise TypeError(f"{op}: rate must be a float, got {type(rate).__name__}")
+    if not (_finite(rate) and rate >= 0):
+        raise ValueError(f"{op}: rate must be a finite float >= 0, got {rate!r}")
     check_float_tensor(op, "correction_bias", correction_bias, ndim=1)
     check_tensor(op, "tokens_per_expert", tokens_per_expert, ndim=1)
     if tokens_per_expert.shape != correction_bias.shape:
