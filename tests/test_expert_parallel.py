@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moe_kernels
-from moe_kernels import eplb
+from moe_kernels import _library, eplb
 from moe_kernels.bench.ranks import run_ranks
 from moe_kernels.ops.expert_parallel import ExpertPlacement
 from moe_kernels.reference import expert_parallel as ref
@@ -100,8 +100,15 @@ def test_map_any_layout(device, backend, layout):
     ids = torch.randint(-1, 8, (11, 3), generator=torch.Generator().manual_seed(2)).int()
     inputs = dict(topk_ids=ids.to(device), log2phy=pl.log2phy, logcnt=pl.logcnt)
     relaid = {k: properties.LAYOUTS[layout](v) for k, v in inputs.items()}
-    got = ExpertPlacement(pl.phy2log, relaid["log2phy"], relaid["logcnt"], 2).map(
-        relaid["topk_ids"], 1, backend=backend)
+    if layout == "expanded":
+        # stride 0 repeats expert 0's row: no placement holds such tables (the constructor
+        # refuses them), so the registered op reads them, through the op's own checks
+        fn = (ref.map_to_slots if backend == "reference"
+              else _library.OPS["map_to_slots"].op(backend))
+        got = fn(relaid["topk_ids"], relaid["log2phy"], relaid["logcnt"], 1)
+    else:
+        got = ExpertPlacement(pl.phy2log, relaid["log2phy"], relaid["logcnt"], 2).map(
+            relaid["topk_ids"], 1, backend=backend)
     want = ref.map_to_slots(*(v.contiguous().cpu() for v in relaid.values()), 1)
     assert_int_equal(got.cpu(), want, f"{backend} {layout}")
 
@@ -127,6 +134,34 @@ def test_from_eplb_refuses_inconsistent_tables(bad, exc, arg):
     kw.update(bad)
     with pytest.raises(exc, match=arg):
         ExpertPlacement.from_eplb(**kw)
+
+
+@pytest.mark.parametrize("bad,exc,arg", [
+    (dict(phy2log=torch.tensor([0, 1, 2, 9])), ValueError, "disagree"),
+    (dict(log2phy=torch.tensor([[0], [1], [2], [7]])), ValueError, "disagree"),
+    (dict(logcnt=torch.tensor([1, 1, 2, 0])), ValueError, "logcnt"),
+    (dict(world_size=0), ValueError, "world_size"),
+    (dict(world_size=3), ValueError, "world_size"),
+    (dict(log2phy=torch.zeros(4, 1)), TypeError, "log2phy"),
+    (dict(logcnt=torch.ones(4, dtype=torch.int64, device="meta")), ValueError, "logcnt"),
+])
+def test_constructor_refuses_inconsistent_tables(bad, exc, arg):
+    """ExpertPlacement(...) itself, not only from_eplb: a slot or expert id past the tables
+    sent rows to ranks that do not exist, and a rank of its own slots read nothing."""
+    kw = dict(phy2log=torch.arange(4), log2phy=torch.arange(4)[:, None],
+              logcnt=torch.ones(4, dtype=torch.int64), world_size=2)
+    kw.update(bad)
+    with pytest.raises(exc, match=arg):
+        ExpertPlacement(**kw)
+
+
+def test_constructor_reads_no_values_off_the_host():
+    """Tables on another device are checked by shape only (no host sync); their values are
+    checked where they are made: from_eplb, uniform, or a checked placement's .to()."""
+    meta = dict(device="meta", dtype=torch.int64)
+    placement = ExpertPlacement(torch.empty(4, **meta), torch.empty(4, 1, **meta),
+                                torch.empty(4, **meta), 2)
+    assert placement.slots_per_rank == 2
 
 
 def test_uniform_placement():

@@ -45,6 +45,33 @@ def _map_to_slots(backend, topk_ids, log2phy, logcnt, token_offset):
     return MAP_TO_SLOTS.kernel(backend)(topk_ids, log2phy, logcnt, token_offset)
 
 
+def _check_tables(op, phy2log, log2phy, logcnt, world_size, *, read_values: bool) -> None:
+    """A placement's tables: phy2log (P,), log2phy (E, R >= 1), logcnt (E,) int, one
+    device, world_size dividing P; with read_values (on the host: set-up time) also counts
+    in [1, R] summing to P, and each expert's slots in [0, P) and naming it in phy2log."""
+    check_tensor(op, "phy2log", phy2log, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor(op, "log2phy", log2phy, ndim=2, dtypes=INDEX_DTYPES)
+    check_tensor(op, "logcnt", logcnt, ndim=1, dtypes=INDEX_DTYPES)
+    check_int(op, "world_size", world_size, low=1)
+    check_same_device(op, "log2phy", log2phy, "phy2log", phy2log)
+    check_same_device(op, "logcnt", logcnt, "phy2log", phy2log)
+    P, (E, R) = phy2log.shape[0], log2phy.shape
+    if logcnt.shape[0] != E or R < 1:
+        raise ValueError(f"{op}: logcnt must be (E={E},) and log2phy (E, >= 1), got "
+                         f"{tuple(logcnt.shape)} and {tuple(log2phy.shape)}")
+    if P % world_size:
+        raise ValueError(f"{op}: world_size={world_size} must divide the {P} slots")
+    if not read_values:
+        return
+    p2l, l2p, cnt = phy2log.long().cpu(), log2phy.long().cpu(), logcnt.long().cpu()
+    if bool((cnt < 1).any()) or bool((cnt > R).any()) or int(cnt.sum()) != P:
+        raise ValueError(f"{op}: logcnt must be in [1, {R}] and sum to the {P} slots")
+    for e in range(E):
+        slots = l2p[e, :int(cnt[e])]
+        if bool(((slots < 0) | (slots >= P)).any()) or bool((p2l[slots] != e).any()):
+            raise ValueError(f"{op}: log2phy[{e}] and phy2log disagree")
+
+
 @dataclass(frozen=True)
 class ExpertPlacement:
     """Which physical expert slots live on which rank, and each logical expert's slots.
@@ -52,11 +79,20 @@ class ExpertPlacement:
     phy2log (P,) int64: the logical expert of each physical slot; log2phy (E, max_replicas)
     int64: each logical expert's slots, -1 padded; logcnt (E,) int64 >= 1: its replica
     count. Slot p lives on rank p // (P / world_size), at local index p % (P / world_size).
-    Build with `uniform` or `from_eplb`; `.to(device)` moves the tables."""
+    Build with `uniform` or `from_eplb`; `.to(device)` moves the tables. The constructor
+    checks the tables' types and shapes, and their values where they are on the CPU (a
+    slot or expert id past the tables sent rows to ranks that do not exist); on another
+    device it reads no value (no host sync): build there with `.to(device)`."""
     phy2log: torch.Tensor
     log2phy: torch.Tensor
     logcnt: torch.Tensor
     world_size: int
+
+    def __post_init__(self):
+        on_cpu = all(t.device.type == "cpu" for t in (self.phy2log, self.log2phy, self.logcnt)
+                     if isinstance(t, torch.Tensor))
+        _check_tables("ExpertPlacement", self.phy2log, self.log2phy, self.logcnt,
+                      self.world_size, read_values=on_cpu)
 
     @property
     def num_experts(self) -> int:
@@ -85,24 +121,8 @@ class ExpertPlacement:
     def from_eplb(cls, phy2log, log2phy, logcnt, world_size: int) -> "ExpertPlacement":
         """One layer of `eplb.rebalance_experts`' output: phy2log (P,), log2phy (E, R),
         logcnt (E,). Checked for consistency (reads the tables on the host: set-up time)."""
-        op = "ExpertPlacement.from_eplb"
-        check_tensor(op, "phy2log", phy2log, ndim=1, dtypes=INDEX_DTYPES)
-        check_tensor(op, "log2phy", log2phy, ndim=2, dtypes=INDEX_DTYPES)
-        check_tensor(op, "logcnt", logcnt, ndim=1, dtypes=INDEX_DTYPES)
-        check_int(op, "world_size", world_size, low=1)
-        P, (E, R) = phy2log.shape[0], log2phy.shape
-        if logcnt.shape[0] != E or R < 1:
-            raise ValueError(f"{op}: logcnt must be (E={E},) and log2phy (E, >= 1), got "
-                             f"{tuple(logcnt.shape)} and {tuple(log2phy.shape)}")
-        if P % world_size:
-            raise ValueError(f"{op}: world_size={world_size} must divide the {P} slots")
-        p2l, l2p, cnt = phy2log.long().cpu(), log2phy.long().cpu(), logcnt.long().cpu()
-        if bool((cnt < 1).any()) or bool((cnt > R).any()) or int(cnt.sum()) != P:
-            raise ValueError(f"{op}: logcnt must be in [1, {R}] and sum to the {P} slots")
-        for e in range(E):
-            slots = l2p[e, :int(cnt[e])]
-            if bool(((slots < 0) | (slots >= P)).any()) or bool((p2l[slots] != e).any()):
-                raise ValueError(f"{op}: log2phy[{e}] and phy2log disagree")
+        _check_tables("ExpertPlacement.from_eplb", phy2log, log2phy, logcnt, world_size,
+                      read_values=True)
         return cls(phy2log.long(), log2phy.long(), logcnt.long(), world_size)
 
     def to(self, device) -> "ExpertPlacement":
