@@ -463,6 +463,22 @@ def test_route_and_experts_check_their_arguments(device, backend, part):
                 layer.experts(args["backend"], args["x"], args["topk_weights"], args["topk_ids"])
 
 
+def test_config_as_a_dict_and_its_routing_fields():
+    """config.json as read (a dict) builds the layer a namespace does; DeepSeek's routing
+    fields, where present, must be V3's: a DeepSeek-V2 config (softmax, greedy top-k) was
+    routed as V3 without a word."""
+    cfg = make_config()
+    sd = as_fp8_checkpoint(make_weights(cfg))
+    hidden = make_hidden(5, cfg)
+    want = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd)(hidden)
+    as_dict = {**vars(cfg), "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+    assert torch.equal(moe_kernels.DeepseekV3MoE.from_hf(as_dict, sd)(hidden), want)
+    for field, value in (("scoring_func", "softmax"), ("topk_method", "greedy"),
+                         ("topk_method", "group_limited_greedy")):
+        with pytest.raises(ValueError, match=f"config has {field}='{value}'"):
+            moe_kernels.DeepseekV3MoE.from_config({**vars(cfg), field: value})
+
+
 def test_expert_parallel_arguments_need_an_ep_group():
     """placement / ep_mode / max_tokens_per_rank, and a per-call mode, mean nothing on one
     device: refused rather than ignored (the multi-rank checks: test_expert_parallel)."""
