@@ -49,9 +49,10 @@ CONFIG_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts",
                  "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
                  "routed_scaling_factor", "norm_topk_prob")
 
-# Config fields DeepSeek checkpoints carry that name the routing (HF's DeepseekV3Config
-# has neither; where present, they must be V3's)
-V3_ROUTING = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+# Config fields that name what the layer computes in one fixed way: the routing
+# (DeepSeek's config.json has both; HF's DeepseekV3Config neither) and the experts'
+# activation (HF's config has it). Where present, they must be V3's.
+V3_FIXED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "hidden_act": "silu"}
 
 ROUTED_EXPERT_KEY = re.compile(r"experts\.(\d+)\.")
 
@@ -317,14 +318,15 @@ class DeepseekV3MoE(nn.Module):
         """An unloaded layer from an HF DeepseekV3Config-like object or a dict (config.json
         as read; its CONFIG_FIELDS); ep_args: ep_group, placement, ep_mode,
         max_tokens_per_rank. A config that names another routing (DeepSeek-V2's softmax,
-        greedy top-k) is refused: the layer would route it as V3 without a word."""
+        greedy top-k) or activation is refused: the layer would compute it as V3 without a
+        word."""
         if isinstance(config, Mapping):
             config = SimpleNamespace(**config)
-        for field, ours in V3_ROUTING.items():
+        for field, ours in V3_FIXED.items():
             value = getattr(config, field, None)
             if value is not None and value != ours:
                 raise ValueError(f"DeepseekV3MoE: config has {field}={value!r}; the layer "
-                                 f"routes as DeepSeek-V3 ({field}={ours!r})")
+                                 f"computes DeepSeek-V3's {field}={ours!r}")
         missing = [f for f in CONFIG_FIELDS if not hasattr(config, f)]
         if missing:
             raise ValueError(f"DeepseekV3MoE: config lacks {', '.join(missing)}")

@@ -465,16 +465,17 @@ def test_route_and_experts_check_their_arguments(device, backend, part):
 
 def test_config_as_a_dict_and_its_routing_fields():
     """config.json as read (a dict) builds the layer a namespace does; DeepSeek's routing
-    fields, where present, must be V3's: a DeepSeek-V2 config (softmax, greedy top-k) was
-    routed as V3 without a word."""
+    and activation fields, where present, must be V3's: a DeepSeek-V2 config (softmax,
+    greedy top-k) was routed as V3 without a word, a gelu one run with silu."""
     cfg = make_config()
     sd = as_fp8_checkpoint(make_weights(cfg))
     hidden = make_hidden(5, cfg)
     want = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd)(hidden)
-    as_dict = {**vars(cfg), "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+    as_dict = {**vars(cfg), "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+               "hidden_act": "silu"}
     assert torch.equal(moe_kernels.DeepseekV3MoE.from_hf(as_dict, sd)(hidden), want)
     for field, value in (("scoring_func", "softmax"), ("topk_method", "greedy"),
-                         ("topk_method", "group_limited_greedy")):
+                         ("topk_method", "group_limited_greedy"), ("hidden_act", "gelu")):
         with pytest.raises(ValueError, match=f"config has {field}='{value}'"):
             moe_kernels.DeepseekV3MoE.from_config({**vars(cfg), field: value})
 
