@@ -66,10 +66,12 @@ def _check_tables(op, phy2log, log2phy, logcnt, world_size, *, read_values: bool
     p2l, l2p, cnt = phy2log.long().cpu(), log2phy.long().cpu(), logcnt.long().cpu()
     if bool((cnt < 1).any()) or bool((cnt > R).any()) or int(cnt.sum()) != P:
         raise ValueError(f"{op}: logcnt must be in [1, {R}] and sum to the {P} slots")
-    for e in range(E):
-        slots = l2p[e, :int(cnt[e])]
-        if bool(((slots < 0) | (slots >= P)).any()) or bool((p2l[slots] != e).any()):
-            raise ValueError(f"{op}: log2phy[{e}] and phy2log disagree")
+    held = torch.arange(R) < cnt[:, None]                       # (E, R): the listed slots
+    in_range = (l2p >= 0) & (l2p < P)
+    named = p2l[torch.where(in_range, l2p, 0)] == torch.arange(E)[:, None]
+    wrong = (held & ~(in_range & named)).any(dim=1)
+    if bool(wrong.any()):
+        raise ValueError(f"{op}: log2phy[{int(wrong.nonzero()[0, 0])}] and phy2log disagree")
 
 
 @dataclass(frozen=True)
