@@ -374,6 +374,27 @@ def _oracle_ids(name, world, rank, ids, placement, M):
     return kept.view_as(ids), dropped
 
 
+@pytest.mark.parametrize("mode,M", [("normal", None), ("low_latency", 4)])
+def test_combine_takes_expert_outputs_of_another_width(tmp_path, mode, M):
+    """The experts may change the rows' width (a projection): ep_combine sums rows of
+    expert_out's width H' into (T, H'), in both modes. One rank, in this process."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        g = torch.Generator().manual_seed(4)
+        hidden = torch.randn(3, 128, generator=g)
+        ids = torch.tensor([[0, 1], [2, 3], [1, -1]], dtype=torch.int32)
+        w = torch.rand(3, 2, generator=g)
+        recv, handle = moe_kernels.ep_dispatch(hidden, ids, w, ExpertPlacement.uniform(4, 1),
+                                               mode=mode, max_tokens_per_rank=M)
+        out = moe_kernels.ep_combine(recv[..., :64] * 2, handle)
+        want = 2 * hidden[:, :64] * (w * (ids >= 0)).sum(1, keepdim=True)
+        torch.testing.assert_close(out, want)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_dispatch_combine_equals_one_process(world):
     backends = ["cpu", "reference"] + (["triton"] if world == 2 else [])
