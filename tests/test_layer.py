@@ -372,6 +372,23 @@ def test_bad_config():
                                   num_experts_per_tok=0)
 
 
+@pytest.mark.parametrize("change,exc,words", [
+    # the layer routes through grouped_topk's unchecked layer: a NaN factor made every
+    # output NaN, and a string flag was true whatever it said
+    (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor=float("inf")), ValueError, "routed_scaling_factor"),
+    (dict(routed_scaling_factor="2.5"), ValueError, "routed_scaling_factor"),
+    (dict(norm_topk_prob="false"), TypeError, "norm_topk_prob"),
+    (dict(n_shared_experts=True), ValueError, "n_shared_experts"),
+    (dict(backend="tpu"), ValueError, "backend"),
+])
+def test_constructor_refuses_what_forward_would_compute_wrongly(change, exc, words):
+    args = dict(hidden_size=128, moe_intermediate_size=128, n_routed_experts=4,
+                num_experts_per_tok=2, **change)
+    with pytest.raises(exc, match=words):
+        moe_kernels.DeepseekV3MoE(**args)
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
 @pytest.mark.parametrize("dynamic", [None, True], ids=["default", "dynamic"])
 def test_torch_compile_forward(device, backend, dynamic, request):
