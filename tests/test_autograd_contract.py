@@ -259,6 +259,9 @@ def test_double_backward(device, backend, op):
     and tolerance fit float32 (these functions are linear, bilinear or smooth here)."""
     if backend not in _library.OPS[op].backends:
         pytest.skip(f"{op} has no {backend} backend")
+    if op == "grouped_topk" and backend == "triton" and device == "cpu":
+        pytest.skip("grouped_topk's backward is the same torch code on every kernel backend "
+                    "(the cpu case runs it); under the interpreter it took 4.7 s")
     f, inputs = _differentiable_call(op, device, backend, torch.float32)
     inputs = tuple(x.requires_grad_(True) for x in inputs)
     assert torch.autograd.gradgradcheck(f, inputs, eps=1e-2, atol=1e-3, rtol=1e-3)

@@ -271,8 +271,7 @@ def test_cuda_outputs_with_the_cache_equal_jit_runs():
     assert sum(len(c._cache) for c in _all_cached_launches()) >= 14
 
 
-@pytest.mark.parametrize("mode,enabled,warned", [("cached", True, False), ("jit", False, False),
-                                                  ("JIT", True, True)])
+@pytest.mark.parametrize("mode,enabled,warned", [("jit", False, False), ("JIT", True, True)])
 def test_launch_mode_from_the_environment(mode, enabled, warned):
     """MOE_KERNELS_TRITON_LAUNCH: "jit" turns the cache off; a value that is neither (a
     typo) keeps it, with a RuntimeWarning naming the value."""
