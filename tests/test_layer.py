@@ -394,6 +394,10 @@ def test_constructor_refuses_what_forward_would_compute_wrongly(change, exc, wor
 def test_torch_compile_forward(device, backend, dynamic, request):
     """fullgraph, and with dynamic=True (symbolic sizes and floats, as engines compile for
     any batch): two token counts through one compiled layer, each equal to eager."""
+    if dynamic and backend == "triton" and device == "cpu":
+        pytest.skip("14 s of CI under the interpreter: each op's Triton variant compiles "
+                    "with dynamic=True in test_compile_dynamic, the layer's dynamic trace in "
+                    "the cpu case, and the GPU run compiles the Triton layer both ways")
     expect_inductor_bf16_round_trip(request, device, backend)
     torch._dynamo.reset()
     cfg = make_config()
