@@ -57,6 +57,12 @@ def check_last_dim_contiguous(op: str, name: str, x: torch.Tensor) -> None:
             f"{tuple(x.stride())}; call .contiguous() first")
 
 
+def check_bool(op: str, name: str, value) -> None:
+    """A flag must be a bool: a string "false" or a tensor would be taken by its truth."""
+    if type(value) is not bool:
+        raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+
+
 def check_int(op: str, name: str, value, *, low: int | None = None, high: int | None = None,
               high_name: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):

@@ -97,7 +97,10 @@ def _hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus):
     return pphy2log, pphy_rank, logcnt
 
 
-def _check(weight, num_replicas, num_groups, num_nodes, num_gpus):
+def _check(weight, num_replicas, num_groups, num_nodes, num_gpus) -> torch.Tensor:
+    """The arguments' checks; returns the loads on the host in float64 (float32 rounds
+    counts past 2^24, a long window's token counts, and could overflow the packs' sums),
+    where the policy runs: every tensor it makes names their device."""
     op = "eplb.rebalance_experts"
     check_tensor(op, "weight", weight)
     if weight.dim() != 2 or weight.shape[1] < 1:
@@ -105,9 +108,9 @@ def _check(weight, num_replicas, num_groups, num_nodes, num_gpus):
                          f"{tuple(weight.shape)}")
     if weight.is_complex() or weight.dtype == torch.bool:
         raise TypeError(f"{op}: weight must be real, got {weight.dtype}")
-    # a load is a count: NaN and inf broke the packing (an inf pack load reads as a full
-    # pack, so packs overflowed and an expert could lose its only slot), and a negative
-    # one turns "heaviest" around; read on the host, as the policy runs there
+    # a load is a count: NaN and inf break the packing (an inf pack load reads as a full
+    # pack, so packs overflow and an expert can lose its only slot), and a negative one
+    # turns "heaviest" around
     loads = weight.detach().double().cpu()
     if not (torch.isfinite(loads).all() and (loads >= 0).all()):
         raise ValueError(f"{op}: weight must hold finite loads >= 0 (NaN, inf or a negative "
@@ -125,6 +128,7 @@ def _check(weight, num_replicas, num_groups, num_nodes, num_gpus):
         raise ValueError(f"{op}: num_nodes={num_nodes} must divide num_gpus={num_gpus}")
     if E % num_groups:
         raise ValueError(f"{op}: num_groups={num_groups} must divide num_experts={E}")
+    return loads
 
 
 def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int,
@@ -134,11 +138,8 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
     log2phy (layers, E, max_replicas) int64: each expert's slots, -1 padded;
     logcnt (layers, E) int64: replicas per expert (>= 1).
     Physical slot p lives on GPU p // (num_replicas // num_gpus)."""
-    _check(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    w = _check(weight, num_replicas, num_groups, num_nodes, num_gpus)
     L, E = weight.shape
-    # on the host (every tensor below names w's device), in float64: float32 rounds counts
-    # past 2^24 (a long window's token counts) and could overflow the packs' sums
-    w = weight.detach().double().cpu()
     if num_groups % num_nodes == 0:
         phy2log, phy_rank, logcnt = _hierarchical(w, num_replicas, num_groups, num_nodes, num_gpus)
     else:

@@ -19,7 +19,6 @@ returned rows with the shared expert's in the same float32 sum as the one-device
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import warnings
@@ -34,8 +33,8 @@ from torch import nn
 from moe_kernels import checkpoint
 from moe_kernels._library import BACKENDS
 from moe_kernels._common import FLOAT_DTYPES, FP8, SCALE_BLOCK, cdiv, without_autocast
-from moe_kernels._validate import (autodiff_possible, check_choice, check_forward_only, check_int,
-                                   check_tensor)
+from moe_kernels._validate import (autodiff_possible, check_bool, check_choice,
+                                   check_forward_only, check_int, check_tensor)
 from moe_kernels.ops import expert_parallel as ep
 from moe_kernels.ops import fp8, fused_moe, gating
 from moe_kernels.ops import permute as perm
@@ -99,16 +98,10 @@ class DeepseekV3MoE(nn.Module):
                 or n_shared_experts < 0):
             raise ValueError(f"DeepseekV3MoE: n_shared_experts must be an int >= 0, got "
                              f"{n_shared_experts!r}")
-        # checked here as grouped_topk checks them: the layer routes through its unchecked
-        # layer, where a NaN factor made every output NaN and "false" was a true flag
-        if (isinstance(routed_scaling_factor, bool)
-                or not isinstance(routed_scaling_factor, (int, float))
-                or not math.isfinite(routed_scaling_factor)):
-            raise ValueError(f"DeepseekV3MoE: routed_scaling_factor must be a finite float, "
-                             f"got {routed_scaling_factor!r}")
-        if not isinstance(norm_topk_prob, bool):
-            raise TypeError(f"DeepseekV3MoE: norm_topk_prob must be a bool, got "
-                            f"{norm_topk_prob!r}")
+        # grouped_topk's checks, once here: the layer routes through its unchecked layer,
+        # where a NaN factor would make every output NaN and "false" would be a true flag
+        gating.check_scaling_factor("DeepseekV3MoE", routed_scaling_factor)
+        check_bool("DeepseekV3MoE", "norm_topk_prob", norm_topk_prob)
         check_choice("DeepseekV3MoE", "backend", backend, (None, *BACKENDS))
         # the routing configuration must be one grouped_topk takes: fail here, not at forward
         gating.check_routing_config("DeepseekV3MoE", E, num_experts_per_tok, n_group,

@@ -39,17 +39,10 @@ def _in_code(name: str) -> list[tuple[str, str, str | None]]:
     obj = moe_kernels
     for part in name.split("."):
         obj = getattr(obj, part)
-    out = []
-    for p in inspect.signature(obj).parameters.values():
-        if p.name == "self":
-            continue
-        default = None if p.default is inspect.Parameter.empty else p.default
-        # as source text: "torch.bfloat16" for the dtype, repr for strings, numbers, tuples
-        text = None if p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) \
-            else str(default) if default is None or not isinstance(
-                default, (str, int, float, tuple)) else repr(default)
-        out.append((p.name, KINDS[p.kind], None if p.default is inspect.Parameter.empty else text))
-    return out
+    # a default as source text: repr gives literals and "torch.bfloat16" alike
+    return [(p.name, KINDS[p.kind], None if p.default is inspect.Parameter.empty
+             else repr(p.default))
+            for p in inspect.signature(obj).parameters.values() if p.name != "self"]
 
 
 def _normalised(params):

@@ -272,8 +272,8 @@ def test_double_backward(device, backend, op):
 def test_float64_gradcheck(device, backend, op):
     """permute and permute_masked copy rows of any dtype, float64 too, which is what
     torch.autograd.gradcheck runs: their gradient and its gradient match finite
-    differences on every backend. (The kernel backends summed the gradient's rows with
-    unpermute, which takes float32 / bf16 / fp16: a TypeError at backward.)"""
+    differences on every backend. (The kernels' unpermute, which sums the gradient's rows
+    for float dtypes, takes float32 / bf16 / fp16 only.)"""
     if backend not in _library.OPS[op].backends:
         pytest.skip(f"{op} has no {backend} backend")
     f, (hidden,) = _differentiable_call(op, device, backend, torch.float64)

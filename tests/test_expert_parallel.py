@@ -244,8 +244,9 @@ def test_eplb_refuses_bad_weight(weight, exc):
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0])
 def test_eplb_refuses_loads_that_are_not_counts(bad):
-    """An inf load read as a full pack in the packing: packs overflowed and an expert lost
-    its only slot (logcnt 1, no slot in phy2log); NaN and negative loads are no counts."""
+    """An inf load reads as a full pack in the packing: packs overflow and an expert can
+    lose its only slot (logcnt 1, no slot in phy2log); NaN and negative loads are no
+    counts."""
     w = torch.ones(1, 8)
     w[0, 0] = bad
     with pytest.raises(ValueError, match="weight must hold finite loads >= 0"):
@@ -254,7 +255,7 @@ def test_eplb_refuses_loads_that_are_not_counts(bad):
 
 def test_eplb_tells_apart_counts_float32_rounds_together():
     """2^24 and 2^24 + 1 tokens are one float32 value: the heavier expert gets the extra
-    replica (float32 made it a tie, which goes to the lower index)."""
+    replica (in float32 they tie, and a tie goes to the lower index)."""
     w = torch.tensor([[2**24, 2**24 + 1]], dtype=torch.int64)
     assert eplb.rebalance_experts(w, 3, 1, 1, 1)[2].tolist() == [[1, 2]]
 

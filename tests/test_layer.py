@@ -373,8 +373,8 @@ def test_bad_config():
 
 
 @pytest.mark.parametrize("change,exc,words", [
-    # the layer routes through grouped_topk's unchecked layer: a NaN factor made every
-    # output NaN, and a string flag was true whatever it said
+    # the layer routes through grouped_topk's unchecked layer: a NaN factor would make
+    # every output NaN, and a string flag would be true whatever it said
     (dict(routed_scaling_factor=float("nan")), ValueError, "routed_scaling_factor"),
     (dict(routed_scaling_factor=float("inf")), ValueError, "routed_scaling_factor"),
     (dict(routed_scaling_factor="2.5"), ValueError, "routed_scaling_factor"),
@@ -444,9 +444,9 @@ def test_route_and_experts_compose_forward(device, backend):
 
 
 # One fault each for route(x) and experts(backend, x, topk_weights, topk_ids): (what, the
-# call's arguments changed, error type, words of the message). experts() ran the unchecked
-# expert path, whose Triton kernels would have read its shapes as they came.
-def _route_faults(x, w, ids):
+# call's arguments changed, error type, words of the message). Past these checks experts()
+# runs the unchecked expert path, whose Triton kernels read the shapes as they come.
+def _route_faults(x):
     return [
         ("x 3-D", dict(x=x[None]), ValueError, "x must be 2-D"),
         ("x 1-D", dict(x=x[0]), ValueError, "x must be 2-D"),
@@ -458,7 +458,7 @@ def _route_faults(x, w, ids):
 
 
 def _experts_faults(x, w, ids):
-    return _route_faults(x, w, ids) + [
+    return _route_faults(x) + [
         ("ids float", dict(topk_ids=ids.float()), TypeError, "topk_ids must have dtype"),
         ("ids 1-D", dict(topk_ids=ids[0]), ValueError, "topk_ids must be 2-D"),
         ("weights of other K", dict(topk_weights=w[:, :2]), ValueError, "must both have shape"),
@@ -474,7 +474,7 @@ def test_route_and_experts_check_their_arguments(device, backend, part):
     layer, cfg = make_fp8_layer(device, backend)
     x = make_hidden(5, cfg, device=device)
     w, ids = layer.route(x)
-    faults = (_route_faults if part == "route" else _experts_faults)(x, w, ids)
+    faults = _route_faults(x) if part == "route" else _experts_faults(x, w, ids)
     for what, change, exc, words in faults:
         args = {"backend": backend, "x": x, "topk_weights": w, "topk_ids": ids, **change}
         with pytest.raises(exc, match=words):
@@ -486,8 +486,8 @@ def test_route_and_experts_check_their_arguments(device, backend, part):
 
 def test_config_as_a_dict_and_its_routing_fields():
     """config.json as read (a dict) builds the layer a namespace does; DeepSeek's routing
-    and activation fields, where present, must be V3's: a DeepSeek-V2 config (softmax,
-    greedy top-k) was routed as V3 without a word, a gelu one run with silu."""
+    and activation fields, where present, must be V3's: the layer would route a
+    DeepSeek-V2 config (softmax, greedy top-k) as V3, and run a gelu one with silu."""
     cfg = make_config()
     sd = as_fp8_checkpoint(make_weights(cfg))
     hidden = make_hidden(5, cfg)

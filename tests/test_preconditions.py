@@ -177,11 +177,14 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("grouped_topk", "bias on another device", _set(correction_bias=_on_meta), ValueError,
      "correction_bias"),
     ("grouped_topk", "unknown backend", _set(backend="tpu"), ValueError, "backend"),
+    # bool("false") is True: the flag renormalized where the caller said not to
+    ("grouped_topk", "renormalize a string", _set(renormalize="false"), TypeError,
+     "renormalize"),
     # update_correction_bias_
     ("update_correction_bias_", "counts of E+1", _set(tokens_per_expert=lambda c: torch.arange(7)),
      ValueError, "tokens_per_expert"),
     ("update_correction_bias_", "int bias", _set(correction_bias=_int), TypeError, "correction_bias"),
-    # a NaN / inf rate turned the whole bias NaN / inf (every later routing with it)
+    # a NaN / inf rate would turn the whole bias NaN / inf (every later routing with it)
     ("update_correction_bias_", "NaN rate", _set(rate=float("nan")), ValueError, "rate"),
     ("update_correction_bias_", "inf rate", _set(rate=float("inf")), ValueError, "rate"),
     ("update_correction_bias_", "negative rate", _set(rate=-1e-3), ValueError, "rate"),

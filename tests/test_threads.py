@@ -35,9 +35,9 @@ def main_thread_steps_during(call) -> int:
     microseconds gives the main thread few chances, so the calls go on until it has
     taken one: a busy machine can leave it unscheduled for milliseconds. The results are
     kept until the window closes, and the garbage collector is off: freeing a tensor
-    releases the GIL (torch's dealloc), which let the main thread step beside entry
-    points that keep it (a collection in the loop freed the tensors a failed test's
-    traceback held)."""
+    releases the GIL (torch's dealloc), which would let the main thread step beside an
+    entry point that keeps it (a collection in the loop can free the tensors an earlier
+    failed test's traceback holds)."""
     window, stamps, results, finished = [], [], [], threading.Event()
 
     def worker():
@@ -86,8 +86,8 @@ ENTRY_PARAMS += [pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark
 def test_entry_points_release_the_gil(device, name):
     """Every C++ entry point `_C.<op>_<backend>` (the eager path's kernel call), on valid
     arguments of its own (tests/direct_calls_worker.py): the main thread runs while it
-    does. The C++ kernels, 0.02-3 ms a call on DeepSeek-V3's CPU shapes (2 cores), held the
-    GIL for all of it."""
+    does. A C++ kernel takes 0.02-3 ms a call on DeepSeek-V3's CPU shapes (2 cores): the
+    GIL held for all of it would stop every other thread."""
     entry = _library.OPS[name].entries[device]
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a
                  for a in samples()[name][0])

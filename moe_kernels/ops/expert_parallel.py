@@ -74,6 +74,10 @@ def _check_tables(op, phy2log, log2phy, logcnt, world_size, *, read_values: bool
         raise ValueError(f"{op}: log2phy[{int(wrong.nonzero()[0, 0])}] and phy2log disagree")
 
 
+def _on_cpu(*tables) -> bool:
+    return all(t.device.type == "cpu" for t in tables if isinstance(t, torch.Tensor))
+
+
 @dataclass(frozen=True)
 class ExpertPlacement:
     """Which physical expert slots live on which rank, and each logical expert's slots.
@@ -91,10 +95,9 @@ class ExpertPlacement:
     world_size: int
 
     def __post_init__(self):
-        on_cpu = all(t.device.type == "cpu" for t in (self.phy2log, self.log2phy, self.logcnt)
-                     if isinstance(t, torch.Tensor))
         _check_tables("ExpertPlacement", self.phy2log, self.log2phy, self.logcnt,
-                      self.world_size, read_values=on_cpu)
+                      self.world_size, read_values=_on_cpu(self.phy2log, self.log2phy,
+                                                           self.logcnt))
 
     @property
     def num_experts(self) -> int:
@@ -123,8 +126,9 @@ class ExpertPlacement:
     def from_eplb(cls, phy2log, log2phy, logcnt, world_size: int) -> "ExpertPlacement":
         """One layer of `eplb.rebalance_experts`' output: phy2log (P,), log2phy (E, R),
         logcnt (E,). Checked for consistency (reads the tables on the host: set-up time)."""
+        # the constructor reads the values of CPU tables; those of others are read here
         _check_tables("ExpertPlacement.from_eplb", phy2log, log2phy, logcnt, world_size,
-                      read_values=True)
+                      read_values=not _on_cpu(phy2log, log2phy, logcnt))
         return cls(phy2log.long(), log2phy.long(), logcnt.long(), world_size)
 
     def to(self, device) -> "ExpertPlacement":
@@ -133,7 +137,7 @@ class ExpertPlacement:
 
     def local_experts(self, rank: int) -> torch.Tensor:
         """(P / world_size,) int64: the logical expert of each of rank's slots, in order.
-        rank in [0, world_size) (a slice past the table was an empty tensor)."""
+        rank in [0, world_size) (a slice past the table would be an empty tensor)."""
         check_int("ExpertPlacement.local_experts", "rank", rank, low=0,
                   high=self.world_size - 1, high_name="world_size - 1")
         S = self.slots_per_rank

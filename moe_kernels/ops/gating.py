@@ -13,7 +13,7 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES
-from moe_kernels._validate import (STRIDED, check_choice, check_differentiable_kernel,
+from moe_kernels._validate import (STRIDED, check_bool, check_choice, check_differentiable_kernel,
                                    check_float_tensor, check_int, check_last_dim_contiguous,
                                    check_same_device, check_tensor)
 from moe_kernels.reference import gating as reference
@@ -125,9 +125,10 @@ def _finite(value) -> bool:
     return -math.inf < value < math.inf
 
 
-def _check_scaling_factor(value) -> None:
+def check_scaling_factor(op: str, value) -> None:
+    """routed_scaling_factor: a finite float (or int); also the layer's, checked once."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
-        raise ValueError(f"{OP}: routed_scaling_factor must be a finite float, got {value!r}")
+        raise ValueError(f"{op}: routed_scaling_factor must be a finite float, got {value!r}")
 
 
 # --- autograd ------------------------------------------------------------------------------
@@ -211,10 +212,12 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
         _library.check_expert_limit(OP, backend, "gating_cuda_max_experts",
                                     "E (logits' columns)", logits.shape[1])
     if type(routed_scaling_factor) is not float or not _finite(routed_scaling_factor):
-        _check_scaling_factor(routed_scaling_factor)
+        check_scaling_factor(OP, routed_scaling_factor)
+    if type(renormalize) is not bool:       # bool("false") is True
+        check_bool(OP, "renormalize", renormalize)
     shared = _check_shared_expert_id(logits.shape[1], shared_expert_id)
     return grouped_topk_unchecked(backend, logits, correction_bias, top_k, num_expert_group,
-                                  topk_group, scoring_func, group_scoring, bool(renormalize),
+                                  topk_group, scoring_func, group_scoring, renormalize,
                                   float(routed_scaling_factor), shared)
 
 
@@ -224,7 +227,7 @@ def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: to
     correction_bias (E,) float += rate * sign(mean(count) - count).
 
     tokens_per_expert: (E,) any real dtype (counts of the last step); rate: a finite float
-    >= 0 (a NaN or inf rate turned the whole bias NaN / inf, and with it every later
+    >= 0 (a NaN or inf rate would turn the whole bias NaN / inf, and with it every later
     routing). Returns the bias."""
     op = "update_correction_bias_"
     if isinstance(rate, bool) or not isinstance(rate, (int, float)):

@@ -107,24 +107,13 @@ UNPERMUTE_OUT = _library.Op(
 def _sum_rows_back(grad, row_of_pair, backend):
     """d x[t] = sum_k grad[row_of_pair[t, k]]: the unpermute pattern with weight 1, through
     `backend`'s registered op (differentiable again). grad: (R, H), or (E, M, H). A grad
-    of a dtype unpermute does not take (permute copies rows of any dtype: float64 is what
-    torch.autograd.gradcheck runs) is summed by torch in its own precision."""
+    of a dtype the kernels do not take (permute copies rows of any dtype: float64 is what
+    torch.autograd.gradcheck runs) is summed by the reference, in float64 for float64."""
     flat = grad.flatten(0, -2).contiguous()
-    if flat.dtype not in FLOAT_DTYPES:
-        return _sum_rows_torch(flat, row_of_pair)
     ones = torch.ones(row_of_pair.shape, dtype=torch.float32, device=grad.device)
-    if backend == "reference":
+    if backend == "reference" or flat.dtype not in FLOAT_DTYPES:
         return reference.unpermute(flat, row_of_pair, ones)
     return UNPERMUTE.op(backend)(flat, row_of_pair, ones)
-
-
-def _sum_rows_torch(flat, row_of_pair):
-    """sum_k flat[row_of_pair[t, k]] over routed pairs, in float64 for float64 and float32
-    for the rest (fp8), returned in flat's dtype; differentiable, and in pair order."""
-    rows = row_of_pair.long()
-    dtype = torch.promote_types(flat.dtype, torch.float32)
-    gathered = flat.to(dtype)[torch.clamp(rows, min=0)]                  # (T, K, H)
-    return torch.where((rows >= 0)[..., None], gathered, 0.0).sum(dim=1).to(flat.dtype)
 
 
 def _gather_autograd(backend):

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -191,7 +192,6 @@ def _launch_mode_from_environment() -> bool:
     that meant "jit") warns and keeps the cache."""
     mode = os.environ.get("MOE_KERNELS_TRITON_LAUNCH", "cached")
     if mode not in ("cached", "jit"):
-        import warnings
         warnings.warn(f"moe_kernels: MOE_KERNELS_TRITON_LAUNCH={mode!r} is neither 'cached' "
                       f"nor 'jit'; Triton kernels launch through the cache", RuntimeWarning,
                       stacklevel=2)
