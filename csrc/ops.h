@@ -75,6 +75,11 @@ at::Tensor fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
                              const at::Tensor& w13_scales, const at::Tensor& w2,
                              const at::Tensor& w2_scales, const at::Tensor& topk_weights,
                              const at::Tensor& topk_ids);
+// ... into out (T, H) of hidden's dtype, which may be hidden itself (read before written).
+void fused_moe_fp8_out_cpu(const at::Tensor& hidden, const at::Tensor& w13,
+                           const at::Tensor& w13_scales, const at::Tensor& w2,
+                           const at::Tensor& w2_scales, const at::Tensor& topk_weights,
+                           const at::Tensor& topk_ids, at::Tensor& out);
 // MLA latent KV decompression (csrc/cpu/mla.cpp): fills out_k (T, H, dn + rope) and
 // out_v (T, H, dv).
 void mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
@@ -140,6 +145,10 @@ Report check_fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
                                const at::Tensor& w13_scales, const at::Tensor& w2,
                                const at::Tensor& w2_scales, const at::Tensor& topk_weights,
                                const at::Tensor& topk_ids);
+Report check_fused_moe_fp8_out_cpu(const at::Tensor& hidden, const at::Tensor& w13,
+                                   const at::Tensor& w13_scales, const at::Tensor& w2,
+                                   const at::Tensor& w2_scales, const at::Tensor& topk_weights,
+                                   const at::Tensor& topk_ids, const at::Tensor& out);
 Report check_mla_decompress_kv_cpu(const at::Tensor& kv_c, const at::Tensor& k_pe,
                                    const at::Tensor& kv_b_proj,
                                    const std::optional<at::Tensor>& kv_b_proj_scale,

@@ -81,6 +81,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   MK_DEF_ENTRY(m, grouped_gemm_fp8_out_cpu);
   MK_DEF_ENTRY(m, grouped_gemm_fp8_masked_out_cpu);
   MK_DEF_ENTRY(m, fused_moe_fp8_cpu);
+  MK_DEF_ENTRY(m, fused_moe_fp8_out_cpu);
   MK_DEF_ENTRY(m, mla_decompress_kv_cpu);
   MK_DEF_ENTRY(m, mla_decompress_kv_paged_cpu);
   MK_DEF_ENTRY(m, map_to_slots_cpu);

@@ -90,6 +90,9 @@ def _gemm_samples(g):
                                                                                  dtype=I32)
     ids = torch.tensor([[0, 2], [2, 1], [0, 2]], dtype=I32)
     offsets, counts = _library.OPS["permute_index"].op("cpu")(ids, 3, 1)[:2]
+    # E = 3 experts, H = 256, I = 32 (w13 (3, 64, 256), w2 (3, 256, 32))
+    fused = (torch.randn(3, 256, generator=g).to(torch.bfloat16), b, b_s, _fp8(3, 256, 32, g=g),
+             torch.rand(3, 2, 1), torch.rand(3, 2), ids)
     return {
         "grouped_gemm_fp8_segments": [(a, a_s, b, b_s, offsets, counts, torch.bfloat16)],
         "grouped_gemm_fp8": [(a, a_s, b, b_s, m_indices, torch.bfloat16)],
@@ -98,10 +101,8 @@ def _gemm_samples(g):
         "grouped_gemm_fp8_masked": [(am, am_s, b, b_s, masked_m, torch.bfloat16)],
         "grouped_gemm_fp8_masked_out": [(am, am_s, b, b_s, masked_m,
                                          torch.empty(3, 4, 64, dtype=torch.bfloat16))],
-        # E = 3 experts, H = 256, I = 32 (w13 (3, 64, 256), w2 (3, 256, 32))
-        "fused_moe_fp8": [(torch.randn(3, 256, generator=g).to(torch.bfloat16), b, b_s,
-                           _fp8(3, 256, 32, g=g), torch.rand(3, 2, 1), torch.rand(3, 2),
-                           ids)],
+        "fused_moe_fp8": [fused],
+        "fused_moe_fp8_out": [(*fused, torch.empty(3, 256, dtype=torch.bfloat16))],
     }
 
 

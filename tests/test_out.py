@@ -1,11 +1,13 @@
-"""out= buffers of every op that takes one (the GEMMs, permute, unpermute, the quantizers):
-one contract, tested here for all of them (docs/api.md, "out= buffers").
+"""out= buffers of every op that takes one (the GEMMs, permute, unpermute, the quantizers,
+fused_moe_fp8): one contract, tested here for all of them (docs/api.md, "out= buffers").
 
 - the result is written into the caller's buffers and those very tensors are returned;
 - every element is written: the buffers are poisoned (NaN) first and the result must equal
   the functional call's bit for bit, on every backend;
 - a buffer that shares memory with any input, has the wrong shape or dtype, is not
   contiguous, or needs autograd is refused with an error naming it, before any launch;
+  the exception, fused_moe_fp8's hidden, which it reads whole before it writes, gives the
+  functional result in place;
 - the registered `<op>_out` ops pass opcheck and trace under torch.compile(fullgraph=True).
 """
 
@@ -30,6 +32,7 @@ class Case(NamedTuple):
     make: Callable          # (device, seed) -> (args, kwargs)
     outputs: Callable       # functional result -> the tensors out= replaces
     out_kwargs: Callable    # those buffers -> the out= keyword arguments
+    in_place: tuple = ()    # positions of the inputs the out= buffer may be (read first)
 
 
 def _gemm_inputs(device, seed, masked=False):
@@ -45,6 +48,19 @@ def _gemm_inputs(device, seed, masked=False):
         index = torch.tensor([0, 0, -1, 2, 2, 2, -1, 1, 7], dtype=torch.int32)  # -1, >= E
     args = [t.to(device) for t in (a, a_s, b, bs, index)]
     return args, {"out_dtype": torch.float32}
+
+
+def _fused_inputs(device, seed):
+    """fused_moe_fp8 at T=5, H=I=128, E=3, top-2, a skipped pair: float32 hidden, so that
+    a float32 out= buffer may require grad (the refusal test)."""
+    g = torch.Generator().manual_seed(seed)
+    E, H, inter = 3, 128, 128
+    w13, s13 = ref_fp8.quantize_fp8_block(torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5)
+    w2, s2 = ref_fp8.quantize_fp8_block(torch.randn(E, H, inter, generator=g) / inter ** 0.5)
+    ids, hidden, _, _ = _routing(device, seed, T=5, K=2, E=E)
+    hidden = torch.randn(5, H, generator=g).to(device)
+    w = torch.rand(ids.shape, generator=g).to(device)
+    return [hidden, *(t.to(device) for t in (w13, s13, w2, s2)), w, ids], {}
 
 
 def _quant_inputs(device, seed, width=300, **kw):
@@ -98,6 +114,7 @@ CASES = {
     "permute": Case(moe_kernels.permute, _permute_inputs, *_rows),
     "permute_masked": Case(moe_kernels.permute_masked, _permute_masked_inputs, *_rows),
     "unpermute": Case(moe_kernels.unpermute, _unpermute_inputs, *_single),
+    "fused_moe_fp8": Case(moe_kernels.fused_moe_fp8, _fused_inputs, *_single, in_place=(0,)),
 }
 
 
@@ -156,10 +173,12 @@ def _tensor_inputs(args, kwargs):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_out_overlapping_an_input_is_refused(name):
-    """Each tensor input in turn shares its memory with the out= buffer: ValueError."""
+    """Each tensor input in turn shares its memory with the out= buffer: ValueError (but
+    for an input the op reads whole before it writes: test_in_place)."""
     case = CASES[name]
     args, kwargs, want, bufs = _functional_and_buffers(case, "cpu", "cpu")
-    inputs = _tensor_inputs(args, kwargs)
+    inputs = [i for i in _tensor_inputs(args, kwargs)
+              if not (i[0] == "arg" and i[1] in case.in_place)]
     assert inputs
     for where, key, x in inputs:
         a, kw = list(args), dict(kwargs)
@@ -174,6 +193,30 @@ def test_out_overlapping_an_input_is_refused(name):
         with pytest.raises(ValueError, match="shares memory with"):
             case.fn(*a, **kw, **out, backend="cpu")
     assert all(torch.isnan(b.float()).all() for b in bufs if b.dtype != torch.float8_e4m3fn)
+
+
+IN_PLACE = [(name, pos) for name, case in CASES.items() for pos in case.in_place]
+
+
+@pytest.mark.parametrize("name,pos", IN_PLACE)
+@pytest.mark.parametrize("device,backend", device_backend_params(ALL))
+def test_in_place(name, pos, device, backend):
+    """out= the input itself (vLLM's inplace=True), and out= a buffer overlapping it shifted
+    by one row (written rows the op has not read yet, if it interleaved reads and writes):
+    both give the functional result bit for bit."""
+    case = CASES[name]
+    args, kwargs, want, _ = _functional_and_buffers(case, device, backend)
+    x = args[pos]
+    a = list(args)
+    a[pos] = x.clone()
+    got = case.fn(*a, **kwargs, **case.out_kwargs([a[pos]]), backend=backend)
+    assert got is a[pos]
+    assert torch.equal(_bits(got), _bits(want[0])), f"{name} {backend}: out=input"
+    storage = torch.full((x.shape[0] + 1, *x.shape[1:]), float("nan"), dtype=x.dtype,
+                         device=device)
+    a[pos] = storage[:-1].copy_(x)
+    got = case.fn(*a, **kwargs, **case.out_kwargs([storage[1:]]), backend=backend)
+    assert torch.equal(_bits(got), _bits(want[0])), f"{name} {backend}: shifted overlap"
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -251,6 +294,9 @@ def _out_op_args(name):
         return ops.unpermute_out, (rows, row_of_pair, w, torch.empty(5, 24))
     if name == "gather_rows_out":
         return ops.gather_rows_out, (hidden, pair_of_row, row_of_pair, torch.empty_like(rows))
+    if name == "fused_moe_fp8_out":
+        args, _ = _fused_inputs("cpu", 0)
+        return ops.fused_moe_fp8_out, (*args, torch.empty_like(args[0]))
     (x,), _ = _quant_inputs("cpu", 0)
     return (ops.quantize_fp8_per_token_group_out,
             (x, 128, 1e-10, False, torch.empty(7, 300, dtype=torch.float8_e4m3fn),
@@ -258,11 +304,12 @@ def _out_op_args(name):
 
 
 @pytest.mark.parametrize("name", ["unpermute_out", "gather_rows_out",
-                                  "quantize_fp8_per_token_group_out"])
+                                  "quantize_fp8_per_token_group_out", "fused_moe_fp8_out"])
 def test_opcheck_out_ops(name):
     """The schemas declare the mutation (Tensor(a!)) and the fakes match."""
     op, args = _out_op_args(name)
-    utils = FP8_INPUT_OPCHECKS if name.startswith("quantize") else None
+    fp8_io = name.startswith("quantize") or name.startswith("fused")
+    utils = FP8_INPUT_OPCHECKS if fp8_io else None
     torch.library.opcheck(op, args, test_utils=utils or
                           ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -284,3 +331,20 @@ def test_out_under_torch_compile(backend):
     want_c = moe_kernels.grouped_gemm_fp8(*gargs, out_dtype=torch.float32, backend=backend)
     assert torch.equal(y, want_y) and torch.equal(c, want_c)
     assert torch.allclose(total, want_y.sum() + want_c.sum())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_in_place_under_torch_compile(backend):
+    """fused_moe_fp8(hidden, ..., out=hidden) inside a fullgraph-compiled function: hidden
+    holds the eager result."""
+    args, _ = _fused_inputs("cpu", 0)
+    want = moe_kernels.fused_moe_fp8(*args, backend=backend)
+
+    def step(hidden, *rest):
+        moe_kernels.fused_moe_fp8(hidden, *rest, out=hidden, backend=backend)
+        return hidden.sum()
+
+    hidden = args[0].clone()
+    total = torch.compile(step, fullgraph=True, backend="aot_eager")(hidden, *args[1:])
+    assert torch.equal(hidden, want)
+    assert torch.allclose(total, want.sum())

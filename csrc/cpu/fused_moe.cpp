@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../fp8.h"
@@ -54,14 +55,30 @@ Report check_fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
   return {};
 }
 
-at::Tensor fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
-                             const at::Tensor& w13_scales, const at::Tensor& w2,
-                             const at::Tensor& w2_scales, const at::Tensor& topk_weights,
-                             const at::Tensor& topk_ids) {
-  throw_if(check_fused_moe_fp8_cpu(hidden, w13, w13_scales, w2, w2_scales, topk_weights,
+Report check_fused_moe_fp8_out_cpu(const at::Tensor& hidden, const at::Tensor& w13,
+                                   const at::Tensor& w13_scales, const at::Tensor& w2,
+                                   const at::Tensor& w2_scales, const at::Tensor& topk_weights,
+                                   const at::Tensor& topk_ids, const at::Tensor& out) {
+  MK_CHECK(check_fused_moe_fp8_cpu(hidden, w13, w13_scales, w2, w2_scales, topk_weights,
                                    topk_ids));
+  MK_CHECK_VALUE(out.dim() == 2 && out.sizes() == hidden.sizes() && out.is_contiguous(),
+                 "out must be contiguous ", hidden.sizes(), ", got shape ", out.sizes());
+  MK_CHECK_TYPE(out.scalar_type() == hidden.scalar_type(), "out must have hidden's dtype ",
+                hidden.scalar_type(), ", got ", out.scalar_type());
+  return {};
+}
+
+namespace {
+
+// The routed pairs' expert outputs: z (R, H) in hidden's dtype, one row per routed pair in
+// the align=1 expert layout, and row_of_pair (T, K) int32, the row of each pair (-1:
+// skipped). Every read of hidden happens here, before the caller writes its output, so
+// that output may be hidden's own memory (fused_moe_fp8's out=hidden).
+std::pair<at::Tensor, at::Tensor> routed_rows(const at::Tensor& hidden, const at::Tensor& w13,
+                                              const at::Tensor& w13_scales,
+                                              const at::Tensor& w2, const at::Tensor& w2_scales,
+                                              const at::Tensor& topk_ids) {
   const int64_t E = w13.size(0);
-  if (E == 0) return at::zeros(hidden.sizes(), hidden.options());  // every pair skipped
   auto [q, s] = quantize_fp8_per_token_group_cpu(hidden, kScaleBlock, kQuantEps, false, false);
   // {expert_offsets, tokens_per_expert, m_indices, row_of_pair, pair_of_row}
   const std::vector<at::Tensor> index = permute_index_cpu(topk_ids, E, 1);
@@ -72,9 +89,35 @@ at::Tensor fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
   const at::Tensor y = grouped_gemm_fp8_cpu(x, x_scales, w13, w13_scales, m_indices,
                                             at::kBFloat16);
   auto [q2, s2] = silu_and_mul_quant_fp8_cpu(y, kScaleBlock, kQuantEps);
-  const at::Tensor z = grouped_gemm_fp8_cpu(q2, s2, w2, w2_scales, m_indices,
-                                            hidden.scalar_type());
+  return {grouped_gemm_fp8_cpu(q2, s2, w2, w2_scales, m_indices, hidden.scalar_type()),
+          row_of_pair};
+}
+
+}  // namespace
+
+at::Tensor fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
+                             const at::Tensor& w13_scales, const at::Tensor& w2,
+                             const at::Tensor& w2_scales, const at::Tensor& topk_weights,
+                             const at::Tensor& topk_ids) {
+  throw_if(check_fused_moe_fp8_cpu(hidden, w13, w13_scales, w2, w2_scales, topk_weights,
+                                   topk_ids));
+  if (w13.size(0) == 0) return at::zeros(hidden.sizes(), hidden.options());  // all skipped
+  const auto [z, row_of_pair] = routed_rows(hidden, w13, w13_scales, w2, w2_scales, topk_ids);
   return unpermute_cpu(z, row_of_pair, topk_weights);
+}
+
+void fused_moe_fp8_out_cpu(const at::Tensor& hidden, const at::Tensor& w13,
+                           const at::Tensor& w13_scales, const at::Tensor& w2,
+                           const at::Tensor& w2_scales, const at::Tensor& topk_weights,
+                           const at::Tensor& topk_ids, at::Tensor& out) {
+  throw_if(check_fused_moe_fp8_out_cpu(hidden, w13, w13_scales, w2, w2_scales, topk_weights,
+                                       topk_ids, out));
+  if (w13.size(0) == 0) {  // every pair skipped
+    out.zero_();
+    return;
+  }
+  const auto [z, row_of_pair] = routed_rows(hidden, w13, w13_scales, w2, w2_scales, topk_ids);
+  unpermute_out_cpu(z, row_of_pair, topk_weights, out);
 }
 
 }  // namespace moe_kernels

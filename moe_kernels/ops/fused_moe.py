@@ -21,7 +21,7 @@ from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
 from moe_kernels._validate import (all_strided, autodiff_possible, check_float_tensor,
                                    check_forward_only, check_fp8, check_last_dim_contiguous,
-                                   check_same_device, check_scales, check_tensor)
+                                   check_out, check_same_device, check_scales, check_tensor)
 from moe_kernels.ops import fp8, grouped_gemm, permute as perm
 
 OP = "fused_moe_fp8"
@@ -112,26 +112,32 @@ def permuted_fp8_rows(backend, hidden, topk_ids, num_experts):
 
 
 def fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights,
-                            topk_ids):
-    """The internal layer: arguments checked, backend resolved (see fused_moe_fp8). On
-    the cpu backend one C++ call runs every stage (csrc/cpu/fused_moe.cpp)."""
+                            topk_ids, out=None):
+    """The internal layer: arguments checked, backend resolved (see fused_moe_fp8); the
+    result in a new tensor, or written into `out` and returned. On the cpu backend one C++
+    call runs every stage (csrc/cpu/fused_moe.cpp)."""
     if w13.shape[0] == 0:          # no expert: every pair is skipped
-        return hidden.new_zeros(hidden.shape)
+        return hidden.new_zeros(hidden.shape) if out is None else out.zero_()
     if backend == "cpu":
-        return FUSED_MOE_FP8.kernel(backend)(hidden, w13, w13_scales, w2, w2_scales,
-                                             topk_weights, topk_ids)
+        if out is None:
+            return FUSED_MOE_FP8.kernel(backend)(hidden, w13, w13_scales, w2, w2_scales,
+                                                 topk_weights, topk_ids)
+        FUSED_MOE_FP8_OUT.kernel(backend)(hidden, w13, w13_scales, w2, w2_scales,
+                                          topk_weights, topk_ids, out)
+        return out
     return fused_moe_fp8_composed(backend, hidden, w13, w13_scales, w2, w2_scales,
-                                  topk_weights, topk_ids)
+                                  topk_weights, topk_ids, out)
 
 
 def fused_moe_fp8_composed(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights,
-                           topk_ids):
+                           topk_ids, out=None):
     """The stages as calls of the ops' internal layer, one kernel each (on the Triton
-    backend at small T the first two are one)."""
+    backend at small T the first two are one). hidden is read by the first stage only, so
+    `out` may be hidden's own memory: the last stage writes it."""
     x, layout = permuted_fp8_rows(backend, hidden, topk_ids, w13.shape[0])
     z = expert_mlp(backend, segment_gemm(layout, backend), x, layout.scales, w13, w13_scales,
                    w2, w2_scales, hidden.dtype)
-    return perm.unpermute_unchecked(backend, z, layout.row_of_pair, topk_weights)
+    return perm.unpermute_unchecked(backend, z, layout.row_of_pair, topk_weights, out)
 
 
 def expert_mlp(backend, gemm, q, s, w13, w13_scales, w2, w2_scales, out_dtype):
@@ -169,7 +175,8 @@ def masked_gemm(masked_m, backend):
 
 def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
                   w2: torch.Tensor, w2_scales: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, *, out: torch.Tensor | None = None,
+                  backend: str | None = None) -> torch.Tensor:
     """Routed-expert MoE forward with FP8 weights and activations.
 
     hidden: (T, H) bfloat16 | float16 | float32; w13: (E, 2I, H) float8_e4m3fn, rows
@@ -177,15 +184,28 @@ def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Ten
     float8_e4m3fn; w2_scales: (E, ceil(H/128), ceil(I/128)) float32; topk_weights: (T, K)
     float; topk_ids: (T, K) int32 | int64 (ids outside [0, E) skipped; E = 0 skips every
     pair). Returns (T, H) in hidden's dtype: sum_k w[t, k] * down(silu(gate(h_t)) *
-    up(h_t)) of expert ids[t, k]."""
+    up(h_t)) of expert ids[t, k]; or writes it into `out` (T, H) of hidden's dtype,
+    contiguous, and returns it. `out` may be hidden itself (in place, vLLM's
+    `inplace=True`: every row of hidden is read before out is written), but must not
+    share memory with another input."""
     if autodiff_possible():
         check_forward_only(OP, hidden=hidden, w13=w13, w13_scales=w13_scales, w2=w2,
                            w2_scales=w2_scales, topk_weights=topk_weights)
     if not _plain_call(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
         check_args(OP, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids)
+    if out is not None:
+        # hidden is left out of the overlap check: it is read before out is written
+        check_out(OP, "out", out, tuple(hidden.shape), (hidden.dtype,), "hidden", hidden,
+                  {"w13": w13, "w13_scales": w13_scales, "w2": w2, "w2_scales": w2_scales,
+                   "topk_weights": topk_weights, "topk_ids": topk_ids})
     backend = FUSED_MOE_FP8.resolve(backend, hidden)
     return fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales,
-                                   topk_weights, topk_ids)
+                                   topk_weights, topk_ids, out)
+
+
+def _fused_moe_fp8_out(*args) -> None:
+    """The registered out= op on devices without a native kernel: the public function."""
+    fused_moe_fp8(*args[:-1], out=args[-1])
 
 
 FUSED_MOE_FP8 = _library.Op(
@@ -194,4 +214,13 @@ FUSED_MOE_FP8 = _library.Op(
     fake=lambda hidden, *weights_and_routing: hidden.new_empty(hidden.shape),
     native=("cpu",),
     composite=lambda *args: fused_moe_fp8(*args),
+    backends=("reference", "triton", "cpu"))
+# out= (fused_moe_fp8's out): on CPU tensors the C++ kernel writes it, elsewhere the
+# composite over the stages' ops. No autograd, as for every out= op.
+FUSED_MOE_FP8_OUT = _library.Op(
+    OP + "_out", "(Tensor hidden, Tensor w13, Tensor w13_scales, Tensor w2, Tensor w2_scales, "
+                 "Tensor topk_weights, Tensor topk_ids, Tensor(a!) out) -> ()",
+    fake=_library.no_output,
+    native=("cpu",),
+    composite=_fused_moe_fp8_out,
     backends=("reference", "triton", "cpu"))
