@@ -67,9 +67,11 @@ at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_
 void grouped_gemm_fp8_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                               const at::Tensor& b, const at::Tensor& b_scales,
                               const at::Tensor& m_indices, at::Tensor& out);
+// zero_fill false: out's rows past masked_m are left as they are (DeepGEMM's masked GEMM)
 void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                      const at::Tensor& b, const at::Tensor& b_scales,
-                                     const at::Tensor& masked_m, at::Tensor& out);
+                                     const at::Tensor& masked_m, bool zero_fill,
+                                     at::Tensor& out);
 // The routed experts' FP8 forward (csrc/cpu/fused_moe.cpp): the stages above in one call.
 at::Tensor fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
                              const at::Tensor& w13_scales, const at::Tensor& w2,
@@ -140,7 +142,8 @@ Report check_grouped_gemm_fp8_out_cpu(const at::Tensor& a, const at::Tensor& a_s
                                       const at::Tensor& m_indices, const at::Tensor& out);
 Report check_grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                              const at::Tensor& b, const at::Tensor& b_scales,
-                                             const at::Tensor& masked_m, const at::Tensor& out);
+                                             const at::Tensor& masked_m, bool zero_fill,
+                                             const at::Tensor& out);
 Report check_fused_moe_fp8_cpu(const at::Tensor& hidden, const at::Tensor& w13,
                                const at::Tensor& w13_scales, const at::Tensor& w2,
                                const at::Tensor& w2_scales, const at::Tensor& topk_weights,

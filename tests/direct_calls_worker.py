@@ -99,8 +99,9 @@ def _gemm_samples(g):
         "grouped_gemm_fp8_out": [(a, a_s, b, b_s, m_indices,
                                   torch.empty(6, 64, dtype=torch.bfloat16))],
         "grouped_gemm_fp8_masked": [(am, am_s, b, b_s, masked_m, torch.bfloat16)],
-        "grouped_gemm_fp8_masked_out": [(am, am_s, b, b_s, masked_m,
-                                         torch.empty(3, 4, 64, dtype=torch.bfloat16))],
+        "grouped_gemm_fp8_masked_out": [(am, am_s, b, b_s, masked_m, zero_fill,
+                                         torch.empty(3, 4, 64, dtype=torch.bfloat16))
+                                        for zero_fill in (True, False)],
         "fused_moe_fp8": [fused],
         "fused_moe_fp8_out": [(*fused, torch.empty(3, 256, dtype=torch.bfloat16))],
     }

@@ -396,6 +396,30 @@ def test_combine_takes_expert_outputs_of_another_width(tmp_path, mode, M):
         dist.destroy_process_group()
 
 
+def test_low_latency_combine_reads_no_row_past_masked_m(tmp_path):
+    """The layer's masked GEMMs leave the rows past masked_m unwritten (zero_fill=False):
+    ep_combine must not read them. NaN there gives the result of zeros there, bit for bit.
+    One rank, in this process."""
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        g = torch.Generator().manual_seed(5)
+        hidden = torch.randn(6, 128, generator=g).bfloat16()
+        ids = torch.tensor([[0, 1], [2, 3], [1, -1], [0, 2], [3, 1], [1, 0]],
+                           dtype=torch.int32)
+        w = torch.rand(6, 2, generator=g)
+        recv, handle = moe_kernels.ep_dispatch(hidden, ids, w, ExpertPlacement.uniform(4, 1),
+                                               mode="low_latency", max_tokens_per_rank=6)
+        past = (torch.arange(recv.shape[1]) >= handle.masked_m.long()[:, None])[..., None]
+        assert past.any() and not past.all()
+        outs = [moe_kernels.ep_combine(recv.masked_fill(past, fill), handle)
+                for fill in (0.0, float("nan"))]
+        assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_dispatch_combine_equals_one_process(world):
     backends = ["cpu", "reference"] + (["triton"] if world == 2 else [])

@@ -113,6 +113,41 @@ def test_masked(device, backend, M, N, K):
     assert not got.cpu()[expert_of_row < 0].float().any(), "rows >= masked_m must be zero"
 
 
+@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("M,K", [(5, 300), (40, 128), (7, 0)])
+def test_masked_without_zero_fill(device, backend, M, K):
+    """zero_fill=False: the rows below masked_m are the zero-filled call's, bit for bit;
+    every other row of out keeps its bits (a NaN poison and a pattern of finite values),
+    for counts of 0, partial, M, past M and negative; K = 0 (no launch) too."""
+    E, N = 5, 200
+    masked = torch.tensor([0, 2, M, M + 3, -1], dtype=torch.int32).to(device)
+    a, a_s = make_rows(E * M, max(K, 1), seed=M, device=device)
+    a, a_s = a[:, :K].reshape(E, M, K), a_s[:, :(K + 127) // 128].reshape(E, M, -1)
+    b, b_s = make_weights(E, N, max(K, 1), seed=1, device=device)
+    b, b_s = b[..., :K], b_s[..., :(K + 127) // 128]
+    want = call_backend(moe_kernels.grouped_gemm_fp8_masked, a, a_s, b, b_s, masked,
+                        backend=backend)
+    valid = (torch.arange(M) < masked.cpu().long()[:, None])[..., None]
+    for before in (torch.full((E, M, N), float("nan")),
+                   torch.arange(E * M * N, dtype=torch.float32).view(E, M, N) % 7 - 3):
+        out = before.bfloat16().to(device)
+        got = call_backend(moe_kernels.grouped_gemm_fp8_masked, a, a_s, b, b_s, masked,
+                           out=out, zero_fill=False, backend=backend)
+        assert got is out
+        expect = torch.where(valid, want.cpu(), before.bfloat16())
+        assert torch.equal(out.cpu().view(torch.int16), expect.view(torch.int16))
+
+
+def test_zero_fill_false_needs_out():
+    a, a_s = make_rows(6, 256, seed=0, device="cpu")
+    b, b_s = make_weights(2, 128, 256, seed=0, device="cpu")
+    args = (a.view(2, 3, 256), a_s.view(2, 3, 2), b, b_s, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="zero_fill=False .* needs out="):
+        moe_kernels.grouped_gemm_fp8_masked(*args, zero_fill=False)
+    with pytest.raises(TypeError, match="zero_fill must be a bool"):
+        moe_kernels.grouped_gemm_fp8_masked(*args, out=torch.empty(2, 3, 128), zero_fill=0)
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
 def test_shapes_with_nothing_to_sum(device, backend):
     """K = 0: every output is an empty sum, zero, on every backend and through out= (a

@@ -294,6 +294,10 @@ def _out_op_args(name):
         return ops.unpermute_out, (rows, row_of_pair, w, torch.empty(5, 24))
     if name == "gather_rows_out":
         return ops.gather_rows_out, (hidden, pair_of_row, row_of_pair, torch.empty_like(rows))
+    if name == "grouped_gemm_fp8_masked_out":
+        (a, a_s, b, b_s, masked_m), _ = _gemm_inputs("cpu", 0, masked=True)
+        return (ops.grouped_gemm_fp8_masked_out,
+                (a, a_s, b, b_s, masked_m, False, torch.zeros(3, 5, 160)))
     if name == "fused_moe_fp8_out":
         args, _ = _fused_inputs("cpu", 0)
         return ops.fused_moe_fp8_out, (*args, torch.empty_like(args[0]))
@@ -304,11 +308,12 @@ def _out_op_args(name):
 
 
 @pytest.mark.parametrize("name", ["unpermute_out", "gather_rows_out",
-                                  "quantize_fp8_per_token_group_out", "fused_moe_fp8_out"])
+                                  "quantize_fp8_per_token_group_out", "fused_moe_fp8_out",
+                                  "grouped_gemm_fp8_masked_out"])
 def test_opcheck_out_ops(name):
     """The schemas declare the mutation (Tensor(a!)) and the fakes match."""
     op, args = _out_op_args(name)
-    fp8_io = name.startswith("quantize") or name.startswith("fused")
+    fp8_io = name.startswith(("quantize", "fused", "grouped"))
     utils = FP8_INPUT_OPCHECKS if fp8_io else None
     torch.library.opcheck(op, args, test_utils=utils or
                           ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -176,15 +176,19 @@ at::Tensor pack_experts(const at::Tensor& x, const std::vector<int64_t>& xstart,
 
 // out[rows] = (a[rows] dequantized) @ b[e].T dequantized for every expert, rounded to
 // out's dtype as each value is stored (no float32 result pass); rows of out that no expert
-// takes are zeroed. out must have a unit column stride.
+// takes are zeroed, or with zero_fill false left as they are. out must have a unit column
+// stride.
 void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
-                  const at::Tensor& b_scales, const ExpertRows& er, at::Tensor& out) {
-  std::vector<bool> written(out.size(0), false);
-  for (int64_t r : er.rows) written[r] = true;
-  char* base = static_cast<char*>(out.data_ptr());
-  const int64_t row_bytes = out.size(1) * out.element_size();
-  for (int64_t r = 0; r < out.size(0); ++r)
-    if (!written[r]) std::memset(base + r * out.stride(0) * out.element_size(), 0, row_bytes);
+                  const at::Tensor& b_scales, const ExpertRows& er, at::Tensor& out,
+                  bool zero_fill) {
+  if (zero_fill) {
+    std::vector<bool> written(out.size(0), false);
+    for (int64_t r : er.rows) written[r] = true;
+    char* base = static_cast<char*>(out.data_ptr());
+    const int64_t row_bytes = out.size(1) * out.element_size();
+    for (int64_t r = 0; r < out.size(0); ++r)
+      if (!written[r]) std::memset(base + r * out.stride(0) * out.element_size(), 0, row_bytes);
+  }
   const int64_t n = static_cast<int64_t>(er.rows.size());
   if (n == 0) return;
   const int64_t E = b.size(0), N = b.size(1), K = b.size(2), KB = b_scales.size(2);
@@ -262,10 +266,13 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
 
 // experts_gemm into out, through a packed copy when out's columns are strided
 void experts_gemm_into(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& b,
-                       const at::Tensor& b_scales, const ExpertRows& er, at::Tensor& out) {
-  if (out.size(1) <= 1 || out.stride(1) == 1) return experts_gemm(a, a_scales, b, b_scales, er, out);
-  at::Tensor packed = at::empty(out.sizes(), out.options());
-  experts_gemm(a, a_scales, b, b_scales, er, packed);
+                       const at::Tensor& b_scales, const ExpertRows& er, at::Tensor& out,
+                       bool zero_fill = true) {
+  if (out.size(1) <= 1 || out.stride(1) == 1)
+    return experts_gemm(a, a_scales, b, b_scales, er, out, zero_fill);
+  // rows left as they are must start from out's own values
+  at::Tensor packed = zero_fill ? at::empty(out.sizes(), out.options()) : out.contiguous();
+  experts_gemm(a, a_scales, b, b_scales, er, packed, zero_fill);
   out.copy_(packed);
 }
 
@@ -342,7 +349,8 @@ Report check_grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& 
 
 Report check_grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                              const at::Tensor& b, const at::Tensor& b_scales,
-                                             const at::Tensor& masked_m, const at::Tensor& out) {
+                                             const at::Tensor& masked_m, bool zero_fill,
+                                             const at::Tensor& out) {
   MK_CHECK(check_masked_operands(a, a_scales, b, b_scales, masked_m));
   const int64_t E = a.size(0), M = a.size(1), N = b.size(1);
   MK_CHECK_VALUE(out.dim() == 3 && out.size(0) == E && out.size(1) == M && out.size(2) == N &&
@@ -382,9 +390,10 @@ at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
 
 void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a_in, const at::Tensor& a_scales_in,
                                      const at::Tensor& b_in, const at::Tensor& b_scales_in,
-                                     const at::Tensor& masked_m_in, at::Tensor& out) {
+                                     const at::Tensor& masked_m_in, bool zero_fill,
+                                     at::Tensor& out) {
   throw_if(check_grouped_gemm_fp8_masked_out_cpu(a_in, a_scales_in, b_in, b_scales_in,
-                                                 masked_m_in, out));
+                                                 masked_m_in, zero_fill, out));
   const int64_t E = a_in.size(0), M = a_in.size(1), K = a_in.size(2), N = b_in.size(1);
   const at::Tensor a = a_in.reshape({E * M, K}).contiguous();
   const at::Tensor a_scales = a_scales_in.reshape({E * M, a_scales_in.size(2)});
@@ -397,7 +406,7 @@ void grouped_gemm_fp8_masked_out_cpu(const at::Tensor& a_in, const at::Tensor& a
     for (int64_t i = 0; i < valid; ++i) er.rows.push_back(e * M + i);
     er.start.push_back(static_cast<int64_t>(er.rows.size()));
   }
-  experts_gemm_into(a, a_scales, b, b_scales, er, flat);
+  experts_gemm_into(a, a_scales, b, b_scales, er, flat, zero_fill);
 }
 
 at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_scales,
@@ -405,7 +414,7 @@ at::Tensor grouped_gemm_fp8_masked_cpu(const at::Tensor& a, const at::Tensor& a_
                                        const at::Tensor& masked_m, at::ScalarType out_dtype) {
   throw_if(check_grouped_gemm_fp8_masked_cpu(a, a_scales, b, b_scales, masked_m, out_dtype));
   at::Tensor out = at::empty({a.size(0), a.size(1), b.size(1)}, a.options().dtype(out_dtype));
-  grouped_gemm_fp8_masked_out_cpu(a, a_scales, b, b_scales, masked_m, out);
+  grouped_gemm_fp8_masked_out_cpu(a, a_scales, b, b_scales, masked_m, true, out);
   return out;
 }
 

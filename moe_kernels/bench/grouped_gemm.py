@@ -10,7 +10,9 @@ GPU cases and floors (H100: FP8 dense 1979 TFLOPS, copy 3.0 TB/s):
 The torch reference timed beside: dequantize the weights to bf16 and one bf16 matmul per
 expert (segments known on the host), eager and compiled. On the GPU also the torch-native
 peers: cuBLAS block-scaled `torch._scaled_mm` per expert and bf16 `torch._grouped_mm`
-(operands dequantized beforehand); the masked case runs them on the valid rows.
+(operands dequantized beforehand); the masked case runs them on the valid rows, and our
+kernels also into a buffer whose rows past masked_m they leave unwritten
+(`<backend>-no-zero-fill`, zero_fill=False).
 On the GPU the triton rows also come in the tile-load variants the tuner weighs
 (`triton-tma`: the table in force with every tile through TMA descriptors;
 `triton-tma-maxnreg128`: those of its 8-warp tiles of at most 64 x 128 also capped at
@@ -159,6 +161,12 @@ def _masked(device, backends, gen, baseline_c) -> list[Result]:
         a3[i][0], a3[i][1], sets[i][2], sets[i][3], masked, backend=bk)) for bk in backends]
     timed += tile_variants(device, backends, lambda i: ops.grouped_gemm_fp8_masked(
         a3[i][0], a3[i][1], sets[i][2], sets[i][3], masked, backend="triton"))
+    # into a caller's buffer without zeroing the rows past masked_m (the layer's
+    # expert-parallel decode path): the same valid rows, fewer bytes written
+    buf = torch.empty((E, M, N), dtype=torch.bfloat16, device=device)
+    timed += [(f"{bk}-no-zero-fill", lambda i, bk=bk: ops.grouped_gemm_fp8_masked(
+        a3[i][0], a3[i][1], sets[i][2], sets[i][3], masked, out=buf, zero_fill=False,
+        backend=bk)) for bk in backends]
     timed += [("torch-eager", lambda i: baseline(torch_per_expert, i))]
     if baseline_c is not None:
         timed += [("torch-compile", lambda i: baseline(baseline_c, i))]
@@ -214,6 +222,14 @@ def sm90_cases():
                    lambda a=a, s=s, b=b, bs=bs, E=E, t=table: configs.with_table(
                        t, gemm.grouped_gemm_fp8_masked, a, s, b, bs, meta(E, dtype=torch.int32),
                        torch.bfloat16))
+    # the expert-parallel decode buffers (rows past masked_m not written): a small and a
+    # large M, for the swapped and the plain tile
+    for m in (16, 1024):
+        a, s, b, bs = _gemm_operands((32, m), 32, 4096, 7168)
+        yield (f"masked 32x{m} rows N=4096 K=7168 zero_fill=False",
+               lambda a=a, s=s, b=b, bs=bs, m=m: gemm.grouped_gemm_fp8_masked_out(
+                   a, s, b, bs, meta(32, dtype=torch.int32), False,
+                   meta(32, m, 4096, dtype=torch.bfloat16)))
     a, s, b, bs = _gemm_operands((8 * 4096,), 8, 4096, 7168)
     for out in (torch.float16, torch.float32):
         yield (f"grouped_gemm_fp8 8x4096 rows -> {out}", lambda a=a, s=s, b=b, bs=bs, out=out:

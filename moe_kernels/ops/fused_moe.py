@@ -168,9 +168,18 @@ def dense_gemm(m_indices, backend):
 
 
 def masked_gemm(masked_m, backend):
-    """GEMM over the masked layout (E, M, .): expert e's first masked_m[e] rows."""
-    return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_masked_unchecked(
-        backend, a, s, w, ws, masked_m, dt)
+    """GEMM over the masked layout (E, M, .): expert e's first masked_m[e] rows, the rows
+    past them left unwritten (zero_fill=False). Nothing downstream reads those: GEMM2 reads
+    the rows below masked_m only, and the low-latency combine sends every other row to a
+    discarded slot. Zeroing them would move more bytes than the products at decode: a
+    rank's (32 experts, 8 ranks x 128 rows) buffers hold ~32 valid rows an expert, and
+    their zero rows are 268 MB (GEMM1, bf16, 2I = 4096) plus 470 MB (GEMM2, H = 7168) a
+    layer, against 1.4 GB of weights read."""
+    def gemm(a, s, w, ws, dt):
+        out = torch.empty((*a.shape[:2], w.shape[1]), dtype=dt, device=a.device)
+        return grouped_gemm.grouped_gemm_fp8_masked_out_unchecked(backend, a, s, w, ws,
+                                                                  masked_m, out, False)
+    return gemm
 
 
 def fused_moe_fp8(hidden: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,

@@ -14,9 +14,9 @@ import torch
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
-from moe_kernels._validate import (all_strided, autodiff_possible, check_forward_only, check_fp8,
-                                   check_last_dim_contiguous, check_out, check_same_device,
-                                   check_scales, check_tensor)
+from moe_kernels._validate import (all_strided, autodiff_possible, check_bool,
+                                   check_forward_only, check_fp8, check_last_dim_contiguous,
+                                   check_out, check_same_device, check_scales, check_tensor)
 from moe_kernels.reference import grouped_gemm as reference
 
 
@@ -47,7 +47,8 @@ GROUPED_GEMM_FP8_OUT = _library.Op(
     "grouped_gemm_fp8_out", f"({_OPERANDS}, Tensor m_indices, Tensor(a!) out) -> ()",
     fake=_library.no_output, triton="grouped_gemm", native=("cpu",))
 GROUPED_GEMM_FP8_MASKED_OUT = _library.Op(
-    "grouped_gemm_fp8_masked_out", f"({_OPERANDS}, Tensor masked_m, Tensor(a!) out) -> ()",
+    "grouped_gemm_fp8_masked_out",
+    f"({_OPERANDS}, Tensor masked_m, bool zero_fill, Tensor(a!) out) -> ()",
     fake=_library.no_output, triton="grouped_gemm", native=("cpu",))
 
 
@@ -156,12 +157,19 @@ def grouped_gemm_fp8_masked_unchecked(backend, a, a_scales, b, b_scales, masked_
                                                    out_dtype)
 
 
-def grouped_gemm_fp8_masked_out_unchecked(backend, a, a_scales, b, b_scales, masked_m, out):
+def grouped_gemm_fp8_masked_out_unchecked(backend, a, a_scales, b, b_scales, masked_m, out,
+                                          zero_fill=True):
+    """Into out (E, M, N); rows past masked_m zero, or with zero_fill False not written."""
     if backend == "reference":
-        out.copy_(reference.grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m,
-                                                    out.dtype))
+        result = reference.grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m,
+                                                   out.dtype)
+        if not zero_fill:
+            result = torch.where(reference.valid_rows(masked_m, a.shape[1])[..., None],
+                                 result, out)
+        out.copy_(result)
     else:
-        GROUPED_GEMM_FP8_MASKED_OUT.kernel(backend)(a, a_scales, b, b_scales, masked_m, out)
+        GROUPED_GEMM_FP8_MASKED_OUT.kernel(backend)(a, a_scales, b, b_scales, masked_m,
+                                                    zero_fill, out)
     return out
 
 
@@ -207,15 +215,23 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
 def grouped_gemm_fp8_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Tensor,
                             b_scales: torch.Tensor, masked_m: torch.Tensor, *,
                             out_dtype: torch.dtype | None = None,
-                            out: torch.Tensor | None = None, backend: str | None = None):
+                            out: torch.Tensor | None = None, zero_fill: bool = True,
+                            backend: str | None = None):
     """out[e, i] = a[e, i] @ b[e].T for i < masked_m[e]; rows i >= masked_m[e] are zero
     (written without reading the weights, so the output is fully defined).
 
     a: (E, M, K) float8_e4m3fn; a_scales: (E, M, ceil(K/128)) float32; b: (E, N, K);
     b_scales: (E, ceil(N/128), ceil(K/128)) float32; masked_m: (E,) int32 | int64.
     Returns (E, M, N) out_dtype (default bfloat16), or writes into `out` (E, M, N) as
-    grouped_gemm_fp8 does."""
+    grouped_gemm_fp8 does. zero_fill=False (with `out` only): rows i >= masked_m[e] of
+    `out` are not written, they keep what they held (DeepGEMM's masked GEMM): at decode
+    most of an expert-parallel buffer's rows are empty, and zeroing them moves more bytes
+    than the valid rows' products."""
     op = "grouped_gemm_fp8_masked"
+    check_bool(op, "zero_fill", zero_fill)
+    if not zero_fill and out is None:
+        raise ValueError(f"{op}: zero_fill=False leaves rows unwritten, so it needs out= "
+                         f"(a buffer whose other rows the caller owns)")
     if autodiff_possible():
         check_forward_only(op, a=a, a_scales=a_scales, b=b, b_scales=b_scales)
     if out is None and _plain_call(a, a_scales, b, b_scales, masked_m, 3, out_dtype):
@@ -234,4 +250,4 @@ def grouped_gemm_fp8_masked(a: torch.Tensor, a_scales: torch.Tensor, b: torch.Te
     _check_gemm_out(op, out, (*a.shape[:2], b.shape[1]), a, a_scales, b, b_scales, "masked_m",
                     masked_m)
     return grouped_gemm_fp8_masked_out_unchecked(backend, a, a_scales, b, b_scales, masked_m,
-                                                 out)
+                                                 out, zero_fill)

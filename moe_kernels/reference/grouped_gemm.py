@@ -41,6 +41,10 @@ def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype=torch.
                                      a_scales.reshape(E * M, a_scales.shape[2]))
     b32 = dequantize_fp8_block(b, b_scales, dtype=torch.float32)
     out = torch.bmm(a32.view(E, M, K), b32.transpose(1, 2))
-    rows = torch.arange(M, device=a.device)
-    valid = rows[None, :] < masked_m.long()[:, None]
-    return torch.where(valid[..., None], out, 0.0).to(out_dtype)
+    return torch.where(valid_rows(masked_m, M)[..., None], out, 0.0).to(out_dtype)
+
+
+def valid_rows(masked_m, M: int):
+    """masked_m (E,) int -> (E, M) bool: row i of group e is below masked_m[e] (no host
+    read of masked_m)."""
+    return torch.arange(M, device=masked_m.device)[None, :] < masked_m.long()[:, None]

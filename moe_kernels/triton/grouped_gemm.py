@@ -49,6 +49,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
 from moe_kernels.configs.grouped_gemm import gemm_config
+from moe_kernels.reference.grouped_gemm import valid_rows
 from moe_kernels.triton.launch import cached_launch, configure
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
@@ -249,7 +250,8 @@ def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
                    stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bse,
                    stride_bsn, stride_bsk, stride_om, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP_AB: tl.constexpr,
-                   EVEN_K: tl.constexpr, TMA: tl.constexpr, SOFTWARE: tl.constexpr):
+                   EVEN_K: tl.constexpr, TMA: tl.constexpr, SOFTWARE: tl.constexpr,
+                   ZERO_FILL: tl.constexpr):
     tiles_m = tl.cdiv(M, BLOCK_M)
     e = (tl.program_id(0) // tiles_m).to(tl.int64)
     local = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -264,13 +266,19 @@ def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
                              stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                              stride_bse, stride_bsn, stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K,
                              SWAP_AB, EVEN_K, TMA, SOFTWARE)
-        # rows past masked_m are stored, as zeros: neither their masked loads (a NaN or
-        # inf weight scale times their scale of 0 is NaN) nor a TMA tile (it holds those
-        # rows' data, maybe NaN) makes their products 0
-        acc = tl.where(valid[:, None], acc, 0.0)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    _store_tile(out_ptr, acc, rows, in_group, n0 + tl.arange(0, BLOCK_N), N, stride_om, SOFTWARE)
+        if ZERO_FILL:
+            # rows past masked_m are stored, as zeros: neither their masked loads (a NaN or
+            # inf weight scale times their scale of 0 is NaN) nor a TMA tile (it holds those
+            # rows' data, maybe NaN) makes their products 0
+            acc = tl.where(valid[:, None], acc, 0.0)
+            _store_tile(out_ptr, acc, rows, in_group, n0 + tl.arange(0, BLOCK_N), N,
+                        stride_om, SOFTWARE)
+        else:
+            _store_tile(out_ptr, acc, rows, valid, n0 + tl.arange(0, BLOCK_N), N, stride_om,
+                        SOFTWARE)
+    elif ZERO_FILL:
+        _store_tile(out_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), rows, in_group,
+                    n0 + tl.arange(0, BLOCK_N), N, stride_om, SOFTWARE)
 
 
 def _fp8_operand(x: torch.Tensor) -> torch.Tensor:
@@ -392,25 +400,32 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     return out
 
 
-def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out):
+def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, zero_fill, out):
     """a (E, M, K) fp8, a_scales (E, M, KB), b (E, N, K) fp8, b_scales (E, NB, KB),
-    masked_m (E,) int32 -> written into out (E, M, N) contiguous; rows >= masked_m[e] zero."""
+    masked_m (E,) int32 -> written into out (E, M, N) contiguous; rows >= masked_m[e] zero,
+    or with zero_fill False not written."""
     E, M, K = a.shape
     N = b.shape[1]
-    if E * M == 0 or N == 0 or _zero_when_k_is_0(out, K):
+    if E * M == 0 or N == 0:
+        return
+    if K == 0:     # every valid row an empty sum (see _zero_when_k_is_0)
+        if zero_fill:
+            out.zero_()
+        else:
+            out.masked_fill_(valid_rows(masked_m, M)[..., None], 0)
         return
     a2 = a.reshape(E * M, K)
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
     cfg = gemm_config("masked", M, a.device)
     grid = (E * cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
     a_op, b_op, tma = _operands(cfg, a2, b)
-    _launcher(_masked_kernel, cfg, K, tma)[grid](
+    _launcher(_masked_kernel, cfg, K, tma, ZERO_FILL=bool(zero_fill))[grid](
         a_op, s2, b_op, b_scales, masked_m.contiguous(), out, M, N, K,
         a2.stride(0), s2.stride(0), s2.stride(1), *_b_strides(b, b_scales), N)
 
 
 def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype):
-    """grouped_gemm_fp8_masked_out into a new (E, M, N) out_dtype tensor."""
+    """grouped_gemm_fp8_masked_out into a new (E, M, N) out_dtype tensor (zero-filled)."""
     out = torch.empty((a.shape[0], a.shape[1], b.shape[1]), dtype=out_dtype, device=a.device)
-    grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, out)
+    grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, True, out)
     return out
