@@ -58,6 +58,15 @@ void quantize_fp8_per_token_group_out_cpu(const at::Tensor& x, int64_t group_siz
                                           bool scale_ue8m0, at::Tensor& q, at::Tensor& s);
 void silu_and_mul_quant_fp8_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
                                     at::Tensor& q, at::Tensor& s);
+// The masked layout (csrc/cpu/fp8.cpp): x (E, M, 2N) -> q (E, M, N), s (E, M, ceil(N / g));
+// rows i >= masked_m[e] are not read: zeros, or with zero_fill false not written.
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8_masked_cpu(const at::Tensor& x,
+                                                                     const at::Tensor& masked_m,
+                                                                     int64_t group_size,
+                                                                     double eps);
+void silu_and_mul_quant_fp8_masked_out_cpu(const at::Tensor& x, const at::Tensor& masked_m,
+                                           int64_t group_size, double eps, bool zero_fill,
+                                           at::Tensor& q, at::Tensor& s);
 at::Tensor grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                 const at::Tensor& b, const at::Tensor& b_scales,
                                 const at::Tensor& m_indices, at::ScalarType out_dtype);
@@ -131,6 +140,13 @@ Report check_quantize_fp8_per_token_group_out_cpu(const at::Tensor& x, int64_t g
                                                   const at::Tensor& q, const at::Tensor& s);
 Report check_silu_and_mul_quant_fp8_out_cpu(const at::Tensor& x, int64_t group_size, double eps,
                                             const at::Tensor& q, const at::Tensor& s);
+Report check_silu_and_mul_quant_fp8_masked_cpu(const at::Tensor& x, const at::Tensor& masked_m,
+                                               int64_t group_size, double eps);
+Report check_silu_and_mul_quant_fp8_masked_out_cpu(const at::Tensor& x,
+                                                   const at::Tensor& masked_m,
+                                                   int64_t group_size, double eps,
+                                                   bool zero_fill, const at::Tensor& q,
+                                                   const at::Tensor& s);
 Report check_grouped_gemm_fp8_cpu(const at::Tensor& a, const at::Tensor& a_scales,
                                   const at::Tensor& b, const at::Tensor& b_scales,
                                   const at::Tensor& m_indices, at::ScalarType out_dtype);

@@ -78,6 +78,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   MK_DEF_ENTRY(m, unpermute_out_cpu);
   MK_DEF_ENTRY(m, quantize_fp8_per_token_group_out_cpu);
   MK_DEF_ENTRY(m, silu_and_mul_quant_fp8_out_cpu);
+  MK_DEF_ENTRY(m, silu_and_mul_quant_fp8_masked_cpu);
+  MK_DEF_ENTRY(m, silu_and_mul_quant_fp8_masked_out_cpu);
   MK_DEF_ENTRY(m, grouped_gemm_fp8_out_cpu);
   MK_DEF_ENTRY(m, grouped_gemm_fp8_masked_out_cpu);
   MK_DEF_ENTRY(m, fused_moe_fp8_cpu);

@@ -303,7 +303,8 @@ class DeepseekV3MoE(nn.Module):
         else:
             gemm = fused_moe.segment_gemm(handle.layout, backend)
         z = fused_moe.expert_mlp(backend, gemm, q, s, self.w13, self.w13_scale, self.w2,
-                                 self.w2_scale, x.dtype)
+                                 self.w2_scale, x.dtype,
+                                 masked_m=handle.masked_m if low_latency else None)
         rows = ep.combine_rows("DeepseekV3MoE", z, handle)
         row_of_pair = handle.row_of_pair
         if self.shared_fused:

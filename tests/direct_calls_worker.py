@@ -68,6 +68,7 @@ def _permute_samples(g):
 
 def _fp8_samples(g):
     x, gated = torch.randn(4, 256, generator=g), torch.randn(4, 512, generator=g)
+    masked_m = torch.tensor([1, 2], dtype=I32)
     w = torch.randn(2, 130, 260, generator=g)
     return {
         "quantize_fp8_per_token_group": [(x, 128, 1e-10, False, False)],
@@ -76,6 +77,11 @@ def _fp8_samples(g):
         "silu_and_mul_quant_fp8": [(gated, 128, 1e-10)],
         "silu_and_mul_quant_fp8_out": [(gated, 128, 1e-10, torch.empty(4, 256, dtype=FP8),
                                         torch.empty(4, 2))],
+        "silu_and_mul_quant_fp8_masked": [(gated.view(2, 2, 512), masked_m, 128, 1e-10)],
+        "silu_and_mul_quant_fp8_masked_out": [
+            (gated.view(2, 2, 512), masked_m, 128, 1e-10, zero_fill,
+             torch.empty(2, 2, 256, dtype=FP8), torch.empty(2, 2, 2))
+            for zero_fill in (True, False)],
         "quantize_fp8_block": [(w, 128, 128, 1e-10)],
         "dequantize_fp8_block": [(_fp8(130, 260, g=g), torch.rand(2, 3), 128, 128,
                                   torch.bfloat16)],

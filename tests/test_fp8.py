@@ -161,6 +161,58 @@ def test_silu_and_mul_quant(device, backend, M, N, dtype):
     assert_fp8_close(q, rq, max_steps=1, msg=f"{backend} {M}x{N}")
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params((*BACKENDS, "reference")))
+@pytest.mark.parametrize("M,N", [(6, 384), (1, 200), (0, 128)])
+def test_silu_and_mul_quant_masked(device, backend, M, N):
+    """masked_m (E,): rows below masked_m[e] are the 2-D op's on the same rows, bit for bit
+    (counts 0, partial, M, past M, negative); the others zero (q 0, scale 0), NaN and inf
+    in them never read; with zero_fill=False into buffers, those rows keep their bits."""
+    E = 5
+    g = torch.Generator().manual_seed(M + N)
+    x = (torch.randn(E, M, 2 * N, generator=g) * 4).bfloat16()
+    masked = torch.tensor([0, min(2, M), M, M + 3, -1], dtype=torch.int32)
+    valid = torch.arange(M)[None, :] < masked.long()[:, None]
+    x[~valid] = float("nan")
+    x[~valid & (torch.arange(M)[None, :] % 2 == 0)] = float("inf")
+    x, masked_d = x.to(device), masked.to(device)
+    want_q, want_s = moe_kernels.silu_and_mul_quant_fp8(
+        x.reshape(E * M, 2 * N).nan_to_num(0.0, 0.0, 0.0), backend=backend)
+    want_q = want_q.view(E, M, N).view(torch.uint8).cpu()
+    want_s = want_s.view(E, M, (N + 127) // 128).cpu()
+    poison_allocator(device)
+    q, s = moe_kernels.silu_and_mul_quant_fp8(x, masked_m=masked_d, backend=backend)
+    assert q.shape == (E, M, N) and s.shape == (E, M, (N + 127) // 128)
+    q8 = q.view(torch.uint8).cpu()
+    assert torch.equal(q8[valid], want_q[valid]) and torch.equal(s.cpu()[valid], want_s[valid])
+    assert not q8[~valid].any() and not s.cpu()[~valid].any()
+    qb = torch.full((E, M, N), 0x7F, dtype=torch.uint8).view(FP8).to(device)
+    sb = torch.full(s.shape, float("nan")).to(device)
+    got = moe_kernels.silu_and_mul_quant_fp8(x, masked_m=masked_d, out=(qb, sb),
+                                             zero_fill=False, backend=backend)
+    assert got[0] is qb and got[1] is sb
+    qb8, sbc = qb.view(torch.uint8).cpu(), sb.cpu()
+    assert torch.equal(qb8[valid], want_q[valid]) and torch.equal(sbc[valid], want_s[valid])
+    assert (qb8[~valid] == 0x7F).all() and sbc[~valid].isnan().all()
+
+
+def test_silu_and_mul_quant_masked_refusals():
+    x = torch.randn(2, 3, 256)
+    mm = torch.tensor([1, 2])
+    op = moe_kernels.silu_and_mul_quant_fp8
+    with pytest.raises(ValueError, match="zero_fill=False .* needs out="):
+        op(x, masked_m=mm, zero_fill=False)
+    with pytest.raises(ValueError, match="needs masked_m"):
+        op(x[0], zero_fill=False, out=(torch.empty(3, 128, dtype=FP8), torch.empty(3, 1)))
+    with pytest.raises(ValueError, match="masked_m must have shape"):
+        op(x, masked_m=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="masked_m"):
+        op(x, masked_m=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="3-D"):
+        op(x[0], masked_m=mm)
+    with pytest.raises(TypeError, match="zero_fill must be a bool"):
+        op(x, masked_m=mm, zero_fill="false")
+
+
 @settings(max_examples=30)
 @given(data=st.data())
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))

@@ -68,6 +68,12 @@ def _quant_inputs(device, seed, width=300, **kw):
     return [(torch.randn(7, width, generator=g) * 3).to(device)], kw
 
 
+def _masked_silu_inputs(device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 4, 2 * 150, generator=g) * 3).to(device)
+    return [x], {"masked_m": torch.tensor([4, 0, 2], dtype=torch.int32, device=device)}
+
+
 def _routing(device, seed, T=5, K=2, E=4):
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).int()
@@ -111,6 +117,8 @@ CASES = {
         lambda d, s: _quant_inputs(d, s, column_major_scales=True), *_pair),
     "silu_and_mul_quant_fp8": Case(moe_kernels.silu_and_mul_quant_fp8,
                                    lambda d, s: _quant_inputs(d, s, width=2 * 150), *_pair),
+    "silu_and_mul_quant_fp8 masked": Case(moe_kernels.silu_and_mul_quant_fp8,
+                                          _masked_silu_inputs, *_pair),
     "permute": Case(moe_kernels.permute, _permute_inputs, *_rows),
     "permute_masked": Case(moe_kernels.permute_masked, _permute_masked_inputs, *_rows),
     "unpermute": Case(moe_kernels.unpermute, _unpermute_inputs, *_single),

@@ -12,6 +12,7 @@
 
 #include "../fp8.h"
 #include "../ops.h"
+#include "index_values.h"
 #include "simd.h"
 #include "vec_math.h"
 
@@ -56,24 +57,44 @@ bool simd_rows(int64_t W, int64_t group) {
          W % 16 == 0;
 }
 
+// Which rows token_groups quantizes: all (live empty), or those with live[m] set; the
+// others are not read, and zeroed (q 0, scale 0) when zero_fill, else not written.
+struct LiveRows {
+  std::vector<uint8_t> live;
+  bool zero_fill = true;
+
+  // true when row m is done without quantizing it
+  bool skip(int64_t m, int64_t W, int64_t G, uint8_t* q8, float* sp, int64_t ssm,
+            int64_t ssg) const {
+    if (live.empty() || live[m]) return false;
+    if (zero_fill) {
+      std::fill(q8 + m * W, q8 + (m + 1) * W, uint8_t{0});
+      for (int64_t g = 0; g < G; ++g) sp[m * ssm + g * ssg] = 0.0f;
+    }
+    return true;
+  }
+};
+
 // q (M, W) and s (M, G) (any strides of s) from x (M, W), or from [gate | up] (M, 2W).
 template <typename scalar_t>
 void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool ue8m0,
-                  bool gated, at::Tensor& q, at::Tensor& s) {
+                  bool gated, at::Tensor& q, at::Tensor& s, const LiveRows& rows) {
   const int64_t M = x.size(0), G = ceil_div(W, group);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int64_t sx = x.stride(0);
   fp8_t* qp = q.data_ptr<fp8_t>();
   float* sp = s.data_ptr<float>();
   const int64_t ssm = s.stride(0), ssg = s.stride(1);
+  uint8_t* q8 = reinterpret_cast<uint8_t*>(qp);
   if (simd_rows<scalar_t>(W, group)) {
     const SimdKernels& k = simd();
     const SrcType type = simd_type(x.scalar_type(), "x");
-    uint8_t* q8 = reinterpret_cast<uint8_t*>(qp);
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
+      for (int64_t m = begin; m < end; ++m) {
+        if (rows.skip(m, W, G, q8, sp, ssm, ssg)) continue;
         k.quantize_row(xp + m * sx, type, W, group, eps, ue8m0, gated,
                        q8 + m * W, sp + m * ssm, ssg);
+      }
     });
     return;
   }
@@ -82,6 +103,7 @@ void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool
     const int64_t width = std::min(group, W);
     std::vector<float> buf(width), up(gated ? width : 0);
     for (int64_t m = begin; m < end; ++m) {
+      if (rows.skip(m, W, G, q8, sp, ssm, ssg)) continue;
       const scalar_t* row = xp + m * sx;
       for (int64_t g = 0; g < G; ++g) {
         const int64_t c0 = g * group, n = std::min(group, W - c0);
@@ -128,11 +150,38 @@ Report check_token_group_out(const at::Tensor& x, int64_t group, bool gated, con
 // q (M, W) contiguous and s (M, ceil(W / group)) of any strides, written in place; the
 // arguments checked (check_token_group_out).
 void token_group_out(const at::Tensor& x_in, int64_t W, int64_t group, double eps, bool ue8m0,
-                     bool gated, at::Tensor& q, at::Tensor& s) {
+                     bool gated, at::Tensor& q, at::Tensor& s, const LiveRows& rows = {}) {
   const at::Tensor x = x_in.stride(-1) == 1 ? x_in : x_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fp8_quant", [&] {
-    token_groups<scalar_t>(x, W, group, static_cast<float>(eps), ue8m0, gated, q, s);
+    token_groups<scalar_t>(x, W, group, static_cast<float>(eps), ue8m0, gated, q, s, rows);
   });
+}
+
+// x (E, M, 2W) [gate | up] in the masked layout, masked_m (E,) int32 | int64
+Report check_masked_gated_input(const at::Tensor& x, const at::Tensor& masked_m, int64_t group) {
+  MK_CHECK_VALUE(x.dim() == 3, "x must be 3-D (E, M, 2N) with masked_m, got ", x.dim(), "-D");
+  MK_CHECK_TYPE(quantizable_dtype(x.scalar_type()),
+                "x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
+  MK_CHECK_VALUE(x.size(2) % 2 == 0, "x must be [gate | up] with an even width, got ",
+                 x.size(2));
+  MK_CHECK_VALUE(group >= 1, "group_size must be >= 1, got ", group);
+  MK_CHECK_VALUE(masked_m.dim() == 1 && masked_m.size(0) == x.size(0),
+                 "masked_m must have shape (", x.size(0), ",), got ", masked_m.sizes());
+  MK_CHECK_TYPE(index_dtype(masked_m.scalar_type()), "masked_m must be int32 or int64, got ",
+                masked_m.scalar_type());
+  return {};
+}
+
+// x (E, M, 2W) -> q (E, M, W), s (E, M, G), both contiguous; rows i >= masked_m[e] not read
+void masked_gated_out(const at::Tensor& x, const at::Tensor& masked_m, int64_t group,
+                      double eps, bool zero_fill, at::Tensor& q, at::Tensor& s) {
+  const int64_t E = x.size(0), M = x.size(1), W = x.size(2) / 2;
+  LiveRows rows{std::vector<uint8_t>(E * M, 0), zero_fill};
+  const IndexValues mm(masked_m);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < std::min(std::max(mm[e], int64_t{0}), M); ++i) rows.live[e * M + i] = 1;
+  at::Tensor q2 = q.view({E * M, W}), s2 = s.view({E * M, s.size(2)});
+  token_group_out(x.reshape({E * M, 2 * W}), W, group, eps, false, true, q2, s2, rows);
 }
 
 std::tuple<at::Tensor, at::Tensor> token_group_op(const at::Tensor& x, int64_t group, double eps,
@@ -192,6 +241,51 @@ void silu_and_mul_quant_fp8_out_cpu(const at::Tensor& x, int64_t group_size, dou
                                     at::Tensor& q, at::Tensor& s) {
   throw_if(check_token_group_out(x, group_size, true, q, s));
   token_group_out(x, x.size(1) / 2, group_size, eps, false, true, q, s);
+}
+
+Report check_silu_and_mul_quant_fp8_masked_cpu(const at::Tensor& x, const at::Tensor& masked_m,
+                                               int64_t group_size, double /*eps*/) {
+  return check_masked_gated_input(x, masked_m, group_size);
+}
+
+Report check_silu_and_mul_quant_fp8_masked_out_cpu(const at::Tensor& x,
+                                                   const at::Tensor& masked_m,
+                                                   int64_t group_size, double /*eps*/,
+                                                   bool /*zero_fill*/, const at::Tensor& q,
+                                                   const at::Tensor& s) {
+  MK_CHECK(check_masked_gated_input(x, masked_m, group_size));
+  const int64_t E = x.size(0), M = x.size(1), W = x.size(2) / 2;
+  const int64_t G = ceil_div(W, group_size);
+  MK_CHECK_TYPE(q.scalar_type() == at::kFloat8_e4m3fn, "q must be float8_e4m3fn, got ",
+                q.scalar_type());
+  MK_CHECK_VALUE(q.dim() == 3 && q.size(0) == E && q.size(1) == M && q.size(2) == W &&
+                     q.is_contiguous(),
+                 "q must be contiguous of shape (", E, ", ", M, ", ", W, "), got ", q.sizes());
+  MK_CHECK_TYPE(s.scalar_type() == at::kFloat, "s must be float32, got ", s.scalar_type());
+  MK_CHECK_VALUE(s.dim() == 3 && s.size(0) == E && s.size(1) == M && s.size(2) == G &&
+                     s.is_contiguous(),
+                 "s must be contiguous of shape (", E, ", ", M, ", ", G, "), got ", s.sizes());
+  return {};
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8_masked_cpu(const at::Tensor& x,
+                                                                     const at::Tensor& masked_m,
+                                                                     int64_t group_size,
+                                                                     double eps) {
+  throw_if(check_masked_gated_input(x, masked_m, group_size));
+  const int64_t E = x.size(0), M = x.size(1), W = x.size(2) / 2;
+  at::Tensor q = at::empty({E, M, W}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor s = at::empty({E, M, ceil_div(W, group_size)}, x.options().dtype(at::kFloat));
+  masked_gated_out(x, masked_m, group_size, eps, true, q, s);
+  return {q, s};
+}
+
+void silu_and_mul_quant_fp8_masked_out_cpu(const at::Tensor& x, const at::Tensor& masked_m,
+                                           int64_t group_size, double eps, bool zero_fill,
+                                           at::Tensor& q, at::Tensor& s) {
+  throw_if(check_silu_and_mul_quant_fp8_masked_out_cpu(x, masked_m, group_size, eps, zero_fill,
+                                                       q, s));
+  masked_gated_out(x, masked_m, group_size, eps, zero_fill, q, s);
 }
 
 Report check_quantize_fp8_block_cpu(const at::Tensor& w, int64_t block_n, int64_t block_k,

@@ -5,6 +5,11 @@ in 1x128 groups, and SiLU-and-mul-quant of the expert intermediate (T, 2 x 2048)
 Floors (bytes / copy bandwidth; every input read once, every output written once):
 quantize 32768 x 7168: 469.8 MB read + 234.9 MB fp8 + 7.3 MB scales = 712 MB -> 237 us
 at 3.0 TB/s; silu_and_mul_quant 32768 x 4096 -> 2048: 268 + 67 + 2.1 MB = 337 MB -> 112 us.
+
+The masked case: silu_and_mul_quant over an expert-parallel decode buffer (GPU: 32 local
+experts x 8 ranks x 128 rows, ~32 valid rows an expert; CPU: 8 x 128, ~8), bytes of the
+valid rows only: with masked_m (zeros written past it, or with -no-zero-fill nothing), and
+the 2-D op over every row of the buffer (-all-rows), what the masked form replaces.
 """
 
 from __future__ import annotations
@@ -72,7 +77,33 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         want_y = ref_silu(y[0])
         results += measure("silu_and_mul_quant_fp8", case, device, timed, nbytes, n_sets,
                            lambda out: _same_fp8(out, want_y))
-    return results
+    return results + _masked_silu(device, backends, gen)
+
+
+def _masked_silu(device, backends, gen) -> list[Result]:
+    E, M, mean_valid = (32, 1024, 32) if device == "cuda" else (8, 128, 8)
+    masked = torch.randint(mean_valid // 2, 3 * mean_valid // 2 + 1, (E,), generator=gen,
+                           dtype=torch.int32)
+    valid = int(masked.sum())
+    n_sets = rotating_sets(valid * INTER * 5, device)
+    y = [torch.randn(E, M, 2 * INTER, generator=gen).bfloat16().to(device)
+         for _ in range(n_sets)]
+    masked = masked.to(device)
+    q = torch.empty((E, M, INTER), dtype=FP8, device=device)
+    s = torch.empty((E, M, INTER // GROUP), device=device)
+    case = f"silu_mul_quant masked E={E} M={M} ({valid} valid rows) 2x{INTER} bf16"
+    timed = [(b, lambda i, b=b: ops.silu_and_mul_quant_fp8(y[i], masked_m=masked, backend=b))
+             for b in backends]
+    timed += [(f"{b}-no-zero-fill", lambda i, b=b: ops.silu_and_mul_quant_fp8(
+        y[i], masked_m=masked, out=(q, s), zero_fill=False, backend=b)) for b in backends]
+    timed += [(f"{b}-all-rows", lambda i, b=b: tuple(
+        t.view(E, M, -1) for t in ops.silu_and_mul_quant_fp8(y[i].flatten(0, 1), backend=b)))
+        for b in backends]
+    rows = (torch.arange(M, device=device)[None, :] < masked[:, None])
+    want = reference.silu_and_mul_quant_fp8(y[0][rows])
+    nbytes = valid * (2 * INTER * 2 + INTER + (INTER // GROUP) * 4)
+    return measure("silu_and_mul_quant_fp8", case, device, timed, nbytes, n_sets,
+                   lambda out: _same_fp8((out[0][rows], out[1][rows]), want))
 
 
 def sm90_cases():
@@ -87,6 +118,12 @@ def sm90_cases():
             meta(M, 7168, dtype=torch.bfloat16), 128, 1e-10, True, True))
         yield (f"silu_and_mul_quant M={M} 2x2048", lambda M=M: fp8.silu_and_mul_quant_fp8(
             meta(M, 4096, dtype=torch.bfloat16), 128))
+    # the expert-parallel decode buffer (32 local experts x 8 ranks x 128 rows), both forms
+    for zero_fill in (True, False):
+        yield (f"silu_and_mul_quant masked 32x1024 2x2048 zero_fill={zero_fill}",
+               lambda z=zero_fill: fp8.silu_and_mul_quant_fp8_masked_out(
+                   meta(32, 1024, 4096, dtype=torch.bfloat16), meta(32, dtype=torch.int32),
+                   128, 1e-10, z, meta(32, 1024, 2048, dtype=FP8), meta(32, 1024, 16)))
     # fused_moe_fp8's first kernel at small T (up to 585 tokens at H=7168 in bf16)
     for T in (1, 512):
         yield (f"quant 1x128 gathered R={8 * T} ({T} tokens x top-8) H=7168 bf16",

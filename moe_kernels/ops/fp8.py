@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._common import FLOAT_DTYPES, FP8, FP8_MAX, cdiv
-from moe_kernels._validate import (check_float_tensor, check_fp8, check_last_dim_contiguous,
-                                   check_out, check_scales, check_tensor)
+from moe_kernels._common import FLOAT_DTYPES, FP8, FP8_MAX, INDEX_DTYPES, cdiv
+from moe_kernels._validate import (check_bool, check_float_tensor, check_fp8,
+                                   check_last_dim_contiguous, check_out, check_same_device,
+                                   check_scales, check_tensor)
 from moe_kernels.reference import fp8 as reference
 
 # --- schemas and fakes -----------------------------------------------------------------------
@@ -43,6 +44,12 @@ def _fake_silu(x, group_size, eps):
     M, N = x.shape[0], x.shape[1] // 2
     return (x.new_empty((M, N), dtype=FP8),
             x.new_empty((M, cdiv(N, group_size)), dtype=torch.float32))
+
+
+def _fake_silu_masked(x, masked_m, group_size, eps):
+    E, M, N = x.shape[0], x.shape[1], x.shape[2] // 2
+    return (x.new_empty((E, M, N), dtype=FP8),
+            x.new_empty((E, M, cdiv(N, group_size)), dtype=torch.float32))
 
 
 def _fake_gathered(x, pair_of_row, row_of_pair, group_size, eps):
@@ -88,6 +95,17 @@ QUANTIZE_FP8_PER_TOKEN_GROUP_OUT = _op(
 SILU_AND_MUL_QUANT_FP8_OUT = _op(
     "silu_and_mul_quant_fp8_out", "(Tensor x, int group_size, float eps, Tensor(a!) q, "
     "Tensor(b!) s) -> ()", _library.no_output, _triton_group_check)
+# The masked layout (E, M, 2N) with masked_m: only the rows below masked_m[e] read.
+SILU_AND_MUL_QUANT_FP8_MASKED = _library.Op(
+    "silu_and_mul_quant_fp8_masked", "(Tensor x, Tensor masked_m, int group_size, float eps) "
+    "-> (Tensor, Tensor)", fake=_fake_silu_masked,
+    triton_check=lambda x, masked_m, group_size, *rest: _check_power_of_two(
+        "silu_and_mul_quant_fp8_masked", "group_size", group_size), **_KERNELS)
+SILU_AND_MUL_QUANT_FP8_MASKED_OUT = _library.Op(
+    "silu_and_mul_quant_fp8_masked_out", "(Tensor x, Tensor masked_m, int group_size, "
+    "float eps, bool zero_fill, Tensor(a!) q, Tensor(b!) s) -> ()", fake=_library.no_output,
+    triton_check=lambda x, masked_m, group_size, *rest: _check_power_of_two(
+        "silu_and_mul_quant_fp8_masked_out", "group_size", group_size), **_KERNELS)
 # Quantization fused with permute's row gather, for fused_moe_fp8's Triton path (internal:
 # Triton only, so its Triton check is every check; the "cuda" backend borrows it).
 GATHER_ROWS_QUANT_FP8 = _library.Op(
@@ -154,22 +172,27 @@ def _check_gathered(x, pair_of_row, row_of_pair, group_size, eps) -> None:
     _check_eps(op, eps)
 
 
-def _check_quant_out(op, out, x, width, group_size, column_major):
-    """out = (q (M, width) float8_e4m3fn, s (M, G) float32 row- or column-major as
-    column_major says), both contiguous in their layout, overlapping neither x nor each
-    other. Returns (q, s)."""
+def _check_quant_out(op, out, x, width, group_size, column_major, rows_shape=None,
+                     inputs=None):
+    """out = (q (*rows_shape, width) float8_e4m3fn, s (*rows_shape, G) float32, for 2-D
+    row- or column-major as column_major says), both contiguous in their layout,
+    overlapping neither the inputs (default: x) nor each other; rows_shape defaults to
+    (M,), x's rows. Returns (q, s)."""
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise TypeError(f"{op}: out must be a pair (q, s) of tensors, got {type(out).__name__}")
     q, s = out
-    M, G = x.shape[0], cdiv(width, group_size)
-    check_out(op, "out[0] (q)", q, (M, width), (FP8,), "x", x, {"x": x})
-    check_tensor(op, "out[1] (s)", s, ndim=2)
-    if tuple(s.shape) != (M, G):
-        raise ValueError(f"{op}: out[1] (s) must have shape {(M, G)}, got {tuple(s.shape)}")
+    rows_shape = (x.shape[0],) if rows_shape is None else tuple(rows_shape)
+    inputs = {"x": x} if inputs is None else inputs
+    G = cdiv(width, group_size)
+    check_out(op, "out[0] (q)", q, (*rows_shape, width), (FP8,), "x", x, inputs)
+    check_tensor(op, "out[1] (s)", s, ndim=len(rows_shape) + 1)
+    if tuple(s.shape) != (*rows_shape, G):
+        raise ValueError(f"{op}: out[1] (s) must have shape {(*rows_shape, G)}, got "
+                         f"{tuple(s.shape)}")
     # one rule for both layouts: the view that must be contiguous
     rows = s.t() if column_major else s
     check_out(op, "out[1].t() (s, column_major_scales=True)" if column_major else "out[1] (s)",
-              rows, rows.shape, (torch.float32,), "x", x, {"x": x, "out[0] (q)": q})
+              rows, rows.shape, (torch.float32,), "x", x, {**inputs, "out[0] (q)": q})
     return q, s
 
 
@@ -212,6 +235,28 @@ def silu_and_mul_quant_fp8_out_unchecked(backend, x, group_size, q, s):
         _copy_pair((q, s), reference.silu_and_mul_quant_fp8(x, group_size))
     else:
         SILU_AND_MUL_QUANT_FP8_OUT.kernel(backend)(x, group_size, 1e-10, q, s)
+    return q, s
+
+
+def silu_and_mul_quant_fp8_masked_unchecked(backend, x, masked_m, group_size):
+    if backend == "reference":
+        return reference.silu_and_mul_quant_fp8_masked(x, masked_m, group_size)
+    return tuple(SILU_AND_MUL_QUANT_FP8_MASKED.kernel(backend)(x, masked_m, group_size, 1e-10))
+
+
+def silu_and_mul_quant_fp8_masked_out_unchecked(backend, x, masked_m, group_size, zero_fill,
+                                                q, s):
+    if backend == "reference":
+        result = reference.silu_and_mul_quant_fp8_masked(x, masked_m, group_size)
+        if not zero_fill:
+            keep = (torch.arange(x.shape[1], device=x.device)[None, :]
+                    < masked_m.long()[:, None])[..., None]
+            result = (torch.where(keep, result[0].view(torch.uint8), q.view(torch.uint8))
+                      .view(FP8), torch.where(keep, result[1], s))
+        _copy_pair((q, s), result)
+    else:
+        SILU_AND_MUL_QUANT_FP8_MASKED_OUT.kernel(backend)(x, masked_m, group_size, 1e-10,
+                                                          zero_fill, q, s)
     return q, s
 
 
@@ -281,19 +326,57 @@ def dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block=(128, 128),
 
 
 def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
+                           masked_m: torch.Tensor | None = None,
                            out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           backend: str | None = None):
+                           zero_fill: bool = True, backend: str | None = None):
     """x (M, 2N) float = [gate | up], last dim contiguous -> quantize(silu(gate) * up) with
     the product in float32: q (M, N) float8_e4m3fn, s (M, ceil(N / group_size)) float32.
-    out: (q, s) contiguous buffers to write into and return instead."""
+    out: (q, s) contiguous buffers to write into and return instead.
+
+    masked_m (E,) int32 | int64: x is the masked layout (E, M, 2N) (grouped_gemm_fp8_masked's
+    output), q (E, M, N), s (E, M, G); rows i >= masked_m[e] are not read and come out zero
+    (q 0, scale 0), or with zero_fill=False (and out=) are not written."""
     op = "silu_and_mul_quant_fp8"
+    check_bool(op, "zero_fill", zero_fill)
+    if masked_m is not None:
+        return _silu_and_mul_quant_masked(op, x, group_size, masked_m, out, zero_fill, backend)
+    if not zero_fill:
+        raise ValueError(f"{op}: zero_fill=False applies to the rows past masked_m: it needs "
+                         f"masked_m and out=")
     _check_activation(op, x)
-    if x.shape[1] % 2:
-        raise ValueError(f"{op}: x must be [gate | up] with an even width, got shape "
-                         f"{tuple(x.shape)}")
+    _check_gated_width(op, x)
     _check_power_of_two(op, "group_size", group_size)
     backend = SILU_AND_MUL_QUANT_FP8.resolve(backend, x)
     if out is None:
         return silu_and_mul_quant_fp8_unchecked(backend, x, group_size)
     q, s = _check_quant_out(op, out, x, x.shape[1] // 2, group_size, False)
     return silu_and_mul_quant_fp8_out_unchecked(backend, x, group_size, q, s)
+
+
+def _check_gated_width(op, x) -> None:
+    if x.shape[-1] % 2:
+        raise ValueError(f"{op}: x must be [gate | up] with an even width, got shape "
+                         f"{tuple(x.shape)}")
+
+
+def _silu_and_mul_quant_masked(op, x, group_size, masked_m, out, zero_fill, backend):
+    """silu_and_mul_quant_fp8 with masked_m: x (E, M, 2N)."""
+    check_tensor(op, "x", x, ndim=3, dtypes=FLOAT_DTYPES)
+    check_last_dim_contiguous(op, "x", x)
+    _check_gated_width(op, x)
+    _check_power_of_two(op, "group_size", group_size)
+    check_tensor(op, "masked_m", masked_m, ndim=1, dtypes=INDEX_DTYPES)
+    if masked_m.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: masked_m must have shape ({x.shape[0]},) (x's groups), got "
+                         f"{tuple(masked_m.shape)}")
+    check_same_device(op, "masked_m", masked_m, "x", x)
+    if not zero_fill and out is None:
+        raise ValueError(f"{op}: zero_fill=False leaves rows unwritten, so it needs out= "
+                         f"(buffers whose other rows the caller owns)")
+    backend = SILU_AND_MUL_QUANT_FP8_MASKED.resolve(backend, x)
+    if out is None:
+        return silu_and_mul_quant_fp8_masked_unchecked(backend, x, masked_m, group_size)
+    q, s = _check_quant_out(op, out, x, x.shape[2] // 2, group_size, False,
+                            rows_shape=x.shape[:2], inputs={"x": x, "masked_m": masked_m})
+    return silu_and_mul_quant_fp8_masked_out_unchecked(backend, x, masked_m, group_size,
+                                                       zero_fill, q, s)

@@ -140,11 +140,22 @@ def fused_moe_fp8_composed(backend, hidden, w13, w13_scales, w2, w2_scales, topk
     return perm.unpermute_unchecked(backend, z, layout.row_of_pair, topk_weights, out)
 
 
-def expert_mlp(backend, gemm, q, s, w13, w13_scales, w2, w2_scales, out_dtype):
+def expert_mlp(backend, gemm, q, s, w13, w13_scales, w2, w2_scales, out_dtype,
+               masked_m=None):
     """down(silu(gate(x)) * up(x)) of FP8 rows q with their 1x128 scales s, each row by its
     expert's weights; gemm(a, a_scales, w, w_scales, dtype) knows the rows' layout (the
-    expert segments, or the masked layout). GEMM1 writes bf16, as SGLang and vLLM do."""
+    expert segments, or the masked layout: then masked_m (E,), whose rows alone the
+    activation reads and writes, see masked_gemm). GEMM1 writes bf16, as SGLang and vLLM
+    do."""
     y = gemm(q, s, w13, w13_scales, torch.bfloat16)
+    if masked_m is not None:
+        E, M, two_i = y.shape
+        q2 = torch.empty((E, M, two_i // 2), dtype=FP8, device=y.device)
+        s2 = torch.empty((E, M, cdiv(two_i // 2, SCALE_BLOCK)), dtype=torch.float32,
+                         device=y.device)
+        fp8.silu_and_mul_quant_fp8_masked_out_unchecked(backend, y, masked_m, SCALE_BLOCK,
+                                                        False, q2, s2)
+        return gemm(q2, s2, w2, w2_scales, out_dtype)
     rows = y.shape[:-1]
     q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y.flatten(0, -2),
                                                   SCALE_BLOCK)
@@ -171,10 +182,11 @@ def masked_gemm(masked_m, backend):
     """GEMM over the masked layout (E, M, .): expert e's first masked_m[e] rows, the rows
     past them left unwritten (zero_fill=False). Nothing downstream reads those: GEMM2 reads
     the rows below masked_m only, and the low-latency combine sends every other row to a
-    discarded slot. Zeroing them would move more bytes than the products at decode: a
-    rank's (32 experts, 8 ranks x 128 rows) buffers hold ~32 valid rows an expert, and
-    their zero rows are 268 MB (GEMM1, bf16, 2I = 4096) plus 470 MB (GEMM2, H = 7168) a
-    layer, against 1.4 GB of weights read."""
+    discarded slot (expert_mlp's activation with masked_m neither reads nor writes them).
+    Zeroing them would move more bytes than the products at decode: a rank's (32 experts,
+    8 ranks x 128 rows) buffers hold ~32 valid rows an expert, and their zero rows are
+    268 MB (GEMM1, bf16, 2I = 4096) plus 470 MB (GEMM2, H = 7168) a layer, against 1.4 GB
+    of weights read."""
     def gemm(a, s, w, ws, dt):
         out = torch.empty((*a.shape[:2], w.shape[1]), dtype=dt, device=a.device)
         return grouped_gemm.grouped_gemm_fp8_masked_out_unchecked(backend, a, s, w, ws,

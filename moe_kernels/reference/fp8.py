@@ -111,6 +111,18 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, eps: float = 
     return quantize_fp8_per_token_group(y, group_size, eps)
 
 
+def silu_and_mul_quant_fp8_masked(x: torch.Tensor, masked_m: torch.Tensor,
+                                  group_size: int = 128, eps: float = 1e-10):
+    """x (E, M, 2N) = [gate | up], masked_m (E,) int -> q (E, M, N) fp8, s (E, M, G) float32:
+    row i < masked_m[e] as silu_and_mul_quant_fp8 gives it, the other rows zero (q 0,
+    scale 0)."""
+    E, M, two_n = x.shape
+    q, s = silu_and_mul_quant_fp8(x.reshape(E * M, two_n), group_size, eps)
+    valid = (torch.arange(M, device=x.device)[None, :] < masked_m.long()[:, None])[..., None]
+    q = torch.where(valid, q.view(E, M, q.shape[1]).view(torch.uint8), 0).view(FP8)
+    return q, torch.where(valid, s.view(E, M, s.shape[1]), 0.0)
+
+
 @torch.no_grad()   # not differentiable, as the kernels' outputs (docs/api.md)
 def gather_rows_quant_fp8(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor,
                           group_size: int = 128, eps: float = 1e-10):

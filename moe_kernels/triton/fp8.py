@@ -54,15 +54,23 @@ def finite_abs(x):
 def _token_group_kernel(x_ptr, src_ptr, q_ptr, s_ptr, M, N, K, P, stride_xm, stride_qm,
                         stride_sm, stride_sg, eps, GATED: tl.constexpr, GATHER: tl.constexpr,
                         UE8M0: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
-                        SOFTWARE: tl.constexpr):
+                        SOFTWARE: tl.constexpr, MASKED: tl.constexpr = False,
+                        ZERO_FILL: tl.constexpr = True):
     """q[m, g*GROUP + j] from x[m, g*GROUP + j], or from silu(x[m, c]) * x[m, N + c] when
     GATED; N is the width of q. GATHER: row m quantizes x[src[m] // K] instead, and a row
-    whose pair src[m] is outside [0, P) is padding (q and scale 0, nothing read)."""
+    whose pair src[m] is outside [0, P) is padding (q and scale 0, nothing read). MASKED:
+    the rows are groups of K (the masked layout), src the groups' counts (masked_m): row m
+    is live when m % K < src[m // K]; the others are padding too, or with ZERO_FILL False
+    not written."""
     m = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     if GATHER:
         p = tl.load(src_ptr + m, mask=m < M, other=-1).to(tl.int64)
         live = (p >= 0) & (p < P)
         row = tl.where(live, p // K, 0)
+    elif MASKED:
+        count = tl.load(src_ptr + m // K, mask=m < M, other=0)
+        live = (m < M) & (m % K < count)
+        row = m
     else:
         live = m < M
         row = m
@@ -78,11 +86,14 @@ def _token_group_kernel(x_ptr, src_ptr, q_ptr, s_ptr, M, N, K, P, stride_xm, str
         x = x / (1.0 + tl.exp(-x)) * up
     scale = group_scale(tl.max(finite_abs(x), axis=1), eps, UE8M0)
     q = quantize_values(x, scale[:, None], SOFTWARE)
-    if GATHER:   # padding rows are written too: zeros (x was 0), scale 0
-        mask = (m < M)[:, None] & (c < N)[None, :]
+    stored = m < M
+    if GATHER or (MASKED and ZERO_FILL):   # padding rows written: zeros (x was 0), scale 0
+        mask = stored[:, None] & (c < N)[None, :]
         scale = tl.where(live, scale, 0.0)
+    elif MASKED:                           # only the live rows written (mask is theirs)
+        stored = live
     tl.store(q_ptr + m[:, None] * stride_qm + c[None, :], q, mask=mask)
-    tl.store(s_ptr + m * stride_sm + g * stride_sg, scale, mask=m < M)
+    tl.store(s_ptr + m * stride_sm + g * stride_sg, scale, mask=stored)
 
 
 def _rows_per_program(M: int, width: int) -> int:
@@ -92,18 +103,24 @@ def _rows_per_program(M: int, width: int) -> int:
 
 def _token_groups_out(x: torch.Tensor, width: int, group_size: int, eps: float, ue8m0: bool,
                       gated: bool, q: torch.Tensor, s: torch.Tensor,
-                      gather: tuple[torch.Tensor, int, int] | None = None) -> None:
+                      gather: tuple[torch.Tensor, int, int] | None = None,
+                      masked: tuple[torch.Tensor, int, bool] | None = None) -> None:
     """q (M, width) fp8 and s (M, G) float32 (any strides) written from x: row m from x's
     row m, or with gather = (pair_of_row (M,) int32 contiguous, K, P) from x's row
-    pair_of_row[m] // K (padding where the pair is outside [0, P))."""
+    pair_of_row[m] // K (padding where the pair is outside [0, P)), or with masked =
+    (masked_m (E,) contiguous, rows per group L, zero_fill) only the rows m with m % L <
+    masked_m[m // L] (the others padding, or with zero_fill False not written)."""
     M = q.shape[0]
     if M > 0 and width > 0:
         rows = _rows_per_program(M, group_size)
         src, K, P = gather if gather is not None else (x, 1, 0)   # src unread without gather
+        if masked is not None:
+            src, K = masked[0], masked[1]
         _token_group_kernel[(cdiv(M, rows), cdiv(width, group_size))](
             x, src, q.view(_U8), s, M, width, K, P, x.stride(0), q.stride(0), s.stride(0),
             s.stride(1), eps, GATED=gated, GATHER=gather is not None, UE8M0=ue8m0, ROWS=rows,
-            GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING,
+            GROUP=group_size, SOFTWARE=SOFTWARE_ROUNDING, MASKED=masked is not None,
+            ZERO_FILL=masked is None or masked[2],
             num_warps=4 if rows * group_size >= 2048 else 1)
 
 
@@ -154,6 +171,25 @@ def silu_and_mul_quant_fp8(x, group_size, eps=1e-10):
 def silu_and_mul_quant_fp8_out(x, group_size, eps, q, s):
     """silu_and_mul_quant_fp8 into q (M, N) and s (M, G)."""
     _token_groups_out(x, x.shape[1] // 2, group_size, eps, False, True, q, s)
+
+
+def silu_and_mul_quant_fp8_masked_out(x, masked_m, group_size, eps, zero_fill, q, s):
+    """x (E, M, 2N) [gate | up], last dim contiguous, masked_m (E,) int -> into q (E, M, N)
+    and s (E, M, G), contiguous: rows i >= masked_m[e] not read, zeros (zero_fill) or not
+    written."""
+    E, M, two_n = x.shape
+    x2 = x.reshape(E * M, two_n)
+    _token_groups_out(x2, two_n // 2, group_size, eps, False, True, q.view(E * M, q.shape[2]),
+                      s.view(E * M, s.shape[2]), masked=(masked_m.contiguous(), M, zero_fill))
+
+
+def silu_and_mul_quant_fp8_masked(x, masked_m, group_size, eps=1e-10):
+    """silu_and_mul_quant_fp8_masked_out into new q (E, M, N) fp8, s (E, M, G) float32."""
+    E, M, two_n = x.shape
+    q = torch.empty((E, M, two_n // 2), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((E, M, cdiv(two_n // 2, group_size)), dtype=torch.float32, device=x.device)
+    silu_and_mul_quant_fp8_masked_out(x, masked_m, group_size, eps, True, q, s)
+    return q, s
 
 
 @triton.jit
