@@ -211,6 +211,9 @@ def test_silu_and_mul_quant_masked_refusals():
         op(x[0], masked_m=mm)
     with pytest.raises(TypeError, match="zero_fill must be a bool"):
         op(x, masked_m=mm, zero_fill="false")
+    huge = torch.empty(2 ** 15, 2 ** 15 + 1, 2, device="meta")
+    with pytest.raises(ValueError, match="exceed"):
+        op(huge, masked_m=torch.empty(2 ** 15, dtype=torch.int32, device="meta"))
 
 
 @settings(max_examples=30)

@@ -353,6 +353,11 @@ def silu_and_mul_quant_fp8(x: torch.Tensor, group_size: int = 128, *,
     return silu_and_mul_quant_fp8_out_unchecked(backend, x, group_size, q, s)
 
 
+# The masked layout's rows, numbered in int32 by the Triton quantizer (its int64 division
+# spilled under triton 3.6).
+MASKED_MAX_ROWS = 2 ** 30
+
+
 def _check_gated_width(op, x) -> None:
     if x.shape[-1] % 2:
         raise ValueError(f"{op}: x must be [gate | up] with an even width, got shape "
@@ -370,6 +375,9 @@ def _silu_and_mul_quant_masked(op, x, group_size, masked_m, out, zero_fill, back
         raise ValueError(f"{op}: masked_m must have shape ({x.shape[0]},) (x's groups), got "
                          f"{tuple(masked_m.shape)}")
     check_same_device(op, "masked_m", masked_m, "x", x)
+    if x.shape[0] * x.shape[1] > MASKED_MAX_ROWS:
+        raise ValueError(f"{op}: x's rows E * M = {x.shape[0] * x.shape[1]} exceed "
+                         f"{MASKED_MAX_ROWS} (the Triton kernel numbers them in int32)")
     if not zero_fill and out is None:
         raise ValueError(f"{op}: zero_fill=False leaves rows unwritten, so it needs out= "
                          f"(buffers whose other rows the caller owns)")

@@ -68,8 +68,11 @@ def _token_group_kernel(x_ptr, src_ptr, q_ptr, s_ptr, M, N, K, P, stride_xm, str
         live = (p >= 0) & (p < P)
         row = tl.where(live, p // K, 0)
     elif MASKED:
-        count = tl.load(src_ptr + m // K, mask=m < M, other=0)
-        live = (m < M) & (m % K < count)
+        # group and row in it in int32 (ops.fp8.MASKED_MAX_ROWS): the int64 division
+        # spilled under triton 3.6
+        m32 = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        count = tl.load(src_ptr + m32 // K, mask=m < M, other=0)
+        live = (m < M) & (m32 % K < count)
         row = m
     else:
         live = m < M
