@@ -185,6 +185,10 @@ def test_silu_and_mul_quant_masked(device, backend, M, N):
     q8 = q.view(torch.uint8).cpu()
     assert torch.equal(q8[valid], want_q[valid]) and torch.equal(s.cpu()[valid], want_s[valid])
     assert not q8[~valid].any() and not s.cpu()[~valid].any()
+    # x as a column slice of a wider buffer (strided groups and rows): the same bits
+    wide = torch.cat([x, torch.full_like(x[..., :64], float("nan"))], dim=-1)[..., :2 * N]
+    qw, sw = moe_kernels.silu_and_mul_quant_fp8(wide, masked_m=masked_d, backend=backend)
+    assert torch.equal(qw.view(torch.uint8), q.view(torch.uint8)) and torch.equal(sw, s)
     qb = torch.full((E, M, N), 0x7F, dtype=torch.uint8).view(FP8).to(device)
     sb = torch.full(s.shape, float("nan")).to(device)
     got = moe_kernels.silu_and_mul_quant_fp8(x, masked_m=masked_d, out=(qb, sb),

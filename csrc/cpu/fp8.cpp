@@ -121,13 +121,18 @@ void token_groups(const at::Tensor& x, int64_t W, int64_t group, float eps, bool
 // The dtypes token_groups and the block quantizer read (their AT_DISPATCH).
 bool quantizable_dtype(at::ScalarType t) { return simd_dtype(t) || t == at::kDouble; }
 
-// x (M, W), or [gate | up] (M, 2W) when gated; group_size >= 1
-Report check_token_group_input(const at::Tensor& x, int64_t group, bool gated) {
-  MK_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+// x (M, W), or [gate | up] (M, 2W) when gated (masked: (E, M, 2W)); group_size >= 1
+Report check_token_group_input(const at::Tensor& x, int64_t group, bool gated,
+                               bool masked = false) {
+  if (masked) {
+    MK_CHECK_VALUE(x.dim() == 3, "x must be 3-D (E, M, 2N) with masked_m, got ", x.dim(), "-D");
+  } else {
+    MK_CHECK_VALUE(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+  }
   MK_CHECK_TYPE(quantizable_dtype(x.scalar_type()),
                 "x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
-  MK_CHECK_VALUE(!gated || x.size(1) % 2 == 0, "x must be [gate | up] with an even width, got ",
-                 x.size(1));
+  MK_CHECK_VALUE(!gated || x.size(-1) % 2 == 0, "x must be [gate | up] with an even width, got ",
+                 x.size(-1));
   MK_CHECK_VALUE(group >= 1, "group_size must be >= 1, got ", group);
   return {};
 }
@@ -159,12 +164,7 @@ void token_group_out(const at::Tensor& x_in, int64_t W, int64_t group, double ep
 
 // x (E, M, 2W) [gate | up] in the masked layout, masked_m (E,) int32 | int64
 Report check_masked_gated_input(const at::Tensor& x, const at::Tensor& masked_m, int64_t group) {
-  MK_CHECK_VALUE(x.dim() == 3, "x must be 3-D (E, M, 2N) with masked_m, got ", x.dim(), "-D");
-  MK_CHECK_TYPE(quantizable_dtype(x.scalar_type()),
-                "x must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
-  MK_CHECK_VALUE(x.size(2) % 2 == 0, "x must be [gate | up] with an even width, got ",
-                 x.size(2));
-  MK_CHECK_VALUE(group >= 1, "group_size must be >= 1, got ", group);
+  MK_CHECK(check_token_group_input(x, group, true, true));
   MK_CHECK_VALUE(masked_m.dim() == 1 && masked_m.size(0) == x.size(0),
                  "masked_m must have shape (", x.size(0), ",), got ", masked_m.sizes());
   MK_CHECK_TYPE(index_dtype(masked_m.scalar_type()), "masked_m must be int32 or int64, got ",

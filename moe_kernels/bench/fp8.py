@@ -20,6 +20,7 @@ from moe_kernels._common import FP8
 from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
 from moe_kernels.ops import fp8 as ops
 from moe_kernels.reference import fp8 as reference
+from moe_kernels.reference.permute import valid_rows
 
 H, INTER, GROUP = 7168, 2048, 128
 
@@ -99,7 +100,7 @@ def _masked_silu(device, backends, gen) -> list[Result]:
     timed += [(f"{b}-all-rows", lambda i, b=b: tuple(
         t.view(E, M, -1) for t in ops.silu_and_mul_quant_fp8(y[i].flatten(0, 1), backend=b)))
         for b in backends]
-    rows = (torch.arange(M, device=device)[None, :] < masked[:, None])
+    rows = valid_rows(masked, M)
     want = reference.silu_and_mul_quant_fp8(y[0][rows])
     nbytes = valid * (2 * INTER * 2 + INTER + (INTER // GROUP) * 4)
     return measure("silu_and_mul_quant_fp8", case, device, timed, nbytes, n_sets,

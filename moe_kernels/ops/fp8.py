@@ -19,6 +19,7 @@ from moe_kernels._validate import (check_bool, check_float_tensor, check_fp8,
                                    check_last_dim_contiguous, check_out, check_same_device,
                                    check_scales, check_tensor)
 from moe_kernels.reference import fp8 as reference
+from moe_kernels.reference.permute import valid_rows
 
 # --- schemas and fakes -----------------------------------------------------------------------
 
@@ -249,8 +250,7 @@ def silu_and_mul_quant_fp8_masked_out_unchecked(backend, x, masked_m, group_size
     if backend == "reference":
         result = reference.silu_and_mul_quant_fp8_masked(x, masked_m, group_size)
         if not zero_fill:
-            keep = (torch.arange(x.shape[1], device=x.device)[None, :]
-                    < masked_m.long()[:, None])[..., None]
+            keep = valid_rows(masked_m, x.shape[1])[..., None]
             result = (torch.where(keep, result[0].view(torch.uint8), q.view(torch.uint8))
                       .view(FP8), torch.where(keep, result[1], s))
         _copy_pair((q, s), result)

@@ -18,6 +18,7 @@ from moe_kernels._validate import (all_strided, autodiff_possible, check_bool,
                                    check_forward_only, check_fp8, check_last_dim_contiguous,
                                    check_out, check_same_device, check_scales, check_tensor)
 from moe_kernels.reference import grouped_gemm as reference
+from moe_kernels.reference.permute import valid_rows
 
 
 def _fake_contiguous(a, a_scales, b, b_scales, m_indices, out_dtype):
@@ -164,7 +165,7 @@ def grouped_gemm_fp8_masked_out_unchecked(backend, a, a_scales, b, b_scales, mas
         result = reference.grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m,
                                                    out.dtype)
         if not zero_fill:
-            result = torch.where(reference.valid_rows(masked_m, a.shape[1])[..., None],
+            result = torch.where(valid_rows(masked_m, a.shape[1])[..., None],
                                  result, out)
         out.copy_(result)
     else:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_kernels._common import FP8, FP8_MAX, cdiv
-from moe_kernels.reference.permute import gather_rows
+from moe_kernels.reference.permute import gather_rows, valid_rows
 
 
 
@@ -118,7 +118,7 @@ def silu_and_mul_quant_fp8_masked(x: torch.Tensor, masked_m: torch.Tensor,
     scale 0)."""
     E, M, two_n = x.shape
     q, s = silu_and_mul_quant_fp8(x.reshape(E * M, two_n), group_size, eps)
-    valid = (torch.arange(M, device=x.device)[None, :] < masked_m.long()[:, None])[..., None]
+    valid = valid_rows(masked_m, M)[..., None]
     q = torch.where(valid, q.view(E, M, q.shape[1]).view(torch.uint8), 0).view(FP8)
     return q, torch.where(valid, s.view(E, M, s.shape[1]), 0.0)
 

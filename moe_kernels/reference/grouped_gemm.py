@@ -12,6 +12,7 @@ import torch
 
 from moe_kernels._common import without_autocast
 from moe_kernels.reference.fp8 import dequantize_fp8_block, dequantize_per_token_group
+from moe_kernels.reference.permute import valid_rows
 
 
 @without_autocast
@@ -42,9 +43,3 @@ def grouped_gemm_fp8_masked(a, a_scales, b, b_scales, masked_m, out_dtype=torch.
     b32 = dequantize_fp8_block(b, b_scales, dtype=torch.float32)
     out = torch.bmm(a32.view(E, M, K), b32.transpose(1, 2))
     return torch.where(valid_rows(masked_m, M)[..., None], out, 0.0).to(out_dtype)
-
-
-def valid_rows(masked_m, M: int):
-    """masked_m (E,) int -> (E, M) bool: row i of group e is below masked_m[e] (no host
-    read of masked_m)."""
-    return torch.arange(M, device=masked_m.device)[None, :] < masked_m.long()[:, None]

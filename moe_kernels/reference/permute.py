@@ -118,6 +118,12 @@ def masked_index(topk_ids: torch.Tensor, index, num_experts: int, max_tokens: in
     return (torch.clamp(counts, max=M).int(), counts, rows.int(), pair_of_row[:E * M].int())
 
 
+def valid_rows(masked_m: torch.Tensor, M: int) -> torch.Tensor:
+    """masked_m (E,) int -> (E, M) bool: row i of group e of the masked layout is below
+    masked_m[e] (no host read of masked_m)."""
+    return torch.arange(M, device=masked_m.device)[None, :] < masked_m.long()[:, None]
+
+
 def permute_masked(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
                    max_tokens: int, scales: torch.Tensor | None):
     """-> (permuted (E, M, H), permuted scales (E, M, S) or None, masked_index's tuple)."""

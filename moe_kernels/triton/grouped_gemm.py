@@ -49,7 +49,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
 from moe_kernels.configs.grouped_gemm import gemm_config
-from moe_kernels.reference.grouped_gemm import valid_rows
+from moe_kernels.reference.permute import valid_rows
 from moe_kernels.triton.launch import cached_launch, configure
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, fp8_e4m3_value, round_for_store
 
@@ -410,11 +410,10 @@ def grouped_gemm_fp8_masked_out(a, a_scales, b, b_scales, masked_m, zero_fill, o
     N = b.shape[1]
     if E * M == 0 or N == 0:
         return
-    if K == 0:     # every valid row an empty sum (see _zero_when_k_is_0)
-        if zero_fill:
-            out.zero_()
-        else:
-            out.masked_fill_(valid_rows(masked_m, M)[..., None], 0)
+    if K == 0 and not zero_fill:   # the valid rows' empty sums, the others kept
+        out.masked_fill_(valid_rows(masked_m, M)[..., None], 0)
+        return
+    if _zero_when_k_is_0(out, K):
         return
     a2 = a.reshape(E * M, K)
     s2 = a_scales.reshape(E * M, a_scales.shape[2])
