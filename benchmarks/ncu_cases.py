@@ -5,7 +5,8 @@ limits a kernel that misses its goal (memory or compute throughput, occupancy).
 Run by `STAGES="build ncu" bash benchmarks/gpu_check.sh`, i.e.
   ncu --profile-from-start off --section SpeedOfLight --section Occupancy --csv \\
       python3 benchmarks/ncu_cases.py [case ...]
-cases: gating permute quant gemm1 gemm2 masked mla fused (default: all).
+cases: gating permute quant gemm1 gemm1-ws gemm2 gemm2-ws masked mla fused (default:
+all).
 `--smoke`: the same calls at small sizes on the CPU backend, no profiler (a test runs it).
 """
 
@@ -16,6 +17,7 @@ import sys
 import torch
 
 import moe_kernels
+from moe_kernels.configs import grouped_gemm as configs
 
 # (T tokens, E experts, top-k, H hidden, I expert width, GEMM rows per expert, masked E and
 # M, MLA tokens and heads): the goal shapes on the GPU, small ones for --smoke.
@@ -60,6 +62,9 @@ def cases(device: str, backend: str, d: dict) -> dict:
         m = torch.arange(8, device=device, dtype=torch.int32).repeat_interleave(d["rows"])
         out[name] = lambda a=a, a_s=a_s, b=b, b_s=b_s, m=m: moe_kernels.grouped_gemm_fp8(
             a, a_s, b, b_s, m, **run)
+        # the same call on the warp-specialised kernel (configs/grouped_gemm.py `ws`)
+        out[f"{name}-ws"] = lambda call=out[name], dev=a.device: configs.with_table(
+            configs.with_ws(configs.table_in_force(dev)), call)
     mE, mM = d["mE"], d["mM"]
     a, a_s = activations(mE * mM, H)
     b, b_s = fp8_weights(mE, 2 * I, H)

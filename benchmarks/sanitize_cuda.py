@@ -9,7 +9,8 @@ the sanitizer's report, a wrong result here.
   lengths past the table (the unchecked CUDA-graph path: they must read nothing out of
   bounds and write zeros for such tokens);
 - the grouped GEMM ops again with every tile through TMA descriptors (the `tma` tile
-  configs; TMA reads whole tiles, out of bounds included, which the hardware fills);
+  configs; TMA reads whole tiles, out of bounds included, which the hardware fills), and
+  the contiguous one on its warp-specialised kernel (`ws`);
 - one DeepseekV3MoE forward (fused shared expert, unpermute into the sum).
 
 Usage: python3 benchmarks/sanitize_cuda.py   (a line per op and backend; exit 1 on a mismatch)
@@ -29,8 +30,8 @@ from moe_kernels import _library, testing
 
 def check_ops(device: str = "cuda", backends=("triton", "cuda"), ops=None,
               tiles: str | None = None) -> int:
-    """Each op's edge cases on each backend against the reference. tiles="tma": under the
-    grouped GEMMs' TMA table (every tile through TMA descriptors)."""
+    """Each op's edge cases on each backend against the reference; tiles: under a tile
+    variant of the grouped GEMMs (`_with_tiles`)."""
     failures = 0
     for op in ops or testing.ops():
         for backend in backends:
@@ -39,7 +40,7 @@ def check_ops(device: str = "cuda", backends=("triton", "cuda"), ops=None,
                 getattr(moe_kernels, op), backend=backend), preset="edge", device=device,
                 raise_on_failure=False)
             try:
-                report = check() if tiles is None else _with_tma_tiles(device, check)
+                report = check() if tiles is None else _with_tiles(device, check, tiles)
             except _library.BackendUnavailableError:
                 continue
             ok = report.passed and not report.skipped
@@ -52,9 +53,14 @@ def check_ops(device: str = "cuda", backends=("triton", "cuda"), ops=None,
     return failures
 
 
-def _with_tma_tiles(device: str, fn):
+def _with_tiles(device: str, fn, tiles: str):
+    """fn() under the grouped GEMMs' `tiles` variant: "tma" (every tile through TMA
+    descriptors) or "ws" (the contiguous GEMM on the warp-specialised kernel)."""
     from moe_kernels.configs import grouped_gemm as configs
-    return configs.with_table(configs.tma_table(torch.device(device)), fn)
+    dev = torch.device(device)
+    table = (configs.tma_table(dev) if tiles == "tma"
+             else configs.with_ws(configs.table_in_force(dev)))
+    return configs.with_table(table, fn)
 
 
 def check_mla_paged_out_of_range(device: str = "cuda") -> int:
@@ -117,6 +123,7 @@ def main() -> int:
         return 2
     from moe_kernels.bench.launches import TMA_OPS
     failures = (check_ops() + check_ops(backends=("triton",), ops=TMA_OPS, tiles="tma")
+                + check_ops(backends=("triton",), ops=("grouped_gemm_fp8",), tiles="ws")
                 + check_mla_paged_out_of_range() + check_layer())
     print(f"sanitize_cuda: {failures} failure(s)")
     return 1 if failures else 0

@@ -6,7 +6,7 @@ candidate (CUDA graph over the call, median) on a DeepSeek-V3 shape of that buck
 keeps the fastest. Graph timing leaves host time out: TMA tiles cost ~10 us more of it
 per eager call than pointer tiles (docs/fp8.md), which a CUDA-graph decode never pays.
 Usage on the GPU machine: python3 benchmarks/tune_grouped_gemm.py
-[--quick] [--out PATH]. --quick: 8-11 configs per bucket, 29 per kind, each compiled
+[--quick] [--out PATH]. --quick: 8-12 configs per bucket, 29-32 per kind, each compiled
 once and timed at both shapes: about 3 minutes, most of it compiling; the full sweep
 (105-120 per bucket) wants a call of its own.
 """
@@ -30,11 +30,15 @@ SHAPES = [(4096, 7168), (7168, 2048)]    # (N, K): GEMM1, GEMM2
 E = 8
 
 
-def candidates(bucket, quick):
+def candidates(bucket, quick, kind="contiguous"):
     """Tile configs for a bucket; each with operands through pointers (cp.async) and
     through TMA descriptors, and the 8-warp TMA tiles of at most 64 x 128 also capped at
-    128 registers (2 blocks per SM; they compile without spills, docs/fp8.md).
+    128 registers (2 blocks per SM; they compile without spills, docs/fp8.md); for the
+    contiguous kind also the warp-specialised kernel (`ws`: its own 128 x 128 tile; the
+    bucket's fields are the tile of operands it cannot read).
     --quick: 8 warps from 64 rows up (4 warps spill there), 4 stages."""
+    if kind == "contiguous":
+        yield {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "ws": True}
     bms = [16, 32] if bucket == 16 else [32, 64] if bucket == 64 else [64, 128]
     bns = [64, 128] if quick else [32, 64, 128, 256]
     stages = [4] if quick else [3, 4, 5]
@@ -84,7 +88,7 @@ def main():
         for bucket in BUCKETS:
             rows = ROWS_OF_BUCKET[bucket]
             best = None
-            for cfg in candidates(bucket, args.quick):
+            for cfg in candidates(bucket, args.quick, kind):
                 total = 0.0
                 for N, K in SHAPES:
                     total += time_config(operands(kind, rows, N, K), cfg)

@@ -139,6 +139,21 @@ def with_tma(params: list) -> list:
                      for p in params if p.values[1] == "triton"]
 
 
+WS = "triton-ws"
+HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
+
+
+def with_ws(params: list) -> list:
+    """params plus (cuda, "triton-ws"): the triton backend with every contiguous
+    grouped-GEMM bucket on the warp-specialised Gluon kernel (configs/grouped_gemm.py
+    `with_ws`). Gluon has no interpreter, so it runs on an sm_90 GPU only; elsewhere the
+    param is listed, skipped with the reason."""
+    reason = None if HAS_SM90 else ("no CUDA device" if not HAS_CUDA else "not an sm_90 GPU")
+    marks = [pytest.mark.skip(reason=f"{reason}: the ws kernel is Gluon for sm_90, "
+                              "which has no interpreter")] if reason else []
+    return params + [pytest.param("cuda", WS, marks=marks, id="cuda-triton-ws")]
+
+
 def outcome(call):
     """(call(), None), or (None, the type of the ValueError / TypeError / RuntimeError it
     raised): for comparing two calls that may both refuse their inputs."""
@@ -150,13 +165,15 @@ def outcome(call):
 
 def call_backend(fn, *args, backend: str, **kwargs):
     """fn(*args, backend=backend, **kwargs); "triton-tma" runs backend="triton" under the
-    TMA variant of the tile table in force on the first tensor argument's device."""
-    if backend != TMA:
+    TMA variant of the tile table in force on the first tensor argument's device,
+    "triton-ws" under its warp-specialised variant."""
+    if backend not in (TMA, WS):
         return fn(*args, backend=backend, **kwargs)
     from moe_kernels.configs import grouped_gemm as configs
     device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-    return configs.with_table(configs.tma_table(device),
-                              lambda: fn(*args, backend="triton", **kwargs))
+    table = (configs.tma_table(device) if backend == TMA
+             else configs.with_ws(configs.table_in_force(device)))
+    return configs.with_table(table, lambda: fn(*args, backend="triton", **kwargs))
 
 
 def non_strided(t: torch.Tensor):

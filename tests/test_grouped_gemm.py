@@ -12,7 +12,7 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 
 from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, big_memory_devices, calc_diff, call_backend,
-                     device_backend_params, poison_allocator, with_tma, TMA)
+                     device_backend_params, poison_allocator, with_tma, with_ws, TMA, WS)
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -62,7 +62,7 @@ CONTIGUOUS = [  # (counts per expert, align, N, K): why
 ]
 
 
-@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("device,backend", with_ws(with_tma(device_backend_params(BACKENDS))))
 @pytest.mark.parametrize("counts,align,N,K", CONTIGUOUS)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_contiguous(device, backend, counts, align, N, K, out_dtype):
@@ -81,7 +81,7 @@ def test_contiguous(device, backend, counts, align, N, K, out_dtype):
     assert not out.float().isnan().any()
 
 
-@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("device,backend", with_ws(with_tma(device_backend_params(BACKENDS))))
 def test_contiguous_any_row_order(device, backend):
     """m_indices need not be sorted: rows of several experts interleave inside a tile."""
     g = torch.Generator().manual_seed(11)
@@ -180,14 +180,16 @@ def test_shapes_with_nothing_to_sum(device, backend):
 
 @settings(max_examples=25)
 @given(data=st.data())
-@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(("triton", "cpu"))))
+@pytest.mark.parametrize("device,backend",
+                         with_ws(with_tma(device_backend_params(("triton", "cpu")))))
 def test_property_random(device, backend, data):
     E = data.draw(st.integers(1, 6))
     counts = [data.draw(st.integers(0, 40)) for _ in range(E)]
     align = data.draw(st.sampled_from([1, 16, 32]))
     N = data.draw(st.integers(1, 260))
     # TMA reads rows of a multiple of 16 bytes only (other K load through pointers)
-    K = data.draw(st.integers(1, 300) if backend != TMA else st.integers(1, 19).map(lambda k: 16 * k))
+    K = data.draw(st.integers(1, 300) if backend not in (TMA, WS)
+                  else st.integers(1, 19).map(lambda k: 16 * k))
     m = contiguous_m_indices(counts, align).to(device)
     a, a_s = make_rows(m.shape[0], K, seed=data.draw(st.integers(0, 99)), device=device)
     b, b_s = make_weights(E, N, K, seed=data.draw(st.integers(0, 99)), device=device)
@@ -442,7 +444,7 @@ def _reached(what, R, N, row, expert, expert_of_row):
     return mask
 
 
-@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("device,backend", with_ws(with_tma(device_backend_params(BACKENDS))))
 @pytest.mark.parametrize("masked", [False, True], ids=["contiguous", "masked"])
 @pytest.mark.parametrize("what,value", NON_FINITE, ids=[f"{w}-{v}" for w, v in NON_FINITE])
 def test_non_finite_input_reaches_exactly_its_outputs(device, backend, masked, what, value):
@@ -496,6 +498,23 @@ def test_tma_only_where_the_operands_allow_it(K, column, want):
     assert _operands(cfg, a, b)[2] is want
     assert _operands(dict(cfg, tma=False), a, b)[2] is False
     assert _operands({"BLOCK_M": 16, "BLOCK_N": 64}, a, b)[2] is False
+
+
+def test_ws_only_where_the_operands_allow_it():
+    """The warp-specialised kernel reads a and b through 2-D TMA descriptors, b as one
+    (E * N, K) matrix: other operands (and the interpreter, and a GPU without wgmma) run
+    the bucket's own tile instead of failing."""
+    from moe_kernels.triton.grouped_gemm import _ws_operands, _ws_ready
+    a = torch.zeros(32, 352, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(2, 3, 64, 352, dtype=torch.float8_e4m3fn)
+    assert _ws_operands(a[:, :336], b[0, :, :, :336])
+    a300 = torch.zeros(32, 300, dtype=torch.float8_e4m3fn)      # rows 300 bytes apart
+    assert not _ws_operands(a300, torch.zeros(3, 64, 300, dtype=torch.float8_e4m3fn))
+    assert not _ws_operands(a[:, 8:344], b[0, :, :, :336])       # base 8 bytes in
+    assert not _ws_operands(a[:, :336], b[:, 0, :, :336])        # experts 3 x 64 rows apart
+    assert not _ws_operands(a[:, :336], b[0, :, :32, :336])      # 32 of each expert's 64 rows
+    assert _ws_operands(a[:, :336], b[0, :, :, :336].contiguous())
+    assert not _ws_ready(a[:, :336], b[0, :, :, :336])           # the CPU has no wgmma
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(("triton",)))

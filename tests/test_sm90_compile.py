@@ -70,14 +70,20 @@ def test_every_launched_kernel_has_a_compile_case(reports, triton_path):
     assert meta["uncalled_helpers"] == []
 
 
+# The grouped GEMMs' operands reach shared memory by cp.async or TMA, not LDG; their
+# epilogue writes up to 470 MB per prefill call (GEMM2's bf16 out).
+_WIDE_STORES = ("_contiguous_kernel", "_segments_kernel", "_masked_kernel",
+                "_ws_contiguous_kernel")
+
+
 @pytest.mark.parametrize("triton_path", VERSIONS)
 def test_fp8_gemm_tiles_are_wgmma_from_shared_memory(reports, triton_path):
     """Every grouped-GEMM launch (decode tiles included: they swap A and B) runs fp8 wgmma
-    with both operands copied global -> shared asynchronously, never through registers."""
+    with both operands copied global -> shared asynchronously (cp.async, TMA, or TMA by
+    the warp-specialised kernel's producer partition), never through registers."""
     _, _, report = _report(reports, triton_path)
-    gemms = [r for r in report["launches"]
-             if r["kernel"] in ("_contiguous_kernel", "_segments_kernel", "_masked_kernel")]
-    assert len(gemms) >= 20
+    gemms = [r for r in report["launches"] if r["kernel"] in _WIDE_STORES]
+    assert len(gemms) >= 20 and {r["kernel"] for r in gemms} == set(_WIDE_STORES)
     for r in gemms:
         assert r["dots"], r["case"]
         for d in r["dots"]:
@@ -94,11 +100,6 @@ _WIDE_ACCESS = {"_gather_rows_kernel": ("D=7168",), "_unpermute_kernel": ("H=716
                 "_token_group_kernel": ("M=16384", "gathered R=4096"),
                 "_block_quant_kernel": ("7168x2048",), "_block_dequant_kernel": ("7168x2048",),
                 "_decompress_kernel": ("T=8192",)}
-
-
-# The grouped GEMMs' operands reach shared memory by cp.async or TMA, not LDG; their
-# epilogue writes up to 470 MB per prefill call (GEMM2's bf16 out).
-_WIDE_STORES = ("_contiguous_kernel", "_segments_kernel", "_masked_kernel")
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)

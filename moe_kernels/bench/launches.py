@@ -81,6 +81,10 @@ def stub_launches(sink: list | None = None):
     from triton.runtime.driver import driver
 
     from moe_kernels import _library
+    from moe_kernels.triton.launch import package_globals
+    # the kernels' modules read the interpreter flag once, at import: imported here first,
+    # they compile what a GPU runs, not the interpreter's software paths
+    list(package_globals())
     saved = (driver._active, _library.triton_interpreting, dict(_library._RESOLVED))
     _DRIVER.sink = sink
     driver.set_active(_DRIVER)
@@ -100,7 +104,7 @@ def _comparable(arg):
         return ("tensor", arg.dtype, tuple(arg.shape), arg.stride(), arg.data_ptr() & 15)
     if type(arg).__name__ == "TensorDescriptor":
         return ("tensordesc", _comparable(arg.base), tuple(arg.shape), tuple(arg.strides),
-                tuple(arg.block_shape), arg.padding)
+                tuple(arg.block_shape), arg.padding, getattr(arg, "layout", None))
     return arg
 
 
@@ -171,15 +175,14 @@ def check_all(select: str | None = None,
 TMA_OPS = ("grouped_gemm_fp8", "grouped_gemm_fp8_masked", "fused_moe_fp8")
 
 
-def check_tma(select: str | None = None) -> tuple[int, int, list[str]]:
-    """check_case over the edge cases of the grouped-GEMM ops with every tile config
-    loading through TMA descriptors (configs.grouped_gemm.tma_table); each op must
-    launch a descriptor in at least one case, or the variant went unchecked."""
+def _check_under_table(ops, table, what: str, select: str | None):
+    """check_case over the edge cases of each of `ops` with the grouped-GEMM tile table
+    `table` in force; each op must launch a TMA descriptor in at least one case, or the
+    variant (`what`) went unchecked."""
     from moe_kernels import testing
     from moe_kernels.configs import grouped_gemm as configs
     runs, launches, problems = 0, 0, []
-    table = configs.tma_table(torch.device("cpu"))
-    for op in TMA_OPS:
+    for op in ops:
         if select and select not in op:
             continue
         seen: list = []
@@ -187,8 +190,27 @@ def check_tma(select: str | None = None) -> tuple[int, int, list[str]]:
             n, found = configs.with_table(table, check_case, op, case, seen)
             runs, launches, problems = runs + 1, launches + n, problems + found
         if not any(type(a) is tuple and a[0] == "tensordesc" for args in seen for a in args):
-            problems.append(f"{op}: no launch through TMA descriptors under the TMA table")
+            problems.append(f"{op}: no launch through TMA descriptors under the {what} table")
     return runs, launches, problems
+
+
+def check_tma(select: str | None = None) -> tuple[int, int, list[str]]:
+    """The grouped-GEMM ops with every tile config loading through TMA descriptors
+    (configs.grouped_gemm.tma_table)."""
+    from moe_kernels.configs import grouped_gemm as configs
+    return _check_under_table(TMA_OPS, configs.tma_table(torch.device("cpu")), "TMA", select)
+
+
+def check_ws(select: str | None = None) -> tuple[int, int, list[str]]:
+    """The contiguous GEMM on its warp-specialised kernel (configs.grouped_gemm.with_ws),
+    the CPU tensors taken for an sm_90 device's, which the stand-in driver compiles for."""
+    from unittest import mock
+
+    from moe_kernels.configs import grouped_gemm as configs
+    from moe_kernels.triton import grouped_gemm as gemm
+    table = configs.with_ws(configs.table_in_force(torch.device("cpu")))
+    with mock.patch.object(gemm, "_runs_wgmma", lambda device: True):
+        return _check_under_table(("grouped_gemm_fp8",), table, "ws", select)
 
 
 def uncached_kernels() -> list[str]:
@@ -209,8 +231,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import triton
     runs, launches, problems = check_all(args.select, args.every_case)
-    tma_runs, tma_launches, tma_problems = check_tma(args.select)
-    runs, launches, problems = runs + tma_runs, launches + tma_launches, problems + tma_problems
+    for check in (check_tma, check_ws):
+        more_runs, more_launches, more_problems = check(args.select)
+        runs, launches, problems = (runs + more_runs, launches + more_launches,
+                                    problems + more_problems)
     problems += [f"{k}: launched without @cached_launch" for k in uncached_kernels()]
     for p in problems:
         print(p)

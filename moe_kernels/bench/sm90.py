@@ -168,13 +168,14 @@ def _jit_functions():
 
 
 def uncalled_helpers() -> set[str]:
-    """JIT helpers (not `*_kernel`) that no other JIT function calls: a kernel launched
-    under another name would hide from the gate, so there must be none."""
+    """JIT helpers (not `*_kernel`) that no other JIT function calls or hands to
+    `gl.warp_specialize` as a partition (`(name, (args))`): a kernel launched under
+    another name would hide from the gate, so there must be none."""
     functions = list(_jit_functions())
     sources = {name: inspect.getsource(fn.fn) for name, fn in functions}
     return {name for name, _ in functions if not name.endswith("_kernel")
-            and not any(re.search(rf"\b{name}\(", src) for other, src in sources.items()
-                        if other != name)}
+            and not any(re.search(rf"\b{name}\(|\({name}, \(", src)
+                        for other, src in sources.items() if other != name)}
 
 
 # --- reading the compiled code ---------------------------------------------------------------
@@ -229,8 +230,9 @@ def _mainloop(ttgir: str) -> str:
     return min(with_dot, key=len) if with_dot else ""
 
 
-def _operand_path(loop: str) -> str:
-    """How the main loop's dot operands reach shared memory."""
+def _operand_path(loop: str, ttgir: str = "") -> str:
+    """How the main loop's dot operands reach shared memory (in a warp-specialised
+    kernel, the copies may be another partition's)."""
     paths = []
     if "async_tma_copy_global_to_local" in loop or "tt.descriptor_load" in loop:
         paths.append("TMA")
@@ -238,6 +240,8 @@ def _operand_path(loop: str) -> str:
         paths.append("cp.async")
     if re.search(r"ttg\.local_alloc %|ttg\.local_store ", loop):
         paths.append("registers")
+    if not paths and "ttg.warp_specialize" in ttgir and "async_tma_copy_global_to_local" in ttgir:
+        paths.append("TMA by a producer partition")
     return "+".join(paths) or "-"
 
 
@@ -321,7 +325,7 @@ def analyse(launch: Launch) -> dict:
         shared=int(k.metadata.shared),
         num_warps=k.metadata.num_warps, num_stages=k.metadata.num_stages,
         dots=[dataclasses.asdict(d) for d in _dots(ttgir)],
-        operand_path=_operand_path(loop) if loop else "-",
+        operand_path=_operand_path(loop, ttgir) if loop else "-",
         loop_waits=waits,
         tma="cp.async.bulk.tensor" in ptx,
         sass_loop=_sass_mainloop(sass) if loop else None,

@@ -16,6 +16,10 @@ base and strides; else the same tile loads through pointers). `maxnreg` (optiona
 cap on registers per thread; 128 lets two 8-warp blocks share an SM (65536 registers),
 which the 64x128 and 128x64 TMA tiles reach without spilling (sm_90a report).
 
+`ws` (optional, contiguous kind, default false): the bucket runs the warp-specialised
+Gluon kernel (triton/grouped_gemm.py; a 128 x 128 tile whatever the bucket's, sm_90
+only) where the operands allow TMA, else the bucket's own tile.
+
 Without a file for the device, `DEFAULTS` apply (chosen from the sm_90a compile report,
 not yet timed: docs/fp8.md). A tile of BLOCK_M < 64 runs with A and B swapped
 (triton/grouped_gemm.py). Under the Triton interpreter the tile size only changes the run
@@ -84,7 +88,8 @@ def all_tables() -> dict[str, dict]:
     """Every config table an op can pick from: "defaults", their TMA variants (what the
     tuner weighs against them) and each tuned device file."""
     tables = {"defaults": DEFAULTS, "defaults+tma": with_tma(DEFAULTS),
-              "defaults+tma+maxnreg128": with_tma(DEFAULTS, maxnreg=128)}
+              "defaults+tma+maxnreg128": with_tma(DEFAULTS, maxnreg=128),
+              "defaults+ws": with_ws(DEFAULTS)}
     for path in sorted(CONFIG_DIR.glob("*.json")):
         configs = json.loads(path.read_text())["configs"]
         tables[path.stem] = {kind: configs.get(kind, DEFAULTS[kind]) for kind in KINDS}
@@ -123,6 +128,11 @@ def with_tma(table: dict, maxnreg: int | None = None) -> dict:
         fits = b["num_warps"] == 8 and b["BLOCK_M"] * b["BLOCK_N"] <= 64 * 128
         return dict(b, tma=True, **({"maxnreg": maxnreg} if maxnreg and fits else {}))
     return {kind: [variant(b) for b in buckets] for kind, buckets in table.items()}
+
+
+def with_ws(table: dict) -> dict:
+    """table with every contiguous bucket on the warp-specialised kernel."""
+    return dict(table, contiguous=[dict(b, ws=True) for b in table["contiguous"]])
 
 
 def tma_table(device: torch.device) -> dict:

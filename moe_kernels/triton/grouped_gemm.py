@@ -34,6 +34,12 @@ Hopper code shape (read in the sm_90a compile report, docs/fp8.md):
   after the K loop, for pointer loads too: a masked row's scale of 0 times a NaN or inf
   weight scale is NaN). Operands a descriptor cannot describe (rows not a
   multiple of 16 bytes, unaligned base) load through pointers.
+- A contiguous config with `ws` runs `_ws_contiguous_kernel` instead, a Gluon kernel
+  for sm_90 written as DeepGEMM's structure: one producer warp issues the TMA copies of
+  a 128 x 128 tile's operands into a ring of WS_STAGES shared buffers, and two consumer
+  warp groups (64 rows each, partitions of their own) run wgmma on them and promote the
+  products by their scales; while one group promotes, the other's wgmma runs, which one
+  partition of two warp groups waiting on the same barrier cannot do (docs/fp8.md).
 Tile configs: configs/grouped_gemm.py.
 """
 
@@ -45,6 +51,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_kernels._common import SCALE_BLOCK, cdiv, next_power_of_2
@@ -113,7 +124,8 @@ def _promoted_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows, row_ok, row0, e, n0, N, K
                    TMA: tl.constexpr, SOFTWARE: tl.constexpr):
     """sum over K blocks of dot(a[rows, kb], b[e, n, kb].T) * a_s[rows, kb] * b_s[e, n//128, kb]
     as a (BLOCK_M, BLOCK_N) float32 tile, n = n0 + [0, BLOCK_N); rows with row_ok false
-    and columns n >= N hold no result (the caller stores them as zeros, or not at all). SWAP_AB computes the transposed tile (weights on the M side).
+    and columns n >= N hold no result (the caller stores them as zeros, or not at all).
+    SWAP_AB computes the transposed tile (weights on the M side).
     TMA: a_ptr and b_ptr are TMA descriptors of a (R, K) and b (E, N, K), and the tile's
     rows are row0 + [0, BLOCK_M) (rows == row0 + arange where row_ok)."""
     n = n0 + tl.arange(0, BLOCK_N)
@@ -283,6 +295,213 @@ def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
     _store_tile(out_ptr, acc, rows, row_ok, n0 + tl.arange(0, BLOCK_N), N, stride_om, SOFTWARE)
 
 
+# --- the warp-specialised contiguous kernel (Gluon, sm_90) -------------------------------
+# Partitions: the default one is the first consumer warp group (rows 0-63 of the tile), a
+# 4-warp worker the second (rows 64-127), a 1-warp worker the producer. They walk the same
+# (expert, K block) sequence, so stage s = i % WS_STAGES and its phase agree without
+# messages: `ready[s]` completes when the producer's three TMA copies have landed,
+# `empty[s]` when both consumers' wgmma reads of it are done (count 2).
+
+WS_M = gl.constexpr(64)             # rows of one consumer warp group (one wgmma M side)
+WS_BLOCK_N = 128                    # columns of a tile: one weight scale per K block
+WS_STAGES = {2: 6, 4: 5}            # per output element size (bytes): stages of 32 KB beside
+#                                     the epilogue's layout conversion, within 227 KB
+WS_CONSUMER_REGS = 232              # the second consumer's registers (setmaxnreg); the
+#                                     producer takes 24 and the default partition the rest
+#                                     of 168 x 12 warps: 248 (compiled, triton 3.6 and 3.9)
+# triton 3.9 renamed TMA's global -> shared copy
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def _ws_producer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N, e_lo,
+                 e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm, stride_ask,
+                 stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, OUT_VEC: gl.constexpr):
+    """Copies, for each expert of the tile and K block, a's two 64-row halves and b's
+    BLOCK_N rows (of b viewed as (E * N, K)) into the next free stage. Out-of-bounds rows
+    and columns land as zeros and count toward the stage's bytes."""
+    i = 0
+    for e in range(e_lo, e_hi + 1):
+        for kb in range(num_kb):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)   # a fresh barrier: free
+            bar = ready.index(s)
+            mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            k0 = kb * 128
+            _tma_load(a_desc, [row0, k0], bar, a0_bufs.index(s))
+            _tma_load(a_desc, [row0 + WS_M, k0], bar, a1_bufs.index(s))
+            _tma_load(b_desc, [e * N + n0, k0], bar, b_bufs.index(s))
+            i += 1
+
+
+@gluon.jit
+def _ws_store(out_ptr, tile, row0, n0, N, R, E, m_ptr, stride_om, expert,
+              OUT_VEC: gl.constexpr, ZEROS: gl.constexpr):
+    """Stores tile (64, BLOCK_N) float32 to the rows row0 + [0, 64) whose m_indices is
+    `expert` (ZEROS: to those without an expert), in OUT_VEC-element (16-byte) stores:
+    the wgmma layout holds 2 adjacent elements a thread, so the tile goes through a
+    layout conversion first."""
+    BLOCK_N: gl.constexpr = tile.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, OUT_VEC], [32 * OUT_VEC // BLOCK_N,
+                                                           BLOCK_N // OUT_VEC], [4, 1], [1, 0])
+    rows = (row0 + gl.arange(0, WS_M, layout=gl.SliceLayout(1, layout))).to(gl.int64)
+    n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+    in_range = rows < R
+    m = gl.load(m_ptr + rows, mask=in_range, other=-1)
+    if ZEROS:
+        keep = in_range & ((m < 0) | (m >= E))
+    else:
+        keep = in_range & (m == expert)
+    dtype: gl.constexpr = out_ptr.dtype.element_ty
+    gl.store(out_ptr + rows[:, None] * stride_om + n[None, :],
+             gl.convert_layout(tile.to(dtype), layout),
+             mask=keep[:, None] & (n < N)[None, :])
+
+
+@gluon.jit
+def _ws_consumer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N, e_lo,
+                 e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm, stride_ask,
+                 stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, OUT_VEC: gl.constexpr, HALF: gl.constexpr):
+    """Rows row0 + HALF * 64 + [0, 64) of the tile: zeros for rows without an expert,
+    then for each expert e of the tile the promoted sum over K blocks of
+    wgmma(a, b[e].T) * a_s[row, kb] * b_s[e, n0 // 128, kb], stored to its rows."""
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+    if HALF == 0:
+        a_bufs = a0_bufs
+    else:
+        a_bufs = a1_bufs
+    row0 = row0 + HALF * WS_M
+    rows = (row0 + gl.arange(0, WS_M, layout=gl.SliceLayout(1, acc_layout))).to(gl.int64)
+    in_range = rows < R
+    zeros = gl.zeros((WS_M, BLOCK_N), gl.float32, acc_layout)
+    _ws_store(out_ptr, zeros, row0, n0, N, R, E, m_ptr, stride_om, 0, OUT_VEC, True)
+    as_row = as_ptr + rows * stride_asm
+    i = 0
+    for e in range(e_lo, e_hi + 1):
+        bs_e = bs_ptr + e * stride_bse + (n0 // 128) * stride_bsn
+        acc = gl.zeros((WS_M, BLOCK_N), gl.float32, acc_layout)
+        for kb in range(num_kb):
+            s = i % STAGES
+            # the scales load while the stage's copies are in flight
+            a_s = gl.load(as_row + kb * stride_ask, mask=in_range, other=0.0)
+            b_s = gl.load(bs_e + kb * stride_bsk)
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            part = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zeros,
+                                 use_acc=False, is_async=True)
+            part = warpgroup_mma_wait(num_outstanding=0, deps=(part,))
+            mbarrier.arrive(empty.index(s), count=1)   # wgmma is done reading stage s
+            acc += part * (a_s * b_s)[:, None]
+            i += 1
+        _ws_store(out_ptr, acc, row0, n0, N, R, E, m_ptr, stride_om, e, OUT_VEC, False)
+
+
+@gluon.jit
+def _ws_second_consumer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N,
+                        e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm,
+                        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om,
+                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OUT_VEC: gl.constexpr):
+    """The worker partition of rows 64-127 (worker partitions share one signature)."""
+    _ws_consumer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N, e_lo,
+                 e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm, stride_ask,
+                 stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N, STAGES, OUT_VEC, 1)
+
+
+@cached_launch
+@gluon.jit
+def _ws_contiguous_kernel(a_desc, as_ptr, b_desc, bs_ptr, m_ptr, out_ptr, R, N, K, E,
+                          stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+                          stride_om, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                          OUT_VEC: gl.constexpr, GROUP: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr):
+    """The contiguous GEMM of one 128 x BLOCK_N output tile (module docstring): every
+    expert between the smallest and the largest of the tile's rows gets a pass (one on an
+    aligned layout; an expert with no row there costs a pass that stores nothing)."""
+    tiles_m = gl.cdiv(R, 2 * WS_M)
+    width = GROUP * gl.cdiv(N, BLOCK_N)
+    first = gl.program_id(0) // width * GROUP
+    size = gl.minimum(tiles_m - first, GROUP)
+    row0 = (first + gl.program_id(0) % width % size) * (2 * WS_M)
+    n0 = gl.program_id(0) % width // size * BLOCK_N
+    rows = row0 + gl.arange(0, 2 * WS_M, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    in_range = rows < R
+    m = gl.load(m_ptr + rows.to(gl.int64), mask=in_range, other=-1)
+    valid = in_range & (m >= 0) & (m < E)
+    e_lo = gl.min(gl.where(valid, m, E), axis=0)
+    e_hi = gl.max(gl.where(valid, m, -1), axis=0)
+    num_kb = gl.cdiv(K, 128)
+    a0_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
+                                        a_desc.layout)
+    a1_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
+                                        a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
+                                       b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+    # the argument tuples are written out: one built by `+` loses its constexprs
+    gl.warp_specialize([
+        (_ws_consumer, (a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N,
+                        e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm,
+                        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N,
+                        STAGES, OUT_VEC, 0)),
+        (_ws_producer, (a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N,
+                        e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm,
+                        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N,
+                        STAGES, OUT_VEC)),
+        (_ws_second_consumer, (a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0,
+                               n0, N, e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R,
+                               E, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
+                               stride_om, BLOCK_N, STAGES, OUT_VEC)),
+    ], [1, 4], [24, CONSUMER_REGS])
+
+
+@functools.lru_cache(maxsize=None)
+def _ws_layout(rows: int):
+    return gl.NVMMASharedLayout.get_default_for([rows, SCALE_BLOCK], gl.float8e4nv)
+
+
+@functools.lru_cache(maxsize=None)
+def _runs_wgmma(device: torch.device) -> bool:
+    """sm_90 (wgmma exists on Hopper only); meta tensors: the sm_90a compile gate."""
+    return device.type == "meta" or (device.type == "cuda"
+                                     and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def _ws_operands(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether TMA descriptors can describe a (R, K) and b (E, N, K) as the ws kernel
+    reads them: both TMA-readable, b's rows one (E * N, K) matrix."""
+    return _tma_ready(a) and _tma_ready(b) and b.stride(0) == b.shape[1] * b.stride(1)
+
+
+def _ws_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the ws kernel runs: not under the interpreter (Gluon has none), on an
+    sm_90 device, with operands it can read."""
+    return not SOFTWARE_ROUNDING and _runs_wgmma(a.device) and _ws_operands(a, b)
+
+
+def _ws_contiguous(a, a_scales, b, b_scales, m_indices, out):
+    """grouped_gemm_fp8_out's arguments, on the ws kernel (`_ws_ready` holds)."""
+    R, K = a.shape
+    E, N = b.shape[0], b.shape[1]
+    b2 = b.view(E * N, K)
+    half = WS_M.value
+    a_desc = GluonDescriptor(a, [R, K], [a.stride(0), 1], [half, SCALE_BLOCK], _ws_layout(half))
+    b_desc = GluonDescriptor(b2, [E * N, K], [b2.stride(0), 1], [WS_BLOCK_N, SCALE_BLOCK],
+                             _ws_layout(WS_BLOCK_N))
+    grid = (cdiv(R, 2 * half) * cdiv(N, WS_BLOCK_N),)
+    _ws_contiguous_kernel[grid](
+        a_desc, a_scales, b_desc, b_scales, m_indices.contiguous(), out, R, N, K, E,
+        a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1),
+        b_scales.stride(2), out.stride(0), BLOCK_N=WS_BLOCK_N,
+        STAGES=WS_STAGES[out.element_size()], OUT_VEC=16 // out.element_size(), GROUP=GROUP_M,
+        CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)
+
+
 def _fp8_operand(x: torch.Tensor) -> torch.Tensor:
     """fp8 tensors go in as they are on the GPU, as uint8 bits under the interpreter."""
     return x.view(_U8) if SOFTWARE_ROUNDING else x
@@ -364,6 +583,9 @@ def grouped_gemm_fp8_out(a, a_scales, b, b_scales, m_indices, out):
     if R == 0 or N == 0 or _zero_when_k_is_0(out, K):
         return
     cfg = gemm_config("contiguous", max(R // max(E, 1), 1), a.device)
+    if cfg.get("ws") and _ws_ready(a, b):
+        _ws_contiguous(a, a_scales, b, b_scales, m_indices, out)
+        return
     grid = (cdiv(R, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
     a_op, b_op, tma = _operands(cfg, a, b)
     _launcher(_contiguous_kernel, cfg, K, tma, GROUP=GROUP_M)[grid](

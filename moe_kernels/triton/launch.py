@@ -19,7 +19,8 @@ fine as Triton's specialisation, so a hit is the kernel Triton would have chosen
   which of int32 / int64 / uint64 holds it;
 - a float, a bool: only the type (Triton specialises neither on its value); None: None;
 - a TMA descriptor (`triton.tools.tensor_descriptor.TensorDescriptor`): its dtype, block
-  shape and padding (its shape and strides are runtime arguments of the launcher);
+  shape and padding (its shape and strides are runtime arguments of the launcher); a
+  Gluon one also by its shared-memory layout;
 - every keyword argument (constexprs and launch options such as num_warps) by value;
 - the current device.
 
@@ -66,6 +67,8 @@ def _other_key(a):
         return _args_key((a.data,))[0]
     if type(a) is _TensorDescriptor:      # Triton: "tensordesc<dtype[block_shape]>"
         return (_TensorDescriptor, a.base.dtype, tuple(a.block_shape), a.padding)
+    if type(a) is _GluonDescriptor:       # Gluon's also names its shared-memory layout
+        return (_GluonDescriptor, a.base.dtype, tuple(a.block_shape), a.layout, a.padding)
     raise _Unkeyed
 
 
@@ -213,7 +216,8 @@ def cache_enabled(enabled: bool):
         _ENABLED = saved
 
 
-_driver = _knobs = _TensorDescriptor = None      # triton's, bound by the first cached_launch
+# triton's, bound by the first cached_launch
+_driver = _knobs = _TensorDescriptor = _GluonDescriptor = None
 
 
 def package_globals():
@@ -232,12 +236,14 @@ def package_globals():
 def cached_launch(kernel):
     """Decorator over `@triton.jit`: `kernel[grid](...)` through the launch cache; the
     kernel itself where there is nothing to launch (the interpreter)."""
-    global _driver, _knobs, _TensorDescriptor
+    global _driver, _knobs, _TensorDescriptor, _GluonDescriptor
     from triton import knobs
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
     from triton.tools.tensor_descriptor import TensorDescriptor
     _driver, _knobs, _TensorDescriptor = driver, knobs, TensorDescriptor
+    _GluonDescriptor = GluonDescriptor
     if not isinstance(kernel, JITFunction):
         return kernel
     return CachedLaunch(kernel)
