@@ -20,7 +20,7 @@ import torch
 import moe_kernels
 from moe_kernels import _library, testing
 
-from helpers import HAS_CUDA, TMA, call_backend
+from helpers import HAS_CUDA, HAS_SM90, TMA, WS, call_backend
 from moe_kernels.bench.launches import TMA_OPS
 from properties import flat
 
@@ -125,6 +125,18 @@ def test_tma_tiles_graph_replay_equals_eager(op):
         args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
         call = lambda: call_backend(public, *args, backend=TMA, **kwargs)
         check_graph_equals_eager(call, case.inputs, f"{op} [{TMA}] case '{case.name}'")
+
+
+@pytest.mark.skipif(not HAS_SM90, reason="the ws kernel is Gluon for sm_90")
+def test_ws_kernel_graph_replay_equals_eager():
+    """The contiguous GEMM on its warp-specialised kernel (Gluon descriptors built per
+    call, passed by value), as the TMA tiles above."""
+    op = "grouped_gemm_fp8"
+    public = getattr(moe_kernels, op)
+    for case in testing.cases(op, "edge", device="cuda"):
+        args, kwargs = testing.run(op, lambda *a, **k: (a, k), case)
+        call = lambda: call_backend(public, *args, backend=WS, **kwargs)
+        check_graph_equals_eager(call, case.inputs, f"{op} [{WS}] case '{case.name}'")
 
 
 def test_fused_moe_in_place_graph_replay_equals_eager():

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 
-from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, big_memory_devices, calc_diff, call_backend,
-                     device_backend_params, poison_allocator, with_tma, with_ws, TMA, WS)
+from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, HAS_SM90, big_memory_devices, calc_diff,
+                     call_backend, device_backend_params, poison_allocator, with_tma, with_ws,
+                     TMA, WS)
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -498,6 +499,24 @@ def test_tma_only_where_the_operands_allow_it(K, column, want):
     assert _operands(cfg, a, b)[2] is want
     assert _operands(dict(cfg, tma=False), a, b)[2] is False
     assert _operands({"BLOCK_M": 16, "BLOCK_N": 64}, a, b)[2] is False
+
+
+@pytest.mark.skipif(not HAS_SM90, reason="the ws kernel is Gluon for sm_90, which has no "
+                    "interpreter")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_ws_kernel_over_many_k_blocks(out_dtype):
+    """The ws kernel's stage ring wraps many times (16 K blocks a pass, 6 or 5 stages,
+    several passes in tiles that hold two experts), over tiles of one expert, of two, a
+    partial last tile and an empty expert: a phase or stage slip shows as a wrong sum."""
+    m = contiguous_m_indices([130, 0, 257, 3], 1, pad_extra=5).cuda()
+    K, N = 2048, 384
+    a, a_s = make_rows(m.shape[0], K, seed=5, device="cuda")
+    b, b_s = make_weights(4, N, K, seed=6, device="cuda")
+    poison_allocator("cuda")
+    out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m, out_dtype=out_dtype,
+                       backend=WS)
+    assert calc_diff(out, oracle(a, a_s, b, b_s, m.cpu())) < 1e-5
+    assert not out.cpu()[(m < 0).cpu()].float().any()
 
 
 def test_ws_only_where_the_operands_allow_it():
