@@ -512,6 +512,8 @@ def test_ws_kernel_over_many_k_blocks(out_dtype):
     K, N = 2048, 384
     a, a_s = make_rows(m.shape[0], K, seed=5, device="cuda")
     b, b_s = make_weights(4, N, K, seed=6, device="cuda")
+    from moe_kernels.triton.grouped_gemm import _ws_ready
+    assert _ws_ready(a, b), "these operands must run the ws kernel, not the fallback"
     poison_allocator("cuda")
     out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m, out_dtype=out_dtype,
                        backend=WS)
