@@ -10,7 +10,7 @@ the sanitizer's report, a wrong result here.
   bounds and write zeros for such tokens);
 - the grouped GEMM ops again with every tile through TMA descriptors (the `tma` tile
   configs; TMA reads whole tiles, out of bounds included, which the hardware fills), and
-  the contiguous one on its warp-specialised kernel (`ws`);
+  the contiguous one and fused_moe_fp8 (segments) on the warp-specialised kernels (`ws`);
 - one DeepseekV3MoE forward (fused shared expert, unpermute into the sum).
 
 Usage: python3 benchmarks/sanitize_cuda.py   (a line per op and backend; exit 1 on a mismatch)
@@ -55,7 +55,8 @@ def check_ops(device: str = "cuda", backends=("triton", "cuda"), ops=None,
 
 def _with_tiles(device: str, fn, tiles: str):
     """fn() under the grouped GEMMs' `tiles` variant: "tma" (every tile through TMA
-    descriptors) or "ws" (the contiguous GEMM on the warp-specialised kernel)."""
+    descriptors) or "ws" (the contiguous and segments GEMMs on the warp-specialised
+    kernels)."""
     from moe_kernels.configs import grouped_gemm as configs
     dev = torch.device(device)
     table = (configs.tma_table(dev) if tiles == "tma"
@@ -123,7 +124,8 @@ def main() -> int:
         return 2
     from moe_kernels.bench.launches import TMA_OPS
     failures = (check_ops() + check_ops(backends=("triton",), ops=TMA_OPS, tiles="tma")
-                + check_ops(backends=("triton",), ops=("grouped_gemm_fp8",), tiles="ws")
+                + check_ops(backends=("triton",), ops=("grouped_gemm_fp8", "fused_moe_fp8"),
+                            tiles="ws")
                 + check_mla_paged_out_of_range() + check_layer())
     print(f"sanitize_cuda: {failures} failure(s)")
     return 1 if failures else 0

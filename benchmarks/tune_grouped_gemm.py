@@ -34,10 +34,10 @@ def candidates(bucket, quick, kind="contiguous"):
     """Tile configs for a bucket; each with operands through pointers (cp.async) and
     through TMA descriptors, and the 8-warp TMA tiles of at most 64 x 128 also capped at
     128 registers (2 blocks per SM; they compile without spills, docs/fp8.md); for the
-    contiguous kind also the warp-specialised kernel (`ws`: its own 128 x 128 tile; the
-    bucket's fields are the tile of operands it cannot read).
+    contiguous and segments kinds also the warp-specialised kernel (`ws`: its own
+    128 x 128 tile; the bucket's fields are the tile of operands it cannot read).
     --quick: 8 warps from 64 rows up (4 warps spill there), 4 stages."""
-    if kind == "contiguous":
+    if kind in ("contiguous", "segments"):
         yield {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "ws": True}
     bms = [16, 32] if bucket == 16 else [32, 64] if bucket == 64 else [64, 128]
     bns = [64, 128] if quick else [32, 64, 128, 256]

@@ -377,8 +377,8 @@ def test_an_eager_call_that_raises_is_a_failed_row(monkeypatch):
 def test_tile_variant_rows_run_under_the_tma_tables(monkeypatch):
     """The GPU-only `triton-tma*` rows of the GEMM benches: each calls the op under the
     TMA variant of the table in force (every tile tma; the second also capped at 128
-    registers where an 8-warp tile has at most 64 x 128), and for the contiguous GEMM
-    `triton-ws` under its warp-specialised variant (contiguous buckets only); none on the
+    registers where an 8-warp tile has at most 64 x 128), and where asked `triton-ws`
+    under its warp-specialised variant (contiguous and segments buckets); none on the
     CPU."""
     import torch
 
@@ -398,11 +398,11 @@ def test_tile_variant_rows_run_under_the_tma_tables(monkeypatch):
     # DEFAULTS' 8-warp tiles of at most 64 x 128 elements; not its 128 x 128 ones
     assert capped_tiles == {(64, 128, 8), (128, 64, 8)}
     assert configs.table_in_force(torch.device("cuda")) is configs.DEFAULTS   # restored
-    rows = bench.tile_variants("cuda", ["triton"], seen, contiguous=True)
+    rows = bench.tile_variants("cuda", ["triton"], seen, ws=True)
     assert [name for name, _ in rows] == ["triton-tma", "triton-tma-maxnreg128", "triton-ws"]
     ws = rows[-1][1](0)
-    assert all(b["ws"] for b in ws["contiguous"]) and not any(
-        b.get("ws") or b.get("tma") for kind in ("segments", "masked") for b in ws[kind])
+    assert all(b["ws"] for kind in ("contiguous", "segments") for b in ws[kind])
+    assert not any(b.get("ws") or b.get("tma") for b in ws["masked"])
     assert bench.tile_variants("cpu", ["triton", "cpu"], seen) == []
     assert bench.tile_variants("cuda", ["cuda"], seen) == []
 

@@ -12,7 +12,7 @@ from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import fused_moe as ref
 
 from helpers import (FP8_INPUT_OPCHECKS, call_backend, device_backend_params,
-                     expect_inductor_bf16_round_trip, poison_allocator, with_tma)
+                     expect_inductor_bf16_round_trip, poison_allocator, with_tma, with_ws)
 
 BACKENDS = ("triton", "cpu", "reference")
 H, INTER, E, TOPK = 256, 128, 12, 4
@@ -51,7 +51,7 @@ CASES = [  # (T, skip, one_expert): why
 ]
 
 
-@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("device,backend", with_ws(with_tma(device_backend_params(BACKENDS))))
 @pytest.mark.parametrize("T,skip,one", CASES)
 def test_matches_moe_forward(device, backend, T, skip, one):
     w13, s13, w2, s2 = make_layer(seed=T, device=device)
@@ -162,7 +162,7 @@ def test_zero_widths(device, backend, h, inter):
     assert out.shape == (5, h) and out.dtype == torch.bfloat16 and not out.float().any()
 
 
-@pytest.mark.parametrize("device,backend", with_tma(device_backend_params(BACKENDS)))
+@pytest.mark.parametrize("device,backend", with_ws(with_tma(device_backend_params(BACKENDS))))
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_non_finite_hidden_stays_in_its_token(device, backend, value):
     """One NaN in a token's hidden row makes that token's whole output row NaN (its

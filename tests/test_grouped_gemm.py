@@ -501,24 +501,39 @@ def test_tma_only_where_the_operands_allow_it(K, column, want):
     assert _operands({"BLOCK_M": 16, "BLOCK_N": 64}, a, b)[2] is False
 
 
-@pytest.mark.skipif(not HAS_SM90, reason="the ws kernel is Gluon for sm_90, which has no "
+@pytest.mark.skipif(not HAS_SM90, reason="the ws kernels are Gluon for sm_90, which has no "
                     "interpreter")
+@pytest.mark.parametrize("kind", ["contiguous", "segments"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
-def test_ws_kernel_over_many_k_blocks(out_dtype):
-    """The ws kernel's stage ring wraps many times (16 K blocks a pass, 6 or 5 stages,
-    several passes in tiles that hold two experts), over tiles of one expert, of two, a
-    partial last tile and an empty expert: a phase or stage slip shows as a wrong sum."""
-    m = contiguous_m_indices([130, 0, 257, 3], 1, pad_extra=5).cuda()
+def test_ws_kernel_over_many_k_blocks(kind, out_dtype):
+    """The ws kernels' stage ring wraps many times (16 K blocks a pass, 6 or 5 stages;
+    contiguous tiles holding two experts take several passes), over tiles of one expert,
+    of two, a partial last tile and an empty expert: a phase or stage slip shows as a
+    wrong sum. Segments: the align=1 layout of fused_moe_fp8, rows past the last expert
+    left unwritten."""
+    from moe_kernels.configs import grouped_gemm as configs
+    from moe_kernels.triton import grouped_gemm as kernels
+    counts = [130, 0, 257, 3]
+    m = contiguous_m_indices(counts, 1, pad_extra=5).cuda()
     K, N = 2048, 384
     a, a_s = make_rows(m.shape[0], K, seed=5, device="cuda")
     b, b_s = make_weights(4, N, K, seed=6, device="cuda")
-    from moe_kernels.triton.grouped_gemm import _ws_ready
-    assert _ws_ready(a, b), "these operands must run the ws kernel, not the fallback"
+    assert kernels._ws_ready(a, b), "these operands must run the ws kernel, not the fallback"
     poison_allocator("cuda")
-    out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m, out_dtype=out_dtype,
-                       backend=WS)
-    assert calc_diff(out, oracle(a, a_s, b, b_s, m.cpu())) < 1e-5
-    assert not out.cpu()[(m < 0).cpu()].float().any()
+    if kind == "contiguous":
+        out = call_backend(moe_kernels.grouped_gemm_fp8, a, a_s, b, b_s, m,
+                           out_dtype=out_dtype, backend=WS)
+    else:
+        c = torch.tensor(counts, dtype=torch.int32, device="cuda")
+        offsets = torch.cat([c.new_zeros(1), c.cumsum(0)]).long()
+        table = configs.with_ws(configs.table_in_force(a.device))
+        out = configs.with_table(table, kernels.grouped_gemm_fp8_segments, a, a_s, b, b_s,
+                                 offsets, c, out_dtype)
+    rows = (m >= 0).cpu() if kind == "segments" else slice(None)
+    want = oracle(a, a_s, b, b_s, m.cpu())
+    assert calc_diff(out.cpu()[rows], want[rows]) < 1e-5
+    if kind == "contiguous":
+        assert not out.cpu()[(m < 0).cpu()].float().any()
 
 
 def test_ws_only_where_the_operands_allow_it():

@@ -73,7 +73,7 @@ def test_every_launched_kernel_has_a_compile_case(reports, triton_path):
 # The grouped GEMMs' operands reach shared memory by cp.async or TMA, not LDG; their
 # epilogue writes up to 470 MB per prefill call (GEMM2's bf16 out).
 _WIDE_STORES = ("_contiguous_kernel", "_segments_kernel", "_masked_kernel",
-                "_ws_contiguous_kernel")
+                "_ws_contiguous_kernel", "_ws_segments_kernel")
 
 
 @pytest.mark.parametrize("triton_path", VERSIONS)

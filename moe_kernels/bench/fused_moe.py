@@ -9,8 +9,8 @@ matmuls; beyond that (gathering a weight copy per pair no longer fits), it dequa
 every expert once and runs every token through every expert, masked by the gate weights
 (E / top_k times the routed flops, the form without data-dependent shapes).
 On the GPU the triton rows also come in the grouped GEMMs' tile-load variants
-(`triton-tma`, `triton-tma-maxnreg128`; moe_kernels/bench/grouped_gemm.py), and where
-the Triton path quantizes rows as it permutes them, on the separate kernels
+(`triton-tma`, `triton-tma-maxnreg128`, `triton-ws`; moe_kernels/bench/grouped_gemm.py),
+and where the Triton path quantizes rows as it permutes them, on the separate kernels
 (`triton-quant-then-permute`).
 """
 
@@ -92,7 +92,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         # unquantized one (docs/fp8.md: the two differ by the activation roundings)
         ours = [(b, lambda i, b=b: ops.fused_moe_fp8(*args, backend=b)) for b in backends]
         ours += tile_variants(device, backends, lambda i, args=args: ops.fused_moe_fp8(
-            *args, backend="triton"))
+            *args, backend="triton"), ws=True)
         ours += quant_variants(device, backends, hidden, lambda i, args=args: ops.fused_moe_fp8(
             *args, backend="triton"))
         for quantized, timed in ((True, ours), (False, _baselines(args, T * K, compiled))):

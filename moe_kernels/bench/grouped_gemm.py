@@ -17,8 +17,9 @@ On the GPU the triton rows also come in the tile-load variants the tuner weighs
 (`triton-tma`: the table in force with every tile through TMA descriptors;
 `triton-tma-maxnreg128`: those of its 8-warp tiles of at most 64 x 128 also capped at
 128 registers, 2 blocks per SM), so one run answers which load path the tiles want;
-the contiguous cases also as `triton-ws`, every bucket on the warp-specialised Gluon
-kernel (one TMA producer warp, two consumer warp groups: triton/grouped_gemm.py).
+the contiguous cases (and fused_moe_fp8's, whose segments kernel has the same form) also
+as `triton-ws`, every bucket on the warp-specialised Gluon kernel (one TMA producer warp,
+two consumer warp groups: triton/grouped_gemm.py).
 """
 
 from __future__ import annotations
@@ -89,16 +90,16 @@ def torch_peers(a, a_s, b, b_s, bounds, device):
             ("torch-grouped_mm-bf16", lambda: grouped_mm_bf16(a16, b16_kn, offs))]
 
 
-def tile_variants(device: str, backends: list[str], call, contiguous: bool = False):
+def tile_variants(device: str, backends: list[str], call, ws: bool = False):
     """(row name, fn(i)) of call(i) under each tile-load variant of the table in force
-    (module docstring); contiguous: the call runs the contiguous kernel, which also has
-    the warp-specialised variant (`triton-ws`). GPU only, where triton is timed."""
+    (module docstring); ws: the call runs the contiguous or segments kernel, which also
+    have the warp-specialised variant (`triton-ws`). GPU only, where triton is timed."""
     if device != "cuda" or "triton" not in backends:
         return []
     table = configs.table_in_force(torch.device(device))
     variants = [("triton-tma", configs.with_tma(table)),
                 ("triton-tma-maxnreg128", configs.with_tma(table, maxnreg=128))]
-    if contiguous:
+    if ws:
         variants.append(("triton-ws", configs.with_ws(table)))
     return [(name, lambda i, t=t: configs.with_table(t, call, i)) for name, t in variants]
 
@@ -132,7 +133,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         timed = [(bk, lambda i, bk=bk: ops.grouped_gemm_fp8(a, a_s, b, b_s, m, backend=bk))
                  for bk in backends]
         timed += tile_variants(device, backends, lambda i: ops.grouped_gemm_fp8(
-            a, a_s, b, b_s, m, backend="triton"), contiguous=True)
+            a, a_s, b, b_s, m, backend="triton"), ws=True)
         timed += [("torch-eager", lambda i: torch_per_expert(a, a_s, b, b_s, bounds))]
         if baseline_c is not None:
             timed += [("torch-compile", lambda i: baseline_c(a, a_s, b, b_s, bounds))]

@@ -202,15 +202,16 @@ def check_tma(select: str | None = None) -> tuple[int, int, list[str]]:
 
 
 def check_ws(select: str | None = None) -> tuple[int, int, list[str]]:
-    """The contiguous GEMM on its warp-specialised kernel (configs.grouped_gemm.with_ws),
-    the CPU tensors taken for an sm_90 device's, which the stand-in driver compiles for."""
+    """The contiguous GEMM and fused_moe_fp8 (segments) on the warp-specialised kernels
+    (configs.grouped_gemm.with_ws), the CPU tensors taken for an sm_90 device's, which the
+    stand-in driver compiles for."""
     from unittest import mock
 
     from moe_kernels.configs import grouped_gemm as configs
     from moe_kernels.triton import grouped_gemm as gemm
     table = configs.with_ws(configs.table_in_force(torch.device("cpu")))
     with mock.patch.object(gemm, "_runs_wgmma", lambda device: True):
-        return _check_under_table(("grouped_gemm_fp8",), table, "ws", select)
+        return _check_under_table(("grouped_gemm_fp8", "fused_moe_fp8"), table, "ws", select)
 
 
 def uncached_kernels() -> list[str]:

@@ -168,13 +168,13 @@ def _jit_functions():
 
 
 def uncalled_helpers() -> set[str]:
-    """JIT helpers (not `*_kernel`) that no other JIT function calls or hands to
-    `gl.warp_specialize` as a partition (`(name, (args))`): a kernel launched under
-    another name would hide from the gate, so there must be none."""
+    """JIT helpers (not `*_kernel`) that no other JIT function names (calls, or hands on:
+    a partition to `gl.warp_specialize`, a combine function to a scan): a kernel launched
+    under another name would hide from the gate, so there must be none."""
     functions = list(_jit_functions())
     sources = {name: inspect.getsource(fn.fn) for name, fn in functions}
     return {name for name, _ in functions if not name.endswith("_kernel")
-            and not any(re.search(rf"\b{name}\(|\({name}, \(", src)
+            and not any(re.search(rf"\b{name}\b", src)
                         for other, src in sources.items() if other != name)}
 
 

@@ -16,9 +16,9 @@ base and strides; else the same tile loads through pointers). `maxnreg` (optiona
 cap on registers per thread; 128 lets two 8-warp blocks share an SM (65536 registers),
 which the 64x128 and 128x64 TMA tiles reach without spilling (sm_90a report).
 
-`ws` (optional, contiguous kind, default false): the bucket runs the warp-specialised
-Gluon kernel (triton/grouped_gemm.py; a 128 x 128 tile whatever the bucket's, sm_90
-only) where the operands allow TMA, else the bucket's own tile.
+`ws` (optional, contiguous and segments kinds, default false): the bucket runs the
+warp-specialised Gluon kernel (triton/grouped_gemm.py; a 128 x 128 tile whatever the
+bucket's, sm_90 only) where the operands allow TMA, else the bucket's own tile.
 
 Without a file for the device, `DEFAULTS` apply (chosen from the sm_90a compile report,
 not yet timed: docs/fp8.md). A tile of BLOCK_M < 64 runs with A and B swapped
@@ -131,8 +131,9 @@ def with_tma(table: dict, maxnreg: int | None = None) -> dict:
 
 
 def with_ws(table: dict) -> dict:
-    """table with every contiguous bucket on the warp-specialised kernel."""
-    return dict(table, contiguous=[dict(b, ws=True) for b in table["contiguous"]])
+    """table with every contiguous and segments bucket on the warp-specialised kernels."""
+    return dict(table, **{kind: [dict(b, ws=True) for b in table[kind]]
+                          for kind in ("contiguous", "segments")})
 
 
 def tma_table(device: torch.device) -> dict:

@@ -295,12 +295,17 @@ def _masked_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, masked_ptr, out_ptr, M, N, K,
     _store_tile(out_ptr, acc, rows, row_ok, n0 + tl.arange(0, BLOCK_N), N, stride_om, SOFTWARE)
 
 
-# --- the warp-specialised contiguous kernel (Gluon, sm_90) -------------------------------
+# --- the warp-specialised kernels (Gluon, sm_90) -----------------------------------------
 # Partitions: the default one is the first consumer warp group (rows 0-63 of the tile), a
 # 4-warp worker the second (rows 64-127), a 1-warp worker the producer. They walk the same
-# (expert, K block) sequence, so stage s = i % WS_STAGES and its phase agree without
+# (expert, K block) sequence, so stage s = i % STAGES and its phase agree without
 # messages: `ready[s]` completes when the producer's three TMA copies have landed,
-# `empty[s]` when both consumers' wgmma reads of it are done (count 2).
+# `empty[s]` when both consumers' wgmma reads of it are done (count 2). The arguments
+# travel as tuples: `descs` (a, b), `bufs` (a's two halves, b, ready, empty), `tile`
+# (row0, n0, e_lo, e_hi, num_kb, seg_start, seg_count), `ptrs` (a scales, b scales,
+# m_indices, out), `sizes` (R, N, E), `strides` (a scales 2, b scales 3, out rows).
+# SEGMENTS: the tile's rows are those of [seg_start, seg_start + seg_count) (one expert,
+# e_lo == e_hi), not those whose m_indices names the pass's expert.
 
 WS_M = gl.constexpr(64)             # rows of one consumer warp group (one wgmma M side)
 WS_BLOCK_N = 128                    # columns of a tile: one weight scale per K block
@@ -314,13 +319,15 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
 @gluon.jit
-def _ws_producer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N, e_lo,
-                 e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm, stride_ask,
-                 stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, OUT_VEC: gl.constexpr):
+def _ws_producer(descs, bufs, tile, ptrs, sizes, strides, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, OUT_VEC: gl.constexpr, SEGMENTS: gl.constexpr):
     """Copies, for each expert of the tile and K block, a's two 64-row halves and b's
     BLOCK_N rows (of b viewed as (E * N, K)) into the next free stage. Out-of-bounds rows
     and columns land as zeros and count toward the stage's bytes."""
+    a_desc, b_desc = descs
+    a0_bufs, a1_bufs, b_bufs, ready, empty = bufs
+    row0, n0, e_lo, e_hi, num_kb, seg_start, seg_count = tile
+    N = sizes[1]
     i = 0
     for e in range(e_lo, e_hi + 1):
         for kb in range(num_kb):
@@ -336,48 +343,58 @@ def _ws_producer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n
 
 
 @gluon.jit
-def _ws_store(out_ptr, tile, row0, n0, N, R, E, m_ptr, stride_om, expert,
-              OUT_VEC: gl.constexpr, ZEROS: gl.constexpr):
-    """Stores tile (64, BLOCK_N) float32 to the rows row0 + [0, 64) whose m_indices is
-    `expert` (ZEROS: to those without an expert), in OUT_VEC-element (16-byte) stores:
-    the wgmma layout holds 2 adjacent elements a thread, so the tile goes through a
+def _ws_store(result, row0, tile, ptrs, sizes, strides, expert, OUT_VEC: gl.constexpr,
+              ZEROS: gl.constexpr, SEGMENTS: gl.constexpr):
+    """Stores result (64, BLOCK_N) float32 to the rows row0 + [0, 64) that are the
+    expert's (ZEROS: to the rows without an expert), in OUT_VEC-element (16-byte) stores:
+    the wgmma layout holds 2 adjacent elements a thread, so the result goes through a
     layout conversion first."""
-    BLOCK_N: gl.constexpr = tile.shape[1]
+    BLOCK_N: gl.constexpr = result.shape[1]
     layout: gl.constexpr = gl.BlockedLayout([1, OUT_VEC], [32 * OUT_VEC // BLOCK_N,
                                                            BLOCK_N // OUT_VEC], [4, 1], [1, 0])
+    _, n0, _, _, _, seg_start, seg_count = tile
+    _, _, m_ptr, out_ptr = ptrs
+    R, N, E = sizes
     rows = (row0 + gl.arange(0, WS_M, layout=gl.SliceLayout(1, layout))).to(gl.int64)
     n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
     in_range = rows < R
-    m = gl.load(m_ptr + rows, mask=in_range, other=-1)
-    if ZEROS:
-        keep = in_range & ((m < 0) | (m >= E))
+    if SEGMENTS:
+        keep = in_range & (rows >= seg_start) & (rows < seg_start + seg_count)
     else:
-        keep = in_range & (m == expert)
+        m = gl.load(m_ptr + rows, mask=in_range, other=-1)
+        if ZEROS:
+            keep = in_range & ((m < 0) | (m >= E))
+        else:
+            keep = in_range & (m == expert)
     dtype: gl.constexpr = out_ptr.dtype.element_ty
-    gl.store(out_ptr + rows[:, None] * stride_om + n[None, :],
-             gl.convert_layout(tile.to(dtype), layout),
+    gl.store(out_ptr + rows[:, None] * strides[5] + n[None, :],
+             gl.convert_layout(result.to(dtype), layout),
              mask=keep[:, None] & (n < N)[None, :])
 
 
 @gluon.jit
-def _ws_consumer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N, e_lo,
-                 e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm, stride_ask,
-                 stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, OUT_VEC: gl.constexpr, HALF: gl.constexpr):
-    """Rows row0 + HALF * 64 + [0, 64) of the tile: zeros for rows without an expert,
-    then for each expert e of the tile the promoted sum over K blocks of
+def _ws_consumer(descs, bufs, tile, ptrs, sizes, strides, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, OUT_VEC: gl.constexpr, SEGMENTS: gl.constexpr,
+                 HALF: gl.constexpr):
+    """Rows row0 + HALF * 64 + [0, 64) of the tile: zeros for rows without an expert
+    (not SEGMENTS), then for each expert e of the tile the promoted sum over K blocks of
     wgmma(a, b[e].T) * a_s[row, kb] * b_s[e, n0 // 128, kb], stored to its rows."""
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+    a0_bufs, a1_bufs, b_bufs, ready, empty = bufs
     if HALF == 0:
         a_bufs = a0_bufs
     else:
         a_bufs = a1_bufs
+    row0, n0, e_lo, e_hi, num_kb, _, _ = tile
+    as_ptr, bs_ptr, _, _ = ptrs
+    stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, _ = strides
     row0 = row0 + HALF * WS_M
     rows = (row0 + gl.arange(0, WS_M, layout=gl.SliceLayout(1, acc_layout))).to(gl.int64)
-    in_range = rows < R
+    in_range = rows < sizes[0]
     zeros = gl.zeros((WS_M, BLOCK_N), gl.float32, acc_layout)
-    _ws_store(out_ptr, zeros, row0, n0, N, R, E, m_ptr, stride_om, 0, OUT_VEC, True)
+    if not SEGMENTS:
+        _ws_store(zeros, row0, tile, ptrs, sizes, strides, 0, OUT_VEC, True, SEGMENTS)
     as_row = as_ptr + rows * stride_asm
     i = 0
     for e in range(e_lo, e_hi + 1):
@@ -395,18 +412,44 @@ def _ws_consumer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n
             mbarrier.arrive(empty.index(s), count=1)   # wgmma is done reading stage s
             acc += part * (a_s * b_s)[:, None]
             i += 1
-        _ws_store(out_ptr, acc, row0, n0, N, R, E, m_ptr, stride_om, e, OUT_VEC, False)
+        _ws_store(acc, row0, tile, ptrs, sizes, strides, e, OUT_VEC, False, SEGMENTS)
 
 
 @gluon.jit
-def _ws_second_consumer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N,
-                        e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm,
-                        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om,
-                        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, OUT_VEC: gl.constexpr):
+def _ws_second_consumer(descs, bufs, tile, ptrs, sizes, strides, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr, OUT_VEC: gl.constexpr, SEGMENTS: gl.constexpr):
     """The worker partition of rows 64-127 (worker partitions share one signature)."""
-    _ws_consumer(a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N, e_lo,
-                 e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm, stride_ask,
-                 stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N, STAGES, OUT_VEC, 1)
+    _ws_consumer(descs, bufs, tile, ptrs, sizes, strides, BLOCK_N, STAGES, OUT_VEC, SEGMENTS,
+                 1)
+
+
+@gluon.jit
+def _ws_partitions(descs, tile, ptrs, sizes, strides, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, OUT_VEC: gl.constexpr, SEGMENTS: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr):
+    """The ring's buffers and barriers, then the three partitions over them."""
+    a_desc, b_desc = descs
+    a0_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
+                                        a_desc.layout)
+    a1_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
+                                        a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
+                                       b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)
+    bufs = (a0_bufs, a1_bufs, b_bufs, ready, empty)
+    # each tuple written out: one built by `+` loses its constexprs
+    gl.warp_specialize([
+        (_ws_consumer, (descs, bufs, tile, ptrs, sizes, strides, BLOCK_N, STAGES, OUT_VEC,
+                        SEGMENTS, 0)),
+        (_ws_producer, (descs, bufs, tile, ptrs, sizes, strides, BLOCK_N, STAGES, OUT_VEC,
+                        SEGMENTS)),
+        (_ws_second_consumer, (descs, bufs, tile, ptrs, sizes, strides, BLOCK_N, STAGES,
+                               OUT_VEC, SEGMENTS)),
+    ], [1, 4], [24, CONSUMER_REGS])
 
 
 @cached_launch
@@ -431,33 +474,50 @@ def _ws_contiguous_kernel(a_desc, as_ptr, b_desc, bs_ptr, m_ptr, out_ptr, R, N, 
     valid = in_range & (m >= 0) & (m < E)
     e_lo = gl.min(gl.where(valid, m, E), axis=0)
     e_hi = gl.max(gl.where(valid, m, -1), axis=0)
-    num_kb = gl.cdiv(K, 128)
-    a0_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
-                                        a_desc.layout)
-    a1_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape,
-                                        a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
-                                       b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(empty.index(s), count=2)
-    # the argument tuples are written out: one built by `+` loses its constexprs
-    gl.warp_specialize([
-        (_ws_consumer, (a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N,
-                        e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm,
-                        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N,
-                        STAGES, OUT_VEC, 0)),
-        (_ws_producer, (a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0, n0, N,
-                        e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R, E, stride_asm,
-                        stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om, BLOCK_N,
-                        STAGES, OUT_VEC)),
-        (_ws_second_consumer, (a_desc, b_desc, a0_bufs, a1_bufs, b_bufs, ready, empty, row0,
-                               n0, N, e_lo, e_hi, num_kb, as_ptr, bs_ptr, m_ptr, out_ptr, R,
-                               E, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
-                               stride_om, BLOCK_N, STAGES, OUT_VEC)),
-    ], [1, 4], [24, CONSUMER_REGS])
+    _ws_partitions((a_desc, b_desc), (row0, n0, e_lo, e_hi, gl.cdiv(K, 128), 0, 0),
+                   (as_ptr, bs_ptr, m_ptr, out_ptr), (R, N, E),
+                   (stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om),
+                   BLOCK_N, STAGES, OUT_VEC, False, CONSUMER_REGS)
+
+
+@gluon.jit
+def _ws_add(x, y):
+    return x + y
+
+
+@cached_launch
+@gluon.jit
+def _ws_segments_kernel(a_desc, as_ptr, b_desc, bs_ptr, offsets_ptr, counts_ptr, out_ptr, R,
+                        N, K, E, tiles_m, stride_asm, stride_ask, stride_bse, stride_bsn,
+                        stride_bsk, stride_om, E_PAD: gl.constexpr, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr, OUT_VEC: gl.constexpr, GROUP: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr):
+    """The segments GEMM (`_segments_kernel`'s layout and tile search) of one 128 x BLOCK_N
+    output tile: the rows of one expert's segment; a tile past the last expert's does
+    nothing."""
+    width = GROUP * gl.cdiv(N, BLOCK_N)
+    first = gl.program_id(0) // width * GROUP
+    size = gl.minimum(tiles_m - first, GROUP)
+    tile = first + gl.program_id(0) % width % size
+    n0 = gl.program_id(0) % width // size * BLOCK_N
+    er = gl.arange(0, E_PAD, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    counts = gl.load(counts_ptr + er, mask=er < E, other=0)
+    tiles = (counts + 2 * WS_M - 1) // (2 * WS_M)
+    ends = gl.associative_scan(tiles, 0, _ws_add)      # gl.cumsum: triton >= 3.9 only
+    e = gl.sum((ends <= tile).to(gl.int32), axis=0)
+    first_tile = gl.sum(gl.where(er == e, ends - tiles, 0), axis=0)
+    count = gl.sum(gl.where(er == e, counts, 0), axis=0)
+    start = gl.load(offsets_ptr + e, mask=e < E, other=0).to(gl.int32)
+    row0 = start + (tile - first_tile) * (2 * WS_M)
+    # rows of the segment inside a: offsets and counts are values a direct call may get wrong
+    seg_start = gl.maximum(row0, 0)
+    seg_count = gl.minimum(start + count, R) - seg_start
+    e_hi = e - (e >= E).to(gl.int32)      # past the last expert: no pass
+    _ws_partitions((a_desc, b_desc), (row0, n0, e, e_hi, gl.cdiv(K, 128), seg_start,
+                                      seg_count),
+                   (as_ptr, bs_ptr, counts_ptr, out_ptr), (R, N, E),
+                   (stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk, stride_om),
+                   BLOCK_N, STAGES, OUT_VEC, True, CONSUMER_REGS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -484,22 +544,50 @@ def _ws_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
     return not SOFTWARE_ROUNDING and _runs_wgmma(a.device) and _ws_operands(a, b)
 
 
+def _ws_descriptors(a, b):
+    """Gluon TMA descriptors of a (R, K) in 64-row halves of a tile and of b (E, N, K) as
+    one (E * N, K) matrix, tiles of 128 columns of K."""
+    (R, K), (E, N) = a.shape, b.shape[:2]
+    b2 = b.view(E * N, K)
+    half = WS_M.value
+    return (GluonDescriptor(a, [R, K], [a.stride(0), 1], [half, SCALE_BLOCK], _ws_layout(half)),
+            GluonDescriptor(b2, [E * N, K], [b2.stride(0), 1], [WS_BLOCK_N, SCALE_BLOCK],
+                            _ws_layout(WS_BLOCK_N)))
+
+
+def _ws_options(out: torch.Tensor) -> dict:
+    return dict(BLOCK_N=WS_BLOCK_N, STAGES=WS_STAGES[out.element_size()],
+                OUT_VEC=16 // out.element_size(), GROUP=GROUP_M,
+                CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)
+
+
+def _ws_strides(a_scales, b_scales, out) -> tuple:
+    return (a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1),
+            b_scales.stride(2), out.stride(0))
+
+
 def _ws_contiguous(a, a_scales, b, b_scales, m_indices, out):
     """grouped_gemm_fp8_out's arguments, on the ws kernel (`_ws_ready` holds)."""
     R, K = a.shape
     E, N = b.shape[0], b.shape[1]
-    b2 = b.view(E * N, K)
-    half = WS_M.value
-    a_desc = GluonDescriptor(a, [R, K], [a.stride(0), 1], [half, SCALE_BLOCK], _ws_layout(half))
-    b_desc = GluonDescriptor(b2, [E * N, K], [b2.stride(0), 1], [WS_BLOCK_N, SCALE_BLOCK],
-                             _ws_layout(WS_BLOCK_N))
-    grid = (cdiv(R, 2 * half) * cdiv(N, WS_BLOCK_N),)
+    a_desc, b_desc = _ws_descriptors(a, b)
+    grid = (cdiv(R, 2 * WS_M.value) * cdiv(N, WS_BLOCK_N),)
     _ws_contiguous_kernel[grid](
         a_desc, a_scales, b_desc, b_scales, m_indices.contiguous(), out, R, N, K, E,
-        a_scales.stride(0), a_scales.stride(1), b_scales.stride(0), b_scales.stride(1),
-        b_scales.stride(2), out.stride(0), BLOCK_N=WS_BLOCK_N,
-        STAGES=WS_STAGES[out.element_size()], OUT_VEC=16 // out.element_size(), GROUP=GROUP_M,
-        CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)
+        *_ws_strides(a_scales, b_scales, out), **_ws_options(out))
+
+
+def _ws_segments(a, a_scales, b, b_scales, expert_offsets, tokens_per_expert, out):
+    """grouped_gemm_fp8_segments' arguments, on the ws kernel (`_ws_ready` holds)."""
+    R, K = a.shape
+    E, N = b.shape[0], b.shape[1]
+    a_desc, b_desc = _ws_descriptors(a, b)
+    tiles_m = R // (2 * WS_M.value) + min(R, E)     # as grouped_gemm_fp8_segments' bound
+    grid = (tiles_m * cdiv(N, WS_BLOCK_N),)
+    _ws_segments_kernel[grid](
+        a_desc, a_scales, b_desc, b_scales, expert_offsets.contiguous(),
+        tokens_per_expert.contiguous(), out, R, N, K, E, tiles_m,
+        *_ws_strides(a_scales, b_scales, out), E_PAD=next_power_of_2(E), **_ws_options(out))
 
 
 def _fp8_operand(x: torch.Tensor) -> torch.Tensor:
@@ -612,6 +700,9 @@ def grouped_gemm_fp8_segments(a, a_scales, b, b_scales, expert_offsets, tokens_p
     if R == 0 or N == 0 or _zero_when_k_is_0(out, K):
         return out
     cfg = gemm_config("segments", max(R // max(E, 1), 1), a.device)
+    if cfg.get("ws") and _ws_ready(a, b):
+        _ws_segments(a, a_scales, b, b_scales, expert_offsets, tokens_per_expert, out)
+        return out
     bm = cfg["BLOCK_M"]
     # sum_e ceil(c_e / BM) <= floor(R / BM) + (number of non-empty experts)
     tiles_m = R // bm + min(R, E)
