@@ -144,12 +144,12 @@ HAS_SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] == 9
 
 
 def with_ws(params: list) -> list:
-    """params plus (cuda, "triton-ws"): the triton backend with every contiguous
-    grouped-GEMM bucket on the warp-specialised Gluon kernel (configs/grouped_gemm.py
-    `with_ws`). Gluon has no interpreter, so it runs on an sm_90 GPU only; elsewhere the
-    param is listed, skipped with the reason."""
+    """params plus (cuda, "triton-ws"): the triton backend with every contiguous and
+    segments grouped-GEMM bucket on the warp-specialised Gluon kernels
+    (configs/grouped_gemm.py `with_ws`). Gluon has no interpreter, so they run on an sm_90
+    GPU only; elsewhere the param is listed, skipped with the reason."""
     reason = None if HAS_SM90 else ("no CUDA device" if not HAS_CUDA else "not an sm_90 GPU")
-    marks = [pytest.mark.skip(reason=f"{reason}: the ws kernel is Gluon for sm_90, "
+    marks = [pytest.mark.skip(reason=f"{reason}: the ws kernels are Gluon for sm_90, "
                               "which has no interpreter")] if reason else []
     return params + [pytest.param("cuda", WS, marks=marks, id="cuda-triton-ws")]
 
