@@ -34,12 +34,13 @@ Hopper code shape (read in the sm_90a compile report, docs/fp8.md):
   after the K loop, for pointer loads too: a masked row's scale of 0 times a NaN or inf
   weight scale is NaN). Operands a descriptor cannot describe (rows not a
   multiple of 16 bytes, unaligned base) load through pointers.
-- A contiguous config with `ws` runs `_ws_contiguous_kernel` instead, a Gluon kernel
-  for sm_90 written as DeepGEMM's structure: one producer warp issues the TMA copies of
-  a 128 x 128 tile's operands into a ring of WS_STAGES shared buffers, and two consumer
-  warp groups (64 rows each, partitions of their own) run wgmma on them and promote the
-  products by their scales; while one group promotes, the other's wgmma runs, which one
-  partition of two warp groups waiting on the same barrier cannot do (docs/fp8.md).
+- A contiguous or segments config with `ws` runs `_ws_contiguous_kernel` or
+  `_ws_segments_kernel` instead, Gluon kernels for sm_90 in DeepGEMM's structure: one
+  producer warp issues the TMA copies of a 128 x 128 tile's operands into a ring of
+  WS_STAGES shared buffers, and two consumer warp groups (64 rows each, partitions of
+  their own) run wgmma on them and promote the products by their scales; while one
+  group promotes, the other's wgmma runs, which one partition of two warp groups
+  waiting on the same barrier cannot do (docs/fp8.md).
 Tile configs: configs/grouped_gemm.py.
 """
 
@@ -462,12 +463,10 @@ def _ws_contiguous_kernel(a_desc, as_ptr, b_desc, bs_ptr, m_ptr, out_ptr, R, N, 
     """The contiguous GEMM of one 128 x BLOCK_N output tile (module docstring): every
     expert between the smallest and the largest of the tile's rows gets a pass (one on an
     aligned layout; an expert with no row there costs a pass that stores nothing)."""
-    tiles_m = gl.cdiv(R, 2 * WS_M)
-    width = GROUP * gl.cdiv(N, BLOCK_N)
-    first = gl.program_id(0) // width * GROUP
-    size = gl.minimum(tiles_m - first, GROUP)
-    row0 = (first + gl.program_id(0) % width % size) * (2 * WS_M)
-    n0 = gl.program_id(0) % width // size * BLOCK_N
+    tile_m, tile_n = _grouped_order(gl.program_id(0), gl.cdiv(R, 2 * WS_M),
+                                    gl.cdiv(N, BLOCK_N), GROUP)
+    row0 = tile_m * (2 * WS_M)
+    n0 = tile_n * BLOCK_N
     rows = row0 + gl.arange(0, 2 * WS_M, layout=gl.BlockedLayout([1], [32], [4], [0]))
     in_range = rows < R
     m = gl.load(m_ptr + rows.to(gl.int64), mask=in_range, other=-1)
@@ -495,11 +494,8 @@ def _ws_segments_kernel(a_desc, as_ptr, b_desc, bs_ptr, offsets_ptr, counts_ptr,
     """The segments GEMM (`_segments_kernel`'s layout and tile search) of one 128 x BLOCK_N
     output tile: the rows of one expert's segment; a tile past the last expert's does
     nothing."""
-    width = GROUP * gl.cdiv(N, BLOCK_N)
-    first = gl.program_id(0) // width * GROUP
-    size = gl.minimum(tiles_m - first, GROUP)
-    tile = first + gl.program_id(0) % width % size
-    n0 = gl.program_id(0) % width // size * BLOCK_N
+    tile, tile_n = _grouped_order(gl.program_id(0), tiles_m, gl.cdiv(N, BLOCK_N), GROUP)
+    n0 = tile_n * BLOCK_N
     er = gl.arange(0, E_PAD, layout=gl.BlockedLayout([1], [32], [4], [0]))
     counts = gl.load(counts_ptr + er, mask=er < E, other=0)
     tiles = (counts + 2 * WS_M - 1) // (2 * WS_M)
