@@ -20,6 +20,7 @@ import json
 import torch
 import triton
 
+from moe_kernels.bench import ws_probe
 from moe_kernels.configs import grouped_gemm as configs
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.triton import grouped_gemm as kernels
@@ -30,14 +31,15 @@ SHAPES = [(4096, 7168), (7168, 2048)]    # (N, K): GEMM1, GEMM2
 E = 8
 
 
-def candidates(bucket, quick, kind="contiguous"):
+def candidates(bucket, quick, kind="contiguous", ws=True):
     """Tile configs for a bucket; each with operands through pointers (cp.async) and
     through TMA descriptors, and the 8-warp TMA tiles of at most 64 x 128 also capped at
     128 registers (2 blocks per SM; they compile without spills, docs/fp8.md); for the
     contiguous and segments kinds also the warp-specialised kernel (`ws`: its own
-    128 x 128 tile; the bucket's fields are the tile of operands it cannot read).
+    128 x 128 tile; the bucket's fields are the tile of operands it cannot read), where
+    `ws` (the ws probe passed: a hang would end the sweep).
     --quick: 8 warps from 64 rows up (4 warps spill there), 4 stages."""
-    if kind in ("contiguous", "segments"):
+    if ws and kind in ("contiguous", "segments"):
         yield {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 4, "ws": True}
     bms = [16, 32] if bucket == 16 else [32, 64] if bucket == 64 else [64, 128]
     bns = [64, 128] if quick else [32, 64, 128, 256]
@@ -82,13 +84,16 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     name = torch.cuda.get_device_name(0)
+    ws_failure = ws_probe.failure()
+    if ws_failure:
+        print(f"ws candidates left out: {ws_failure}", flush=True)
     table = {}
     for kind in configs.KINDS:
         table[kind] = []
         for bucket in BUCKETS:
             rows = ROWS_OF_BUCKET[bucket]
             best = None
-            for cfg in candidates(bucket, args.quick, kind):
+            for cfg in candidates(bucket, args.quick, kind, ws=ws_failure is None):
                 total = 0.0
                 for N, K in SHAPES:
                     total += time_config(operands(kind, rows, N, K), cfg)

@@ -15,6 +15,9 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import session_jobs  # noqa: E402
+# a kernel that hangs or breaks the CUDA context costs its own test only (tests/fault_guard.py)
+from fault_guard import (pytest_runtest_makereport, pytest_runtest_protocol,  # noqa: E402,F401
+                         pytest_runtest_teardown)
 
 # Interpreter runs are slow and vary in time: no per-example deadline.
 settings.register_profile("default", deadline=None,

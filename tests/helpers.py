@@ -163,12 +163,24 @@ def outcome(call):
         return None, type(exc)
 
 
+def require_ws_probe() -> None:
+    """Fails the test at once, with the finding, where the ws kernels did not run in the
+    ws probe (moe_kernels/bench/ws_probe.py): a kernel that hangs would cost each ws test
+    its process's time limit."""
+    from moe_kernels.bench import ws_probe
+    why = ws_probe.failure()
+    if why:
+        pytest.fail(why, pytrace=False)
+
+
 def call_backend(fn, *args, backend: str, **kwargs):
     """fn(*args, backend=backend, **kwargs); "triton-tma" runs backend="triton" under the
     TMA variant of the tile table in force on the first tensor argument's device,
-    "triton-ws" under its warp-specialised variant."""
+    "triton-ws" under its warp-specialised variant (where the ws probe passed)."""
     if backend not in (TMA, WS):
         return fn(*args, backend=backend, **kwargs)
+    if backend == WS:
+        require_ws_probe()
     from moe_kernels.configs import grouped_gemm as configs
     device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
     table = (configs.tma_table(device) if backend == TMA

@@ -4,6 +4,7 @@ regression flags, --plot's PNG."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -234,21 +235,25 @@ def test_kernels_alone_replays_the_top_level_kernel_calls():
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
 def test_json_is_written_after_each_op(tmp_path, monkeypatch, quick_timing):
-    """A run stopped by a time limit keeps the rows of the ops it finished."""
+    """A run stopped by a time limit keeps the rows of the ops it finished, and names the
+    module it stopped in."""
     from moe_kernels.bench import MODULES
     path = tmp_path / "r.json"
     seen = []
     real_eager_rows = cli.eager_call_rows
 
     def spy(*a, **k):
-        seen.append(json.loads(path.read_text())["results"] if path.exists() else None)
+        data = json.loads(path.read_text())
+        seen.append((data["results"], data["meta"]["modules"]))
         return real_eager_rows(*a, **k)
 
     monkeypatch.setattr(cli, "eager_call_rows", spy)
     assert cli.main(["--op", "unpermute", "--op", "grouped_gemm_fp8_masked", "--tokens", "2",
                      "--backend", "cpu", "--no-compile", "--json", str(path)]) == 0
     # the second op's module runs after the first's rows were written
-    assert seen[0] is None and seen[1] and {r["op"] for r in seen[1]} == {"unpermute"}
+    assert seen[0] == ([], {"permute": "running"})
+    assert {r["op"] for r in seen[1][0]} == {"unpermute"}
+    assert seen[1][1] == {"permute": "ok", "grouped_gemm": "running"}
     assert [m.__name__ for m in MODULES].index("moe_kernels.bench.permute") < \
         [m.__name__ for m in MODULES].index("moe_kernels.bench.grouped_gemm")
 
@@ -315,11 +320,88 @@ def test_a_failing_op_module_costs_only_its_own_rows(tmp_path, monkeypatch, caps
     rc = cli.main(["--op", "quantize_fp8_per_token_group", "--op", "grouped_gemm_fp8_masked",
                    "--backend", "cpu", "--no-compile", "--json", str(path)])
     assert rc == 1
-    ops = {r["op"] for r in json.loads(path.read_text())["results"]}
-    assert ops == {"grouped_gemm_fp8_masked"}
+    data = json.loads(path.read_text())
+    assert {r["op"] for r in data["results"]} == {"grouped_gemm_fp8_masked"}
+    assert data["meta"]["modules"] == {"fp8": "raised", "grouped_gemm": "ok"}
     err = capsys.readouterr().err
-    assert "does not compile here" in err and "raised (traceback above): " \
-        "moe_kernels.bench.fp8" in err
+    assert "does not compile here" in err and "modules that failed" in err
+    assert "fp8 (raised)" in err
+
+
+# A measuring process whose op modules are stubs: permute's gives one row, fp8's hangs (a
+# kernel whose barrier never completes), grouped_gemm's raises and leaves the CUDA context
+# unusable (an illegal address); the CPU has no such failures to provoke.
+_BREAKING_CHILD = """
+import sys, time
+from moe_kernels.bench import cli, fp8, grouped_gemm, permute, runs
+from moe_kernels.bench.common import Result
+
+def hang(*args, **kwargs):
+    time.sleep(60)      # bounded: a broken watchdog fails the test, not CI's clock
+
+def illegal_address(*args, **kwargs):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered (stub)")
+
+permute.run = lambda *args, **kwargs: [Result("unpermute", "stub", "cpu", "cpu", 1.0, 100)]
+fp8.run = hang
+grouped_gemm.run = illegal_address
+runs.context_lost = lambda device: True
+cli.eager_call_rows = lambda *args, **kwargs: []
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_supervised_run_goes_on_past_a_hang_and_a_lost_context(tmp_path, capfd):
+    """The first GPU run of a kernel can hang or break the process's CUDA context, which no
+    `except` recovers from: --supervise measures in child processes and starts a fresh one
+    (resumed from the JSON) after each, so the modules after it still get their rows."""
+    from moe_kernels.bench import runs
+    script, path = tmp_path / "child.py", tmp_path / "r.json"
+    script.write_text(_BREAKING_CHILD)
+    path.write_text("a stale file of an earlier run")
+    argv = ["--op", "unpermute", "--op", "quantize_fp8_per_token_group", "--op",
+            "grouped_gemm_fp8_masked", "--backend", "cpu", "--no-compile",
+            "--module-timeout", "3", "--json", str(path)]
+    assert runs.supervise(argv, str(path), command=[sys.executable, str(script)]) == 1
+    data = json.loads(path.read_text())
+    assert data["meta"]["modules"] == {"permute": "ok", "fp8": "timeout", "grouped_gemm": "lost"}
+    assert [(r["op"], r["case"]) for r in data["results"]] == [("unpermute", "stub")]
+    err = capfd.readouterr().err
+    assert "fp8 ran past --module-timeout 3 s" in err and "in hang" in err  # its stack
+    assert "the CUDA context is unusable after grouped_gemm" in err
+    assert err.count("a fresh one goes on") == 2
+    assert "fp8 (timeout), grouped_gemm (lost)" in err
+
+
+def test_resumed_run_marks_the_module_a_process_ended_in(tmp_path):
+    """A module still "running" in the file is one its process ended inside (a crash, a
+    kill from outside): "died", skipped and failed; the finished modules' rows stay."""
+    from moe_kernels.bench import runs
+    path = tmp_path / "r.json"
+    row = dict(op="unpermute", case="c", backend="cpu", device="cpu", time_us=2.0, bytes=8,
+               gbps=0.004, roofline_pct=0.0, tflops=0.0)
+    path.write_text(json.dumps({"meta": {"modules": {"permute": "ok", "fp8": "running"}},
+                                "results": [row]}))
+    run = runs.RunState.resumed(str(path), {"device": "cpu"})
+    assert run.modules == {"permute": "ok", "fp8": "died"}
+    assert run.failed() == ["fp8 (died)"]
+    assert [(r.op, r.case, r.time_us) for r in run.results] == [("unpermute", "c", 2.0)]
+    assert runs.RunState.resumed(str(tmp_path / "none.json"), {}).modules == {}
+
+
+def test_supervisor_restarts_a_child_killed_by_a_signal(tmp_path):
+    """A child that dies by a signal (a segfault in a launcher) is followed by a fresh one,
+    given --resume; the supervisor returns the child's status once one finishes."""
+    from moe_kernels.bench import runs
+    log = tmp_path / "calls"
+    child = ("import os, signal, sys\n"
+             f"log = open({str(log)!r}, 'a'); log.write(' '.join(sys.argv[1:]) + '\\n'); "
+             "log.close()\n"
+             f"if len(open({str(log)!r}).readlines()) == 1: os.kill(os.getpid(), signal.SIGKILL)\n"
+             "sys.exit(0)\n")
+    assert runs.supervise(["--json", "x.json"], str(tmp_path / "x.json"),
+                          command=[sys.executable, "-c", child]) == 0
+    assert log.read_text().splitlines() == ["--json x.json --resume"] * 2
 
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
@@ -398,11 +480,22 @@ def test_tile_variant_rows_run_under_the_tma_tables(monkeypatch):
     # DEFAULTS' 8-warp tiles of at most 64 x 128 elements; not its 128 x 128 ones
     assert capped_tiles == {(64, 128, 8), (128, 64, 8)}
     assert configs.table_in_force(torch.device("cuda")) is configs.DEFAULTS   # restored
+    from moe_kernels.bench import ws_probe
+    from moe_kernels.triton import grouped_gemm as kernels
+    monkeypatch.setattr(kernels, "_runs_wgmma", lambda device: False)    # not an sm_90
+    assert len(bench.tile_variants("cuda", ["triton"], seen, ws=True)) == 2
+    monkeypatch.setattr(kernels, "_runs_wgmma", lambda device: True)
+    monkeypatch.setattr(ws_probe, "failure", lambda: None)
     rows = bench.tile_variants("cuda", ["triton"], seen, ws=True)
     assert [name for name, _ in rows] == ["triton-tma", "triton-tma-maxnreg128", "triton-ws"]
     ws = rows[-1][1](0)
     assert all(b["ws"] for kind in ("contiguous", "segments") for b in ws[kind])
     assert not any(b.get("ws") or b.get("tma") for b in ws["masked"])
+    # a failed ws probe: the row raises its finding (a failed row), the call never runs
+    monkeypatch.setattr(ws_probe, "failure", lambda: "the ws probe did not finish (stand-in)")
+    rows = bench.tile_variants("cuda", ["triton"], lambda i: pytest.fail("ran"), ws=True)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        rows[-1][1](0)
     assert bench.tile_variants("cpu", ["triton", "cpu"], seen) == []
     assert bench.tile_variants("cuda", ["cuda"], seen) == []
 
@@ -422,3 +515,63 @@ def test_quant_variant_row_runs_the_separate_kernels():
     assert bench.quant_variants("cuda", ["triton"], large, seen) == []
     assert bench.quant_variants("cpu", ["triton", "cpu"], small, seen) == []
     assert bench.quant_variants("cuda", ["cuda"], small, seen) == []
+
+
+@pytest.fixture
+def ws_probe(monkeypatch):
+    """moe_kernels.bench.ws_probe with its verdict cache emptied before and after."""
+    from moe_kernels.bench import ws_probe
+    monkeypatch.delenv(ws_probe.VERDICT_ENV, raising=False)
+    ws_probe.failure.cache_clear()
+    yield ws_probe
+    ws_probe.failure.cache_clear()
+
+
+def _probe_child(monkeypatch, probe, code: str):
+    monkeypatch.setattr(probe, "_command", lambda: [sys.executable, "-c", code])
+
+
+def test_ws_probe_verdicts(ws_probe, monkeypatch):
+    """A probe child that passes, fails or hangs (stand-ins: the ws kernels need an sm_90
+    GPU): None, its last output lines, or its time limit, each once per process."""
+    _probe_child(monkeypatch, ws_probe, "print('ws probe: both ran')")
+    assert ws_probe.failure() is None
+    ws_probe.failure.cache_clear()
+    _probe_child(monkeypatch, ws_probe,
+                 "import sys; print('ws probe: the contiguous kernel is off'); sys.exit(5)")
+    why = ws_probe.failure()
+    assert why.startswith("the ws probe failed (exit status 5)") and "is off" in why
+    _probe_child(monkeypatch, ws_probe, "pass")
+    assert ws_probe.failure() == why                 # probed once per process
+    ws_probe.failure.cache_clear()
+    monkeypatch.setattr(ws_probe, "TIMEOUT_S", 1)
+    _probe_child(monkeypatch, ws_probe, "import time; time.sleep(30)")
+    assert "did not finish in 1 s" in ws_probe.failure()
+
+
+def test_ws_probe_verdict_is_shared_through_its_file(ws_probe, monkeypatch, tmp_path):
+    """With MOE_KERNELS_WS_PROBE_FILE the first process probes and the others (xdist
+    workers, the bench's children) read its verdict instead of probing again."""
+    monkeypatch.setenv(ws_probe.VERDICT_ENV, str(tmp_path / "verdict"))
+    _probe_child(monkeypatch, ws_probe, "import sys; sys.exit(7)")
+    why = ws_probe.failure()
+    assert why.startswith("the ws probe failed (exit status 7)")
+    ws_probe.failure.cache_clear()                   # as in another process
+    _probe_child(monkeypatch, ws_probe, "pass")
+    assert ws_probe.failure() == why
+
+
+def test_ws_probe_checks_the_kernels_it_runs(monkeypatch, capsys):
+    """The probe's own operands, layout and checks, on the CPU where its calls run the
+    interpreter's fallback tiles (the ws kernels need an sm_90 GPU): it passes on correct
+    kernels and stops on a wrong one."""
+    import torch
+
+    from moe_kernels.bench import ws_probe
+    from moe_kernels.triton import grouped_gemm as kernels
+    ws_probe.probe("cpu")
+    assert capsys.readouterr().out.count("kernel ran") == 2
+    monkeypatch.setattr(kernels, "grouped_gemm_fp8", lambda a, a_s, b, b_s, m, dtype: torch.zeros(
+        a.shape[0], b.shape[1], dtype=dtype))
+    with pytest.raises(SystemExit, match="the contiguous kernel is off"):
+        ws_probe.probe("cpu")

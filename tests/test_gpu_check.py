@@ -41,7 +41,9 @@ def test_gpu_check_stages_merge_and_summary(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     benches = list(out.glob("bench_Stand-in_GPU_*.json"))
     assert len(benches) == 1 and not list(out.glob("bench_compile_*")), sorted(out.iterdir())
-    rows = json.loads(benches[0].read_text())["results"]
+    bench = json.loads(benches[0].read_text())
+    assert bench["meta"]["modules"] == {"permute": "ok"}     # the supervised run's state
+    rows = bench["results"]
     backends = {(r["case"], r["backend"]) for r in rows if r["op"] == "unpermute"}
     case = "unpermute T=2 K=8 H=2048 bf16"
     assert {(case, "cpu"), (case, "torch-eager"), (case, "torch-compile")} <= backends
@@ -76,3 +78,68 @@ def test_gpu_check_stops_a_stage_that_leaves_too_little_host_memory(tmp_path):
     log = (out / "bench_Stand-in_GPU_20000101T0000.txt").read_text()
     low = [int(part.split(">=")[1].split()[0]) for part in log.split("host memory free")[1:]]
     assert len(low) == 2 and all(0 < mb < (1 << 40) for mb in low), log[:2000]
+
+
+# --- tests/fault_guard.py: a test that hangs or breaks the CUDA context ends its process,
+# not the rest of the stage (stand-ins for the kernel, run in a pytest of their own) ------
+
+_STANDS_IN_FOR_A_BROKEN_CONTEXT = """
+import fault_guard
+
+fault_guard.context_lost = lambda: True    # as after an illegal address on the GPU
+
+def test_before():
+    pass
+
+def test_breaks():
+    assert False, "an illegal memory access (stand-in)"
+
+def test_after():
+    pass
+"""
+
+
+def _guarded_pytest(tmp_path, source: str, **env) -> tuple[subprocess.CompletedProcess, str]:
+    """(the pytest run of `source`, what the guards wrote to MOE_KERNELS_FAULT_LOG)."""
+    (tmp_path / "test_guarded.py").write_text(source)
+    log = tmp_path / "faults.txt"
+    # this run's own guards (the GPU run, under xdist, sets them too) are not the child's
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("PYTEST_XDIST_WORKER", "MOE_KERNELS_TEST_TIMEOUT_S")}
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "fault_guard", "-p", "no:cacheprovider", "-q",
+         "--tb=short", "test_guarded.py"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, env=dict(inherited, MOE_KERNELS_FAULT_LOG=str(log), **env,
+                              PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)])))
+    return r, log.read_text() if log.exists() else ""
+
+
+def test_a_test_that_hangs_ends_its_process_with_its_stack(tmp_path):
+    """Past MOE_KERNELS_TEST_TIMEOUT_S the process exits, its stacks in the fault log
+    (under xdist the worker: the controller reports the test crashed, starts another)."""
+    r, log = _guarded_pytest(tmp_path, "import time\n\ndef test_hangs():\n    time.sleep(60)\n",
+                             MOE_KERNELS_TEST_TIMEOUT_S="2")
+    assert r.returncode == 1 and "Timeout (0:00:02)" in log, (r.stdout[-2000:], log)
+    assert "in test_hangs" in log
+
+
+def test_a_lost_cuda_context_stops_the_session_after_the_failing_test(tmp_path):
+    """Without xdist the session stops at the test after which the context is lost (each
+    later CUDA test would fail on its error), with the failure's summary; the tests
+    before it ran."""
+    r, log = _guarded_pytest(tmp_path, _STANDS_IN_FOR_A_BROKEN_CONTEXT)
+    assert r.returncode == 2, r.stdout[-2000:]      # pytest's "interrupted"
+    message = "the CUDA context is unusable after test_guarded.py::test_breaks: the session stops"
+    assert message in r.stdout and message in log
+    assert "an illegal memory access (stand-in)" in r.stdout    # the failure's summary
+    assert "1 failed, 1 passed" in r.stdout and "test_after" not in r.stdout
+
+
+def test_a_lost_cuda_context_ends_its_xdist_worker(tmp_path):
+    """In an xdist worker the process exits in the failing test's teardown, its failure
+    already reported, so that a fresh worker runs the tests left."""
+    r, log = _guarded_pytest(tmp_path, _STANDS_IN_FOR_A_BROKEN_CONTEXT,
+                             PYTEST_XDIST_WORKER="gw0")
+    assert r.returncode == 3, r.stdout[-2000:]
+    assert "unusable after test_guarded.py::test_breaks: this worker exits" in log
+    assert "1 failed" not in r.stdout             # the process ended before its summary

@@ -12,8 +12,8 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 
 from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, HAS_SM90, big_memory_devices, calc_diff,
-                     call_backend, device_backend_params, poison_allocator, with_tma, with_ws,
-                     TMA, WS)
+                     call_backend, device_backend_params, poison_allocator, require_ws_probe,
+                     with_tma, with_ws, TMA, WS)
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -513,6 +513,7 @@ def test_ws_kernel_over_many_k_blocks(kind, out_dtype):
     left unwritten."""
     from moe_kernels.configs import grouped_gemm as configs
     from moe_kernels.triton import grouped_gemm as kernels
+    require_ws_probe()
     counts = [130, 0, 257, 3]
     m = contiguous_m_indices(counts, 1, pad_extra=5).cuda()
     K, N = 2048, 384

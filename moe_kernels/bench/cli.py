@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ import traceback
 import torch
 
 from moe_kernels import _library
-from moe_kernels.bench import MODULES, OPS
+from moe_kernels.bench import MODULES, OPS, runs
 from moe_kernels.bench.common import (behind_compile, copy_bandwidth_gbps, device_name,
                                       eager_call_rows, format_table, is_peer, measuring,
                                       noise_warning, only_rows)
@@ -46,7 +45,18 @@ def parse_args(argv):
     p.add_argument("--only-compile", action="store_true",
                    help="time the torch.compile rows alone (a second pass after a run with "
                         "--no-compile, whose rows come first when time is short)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (rewritten "
+                   "after each op module, with each module's state: a stopped run keeps its rows)")
+    p.add_argument("--module-timeout", type=float, metavar="S",
+                   help="an op module running longer than S seconds ends the process, its "
+                        "state 'timeout' (a kernel that hangs; needs --json)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the run in --json: keep its rows, skip the modules it "
+                        "has a state for")
+    p.add_argument("--supervise", action="store_true",
+                   help="measure in child processes (--resume), a fresh one after a child "
+                        "stopped inside a module: a hang (--module-timeout), a crash, a lost "
+                        "CUDA context (needs --json)")
     p.add_argument("--plot", metavar="PATH",
                    help="also write a PNG of each kernel's %% of roofline (needs matplotlib: "
                         "pip install 'moe_kernels[plot]')")
@@ -79,6 +89,12 @@ def main(argv=None) -> int:
         return 1 if flagged else 0
     if args.no_compile and args.only_compile:
         raise SystemExit("moe-bench: --no-compile and --only-compile exclude each other")
+    if (args.supervise or args.resume or args.module_timeout) and not args.json:
+        raise SystemExit("moe-bench: --supervise, --resume and --module-timeout keep the "
+                         "run's state in --json PATH")
+    if args.supervise:
+        argv = sys.argv[1:] if argv is None else argv
+        return runs.supervise([a for a in argv if a != "--supervise"], args.json)
     if args.plot:
         _require_matplotlib()
     if args.device == "cpu":
@@ -94,33 +110,33 @@ def main(argv=None) -> int:
             "cpu_isa": _library._C.cpu_isa() if _library.extension_loaded() else None,
             "copy_gbps": round(copy_bandwidth_gbps(args.device), 1)}
     print("moe-bench: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
-    results, failed_modules = [], []
+    run = (runs.RunState.resumed(args.json, meta) if args.resume
+           else runs.RunState(args.json, meta))
     selected = set(args.op or OPS)
     row_filter = only_rows({"torch-compile"}) if args.only_compile else contextlib.nullcontext()
     with measuring(selected), row_filter:
         # in MODULES' order: the kernels first, the layer and expert parallelism (which
         # run them all) last, so that a run stopped by a time limit has the op rows
         for module in (m for m in MODULES if selected & set(m.MEASURES)):
-            t0 = time.perf_counter()
-            try:
-                rows = module.run(args.device, args.backend, args.tokens,
-                                  compile_reference=not args.no_compile)
-                if args.only_compile:   # modules that time outside measure() too
-                    rows = [r for r in rows if r.backend == "torch-compile"]
-                else:
-                    rows += eager_call_rows(module.MEASURES, args.device, args.backend)
-            except Exception:
-                # one op failing (a kernel that does not compile on this device, say) must
-                # not cost the rows of the others: a GPU run is short and rare
-                failed_modules.append(module.__name__)
-                traceback.print_exc()
+            name = runs.module_name(module)
+            if name in run.modules:
+                print(f"moe-bench: {name}: {run.modules[name]} (resumed run)", file=sys.stderr)
                 continue
-            results += rows
-            # written after every op, so that a run stopped by a time limit keeps its rows
-            if args.json:
-                _write_json(args.json, meta, results)
-            print(f"moe-bench: {module.__name__.rsplit('.', 1)[-1]}: {len(rows)} rows in "
+            t0 = time.perf_counter()
+            run.set(name, "running")
+            rows, lost = _measure_module(module, args, run, name)
+            if lost:
+                run.set(name, "lost")
+                print(f"moe-bench: the CUDA context is unusable after {name}; stopped "
+                      f"(--supervise goes on in a fresh process)", file=sys.stderr)
+                return runs.RESTART
+            if rows is None:
+                run.set(name, "raised")
+                continue
+            run.set(name, "ok", rows)
+            print(f"moe-bench: {name}: {len(rows)} rows in "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    results = run.results
     print(format_table(results))
     warning = noise_warning(results)
     if warning:
@@ -134,19 +150,28 @@ def main(argv=None) -> int:
     failed = [r for r in results if r.correct is False]
     if failed:
         print(f"moe-bench: {len(failed)} results disagree with the reference", file=sys.stderr)
+    failed_modules = run.failed()
     if failed_modules:
-        print(f"moe-bench: raised (traceback above): {', '.join(failed_modules)}",
-              file=sys.stderr)
+        print(f"moe-bench: modules that failed (tracebacks above, or in the output of the "
+              f"process that stopped): {', '.join(failed_modules)}", file=sys.stderr)
     return 1 if failed or failed_modules else 0
 
 
-def _write_json(path: str, meta: dict, results) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,
-                                                  roofline_pct=r.roofline_pct, tflops=r.tflops)
-                                             for r in results]}, f, indent=1)
-    os.replace(tmp, path)
+def _measure_module(module, args, run, name) -> tuple[list | None, bool]:
+    """(the module's rows or None where it raised, whether the CUDA context was lost),
+    under the watchdog of --module-timeout: a check of a broken context can hang too."""
+    with runs.watchdog(args.module_timeout, run, name):
+        try:
+            rows = module.run(args.device, args.backend, args.tokens,
+                              compile_reference=not args.no_compile)
+            if args.only_compile:   # modules that time outside measure() too
+                return [r for r in rows if r.backend == "torch-compile"], False
+            return rows + eager_call_rows(module.MEASURES, args.device, args.backend), False
+        except Exception:
+            # one op failing (a kernel that does not compile on this device, say) must not
+            # cost the rows of the others: a GPU run is short and rare
+            traceback.print_exc()
+            return None, runs.context_lost(args.device)
 
 
 def _key(r: dict) -> tuple[str, str, str]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels._common import FP8, SCALE_BLOCK, cdiv
+from moe_kernels.bench import ws_probe
 from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
 from moe_kernels.configs import grouped_gemm as configs
 from moe_kernels.ops import grouped_gemm as ops
@@ -93,15 +94,26 @@ def torch_peers(a, a_s, b, b_s, bounds, device):
 def tile_variants(device: str, backends: list[str], call, ws: bool = False):
     """(row name, fn(i)) of call(i) under each tile-load variant of the table in force
     (module docstring); ws: the call runs the contiguous or segments kernel, which also
-    have the warp-specialised variant (`triton-ws`). GPU only, where triton is timed."""
+    have the warp-specialised variant (`triton-ws`, sm_90; where the ws probe failed, a
+    failed row saying why). GPU only, where triton is timed."""
     if device != "cuda" or "triton" not in backends:
         return []
     table = configs.table_in_force(torch.device(device))
     variants = [("triton-tma", configs.with_tma(table)),
                 ("triton-tma-maxnreg128", configs.with_tma(table, maxnreg=128))]
-    if ws:
-        variants.append(("triton-ws", configs.with_ws(table)))
-    return [(name, lambda i, t=t: configs.with_table(t, call, i)) for name, t in variants]
+    rows = [(name, lambda i, t=t: configs.with_table(t, call, i)) for name, t in variants]
+    from moe_kernels.triton.grouped_gemm import _runs_wgmma
+    if ws and _runs_wgmma(torch.device(device)):
+        # probed apart first: a ws kernel that hangs would take this module's rows with it
+        why = ws_probe.failure()
+        ws_table = configs.with_ws(table)
+        rows.append(("triton-ws", (lambda i: _not_run(why)) if why
+                     else (lambda i: configs.with_table(ws_table, call, i))))
+    return rows
+
+
+def _not_run(why: str):
+    raise RuntimeError(why)
 
 
 def _close(out, want) -> bool:

@@ -1,0 +1,148 @@
+"""A moe-bench run that survives a kernel breaking the process: `--module-timeout`,
+`--resume`, `--supervise` (docs/benchmarks.md, "A run that a kernel breaks").
+
+A kernel run on a device for the first time can do what no `except` catches: hang (a
+barrier never completes), kill the process, or leave the CUDA context unusable, after
+which every later op's rows fail too. So the run's state lives in its JSON file: beside
+the rows, `meta["modules"]` gives each op module's state, written before the module
+starts ("running") and when it ends:
+  ok        its rows are in the file
+  raised    it raised; the process went on
+  lost      it raised and the CUDA context was unusable after it: the process stopped
+  timeout   it ran past --module-timeout: the process stopped
+  died      the process ended inside it (a crash, or a kill from outside)
+A resumed run keeps the file's rows and skips every module with a state; a supervised run
+runs the measurement in child processes and starts a fresh one, resumed, after a child
+stopped inside a module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import faulthandler
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import torch
+
+from moe_kernels.bench.common import Result
+
+# A child's exit status after it stopped inside a module (timeout, lost): the modules
+# after it need a fresh process.
+RESTART = 3
+FAILED_STATES = ("raised", "lost", "timeout", "died")
+
+
+def module_name(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1]
+
+
+class RunState:
+    """The rows and module states of one run, rewritten to `path` (if any) on each change:
+    what a process that stops at any moment leaves behind is the run so far."""
+
+    def __init__(self, path: str | None, meta: dict, results=None, modules=None):
+        self.path, self.meta = path, meta
+        self.results: list[Result] = list(results or [])
+        self.modules: dict[str, str] = dict(modules or {})
+        self._lock = threading.Lock()     # the watchdog's thread writes too
+
+    @classmethod
+    def resumed(cls, path: str, meta: dict) -> "RunState":
+        """The run recorded at `path` (a fresh one where there is none), a module it was
+        inside when its process ended marked "died"."""
+        if not os.path.exists(path):
+            return cls(path, meta)
+        with open(path) as f:
+            data = json.load(f)
+        fields = {f.name for f in dataclasses.fields(Result)}
+        results = [Result(**{k: v for k, v in r.items() if k in fields})
+                   for r in data["results"]]
+        modules = {name: "died" if state == "running" else state
+                   for name, state in data["meta"].get("modules", {}).items()}
+        return cls(path, meta, results, modules)
+
+    def set(self, module: str, state: str, rows=()) -> None:
+        with self._lock:
+            self.results += rows
+            self.modules[module] = state
+            self.write()
+
+    def write(self) -> None:
+        if not self.path:
+            return
+        tmp = f"{self.path}.tmp"
+        meta = dict(self.meta, modules=self.modules)
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "results": [dict(dataclasses.asdict(r), gbps=r.gbps,
+                                                      roofline_pct=r.roofline_pct,
+                                                      tflops=r.tflops)
+                                                 for r in self.results]}, f, indent=1)
+        os.replace(tmp, self.path)
+
+    def failed(self) -> list[str]:
+        return [f"{name} ({state})" for name, state in self.modules.items()
+                if state in FAILED_STATES]
+
+
+def context_lost(device: str) -> bool:
+    """Whether the device can no longer run anything: after an illegal address or a
+    device-side assert, every CUDA call of the process fails."""
+    if device != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).cpu()
+        return False
+    except Exception:
+        return True
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float | None, state: RunState, module: str):
+    """Within: past `seconds`, the stacks of every thread go to stderr, the module is
+    marked "timeout" and the process exits (RESTART). A kernel that hangs cannot be
+    interrupted from Python; a thread can still end the process."""
+    if not seconds:
+        yield
+        return
+
+    def expire():
+        print(f"moe-bench: {module} ran past --module-timeout {seconds:g} s; its stacks:",
+              file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        state.set(module, "timeout")
+        sys.stderr.flush()
+        os._exit(RESTART)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def supervise(argv: list[str], json_path: str, command: list[str] | None = None) -> int:
+    """moe-bench's arguments `argv` (without --supervise) run in child processes, each
+    resuming the run at `json_path` (started afresh here unless argv has --resume), until
+    one finishes: its exit status. `command` runs a child (default: this moe-bench)."""
+    command = command or [sys.executable, "-m", "moe_kernels.bench"]
+    if "--resume" not in argv and os.path.exists(json_path):
+        os.remove(json_path)
+    child = [*command, *argv, *([] if "--resume" in argv else ["--resume"])]
+    # each restart follows a module that stopped a child, so the modules bound them
+    from moe_kernels.bench import MODULES
+    for _ in range(len(MODULES) + 1):
+        rc = subprocess.call(child)
+        if rc >= 0 and rc != RESTART:
+            return rc
+        why = f"signal {-rc}" if rc < 0 else "a module stopped it"
+        print(f"moe-bench: the measuring process ended ({why}); a fresh one goes on",
+              file=sys.stderr, flush=True)
+    return 1
