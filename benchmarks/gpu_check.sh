@@ -34,8 +34,10 @@
 #                             slow probe")
 #   TEST_SELECT               pytest -k of the tests stage (default: "(cuda or nccl) and
 #                             not emulated": CPU emulation of the CUDA kernels runs in CI)
-#   MODULE_TIMEOUT_S          an op module of bench or compile running longer ends its
-#                             process (default 150); TEST_TIMEOUT_S likewise a test (120)
+#   STALL_TIMEOUT_S           an op module of bench that goes this long without a row
+#                             checked or timed ends its process (default 90; compile, whose
+#                             rows are Inductor compiles, twice that); TEST_TIMEOUT_S the
+#                             same for a test (default 120)
 #   PYTEST_ARGS               more pytest options for tests and slow
 #   BENCH_ARGS                more moe-bench options for bench and compile (e.g. --op NAME)
 #   RUN_TUNE=1                adds the Triton launch-config sweeps after bench (gating, MLA:
@@ -135,7 +137,7 @@ tests_log="$OUT/tests_${gpu}_${stamp}.txt"
 # The warp-specialised kernels' first run is probed once, apart, before their rows and
 # tests (moe_kernels/bench/ws_probe.py); the verdict file spans this call's processes and a
 # second call with the same STAMP on a machine still warm.
-supervised="--supervise --module-timeout ${MODULE_TIMEOUT_S:-150}"
+stall=${STALL_TIMEOUT_S:-90}
 ws_verdict="${TMPDIR:-/tmp}/moe_kernels_ws_probe_${stamp}"
 export MOE_KERNELS_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} MOE_KERNELS_FAULT_LOG=$tests_log \
   MOE_KERNELS_WS_PROBE_FILE=$ws_verdict
@@ -146,7 +148,7 @@ for stage in $STAGES; do
              "python3 benchmarks/carried_build.py check || python3 setup.py build_ext --inplace"
            [ -n "$(ls moe_kernels/_C*.so 2>/dev/null)" ] || { tail -40 "$OUT/build_${stamp}.log"; break; } ;;
     bench) run_stage bench 210 "$bench_log" python3 -m moe_kernels.bench --no-compile \
-             $supervised --json "$bench_json" ${BENCH_ARGS:-}
+             --supervise --stall-timeout "$stall" --json "$bench_json" ${BENCH_ARGS:-}
            if [ "${RUN_TUNE:-0}" = 1 ]; then
              # ~3 min of it is the grouped GEMMs' quick sweep (87 configs to compile)
              run_stage tune 300 "$OUT/tune_${stamp}.log" bash -c "python3 benchmarks/tune_gating.py && \
@@ -155,7 +157,7 @@ for stage in $STAGES; do
              cp moe_kernels/configs/grouped_gemm/*.json "$OUT/" 2>/dev/null
            fi ;;
     compile) run_stage compile 240 "$bench_log" python3 -m moe_kernels.bench --only-compile \
-             $supervised --json "$compile_json" ${BENCH_ARGS:-} ;;
+             --supervise --stall-timeout $(( 2 * stall )) --json "$compile_json" ${BENCH_ARGS:-} ;;
     tests) run_stage tests 200 "$tests_log" \
              python3 -m pytest tests -v -rfE --tb=short -p no:cacheprovider -m "not slow" \
              -k "$TEST_SELECT" $have_xdist ${PYTEST_ARGS:-} ;;

@@ -3,7 +3,9 @@ regression flags, --plot's PNG."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
 
 import pytest
@@ -328,13 +330,20 @@ def test_a_failing_op_module_costs_only_its_own_rows(tmp_path, monkeypatch, caps
     assert "fp8 (raised)" in err
 
 
-# A measuring process whose op modules are stubs: permute's gives one row, fp8's hangs (a
-# kernel whose barrier never completes), grouped_gemm's raises and leaves the CUDA context
-# unusable (an illegal address); the CPU has no such failures to provoke.
+# A measuring process whose op modules are stubs: permute's takes longer than the stall
+# limit but reports progress as it goes, and gives one row; fp8's hangs (a kernel whose
+# barrier never completes); grouped_gemm's raises and leaves the CUDA context unusable (an
+# illegal address). The CPU has no such failures to provoke.
 _BREAKING_CHILD = """
 import sys, time
-from moe_kernels.bench import cli, fp8, grouped_gemm, permute, runs
+from moe_kernels.bench import cli, common, fp8, grouped_gemm, permute, runs
 from moe_kernels.bench.common import Result
+
+def slow_rows(*args, **kwargs):
+    for _ in range(3):
+        time.sleep(0.8)
+        common.progress()
+    return [Result("unpermute", "stub", "cpu", "cpu", 1.0, 100)]
 
 def hang(*args, **kwargs):
     time.sleep(60)      # bounded: a broken watchdog fails the test, not CI's clock
@@ -342,7 +351,7 @@ def hang(*args, **kwargs):
 def illegal_address(*args, **kwargs):
     raise RuntimeError("CUDA error: an illegal memory access was encountered (stub)")
 
-permute.run = lambda *args, **kwargs: [Result("unpermute", "stub", "cpu", "cpu", 1.0, 100)]
+permute.run = slow_rows
 fp8.run = hang
 grouped_gemm.run = illegal_address
 runs.context_lost = lambda device: True
@@ -361,16 +370,39 @@ def test_supervised_run_goes_on_past_a_hang_and_a_lost_context(tmp_path, capfd):
     path.write_text("a stale file of an earlier run")
     argv = ["--op", "unpermute", "--op", "quantize_fp8_per_token_group", "--op",
             "grouped_gemm_fp8_masked", "--backend", "cpu", "--no-compile",
-            "--module-timeout", "3", "--json", str(path)]
+            "--stall-timeout", "2", "--json", str(path)]
     assert runs.supervise(argv, str(path), command=[sys.executable, str(script)]) == 1
     data = json.loads(path.read_text())
-    assert data["meta"]["modules"] == {"permute": "ok", "fp8": "timeout", "grouped_gemm": "lost"}
+    assert data["meta"]["modules"] == {"permute": "ok", "fp8": "stalled", "grouped_gemm": "lost"}
     assert [(r["op"], r["case"]) for r in data["results"]] == [("unpermute", "stub")]
     err = capfd.readouterr().err
-    assert "fp8 ran past --module-timeout 3 s" in err and "in hang" in err  # its stack
+    assert "fp8 made no progress for --stall-timeout 2 s" in err and "in hang" in err
     assert "the CUDA context is unusable after grouped_gemm" in err
     assert err.count("a fresh one goes on") == 2
-    assert "fp8 (timeout), grouped_gemm (lost)" in err
+    assert "fp8 (stalled), grouped_gemm (lost)" in err
+
+
+def test_a_module_with_its_own_bound_runs_without_the_stall_watchdog(monkeypatch):
+    """expert_parallel's ranks are processes of their own: ending moe-bench on a stall would
+    leave them on the device, so their own timeout bounds that module instead."""
+    from types import SimpleNamespace
+
+    from moe_kernels.bench import expert_parallel, runs
+    seen = []
+
+    @contextlib.contextmanager
+    def watchdog(seconds, state, module):
+        seen.append(seconds)
+        yield
+
+    monkeypatch.setattr(runs, "watchdog", watchdog)
+    args = SimpleNamespace(stall_timeout=90.0, device="cpu", backend=None, tokens=None,
+                           no_compile=True, only_compile=False)
+    stub = lambda **attrs: SimpleNamespace(run=lambda *a, **k: [], MEASURES=(), **attrs)
+    cli._measure_module(stub(), args, None, "gating")
+    cli._measure_module(stub(OWN_TIMEOUT_S=expert_parallel.OWN_TIMEOUT_S), args, None, "ep")
+    assert seen == [90.0, None]
+    assert hasattr(expert_parallel, "OWN_TIMEOUT_S")
 
 
 def test_resumed_run_marks_the_module_a_process_ended_in(tmp_path):
@@ -532,8 +564,9 @@ def _probe_child(monkeypatch, probe, code: str):
 
 
 def test_ws_probe_verdicts(ws_probe, monkeypatch):
-    """A probe child that passes, fails or hangs (stand-ins: the ws kernels need an sm_90
-    GPU): None, its last output lines, or its time limit, each once per process."""
+    """A probe child that passes, fails, stalls or hangs after a launch (stand-ins: the ws
+    kernels need an sm_90 GPU): None, its last output lines, or where it was stopped,
+    each once per process."""
     _probe_child(monkeypatch, ws_probe, "print('ws probe: both ran')")
     assert ws_probe.failure() is None
     ws_probe.failure.cache_clear()
@@ -544,9 +577,20 @@ def test_ws_probe_verdicts(ws_probe, monkeypatch):
     _probe_child(monkeypatch, ws_probe, "pass")
     assert ws_probe.failure() == why                 # probed once per process
     ws_probe.failure.cache_clear()
-    monkeypatch.setattr(ws_probe, "TIMEOUT_S", 1)
-    _probe_child(monkeypatch, ws_probe, "import time; time.sleep(30)")
-    assert "did not finish in 1 s" in ws_probe.failure()
+    monkeypatch.setattr(ws_probe, "COMPILE_S", 1.5)
+    monkeypatch.setattr(ws_probe, "RUN_S", 0.5)
+    _probe_child(monkeypatch, ws_probe, "import time; time.sleep(30)")  # a start that stalls
+    why = ws_probe.failure()
+    assert re.search(r"was stopped after \d+ s; its last line: no output$", why), why
+    ws_probe.failure.cache_clear()
+    # a compile that takes longer than a run may, printing as it goes, then a hang
+    _probe_child(monkeypatch, ws_probe, "import time\n"
+                 "for _ in range(2):\n    time.sleep(0.8); print('compiling', flush=True)\n"
+                 f"print({ws_probe.LAUNCHED!r} + ' the contiguous kernel', flush=True)\n"
+                 "time.sleep(30)\n")
+    why = ws_probe.failure()
+    assert re.search(r"was stopped after \d+ s \(a ws kernel that hangs\); its last line: "
+                     r"ws probe: launched the contiguous kernel$", why), why
 
 
 def test_ws_probe_verdict_is_shared_through_its_file(ws_probe, monkeypatch, tmp_path):

@@ -47,15 +47,16 @@ def parse_args(argv):
                         "--no-compile, whose rows come first when time is short)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON (rewritten "
                    "after each op module, with each module's state: a stopped run keeps its rows)")
-    p.add_argument("--module-timeout", type=float, metavar="S",
-                   help="an op module running longer than S seconds ends the process, its "
-                        "state 'timeout' (a kernel that hangs; needs --json)")
+    p.add_argument("--stall-timeout", type=float, metavar="S",
+                   help="an op module that goes S seconds without a row checked or timed "
+                        "ends the process, its state 'stalled' (a kernel that hangs; needs "
+                        "--json)")
     p.add_argument("--resume", action="store_true",
                    help="go on with the run in --json: keep its rows, skip the modules it "
                         "has a state for")
     p.add_argument("--supervise", action="store_true",
                    help="measure in child processes (--resume), a fresh one after a child "
-                        "stopped inside a module: a hang (--module-timeout), a crash, a lost "
+                        "stopped inside a module: a hang (--stall-timeout), a crash, a lost "
                         "CUDA context (needs --json)")
     p.add_argument("--plot", metavar="PATH",
                    help="also write a PNG of each kernel's %% of roofline (needs matplotlib: "
@@ -89,8 +90,8 @@ def main(argv=None) -> int:
         return 1 if flagged else 0
     if args.no_compile and args.only_compile:
         raise SystemExit("moe-bench: --no-compile and --only-compile exclude each other")
-    if (args.supervise or args.resume or args.module_timeout) and not args.json:
-        raise SystemExit("moe-bench: --supervise, --resume and --module-timeout keep the "
+    if (args.supervise or args.resume or args.stall_timeout) and not args.json:
+        raise SystemExit("moe-bench: --supervise, --resume and --stall-timeout keep the "
                          "run's state in --json PATH")
     if args.supervise:
         argv = sys.argv[1:] if argv is None else argv
@@ -159,8 +160,11 @@ def main(argv=None) -> int:
 
 def _measure_module(module, args, run, name) -> tuple[list | None, bool]:
     """(the module's rows or None where it raised, whether the CUDA context was lost),
-    under the watchdog of --module-timeout: a check of a broken context can hang too."""
-    with runs.watchdog(args.module_timeout, run, name):
+    under the watchdog of --stall-timeout (a check of a broken context can hang too),
+    except for a module whose processes have a bound of their own (OWN_TIMEOUT_S): ending
+    this process would leave them running on the device."""
+    seconds = None if hasattr(module, "OWN_TIMEOUT_S") else args.stall_timeout
+    with runs.watchdog(seconds, run, name):
         try:
             rows = module.run(args.device, args.backend, args.tokens,
                               compile_reference=not args.no_compile)

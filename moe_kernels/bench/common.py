@@ -217,6 +217,25 @@ def only_rows(names):
     return _restricted(_ONLY_ROWS, names)
 
 
+# Called as measure() goes (moe-bench --stall-timeout's watchdog, bench/runs.py).
+_PROGRESS: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def on_progress(fn: Callable[[], None]):
+    """Within: fn() after each row's first call and after each row's timing."""
+    _PROGRESS.append(fn)
+    try:
+        yield
+    finally:
+        _PROGRESS.remove(fn)
+
+
+def progress() -> None:
+    for fn in _PROGRESS:
+        fn()
+
+
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
             check: Callable[[object], bool], flops: int = 0, math: str = "fp8",
             tokens: int = 0) -> list[Result]:
@@ -242,6 +261,7 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
             (t, spread), how = on_cpu[i], "wall"
         else:
             t, how, spread = timed_spread(fn, device, n_sets)
+        progress()
         note = f"{how}, {t * 1e3 / tokens:.1f} ns/token" if tokens else how
         results.append(Result(op, case, name, device, t, nbytes, flops=flops, copy_gbps=copy,
                               correct=correct[i], note=note, peak_tflops=peak, spread=spread))
@@ -264,6 +284,7 @@ def _first_calls(op, case, device, timed, check, results):
         try:
             out = fn(0)
         except Exception as exc:
+            progress()
             sync_quietly(device)
             why = f"{type(exc).__name__}: {str(exc)[:120]}"
             results.append(Result(op, case, name, device, 0.0, 0,
@@ -272,6 +293,7 @@ def _first_calls(op, case, device, timed, check, results):
             continue
         ran.append((name, fn))
         correct.append(check(out))
+        progress()
     return ran, correct
 
 
@@ -408,6 +430,7 @@ def eager_call_rows(op_names, device: str, backends) -> list[Result]:
                 sync_quietly(device)
                 us, note, ok = 0.0, f"raised {type(exc).__name__}: {str(exc)[:100]}", False
             rows.append(Result(op, EAGER_CASE, b, device, us, 0, correct=ok, note=note))
+            progress()
     return rows
 
 

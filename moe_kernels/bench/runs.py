@@ -1,4 +1,4 @@
-"""A moe-bench run that survives a kernel breaking the process: `--module-timeout`,
+"""A moe-bench run that survives a kernel breaking the process: `--stall-timeout`,
 `--resume`, `--supervise` (docs/benchmarks.md, "A run that a kernel breaks").
 
 A kernel run on a device for the first time can do what no `except` catches: hang (a
@@ -9,7 +9,8 @@ starts ("running") and when it ends:
   ok        its rows are in the file
   raised    it raised; the process went on
   lost      it raised and the CUDA context was unusable after it: the process stopped
-  timeout   it ran past --module-timeout: the process stopped
+  stalled   it went --stall-timeout seconds without a row checked or timed: the process
+            stopped
   died      the process ended inside it (a crash, or a kill from outside)
 A resumed run keeps the file's rows and skips every module with a state; a supervised run
 runs the measurement in child processes and starts a fresh one, resumed, after a child
@@ -26,15 +27,17 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import torch
 
+from moe_kernels.bench import common
 from moe_kernels.bench.common import Result
 
-# A child's exit status after it stopped inside a module (timeout, lost): the modules
+# A child's exit status after it stopped inside a module (stalled, lost): the modules
 # after it need a fresh process.
 RESTART = 3
-FAILED_STATES = ("raised", "lost", "timeout", "died")
+FAILED_STATES = ("raised", "lost", "stalled", "died")
 
 
 def module_name(module) -> str:
@@ -104,28 +107,36 @@ def context_lost(device: str) -> bool:
 
 @contextlib.contextmanager
 def watchdog(seconds: float | None, state: RunState, module: str):
-    """Within: past `seconds`, the stacks of every thread go to stderr, the module is
-    marked "timeout" and the process exits (RESTART). A kernel that hangs cannot be
-    interrupted from Python; a thread can still end the process."""
+    """Within: where `seconds` pass without progress (common.progress(): a row's first
+    call or its timing done), the stacks of every thread go to stderr, the module is
+    marked "stalled" and the process exits (RESTART). A kernel that hangs cannot be
+    interrupted from Python; a thread can still end the process. Progress, not a bound on
+    the module: a module's rows take minutes in all, one row's compile and timing
+    seconds, so a hang is found in `seconds` wherever it happens."""
     if not seconds:
         yield
         return
+    last = [time.monotonic()]
+    done = threading.Event()
 
-    def expire():
-        print(f"moe-bench: {module} ran past --module-timeout {seconds:g} s; its stacks:",
-              file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        state.set(module, "timeout")
-        sys.stderr.flush()
-        os._exit(RESTART)
+    def watch():
+        while not done.wait(min(1.0, seconds / 4)):
+            if time.monotonic() - last[0] > seconds:
+                print(f"moe-bench: {module} made no progress for --stall-timeout {seconds:g} "
+                      f"s; its stacks:", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                state.set(module, "stalled")
+                sys.stderr.flush()
+                os._exit(RESTART)
 
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+    watcher = threading.Thread(target=watch, daemon=True)
+    with common.on_progress(lambda: last.__setitem__(0, time.monotonic())):
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
 
 def supervise(argv: list[str], json_path: str, command: list[str] | None = None) -> int:

@@ -4,9 +4,9 @@ in a child process bounded in time, before the bench rows and tests that use the
 
 Of every kernel, theirs is the first run likeliest to hang: a barrier whose phase or count
 slips never completes, and nothing in the process can interrupt it. Probed apart, a hang
-costs TIMEOUT_S once, and their rows and tests fail at once with the probe's finding,
-instead of each hanging until its own limit and taking the GEMM module's other rows with
-it (docs/benchmarks.md, "A run that a kernel breaks").
+costs RUN_S seconds after the launch once, and their rows and tests fail at once with the
+probe's finding, instead of each hanging until its own limit and taking the GEMM module's
+other rows with it (docs/benchmarks.md, "A run that a kernel breaks").
 
 `python -m moe_kernels.bench.ws_probe` runs the probe itself (exit 0: both ran and agree
 with the reference).
@@ -17,11 +17,17 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import select
 import subprocess
 import sys
+import time
 
-# two Gluon compiles and the launches, with the child's torch import and CUDA start
-TIMEOUT_S = 120
+# The child's deadlines, renewed by each line it prints: up to a launch (its torch import
+# and CUDA start, or the next kernel's compile), and from a launch to its end (the kernels
+# take microseconds: only a hang takes seconds).
+COMPILE_S = 90
+RUN_S = 15
+LAUNCHED = "ws probe: launched"
 # Where set, the file shares the verdict between the processes of one GPU run (the bench's
 # children, each xdist worker): the first one probes, the others read.
 VERDICT_ENV = "MOE_KERNELS_WS_PROBE_FILE"
@@ -34,14 +40,35 @@ def _command() -> list[str]:
 
 def _probe_in_child() -> str:
     """OK, or why the ws kernels cannot be used here."""
-    try:
-        r = subprocess.run(_command(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return (f"the ws probe (moe_kernels/bench/ws_probe.py) did not finish in "
-                f"{TIMEOUT_S} s: a ws kernel that hangs?")
-    if r.returncode != 0:
-        tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
-        return f"the ws probe failed (exit status {r.returncode}): {tail}"
+    proc = subprocess.Popen(_command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines, pending, start = [], b"", time.monotonic()
+    deadline = start + COMPILE_S
+    with proc:
+        fd = proc.stdout.fileno()
+        # os.read, not readline: a buffered reader can hold a line that select never sees
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                last = lines[-1] if lines else "no output"
+                hang = " (a ws kernel that hangs)" if last.startswith(LAUNCHED) else ""
+                return (f"the ws probe (moe_kernels/bench/ws_probe.py) was stopped after "
+                        f"{time.monotonic() - start:.0f} s{hang}; its last line: {last}")
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            *done, pending = (pending + chunk).split(b"\n")
+            for line in (x.decode(errors="replace").rstrip() for x in done):
+                lines.append(line)
+                deadline = time.monotonic() + (RUN_S if line.startswith(LAUNCHED)
+                                               else COMPILE_S)
+        status = proc.wait()
+    if pending.strip():
+        lines.append(pending.decode(errors="replace").rstrip())
+    if status != 0:
+        return f"the ws probe failed (exit status {status}): {' | '.join(lines[-3:])}"
     return OK
 
 
@@ -97,7 +124,9 @@ def probe(device: str = "cuda") -> None:
                                                                    c, torch.bfloat16)}
     rows = m >= 0
     for kind, call in calls.items():
-        got = configs.with_table(ws, call).float().cpu()
+        out = configs.with_table(ws, call)       # compiles, then launches without waiting
+        print(f"{LAUNCHED} the {kind} kernel", flush=True)
+        got = out.float().cpu()
         err = ((got[rows] - want[rows]).norm() / want[rows].norm()).item()
         if not err < 1e-2:
             raise SystemExit(f"ws probe: the {kind} kernel is off: relative error {err:.3g}")
