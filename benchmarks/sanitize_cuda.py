@@ -13,7 +13,9 @@ the sanitizer's report, a wrong result here.
   the contiguous one and fused_moe_fp8 (segments) on the warp-specialised kernels (`ws`);
 - one DeepseekV3MoE forward (fused shared expert, unpermute into the sum).
 
-Usage: python3 benchmarks/sanitize_cuda.py   (a line per op and backend; exit 1 on a mismatch)
+A failed check after which the CUDA context is unusable stops the checks, saying where (each
+later one would fail on it). Usage: python3 benchmarks/sanitize_cuda.py   (a line per op
+and backend; exit 1 on a mismatch)
 """
 
 from __future__ import annotations
@@ -50,7 +52,20 @@ def check_ops(device: str = "cuda", backends=("triton", "cuda"), ops=None,
                   f"{'ok' if ok else 'FAILED'}  {time.perf_counter() - t0:5.1f} s", flush=True)
             if not ok:
                 print(report.message(), flush=True)
+                if context_lost(device):
+                    raise ContextLost(f"{op} {label}")
     return failures
+
+
+class ContextLost(Exception):
+    """The CUDA context is unusable after a failed check: every later call of the process
+    would fail on it, so the checks stop there (the sanitizer's report names the first
+    bad access)."""
+
+
+def context_lost(device: str) -> bool:
+    from moe_kernels.bench.runs import context_lost as lost
+    return lost(device)
 
 
 def _with_tiles(device: str, fn, tiles: str):
@@ -134,8 +149,17 @@ def main() -> int:
         print("sanitize_cuda: no CUDA device")
         return 2
     from moe_kernels.bench.launches import TMA_OPS
-    failures = (check_ops() + check_ops(backends=("triton",), ops=TMA_OPS, tiles="tma")
-                + check_ws() + check_mla_paged_out_of_range() + check_layer())
+    checks = [check_ops, functools.partial(check_ops, backends=("triton",), ops=TMA_OPS,
+                                           tiles="tma"),
+              check_ws, check_mla_paged_out_of_range, check_layer]
+    failures = 0
+    try:
+        for check in checks:
+            failures += check()
+    except ContextLost as exc:
+        print(f"sanitize_cuda: the CUDA context is unusable after {exc}; the checks after it "
+              f"did not run", flush=True)
+        failures += 1
     print(f"sanitize_cuda: {failures} failure(s)")
     return 1 if failures else 0
 

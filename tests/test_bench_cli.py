@@ -442,6 +442,7 @@ def test_gpu_scripts_run_at_small_sizes_on_the_cpu():
     broken call would cost device time: their calls run here on the CPU backend."""
     import importlib.util
     import pathlib
+    from types import SimpleNamespace
 
     def load(name):
         path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
@@ -454,6 +455,13 @@ def test_gpu_scripts_run_at_small_sizes_on_the_cpu():
     sanitize = load("sanitize_cuda")
     assert sanitize.check_layer("cpu", ("cpu",)) == 0
     assert sanitize.check_mla_paged_out_of_range("cpu") == 0
+    assert sanitize.check_ops("cpu", ("cpu",), ops=["unpermute"]) == 0
+    # a failed check after which the CUDA context is unusable stops the checks (stand-ins)
+    sanitize.testing = SimpleNamespace(check=lambda *a, **k: SimpleNamespace(
+        passed=False, skipped=0, results=[], message=lambda: "an illegal address (stand-in)"))
+    sanitize.context_lost = lambda device: True
+    with pytest.raises(sanitize.ContextLost, match="unpermute cpu"):
+        sanitize.check_ops("cpu", ("cpu",), ops=["unpermute"])
 
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
