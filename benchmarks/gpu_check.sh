@@ -37,7 +37,7 @@
 #   STALL_TIMEOUT_S           an op module of bench that goes this long without a row
 #                             checked or timed ends its process (default 90; compile, whose
 #                             rows are Inductor compiles, twice that); TEST_TIMEOUT_S the
-#                             same for a test (default 120)
+#                             same for a test (default 180: a first test compiles)
 #   PYTEST_ARGS               more pytest options for tests and slow
 #   BENCH_ARGS                more moe-bench options for bench and compile (e.g. --op NAME)
 #   RUN_TUNE=1                adds the Triton launch-config sweeps after bench (gating, MLA:
@@ -139,7 +139,7 @@ tests_log="$OUT/tests_${gpu}_${stamp}.txt"
 # second call with the same STAMP on a machine still warm.
 stall=${STALL_TIMEOUT_S:-90}
 ws_verdict="${TMPDIR:-/tmp}/moe_kernels_ws_probe_${stamp}"
-export MOE_KERNELS_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-120} MOE_KERNELS_FAULT_LOG=$tests_log \
+export MOE_KERNELS_TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-180} MOE_KERNELS_FAULT_LOG=$tests_log \
   MOE_KERNELS_WS_PROBE_FILE=$ws_verdict
 
 for stage in $STAGES; do
