@@ -38,6 +38,10 @@
 #                             checked or timed ends its process (default 90; compile, whose
 #                             rows are Inductor compiles, twice that); TEST_TIMEOUT_S the
 #                             same for a test (default 180: a first test compiles)
+#   RESUME_BENCH              a bench JSON of an earlier call (put into the tree first): the
+#                             bench stage goes on with it (moe-bench --resume: the modules
+#                             it finished or that failed there are skipped, one that its
+#                             time limit interrupted runs again)
 #   PYTEST_ARGS               more pytest options for tests and slow
 #   BENCH_ARGS                more moe-bench options for bench and compile (e.g. --op NAME)
 #   RUN_TUNE=1                adds the Triton launch-config sweeps after bench (gating, MLA:
@@ -147,8 +151,10 @@ for stage in $STAGES; do
     build) run_stage build 240 "$OUT/build_${stamp}.log" bash -c \
              "python3 benchmarks/carried_build.py check || python3 setup.py build_ext --inplace"
            [ -n "$(ls moe_kernels/_C*.so 2>/dev/null)" ] || { tail -40 "$OUT/build_${stamp}.log"; break; } ;;
-    bench) run_stage bench 210 "$bench_log" python3 -m moe_kernels.bench --no-compile \
-             --supervise --stall-timeout "$stall" --json "$bench_json" ${BENCH_ARGS:-}
+    bench) resume=""
+           if [ -n "${RESUME_BENCH:-}" ]; then cp "$RESUME_BENCH" "$bench_json" && resume=--resume; fi
+           run_stage bench 210 "$bench_log" python3 -m moe_kernels.bench --no-compile \
+             --supervise --stall-timeout "$stall" $resume --json "$bench_json" ${BENCH_ARGS:-}
            if [ "${RUN_TUNE:-0}" = 1 ]; then
              # ~3 min of it is the grouped GEMMs' quick sweep (87 configs to compile)
              run_stage tune 300 "$OUT/tune_${stamp}.log" bash -c "python3 benchmarks/tune_gating.py && \

@@ -382,6 +382,60 @@ def test_supervised_run_goes_on_past_a_hang_and_a_lost_context(tmp_path, capfd):
     assert "fp8 (stalled), grouped_gemm (lost)" in err
 
 
+# A measuring process whose fp8 module takes long (HANG=1) or gives one row: a stand-in for
+# a run that an outer time limit stops.
+_LONG_CHILD = """
+import os, sys, time
+from moe_kernels.bench import cli, fp8, permute
+from moe_kernels.bench.common import Result
+
+def fp8_rows(*args, **kwargs):
+    if os.environ["HANG"] == "1":
+        time.sleep(60)
+    return [Result("quantize_fp8_per_token_group", "stub", "cpu", "cpu", 2.0, 100)]
+
+permute.run = lambda *args, **kwargs: [Result("unpermute", "stub", "cpu", "cpu", 1.0, 100)]
+fp8.run = fp8_rows
+cli.eager_call_rows = lambda *args, **kwargs: []
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_run_stopped_by_a_time_limit_resumes_where_it_stopped(tmp_path):
+    """SIGTERM to the run's process group (what `timeout` sends) records the module it
+    stopped in as interrupted, which --resume runs again (a second device call finishing
+    the bench of a first one that ran out of time)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    script, path = tmp_path / "child.py", tmp_path / "r.json"
+    script.write_text(_LONG_CHILD)
+    argv = ["--op", "unpermute", "--op", "quantize_fp8_per_token_group", "--backend", "cpu",
+            "--no-compile", "--json", str(path)]
+    supervisor = ("import sys; from moe_kernels.bench import runs; "
+                  f"sys.exit(runs.supervise(sys.argv[1:], {str(path)!r}, "
+                  f"command=[sys.executable, {str(script)!r}]))")
+    run = lambda *extra, hang: subprocess.Popen(
+        [sys.executable, "-c", supervisor, *argv, *extra], start_new_session=True,
+        env=dict(os.environ, HANG=hang), stderr=subprocess.PIPE, text=True)
+    first = run(hang="1")
+    deadline = time.monotonic() + 60
+    while not (path.exists() and '"fp8": "running"' in path.read_text()):
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGTERM)
+    assert first.wait(timeout=30) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM inside fp8" in first.stderr.read()
+    data = json.loads(path.read_text())
+    assert data["meta"]["modules"] == {"permute": "ok", "fp8": "interrupted"}
+    second = run("--resume", hang="0")
+    assert second.wait(timeout=60) == 0, second.stderr.read()
+    data = json.loads(path.read_text())
+    assert data["meta"]["modules"] == {"permute": "ok", "fp8": "ok"}
+    assert [r["op"] for r in data["results"]] == ["unpermute", "quantize_fp8_per_token_group"]
+
+
 def test_a_module_with_its_own_bound_runs_without_the_stall_watchdog(monkeypatch):
     """expert_parallel's ranks are processes of their own: ending moe-bench on a stall would
     leave them on the device, so their own timeout bounds that module instead."""
@@ -407,15 +461,17 @@ def test_a_module_with_its_own_bound_runs_without_the_stall_watchdog(monkeypatch
 
 def test_resumed_run_marks_the_module_a_process_ended_in(tmp_path):
     """A module still "running" in the file is one its process ended inside (a crash, a
-    kill from outside): "died", skipped and failed; the finished modules' rows stay."""
+    kill that no handler saw): "died", skipped and failed; an interrupted one runs again;
+    the finished modules' rows stay."""
     from moe_kernels.bench import runs
     path = tmp_path / "r.json"
     row = dict(op="unpermute", case="c", backend="cpu", device="cpu", time_us=2.0, bytes=8,
                gbps=0.004, roofline_pct=0.0, tflops=0.0)
-    path.write_text(json.dumps({"meta": {"modules": {"permute": "ok", "fp8": "running"}},
+    path.write_text(json.dumps({"meta": {"modules": {"permute": "ok", "fp8": "running",
+                                                     "gating": "interrupted"}},
                                 "results": [row]}))
     run = runs.RunState.resumed(str(path), {"device": "cpu"})
-    assert run.modules == {"permute": "ok", "fp8": "died"}
+    assert run.modules == {"permute": "ok", "fp8": "died"}      # gating: to run again
     assert run.failed() == ["fp8 (died)"]
     assert [(r.op, r.case, r.time_us) for r in run.results] == [("unpermute", "c", 2.0)]
     assert runs.RunState.resumed(str(tmp_path / "none.json"), {}).modules == {}

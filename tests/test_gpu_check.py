@@ -80,6 +80,32 @@ def test_gpu_check_stops_a_stage_that_leaves_too_little_host_memory(tmp_path):
     assert len(low) == 2 and all(0 < mb < (1 << 40) for mb in low), log[:2000]
 
 
+def test_gpu_check_resumes_the_bench_of_an_earlier_call(tmp_path):
+    """RESUME_BENCH: a second device call goes on with the first call's bench JSON, whose
+    finished modules keep their rows and are not measured again (its interrupted ones
+    would be)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "nvidia-smi", 'echo "Stand-in GPU"')
+    earlier = tmp_path / "earlier.json"
+    row = dict(op="unpermute", case="from the first call", backend="cpu", device="cpu",
+               time_us=2.0, bytes=8, correct=True)
+    earlier.write_text(json.dumps({"meta": {"modules": {"permute": "ok"}}, "results": [row]}))
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUDGET_S="120", STAGES="bench", STAMP="20000101T0000",
+               RESUME_BENCH=str(earlier), BENCH_ARGS="--op unpermute --backend cpu",
+               PATH=f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    bench = json.loads((out / "bench_Stand-in_GPU_20000101T0000.json").read_text())
+    assert bench["meta"]["modules"] == {"permute": "ok"}
+    assert [(x["op"], x["case"]) for x in bench["results"]] == [("unpermute",
+                                                                  "from the first call")]
+    log = (out / "bench_Stand-in_GPU_20000101T0000.txt").read_text()
+    assert "permute: ok (resumed run)" in log and " --resume " in log
+
+
 # --- tests/fault_guard.py: a test that hangs or breaks the CUDA context ends its process,
 # not the rest of the stage (stand-ins for the kernel, run in a pytest of their own) ------
 

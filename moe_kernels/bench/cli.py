@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,42 @@ def main(argv=None) -> int:
     print("moe-bench: " + ", ".join(f"{k}={v}" for k, v in meta.items()), flush=True)
     run = (runs.RunState.resumed(args.json, meta) if args.resume
            else runs.RunState(args.json, meta))
+    try:
+        with runs.stop_on_sigterm():
+            status = _run_modules(args, run)
+    except runs.Interrupted:
+        stopped_in = run.running
+        if stopped_in:
+            run.set(stopped_in, "interrupted")
+        print(f"moe-bench: stopped by SIGTERM{f' inside {stopped_in}' if stopped_in else ''}"
+              f" (--resume goes on from there)", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
+    if status is not None:
+        return status
+    results = run.results
+    print(format_table(results))
+    warning = noise_warning(results)
+    if warning:
+        print(warning, file=sys.stderr)
+    for op, case, backend, speedup in behind_compile(results):
+        print(f"moe-bench: {op} '{case}' {backend}: {speedup:.2f}x torch.compile (behind)",
+              file=sys.stderr)
+    if args.plot:
+        plot_roofline(results, meta, args.plot)
+        print(f"moe-bench: wrote {args.plot}")
+    failed = [r for r in results if r.correct is False]
+    if failed:
+        print(f"moe-bench: {len(failed)} results disagree with the reference", file=sys.stderr)
+    failed_modules = run.failed()
+    if failed_modules:
+        print(f"moe-bench: modules that failed (tracebacks above, or in the output of the "
+              f"process that stopped): {', '.join(failed_modules)}", file=sys.stderr)
+    return 1 if failed or failed_modules else 0
+
+
+def _run_modules(args, run) -> int | None:
+    """Each selected op module not yet in `run` measured into it; runs.RESTART where one
+    lost the CUDA context (the process must stop), else None."""
     selected = set(args.op or OPS)
     row_filter = only_rows({"torch-compile"}) if args.only_compile else contextlib.nullcontext()
     with measuring(selected), row_filter:
@@ -137,25 +174,7 @@ def main(argv=None) -> int:
             run.set(name, "ok", rows)
             print(f"moe-bench: {name}: {len(rows)} rows in "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    results = run.results
-    print(format_table(results))
-    warning = noise_warning(results)
-    if warning:
-        print(warning, file=sys.stderr)
-    for op, case, backend, speedup in behind_compile(results):
-        print(f"moe-bench: {op} '{case}' {backend}: {speedup:.2f}x torch.compile (behind)",
-              file=sys.stderr)
-    if args.plot:
-        plot_roofline(results, meta, args.plot)
-        print(f"moe-bench: wrote {args.plot}")
-    failed = [r for r in results if r.correct is False]
-    if failed:
-        print(f"moe-bench: {len(failed)} results disagree with the reference", file=sys.stderr)
-    failed_modules = run.failed()
-    if failed_modules:
-        print(f"moe-bench: modules that failed (tracebacks above, or in the output of the "
-              f"process that stopped): {', '.join(failed_modules)}", file=sys.stderr)
-    return 1 if failed or failed_modules else 0
+    return None
 
 
 def _measure_module(module, args, run, name) -> tuple[list | None, bool]:

@@ -11,10 +11,11 @@ starts ("running") and when it ends:
   lost      it raised and the CUDA context was unusable after it: the process stopped
   stalled   it went --stall-timeout seconds without a row checked or timed: the process
             stopped
-  died      the process ended inside it (a crash, or a kill from outside)
-A resumed run keeps the file's rows and skips every module with a state; a supervised run
-runs the measurement in child processes and starts a fresh one, resumed, after a child
-stopped inside a module.
+  died      the process ended inside it (a crash, a hang past an outer time limit)
+  interrupted  SIGTERM (an outer time limit) stopped the process inside it: no finding
+A resumed run keeps the file's rows and skips every module with a state but
+"interrupted", which it runs again; a supervised run runs the measurement in child
+processes and starts a fresh one, resumed, after a child stopped inside a module.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import dataclasses
 import faulthandler
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -44,6 +46,35 @@ def module_name(module) -> str:
     return module.__name__.rsplit(".", 1)[-1]
 
 
+class Interrupted(BaseException):
+    """SIGTERM arrived (`stop_on_sigterm`): not an Exception, so that no `except Exception`
+    of a module takes it for the module's failure."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within: SIGTERM raises Interrupted in the main thread (an outer time limit ends the
+    run: the module it stopped in is recorded as interrupted, to be run again)."""
+    def handler(signum, frame):
+        # ignored from here to the exit: a supervisor passes on the SIGTERM its process
+        # group already got, which must not end the process before the run is written
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Interrupted()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield                     # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Interrupted:
+        raise                     # SIGTERM stays ignored
+    except BaseException:
+        signal.signal(signal.SIGTERM, previous)
+        raise
+    signal.signal(signal.SIGTERM, previous)
+
+
 class RunState:
     """The rows and module states of one run, rewritten to `path` (if any) on each change:
     what a process that stops at any moment leaves behind is the run so far."""
@@ -52,12 +83,13 @@ class RunState:
         self.path, self.meta = path, meta
         self.results: list[Result] = list(results or [])
         self.modules: dict[str, str] = dict(modules or {})
+        self.running: str | None = None
         self._lock = threading.Lock()     # the watchdog's thread writes too
 
     @classmethod
     def resumed(cls, path: str, meta: dict) -> "RunState":
         """The run recorded at `path` (a fresh one where there is none), a module it was
-        inside when its process ended marked "died"."""
+        inside when its process ended marked "died", an interrupted one to run again."""
         if not os.path.exists(path):
             return cls(path, meta)
         with open(path) as f:
@@ -66,13 +98,15 @@ class RunState:
         results = [Result(**{k: v for k, v in r.items() if k in fields})
                    for r in data["results"]]
         modules = {name: "died" if state == "running" else state
-                   for name, state in data["meta"].get("modules", {}).items()}
+                   for name, state in data["meta"].get("modules", {}).items()
+                   if state != "interrupted"}
         return cls(path, meta, results, modules)
 
     def set(self, module: str, state: str, rows=()) -> None:
         with self._lock:
             self.results += rows
             self.modules[module] = state
+            self.running = module if state == "running" else None
             self.write()
 
     def write(self) -> None:
@@ -150,10 +184,21 @@ def supervise(argv: list[str], json_path: str, command: list[str] | None = None)
     # each restart follows a module that stopped a child, so the modules bound them
     from moe_kernels.bench import MODULES
     for _ in range(len(MODULES) + 1):
-        rc = subprocess.call(child)
+        rc = _run_child(child)
         if rc >= 0 and rc != RESTART:
             return rc
         why = f"signal {-rc}" if rc < 0 else "a module stopped it"
         print(f"moe-bench: the measuring process ended ({why}); a fresh one goes on",
               file=sys.stderr, flush=True)
     return 1
+
+
+def _run_child(command: list[str]) -> int:
+    """command's exit status; SIGTERM here is passed on to it, which records where it was
+    stopped and ends with 128 + SIGTERM (no further child is started then)."""
+    proc = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
