@@ -436,6 +436,34 @@ def test_a_run_stopped_by_a_time_limit_resumes_where_it_stopped(tmp_path):
     assert [r["op"] for r in data["results"]] == ["unpermute", "quantize_fp8_per_token_group"]
 
 
+def test_sigterm_while_the_run_is_written_waits_for_the_write(tmp_path, monkeypatch):
+    """A SIGTERM that lands while a module's rows are being recorded is raised once they
+    are: the file holds the module as done, never done and to be run again."""
+    import os
+    import signal
+
+    from moe_kernels.bench import runs
+    run = runs.RunState(str(tmp_path / "r.json"), {})
+    real_write = runs.RunState.write
+
+    def write_then_term(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_write(self)
+
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(runs.Interrupted):
+            with runs.stop_on_sigterm():
+                monkeypatch.setattr(runs.RunState, "write", write_then_term)
+                run.set("permute", "ok", [Result("unpermute", "c", "cpu", "cpu", 1.0, 8)])
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN   # once, until the exit
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert run.running is None
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["meta"]["modules"] == {"permute": "ok"} and len(data["results"]) == 1
+
+
 def test_a_module_with_its_own_bound_runs_without_the_stall_watchdog(monkeypatch):
     """expert_parallel's ranks are processes of their own: ending moe-bench on a stall would
     leave them on the device, so their own timeout bounds that module instead."""

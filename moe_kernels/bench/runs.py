@@ -51,6 +51,26 @@ class Interrupted(BaseException):
     of a module takes it for the module's failure."""
 
 
+# SIGTERM's Interrupted waits while the main thread records the run (RunState.set): raised
+# in the middle, a module's rows could be both stored and run again.
+_recording = {"now": False, "pending": False}
+
+
+@contextlib.contextmanager
+def _recording_run():
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        _recording["now"] = True
+    try:
+        yield
+    finally:
+        if main:
+            _recording["now"] = False
+            if _recording["pending"]:
+                _recording["pending"] = False
+                raise Interrupted()
+
+
 @contextlib.contextmanager
 def stop_on_sigterm():
     """Within: SIGTERM raises Interrupted in the main thread (an outer time limit ends the
@@ -59,6 +79,9 @@ def stop_on_sigterm():
         # ignored from here to the exit: a supervisor passes on the SIGTERM its process
         # group already got, which must not end the process before the run is written
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if _recording["now"]:
+            _recording["pending"] = True
+            return
         raise Interrupted()
 
     if threading.current_thread() is not threading.main_thread():
@@ -103,7 +126,7 @@ class RunState:
         return cls(path, meta, results, modules)
 
     def set(self, module: str, state: str, rows=()) -> None:
-        with self._lock:
+        with _recording_run(), self._lock:
             self.results += rows
             self.modules[module] = state
             self.running = module if state == "running" else None
