@@ -685,6 +685,17 @@ def test_ws_probe_verdicts(ws_probe, monkeypatch):
                      r"ws probe: launched the contiguous kernel$", why), why
 
 
+def test_ws_probe_verdict_command(ws_probe, monkeypatch, capsys):
+    """`python -m moe_kernels.bench.ws_probe --verdict` (gpu_check.sh's ws stage): the
+    verdict printed, exit 0 only where the kernels ran."""
+    _probe_child(monkeypatch, ws_probe, "print('ws probe: both ran')")
+    assert ws_probe.main(["--verdict"]) == 0 and "ws probe: ok" in capsys.readouterr().out
+    ws_probe.failure.cache_clear()
+    _probe_child(monkeypatch, ws_probe, "import sys; sys.exit(4)")
+    assert ws_probe.main(["--verdict"]) == 1
+    assert "ws probe: the ws probe failed (exit status 4)" in capsys.readouterr().out
+
+
 def test_ws_probe_verdict_is_shared_through_its_file(ws_probe, monkeypatch, tmp_path):
     """With MOE_KERNELS_WS_PROBE_FILE the first process probes and the others (xdist
     workers, the bench's children) read its verdict instead of probing again."""

@@ -83,7 +83,7 @@ def test_gpu_check_stops_a_stage_that_leaves_too_little_host_memory(tmp_path):
 def test_gpu_check_resumes_the_bench_of_an_earlier_call(tmp_path):
     """RESUME_BENCH: a second device call goes on with the first call's bench JSON, whose
     finished modules keep their rows and are not measured again (its interrupted ones
-    would be)."""
+    would be); and the ws stage's verdict reaches the summary."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stub(bin_dir / "nvidia-smi", 'echo "Stand-in GPU"')
@@ -92,8 +92,9 @@ def test_gpu_check_resumes_the_bench_of_an_earlier_call(tmp_path):
                time_us=2.0, bytes=8, correct=True)
     earlier.write_text(json.dumps({"meta": {"modules": {"permute": "ok"}}, "results": [row]}))
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), BUDGET_S="120", STAGES="bench", STAMP="20000101T0000",
-               RESUME_BENCH=str(earlier), BENCH_ARGS="--op unpermute --backend cpu",
+    env = dict(os.environ, OUT=str(out), BUDGET_S="120", STAGES="ws bench",
+               STAMP="20000101T0000", TMPDIR=str(tmp_path), RESUME_BENCH=str(earlier),
+               BENCH_ARGS="--op unpermute --backend cpu",
                PATH=f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
                        capture_output=True, text=True, timeout=300)
@@ -104,6 +105,14 @@ def test_gpu_check_resumes_the_bench_of_an_earlier_call(tmp_path):
                                                                   "from the first call")]
     log = (out / "bench_Stand-in_GPU_20000101T0000.txt").read_text()
     assert "permute: ok (resumed run)" in log and " --resume " in log
+    # the ws stage ran the probe once (here it fails: no GPU) and the summary says so
+    lines = r.stdout.splitlines()
+    summary = lines[lines.index(next(ln for ln in lines if ln.startswith("== gpu_check"))) + 1:]
+    assert [ln.split()[:2] for ln in summary] == [["ws", "rc=1"], ["bench", "ok"],
+                                                  ["ws-probe", "the"]], summary
+    assert "ws probe: the ws probe failed" in summary[0]
+    verdict = (tmp_path / "moe_kernels_ws_probe_20000101T0000").read_text()
+    assert verdict.startswith("the ws probe failed") and verdict[:100] in summary[2]
 
 
 # --- tests/fault_guard.py: a test that hangs or breaks the CUDA context ends its process,

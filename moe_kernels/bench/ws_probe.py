@@ -9,7 +9,9 @@ probe's finding, instead of each hanging until its own limit and taking the GEMM
 other rows with it (docs/benchmarks.md, "A run that a kernel breaks").
 
 `python -m moe_kernels.bench.ws_probe` runs the probe itself (exit 0: both ran and agree
-with the reference).
+with the reference); with `--verdict`, in a child process as `failure()` does, printing
+the verdict (exit 0: ok), which benchmarks/gpu_check.sh does once before the rows and
+tests that read it.
 """
 
 from __future__ import annotations
@@ -135,5 +137,16 @@ def probe(device: str = "cuda") -> None:
         print(f"ws probe: {kind} kernel ran, relative error {err:.2g}", flush=True)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    if argv == ["--verdict"]:
+        why = failure()
+        print(f"ws probe: {why or 'ok'}", flush=True)
+        return 1 if why else 0
+    if argv:
+        raise SystemExit("usage: python -m moe_kernels.bench.ws_probe [--verdict]")
     probe()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
