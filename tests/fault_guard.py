@@ -32,10 +32,11 @@ _log = []
 
 
 def _fault_log():
-    """The file a guard writes to, opened once (faulthandler keeps writing to it)."""
+    """The file a guard writes to, opened once (faulthandler keeps writing to it); without
+    MOE_KERNELS_FAULT_LOG the process's own stderr (a capture may hide it)."""
     if not _log:
         path = os.environ.get(LOG_ENV)
-        _log.append(open(path, "a") if path else sys.stderr)
+        _log.append(open(path, "a") if path else sys.__stderr__)
     return _log[0]
 
 
