@@ -722,3 +722,85 @@ def test_ws_probe_checks_the_kernels_it_runs(monkeypatch, capsys):
         a.shape[0], b.shape[1], dtype=dtype))
     with pytest.raises(SystemExit, match="the contiguous kernel is off"):
         ws_probe.probe("cpu")
+
+
+def _row(op, case, backend, time_us, correct=True, **extra):
+    return dict(dict(op=op, case=case, backend=backend, time_us=time_us, correct=correct,
+                     note="", gbps=0.0, tflops=0.0, roofline_pct=0.0, copy_gbps=0.0), **extra)
+
+
+def test_targets_judge_each_goal_on_our_fastest_correct_row(tmp_path, capsys):
+    """moe-bench --targets: per goal and case, our fastest row that agrees with the
+    reference (a faster wrong one does not count), its figure in the goal's unit against
+    the bound, the strongest torch row beside it; the largest-T case where a goal says so,
+    cases under its token floor left out, and goals without rows named, not passed."""
+    from moe_kernels.bench import targets
+    eager = "eager call, tiny input (host us)"
+    rows = [
+        _row("grouped_topk", "T=4096 E=256 G=8/4 K=8 bf16", "triton", 7.0),
+        _row("grouped_topk", "T=4096 E=256 G=8/4 K=8 bf16", "cuda", 9.0),
+        _row("grouped_topk", "T=4096 E=256 G=8/4 K=8 bf16", "torch-eager", 280.0),
+        _row("grouped_topk", "T=1 E=256 G=8/4 K=8 bf16", "triton", 3.0, correct=False),
+        _row("grouped_topk", "T=1 E=256 G=8/4 K=8 bf16", "cuda", 5.0),
+        _row("permute", "permute T=4096 K=8 E=256 H=7168 bf16", "triton", 50.0, gbps=2700.0,
+             copy_gbps=3000.0),
+        _row("grouped_gemm_fp8", "GEMM1 8x4096 rows N=4096 K=7168", "triton", 100.0,
+             tflops=1000.0),
+        _row("grouped_gemm_fp8", "GEMM1 8x4096 rows N=4096 K=7168", "triton-ws", 80.0,
+             tflops=1250.0),
+        _row("grouped_gemm_fp8", "GEMM1 8x4096 rows N=4096 K=7168", "torch-scaled_mm", 90.0,
+             tflops=1111.0),
+        _row("quantize_fp8_per_token_group", "quant 1x128 T=1 H=7168 bf16", "triton", 3.0,
+             gbps=10.0),
+        _row("quantize_fp8_per_token_group", "quant 1x128 T=4096 H=7168 bf16", "triton", 40.0,
+             gbps=2950.0),
+        _row("mla_decompress_kv", "contiguous T=4096 H=128 bf16, fp8", "triton", 400.0),
+        _row("mla_decompress_kv", "contiguous T=16384 H=128 bf16, fp8", "triton", 600.0),
+        _row("DeepseekV3MoE", "DeepseekV3MoE T=1 E=256+1 H=7168", "triton", 200.0,
+             roofline_pct=70.0),
+        _row("unpermute", eager, "triton", 20.0,
+             note="case 'one_token'; kernel calls alone (1) 7.5 us: +12.5 us"),
+        _row("unpermute", eager, "cuda", 9.0, note="case 'one_token'"),
+    ]
+    verdicts = {(v.goal.name, v.case): v for v in targets.judge(rows)}
+
+    def check(goal, case, ours, figure, met):
+        v = verdicts[(goal, case)]
+        assert (v.ours, v.met) == (ours, met) and (v.figure == pytest.approx(figure)
+                                                    if figure is not None else v.figure is None)
+        return v
+
+    v = check("grouped_topk at 4096 tokens", "T=4096 E=256 G=8/4 K=8 bf16", "triton", 7.0, True)
+    assert (v.peer, v.peer_figure) == ("torch-eager", 280.0)
+    check("grouped_topk at decode (1-64 tokens)", "T=1 E=256 G=8/4 K=8 bf16", "cuda", 5.0, False)
+    check("permute, 4096 tokens, H=7168", "permute T=4096 K=8 E=256 H=7168 bf16", "triton",
+          90.0, True)
+    check("grouped_gemm_fp8 N=4096 K=7168", "GEMM1 8x4096 rows N=4096 K=7168", "triton-ws",
+          1250.0, True)
+    check("grouped_gemm_fp8 over cuBLAS block-scaled _scaled_mm",
+          "GEMM1 8x4096 rows N=4096 K=7168", "triton-ws", 90.0 / 80.0, True)
+    check("quantize_fp8_per_token_group, most rows", "quant 1x128 T=4096 H=7168 bf16",
+          "triton", 2950.0, True)
+    check("mla_decompress_kv, T >= 8192", "contiguous T=16384 H=128 bf16, fp8", "triton",
+          600e3 / 16384, True)
+    check("DeepseekV3MoE decode, 1 token", "DeepseekV3MoE T=1 E=256+1 H=7168", "triton",
+          100 / 70, False)
+    check("eager call above its kernels", "unpermute (triton)", "triton", 12.5, False)
+    v = check("eager call above its kernels", "unpermute (cuda)", "cuda", None, None)
+    assert v.why == "no kernel-alone figure in the row"
+    judged_cases = {case for (goal, case) in verdicts if goal.startswith(("quant", "mla"))}
+    assert judged_cases == {"quant 1x128 T=4096 H=7168 bf16",
+                            "contiguous T=16384 H=128 bf16, fp8"}
+    assert verdicts[("grouped_gemm_fp8 N=7168 K=2048", "-")].why == "no row in the file"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": {"device": "Stand-in GPU", "commit": "abc"},
+                                "results": rows}))
+    assert cli.main(["--targets", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Goals judged on Stand-in GPU (commit abc)" in out
+    assert ("| grouped_topk at 4096 tokens | T=4096 E=256 G=8/4 K=8 bf16 | triton | 7 | <= 8 us "
+            "| yes | torch-eager 280 us |") in out
+    assert "| grouped_gemm_fp8 N=7168 K=2048 | - | - | - | >= 1050 TFLOPS | no row in the file |" \
+        in out
+    # met: topk 4096, permute, GEMM1 twice, quant, MLA; not: topk T=1, the layer, eager triton
+    assert out.rstrip().endswith("6 of 9 judged cases meet their goal; 7 without a figure.")

@@ -71,6 +71,9 @@ def parse_args(argv):
                         "needed), print registers / spills / shared memory / wgmma / waits "
                         "per launch, write the Markdown table to PATH; exit 1 on a gate "
                         "violation")
+    p.add_argument("--targets", metavar="JSON",
+                   help="no run: judge a results file (--json) against the speed goals "
+                        "(docs/benchmarks.md), a Markdown table")
     p.add_argument("--threshold", type=float, default=0.05,
                    help="--compare: a slowdown beyond this fraction is a regression "
                         "(default 0.05)")
@@ -82,6 +85,9 @@ def main(argv=None) -> int:
     if args.sm90_report:
         from moe_kernels.bench import sm90
         return sm90.main([] if args.sm90_report == "-" else ["--markdown", args.sm90_report])
+    if args.targets:
+        from moe_kernels.bench import targets
+        return targets.main(args.targets)
     if args.compare:
         if len(args.compare) > 2:
             raise SystemExit("moe-bench --compare takes B.json or A.json B.json")
