@@ -761,6 +761,7 @@ def test_targets_judge_each_goal_on_our_fastest_correct_row(tmp_path, capsys):
         _row("unpermute", eager, "triton", 20.0,
              note="case 'one_token'; kernel calls alone (1) 7.5 us: +12.5 us"),
         _row("unpermute", eager, "cuda", 9.0, note="case 'one_token'"),
+        _row("permute", eager, "triton", 0.0, correct=False, note="raised RuntimeError: x"),
     ]
     verdicts = {(v.goal.name, v.case): v for v in targets.judge(rows)}
 
@@ -788,6 +789,8 @@ def test_targets_judge_each_goal_on_our_fastest_correct_row(tmp_path, capsys):
     check("eager call above its kernels", "unpermute (triton)", "triton", 12.5, False)
     v = check("eager call above its kernels", "unpermute (cuda)", "cuda", None, None)
     assert v.why == "no kernel-alone figure in the row"
+    v = check("eager call above its kernels", "permute (triton)", "triton", None, None)
+    assert v.why == "the call raised"
     judged_cases = {case for (goal, case) in verdicts if goal.startswith(("quant", "mla"))}
     assert judged_cases == {"quant 1x128 T=4096 H=7168 bf16",
                             "contiguous T=16384 H=128 bf16, fp8"}
@@ -803,4 +806,4 @@ def test_targets_judge_each_goal_on_our_fastest_correct_row(tmp_path, capsys):
     assert "| grouped_gemm_fp8 N=7168 K=2048 | - | - | - | >= 1050 TFLOPS | no row in the file |" \
         in out
     # met: topk 4096, permute, GEMM1 twice, quant, MLA; not: topk T=1, the layer, eager triton
-    assert out.rstrip().endswith("6 of 9 judged cases meet their goal; 7 without a figure.")
+    assert out.rstrip().endswith("6 of 9 judged cases meet their goal; 8 without a figure.")

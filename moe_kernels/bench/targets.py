@@ -116,9 +116,10 @@ def _judge_case(goal: Goal, case: str, rows: list[dict]) -> list[Verdict]:
     ours = [r for r in rows if not is_peer(r["backend"])]
     peers = [r for r in rows if is_peer(r["backend"])]
     if goal.metric == "eager_extra_us":     # one verdict per backend: each is a user's path
-        return [Verdict(goal, f"{r['op']} ({r['backend']})", r["backend"], _eager_extra_us(r),
-                        why="" if _eager_extra_us(r) is not None else
-                        "no kernel-alone figure in the row") for r in ours]
+        return [Verdict(goal, f"{r['op']} ({r['backend']})", r["backend"],
+                        None if r.get("correct") is False else _eager_extra_us(r),
+                        why="the call raised" if r.get("correct") is False
+                        else "no kernel-alone figure in the row") for r in ours]
     best, peer = _fastest(ours), _fastest(peers)
     if best is None:
         return [Verdict(goal, case, why="no correct row of ours")]
