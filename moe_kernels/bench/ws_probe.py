@@ -97,14 +97,16 @@ def failure() -> str | None:
 
 def probe(device: str = "cuda") -> None:
     """Both ws kernels on tiles of one expert, of two, a partial one, an empty expert and
-    -1 rows (K = 384: three K blocks), each against the float32 reference; the contiguous
-    kernel's -1 rows must be zeros. On the CPU (a test of the probe itself) the same calls
+    -1 rows (K = 384: three K blocks), each against the reference by the GEMM rule of the
+    tests and moe-check (`testing.rules.gemm`: calc_diff per row); the contiguous kernel's
+    -1 rows must be zeros. On the CPU (a test of the probe itself) the same calls
     run the interpreter's fallback tiles."""
     import torch
 
     from moe_kernels.configs import grouped_gemm as configs
     from moe_kernels.reference import fp8 as ref_fp8
     from moe_kernels.reference import grouped_gemm as ref_gemm
+    from moe_kernels.testing import rules
     from moe_kernels.triton import grouped_gemm as kernels
 
     g = torch.Generator().manual_seed(0)
@@ -113,7 +115,7 @@ def probe(device: str = "cuda") -> None:
                      dtype=torch.int32)
     a, a_s = ref_fp8.quantize_fp8_per_token_group(torch.randn(m.numel(), K, generator=g))
     b, b_s = ref_fp8.quantize_fp8_block(torch.randn(len(counts), N, K, generator=g) / 16)
-    want = ref_gemm.grouped_gemm_fp8(a, a_s, b, b_s, m).float()
+    want = ref_gemm.grouped_gemm_fp8(a, a_s, b, b_s, m)
     a, a_s, b, b_s, m_dev = (t.to(device) for t in (a, a_s, b, b_s, m))
     if device == "cuda" and not kernels._ws_ready(a, b):
         raise SystemExit("ws probe: these operands do not take the ws kernels here")
@@ -128,13 +130,13 @@ def probe(device: str = "cuda") -> None:
     for kind, call in calls.items():
         out = configs.with_table(ws, call)       # compiles, then launches without waiting
         print(f"{LAUNCHED} the {kind} kernel", flush=True)
-        got = out.float().cpu()
-        err = ((got[rows] - want[rows]).norm() / want[rows].norm()).item()
-        if not err < 1e-2:
-            raise SystemExit(f"ws probe: the {kind} kernel is off: relative error {err:.3g}")
+        got = out.cpu()
+        verdict = rules.gemm("rows", got[rows], want[rows])
+        if not verdict.passed:
+            raise SystemExit(f"ws probe: the {kind} kernel is off: {verdict}")
         if kind == "contiguous" and got[~rows].any():
             raise SystemExit("ws probe: the contiguous kernel wrote -1 rows that are not zero")
-        print(f"ws probe: {kind} kernel ran, relative error {err:.2g}", flush=True)
+        print(f"ws probe: the {kind} kernel ran: {verdict}", flush=True)
 
 
 def main(argv: list[str]) -> int:
