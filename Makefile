@@ -48,9 +48,10 @@ $(EXT_STAMP): $(EXT_SOURCES) $(if $(wildcard moe_kernels/_C*.so),,FORCE)
 FORCE:
 
 # The CI job: CPU tests (Triton under the interpreter; every Triton kernel compiled for
-# sm_90a under two triton versions), CUDA device code syntax-checked.
+# sm_90a under two triton versions), CUDA device code syntax-checked. The tests run as one
+# pytest process per core (at most 4) sharing one list: tests/run_parallel.py.
 test: build check-cuda
-	$(PY) -m pytest tests -m "not slow" -q
+	$(PY) tests/run_parallel.py tests -m "not slow" -q
 
 # Everything, the slow sweeps too (the GPU machine runs this).
 test-all: build

@@ -18,6 +18,7 @@ import session_jobs  # noqa: E402
 # a kernel that hangs or breaks the CUDA context costs its own test only (tests/fault_guard.py)
 from fault_guard import (pytest_runtest_makereport, pytest_runtest_protocol,  # noqa: E402,F401
                          pytest_runtest_teardown)
+import work_sharing  # noqa: E402
 
 # Interpreter runs are slow and vary in time: no per-example deadline.
 settings.register_profile("default", deadline=None,
@@ -60,6 +61,11 @@ def _triton_checked_first(op, launcher):
     return call
 
 
+def pytest_configure(config):
+    # several processes sharing the tests (tests/run_parallel.py, `make test`)
+    config.pluginmanager.register(work_sharing, "moe_kernels_work_sharing")
+
+
 def pytest_sessionstart(session):
     """Every kernel the eager path calls (`Op._eager`) runs its own checks first, for the
     whole session: the C++ entry points their C++ check, the Triton launchers the Triton
@@ -79,10 +85,23 @@ def pytest_collection_modifyitems(session, config, items):
     """The tests that read session jobs (tests/session_jobs.py) run last, in their order,
     and the jobs they read start now, one at a time beside the other tests. Not in an
     xdist worker: each one collects every test but runs few, so there a job starts when a
-    test reads it."""
+    test reads it. In a shared run (tests/work_sharing.py) those tests are process 0's."""
+    work_sharing.select(config, items)
     items[:] = sorted(items, key=session_jobs.uses_jobs)
     if not config.option.collectonly and not hasattr(config, "workerinput"):
         session_jobs.start_lane(items)
+
+
+# Measured on the 2-core VM: with one core busy beside it (a session job, another test
+# process), a test using torch's two intra-op threads ran 6x slower (3.7 -> 21.8 s), each
+# parallel region waiting on a descheduled thread; with one thread, 4.9 s. So each test runs
+# with the threads the other test processes and the running session jobs leave it.
+_THREADS = torch.get_num_threads()
+
+
+def pytest_runtest_setup(item):
+    processes = work_sharing.process()[1]
+    torch.set_num_threads(max(1, _THREADS // processes - session_jobs.running()))
 
 
 def pytest_sessionfinish(session, exitstatus):

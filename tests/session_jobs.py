@@ -9,11 +9,8 @@ picked the tests (conftest.py), the jobs those tests need queue on one backgroun
 and the tests that read them run last. A fixture whose job has not started yet starts it
 itself, so a job is never waited for behind another.
 
-Measured and rejected: the whole suite as two pytest processes side by side (each test in
-one of them by a hash of its node id, the lane in the first): 10m31s against 10m57s for
-one process on the 2-core VM, with 19 against 16 minutes of CPU. One process already keeps
-~1.5 cores busy (torch's intra-op threads, the C++ kernels' OpenMP, the lane), so a second
-one mostly contends for them.
+Under `make test` the tests are shared by several pytest processes (tests/work_sharing.py);
+the lane and the tests that read its jobs are process 0's alone, so each job runs once.
 """
 
 from __future__ import annotations
@@ -119,6 +116,12 @@ def start_lane(items) -> None:
 
     if order:
         threading.Thread(target=lane, name="session-jobs", daemon=True).start()
+
+
+def running() -> int:
+    """How many jobs are running now."""
+    with _LOCK:
+        return sum(job.proc is not None and job.proc.poll() is None for job in _JOBS.values())
 
 
 def stop_all() -> None:

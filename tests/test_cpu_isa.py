@@ -397,8 +397,10 @@ def _bits(results) -> list:
 def test_results_do_not_depend_on_the_thread_count(op):
     """The C++ kernels split work over threads without changing any sum's order: one
     thread and two give the same bits (docs/api.md, Determinism), on DeepSeek-V3's shapes
-    scaled down and on drawn cases."""
-    cases = testing.cases(op, "deepseek_v3")[:2] + testing.cases(op, "random", seed=3)[:2]
+    scaled down, drawn cases and the edge cases. The other tests run with one thread under
+    `make test` (tests/conftest.py), so this is where the split itself is checked."""
+    cases = (testing.cases(op, "deepseek_v3")[:2] + testing.cases(op, "random", seed=3)[:2]
+             + testing.cases(op, "edge"))
     fn = lambda *a, **k: getattr(moe_kernels, op)(*a, **k, backend="cpu")
     saved = torch.get_num_threads()
     try:
