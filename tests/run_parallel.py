@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import tempfile
 from work_sharing import CLAIMS_ENV, PROCESS_ENV
 
 MAX_PROCS = 4
+STOP_GRACE_S = 10
 
 
 def procs() -> int:
@@ -29,11 +31,27 @@ def procs() -> int:
     return max(1, min(MAX_PROCS, cores or 1))
 
 
+def _stop(running: list) -> None:
+    """After an interrupt or a time limit: no test process left behind. SIGINT first, which
+    pytest ends the session on (its session jobs killed: tests/session_jobs.py)."""
+    live = [p for p in running if p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGINT)
+    for p in live:
+        try:
+            p.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def main(args: list) -> int:
     n = procs()
     pytest = [sys.executable, "-m", "pytest", *args]
     if n == 1:
         return subprocess.call(pytest)
+    # a time limit's SIGTERM unwinds through the `finally` below, which ends the processes
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     claims = tempfile.mkdtemp(prefix="moe_kernels_claims_")
     logs, running = [], []
     try:
@@ -49,10 +67,7 @@ def main(args: list) -> int:
                                             if out else None))
         codes = [p.wait() for p in running]
     finally:
-        for p in running:   # an interrupt or a CI time limit: no test process left behind
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _stop(running)
         shutil.rmtree(claims, ignore_errors=True)
     for k, log in enumerate(logs, 1):
         log.seek(0)

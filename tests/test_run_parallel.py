@@ -3,9 +3,11 @@ share one list of tests, each test run by exactly one of them, on a stand-in sui
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -98,3 +100,35 @@ def test_one_process_is_plain_pytest(tmp_path):
     r = _run(tmp_path, 1)
     assert r.returncode == 0 and "16 passed" in r.stdout, r.stdout + r.stderr
     assert "test process" not in r.stdout
+
+
+def test_a_stopped_run_leaves_no_test_process(tmp_path):
+    """A CI time limit's SIGTERM to the runner ends its pytest processes too."""
+    log = tmp_path / "log.jsonl"
+    (tmp_path / "conftest.py").write_text(textwrap.dedent(CONFTEST))
+    (tmp_path / "test_slow.py").write_text(textwrap.dedent(f"""
+        import json, os, time
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_slow(i):
+            with open({str(log)!r}, "a") as f:
+                f.write(json.dumps(os.getpid()) + "\\n")
+            time.sleep(60)
+        """))
+    env = {"MOE_KERNELS_TEST_PROCS": "2", "PATH": "/usr/bin:/bin"}
+    runner = subprocess.Popen([sys.executable, str(TESTS / "run_parallel.py"), str(tmp_path),
+                               "-q", "-p", "no:cacheprovider"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not log.exists()
+                                           or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.1)
+    pids = {json.loads(line) for line in log.read_text().splitlines()}
+    assert len(pids) == 2, "both processes should be inside a test"
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) != 0
+    for pid in pids:
+        assert not pathlib.Path(f"/proc/{pid}").exists() or \
+            pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", \
+            f"test process {pid} outlived the runner"
