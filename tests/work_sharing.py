@@ -12,12 +12,13 @@ The session jobs (tests/session_jobs.py) and the tests that read them belong to 
 alone: its lane runs the jobs once, beside everyone's tests.
 
 Measured on the 2-core VM (`make test`'s selection): in a fresh clone, whose inductor
-cache is cold (its compile tests alone ~145 s), one process 694 s, two 648 s; with the
-cache warm, one process 669 s, two sharing the list 518-561 s, ending ~50 s apart (process 0 runs the job readers last, alone; running
-them first instead, while the lane works, ended both together but later: 617 s). Two
-processes gain where they once lost (10m31s against 10m57s, each test in one of two by a
-hash) because each test now runs with the threads left to it (conftest.py), no longer two
-intra-op threads per process on two cores.
+cache is cold (its compile tests alone ~145 s), two processes 648-657 s against 663 s for
+one; with the cache warm, one process 669-701 s, two 518-561 s, ending ~50 s apart
+(process 0 runs the job readers last, alone; running them first instead, while the lane
+works, ended both together but later: 617 s). Two processes gain where they once lost
+(10m31s against 10m57s, each test in one of two by a hash) because each test now runs with
+the threads left to it (conftest.py), no longer two intra-op threads per process on two
+cores.
 """
 
 from __future__ import annotations
