@@ -29,8 +29,6 @@ import pathlib
 
 import pytest
 
-import session_jobs
-
 CLAIMS_ENV = "MOE_KERNELS_TEST_CLAIMS"
 PROCESS_ENV = "MOE_KERNELS_TEST_PROCESS"   # "k/n": this is process k of n
 
@@ -50,6 +48,7 @@ def select(config, items) -> None:
     """Leaves the tests that read session jobs to process 0 (deselected elsewhere)."""
     if process()[0] == 0:
         return
+    import session_jobs   # here, not above: the runner imports this module's names alone
     others = [item for item in items if session_jobs.uses_jobs(item)]
     if others:
         config.hook.pytest_deselected(items=others)
