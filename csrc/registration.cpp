@@ -55,12 +55,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {"gating_cuda_max_experts", moe_kernels::kGatingCudaMaxExperts},
         {"permute_cuda_max_experts", moe_kernels::kPermuteCudaMaxExperts}};
   });
-  // The build the CPU kernels run (csrc/cpu/simd.h): "amx", "avx512", "avx2" or
-  // "generic"; tests switch between them to check every build on one machine.
+  // The build the CPU kernels run (csrc/cpu/simd.h): "amx", "avx512bf16", "avx512", "avx2"
+  // or "generic"; tests switch between them to check every build on one machine.
   m.def("cpu_isa", []() { return std::string(moe_kernels::cpu_isa()); });
   m.def("set_cpu_isa", [](const std::string& name) {
-    TORCH_CHECK_VALUE(moe_kernels::set_cpu_isa(name.c_str()), "cpu isa must be one of 'amx', "
-                      "'avx512', 'avx2', 'generic' that this CPU runs, got '", name, "'");
+    TORCH_CHECK_VALUE(moe_kernels::set_cpu_isa(name.c_str()),
+                      "cpu isa must be one of 'amx', 'avx512bf16', 'avx512', 'avx2', 'generic' "
+                      "that this CPU runs, got '", name, "'");
   });
   MK_DEF_ENTRY(m, grouped_topk_cpu);
   MK_DEF_ENTRY(m, permute_index_cpu);

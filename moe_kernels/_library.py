@@ -63,8 +63,9 @@ def _warn_if_cpu_isa_not_taken() -> None:
     forced = os.environ.get("MOE_KERNELS_CPU_ISA")
     if _C is not None and forced and _C.cpu_isa() != forced:
         warnings.warn(
-            f"moe_kernels: MOE_KERNELS_CPU_ISA={forced!r} is not one of 'amx', 'avx512', "
-            f"'avx2', 'generic' that this CPU runs; the cpu backend runs {_C.cpu_isa()!r}",
+            f"moe_kernels: MOE_KERNELS_CPU_ISA={forced!r} is not one of 'amx', 'avx512bf16', "
+            f"'avx512', 'avx2', 'generic' that this CPU runs; the cpu backend runs "
+            f"{_C.cpu_isa()!r}",
             RuntimeWarning, stacklevel=2)
 
 

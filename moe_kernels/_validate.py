@@ -141,6 +141,21 @@ def holds_no_data(t: torch.Tensor) -> bool:
             or (type(t) is not torch.Tensor and torch._subclasses.fake_tensor.is_fake(t)))
 
 
+def check_elements_apart(op: str, name: str, out: torch.Tensor) -> None:
+    """ValueError when two elements of the buffer `out` share memory (an expanded tensor,
+    stride 0), by a rule exact for every slice, view or permutation of one buffer: its
+    dimensions of size > 1, taken by increasing stride, each pass the last element the
+    smaller ones reach. Only for buffers that may have any strides (MLA's outputs); the
+    others must be contiguous."""
+    reach = 0
+    for stride, size in sorted((out.stride(d), out.shape[d]) for d in range(out.dim())
+                               if out.shape[d] > 1):
+        if stride <= reach:
+            raise ValueError(f"{op}: {name} has elements that share memory (strides "
+                             f"{tuple(out.stride())}): an output needs a place for each value")
+        reach += stride * (size - 1)
+
+
 def check_no_overlap(op: str, name: str, out: torch.Tensor, inputs: dict) -> None:
     """ValueError when the buffer `out` shares memory with a tensor of `inputs`; nothing to
     compare for tensors without data (torch.compile's functionalisation gives out= copy

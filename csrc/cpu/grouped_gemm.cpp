@@ -23,6 +23,7 @@
 #include "../ops.h"
 #include "amx.h"
 #include "index_values.h"
+#include "pairs.h"
 #include "simd.h"
 #include "tasks.h"
 
@@ -59,6 +60,9 @@ at::Tensor dequant_rows(const at::Tensor& a, const at::Tensor& a_scales,
 // float32 stay in the L2 beside the expert's activation panels.
 constexpr int64_t kGemvBlockN = 64;
 constexpr int64_t kGemmBlockN = 48;
+// bf16 dot products: one panel of weight rows (simd.h, the avx512bf16 build's panel_rows),
+// whose 64 rows of K = 7168 in bf16 are 896 KB
+constexpr int64_t kPairBlockN = 64;
 
 // The rows of `a` each expert takes, listed expert by expert: expert e's are
 // rows[start[e] .. start[e + 1]).
@@ -68,8 +72,9 @@ struct ExpertRows {
 };
 
 // How an expert's rows are multiplied: few rows by the register GEMV, more by the float32
-// panel GEMM, or by AMX tiles where the CPU has them (amx.h).
-enum class Path { gemv, panels, tiles };
+// panel GEMM, by bf16 dot products on the FP8 operands as stored where the CPU has
+// AVX512-BF16 (simd.h, gemm_pairs), or by AMX tiles where it has them (amx.h).
+enum class Path { gemv, panels, pairs, tiles };
 
 // One unit of parallel work: weight rows [n0, n0 + block) of expert e.
 struct Task {
@@ -78,7 +83,12 @@ struct Task {
 };
 
 int64_t task_rows(Path p) {
-  return p == Path::gemv ? kGemvBlockN : p == Path::panels ? kGemmBlockN : amx::kGroupRows;
+  switch (p) {
+    case Path::gemv: return kGemvBlockN;
+    case Path::pairs: return kPairBlockN;
+    case Path::tiles: return amx::kGroupRows;
+    default: return kGemmBlockN;
+  }
 }
 
 // The AMX operands of every expert on tiles: token panels (amx::pack_tokens of the
@@ -146,6 +156,54 @@ struct RowsSink {
   }
 };
 
+// The token rows of every expert on Path::pairs as bf16 (simd.h, decode_pair_rows), straight
+// from fp8 `a`, ld apart, and their scales (KB per row); row[e] / scale[e] are expert e's
+// first elements.
+struct PairRows {
+  at::Tensor rows, scales;
+  int64_t ld = 0;
+  std::vector<int64_t> row, scale;
+};
+
+PairRows decode_pair_experts(const at::Tensor& a, const at::Tensor& a_scales,
+                             const ExpertRows& er, const std::vector<Path>& path) {
+  const SimdKernels& k = simd();
+  const int64_t E = static_cast<int64_t>(path.size()), K = a.size(1);
+  const int64_t KB = ceil_div(K, kScaleBlock);
+  PairRows pr;
+  pr.ld = ceil_div(K, 2) * 2 + 32;   // one cache line past the row, as gemm_weight_stride
+  pr.row.assign(E, -1);
+  pr.scale.assign(E, -1);
+  int64_t rows = 0;
+  std::vector<int64_t> paired;
+  for (int64_t e = 0; e < E; ++e) {
+    if (path[e] != Path::pairs) continue;
+    pr.row[e] = rows * pr.ld;
+    pr.scale[e] = rows * KB;
+    rows += er.count(e);
+    paired.push_back(e);
+  }
+  pr.rows = at::empty({rows * pr.ld}, a.options().dtype(at::kShort));
+  pr.scales = at::empty({rows * KB}, a.options().dtype(at::kFloat));
+  uint16_t* xp = reinterpret_cast<uint16_t*>(pr.rows.data_ptr<int16_t>());
+  float* sp = pr.scales.data_ptr<float>();
+  const float* as = a_scales.data_ptr<float>();
+  const int64_t ssm = a_scales.stride(0), ssk = a_scales.stride(1);
+  at::parallel_for(0, static_cast<int64_t>(paired.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e = paired[i], m = er.count(e);
+      const int64_t* rows_e = er.rows.data() + er.start[e];
+      std::vector<int64_t> offsets(m);
+      for (int64_t j = 0; j < m; ++j) offsets[j] = rows_e[j] * a.stride(0);
+      k.decode_pair_rows(a.data_ptr(), true, offsets.data(), m, K, pr.ld, xp + pr.row[e]);
+      float* s = sp + pr.scale[e];
+      for (int64_t j = 0; j < m; ++j)
+        for (int64_t kb = 0; kb < KB; ++kb) *s++ = as[rows_e[j] * ssm + kb * ssk];
+    }
+  });
+  return pr;
+}
+
 // Activation panels (simd.h, pack_panels) of every expert on the panel GEMM, from its
 // float32 rows at x[xstart[e]]; offset[e] is expert e's first float in the returned buffer.
 at::Tensor pack_experts(const at::Tensor& x, const std::vector<int64_t>& xstart,
@@ -192,15 +250,19 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   const int64_t n = static_cast<int64_t>(er.rows.size());
   if (n == 0) return;
   const int64_t E = b.size(0), N = b.size(1), K = b.size(2), KB = b_scales.size(2);
-  const bool tiles = amx_enabled();
+  const SimdKernels& k = simd();
+  const bool tiles = amx_enabled(), pairs = k.gemm_pairs != nullptr;
   std::vector<Path> path(E);
-  // float32 rows only for the experts off the tiles (which read `a` itself): expert e's
-  // at row xstart[e] of x
+  // float32 rows only for the experts on the GEMV and the float32 panels (the others read
+  // `a` itself): expert e's at row xstart[e] of x
   std::vector<int64_t> float_rows, xstart(E, -1);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = er.count(e);
-    path[e] = m <= kMaxGemvRows ? Path::gemv : tiles ? Path::tiles : Path::panels;
-    if (path[e] == Path::tiles) continue;
+    path[e] = m <= kMaxGemvRows ? Path::gemv
+              : tiles           ? Path::tiles
+              : pairs           ? Path::pairs
+                                : Path::panels;
+    if (path[e] == Path::tiles || path[e] == Path::pairs) continue;
     xstart[e] = static_cast<int64_t>(float_rows.size());
     float_rows.insert(float_rows.end(), er.rows.begin() + er.start[e],
                       er.rows.begin() + er.start[e + 1]);
@@ -209,6 +271,7 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   std::vector<int64_t> offset;
   const at::Tensor panels = pack_experts(x, xstart, er, path, offset);
   const TokenTiles tt = tiles ? pack_token_tiles(a, a_scales, er, path) : TokenTiles{};
+  const PairRows pair_rows = pairs ? decode_pair_experts(a, a_scales, er, path) : PairRows{};
   std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e) {
     if (er.count(e) == 0) continue;
@@ -220,14 +283,14 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   const float* pp = panels.data_ptr<float>();
   const SrcType type = simd_type(out.scalar_type(), "out");
   const bool stream = out.numel() * out.element_size() >= amx::kStreamBytes;
-  const SimdKernels& k = simd();
   struct Scratch {
     std::vector<float> wbuf;
     TileScratch tiles;
+    PairPanel pair;
   };
   const int64_t tile_elems = amx::kGroupRows / amx::kBlockRows * amx::block_elems(K);
   for_each_task(static_cast<int64_t>(tasks.size()),
-                [&] { return Scratch{{}, TileScratch(tiles ? tile_elems : 0)}; },
+                [&] { return Scratch{{}, TileScratch(tiles ? tile_elems : 0), {}}; },
                 [&](Scratch& scratch, int64_t t) {
     std::vector<float>& wbuf = scratch.wbuf;
     const Task& task = tasks[t];
@@ -253,7 +316,17 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
       amx::gemm(g, {&RowsSink::store, &sink});
       return;
     }
-    const int64_t nb = std::min(kGemmBlockN, N - task.n0), ldw = gemm_weight_stride(K);
+    if (task.path == Path::pairs) {
+      const int64_t nb = std::min(kPairBlockN, N - task.n0);
+      const uint16_t* x = reinterpret_cast<const uint16_t*>(pair_rows.rows.data_ptr<int16_t>());
+      const PairPanelRef p = scratch.pair.pack(be, true, se, task.n0, nb, K);
+      k.gemm_pairs(x + pair_rows.row[task.e], pair_rows.ld,
+                   pair_rows.scales.data_ptr<float>() + pair_rows.scale[task.e], KB, m, p,
+                   scratch.pair.scale_data(), nb, K, y, task.n0);
+      return;
+    }
+    const int64_t nb = std::min(kGemmBlockN, N - task.n0);
+    const int64_t ldw = gemm_weight_stride(K);
     wbuf.resize(nb * ldw);
     for (int64_t i = 0; i < nb; ++i) {
       const int64_t row = task.n0 + i;

@@ -1,21 +1,25 @@
 // MLA latent KV decompression on the CPU (semantics:
-// moe_kernels/reference/mla.py). Two paths (docs/mla.md). With AMX and operands exact in
+// moe_kernels/reference/mla.py). Three paths (docs/mla.md). With AMX and operands exact in
 // bf16: bf16 tiles (amx::gemm_rows), K / V stored straight from them (decompress_tiles).
-// Otherwise the weight is dequantized once to float32; tokens go in chunks: their latent
-// rows are gathered (paged) and converted to float32 in parallel, one at::mm (itself
-// parallel) up-projects the chunk for every head, and K (with k_pe) and V are written from
-// it in parallel. A chunk's product stays around 4 MB, so it is written back from cache
-// instead of materialising a (T, H, dn + dv) tensor.
+// With AVX512-BF16 (no AMX) and such operands: bf16 dot products, likewise
+// (decompress_pairs). Otherwise the weight is dequantized once to float32; tokens go in
+// chunks: their latent
+// rows are gathered (paged) and converted to float32 in parallel, the panel GEMM of simd.h
+// up-projects the chunk for every head (parallel over blocks of weight rows), and K (with
+// k_pe) and V are written from it. A chunk's product stays around 4 MB, so it is written
+// back from cache instead of materialising a (T, H, dn + dv) tensor.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-
+#include <algorithm>
+#include <numeric>
+#include <utility>
 #include <vector>
 
 #include "../fp8.h"
 #include "../ops.h"
 #include "amx.h"
 #include "index_values.h"
+#include "pairs.h"
 #include "simd.h"
 #include "tasks.h"
 
@@ -75,6 +79,14 @@ Report check_weight_scale(const at::Tensor& w, const std::optional<at::Tensor>& 
   return {};
 }
 
+// The packed weight's (N, R) bf16 rows: [j, c, p, q, e] holds row 16 j + q, column
+// 32 c + 2 p + e
+at::Tensor unpack_rows(const at::Tensor& w) {
+  return w.view({w.size(0), w.size(1), amx::kTileRows, amx::kTileRows, 2})
+      .permute({0, 3, 1, 2, 4})
+      .reshape({weight_rows(w), weight_cols(w)});
+}
+
 // float32 weight (H*(dn+dv), R) from bf16/fp16/fp32 or fp8 with 128x128 block scales, or
 // from the packed tiles (times the block scales when given)
 at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_scale) {
@@ -82,9 +94,7 @@ at::Tensor float_weight(const at::Tensor& w, const std::optional<at::Tensor>& w_
     return dequantize_fp8_block_cpu(w, *w_scale, kScaleBlock, kScaleBlock, at::kFloat);
   if (!is_packed(w)) return w.to(at::kFloat).contiguous();
   const int64_t N = weight_rows(w), R = weight_cols(w);
-  // [j, c, p, q, e] holds row 16 j + q, column 32 c + 2 p + e
-  at::Tensor rows = w.view({w.size(0), w.size(1), amx::kTileRows, amx::kTileRows, 2})
-                        .permute({0, 3, 1, 2, 4}).to(at::kFloat).reshape({N, R});
+  at::Tensor rows = unpack_rows(w).to(at::kFloat);
   if (!w_scale.has_value()) return rows;
   if (N % kScaleBlock == 0 && R % kScaleBlock == 0) {   // one broadcast pass, no scale copy
     rows.view({N / kScaleBlock, kScaleBlock, R / kScaleBlock, kScaleBlock})
@@ -129,21 +139,45 @@ void write_pe(const at::Tensor& pe_storage, const Rows& rows, int64_t t0, int64_
   out_k.narrow(0, t0, n).narrow(2, dn, rope).copy_(pe.unsqueeze(1).expand({n, H, rope}));
 }
 
-// The float32 path: the weight dequantized once, one at::mm per chunk of tokens.
+// x (n, R) @ w (N, R).T as (n, N) float32, on the panel GEMM of simd.h (the grouped GEMMs'
+// float32 tile), parallel over blocks of 48 weight rows: each output is a float32 sum over
+// k in order, whatever the number of threads. at::mm in its place gave other bits with 2
+// threads than with 1 on a 2-core AMD EPYC (Zen 4), where the determinism test
+// (tests/test_cpu_isa.py) caught it, and ran at ~70 GFLOPS per core there against the
+// tile's ~95.
+at::Tensor panel_mm(const at::Tensor& x, const at::Tensor& w) {
+  const SimdKernels& k = simd();
+  const int64_t n = x.size(0), R = x.size(1), N = w.size(0);
+  constexpr int64_t kBlock = 48;
+  const at::Tensor wc = w.contiguous();
+  at::Tensor y = at::empty({n, N}, x.options());
+  at::Tensor panels = at::empty({ceil_div(n, k.panel_rows) * k.panel_rows * R}, x.options());
+  k.pack_panels(x.data_ptr<float>(), n, R, panels.data_ptr<float>());
+  std::vector<int64_t> rows(n);
+  std::iota(rows.begin(), rows.end(), int64_t{0});
+  const OutRows out{y.data_ptr(), SrcType::f32, N, rows.data()};
+  const float* pp = panels.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  at::parallel_for(0, ceil_div(N, kBlock), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kBlock;
+      k.gemm_panels(pp, n, wp + n0 * R, R, std::min(kBlock, N - n0), R, out, n0);
+    }
+  });
+  return y;
+}
+
+// The float32 path: the weight dequantized once, one panel GEMM per chunk of tokens.
 void decompress_float(const at::Tensor& latent, const at::Tensor& pe_storage, int64_t rope,
                       const Rows& rows, const at::Tensor& w, float scale, at::Tensor& out_k,
                       at::Tensor& out_v) {
   const int64_t T = out_k.size(0), H = out_k.size(1), dk = out_k.size(2), dv = out_v.size(2);
   const int64_t R = w.size(1), dn = dk - rope;
-  const at::Tensor wt = w.t();
-  // at::mm dispatches again, and inside a caller's torch.autocast region would multiply in
-  // bf16: the float32 path stays float32 (tests/test_torch_modes.py)
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t chunk = std::max<int64_t>(16, kChunkFloats / std::max<int64_t>(1, w.size(0)));
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     const int64_t n = std::min(chunk, T - t0);
     const at::Tensor x = gather_any(latent, rows.latent, t0, n, R, scale);
-    const at::Tensor y = at::mm(x, wt).view({n, H, dn + dv});
+    const at::Tensor y = panel_mm(x, w).view({n, H, dn + dv});
     auto k = out_k.narrow(0, t0, n), v = out_v.narrow(0, t0, n);
     k.narrow(2, 0, dn).copy_(y.narrow(2, 0, dn));
     v.copy_(y.narrow(2, dn, dv));
@@ -274,17 +308,126 @@ void decompress_tiles(const at::Tensor& latent, const at::Tensor& pe_storage, in
   }
 }
 
+// The bf16 dot products (simd.h, gemm_pairs; the avx512bf16 build) take latent rows
+// and weights exact in bf16 as stored (a packed weight is bf16), and outputs with unit
+// last-dimension strides.
+bool pairs_take(const at::Tensor& latent, const at::Tensor& w, const at::Tensor& out_k,
+                const at::Tensor& out_v) {
+  const auto exact = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat8_e4m3fn;
+  };
+  return simd().gemm_pairs != nullptr && exact(latent) && exact(w) &&
+         out_k.stride(2) == 1 && out_v.stride(2) == 1;
+}
+
+// Weight rows of one task of the pair path: rows [w_row0, w_row0 + n) of the weight, all
+// in head h's no-PE key part (v false) or value part, its columns col0 .. col0 + n.
+struct PartTask {
+  int64_t w_row0, n, h, col0;
+  bool v;
+};
+
+// Tokens a chunk of the pair path widens at once (R = 512: 512 KB of bf16 rows, in L2).
+constexpr int64_t kPairChunk = 512;
+
+// The path of CPUs with AVX512-BF16 and no AMX: per chunk of tokens, their latent rows
+// widened to bf16 (fp8 and bf16 as stored: both exact), then in parallel every task widens
+// its weight rows (at most one panel: a head's 128-row part gives 2 tasks, H = 16 64 per
+// chunk) into a panel and multiplies every token with it on bf16 dot products (gemm_pairs,
+// block scales promoted per 128-wide K block), each token's results stored into out_k or
+// out_v as they leave the registers: no float32 product is written. An fp8 cache's scale
+// multiplies the results.
+void decompress_pairs(const at::Tensor& latent, const at::Tensor& pe_storage, int64_t rope,
+                      const Rows& rows, const at::Tensor& w,
+                      const std::optional<at::Tensor>& w_scale, float scale, at::Tensor& out_k,
+                      at::Tensor& out_v) {
+  const SimdKernels& k = simd();
+  const int64_t T = out_k.size(0), H = out_k.size(1), dn = out_k.size(2) - rope;
+  const int64_t dv = out_v.size(2), R = weight_cols(w), PR = k.panel_rows;
+  if (T == 0) return;
+  // A packed weight is read in place where every task's rows start a 16-row group of it
+  // (dn, dv multiples of 16: DeepSeek-V3's 128), its 16 x 32 tiles being 16 rows by k pair;
+  // otherwise it goes back to its (N, R) rows, one copy of 2 bytes per weight. Its values
+  // are the checkpoint's either way: the same bits as the weight as stored.
+  const bool in_place = is_packed(w) && dn % amx::kTileRows == 0 && dv % amx::kTileRows == 0;
+  const at::Tensor wc = is_packed(w) && !in_place ? unpack_rows(w) : w.contiguous();
+  const at::Tensor wsc = w_scale.has_value() ? w_scale->contiguous() : at::Tensor();
+  const float* ws = w_scale.has_value() ? wsc.data_ptr<float>() : nullptr;
+  const bool w_fp8 = wc.scalar_type() == at::kFloat8_e4m3fn;
+  const bool x_fp8 = latent.scalar_type() == at::kFloat8_e4m3fn;
+  const int64_t ld = ceil_div(R, 2) * 2 + 32;   // one cache line past the row
+  std::vector<PartTask> tasks;
+  for (int64_t h = 0; h < H; ++h)
+    for (const bool v : {false, true}) {
+      const int64_t len = v ? dv : dn, first = h * (dn + dv) + (v ? dn : 0);
+      for (int64_t c0 = 0; c0 < len; c0 += PR)
+        tasks.push_back({first + c0, std::min(PR, len - c0), h, c0, v});
+    }
+  std::vector<int64_t> out_rows(T);
+  std::iota(out_rows.begin(), out_rows.end(), int64_t{0});
+  at::Tensor xbuf = at::empty({std::min(kPairChunk, T) * ld}, wc.options().dtype(at::kShort));
+  uint16_t* xp = reinterpret_cast<uint16_t*>(xbuf.data_ptr<int16_t>());
+  // every token's scale is the cache's, in every K block (ldxs 0)
+  const std::vector<float> xs(ceil_div(R, kScaleBlock), scale);
+  const SrcType k_type = simd_type(out_k.scalar_type(), "out_k");
+  const SrcType v_type = simd_type(out_v.scalar_type(), "out_v");
+  for (int64_t t0 = 0; t0 < T; t0 += kPairChunk) {
+    const int64_t n = std::min(kPairChunk, T - t0);
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      k.decode_pair_rows(latent.data_ptr(), x_fp8, rows.latent.data() + t0 + begin, end - begin,
+                         R, ld, xp + begin * ld);
+    });
+    for_each_task(static_cast<int64_t>(tasks.size()), [] { return PairPanel(); },
+                  [&](PairPanel& panel, int64_t i) {
+      const PartTask& task = tasks[i];
+      at::Tensor& out = task.v ? out_v : out_k;
+      PairPanelRef p;
+      if (in_place) {
+        const auto* tiles = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+        p = {tiles + task.w_row0 * R, amx::kTileRows, amx::kTileRows * R / 2};
+        panel.set_scales(ws, task.w_row0, task.n, R);
+      } else {
+        p = panel.pack(wc.data_ptr(), w_fp8, ws, task.w_row0, task.n, R);
+      }
+      char* head = static_cast<char*>(out.data_ptr()) + task.h * out.stride(1) * out.element_size();
+      const OutRows y{head, task.v ? v_type : k_type, out.stride(0), out_rows.data() + t0};
+      k.gemm_pairs(xp, ld, xs.data(), 0, n, p, panel.scale_data(), task.n, R, y, task.col0);
+    });
+    write_pe(pe_storage, rows, t0, n, rope, scale, out_k);
+  }
+}
+
 // latent / pe: storage of the latent rows and of k_pe (the same cache when paged)
 void decompress(const at::Tensor& latent, const at::Tensor& pe_storage, int64_t rope,
                 const Rows& rows, const at::Tensor& w, const std::optional<at::Tensor>& w_scale,
                 float scale, at::Tensor& out_k, at::Tensor& out_v) {
   if (tiles_take(latent, w, out_k, out_v))
     return decompress_tiles(latent, pe_storage, rope, rows, w, w_scale, scale, out_k, out_v);
+  if (pairs_take(latent, w, out_k, out_v))
+    return decompress_pairs(latent, pe_storage, rope, rows, w, w_scale, scale, out_k, out_v);
   decompress_float(latent, pe_storage, rope, rows, float_weight(w, w_scale), scale, out_k, out_v);
 }
 
+// Whether no two elements of t share memory, by a rule that is exact for every layout a
+// slice, view or permutation of one buffer gives: its dimensions (of size > 1) taken by
+// increasing stride, each stride passes the last element the smaller ones reach. MLA's
+// outputs may have any strides but the last; an expanded one (stride 0) would have two
+// values written to one place (the float32 path's copies refused it by throwing).
+bool elements_apart(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;   // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;   // the largest offset the dimensions so far reach
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return false;
+    reach += stride * (size - 1);
+  }
+  return true;
+}
+
 // out_k (T, H, dn + rope) and out_v (T, H, dv) of float dtypes, dn, dv >= 1, for a weight
-// of H * (dn + dv) rows
+// of H * (dn + dv) rows, each element in memory of its own
 Report check_outputs(const at::Tensor& out_k, const at::Tensor& out_v, int64_t T, int64_t rows,
                      int64_t rope) {
   MK_CHECK_VALUE(out_k.dim() == 3 && out_v.dim() == 3, "out_k and out_v must be 3-D, got ",
@@ -298,6 +441,10 @@ Report check_outputs(const at::Tensor& out_k, const at::Tensor& out_v, int64_t T
   MK_CHECK_TYPE(simd_dtype(out_k.scalar_type()) && simd_dtype(out_v.scalar_type()),
                 "out_k and out_v must be float32, bfloat16 or float16, got ", out_k.scalar_type(),
                 " and ", out_v.scalar_type());
+  MK_CHECK_VALUE(elements_apart(out_k), "out_k has elements that share memory (strides ",
+                 out_k.strides(), "): an output needs a place for each value");
+  MK_CHECK_VALUE(elements_apart(out_v), "out_v has elements that share memory (strides ",
+                 out_v.strides(), "): an output needs a place for each value");
   return {};
 }
 

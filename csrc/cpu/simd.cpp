@@ -17,13 +17,18 @@ struct Build {
   bool amx;
 };
 
+// Widest first. The amx build takes the GEMMs of many rows to the tiles, so it needs no
+// bf16 dot products of its own.
 constexpr Build kBuilds[] = {{"amx", &simd_avx512::kernels, true},
+                             {"avx512bf16", &simd_avx512bf16::kernels, false},
                              {"avx512", &simd_avx512::kernels, false},
                              {"avx2", &simd_avx2::kernels, false},
                              {"generic", &simd_generic::kernels, false}};
+constexpr size_t kGeneric = sizeof(kBuilds) / sizeof(kBuilds[0]) - 1;
 
 bool runs_here(const Build& b) {
   if (b.amx) return amx::supported();
+  if (b.kernels == &simd_avx512bf16::kernels) return simd_avx512bf16::supported();
   if (b.kernels == &simd_avx512::kernels) return simd_avx512::supported();
   if (b.kernels == &simd_avx2::kernels) return simd_avx2::supported();
   return true;
@@ -42,7 +47,7 @@ const Build* initial_choice() {
   if (b != nullptr) return b;
   for (const Build& c : kBuilds)
     if (runs_here(c)) return &c;
-  return &kBuilds[3];
+  return &kBuilds[kGeneric];
 }
 
 std::atomic<const Build*>& chosen() {

@@ -1,9 +1,10 @@
-// The CPU kernels' vector inner loops, built three times from one source
-// (simd_kernels.inc): for AVX-512 (F, BW, VL, DQ with FMA and F16C; 16 float lanes), for
-// AVX2 (with FMA and F16C; 8 lanes) and for the x86-64 baseline (SSE2, 4 lanes), plus the
-// AMX tile GEMMs (amx.h) beside AVX-512. The widest this CPU runs is chosen;
-// MOE_KERNELS_CPU_ISA=avx512|avx2|generic (or set_cpu_isa) picks a narrower one, which is
-// how tests run every build on one machine.
+// The CPU kernels' vector inner loops, built four times from one source
+// (simd_kernels.inc): for AVX-512 (F, BW, VL, DQ with FMA and F16C; 16 float lanes), the
+// same with AVX512-BF16 (its GEMM of many rows on bf16 dot products), for AVX2 (with FMA
+// and F16C; 8 lanes) and for the x86-64 baseline (SSE2, 4 lanes), plus the AMX tile GEMMs
+// (amx.h) beside AVX-512. The widest this CPU runs is chosen;
+// MOE_KERNELS_CPU_ISA=avx512bf16|avx512|avx2|generic (or set_cpu_isa) picks a narrower
+// one, which is how tests run every build on one machine.
 //
 // Framework-free on purpose: the AVX-512 translation unit must not instantiate inline
 // functions (torch's, the standard library's) that the rest of the extension would then
@@ -22,6 +23,15 @@ struct OutRows {
   SrcType type;
   int64_t ld;
   const int64_t* rows;
+};
+
+// A panel of weight rows for gemm_pairs (bf16 k pairs, 32-bit units): the pair kp of row
+// 16 v + i at data[kp * kp_stride + v * vec_stride + i] (i < 16). pack_pair_panels' panels:
+// strides (panel_rows, 16); the AMX tiles' packed MLA weight (N / 16, R / 32, 16, 32) from
+// row 16 j: (16, 8 R), read in place.
+struct PairPanelRef {
+  const uint16_t* data;
+  int64_t kp_stride, vec_stride;
 };
 
 struct SimdKernels {
@@ -49,6 +59,24 @@ struct SimdKernels {
   void (*pack_panels)(const float* x, int64_t m, int64_t K, float* p);
   void (*gemm_panels)(const float* p, int64_t m, const float* w, int64_t ldw, int64_t nw,
                       int64_t K, const OutRows& y, int64_t n0);
+  // Many rows of operands exact in bf16 (FP8, or bf16 itself) on bf16 dot products (the
+  // avx512bf16 build; null in the others). pack_pair_panels lays m weight rows (K values
+  // each, at element offsets[i] of a; -1: a zero row) out as ceil(m / panel_rows) panels of
+  // (ceil(K / 2), panel_rows, 2) bf16 bits (k pairs; rows past m and k past K zero);
+  // decode_pair_rows writes n token rows (likewise at offsets) as bf16 bits, ld apart (even,
+  // >= K), zeros from K to ld; gemm_pairs computes, from the token rows x (ldx apart) and
+  // nw <= panel_rows weight rows of the panel p, at row y.rows[r] and column n0 + n of y,
+  // for r < m, n < nw:
+  //   sum over K blocks kb of xs[r * ldxs + kb] * ws[kb * panel_rows + n]
+  //     * sum_{k in kb} x[r][k] * w[n][k]
+  // (ws null: weight scales of 1).
+  void (*pack_pair_panels)(const void* a, bool fp8, const int64_t* offsets, int64_t m,
+                           int64_t K, uint16_t* p);
+  void (*decode_pair_rows)(const void* x, bool fp8, const int64_t* offsets, int64_t n,
+                           int64_t K, int64_t ld, uint16_t* dst);
+  void (*gemm_pairs)(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, int64_t m,
+                     const PairPanelRef& p, const float* ws, int64_t nw, int64_t K,
+                     const OutRows& y, int64_t n0);
   // Gating, on b without NaN: first[g] >= second[g], the two largest of the GS values at
   // b + g * GS for g < G (second[g] = -inf when GS = 1).
   void (*group_top2)(const float* b, int64_t G, int64_t GS, float* first, float* second);
@@ -71,6 +99,10 @@ namespace simd_avx512 {
 extern const SimdKernels kernels;
 bool supported();
 }  // namespace simd_avx512
+namespace simd_avx512bf16 {
+extern const SimdKernels kernels;
+bool supported();
+}  // namespace simd_avx512bf16
 namespace simd_avx2 {
 extern const SimdKernels kernels;
 bool supported();
@@ -83,7 +115,7 @@ const SimdKernels& simd();
 // Whether the GEMMs whose operands are exact in bf16 run on AMX tiles (amx.h): the "amx"
 // build, the AVX-512 vector kernels plus tiles, chosen first where amx::supported().
 bool amx_enabled();
-// The build running: "amx", "avx512", "avx2" or "generic".
+// The build running: "amx", "avx512bf16", "avx512", "avx2" or "generic".
 const char* cpu_isa();
 // One of those names; an ISA this CPU lacks is refused (returns false).
 bool set_cpu_isa(const char* name);

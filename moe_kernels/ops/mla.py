@@ -16,8 +16,9 @@ import torch
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK, cdiv
 from moe_kernels._validate import (STRIDED, all_strided, autodiff_possible, check_forward_only,
-                                   check_int, check_last_dim_contiguous, check_no_overlap,
-                                   check_same_device, check_scales, check_tensor, holds_no_data)
+                                   check_elements_apart, check_int, check_last_dim_contiguous,
+                                   check_no_overlap, check_same_device, check_scales,
+                                   check_tensor, holds_no_data)
 from moe_kernels.reference import mla as reference
 
 WEIGHT_DTYPES = FLOAT_DTYPES + (FP8,)
@@ -119,6 +120,8 @@ def _check_out(op, name, out, shape, ref, inputs):
     if tuple(out.shape) != shape:
         raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(out.shape)}")
     check_last_dim_contiguous(op, name, out)
+    if not holds_no_data(out):
+        check_elements_apart(op, name, out)
     check_same_device(op, name, out, "the inputs", ref)
     check_no_overlap(op, name, out, inputs)
 
@@ -151,12 +154,12 @@ PACKED_BACKENDS = ("cpu", "reference")
 def mla_pack_kv_b_proj(kv_b_proj: torch.Tensor) -> torch.Tensor:
     """kv_b_proj (N, R) bf16 or float8_e4m3fn on the CPU, N and R multiples of 32 -> the
     form the `cpu` backend runs fastest on this machine, made once at load: where its AMX
-    tile path runs, the packed tiles (pack_kv_b_proj_tiles: bf16 (N / 16, R / 32, 16, 32),
-    the values exact); elsewhere (no AMX, or MOE_KERNELS_CPU_ISA narrower than amx),
-    kv_b_proj itself. Pass the result as kv_b_proj with the same kv_b_proj_scale (for an
-    fp8 checkpoint) to mla_decompress_kv and mla_decompress_kv_paged (backend "cpu" or
-    "reference"); it saves the per-call packing (docs/mla.md). Memory: 2 bytes per weight
-    when packed."""
+    tile path or its AVX512-BF16 path runs, the packed tiles (pack_kv_b_proj_tiles: bf16
+    (N / 16, R / 32, 16, 32), the values exact); elsewhere (neither, or
+    MOE_KERNELS_CPU_ISA narrower than avx512bf16), kv_b_proj itself. Pass the result as
+    kv_b_proj with the same kv_b_proj_scale (for an fp8 checkpoint) to mla_decompress_kv and
+    mla_decompress_kv_paged (backend "cpu" or "reference"); it saves the per-call packing
+    (docs/mla.md). Memory: 2 bytes per weight when packed."""
     _check_packable("mla_pack_kv_b_proj", kv_b_proj)
     if not _cpu_tiles_run():
         return kv_b_proj
@@ -164,8 +167,10 @@ def mla_pack_kv_b_proj(kv_b_proj: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_tiles_run() -> bool:
-    """The cpu backend's build is the AMX one (csrc/cpu/simd.h), as MLA's tile path needs."""
-    return _library.extension_loaded() and _library._C.cpu_isa() == "amx"
+    """The cpu backend's build reads the packed tiles in place (csrc/cpu/simd.h): the AMX
+    build's tile path, or the AVX512-BF16 build's dot products, whose panels are the tiles'
+    16 rows by k pair."""
+    return _library.extension_loaded() and _library._C.cpu_isa() in ("amx", "avx512bf16")
 
 
 def _check_packable(op, kv_b_proj):

@@ -1,0 +1,22 @@
+// simd_kernels.inc built for AVX-512 with AVX512-BF16 (simd.h): the avx512 build's kernels
+// plus the GEMM of many rows on bf16 dot products. Every header comes before the target
+// pragma, so that no inline function they define is compiled with AVX-512 instructions.
+#include <immintrin.h>
+
+#include "../common/fp8_math.h"
+#include "simd.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+#define MOE_SIMD_NS simd_avx512bf16
+#define MOE_SIMD_LANES 16
+#define MOE_SIMD_BF16 1
+#include "simd_kernels.inc"
+#pragma GCC pop_options
+
+namespace moe_kernels::simd_avx512bf16 {
+bool supported() {
+  __builtin_cpu_init();
+  return simd_avx512::supported() && __builtin_cpu_supports("avx512bf16");
+}
+}  // namespace moe_kernels::simd_avx512bf16
