@@ -194,6 +194,32 @@ def test_out_buffers(device, backend):
     check_backend(k, v.float(), kv_c, k_pe, w, s, H, dn, dv, torch.bfloat16)
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params(("reference",) + BACKENDS))
+def test_out_buffers_whose_elements_share_memory_are_refused(device, backend):
+    """An expanded out_k / out_v (stride 0: two values to one place; before, torch's copy
+    threw a RuntimeError from inside the float32 path, and the tiles wrote both values to
+    one place) is refused before any kernel runs, naming the buffer; a permuted layout
+    whose elements are apart (heads outermost) is taken and written in full."""
+    T, H, dn, dv, R, rope = 6, 2, 16, 16, 64, 16
+    kv_c, k_pe = make_latent(T, R, rope, torch.bfloat16, seed=5, device=device)
+    w, s = make_weight(H, dn, dv, R, fp8=True, seed=6, device=device)
+    kw = dict(num_heads=H, qk_nope_head_dim=dn, v_head_dim=dv, kv_b_proj_scale=s,
+              backend=backend)
+    nan = float("nan")
+    good_k = torch.full((T, H, dn + rope), nan, dtype=torch.bfloat16, device=device)
+    good_v = torch.full((T, H, dv), nan, dtype=torch.bfloat16, device=device)
+    for name, bufs in (("out_k", dict(out_k=good_k[:1].expand(T, H, dn + rope), out_v=good_v)),
+                       ("out_v", dict(out_k=good_k, out_v=good_v[:, :1].expand(T, H, dv)))):
+        with pytest.raises(ValueError, match=f"{name} has elements that share memory"):
+            moe_kernels.mla_decompress_kv(kv_c, k_pe, w, **kw, **bufs)
+    out_k = torch.full((H, T, dn + rope), nan, dtype=torch.bfloat16, device=device)
+    out_v = torch.full((H, T, dv), nan, dtype=torch.bfloat16, device=device)
+    out_k, out_v = out_k.transpose(0, 1), out_v.transpose(0, 1)
+    k, v = moe_kernels.mla_decompress_kv(kv_c, k_pe, w, out_k=out_k, out_v=out_v, **kw)
+    assert k is out_k and v is out_v
+    check_backend(k, v, kv_c, k_pe, w, s, H, dn, dv, torch.bfloat16)
+
+
 def paged_case(seq_lens, block_size, R, rope, cache_dtype, *, seed, device, spare_blocks=3):
     """A cache with more blocks than needed and a random block table: each sequence's
     blocks are a random subset; unused table entries hold -1 or junk ids."""
