@@ -189,13 +189,14 @@ PairRows decode_pair_experts(const at::Tensor& a, const at::Tensor& a_scales,
   float* sp = pr.scales.data_ptr<float>();
   const float* as = a_scales.data_ptr<float>();
   const int64_t ssm = a_scales.stride(0), ssk = a_scales.stride(1);
+  std::vector<int64_t> offsets(er.rows.size());
+  for (size_t i = 0; i < er.rows.size(); ++i) offsets[i] = er.rows[i] * a.stride(0);
   at::parallel_for(0, static_cast<int64_t>(paired.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = paired[i], m = er.count(e);
       const int64_t* rows_e = er.rows.data() + er.start[e];
-      std::vector<int64_t> offsets(m);
-      for (int64_t j = 0; j < m; ++j) offsets[j] = rows_e[j] * a.stride(0);
-      k.decode_pair_rows(a.data_ptr(), true, offsets.data(), m, K, pr.ld, xp + pr.row[e]);
+      k.decode_pair_rows(a.data_ptr(), true, offsets.data() + er.start[e], m, K, pr.ld,
+                         xp + pr.row[e]);
       float* s = sp + pr.scale[e];
       for (int64_t j = 0; j < m; ++j)
         for (int64_t kb = 0; kb < KB; ++kb) *s++ = as[rows_e[j] * ssm + kb * ssk];
