@@ -1,8 +1,9 @@
-"""Every build of the C++ CPU kernels (csrc/cpu/simd.h: amx, avx512, avx2, generic) on
-this one machine: each is switched in with `_C.set_cpu_isa` and held to the reference by
-the same rules as the default build. The op tests run the default (widest) build only.
-amx is the avx512 build plus the AMX bf16 tile GEMMs (csrc/cpu/amx.h); on a CPU without
-AMX its cases skip, and the avx512 cases are then what the default build runs."""
+"""Every build of the C++ CPU kernels (csrc/cpu/simd.h: amx, avx512bf16, avx512, avx2,
+generic) on this one machine: each is switched in with `_C.set_cpu_isa` and held to the
+reference by the same rules as the default build. The op tests run the default (widest)
+build only. amx is the avx512 build plus the AMX bf16 tile GEMMs (csrc/cpu/amx.h), and
+avx512bf16 the avx512 build with the grouped GEMMs and MLA on AVX512-BF16 dot products
+(simd.h, gemm_pairs); a build this CPU lacks skips its cases."""
 
 from __future__ import annotations
 

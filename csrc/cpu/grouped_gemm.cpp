@@ -8,7 +8,11 @@
 //   its block of weight rows to float32 (in L2) for the register-tiled GEMM of simd.h.
 //   Against dequantizing a whole expert and at::mm, this skips writing and re-reading the
 //   float32 weight and MKL's own packing copy (GEMM1/14 on 2 cores: 2.6 ms that way, 2.05
-//   ms this way; docs/benchmarks.md).
+//   ms this way; docs/benchmarks.md);
+// - where the CPU has AMX (the amx build), those experts run on bf16 tiles instead (amx.h),
+//   and where it has AVX512-BF16 but no AMX (the avx512bf16 build), on bf16 dot products
+//   (simd.h, gemm_pairs): both take the FP8 operands as stored (exact in bf16) and apply the
+//   block scales per 128-wide K block.
 // Dequantize-then-multiply equals "promotion every 128" up to float32 rounding, since a
 // scale is constant over each 128-wide K block.
 #include <ATen/Parallel.h>

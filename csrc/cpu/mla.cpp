@@ -3,11 +3,11 @@
 // bf16: bf16 tiles (amx::gemm_rows), K / V stored straight from them (decompress_tiles).
 // With AVX512-BF16 (no AMX) and such operands: bf16 dot products, likewise
 // (decompress_pairs). Otherwise the weight is dequantized once to float32; tokens go in
-// chunks: their latent
-// rows are gathered (paged) and converted to float32 in parallel, the panel GEMM of simd.h
-// up-projects the chunk for every head (parallel over blocks of weight rows), and K (with
-// k_pe) and V are written from it. A chunk's product stays around 4 MB, so it is written
-// back from cache instead of materialising a (T, H, dn + dv) tensor.
+// chunks: their latent rows are gathered (paged) and converted to float32 in parallel, the
+// panel GEMM of simd.h up-projects the chunk for every head (parallel over blocks of
+// weight rows), and K (with k_pe) and V are written from it. A chunk's product stays
+// around 4 MB, so it is written back from cache instead of materialising a
+// (T, H, dn + dv) tensor.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <algorithm>
@@ -332,8 +332,8 @@ constexpr int64_t kPairChunk = 512;
 
 // The path of CPUs with AVX512-BF16 and no AMX: per chunk of tokens, their latent rows
 // widened to bf16 (fp8 and bf16 as stored: both exact), then in parallel every task widens
-// its weight rows (at most one panel: a head's 128-row part gives 2 tasks, H = 16 64 per
-// chunk) into a panel and multiplies every token with it on bf16 dot products (gemm_pairs,
+// its weight rows (at most one panel: a head's 128-row part gives 2 tasks, so H = 16
+// gives 64 per chunk) into a panel and multiplies every token with it on bf16 dot products (gemm_pairs,
 // block scales promoted per 128-wide K block), each token's results stored into out_k or
 // out_v as they leave the registers: no float32 product is written. An fp8 cache's scale
 // multiplies the results.
