@@ -18,6 +18,7 @@ from moe_kernels import _library
 from moe_kernels.ops import mla as mla_ops
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import mla as ref
+from moe_kernels.testing import rules
 
 from helpers import (FP8_INPUT_OPCHECKS, HAS_CUDA, assert_close, big_memory_devices,
                      device_backend_params, poison_allocator)
@@ -117,11 +118,18 @@ CONTIGUOUS = [  # (T, H, dn, dv, R, rope)
 
 
 def check_backend(k, v, kv_c, k_pe, w, s, H, dn, dv, dtype):
+    """k, v against the float32 reference by the rule of `dtype`; float32 outputs as dot
+    products (rules.dot_products: a value cancelled toward 0 keeps its terms' rounding,
+    which a hypothesis draw showed 1.2e-6 apart from the reference's at a value of 0.005)."""
     want_k, want_v = ref.mla_decompress_kv(kv_c.cpu(), k_pe.cpu(), w.cpu(),
                                            None if s is None else s.cpu(), H, dn, dv,
                                            torch.float32)
-    assert_close(k, want_k, dtype=dtype)
-    assert_close(v, want_v, dtype=dtype)
+    for name, got, want in (("k", k, want_k), ("v", v, want_v)):
+        if dtype == torch.float32:
+            verdict = rules.dot_products(name, got.cpu(), want)
+            assert verdict.passed, str(verdict)
+        else:
+            assert_close(got, want, dtype=dtype)
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))

@@ -48,7 +48,7 @@ def check(got, inputs, fn, msg):
     want = properties.reference(fn, inputs)
     for a, b, name in zip(got, want, ("k", "v")):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{msg}: {name}"
-        verdict = rules.close(name, a, b, any_non_finite=True)
+        verdict = rules.dot_products(name, a, b, any_non_finite=True)
         assert verdict.passed, f"{msg}: {verdict}"
 
 

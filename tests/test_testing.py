@@ -169,6 +169,27 @@ def test_non_finite_kind_is_free_where_the_contract_leaves_it(op, wrap):
         assert verdict.where[0] == 1 and "finite" in verdict.detail
 
 
+def test_mla_outputs_are_held_as_dot_products():
+    """MLA's K / V are R-term dot products: in float32 a value that cancels toward 0 keeps
+    its terms' rounding, so the absolute bound is rtol times the largest value (a drawn
+    case of moe-check: 1.25e-6 apart at 0.0028, largest 4.4, both sides within 2.1e-6 of
+    the float64 product). The elementwise rule alone refuses that; TF32-sized errors
+    (5e-4 relative) still fail, and a bf16 output keeps bf16's bounds."""
+    want = torch.randn(3, 1, 130, generator=torch.Generator().manual_seed(1))
+    want[0, 0, 0], want[1, 0, 7] = 4.4, 0.0028
+    got = want.clone()
+    got[1, 0, 7] += 1.25e-6
+    assert testing.compare("mla_decompress_kv", (got, got), (want, want)).passed
+    assert not rules.close("k", got, want).passed, "the elementwise rule alone"
+    tf32 = want * (1 + 5e-4)
+    (verdict, *_) = testing.compare("mla_decompress_kv", (tf32, want), (want, want)).failures
+    assert verdict.output == "k" and verdict.worst > 1
+    bf16 = want.bfloat16()
+    off = bf16.clone()
+    off[1, 0, 7] = 0.0028 + 2e-4
+    assert not testing.compare("mla_decompress_kv", (off, bf16), (bf16, bf16)).passed
+
+
 # --- adapters: the projects' conventions, emulated from our reference ------------------------
 
 def vllm_grouped_topk(hidden_states, gating_output, topk, renormalize, num_expert_group=0,

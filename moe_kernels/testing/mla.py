@@ -107,9 +107,9 @@ def _paged_cases(preset, g, dev):
 
 
 def compare_kv(got: dict, want: dict, case=None) -> list:
-    """k / v close; NaN and inf as one class (docs/api.md: a non-finite FP8 weight value
-    or scale gives either, by backend)."""
-    return [rules.close(name, got[name], want[name], any_non_finite=True)
+    """k / v close as dot products (rules.dot_products); NaN and inf as one class
+    (docs/api.md: a non-finite FP8 weight value or scale gives either, by backend)."""
+    return [rules.dot_products(name, got[name], want[name], any_non_finite=True)
             for name in ("k", "v")]
 
 
