@@ -204,10 +204,10 @@ def test_out_buffers(device, backend):
 
 @pytest.mark.parametrize("device,backend", device_backend_params(("reference",) + BACKENDS))
 def test_out_buffers_whose_elements_share_memory_are_refused(device, backend):
-    """An expanded out_k / out_v (stride 0: two values to one place; before, torch's copy
-    threw a RuntimeError from inside the float32 path, and the tiles wrote both values to
-    one place) is refused before any kernel runs, naming the buffer; a permuted layout
-    whose elements are apart (heads outermost) is taken and written in full."""
+    """An expanded out_k / out_v (stride 0: two values to one place, which torch's copies
+    refuse from inside a kernel and the tiles would race on) is refused before any kernel
+    runs, naming the buffer; a permuted layout whose elements are apart (heads outermost)
+    is taken and written in full."""
     T, H, dn, dv, R, rope = 6, 2, 16, 16, 64, 16
     kv_c, k_pe = make_latent(T, R, rope, torch.bfloat16, seed=5, device=device)
     w, s = make_weight(H, dn, dv, R, fp8=True, seed=6, device=device)

@@ -170,17 +170,24 @@ def test_non_finite_kind_is_free_where_the_contract_leaves_it(op, wrap):
 
 
 def test_mla_outputs_are_held_as_dot_products():
-    """MLA's K / V are R-term dot products: in float32 a value that cancels toward 0 keeps
-    its terms' rounding, so the absolute bound is rtol times the largest value (a drawn
-    case of moe-check: 1.25e-6 apart at 0.0028, largest 4.4, both sides within 2.1e-6 of
-    the float64 product). The elementwise rule alone refuses that; TF32-sized errors
-    (5e-4 relative) still fail, and a bf16 output keeps bf16's bounds."""
+    """MLA's K / V rows are R-term dot products: in float32 a value that cancels toward 0
+    keeps its terms' rounding, so its absolute bound is rtol times the largest value of its
+    row (a drawn case of moe-check: 1.25e-6 apart at 0.0028, largest 4.4, both sides within
+    2.1e-6 of the float64 product). The elementwise rule alone refuses that; the same error
+    in a row of small values still fails (the bound is the row's, not the tensor's);
+    TF32-sized errors (5e-4 relative) still fail, and a bf16 output keeps bf16's bounds."""
     want = torch.randn(3, 1, 130, generator=torch.Generator().manual_seed(1))
-    want[0, 0, 0], want[1, 0, 7] = 4.4, 0.0028
+    want[1, 0, 0], want[1, 0, 7] = 4.4, 0.0028
+    want[2] *= 1e-3
     got = want.clone()
     got[1, 0, 7] += 1.25e-6
     assert testing.compare("mla_decompress_kv", (got, got), (want, want)).passed
     assert not rules.close("k", got, want).passed, "the elementwise rule alone"
+    small_row = want.clone()
+    small_row[2, 0, 7] += 1.25e-6
+    (verdict, *_) = testing.compare("mla_decompress_kv", (small_row, want),
+                                    (want, want)).failures
+    assert verdict.where == (2, 0, 7)
     tf32 = want * (1 + 5e-4)
     (verdict, *_) = testing.compare("mla_decompress_kv", (tf32, want), (want, want)).failures
     assert verdict.output == "k" and verdict.worst > 1

@@ -388,7 +388,7 @@ void decompress_pairs(const at::Tensor& latent, const at::Tensor& pe_storage, in
       PairPanelRef p;
       if (in_place) {
         const auto* tiles = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
-        p = {tiles + task.w_row0 * R, amx::kTileRows, amx::kTileRows * R / 2};
+        p = PairPanel::vnni_ref(tiles + task.w_row0 * R, R);
         panel.set_scales(ws, task.w_row0, task.n, R);
       } else {
         p = panel.pack(wc.data_ptr(), w_fp8, ws, task.w_row0, task.n, R);

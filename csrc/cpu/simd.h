@@ -25,10 +25,10 @@ struct OutRows {
   const int64_t* rows;
 };
 
-// A panel of weight rows for gemm_pairs (bf16 k pairs, 32-bit units): the pair kp of row
-// 16 v + i at data[kp * kp_stride + v * vec_stride + i] (i < 16). pack_pair_panels' panels:
-// strides (panel_rows, 16); the AMX tiles' packed MLA weight (N / 16, R / 32, 16, 32) from
-// row 16 j: (16, 8 R), read in place.
+// Weight rows for gemm_pairs (bf16 k pairs, 32-bit units): the pair kp of row 16 v + i at
+// data[kp * kp_stride + v * vec_stride + i] (i < 16). amx.h's VNNI tiles (pack_weights_vnni,
+// and MLA's packed weight, the same layout) from row 16 j: strides (16, 16 * ceil(K / 32)),
+// read in place.
 struct PairPanelRef {
   const uint16_t* data;
   int64_t kp_stride, vec_stride;
@@ -60,18 +60,14 @@ struct SimdKernels {
   void (*gemm_panels)(const float* p, int64_t m, const float* w, int64_t ldw, int64_t nw,
                       int64_t K, const OutRows& y, int64_t n0);
   // Many rows of operands exact in bf16 (FP8, or bf16 itself) on bf16 dot products (the
-  // avx512bf16 build; null in the others). pack_pair_panels lays m weight rows (K values
-  // each, at element offsets[i] of a; -1: a zero row) out as ceil(m / panel_rows) panels of
-  // (ceil(K / 2), panel_rows, 2) bf16 bits (k pairs; rows past m and k past K zero);
-  // decode_pair_rows writes n token rows (likewise at offsets) as bf16 bits, ld apart (even,
-  // >= K), zeros from K to ld; gemm_pairs computes, from the token rows x (ldx apart) and
-  // nw <= panel_rows weight rows of the panel p, at row y.rows[r] and column n0 + n of y,
-  // for r < m, n < nw:
+  // avx512bf16 build; null in the others). decode_pair_rows writes n token rows (K values
+  // each, at element offsets[i] of x, FP8 or bf16; -1: a zero row) as bf16 bits, ld apart
+  // (even, >= K), zeros from K to ld; gemm_pairs computes, from the token rows x (ldx
+  // apart) and nw <= panel_rows weight rows p, at row y.rows[r] and column n0 + n of y, for
+  // r < m, n < nw:
   //   sum over K blocks kb of xs[r * ldxs + kb] * ws[kb * panel_rows + n]
   //     * sum_{k in kb} x[r][k] * w[n][k]
   // (ws null: weight scales of 1).
-  void (*pack_pair_panels)(const void* a, bool fp8, const int64_t* offsets, int64_t m,
-                           int64_t K, uint16_t* p);
   void (*decode_pair_rows)(const void* x, bool fp8, const int64_t* offsets, int64_t n,
                            int64_t K, int64_t ld, uint16_t* dst);
   void (*gemm_pairs)(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, int64_t m,
