@@ -3,7 +3,8 @@ multiples of 128), routings with -1 ids, ids of another rank's experts and every
 one expert, T = 0 and T = 1 among the sizes, and every tensor argument in a drawn memory
 layout (tests/properties.py). Each example must follow the layout rule and agree with the
 reference on the same values laid out contiguously (relative Frobenius error < 2e-2,
-the bound of docs/api.md)."""
+the bound of docs/api.md, plus what the other rounding of each intermediate value within
+float32 noise of a midpoint moves the output: moe_kernels.testing.fused_moe.check_out)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from hypothesis import strategies as st
 
 import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
+from moe_kernels.testing import fused_moe as fused_rule
 
 import properties
-from test_fused_moe import rel_err
 
 ROWS = ("hidden", "w13", "w2")
 
@@ -45,4 +46,6 @@ def test_fused_moe_fp8_properties(device, backend, data):
     msg = f"{backend} E={E} H={H} I={inter} T={T} K={K} {layouts}"
     assert got.shape == want.shape and got.dtype == want.dtype, msg
     assert not got.float().isnan().any(), msg
-    assert rel_err(got, want) < 2e-2, msg
+    verdict = fused_rule.check_out(got, want, properties.contiguous_copy(
+        properties.on("cpu", inputs)))
+    assert verdict.passed, f"{msg}: {verdict}"

@@ -2,7 +2,8 @@
 expert, K = every kept expert, E not a power of two), T = 0 and T = 1 among the sizes,
 exact ties, NaN / +-inf logits, and every tensor argument in a drawn memory layout
 (tests/properties.py). Each example must follow the layout rule and select what the
-reference selects from the same values, laid out contiguously."""
+reference selects from the same values, laid out contiguously, up to the near-ties of
+candidates of different inputs that moe_kernels.testing.gating.acceptable_rows allows."""
 
 from __future__ import annotations
 
@@ -64,5 +65,5 @@ def test_grouped_topk_properties(device, backend, data):
         return
     plain = properties.contiguous_copy(inputs)
     kw = {k: v for k, v in plain.items() if k not in ("logits", "top_k")}
-    assert_same_selection(*got, plain["logits"], cfg["top_k"], kw, exact=ties,
+    assert_same_selection(*got, plain["logits"], cfg["top_k"], kw,
                           msg=f"{backend} E={E} T={T} {cfg} {layouts}")

@@ -197,6 +197,136 @@ def test_mla_outputs_are_held_as_dot_products():
     assert not testing.compare("mla_decompress_kv", (off, bf16), (bf16, bf16)).passed
 
 
+def test_gemm_rows_of_a_few_values_are_held_to_the_noise_of_two_correct_sums():
+    """Drawn cases where calc_diff weighs one value alone (N = 1). The float64 product
+    0.2143550 lies just under a bf16 midpoint; one side rounds to 0.21386719, the other,
+    whose float32 sum landed on the midpoint, to 0.21484375: calc_diff 1.04e-5. One step
+    of the output dtype passes, row by row and for the whole output; two steps fail, so
+    does the same difference in float32 (no rounding to excuse it), and so does a wrong
+    row among rows that are right. FP8 products 88 * 448 - 448 * 88 cancel to 0: -1.8e-8
+    against the reference's -3.0e-8 beside values of 1.35 (calc_diff 0.125) is float32
+    noise on the output's scale and passes; the same values alone in a row of their own
+    output, or 1e-4 off beside 1.35, fail."""
+    bf16 = lambda rows: torch.tensor(rows, dtype=torch.bfloat16)
+    want = bf16([[0.21484375], [-0.494140625]])
+    assert rules.gemm("out", bf16([[0.2138671875], [-0.494140625]]), want).passed
+    assert rules.gemm("out", bf16([[0.2138671875]]), bf16([[0.21484375]])).passed
+    two_steps = rules.gemm("out", bf16([[0.212890625], [-0.494140625]]), want)
+    assert not two_steps.passed and two_steps.where == (0,)
+    assert not rules.gemm("out", torch.tensor([[0.2138671875]]),
+                          torch.tensor([[0.21484375]])).passed
+    many = torch.randn(6, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    wrong = many.clone()
+    wrong[4] = many[4] * 1.5
+    verdict = rules.gemm("out", wrong, many)
+    assert not verdict.passed and verdict.where == (4,)
+    cancelled = bf16([[-0.9375], [1.1640625], [-1.7578713595867157e-08], [-1.3515625]])
+    reference = cancelled.clone()
+    reference[2, 0] = -2.9802322387695312e-08
+    assert rules.gemm("out", cancelled, reference).passed
+    assert not rules.gemm("out", cancelled[2:3], reference[2:3]).passed
+    off = cancelled.clone()
+    off[2, 0] = 1e-4
+    assert not rules.gemm("out", off, reference).passed
+
+
+# A drawn row (E = 24 in 8 groups of 3, softmax, top2_sum, one group kept, top-1): groups 2
+# and 5 both sum s(-2) + s(2) + 0.5 from other experts, equal in the reference's float32
+# (0.642527342), an ulp apart in the cpu kernel's, which kept group 5 (expert 16)
+NEAR_TIE_LOGITS = [0, -1, 1, 0, 1, -1, -2, 2, 1, -2, 0, -2, 0, 0, 0, -2, 2, 0, 2, 1, -1, 0, 1, 2]
+NEAR_TIE_BIAS = [0.5, -0.5, -0.5, 0, -0.5, -0.5, 0.5, 0, -0.5, 0, 0.5, -0.5, 0, 0.5, 0, 0,
+                 0.5, -0.5, -0.5, 0, 0, -0.5, -0.5, -0.5]
+
+
+def test_grouped_topk_near_ties_of_other_inputs_go_either_way():
+    """acceptable_rows: groups or experts of different inputs that the reference scores
+    within NEAR_TIE may come in either order; candidates of the same inputs follow the
+    lower-index rule exactly (every backend scores them alike), and a real difference
+    fails."""
+    from moe_kernels.testing.gating import acceptable_rows
+
+    def allowed(logits, ids, top_k, ordered=True, **kw):
+        rows = acceptable_rows(torch.tensor([ids]), torch.tensor([logits], dtype=torch.float32),
+                               top_k, ordered=ordered, **kw)
+        return bool(rows[0])
+
+    drawn = dict(num_expert_group=8, topk_group=1, scoring_func="softmax",
+                 correction_bias=torch.tensor(NEAR_TIE_BIAS), group_scoring="top2_sum")
+    assert allowed(NEAR_TIE_LOGITS, [6], 1, **drawn)       # the reference's: group 2
+    assert allowed(NEAR_TIE_LOGITS, [16], 1, **drawn)      # group 5, the near-tie's other side
+    assert not allowed(NEAR_TIE_LOGITS, [7], 1, **drawn)   # group 2's second best
+    assert not allowed(NEAR_TIE_LOGITS, [23], 1, **drawn)  # group 7: far below
+    # equal inputs everywhere: groups 0 and 1 kept, experts 0, 1, 2 in that order
+    zeros = dict(num_expert_group=4, topk_group=2)
+    assert allowed([0.0] * 16, [0, 1, 2], 3, **zeros)
+    assert not allowed([0.0] * 16, [0, 1, 4], 3, **zeros)
+    assert not allowed([0.0] * 16, [1, 0, 2], 3, **zeros)
+    assert allowed([0.0] * 16, [1, 0, 2], 3, ordered=False, **zeros)
+    # sigmoid(20) and sigmoid(21) are both 1.0 in float32: other inputs, either order
+    assert allowed([20.0, 21.0, 0.0], [1], 1) and allowed([20.0, 21.0, 0.0], [0], 1)
+    assert not allowed([3.0, 3.0, 0.0], [1], 1)
+    assert not allowed([3.0, 2.9, 0.0], [1], 1)
+    # moe-check's rule takes the swap, with the weights the reference gives the chosen ids
+    case = testing.Case("grouped_topk", "near_tie", dict(
+        logits=torch.tensor([NEAR_TIE_LOGITS], dtype=torch.float32), top_k=1, **drawn,
+        renormalize=False, routed_scaling_factor=1.0))
+    want = moe_kernels.grouped_topk(**case.inputs, backend="reference")
+    s16 = torch.softmax(case.inputs["logits"], -1)[:, 16:17]
+    swapped = (s16, torch.tensor([[16]], dtype=torch.int32))
+    assert testing.compare("grouped_topk", swapped, want, case).passed
+    assert not testing.compare("grouped_topk", swapped, want).passed
+
+
+def _fused_chain_in_float64(hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids):
+    """fused_moe_fp8's pipeline with float64 GEMMs: the same rounding points as the
+    reference chain (FP8 rows, GEMM1 to bf16, FP8 activations), other float noise, so its
+    roundings near a midpoint may go the other way: a correct implementation."""
+    from moe_kernels.reference import fp8 as ref_fp8
+
+    def fp8_rows(x):
+        return ref_fp8.dequantize_per_token_group(
+            *ref_fp8.quantize_fp8_per_token_group(x.float())).double()
+
+    inter, h = w13.shape[1] // 2, fp8_rows(hidden)
+    out = torch.zeros_like(h)
+    for e in range(w13.shape[0]):
+        weight = torch.where(topk_ids.long() == e, topk_weights.double(), 0.0).sum(1)
+        up = ref_fp8.dequantize_fp8_block(w13[e], w13_scales[e], dtype=torch.float32)
+        gate_up = (h @ up.double().T).float().bfloat16().float()
+        act = fp8_rows(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+        down = ref_fp8.dequantize_fp8_block(w2[e], w2_scales[e], dtype=torch.float32)
+        out += weight[:, None] * (act @ down.double().T)
+    return out.float()
+
+
+def test_fused_moe_rule_allows_the_other_rounding_of_near_midpoint_values():
+    """A drawn case (E = 2, H = 128, I = 32, 21 tokens on expert 1, expert 0's w13 for
+    both): a pipeline with float64 GEMMs rounds one GEMM1 output to the other bf16, which
+    moves an FP8 activation 384 -> 416 and the output 2.07% from the reference chain, past
+    the contract's 2e-2. check_out takes it (the other roundings of values within float32
+    noise of a midpoint), not a 5% error, nor one expert's down-projection 10% off."""
+    from moe_kernels.reference import fp8 as ref_fp8
+    from moe_kernels.testing import fused_moe as fused_rule
+    g = torch.Generator().manual_seed(419702508)
+    E, H, inter, T = 2, 128, 32, 21
+    w13, s13 = ref_fp8.quantize_fp8_block(torch.randn(E, 2 * inter, H, generator=g) / H ** 0.5)
+    w2, s2 = ref_fp8.quantize_fp8_block(torch.randn(E, H, inter, generator=g) / inter ** 0.5)
+    torch.randint(-1, E + 1, (T, 1), generator=g)       # the draw's routing, then replaced
+    inputs = dict(hidden=torch.randn(T, H, generator=g),
+                  w13=w13[:1].expand_as(w13).contiguous(), w13_scales=s13, w2=w2,
+                  w2_scales=s2, topk_weights=torch.rand(T, 1, generator=g),
+                  topk_ids=torch.full((T, 1), 1, dtype=torch.int32))
+    want = moe_kernels.fused_moe_fp8(**inputs, backend="reference")
+    other = _fused_chain_in_float64(**inputs)
+    assert not rules.relative_error("out", other, want).passed
+    assert fused_rule.check_out(other, want, inputs).passed
+    assert not fused_rule.check_out(other * 1.05, want, inputs).passed
+    off_scales = s2 * torch.tensor([1.0, 1.1])[:, None, None]
+    off = _fused_chain_in_float64(**{**inputs, "w2_scales": off_scales})
+    assert not fused_rule.check_out(off, want, inputs).passed
+    assert testing.compare("fused_moe_fp8", other, want,
+                           testing.Case("fused_moe_fp8", "drawn", inputs)).passed
+
 # --- adapters: the projects' conventions, emulated from our reference ------------------------
 
 def vllm_grouped_topk(hidden_states, gating_output, topk, renormalize, num_expert_group=0,

@@ -82,14 +82,21 @@ def expert_mask_of_groups(b: torch.Tensor, num_expert_group: int, topk_group: in
     return group_mask.repeat_interleave(E // num_expert_group, dim=1)
 
 
+def selection_scores(logits: torch.Tensor, scoring_func: str,
+                     correction_bias: torch.Tensor | None):
+    """logits (T, E) any float -> (s, b): the scores and the selection scores s + bias,
+    (T, E) float32, a NaN b counted as -inf."""
+    s = scores(clean_logits(logits), scoring_func)
+    b = s if correction_bias is None else s + correction_bias.float()
+    return s, torch.where(torch.isnan(b), float("-inf"), b)
+
+
 def select_experts(logits: torch.Tensor, top_k: int, num_expert_group: int, topk_group: int,
                    scoring_func: str, correction_bias: torch.Tensor | None,
                    group_scoring: str):
     """-> (s (T, E) float32 scores, ids (T, top_k) int64 ordered by selection score)."""
     T, E = logits.shape
-    s = scores(clean_logits(logits), scoring_func)
-    b = s if correction_bias is None else s + correction_bias.float()
-    b = torch.where(torch.isnan(b), float("-inf"), b)
+    s, b = selection_scores(logits, scoring_func, correction_bias)
     key = order_key(b, torch.arange(E, device=b.device))
     if topk_group < num_expert_group:
         mask = expert_mask_of_groups(b, num_expert_group, topk_group, group_scoring)
