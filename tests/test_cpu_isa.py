@@ -42,8 +42,9 @@ def _cpu_flags() -> set[str]:
 
 # What each build needs, in /proc/cpuinfo's names (simd.h): a build this CPU lacks skips.
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}
-NEEDS = {"amx": AVX512 | {"amx_tile", "amx_bf16", "avx512_bf16"},
-         "avx512bf16": AVX512 | {"avx512_bf16"}, "avx512": AVX512,
+# (VBMI: the FP8 weight decode of amx::pack_weights_vnni, which both bf16 builds run)
+NEEDS = {"amx": AVX512 | {"amx_tile", "amx_bf16", "avx512_bf16", "avx512vbmi"},
+         "avx512bf16": AVX512 | {"avx512_bf16", "avx512vbmi"}, "avx512": AVX512,
          "avx2": {"avx2", "fma", "f16c"}, "generic": set()}
 
 

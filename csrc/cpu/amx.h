@@ -96,7 +96,8 @@ void pack_token_rows(const void* x, Src type, const int64_t* offsets, int64_t m,
 // Rows [0, n) of w (rows ldw elements apart) as VNNI B tiles: weight tile j (16 rows),
 // chunk c at dst + (j * chunks(K) + c) * kTileElems holds, at p * kChunk + 2 q + e,
 // w[(16 j + q) * ldw + 32 c + 2 p + e]; zero past n rows (up to a kBlockRows multiple)
-// and past K.
+// and past K. Fp8 rows are decoded with AVX512-VBMI, which both builds that call this
+// (amx, avx512bf16) require.
 void pack_weights_vnni(const void* w, Src type, int64_t ldw, int64_t n, int64_t K,
                        uint16_t* dst);
 

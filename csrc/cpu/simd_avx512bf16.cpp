@@ -17,6 +17,9 @@
 namespace moe_kernels::simd_avx512bf16 {
 bool supported() {
   __builtin_cpu_init();
-  return simd_avx512::supported() && __builtin_cpu_supports("avx512bf16");
+  // VBMI: the FP8 weight decode of amx::pack_weights_vnni (every AVX512-BF16 CPU but
+  // Intel's Cooper Lake has it, which takes the avx512 build)
+  return simd_avx512::supported() && __builtin_cpu_supports("avx512bf16") &&
+         __builtin_cpu_supports("avx512vbmi");
 }
 }  // namespace moe_kernels::simd_avx512bf16
