@@ -8,8 +8,8 @@
 
 #include <cpuid.h>
 
-#include "../common/fp8_math.h"
 #include "amx.h"
+#include "fp8_bf16.h"
 
 namespace moe_kernels::amx {
 
@@ -388,59 +388,17 @@ void pack_token_rows(const void* x, Src type, const int64_t* offsets, int64_t m,
 
 namespace {
 
-// FP8 e4m3 -> bf16 by table (AVX512-VBMI): the bf16 bits of the 128 magnitudes
-// (fp8_value: exact), their low and high bytes apart, looked up for 64 codes at once by
-// vpermi2b, which reads the 7 low bits of each byte; the sign bit is or-ed into the high
-// byte. 7 instructions per 64 codes where fp8_to_bf16's bit rules take 12 per 32: the
-// grouped GEMM's weight packing went from 8.8% to 7.1% of its kernel samples (perf, N =
-// 1024, K = 256, one Zen 4 core), the rest of it being loads, the transpose and stores.
-struct Fp8Tables {
-  alignas(64) uint8_t lo[128];
-  alignas(64) uint8_t hi[128];
-};
-
-const Fp8Tables& fp8_tables() {
-  static const Fp8Tables tables = [] {
-    Fp8Tables t{};
-    for (uint32_t v = 0; v < 128; ++v) {
-      const uint32_t bits = __builtin_bit_cast(uint32_t, fp8_value(static_cast<uint8_t>(v))) >> 16;
-      t.lo[v] = static_cast<uint8_t>(bits & 0xFFu);
-      t.hi[v] = static_cast<uint8_t>(bits >> 8);
-    }
-    return t;
-  }();
-  return tables;
-}
-
-#define MOE_VBMI_TARGET \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,fma,f16c")))
-
-// 64 fp8 bytes q (k = 0 .. 63 of a row) -> c0: k 0 .. 31, c1: k 32 .. 63 as bf16. t: the
-// tables' lo[0..63], lo[64..127], hi[0..63], hi[64..127].
-MOE_VBMI_TARGET inline void fp8x64_to_bf16(__m512i q, const __m512i (&t)[4], __m512i& c0,
-                                           __m512i& c1) {
-  const __m512i lo = _mm512_permutex2var_epi8(t[0], q, t[1]);
-  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[2], q, t[3]), q,
-                                               _mm512_set1_epi8(static_cast<char>(0x80)),
-                                               0xF8);   // hi | (q & 0x80)
-  // bytes interleave within 128-bit lanes: a holds k 16 L .. 16 L + 7 of lane L, b the
-  // next 8; whole 64-bit pieces put them in order
-  const __m512i a = _mm512_unpacklo_epi8(lo, hi), b = _mm512_unpackhi_epi8(lo, hi);
-  c0 = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), b);
-  c1 = _mm512_permutex2var_epi64(a, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), b);
-}
-
-// pack_weights_vnni of fp8 rows, two chunks (64 bytes of each row) at a time. The next
-// 16-row tile's bytes are prefetched while this tile's are decoded: its rows lie ldw
-// apart, a stride the hardware prefetchers do not follow across 16 rows (2.0-2.5% of the
-// grouped GEMMs' time on one Zen 4 core).
+// pack_weights_vnni of fp8 rows, two chunks (64 bytes of each row) at a time, decoded by
+// table (fp8_bf16.h; the packing went from 8.8% to 7.1% of the grouped GEMM's kernel
+// samples, perf, N = 1024, K = 256, one Zen 4 core). The next 16-row tile's bytes are
+// prefetched while this tile's are decoded: its rows lie ldw apart, a stride the hardware
+// prefetchers do not follow across 16 rows (2.0-2.5% of the grouped GEMMs' time on one
+// Zen 4 core).
 MOE_VBMI_TARGET void pack_fp8_weights_vnni(const uint8_t* w, int64_t ldw, int64_t n,
                                            int64_t K, uint16_t* dst) {
   const int64_t C = chunks(K);
   const int64_t tiles = (n + kBlockRows - 1) / kBlockRows * (kBlockRows / kTileRows);
-  const Fp8Tables& tb = fp8_tables();
-  const __m512i t[4] = {_mm512_load_si512(tb.lo), _mm512_load_si512(tb.lo + 64),
-                        _mm512_load_si512(tb.hi), _mm512_load_si512(tb.hi + 64)};
+  const Fp8TableRegs t = fp8_table_regs();
   for (int64_t j = 0; j < tiles; ++j) {
     for (int64_t c = 0; c < C; c += 2) {
       const int64_t k0 = c * kChunk, nk = K - k0 < 2 * kChunk ? K - k0 : 2 * kChunk;

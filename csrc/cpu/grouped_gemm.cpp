@@ -160,7 +160,7 @@ struct RowsSink {
   }
 };
 
-// The token rows of every expert on Path::pairs as bf16 (simd.h, decode_pair_rows), straight
+// The token rows of every expert with bf16[e] as bf16 (simd.h, decode_pair_rows), straight
 // from fp8 `a`, ld apart, and their scales (KB per row); row[e] / scale[e] are expert e's
 // first elements.
 struct PairRows {
@@ -170,9 +170,9 @@ struct PairRows {
 };
 
 PairRows decode_pair_experts(const at::Tensor& a, const at::Tensor& a_scales,
-                             const ExpertRows& er, const std::vector<Path>& path) {
+                             const ExpertRows& er, const std::vector<bool>& bf16) {
   const SimdKernels& k = simd();
-  const int64_t E = static_cast<int64_t>(path.size()), K = a.size(1);
+  const int64_t E = static_cast<int64_t>(bf16.size()), K = a.size(1);
   const int64_t KB = ceil_div(K, kScaleBlock);
   PairRows pr;
   pr.ld = ceil_div(K, 2) * 2 + 32;   // one cache line past the row, as gemm_weight_stride
@@ -181,7 +181,7 @@ PairRows decode_pair_experts(const at::Tensor& a, const at::Tensor& a_scales,
   int64_t rows = 0;
   std::vector<int64_t> paired;
   for (int64_t e = 0; e < E; ++e) {
-    if (path[e] != Path::pairs) continue;
+    if (!bf16[e]) continue;
     pr.row[e] = rows * pr.ld;
     pr.scale[e] = rows * KB;
     rows += er.count(e);
@@ -258,16 +258,20 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   const SimdKernels& k = simd();
   const bool tiles = amx_enabled(), pairs = k.gemm_pairs != nullptr;
   std::vector<Path> path(E);
-  // float32 rows only for the experts on the GEMV and the float32 panels (the others read
-  // `a` itself): expert e's at row xstart[e] of x
+  // the experts whose token rows the bf16 dot products read (bf16_rows), and float32 rows
+  // for those on the float32 GEMV and panels (the tiles read `a` itself): expert e's at
+  // row xstart[e] of x
+  std::vector<bool> bf16_rows(E, false);
   std::vector<int64_t> float_rows, xstart(E, -1);
+  const int64_t gemv_rows = k.gemv_pairs != nullptr ? kMaxPairGemvRows : kMaxGemvRows;
   for (int64_t e = 0; e < E; ++e) {
     const int64_t m = er.count(e);
-    path[e] = m <= kMaxGemvRows ? Path::gemv
+    path[e] = m <= gemv_rows ? Path::gemv
               : tiles           ? Path::tiles
               : pairs           ? Path::pairs
                                 : Path::panels;
-    if (path[e] == Path::tiles || path[e] == Path::pairs) continue;
+    bf16_rows[e] = m > 0 && (path[e] == Path::pairs || (path[e] == Path::gemv && k.gemv_pairs));
+    if (path[e] == Path::tiles || bf16_rows[e]) continue;
     xstart[e] = static_cast<int64_t>(float_rows.size());
     float_rows.insert(float_rows.end(), er.rows.begin() + er.start[e],
                       er.rows.begin() + er.start[e + 1]);
@@ -276,7 +280,7 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
   std::vector<int64_t> offset;
   const at::Tensor panels = pack_experts(x, xstart, er, path, offset);
   const TokenTiles tt = tiles ? pack_token_tiles(a, a_scales, er, path) : TokenTiles{};
-  const PairRows pair_rows = pairs ? decode_pair_experts(a, a_scales, er, path) : PairRows{};
+  const PairRows pair_rows = pairs ? decode_pair_experts(a, a_scales, er, bf16_rows) : PairRows{};
   std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e) {
     if (er.count(e) == 0) continue;
@@ -303,6 +307,13 @@ void experts_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Ten
     const uint8_t* be = bp + task.e * N * K;
     const float* se = bsp + task.e * b_scales.size(1) * KB;
     const OutRows y{out.data_ptr(), type, out.stride(0), er.rows.data() + r0};
+    if (task.path == Path::gemv && bf16_rows[task.e]) {
+      const uint16_t* x = reinterpret_cast<const uint16_t*>(pair_rows.rows.data_ptr<int16_t>());
+      k.gemv_pairs(x + pair_rows.row[task.e], pair_rows.ld,
+                   pair_rows.scales.data_ptr<float>() + pair_rows.scale[task.e], KB, m, be, se,
+                   K, task.n0, std::min(N, task.n0 + kGemvBlockN), y);
+      return;
+    }
     if (task.path == Path::gemv) {
       k.gemv_fp8(xp + xstart[task.e] * K, K, m, be, se, K, task.n0,
                  std::min(N, task.n0 + kGemvBlockN), y);

@@ -73,6 +73,14 @@ struct SimdKernels {
   void (*gemm_pairs)(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, int64_t m,
                      const PairPanelRef& p, const float* ws, int64_t nw, int64_t K,
                      const OutRows& y, int64_t n0);
+  // Few token rows (m <= kMaxGemvRows; bf16 bits as decode_pair_rows writes them) against
+  // FP8 weight rows w (K bytes each) read as stored, at row r and column n of y for r < m,
+  // n in [n0, n1):
+  //   sum over K blocks kb of xs[r * ldxs + kb] * w_scales[(n / 128) * KB + kb]
+  //     * sum_{k in kb} x[r][k] * w[n][k]
+  void (*gemv_pairs)(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, int64_t m,
+                     const uint8_t* w, const float* w_scales, int64_t K, int64_t n0,
+                     int64_t n1, const OutRows& y);
   // Gating, on b without NaN: first[g] >= second[g], the two largest of the GS values at
   // b + g * GS for g < G (second[g] = -inf when GS = 1).
   void (*group_top2)(const float* b, int64_t G, int64_t GS, float* first, float* second);
@@ -90,6 +98,13 @@ constexpr int64_t kMaxSimdGroup = 2048;
 // The row stride of weights given to gemm_panels: K padded by one cache line.
 inline int64_t gemm_weight_stride(int64_t K) { return K + 16; }
 constexpr int64_t kMaxGemvRows = 8;
+// Where the GEMV is on bf16 dot products (gemv_pairs), experts of more rows take
+// gemm_pairs: the GEMV loads a token vector for every dot product, the tiles broadcast one
+// pair into 4. 8 experts on 2 Zen 4 cores, GEMV against gemm_pairs, 4 / 5 / 6 rows:
+// N = 512, K = 1024: 238 / 311 / 368-392 us against 257-261 / 277-281 / 292-295 us;
+// N = 4096, K = 7168 (235 MB of weights): 14.9 / 19.5 / 22.8 ms against 20.8 / 21.2 /
+// 22.9 ms.
+constexpr int64_t kMaxPairGemvRows = 4;
 
 namespace simd_avx512 {
 extern const SimdKernels kernels;

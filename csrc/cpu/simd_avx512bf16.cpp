@@ -4,10 +4,11 @@
 #include <immintrin.h>
 
 #include "../common/fp8_math.h"
+#include "fp8_bf16.h"
 #include "simd.h"
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vbmi,fma,f16c")
 #define MOE_SIMD_NS simd_avx512bf16
 #define MOE_SIMD_LANES 16
 #define MOE_SIMD_BF16 1
