@@ -1,6 +1,7 @@
-// simd_kernels.inc built for AVX-512 with AVX512-BF16 (simd.h): the avx512 build's kernels
-// plus the GEMM of many rows on bf16 dot products. Every header comes before the target
-// pragma, so that no inline function they define is compiled with AVX-512 instructions.
+// simd_kernels.inc built for AVX-512 with AVX512-BF16 and AVX512-VBMI (simd.h): the avx512
+// build's kernels plus the GEMM of many rows and the GEMV on bf16 dot products. Every header
+// comes before the target pragma, so that no inline function they define is compiled with
+// AVX-512 instructions, except those that carry their own target (fp8_bf16.h).
 #include <immintrin.h>
 
 #include "../common/fp8_math.h"
@@ -18,8 +19,9 @@
 namespace moe_kernels::simd_avx512bf16 {
 bool supported() {
   __builtin_cpu_init();
-  // VBMI: the FP8 weight decode of amx::pack_weights_vnni (every AVX512-BF16 CPU but
-  // Intel's Cooper Lake has it, which takes the avx512 build)
+  // VBMI: the FP8 weight decode by table (fp8_bf16.h) of gemv_pairs and
+  // amx::pack_weights_vnni (every AVX512-BF16 CPU but Intel's Cooper Lake has it, which
+  // takes the avx512 build)
   return simd_avx512::supported() && __builtin_cpu_supports("avx512bf16") &&
          __builtin_cpu_supports("avx512vbmi");
 }
