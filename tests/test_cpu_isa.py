@@ -176,6 +176,21 @@ def test_silu_and_mul_quant(isa):
     assert_fp8_close(q, rq, max_steps=1, msg=isa)
 
 
+@pytest.mark.parametrize("I", [256, 200])
+def test_silu_where_exp_needs_2_to_the_128(isa, I):
+    """exp(-gate) for gate in [-88.72, -88.38] is finite (up to 3.4e38) but its 2^n is
+    2^128, not a float: a 2^n built from its bits gave inf there, so silu(gate) = -0 and a
+    group of such gates times ups of 3e38 (products ~ -100) all zeros. I = 256: the vector
+    rows; I = 200: the scalar loop of other widths."""
+    gate = torch.linspace(-88.72283, -88.38, I).expand(3, I)
+    x = torch.cat([gate, torch.full((3, I), 3e38)], 1)
+    q, s = moe_kernels.silu_and_mul_quant_fp8(x, backend="cpu")
+    rq, rs = ref_fp8.silu_and_mul_quant_fp8(x)
+    assert rs.min() > 0.1   # the reference's products are ~ -100, not 0
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    assert_fp8_close(q, rq, max_steps=1, msg=isa)
+
+
 @pytest.mark.parametrize("K", [200, 133])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 40, 70])
 def test_gemv_and_gemm_tiles_with_tails(isa, rows, K):

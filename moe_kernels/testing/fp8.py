@@ -29,6 +29,13 @@ def _special(g, M, K, dev, dtype=torch.bfloat16):
     return x.to(dtype).to(dev)
 
 
+def _exp_top_end(M, I, dev):
+    """[gate | up] (M, 2I) float32: gate from -88.72283 (exp just below FLT_MAX) to -88.38,
+    where exp's 2^n is 2^128, up 3e38."""
+    gate = torch.linspace(-88.72283, -88.38, I).expand(M, I)
+    return torch.cat([gate, torch.full((M, I), 3e38)], 1).contiguous().to(dev)
+
+
 def _quant_cases(preset, g, dev):
     mk = lambda name, why, x, **kw: Case("quantize_fp8_per_token_group", name, dict(x=x, **kw),
                                          why)
@@ -74,6 +81,9 @@ def _silu_cases(preset, g, dev):
             mk("special_values", "silu of huge, NaN and inf inputs; products past FP8's range",
                _special(g, 6, 512, dev)),
             mk("partial_group", "I = 200: a partial last group", _act(g, 4, 400, dev)),
+            mk("exp_top_end", "gates in [-88.72, -88.38]: exp(-gate) below FLT_MAX but past "
+               "2^127 * 1.5, times ups near bf16's max (silu * up ~ -100)",
+               _exp_top_end(2, 256, dev)),
             mk("row_strided_x", "x a column slice of a wider tensor",
                row_strided(_act(g, 5, 1024, dev), 512)),
             mk("float16_group_64", "float16, group_size 64", _act(g, 3, 256, dev, torch.float16),
