@@ -99,12 +99,13 @@ constexpr int64_t kMaxSimdGroup = 2048;
 inline int64_t gemm_weight_stride(int64_t K) { return K + 16; }
 constexpr int64_t kMaxGemvRows = 8;
 // Where the GEMV is on bf16 dot products (gemv_pairs), experts of more rows take
-// gemm_pairs: the GEMV loads a token vector for every dot product, the tiles broadcast one
-// pair into 4. 8 experts on 2 Zen 4 cores, GEMV against gemm_pairs, 4 / 5 / 6 rows:
-// N = 512, K = 1024: 238 / 311 / 368-392 us against 257-261 / 277-281 / 292-295 us;
-// N = 4096, K = 7168 (235 MB of weights): 14.9 / 19.5 / 22.8 ms against 20.8 / 21.2 /
-// 22.9 ms.
-constexpr int64_t kMaxPairGemvRows = 4;
+// gemm_pairs: the GEMV loads a token vector for every 2 dot products, the tiles broadcast
+// one pair into 4, but must first pack the weights. 8 experts on 2 Zen 4 threads, medians
+// of 3-5 alternating runs, GEMV against gemm_pairs: N = 512, K = 1024, weights from DRAM,
+// 5 / 6 / 7 / 8 rows: 318 / 363 / 404 / 474 us against 362 / 387 / 394 / 424 us; the same
+// weights in cache, 5 / 6 rows: 272 / 331 against 326 / 338 us; N = 4096, K = 7168 (235 MB
+// of weights), 5 / 6 rows: 13.5 / 15.0 ms against 16.0 / 18.1 ms.
+constexpr int64_t kMaxPairGemvRows = 6;
 
 namespace simd_avx512 {
 extern const SimdKernels kernels;
