@@ -179,9 +179,9 @@ def test_silu_and_mul_quant(isa):
 @pytest.mark.parametrize("I", [256, 200])
 def test_silu_where_exp_needs_2_to_the_128(isa, I):
     """exp(-gate) for gate in [-88.72, -88.38] is finite (up to 3.4e38) but its 2^n is
-    2^128, not a float: a 2^n built from its bits gave inf there, so silu(gate) = -0 and a
-    group of such gates times ups of 3e38 (products ~ -100) all zeros. I = 256: the vector
-    rows; I = 200: the scalar loop of other widths."""
+    2^128, not a float: a 2^n built from its bits is inf there, which makes silu(gate) -0
+    and a group of such gates times ups of 3e38 (products ~ -100) all zeros. I = 256: the
+    vector rows; I = 200: the scalar loop of other widths."""
     gate = torch.linspace(-88.72283, -88.38, I).expand(3, I)
     x = torch.cat([gate, torch.full((3, I), 3e38)], 1)
     q, s = moe_kernels.silu_and_mul_quant_fp8(x, backend="cpu")

@@ -73,9 +73,9 @@ struct SimdKernels {
   void (*gemm_pairs)(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, int64_t m,
                      const PairPanelRef& p, const float* ws, int64_t nw, int64_t K,
                      const OutRows& y, int64_t n0);
-  // Few token rows (m <= kMaxGemvRows; bf16 bits as decode_pair_rows writes them) against
-  // FP8 weight rows w (K bytes each) read as stored, at row r and column n of y for r < m,
-  // n in [n0, n1):
+  // Few token rows (m <= kMaxPairGemvRows; bf16 bits as decode_pair_rows writes them)
+  // against FP8 weight rows w (K bytes each) read as stored, at row r and column n of y for
+  // r < m, n in [n0, n1):
   //   sum over K blocks kb of xs[r * ldxs + kb] * w_scales[(n / 128) * KB + kb]
   //     * sum_{k in kb} x[r][k] * w[n][k]
   void (*gemv_pairs)(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, int64_t m,
