@@ -81,8 +81,9 @@ def _silu_cases(preset, g, dev):
             mk("special_values", "silu of huge, NaN and inf inputs; products past FP8's range",
                _special(g, 6, 512, dev)),
             mk("partial_group", "I = 200: a partial last group", _act(g, 4, 400, dev)),
-            mk("exp_top_end", "gates in [-88.72, -88.38]: exp(-gate) below FLT_MAX but past "
-               "2^127 * 1.5, times ups near bf16's max (silu * up ~ -100)",
+            mk("exp_top_end", "gates in [-88.72, -88.38]: exp(-gate) below FLT_MAX but at "
+               "or past 2^127.5 (its 2^n is 2^128), times ups near bf16's max (silu * up "
+               "~ -100)",
                _exp_top_end(2, 256, dev)),
             mk("row_strided_x", "x a column slice of a wider tensor",
                row_strided(_act(g, 5, 1024, dev), 512)),
