@@ -80,16 +80,39 @@ def pytest_sessionstart(session):
             op._eager["triton"] = _triton_checked_first(op, op._bare("triton"))
 
 
+_LANE = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(trylast=True)   # after -m / -k deselection
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that read session jobs (tests/session_jobs.py) run last, in their order,
-    and the jobs they read start now, one at a time beside the other tests. Not in an
-    xdist worker: each one collects every test but runs few, so there a job starts when a
-    test reads it. In a shared run (tests/work_sharing.py) those tests are process 0's."""
+    """The jobs that the selected tests read (tests/session_jobs.py) start now, one at a
+    time beside the other tests, and each module's readers run once its jobs have ended
+    (pytest_runtestloop). Not in an xdist worker: each one collects every test but runs
+    few, so there a job starts when a test reads it. In a shared run
+    (tests/work_sharing.py) the readers are process 0's."""
     work_sharing.select(config, items)
     items[:] = sorted(items, key=session_jobs.uses_jobs)
     if not config.option.collectonly and not hasattr(config, "workerinput"):
-        session_jobs.start_lane(items)
+        config.stash[_LANE] = session_jobs.start_lane(items)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """pytest's loop, over session_jobs.run_order: the next test is chosen as the one
+    before it starts. Without a lane of jobs, pytest's own loop."""
+    if not session.config.stash.get(_LANE, False) or session.testsfailed:
+        return None
+    order = session_jobs.run_order(session.items)
+    item = next(order, None)
+    while item is not None:
+        nextitem = next(order, None)
+        item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+        item = nextitem
+    return True
 
 
 # Measured on the 2-core VM: with one core busy beside it (a session job, another test

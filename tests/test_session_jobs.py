@@ -1,6 +1,7 @@
 """The background lane of subprocess checks (tests/session_jobs.py): a job runs only for
 selected tests that read it, the lane runs jobs in the order they are read, a fixture gets
-its job's own output, and a job past its time limit is killed."""
+its job's own output, a module's readers run once its jobs have ended, and a job past its
+time limit is killed."""
 
 import subprocess
 import sys
@@ -12,9 +13,9 @@ import pytest
 import session_jobs
 
 
-def _item(module: str, *fixtures: str):
+def _item(module: str, *fixtures: str, name: str = "test"):
     return types.SimpleNamespace(module=types.SimpleNamespace(__name__=module),
-                                 fixturenames=list(fixtures))
+                                 fixturenames=list(fixtures), nodeid=f"{module}.py::{name}")
 
 
 def _declare(key: str, code: str, fixture: str, timeout_s: float = 60):
@@ -52,3 +53,20 @@ def test_a_job_past_its_time_limit_is_killed():
     with pytest.raises(subprocess.TimeoutExpired):
         session_jobs.result(key)
     assert session_jobs._JOBS[key].proc.poll() is not None
+
+
+def test_readers_run_between_the_other_tests_once_their_jobs_have_ended():
+    """run_order picks each test as the one before it starts: a module whose jobs have
+    not ended waits behind the other tests (here: not started), one whose jobs have ended
+    runs next, all its readers together."""
+    key = _declare("selftest-order", "pass", "fixture_order")
+    others = [_item("other_module", name=f"other_{i}") for i in range(3)]
+    readers = [_item("fake_module", "fixture_order", name=f"reader_{i}") for i in range(2)]
+    assert [x.nodeid for x in session_jobs.run_order(others + readers)] == \
+        [x.nodeid for x in others + readers]
+
+    order = session_jobs.run_order(others + readers)
+    assert next(order) is others[0]
+    session_jobs.result(key)           # started here, and ended
+    assert [next(order) for _ in range(4)] == [readers[0], readers[1], others[1], others[2]]
+    assert next(order, None) is None

@@ -13,12 +13,14 @@ alone: its lane runs the jobs once, beside everyone's tests.
 
 Measured on the 2-core VM (`make test`'s selection): in a fresh clone, whose inductor
 cache is cold (its compile tests alone ~145 s), two processes 648-657 s against 663 s for
-one; with the cache warm, one process 669-701 s, two 518-561 s, ending ~50 s apart
-(process 0 runs the job readers last, alone; running them first instead, while the lane
-works, ended both together but later: 617 s). Two processes gain where they once lost
-(10m31s against 10m57s, each test in one of two by a hash) because each test now runs with
-the threads left to it (conftest.py), no longer two intra-op threads per process on two
-cores.
+one; with the cache warm, one process 669-701 s, two 518-561 s. Process 0 runs the job
+readers: run last, alone, they left it 75-108 s behind the other process (706 against
+598 s); run first, waiting on the lane, both ended together but later (617 s against
+518-561); run between the other tests once their jobs have ended
+(session_jobs.run_order), 672 and 662 s (the run before it: 706 and 598). Two processes
+gain where they once lost (10m31s against 10m57s, each test in one of two by a hash)
+because each test now runs with the threads left to it (conftest.py), no longer two
+intra-op threads per process on two cores.
 """
 
 from __future__ import annotations
