@@ -63,6 +63,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                       "cpu isa must be one of 'amx', 'avx512bf16', 'avx512', 'avx2', 'generic' "
                       "that this CPU runs, got '", name, "'");
   });
+  // When the CPU's row copies stream past the cache (csrc/cpu/permute.cpp); tests size
+  // their inputs by it.
+  m.def("last_level_cache_bytes", []() { return moe_kernels::last_level_cache_bytes(); });
   MK_DEF_ENTRY(m, grouped_topk_cpu);
   MK_DEF_ENTRY(m, permute_index_cpu);
   MK_DEF_ENTRY(m, moe_align_block_size_cpu);

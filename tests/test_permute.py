@@ -442,6 +442,42 @@ def test_unpermute_rows_must_be_the_layouts(backend):
         moe_kernels.unpermute(out, mlayout, w, backend=backend)                       # other layout
 
 
+def _tokens_past_the_cache(K: int, row_bytes: int) -> int:
+    """Tokens whose T*K rows of row_bytes outgrow the last-level cache (the CPU kernels'
+    measure: _C.last_level_cache_bytes); skips where that would take more than 64 MiB."""
+    llc = _library._C.last_level_cache_bytes()
+    if llc > 64 << 20:
+        pytest.skip(f"the last-level cache ({llc >> 20} MiB) would need an output past 64 MiB")
+    return llc // (K * row_bytes) + 1
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not loaded")
+@pytest.mark.parametrize("H,out_offset", [(4096, None), (4096, 0), (4096, 1), (4100, None)],
+                         ids=["streamed", "streamed-into-out", "out-not-16-byte-aligned",
+                              "rows-not-whole-lines"])
+def test_cpu_rows_past_the_last_level_cache(H, out_offset):
+    """Past the last-level cache, the CPU writes permuted rows with non-temporal stores
+    (csrc/cpu/permute.cpp), which need rows of whole 64-byte lines from a 16-byte aligned
+    base (out= may start anywhere: a 2-byte offset here; H = 4100 bf16 rows are 8200
+    bytes); the other cases copy as below the cache's size. Every row, the padding's zeros
+    included, equals the reference, and out= (NaN before the call) is written in place."""
+    K, E, align = 8, 16, 16
+    T = _tokens_past_the_cache(K, H * 2)
+    ids = make_ids(T, K, E, "cpu", seed=T)
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).bfloat16()
+    R = T * K + min(E, T * K) * (align - 1)
+    assert R * H * 2 > _library._C.last_level_cache_bytes()
+    out = None
+    if out_offset is not None:
+        buf = torch.full((R * H + out_offset,), float("nan"), dtype=torch.bfloat16)
+        out = buf[out_offset:].view(R, H)
+    got, _ = moe_kernels.permute(hidden, ids, E, align=align, out=out, backend="cpu")
+    want, _, _ = ref.permute(hidden, ids, E, align, None)
+    assert torch.equal(got, want)
+    if out is not None:
+        assert got.data_ptr() == out.data_ptr()
+
+
 @pytest.mark.skipif(not _library.triton_interpreting() and not HAS_CUDA,
                     reason="the triton backend needs a GPU or TRITON_INTERPRET=1")
 def test_too_many_experts_for_triton_is_a_value_error():

@@ -2,9 +2,11 @@
 #include "simd.h"
 
 #include <atomic>
-#include <initializer_list>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 
 #include "amx.h"
 
@@ -67,6 +69,40 @@ bool set_cpu_isa(const char* name) {
   const Build* b = build_named(name);
   if (b != nullptr) chosen().store(b);
   return b != nullptr;
+}
+
+namespace {
+
+// The first line of a small sysfs file, "" where it cannot be read.
+std::string read_line(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "r");
+  if (f == nullptr) return "";
+  char buf[64] = {};
+  const bool ok = std::fgets(buf, sizeof(buf), f) != nullptr;
+  std::fclose(f);
+  return ok ? std::string(buf) : "";
+}
+
+int64_t read_last_level_cache_bytes() {
+  int64_t bytes = 0, top = 0;
+  for (int i = 0; i < 16; ++i) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i);
+    const std::string level = read_line(dir + "/level"), size = read_line(dir + "/size");
+    if (level.empty() || size.empty()) continue;
+    char* unit = nullptr;
+    int64_t n = std::strtoll(size.c_str(), &unit, 10);
+    n *= *unit == 'K' ? 1024 : *unit == 'M' ? 1024 * 1024 : 1;
+    const int64_t l = std::strtoll(level.c_str(), nullptr, 10);
+    if (n > 0 && l > top) top = l, bytes = n;
+  }
+  return bytes > 0 ? bytes : int64_t{32} << 20;
+}
+
+}  // namespace
+
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = read_last_level_cache_bytes();
+  return bytes;
 }
 
 }  // namespace moe_kernels

@@ -131,5 +131,9 @@ bool amx_enabled();
 const char* cpu_isa();
 // One of those names; an ISA this CPU lacks is refused (returns false).
 bool set_cpu_isa(const char* name);
+// The size in bytes of cpu0's last-level cache as Linux reports it (sysfs), 32 MiB where
+// it cannot be read. Not sysconf's: under a VM it may report the host socket's cache
+// (320 MiB on the 2-core Zen 4 VM, whose sysfs and lscpu say 32 MiB).
+int64_t last_level_cache_bytes();
 
 }  // namespace moe_kernels
