@@ -45,10 +45,9 @@ struct TopKeys {
 struct RowScratch {
   std::vector<float> s, b, first, second, kept_top2;
   std::vector<int64_t> group_keys, expert_keys;
-  std::vector<int32_t> candidates;
   explicit RowScratch(const GroupedTopkArgs& a)
       : s(a.num_experts), b(a.num_experts), first(a.num_groups), second(a.num_groups),
-        group_keys(a.topk_group), expert_keys(a.top_k), candidates(a.group_size) {}
+        group_keys(a.topk_group), expert_keys(a.top_k) {}
 };
 
 // A value the top_k-th largest candidate of the kept groups cannot be below: the top_k-th
@@ -111,11 +110,16 @@ void grouped_topk_row(const scalar_t* x, const float* bias, const GroupedTopkArg
       groups.offer(order_key(nan_to_neg_inf(score), g));
     }
     const float floor = candidate_floor(a, groups, r);
-    int32_t* idx = r.candidates.data();
     for (int64_t i = 0; i < a.topk_group; ++i) {
       const int64_t g0 = index_of_key(groups.keys[i]) * GS;
-      const int64_t n = k.indices_at_least(b + g0, GS, floor, idx);
-      for (int64_t j = 0; j < n; ++j) experts.offer_value(b[g0 + idx[j]], g0 + idx[j]);
+      for (int64_t c = g0; c < g0 + GS; c += 64) {
+        // ascending, as offered before: an equal value enters by its lower index either way
+        for (uint64_t bits = k.mask_at_least(b + c, std::min<int64_t>(64, g0 + GS - c), floor);
+             bits != 0; bits &= bits - 1) {
+          const int64_t e = c + __builtin_ctzll(bits);
+          experts.offer_value(b[e], e);
+        }
+      }
     }
   } else {
     for (int64_t e = 0; e < E; ++e) experts.offer_value(b[e], e);

@@ -84,8 +84,8 @@ struct SimdKernels {
   // Gating, on b without NaN: first[g] >= second[g], the two largest of the GS values at
   // b + g * GS for g < G (second[g] = -inf when GS = 1).
   void (*group_top2)(const float* b, int64_t G, int64_t GS, float* first, float* second);
-  // The indices i < n with b[i] >= threshold, ascending, into idx; returns how many.
-  int64_t (*indices_at_least)(const float* b, int64_t n, float threshold, int32_t* idx);
+  // Bit i set where b[i] >= threshold, for i < n <= 64.
+  uint64_t (*mask_at_least)(const float* b, int64_t n, float threshold);
   // out[h] = sum over j < n, in the order of j, of w[j] * rows[j][h] in float32 (rows of
   // `type`, widened exactly), stored as `type` (bf16 as c10 rounds it) for h < H; n = 0
   // stores zeros.
