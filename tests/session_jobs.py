@@ -7,8 +7,8 @@ in-process tests, which use one core, waited. Instead, a test module declares ea
 subprocess as a job at import, tied to the fixture that reads it; once collection has
 picked the tests (conftest.py), the jobs those tests need queue on one background lane,
 and a module's tests that read them run once its jobs have ended (run_order), or last.
-A fixture whose job has not started yet starts it
-itself, so a job is never waited for behind another.
+A fixture whose job has not started yet starts it itself, so a job is never waited for
+behind another.
 
 Under `make test` the tests are shared by several pytest processes (tests/work_sharing.py);
 the lane and the tests that read its jobs are process 0's alone, so each job runs once.
@@ -136,11 +136,12 @@ def run_order(items):
     Run last and alone, the readers kept process 0 of `make test` busy ~110 s after the
     other process had ended (706 against 598 s; test_cuda_emulated's ASan runs alone 89 s):
     their jobs end long before the other tests do."""
-    others = collections.deque(item for item in items if not uses_jobs(item))
-    modules: dict = {}
+    others, modules = collections.deque(), {}
     for item in items:
         if uses_jobs(item):
             modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+        else:
+            others.append(item)
     readers = collections.deque(modules.values())
     while others or readers:
         if readers and (not others or _ended(readers[0])):

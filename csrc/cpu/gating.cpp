@@ -113,7 +113,7 @@ void grouped_topk_row(const scalar_t* x, const float* bias, const GroupedTopkArg
     for (int64_t i = 0; i < a.topk_group; ++i) {
       const int64_t g0 = index_of_key(groups.keys[i]) * GS;
       for (int64_t c = g0; c < g0 + GS; c += 64) {
-        // ascending, as offered before: an equal value enters by its lower index either way
+        // ascending; an equal value enters by its lower index in any order (order_key)
         for (uint64_t bits = k.mask_at_least(b + c, std::min<int64_t>(64, g0 + GS - c), floor);
              bits != 0; bits &= bits - 1) {
           const int64_t e = c + __builtin_ctzll(bits);
