@@ -24,9 +24,13 @@ from moe_kernels.ops.expert_parallel import ExpertPlacement
 from moe_kernels.reference import expert_parallel as ref
 from moe_kernels.reference import fp8 as ref_fp8
 
+import interpreter_patching
 import properties
 from helpers import HAS_CUDA, assert_int_equal, calc_diff, device_backend_params
 from host_reads import HostReads
+
+# the ranks are spawned processes, which import this module but run no conftest
+interpreter_patching.install()
 
 FP8 = torch.float8_e4m3fn
 MAP_BACKENDS = ("triton", "cpu")
