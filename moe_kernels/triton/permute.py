@@ -276,7 +276,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
     R = permuted_rows(P, E, block_size)
     new = lambda shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=ids.device)
     # the kernels store neither counts nor row_of_pair with BLOCK_EXPERTS: the offsets'
-    # scratch stands in for their pointers (two allocations fewer, ~2.5 us each on a host)
+    # scratch stands in for their pointers, sparing two allocations of ~2.5 us host time
+    # each (decode call, compiled kernels, launches stubbed: 20.9-22.4 -> 16.8-17.2 us)
     total, offsets = new((1,)), new((E + 1,), torch.int64)
     if P <= _CHUNK:   # one launch, the fill included
         sorted_ids, expert_ids = new((R,)), new((cdiv(R, block_size),))
