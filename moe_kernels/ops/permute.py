@@ -287,18 +287,32 @@ def unpermute_unchecked(backend, expert_out, row_of_pair, topk_weights, out=None
                                            topk_weights.contiguous())
 
 
+def _layout_rows_fast(expert_out, layout):
+    """layout.row_of_pair where every check of _check_layout_rows passes for a
+    PermuteLayout, in a few predicates (the common case; eager overhead, docs/index.md);
+    else None. A MaskedLayout takes the full checks: this saves it nothing measurable
+    (13.1-14.4 us a call either way, compiled kernels, launches stubbed)."""
+    if type(layout) is not PermuteLayout:
+        return None
+    row_of_pair, pair_of_row = layout.row_of_pair, layout.pair_of_row
+    T = torch.Tensor
+    if (type(expert_out) is T and type(row_of_pair) is T and type(pair_of_row) is T
+            and all_strided(expert_out, row_of_pair, pair_of_row)
+            and expert_out.dtype in FLOAT_DTYPES and expert_out.dim() == 2
+            and row_of_pair.dtype == torch.int32 and row_of_pair.dim() == 2
+            and pair_of_row.dtype == torch.int32 and pair_of_row.dim() == 1
+            and expert_out.shape[0] == pair_of_row.shape[0]):
+        return row_of_pair
+    return None
+
+
 def _check_layout_rows(op, expert_out, layout) -> torch.Tensor:
     """expert_out has exactly the rows of `layout` (R, H) for a PermuteLayout, (E, M, H) for
     a MaskedLayout: a slice or another layout's output would silently drop rows. Returns
     layout.row_of_pair."""
-    if type(layout) is PermuteLayout and type(expert_out) is torch.Tensor:
-        # the common case in a few predicates (eager overhead, docs/index.md)
-        row_of_pair = layout.row_of_pair
-        if (all_strided(expert_out, row_of_pair) and expert_out.dim() == 2
-                and expert_out.dtype in FLOAT_DTYPES
-                and row_of_pair.dtype == torch.int32 and row_of_pair.dim() == 2
-                and expert_out.shape[0] == layout.pair_of_row.shape[0]):
-            return row_of_pair
+    row_of_pair = _layout_rows_fast(expert_out, layout)
+    if row_of_pair is not None:
+        return row_of_pair
     if not isinstance(layout, (PermuteLayout, MaskedLayout)):
         raise TypeError(f"{op}: layout must be the PermuteLayout or MaskedLayout of permute / "
                         f"permute_masked, got {type(layout).__name__}")
@@ -309,6 +323,7 @@ def _check_layout_rows(op, expert_out, layout) -> torch.Tensor:
     if isinstance(layout, PermuteLayout):
         want, what = (pair_of_row.shape[0],), "(R, H), R = len(layout.pair_of_row)"
     else:
+        check_tensor(op, "layout.masked_m", layout.masked_m, ndim=1)
         E = layout.masked_m.shape[0]
         want, what = (E, pair_of_row.shape[0] // max(E, 1)), "(E, M, H) of the masked layout"
     if expert_out.dim() != len(want) + 1 or tuple(expert_out.shape[:-1]) != want:
