@@ -497,6 +497,7 @@ def _dispatch_args():
     (dict(mode="low_latency"), ValueError, "max_tokens_per_rank"),
     (dict(max_tokens_per_rank=8), ValueError, "max_tokens_per_rank"),
     (dict(align=0), ValueError, "align"),
+    (dict(use_fp8="false"), TypeError, "use_fp8"),   # bool("false") is True
     (dict(hidden=torch.zeros(4, 0)), ValueError, "hidden must have at least one column"),
     ({}, ValueError, "not initialized"),      # valid arguments, but no process group
 ])

@@ -253,6 +253,15 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("moe_align_block_size", "rows past int32", _set(block_size=2**30), ValueError,
      "block_size"),
     # quantize_fp8_per_token_group
+    # flags are bools: bool("false") is True, the opposite of what the caller said
+    ("quantize_fp8_per_token_group", "scale_ue8m0 a string", _set(scale_ue8m0="false"),
+     TypeError, "scale_ue8m0"),
+    ("quantize_fp8_per_token_group", "column_major_scales an int",
+     _set(column_major_scales=1), TypeError, "column_major_scales"),
+    ("silu_and_mul_quant_fp8", "zero_fill a string", _set(zero_fill="false"), TypeError,
+     "zero_fill"),
+    ("grouped_gemm_fp8_masked", "zero_fill a string", _set(zero_fill="false"), TypeError,
+     "zero_fill"),
     ("quantize_fp8_per_token_group", "int x", _set(x=_int), TypeError, "x"),
     ("quantize_fp8_per_token_group", "fp8 x", _set(x=lambda x: x.to(FP8)), TypeError, "x"),
     ("quantize_fp8_per_token_group", "3-D x", _set(x=lambda x: x[None]), ValueError, "x"),

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from moe_kernels import _library
 from moe_kernels._common import FLOAT_DTYPES, FP8, INDEX_DTYPES, SCALE_BLOCK
-from moe_kernels._validate import (autodiff_possible, check_choice, check_float_tensor,
+from moe_kernels._validate import (autodiff_possible, check_bool, check_choice, check_float_tensor,
                                    check_forward_only, check_int, check_last_dim_contiguous,
                                    check_same_device, check_tensor)
 from moe_kernels.ops import fp8 as fp8_ops
@@ -210,7 +210,7 @@ def _all_to_all(out, inp, group, out_splits=None, in_splits=None):
 
 
 def _check_dispatch(op, hidden, topk_ids, topk_weights, placement, group, mode,
-                    max_tokens_per_rank, align):
+                    max_tokens_per_rank, align, use_fp8):
     check_float_tensor(op, "hidden", hidden, ndim=2)
     check_last_dim_contiguous(op, "hidden", hidden)
     check_tensor(op, "topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
@@ -239,6 +239,7 @@ def _check_dispatch(op, hidden, topk_ids, topk_weights, placement, group, mode,
     elif max_tokens_per_rank is not None:
         raise ValueError(f"{op}: max_tokens_per_rank is for mode='low_latency' only")
     check_int(op, "align", align, low=1)
+    check_bool(op, "use_fp8", use_fp8)
     if not dist.is_initialized():
         raise ValueError(f"{op}: torch.distributed is not initialized "
                          f"(torch.distributed.init_process_group first)")
@@ -269,11 +270,11 @@ def ep_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     if autodiff_possible():
         check_forward_only(op, hidden=hidden, topk_weights=topk_weights)
     _check_dispatch(op, hidden, topk_ids, topk_weights, placement, group, mode,
-                    max_tokens_per_rank, align)
+                    max_tokens_per_rank, align, use_fp8)
     backend = MAP_TO_SLOTS.resolve(backend, hidden)
     world, rank = _world(group)
     slots = _map_to_slots(backend, topk_ids, placement.log2phy, placement.logcnt, rank)
-    payload, unpack = _pack(hidden, bool(use_fp8), backend)
+    payload, unpack = _pack(hidden, use_fp8, backend)
     if mode == "normal":
         return _dispatch_normal(backend, group, world, placement.slots_per_rank, slots,
                                 payload, unpack, topk_weights, align, hidden.shape[1])

@@ -281,13 +281,15 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, *, eps:
     _check_activation(op, x)
     _check_power_of_two(op, "group_size", group_size)
     _check_eps(op, eps)
+    check_bool(op, "scale_ue8m0", scale_ue8m0)
+    check_bool(op, "column_major_scales", column_major_scales)
     backend = QUANTIZE_FP8_PER_TOKEN_GROUP.resolve(backend, x)
     if out is None:
         return quantize_fp8_per_token_group_unchecked(
-            backend, x, group_size, float(eps), bool(scale_ue8m0), bool(column_major_scales))
-    q, s = _check_quant_out(op, out, x, x.shape[1], group_size, bool(column_major_scales))
+            backend, x, group_size, float(eps), scale_ue8m0, column_major_scales)
+    q, s = _check_quant_out(op, out, x, x.shape[1], group_size, column_major_scales)
     return quantize_fp8_per_token_group_out_unchecked(backend, x, group_size, float(eps),
-                                                      bool(scale_ue8m0), q, s)
+                                                      scale_ue8m0, q, s)
 
 
 def quantize_fp8_block(w: torch.Tensor, block=(128, 128), *, eps: float = 1e-10,
