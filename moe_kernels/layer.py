@@ -280,10 +280,10 @@ class DeepseekV3MoE(nn.Module):
     def _shared_expert(self, backend, x):
         """(T, H) in x's dtype: the shared expert's output rows. Every row goes to the one
         expert, so the rows need no permutation: quantize, then the MLP over all rows."""
-        q, s = fp8.quantize_fp8_per_token_group_unchecked(backend, x, SCALE_BLOCK, 1e-10,
-                                                          False, False)
-        gemm = fused_moe.dense_gemm(q.new_zeros(q.shape[0], dtype=torch.int32), backend)
-        return fused_moe.expert_mlp(backend, gemm, q, s, self.shared_w13, self.shared_w13_scale,
+        rows = list(fp8.quantize_fp8_per_token_group_unchecked(backend, x, SCALE_BLOCK, 1e-10,
+                                                               False, False))
+        gemm = fused_moe.dense_gemm(x.new_zeros(x.shape[0], dtype=torch.int32), backend)
+        return fused_moe.expert_mlp(backend, gemm, rows, self.shared_w13, self.shared_w13_scale,
                                     self.shared_w2, self.shared_w2_scale, x.dtype)
 
     def _experts_ep(self, backend, x, w, ids, mode):
@@ -302,10 +302,13 @@ class DeepseekV3MoE(nn.Module):
             self.ep_dropped.add_(handle.dropped)
         else:
             gemm = fused_moe.segment_gemm(handle.layout, backend)
-        z = fused_moe.expert_mlp(backend, gemm, q, s, self.w13, self.w13_scale, self.w2,
+        received = [q, s]
+        del q, s                  # expert_mlp frees the received rows after GEMM1
+        z = fused_moe.expert_mlp(backend, gemm, received, self.w13, self.w13_scale, self.w2,
                                  self.w2_scale, x.dtype,
                                  masked_m=handle.masked_m if low_latency else None)
         rows = ep.combine_rows("DeepseekV3MoE", z, handle)
+        del z                     # sent back: not held through the shared expert and the sum
         row_of_pair = handle.row_of_pair
         if self.shared_fused:
             T = x.shape[0]

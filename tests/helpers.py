@@ -4,6 +4,7 @@ poisoning, and the tolerance rules (from moe_kernels.testing.rules)."""
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -206,3 +207,34 @@ def non_strided(t: torch.Tensor):
         yield "sparse_csr", csr
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16, torch.float16):
         yield "mkldnn", t.to_mkldnn()
+
+
+class GemmLifetimes:
+    """Spies on the grouped GEMMs of the internal layer (monkeypatch), which the expert
+    MLPs call: at each GEMM call, which of the earlier calls' tensors ("a", "a_scales",
+    "out") are still alive. Weak references only, so the spy keeps nothing alive."""
+
+    def __init__(self, monkeypatch):
+        from moe_kernels.ops import grouped_gemm
+        self.calls: list = []       # per call: {name: weakref}
+        self.alive_at: list = []    # per call: {(j, name): alive when this call started}
+        for fn in ("grouped_gemm_fp8_unchecked", "grouped_gemm_fp8_segments_unchecked",
+                   "grouped_gemm_fp8_masked_out_unchecked"):
+            monkeypatch.setattr(grouped_gemm, fn, self._spy(getattr(grouped_gemm, fn)))
+
+    def _spy(self, gemm):
+        def call(*args):
+            a, a_scales = [x for x in args if isinstance(x, torch.Tensor)][:2]
+            self.alive_at.append({(j, name): ref() is not None
+                                  for j, refs in enumerate(self.calls)
+                                  for name, ref in refs.items()})
+            out = gemm(*args)
+            written = out if out is not None else args[-2]   # the _out form: (..., out, zf)
+            self.calls.append({"a": weakref.ref(a), "a_scales": weakref.ref(a_scales),
+                               "out": weakref.ref(written)})
+            return out
+        return call
+
+    def alive_when(self, i: int) -> list:
+        """The (j, name) of earlier calls' tensors alive when call i started."""
+        return sorted(key for key, alive in self.alive_at[i].items() if alive)

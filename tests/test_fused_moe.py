@@ -11,7 +11,7 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import fused_moe as ref
 
-from helpers import (FP8_INPUT_OPCHECKS, call_backend, device_backend_params,
+from helpers import (FP8_INPUT_OPCHECKS, GemmLifetimes, call_backend, device_backend_params,
                      expect_inductor_bf16_round_trip, poison_allocator, with_tma, with_ws)
 
 BACKENDS = ("triton", "cpu", "reference")
@@ -206,6 +206,88 @@ def test_partial_blocks_and_odd_experts(device, backend):
     want = ref.moe_forward(hidden.cpu(), w13.cpu(), s13.cpu(), w2.cpu(), s2.cpu(),
                            weights.cpu(), ids.cpu())
     assert rel_err(out, want) < 2e-2
+
+
+# The composed backends (on cpu, one C++ call runs every stage)
+@pytest.mark.parametrize("device,backend", device_backend_params(("triton", "reference")))
+def test_each_intermediate_is_freed_after_its_last_reader(device, backend, monkeypatch):
+    """GEMM2 starts with GEMM1's FP8 rows, their scales and GEMM1's output freed (the
+    activation read it last): its live buffers are its own input and output, not also
+    those (docs/fp8.md, peak memory: 16 KB a routed row at DeepSeek-V3's shape, not 31)."""
+    w13, s13, w2, s2 = make_layer(seed=4, device=device)
+    hidden = torch.randn(9, H).bfloat16().to(device)
+    weights, ids = make_routing(9, seed=6, device=device)
+    gemms = GemmLifetimes(monkeypatch)
+    out = moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids, backend=backend)
+    assert len(gemms.calls) == 2
+    assert gemms.alive_when(1) == [], "held through GEMM2"
+    # the spy's references are weak: the GEMM2 output (the unpermute's input) is gone too
+    assert [ref() for ref in gemms.calls[1].values()] == [None] * 3
+    want = ref.moe_forward(hidden.cpu(), w13.cpu(), s13.cpu(), w2.cpu(), s2.cpu(),
+                           weights.cpu(), ids.cpu())
+    assert rel_err(out, want) < 2e-2
+
+
+def _allocations(call):
+    """call() under torch.profiler: its allocations and frees in order, as signed byte
+    counts (the profiler's raw memory events; the aggregated ones merge a C++ op's)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    try:
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:
+        pytest.skip("this torch's profiler does not expose its raw memory events")
+    return [n for _, n in sorted((e.start_ns(), e.nbytes()) for e in events
+                                 if e.name() == "[memory]")]
+
+
+def test_cpu_kernel_frees_each_intermediate_after_its_last_reader():
+    """The one C++ call: the FP8 rows and GEMM1's output are freed before GEMM2's output
+    is allocated. Sizes chosen so that these three buffers have sizes no other allocation
+    of the call has: rows R*H (fp8), GEMM1 R*2I (bf16), GEMM2 R*H (float32)."""
+    if not moe_kernels.extension_loaded():
+        pytest.skip("moe_kernels._C is not built")
+    T, K, h, inter = 512, 3, 384, 256
+    w13, s13, w2, s2 = make_layer(seed=7, device="cpu", H=h, inter=inter)
+    hidden = torch.randn(T, h)
+    weights, ids = make_routing(T, seed=8, device="cpu", K=K)
+    fused = lambda: moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids,
+                                              backend="cpu")
+    fused()
+    events = _allocations(fused)
+    R = T * K
+    rows, y, z = R * h, R * 2 * inter * 2, R * h * 4
+    assert [events.count(n) for n in (rows, y, z)] == [1, 1, 1], events
+    at = events.index(z)
+    assert -rows in events[:at] and -y in events[:at], events
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_peak_memory_is_one_stage_at_a_time():
+    """torch.cuda.max_memory_allocated over a call: at most the largest stage's buffers
+    (its input and output; GEMM2's FP8 rows and bf16 output at this shape) plus the small
+    index and scale tensors, below the sum of the rows, GEMM1's output and GEMM2's buffers
+    that a composition holding every intermediate reaches."""
+    T, K, h, inter = 2048, 4, 512, 256
+    w13, s13, w2, s2 = make_layer(seed=7, device="cuda", H=h, inter=inter)
+    hidden = torch.randn(T, h, device="cuda").bfloat16()
+    weights, ids = make_routing(T, seed=8, device="cuda", K=K)
+    fused = lambda: moe_kernels.fused_moe_fp8(hidden, w13, s13, w2, s2, weights, ids,
+                                              backend="triton")
+    fused()                               # compiled, caches warm
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fused()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    R = T * K
+    rows, y, act, z, res = R * h, R * 4 * inter, R * inter, R * 2 * h, out.numel() * 2
+    stages = [rows + y, y + act, act + z, z + res]
+    small = R * 64 + (1 << 20)            # indices, scales, scratch, allocator rounding
+    assert peak <= max(stages) + small, (peak, stages)
+    assert max(stages) + small < rows + y + act + z    # the bound tells the two apart
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))

@@ -24,7 +24,8 @@ from moe_kernels import checkpoint
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import layer as ref_layer
 
-from helpers import calc_diff, device_backend_params, expect_inductor_bf16_round_trip
+from helpers import (GemmLifetimes, calc_diff, device_backend_params,
+                     expect_inductor_bf16_round_trip)
 from test_cuda_graphs import assert_same_bits
 
 BACKENDS = ("reference", "triton", "cpu")
@@ -189,6 +190,24 @@ def test_shared_expert_variants(n_shared, inter):
     layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd))
     hidden = make_hidden(9, cfg, seed=3, dtype=torch.float32)
     assert calc_diff(layer(hidden), reference_output(hidden, dequantized(sd), cfg)) < 2e-3
+
+
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+def test_no_gemm_starts_while_an_earlier_gemms_buffers_live(device, backend, monkeypatch):
+    """The routed experts' and a separate shared expert's MLPs (n_shared_experts=2): each
+    GEMM's input rows, scales and output are freed once their last reader has run, so no
+    GEMM starts while an earlier one's are alive (peak memory: docs/fp8.md). On the cpu
+    backend the routed experts are one C++ call: the shared expert's GEMMs are seen."""
+    cfg = make_config(n_shared_experts=2)
+    sd = make_weights(cfg, seed=5)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), device=device,
+                                              backend=backend)
+    hidden = make_hidden(9, cfg, seed=6, device=device)
+    gemms = GemmLifetimes(monkeypatch)
+    out = layer(hidden)
+    assert len(gemms.calls) == (2 if backend == "cpu" else 4)
+    assert [gemms.alive_when(i) for i in range(len(gemms.calls))] == [[]] * len(gemms.calls)
+    assert calc_diff(out, reference_output(hidden, dequantized(sd), cfg)) < 2e-3
 
 
 def _save_file(tensors, path):

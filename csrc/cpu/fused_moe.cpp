@@ -73,22 +73,32 @@ namespace {
 // The routed pairs' expert outputs: z (R, H) in hidden's dtype, one row per routed pair in
 // the align=1 expert layout, and row_of_pair (T, K) int32, the row of each pair (-1:
 // skipped). Every read of hidden happens here, before the caller writes its output, so
-// that output may be hidden's own memory (fused_moe_fp8's out=hidden).
+// that output may be hidden's own memory (fused_moe_fp8's out=hidden). Each intermediate
+// is released once its last reader has run, so that a stage's live buffers are its own
+// input and output (ops/fused_moe.py, expert_mlp: at GEMM2 16 KB a routed row at
+// DeepSeek-V3's shape instead of 31).
 std::pair<at::Tensor, at::Tensor> routed_rows(const at::Tensor& hidden, const at::Tensor& w13,
                                               const at::Tensor& w13_scales,
                                               const at::Tensor& w2, const at::Tensor& w2_scales,
                                               const at::Tensor& topk_ids) {
   const int64_t E = w13.size(0);
-  auto [q, s] = quantize_fp8_per_token_group_cpu(hidden, kScaleBlock, kQuantEps, false, false);
   // {expert_offsets, tokens_per_expert, m_indices, row_of_pair, pair_of_row}
-  const std::vector<at::Tensor> index = permute_index_cpu(topk_ids, E, 1);
-  const at::Tensor &m_indices = index[2], &row_of_pair = index[3], &pair_of_row = index[4];
-  const at::Tensor x = gather_rows_cpu(q, pair_of_row, row_of_pair);
-  const at::Tensor x_scales = gather_rows_cpu(s, pair_of_row, row_of_pair);
+  std::vector<at::Tensor> index = permute_index_cpu(topk_ids, E, 1);
+  const at::Tensor m_indices = index[2], row_of_pair = index[3];
+  at::Tensor x, x_scales;
+  {
+    const auto [q, s] = quantize_fp8_per_token_group_cpu(hidden, kScaleBlock, kQuantEps, false,
+                                                         false);
+    x = gather_rows_cpu(q, index[4], row_of_pair);
+    x_scales = gather_rows_cpu(s, index[4], row_of_pair);
+  }  // q, s: the rows in token order, read by the gathers alone
+  index.clear();
   // GEMM1 writes bf16, as SGLang and vLLM do (ops/fused_moe.py, expert_mlp)
-  const at::Tensor y = grouped_gemm_fp8_cpu(x, x_scales, w13, w13_scales, m_indices,
-                                            at::kBFloat16);
+  at::Tensor y = grouped_gemm_fp8_cpu(x, x_scales, w13, w13_scales, m_indices, at::kBFloat16);
+  x.reset();
+  x_scales.reset();
   auto [q2, s2] = silu_and_mul_quant_fp8_cpu(y, kScaleBlock, kQuantEps);
+  y.reset();
   return {grouped_gemm_fp8_cpu(q2, s2, w2, w2_scales, m_indices, hidden.scalar_type()),
           row_of_pair};
 }

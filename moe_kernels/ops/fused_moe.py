@@ -135,19 +135,30 @@ def fused_moe_fp8_composed(backend, hidden, w13, w13_scales, w2, w2_scales, topk
     backend at small T the first two are one). hidden is read by the first stage only, so
     `out` may be hidden's own memory: the last stage writes it."""
     x, layout = permuted_fp8_rows(backend, hidden, topk_ids, w13.shape[0])
-    z = expert_mlp(backend, segment_gemm(layout, backend), x, layout.scales, w13, w13_scales,
-                   w2, w2_scales, hidden.dtype)
-    return perm.unpermute_unchecked(backend, z, layout.row_of_pair, topk_weights, out)
+    gemm, row_of_pair = segment_gemm(layout, backend), layout.row_of_pair
+    rows = [x, layout.scales]
+    del x, layout             # expert_mlp holds the rows' only references (it frees them)
+    z = expert_mlp(backend, gemm, rows, w13, w13_scales, w2, w2_scales, hidden.dtype)
+    return perm.unpermute_unchecked(backend, z, row_of_pair, topk_weights, out)
 
 
-def expert_mlp(backend, gemm, q, s, w13, w13_scales, w2, w2_scales, out_dtype,
+def expert_mlp(backend, gemm, rows, w13, w13_scales, w2, w2_scales, out_dtype,
                masked_m=None):
-    """down(silu(gate(x)) * up(x)) of FP8 rows q with their 1x128 scales s, each row by its
+    """down(silu(gate(x)) * up(x)) of FP8 rows with their 1x128 scales, each row by its
     expert's weights; gemm(a, a_scales, w, w_scales, dtype) knows the rows' layout (the
     expert segments, or the masked layout: then masked_m (E,), whose rows alone the
     activation reads and writes, see masked_gemm). GEMM1 writes bf16, as SGLang and vLLM
-    do."""
+    do.
+
+    rows: the list [q, s], emptied here. The caller passes its only references to the rows,
+    so that each intermediate is freed once its last reader has run: the rows after GEMM1,
+    GEMM1's output after the activation. At GEMM2 the live buffers are then its FP8 input
+    and its output, R x (I + 2H) bytes at bf16 (DeepSeek-V3: 16 KB a routed row), not also
+    the rows and GEMM1's output (R x (H + 4I) more: 31 KB a row in all)."""
+    q, s = rows
+    rows.clear()
     y = gemm(q, s, w13, w13_scales, torch.bfloat16)
+    del q, s
     if masked_m is not None:
         E, M, two_i = y.shape
         q2 = torch.empty((E, M, two_i // 2), dtype=FP8, device=y.device)
@@ -155,20 +166,22 @@ def expert_mlp(backend, gemm, q, s, w13, w13_scales, w2, w2_scales, out_dtype,
                          device=y.device)
         fp8.silu_and_mul_quant_fp8_masked_out_unchecked(backend, y, masked_m, SCALE_BLOCK,
                                                         False, q2, s2)
-        return gemm(q2, s2, w2, w2_scales, out_dtype)
-    rows = y.shape[:-1]
-    q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y.flatten(0, -2),
-                                                  SCALE_BLOCK)
-    return gemm(q2.view(*rows, q2.shape[-1]), s2.view(*rows, s2.shape[-1]), w2, w2_scales,
-                out_dtype)
+    else:
+        lead = y.shape[:-1]
+        q2, s2 = fp8.silu_and_mul_quant_fp8_unchecked(backend, y.flatten(0, -2),
+                                                      SCALE_BLOCK)
+        q2, s2 = q2.view(*lead, q2.shape[-1]), s2.view(*lead, s2.shape[-1])
+    del y
+    return gemm(q2, s2, w2, w2_scales, out_dtype)
 
 
 def segment_gemm(layout, backend):
     """GEMM over the layout's expert segments: the segments kernel on Triton, the
     contiguous op with m_indices elsewhere."""
-    if backend == "triton":
+    if backend == "triton":    # the offsets alone: the layout also holds the rows' scales
+        offsets, counts = layout.expert_offsets, layout.tokens_per_expert
         return lambda a, s, w, ws, dt: grouped_gemm.grouped_gemm_fp8_segments_unchecked(
-            a, s, w, ws, layout.expert_offsets, layout.tokens_per_expert, dt)
+            a, s, w, ws, offsets, counts, dt)
     return dense_gemm(layout.m_indices, backend)
 
 
