@@ -228,6 +228,33 @@ def test_each_intermediate_is_freed_after_its_last_reader(device, backend, monke
     assert rel_err(out, want) < 2e-2
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_long_batches_run_in_chunks_of_tokens(device, backend, monkeypatch):
+    """More than CHUNK_TOKENS tokens: one pass per chunk, each exactly the call on its rows
+    alone (bit for bit), in place too; counted by the stages' own calls."""
+    from moe_kernels.ops import fused_moe as ops
+    monkeypatch.setattr(ops, "CHUNK_TOKENS", 4)
+    w13, s13, w2, s2 = make_layer(seed=11, device=device)
+    hidden = torch.randn(11, H).bfloat16().to(device)
+    weights, ids = make_routing(11, seed=12, device=device, skip=0.1)
+    fused = lambda h, rows, **kw: moe_kernels.fused_moe_fp8(
+        h, w13, s13, w2, s2, weights[rows], ids[rows], backend=backend, **kw)
+    passes, one_pass = [], ops._one_pass
+    monkeypatch.setattr(ops, "_one_pass", lambda *a: passes.append(a[1].shape[0]) or
+                        one_pass(*a))
+    out = fused(hidden, slice(None))
+    assert passes == [4, 4, 3]
+    for t0 in range(0, 11, 4):
+        rows = slice(t0, t0 + 4)
+        assert torch.equal(out[rows], fused(hidden[rows], rows)), t0
+    in_place = hidden.clone()
+    assert fused(in_place, slice(None), out=in_place) is in_place
+    assert torch.equal(in_place, out)
+    want = ref.moe_forward(hidden.cpu(), w13.cpu(), s13.cpu(), w2.cpu(), s2.cpu(),
+                           weights.cpu(), ids.cpu())
+    assert rel_err(out, want) < 2e-2
+
+
 def _allocations(call):
     """call() under torch.profiler: its allocations and frees in order, as signed byte
     counts (the profiler's raw memory events; the aggregated ones merge a C++ op's)."""

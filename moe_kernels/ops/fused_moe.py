@@ -111,13 +111,40 @@ def permuted_fp8_rows(backend, hidden, topk_ids, num_experts):
     return perm.permute_unchecked(backend, q, topk_ids, num_experts, 1, s)
 
 
+# Tokens per pass of the stages: a longer batch runs in chunks of this many tokens, each
+# writing its rows of the output, so that the transient buffers are bounded whatever T is
+# (vLLM's fused_experts chunks the same way, VLLM_FUSED_MOE_CHUNK_SIZE). At DeepSeek-V3's
+# shape, top-8, bf16: 16 KB a routed row at the largest stage (expert_mlp), 2.2 GB a chunk.
+# A chunk's GEMMs still hold 512 rows an expert on average at 256 experts: compute-bound
+# tiles, so the extra launches (6 a chunk) cost nothing measurable.
+CHUNK_TOKENS = 16384
+
+
 def fused_moe_fp8_unchecked(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights,
                             topk_ids, out=None):
     """The internal layer: arguments checked, backend resolved (see fused_moe_fp8); the
     result in a new tensor, or written into `out` and returned. On the cpu backend one C++
-    call runs every stage (csrc/cpu/fused_moe.cpp)."""
+    call runs every stage (csrc/cpu/fused_moe.cpp). More than CHUNK_TOKENS tokens: one pass
+    per chunk of tokens, each the call on its rows alone."""
     if w13.shape[0] == 0:          # no expert: every pair is skipped
         return hidden.new_zeros(hidden.shape) if out is None else out.zero_()
+    T = hidden.shape[0]
+    if T > CHUNK_TOKENS:
+        if out is None:
+            out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        # a chunk reads its own rows of hidden before writing its rows of out: out=hidden
+        # stays in place chunk by chunk
+        for t0 in range(0, T, CHUNK_TOKENS):
+            rows = slice(t0, min(T, t0 + CHUNK_TOKENS))
+            _one_pass(backend, hidden[rows], w13, w13_scales, w2, w2_scales,
+                      topk_weights[rows], topk_ids[rows], out[rows])
+        return out
+    return _one_pass(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids,
+                     out)
+
+
+def _one_pass(backend, hidden, w13, w13_scales, w2, w2_scales, topk_weights, topk_ids, out):
+    """fused_moe_fp8_unchecked of at least one expert, every token in one pass."""
     if backend == "cpu":
         if out is None:
             return FUSED_MOE_FP8.kernel(backend)(hidden, w13, w13_scales, w2, w2_scales,
