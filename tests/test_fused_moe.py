@@ -234,17 +234,18 @@ def test_long_batches_run_in_chunks_of_tokens(device, backend, monkeypatch):
     alone (bit for bit), in place too; counted by the stages' own calls."""
     from moe_kernels.ops import fused_moe as ops
     monkeypatch.setattr(ops, "CHUNK_TOKENS", 4)
-    w13, s13, w2, s2 = make_layer(seed=11, device=device)
-    hidden = torch.randn(11, H).bfloat16().to(device)
-    weights, ids = make_routing(11, seed=12, device=device, skip=0.1)
+    h = 128                               # two chunks, small tiles: ~3 s interpreted
+    w13, s13, w2, s2 = make_layer(seed=11, device=device, H=h, inter=h)
+    hidden = torch.randn(6, h).bfloat16().to(device)
+    weights, ids = make_routing(6, seed=12, device=device, skip=0.1)
     fused = lambda h, rows, **kw: moe_kernels.fused_moe_fp8(
         h, w13, s13, w2, s2, weights[rows], ids[rows], backend=backend, **kw)
     passes, one_pass = [], ops._one_pass
     monkeypatch.setattr(ops, "_one_pass", lambda *a: passes.append(a[1].shape[0]) or
                         one_pass(*a))
     out = fused(hidden, slice(None))
-    assert passes == [4, 4, 3]
-    for t0 in range(0, 11, 4):
+    assert passes == [4, 2]
+    for t0 in range(0, 6, 4):
         rows = slice(t0, t0 + 4)
         assert torch.equal(out[rows], fused(hidden[rows], rows)), t0
     in_place = hidden.clone()
