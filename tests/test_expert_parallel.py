@@ -346,7 +346,21 @@ def _scenario_inputs(name, world, rank):
     return placement, hidden, ids, w, mode, M, use_fp8
 
 
+def _poisoned_fixed_rows(n, width, like):
+    """The low-latency mode's fixed buffers, which it leaves uninitialised (only written
+    rows are read), filled with 0xff bytes: NaN in every float dtype, so that reading a row
+    nobody wrote shows in the result (fresh CPU memory would read as zeros)."""
+    return torch.full((n, width * like.element_size()), 255, dtype=torch.uint8,
+                      device=like.device).view(like.dtype)
+
+
+def _poison_fixed_buffers():
+    from moe_kernels.ops import expert_parallel as ep
+    ep._fixed_rows = _poisoned_fixed_rows
+
+
 def _worker(rank, world, backends):
+    _poison_fixed_buffers()
     results = {}
     for backend in backends:
         for name in SCENARIOS:
@@ -380,9 +394,11 @@ def _oracle_ids(name, world, rank, ids, placement, M):
 
 
 @pytest.mark.parametrize("mode,M", [("normal", None), ("low_latency", 4)])
-def test_combine_takes_expert_outputs_of_another_width(tmp_path, mode, M):
+def test_combine_takes_expert_outputs_of_another_width(tmp_path, monkeypatch, mode, M):
     """The experts may change the rows' width (a projection): ep_combine sums rows of
     expert_out's width H' into (T, H'), in both modes. One rank, in this process."""
+    from moe_kernels.ops import expert_parallel as ep
+    monkeypatch.setattr(ep, "_fixed_rows", _poisoned_fixed_rows)
     dist = torch.distributed
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
                             world_size=1)
@@ -400,10 +416,12 @@ def test_combine_takes_expert_outputs_of_another_width(tmp_path, mode, M):
         dist.destroy_process_group()
 
 
-def test_low_latency_combine_reads_no_row_past_masked_m(tmp_path):
+def test_low_latency_combine_reads_no_row_past_masked_m(tmp_path, monkeypatch):
     """The layer's masked GEMMs leave the rows past masked_m unwritten (zero_fill=False):
     ep_combine must not read them. NaN there gives the result of zeros there, bit for bit.
     One rank, in this process."""
+    from moe_kernels.ops import expert_parallel as ep
+    monkeypatch.setattr(ep, "_fixed_rows", _poisoned_fixed_rows)
     dist = torch.distributed
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
                             world_size=1)
@@ -605,6 +623,7 @@ def _from_safetensors_reads(directory, placement, layer_index):
 
 def _layer_worker(rank, world, backends, checkpoint_dir=None, device="cpu"):
     import torch.distributed as dist
+    _poison_fixed_buffers()
     results = {}
     if checkpoint_dir is not None:
         cfg, sd, hidden, ep_args, _ = _layer_setup("replicated", world, rank)

@@ -191,17 +191,33 @@ def _world(group):
 
 def _pack(hidden, use_fp8, backend):
     """(T, H) rows -> (T, B) uint8 payload: the rows' bytes, or FP8 rows then their float32
-    1x128 scales; returns (payload, unpack) where unpack(payload) gives rows or (q, s)."""
+    1x128 scales; returns (payload, unpack) where unpack(b, index=None) gives the rows, or
+    (q, s), of received payload rows b (of b's rows `index` where given)."""
     T, H = hidden.shape
     if not use_fp8:
         dtype = hidden.dtype
-        return hidden.contiguous().view(torch.uint8), lambda b: b.view(dtype).view(-1, H)
+        return (hidden.contiguous().view(torch.uint8),
+                lambda b, index=None: _rows(b, index).view(dtype).view(-1, H))
     q, s = fp8_ops.quantize_fp8_per_token_group_unchecked(backend, hidden, SCALE_BLOCK, 1e-10,
                                                           False, False)
     G = s.shape[1]
     payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1)
-    return payload, lambda b: (b[:, :H].contiguous().view(FP8),
-                               b[:, H:].contiguous().view(torch.float32).view(-1, G))
+    return payload, lambda b, index=None: (
+        _rows(b[:, :H], index).view(FP8), _rows(b[:, H:], index).view(torch.float32).view(-1, G))
+
+
+def _rows(b, index):
+    """b's rows (contiguous), or its rows `index` gathered: unpack(b, index) takes the
+    received rows straight from the buffer, without a gathered copy of whole rows first."""
+    return b.contiguous() if index is None else b.index_select(0, index)
+
+
+def _fixed_rows(n, width, like):
+    """(n, width) rows of like's dtype and device, not initialised: the low-latency mode's
+    fixed buffers, whose rows are read only where written. At decode most of a buffer is
+    empty (rows for M pairs per (source, slot), ~T * K / P of them used), and zeroing it
+    would be a pass over all of it: 242 MB at 256 slots, M = 128, FP8 rows of H = 7168."""
+    return torch.empty((n, width), dtype=like.dtype, device=like.device)
 
 
 def _all_to_all(out, inp, group, out_splits=None, in_splits=None):
@@ -332,14 +348,18 @@ def _dispatch_low_latency(backend, group, world, S, slots, payload, unpack, topk
     counts.scatter_add_(0, torch.where(kept, key, P), torch.ones_like(key))
     # send buffer (world, S, M) rows; pairs not sent land on a spare last row
     buf_row = torch.where(kept, key * M + pos, P * M)
-    buf = payload.new_zeros((P * M + 1, B))
+    buf = _fixed_rows(P * M + 1, B, payload)
     buf.index_copy_(0, buf_row, payload.index_select(0, torch.arange(T * K, device=dev) // K))
-    recv = _all_to_all(torch.empty_like(buf[:-1]), buf[:-1], group).view(world, S, M, B)
+    # received (world, S, M) rows, then a zero row for the masked rows past each count; a
+    # row the sender did not write is past its (source, slot) count, so never gathered
+    recv = _fixed_rows(P * M + 1, B, payload)
+    recv[-1].zero_()
+    _all_to_all(recv[:-1], buf[:-1], group)
+    del buf
     got = _all_to_all(torch.empty_like(counts[:P]), counts[:P].contiguous(), group)
     index, masked_m = _pack_index(got.view(world, S), M)
-    rows = torch.cat([recv.reshape(-1, B), payload.new_zeros((1, B))]).index_select(
-        0, index.reshape(-1))
-    unpacked = unpack(rows)
+    unpacked = unpack(recv, index.reshape(-1))
+    del recv
     handle = EPHandle("low_latency", group, backend, topk_weights,
                       torch.where(kept, buf_row, -1).to(torch.int32).view(T, K),
                       masked_m=masked_m, dropped=dropped[:P], unpack_index=index,
@@ -417,8 +437,9 @@ def _combine_rows_low_latency(op, expert_out, handle):
     H = expert_out.shape[2]
     n = handle.unpack_index.numel()
     # the inverse of dispatch's packing: buffer row b <- masked row i with index[i] == b;
-    # buffer rows nothing was packed from stay zero (their pairs read nothing)
-    buf = expert_out.new_zeros((n + 1, H))
+    # buffer rows nothing was packed from are not written: no pair of their source reads
+    # them (a sent pair's row was packed; the rows past masked_m go to the spare last row)
+    buf = _fixed_rows(n + 1, H, expert_out)
     buf.index_copy_(0, handle.unpack_index.reshape(-1), expert_out.flatten(0, -2))
     back = buf[:n]
     return _all_to_all(torch.empty_like(back), back, handle.group)
