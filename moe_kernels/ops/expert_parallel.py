@@ -315,7 +315,9 @@ def _dispatch_normal(backend, group, world, S, slots, payload, unpack, topk_weig
     local = (flat.index_select(0, pairs) % S).to(torch.int32)
     recv_slot = _all_to_all(local.new_empty(n_recv), local, group, recv_counts, send_counts)
     unpacked = unpack(rows)
+    del rows                  # FP8: split into copies, so not held through the permute
     x, scales = unpacked if isinstance(unpacked, tuple) else (unpacked, None)
+    del unpacked
     permuted, layout = perm.permute_unchecked(backend, x, recv_slot[:, None], S, align, scales)
     row_of_pair = torch.full((T * K,), -1, dtype=torch.int32, device=flat.device)
     row_of_pair[pairs] = torch.arange(n_send, dtype=torch.int32, device=flat.device)
