@@ -238,8 +238,8 @@ def test_long_batches_run_in_chunks_of_tokens(device, backend, monkeypatch):
     w13, s13, w2, s2 = make_layer(seed=11, device=device, H=h, inter=h)
     hidden = torch.randn(6, h).bfloat16().to(device)
     weights, ids = make_routing(6, seed=12, device=device, skip=0.1)
-    fused = lambda h, rows, **kw: moe_kernels.fused_moe_fp8(
-        h, w13, s13, w2, s2, weights[rows], ids[rows], backend=backend, **kw)
+    fused = lambda x, rows, **kw: moe_kernels.fused_moe_fp8(
+        x, w13, s13, w2, s2, weights[rows], ids[rows], backend=backend, **kw)
     passes, one_pass = [], ops._one_pass
     monkeypatch.setattr(ops, "_one_pass", lambda *a: passes.append(a[1].shape[0]) or
                         one_pass(*a))
@@ -297,7 +297,7 @@ def test_cpu_kernel_frees_each_intermediate_after_its_last_reader():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_peak_memory_is_one_stage_at_a_time():
     """torch.cuda.max_memory_allocated over a call: at most the largest stage's buffers
-    (its input and output; GEMM2's FP8 rows and bf16 output at this shape) plus the small
+    (its input and output: at this shape GEMM1's FP8 rows and bf16 output) plus the small
     index and scale tensors, below the sum of the rows, GEMM1's output and GEMM2's buffers
     that a composition holding every intermediate reaches."""
     T, K, h, inter = 2048, 4, 512, 256
