@@ -14,6 +14,12 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)   # expert ids, m_indices, block tables, lengths
 
 
+def rows_in_place(x):
+    """x (T, D) as the row kernels read it (a row stride, elements of a row adjacent):
+    itself where its last dimension is contiguous, else a contiguous copy."""
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints (b > 0). Host code uses this, not `triton.cdiv`: that one is a
     constexpr function whose call unwraps its arguments, ~2.2 us a call against 0.1."""

@@ -98,6 +98,30 @@ def test_permute_fp8_rows_and_scales(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
+def test_row_strided_rows_are_read_in_place(device, backend):
+    """FP8 rows and their scales as slices of wider rows (ep_dispatch's payload rows: the
+    FP8 bytes, then the scales' bytes): permuted bit for bit as their contiguous copies,
+    and without a contiguous copy first (no aten::contiguous or clone in the call)."""
+    T, K, E, H, G = 19, 4, 6, 256, 2
+    ids = make_ids(T, K, E, device, seed=9)
+    g = torch.Generator().manual_seed(9)
+    q = (torch.randn(T, H, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(T, G, generator=g)
+    payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1).to(device)
+    rows, scales = payload[:, :H].view(q.dtype), payload[:, H:].view(torch.float32)
+    assert rows.stride(0) == scales.stride(0) * 4 == H + 4 * G    # read in place, or not
+    permute = lambda x, sc: moe_kernels.permute(x, ids, E, align=8, scales=sc,
+                                                backend=backend)
+    want, want_layout = permute(rows.contiguous(), scales.contiguous())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, layout = permute(rows, scales)
+    copies = [e.name for e in prof.events() if e.name in ("aten::contiguous", "aten::clone")]
+    assert copies == []
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(layout.scales, want_layout.scales)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
 def test_round_trip_is_weighted_sum(device, backend):
     """unpermute(permute(x)) = sum over routed k of w[t,k] * x[t], computed here directly
     from the ids (an oracle independent of the reference's index code)."""

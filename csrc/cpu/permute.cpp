@@ -214,11 +214,13 @@ Report check_gather_rows_out_cpu(const at::Tensor& x, const at::Tensor& pair_of_
 void gather_rows_out_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row,
                          const at::Tensor& row_of_pair, at::Tensor& out) {
   throw_if(check_gather_rows_out_cpu(x_in, pair_of_row, row_of_pair, out));
-  const at::Tensor x = x_in.contiguous();
+  // x read in place where a row's elements are adjacent (any row stride: a slice of wider
+  // rows, ep_dispatch's payload rows), else copied first
+  const at::Tensor x = x_in.size(1) <= 1 || x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const at::Tensor src = pair_of_row.contiguous();
   const int64_t R = src.numel(), D = x.size(1), K = row_of_pair.size(1);
   const int64_t P = x.size(0) * K;
-  const int64_t row_bytes = D * x.element_size();
+  const int64_t row_bytes = D * x.element_size(), x_row_bytes = x.stride(0) * x.element_size();
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   const int32_t* sp = src.data_ptr<int32_t>();
@@ -227,7 +229,7 @@ void gather_rows_out_cpu(const at::Tensor& x_in, const at::Tensor& pair_of_row,
     for (int64_t r = begin; r < end; ++r) {
       const int64_t p = sp[r];
       // any other p is padding: never read out of bounds
-      const char* row = p >= 0 && p < P ? xp + (p / K) * row_bytes : nullptr;
+      const char* row = p >= 0 && p < P ? xp + (p / K) * x_row_bytes : nullptr;
       if (stream)
         stream_row(op + r * row_bytes, row, row_bytes);
       else if (row != nullptr)

@@ -197,19 +197,26 @@ def _pack(hidden, use_fp8, backend):
     if not use_fp8:
         dtype = hidden.dtype
         return (hidden.contiguous().view(torch.uint8),
-                lambda b, index=None: _rows(b, index).view(dtype).view(-1, H))
+                lambda b, index=None: _rows(b, index, dtype).view(-1, H))
     q, s = fp8_ops.quantize_fp8_per_token_group_unchecked(backend, hidden, SCALE_BLOCK, 1e-10,
                                                           False, False)
     G = s.shape[1]
     payload = torch.cat([q.view(torch.uint8), s.view(torch.uint8)], dim=1)
     return payload, lambda b, index=None: (
-        _rows(b[:, :H], index).view(FP8), _rows(b[:, H:], index).view(torch.float32).view(-1, G))
+        _rows(b[:, :H], index, FP8), _rows(b[:, H:], index, torch.float32).view(-1, G))
 
 
-def _rows(b, index):
-    """b's rows (contiguous), or its rows `index` gathered: unpack(b, index) takes the
-    received rows straight from the buffer, without a gathered copy of whole rows first."""
-    return b.contiguous() if index is None else b.index_select(0, index)
+def _rows(b, index, dtype):
+    """Payload bytes b (n, bytes) as rows of dtype: b's rows `index` gathered (the
+    low-latency receiver, straight from its buffer), else a view of b (row-strided: the
+    normal receiver's permute reads row strides, so the rows are not copied first), or a
+    copy where b's row stride or offset is not a whole number of dtype's elements."""
+    if index is not None:
+        b = b.index_select(0, index)
+    try:
+        return b.view(dtype)
+    except RuntimeError:
+        return b.contiguous().view(dtype)
 
 
 def _fixed_rows(n, width, like):
@@ -314,10 +321,8 @@ def _dispatch_normal(backend, group, world, S, slots, payload, unpack, topk_weig
                        payload.index_select(0, pairs // K), group, recv_counts, send_counts)
     local = (flat.index_select(0, pairs) % S).to(torch.int32)
     recv_slot = _all_to_all(local.new_empty(n_recv), local, group, recv_counts, send_counts)
-    unpacked = unpack(rows)
-    del rows                  # FP8: split into copies, so not held through the permute
+    unpacked = unpack(rows)   # views of the received rows, which the permute reads in place
     x, scales = unpacked if isinstance(unpacked, tuple) else (unpacked, None)
-    del unpacked
     permuted, layout = perm.permute_unchecked(backend, x, recv_slot[:, None], S, align, scales)
     row_of_pair = torch.full((T * K,), -1, dtype=torch.int32, device=flat.device)
     row_of_pair[pairs] = torch.arange(n_send, dtype=torch.int32, device=flat.device)

@@ -222,13 +222,13 @@ def _resolve_index_backend(op, backend, x, num_experts):
 # --- the internal layer: arguments checked, backend resolved -----------------------------
 
 def _gather(backend, x, pair_of_row, row_of_pair, out=None):
-    """x's rows in layout order: a new tensor, or written into out (rows, D) and returned."""
+    """x's rows in layout order: a new tensor, or written into out (rows, D) and returned.
+    The kernels read x in place where its last dimension is contiguous (row strides)."""
     if out is not None:
-        GATHER_ROWS_OUT.kernel(backend)(x.contiguous(), pair_of_row, row_of_pair,
-                                        out.flatten(0, -2))
+        GATHER_ROWS_OUT.kernel(backend)(x, pair_of_row, row_of_pair, out.flatten(0, -2))
         return out
     grad = x.requires_grad and torch.is_grad_enabled()
-    return GATHER_ROWS.kernel(backend, grad)(x.contiguous(), pair_of_row, row_of_pair)
+    return GATHER_ROWS.kernel(backend, grad)(x, pair_of_row, row_of_pair)
 
 
 def _copy_into(out, result):

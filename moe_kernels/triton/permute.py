@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_kernels._common import cdiv, next_power_of_2
+from moe_kernels._common import cdiv, next_power_of_2, rows_in_place
 from moe_kernels.reference.permute import permuted_rows
 from moe_kernels.triton.launch import cached_launch
 from moe_kernels.triton.numerics import SOFTWARE_ROUNDING, round_for_store
@@ -295,7 +295,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_size: i
 
 @cached_launch
 @triton.jit
-def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, R, D, K, P, ROWS: tl.constexpr,
+def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, R, D, stride_x, K, P, ROWS: tl.constexpr,
                         BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     p = tl.load(src_ptr + r, mask=r < R, other=-1).to(tl.int64)
@@ -306,20 +306,23 @@ def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, R, D, K, P, ROWS: tl.constexpr,
         # a padding row reads nothing and stores zeros. The mask as (row) & (column): its
         # column part keeps D's divisibility, so the loads stay 16 bytes wide (a per-row
         # bound where(valid, D, 0) made triton 3.9 load 2 bytes at a time)
-        row = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=valid[:, None] & (d < D)[None, :],
-                      other=0)
+        row = tl.load(x_ptr + t[:, None] * stride_x + d[None, :],
+                      mask=valid[:, None] & (d < D)[None, :], other=0)
         tl.store(out_ptr + r[:, None] * D + d[None, :], row,
                  mask=(r < R)[:, None] & (d < D)[None, :])
 
 
 def gather_rows_out(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor,
                     out: torch.Tensor) -> None:
-    """x (T, D) contiguous -> out (R, D) contiguous: row r = x[pair_of_row[r] // K], zero
-    for padding. A program copies ROWS rows of up to 4096 elements per step: one row at
-    H=7168, many narrow (or padding) rows otherwise."""
+    """x (T, D) -> out (R, D) contiguous: row r = x[pair_of_row[r] // K], zero for padding.
+    x is read in place where its last dimension is contiguous (any row stride: a slice of
+    wider rows, the payload rows of ep_dispatch), else copied first. A program copies ROWS
+    rows of up to 4096 elements per step: one row at H=7168, many narrow (or padding) rows
+    otherwise."""
     R, D = pair_of_row.shape[0], x.shape[1]
     K = row_of_pair.shape[1]
     if R > 0 and D > 0:
+        x = rows_in_place(x)
         block = min(next_power_of_2(D), 4096)
         rows = max(1, 4096 // block)
         # A copy: move the bits as integers of the same width, so every dtype works (FP8
@@ -327,9 +330,9 @@ def gather_rows_out(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: tor
         as_int = _INT_OF_SIZE[x.element_size()]
         # index tensors are read at flat offsets: contiguous (no-op when they are)
         _gather_rows_kernel[(cdiv(R, rows),)](x.view(as_int), pair_of_row.contiguous(),
-                                                     out.view(as_int), R, D, max(K, 1),
-                                                     x.shape[0] * K, ROWS=rows, BLOCK_D=block,
-                                                     num_warps=4)
+                                                     out.view(as_int), R, D, x.stride(0),
+                                                     max(K, 1), x.shape[0] * K, ROWS=rows,
+                                                     BLOCK_D=block, num_warps=4)
 
 
 def gather_rows(x: torch.Tensor, pair_of_row: torch.Tensor, row_of_pair: torch.Tensor):
