@@ -274,8 +274,17 @@ class DeepseekV3MoE(nn.Module):
         out = fused_moe.fused_moe_fp8_unchecked(backend, x, self.w13, self.w13_scale, self.w2,
                                                 self.w2_scale, w, ids)
         if hasattr(self, "shared_w13"):
-            out = out + self._shared_expert(backend, x)
+            self._add_shared_expert(backend, x, out)
         return out
+
+    def _add_shared_expert(self, backend, x, out):
+        """out (T, H) += the separate shared expert's rows of x, one pass per
+        fused_moe.CHUNK_TOKENS tokens: its transient buffers are bounded whatever T is, as
+        the routed experts' are. out is a fresh tensor of the caller's; adding in place
+        rounds as `out + shared` does and saves a (T, H) buffer."""
+        step = fused_moe.CHUNK_TOKENS
+        for t0 in range(0, x.shape[0], step):
+            out[t0:t0 + step].add_(self._shared_expert(backend, x[t0:t0 + step]))
 
     def _shared_expert(self, backend, x):
         """(T, H) in x's dtype: the shared expert's output rows. Every row goes to the one
@@ -318,7 +327,7 @@ class DeepseekV3MoE(nn.Module):
             w = torch.cat([w, w.new_ones(T, 1)], dim=1)
         out = perm.unpermute_unchecked(backend, rows, row_of_pair, w)
         if hasattr(self, "shared_w13") and not self.shared_fused:
-            out = out + self._shared_expert(backend, x)
+            self._add_shared_expert(backend, x, out)
         return out
 
     # --- loading --------------------------------------------------------------------------

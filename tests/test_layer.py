@@ -216,6 +216,27 @@ def _save_file(tensors, path):
     safetensors_torch.save_file({k: v.contiguous() for k, v in tensors.items()}, path)
 
 
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+def test_separate_shared_expert_runs_in_chunks_of_tokens(device, backend, monkeypatch):
+    """n_shared_experts=2 (the shared expert not stacked with the routed ones): past
+    CHUNK_TOKENS tokens it runs one pass per chunk, as the routed experts do, and the
+    output is bit for bit the one-pass output (each row's MLP reads its row alone)."""
+    from moe_kernels.ops import fused_moe as ops
+    cfg = make_config(n_shared_experts=2)
+    sd = make_weights(cfg, seed=7)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), device=device,
+                                              backend=backend)
+    hidden = make_hidden(6, cfg, seed=8, device=device)
+    one_pass = layer(hidden)
+    monkeypatch.setattr(ops, "CHUNK_TOKENS", 4)
+    passes, shared = [], layer._shared_expert
+    monkeypatch.setattr(layer, "_shared_expert",
+                        lambda b, x: passes.append(x.shape[0]) or shared(b, x))
+    assert torch.equal(layer(hidden), one_pass)
+    assert passes == [4, 2]
+    assert calc_diff(one_pass, reference_output(hidden, dequantized(sd), cfg)) < 2e-3
+
+
 def test_from_safetensors_sharded(tmp_path):
     """Two shards and an index, with another layer's tensors that must not be read."""
     cfg = make_config()
