@@ -807,3 +807,32 @@ def test_targets_judge_each_goal_on_our_fastest_correct_row(tmp_path, capsys):
         in out
     # met: topk 4096, permute, GEMM1 twice, quant, MLA; not: topk T=1, the layer, eager triton
     assert out.rstrip().endswith("6 of 9 judged cases meet their goal; 8 without a figure.")
+
+
+def test_bench_weights_are_drawn_on_their_device_one_expert_at_a_time(monkeypatch):
+    """The bench's FP8 expert weights (bench/common.py random_fp8_weights): every draw is
+    one expert's (N, K), made on the weights' device (a host copy of DeepSeek-V3's 256
+    experts would be 30 GB and ~45 s of a seeded CPU generator before the first GPU row),
+    and each expert is the reference's 128x128-block quantization of its draw."""
+    import torch
+
+    from moe_kernels.bench import common
+    from moe_kernels.reference import fp8 as ref_fp8
+    draws, randn = [], torch.randn
+
+    def recorded(*args, **kwargs):
+        x = randn(*args, **kwargs)
+        draws.append(x)
+        return x
+
+    monkeypatch.setattr(torch, "randn", recorded)
+    q, s = common.random_fp8_weights((3, 200, 130), 0.5, "cpu",
+                                     torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert [tuple(d.shape) for d in draws] == [(200, 130)] * 3
+    assert q.shape == (3, 200, 130) and s.shape == (3, 2, 2)
+    for e, d in enumerate(draws):
+        want_q, want_s = ref_fp8.quantize_fp8_block(d * 0.5)
+        assert torch.equal(q[e].view(torch.uint8), want_q.view(torch.uint8)), e
+        assert torch.equal(s[e], want_s), e
+    assert 0.4 < ref_fp8.dequantize_fp8_block(q, s).std() < 0.6

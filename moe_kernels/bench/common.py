@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 
 from moe_kernels import _library
+from moe_kernels._common import FP8, SCALE_BLOCK, cdiv
+from moe_kernels.reference import fp8 as ref_fp8
 
 
 @dataclasses.dataclass
@@ -546,3 +548,33 @@ def noise_warning(results: list[Result]) -> str | None:
 def meta(*shape, dtype=torch.float32) -> torch.Tensor:
     """An empty tensor on the meta device: compile cases launch kernels on these."""
     return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def device_generator(gen: torch.Generator, device: str) -> torch.Generator:
+    """A generator on `device` seeded from the host generator `gen`: inputs are drawn
+    where they are used. A seeded CPU generator draws ~0.2 G normals a second on one core,
+    so DeepSeek-V3's routed weights drawn on the host (256 x 6144 x 7168 floats) would
+    cost ~45 s and 40 GB of host memory before the first GPU row."""
+    return torch.Generator(device=device).manual_seed(
+        int(torch.randint(1 << 30, (1,), generator=gen)))
+
+
+def random_fp8_weights(shape: tuple[int, int, int], std: float, device: str,
+                       gen: torch.Generator, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q (E, N, K) float8_e4m3fn, s (E, ceil(N/128), ceil(K/128)) float32) of normal
+    weights of `std`, drawn on `device` (device_generator) and quantized in 128x128 blocks
+    by the reference one expert at a time (256 experts' float copy would be 30 GB);
+    written into out = (q, s) where given."""
+    E, N, K = shape
+    if out is None:
+        out = (torch.empty(shape, dtype=FP8, device=device),
+               torch.empty((E, cdiv(N, SCALE_BLOCK), cdiv(K, SCALE_BLOCK)),
+                           dtype=torch.float32, device=device))
+    dev_gen = device_generator(gen, device)
+    for e in range(E):
+        q, s = ref_fp8.quantize_fp8_block(
+            torch.randn((N, K), generator=dev_gen, device=device) * std)
+        out[0][e].copy_(q)
+        out[1][e].copy_(s)
+    return out
+

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.bench.common import Result, kernel_backends, measure
+from moe_kernels.bench.common import Result, kernel_backends, measure, random_fp8_weights
 from moe_kernels.bench.grouped_gemm import tile_variants
 from moe_kernels.ops import fused_moe as ops
 from moe_kernels.reference import fp8 as ref_fp8
@@ -73,9 +73,8 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
                 if b != "reference"]
     E, H, inter, K = GPU_LAYER if device == "cuda" else CPU_LAYER
     gen = torch.Generator().manual_seed(0)
-    w13, s13 = ref_fp8.quantize_fp8_block(torch.randn(E, 2 * inter, H, generator=gen) / H ** 0.5)
-    w2, s2 = ref_fp8.quantize_fp8_block(torch.randn(E, H, inter, generator=gen) / inter ** 0.5)
-    w13, s13, w2, s2 = (t.to(device) for t in (w13, s13, w2, s2))
+    w13, s13 = random_fp8_weights((E, 2 * inter, H), H ** -0.5, device, gen)
+    w2, s2 = random_fp8_weights((E, H, inter), inter ** -0.5, device, gen)
     compiled = ({f: torch.compile(f, dynamic=False) for f in (torch_routed, torch_dense)}
                 if compile_reference else {})
     results = []

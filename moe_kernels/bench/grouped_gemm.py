@@ -28,7 +28,8 @@ import torch
 
 from moe_kernels._common import FP8, SCALE_BLOCK, cdiv
 from moe_kernels.bench import ws_probe
-from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
+from moe_kernels.bench.common import (Result, device_generator, kernel_backends, measure, meta,
+                                      random_fp8_weights, rotating_sets)
 from moe_kernels.configs import grouped_gemm as configs
 from moe_kernels.ops import grouped_gemm as ops
 from moe_kernels.reference import fp8 as ref_fp8
@@ -44,9 +45,10 @@ def default_tokens(device: str) -> list[int]:
 
 
 def _operands(E, rows, N, K, device, gen):
-    a, a_s = ref_fp8.quantize_fp8_per_token_group(torch.randn(E * rows, K, generator=gen))
-    b, b_s = ref_fp8.quantize_fp8_block(torch.randn(E, N, K, generator=gen) / K ** 0.5)
-    return a.to(device), a_s.to(device), b.to(device), b_s.to(device)
+    """Drawn and quantized on `device` (common.random_fp8_weights)."""
+    a, a_s = ref_fp8.quantize_fp8_per_token_group(
+        torch.randn((E * rows, K), generator=device_generator(gen, device), device=device))
+    return (a, a_s, *random_fp8_weights((E, N, K), K ** -0.5, device, gen))
 
 
 def torch_per_expert(a, a_s, b, b_s, bounds):

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.bench.common import Result, kernel_backends, measure
+from moe_kernels.bench.common import Result, kernel_backends, measure, random_fp8_weights
 from moe_kernels.bench.fused_moe import torch_routed
 from moe_kernels.layer import DeepseekV3MoE
 from moe_kernels.ops import fused_moe as fused_ops
@@ -37,18 +37,13 @@ def default_tokens(device: str) -> list[int]:
 def random_layer(cfg: dict, device: str, gen) -> DeepseekV3MoE:
     """A layer with random weights (std 0.05 as a checkpoint's), quantized in place."""
     layer = DeepseekV3MoE(**cfg, device=device)
-    dev_gen = torch.Generator(device=device).manual_seed(int(torch.randint(1 << 30, (1,),
-                                                                           generator=gen)))
     with torch.no_grad():
         layer.gate_weight.copy_(torch.randn(layer.gate_weight.shape, generator=gen) * 0.05)
         layer.e_score_correction_bias.copy_(torch.rand(layer.num_experts, generator=gen) * 0.1)
         for name in ("w13", "w2"):
             buf = getattr(layer, name)
-            for e in range(buf.shape[0]):   # one expert at a time: the float copy is small
-                w = torch.randn(buf.shape[1:], generator=dev_gen, device=device) * 0.05
-                q, s = ref_fp8.quantize_fp8_block(w)
-                buf[e].copy_(q)
-                getattr(layer, name + "_scale")[e].copy_(s)
+            random_fp8_weights(buf.shape, 0.05, device, gen,
+                               out=(buf, getattr(layer, name + "_scale")))
     return layer
 
 
