@@ -552,9 +552,9 @@ def meta(*shape, dtype=torch.float32) -> torch.Tensor:
 
 def device_generator(gen: torch.Generator, device: str) -> torch.Generator:
     """A generator on `device` seeded from the host generator `gen`: inputs are drawn
-    where they are used. A seeded CPU generator draws ~0.2 G normals a second on one core,
-    so DeepSeek-V3's routed weights drawn on the host (256 x 6144 x 7168 floats) would
-    cost ~45 s and 40 GB of host memory before the first GPU row."""
+    where they are used. A seeded CPU generator drew 0.19 G normals a second here (2-core
+    VM), so DeepSeek-V3's routed weights drawn on the host (256 x 6144 x 7168 = 11.3 G
+    floats, 45 GB) would cost about a minute before the first GPU row."""
     return torch.Generator(device=device).manual_seed(
         int(torch.randint(1 << 30, (1,), generator=gen)))
 
