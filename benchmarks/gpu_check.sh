@@ -6,6 +6,9 @@
 #              a build carried with the call stands in for it (benchmarks/carried_build.py)
 #   ws         the warp-specialised GEMMs probed apart (moe_kernels/bench/ws_probe.py: their
 #              first run can hang), once for the call's processes, which read its verdict
+#   warm       one untimed call of each of bench's rows of ours, one process per op module
+#              at once (moe-bench --warm): Triton compiles them on all cores into its cache
+#              on disk, from which bench then loads them instead of compiling one by one
 #   bench      moe-bench on defaults without torch.compile: every op, ours, torch eager,
 #              the torch-native peers, the eager-call rows (its JSON is rewritten after
 #              every op, so a stopped run keeps its rows)
@@ -27,14 +30,14 @@
 # A machine that stops answering returns nothing of its call, so a lend of ~15 minutes is
 # safer spent as two calls back to back (the machine stays warm for ~30 s between them),
 # each carrying the build, sharing one STAMP:
-#   STAMP=<s> STAGES="build ws bench" BUDGET_S=270 bash benchmarks/gpu_check.sh
+#   STAMP=<s> STAGES="build ws warm bench" BUDGET_S=270 bash benchmarks/gpu_check.sh
 #   STAMP=<s> STAGES="build ws tests sanitizer slow compile" BUDGET_S=420 bash ...
 # (the second call's ws stage reads the first's verdict where the machine is still warm)
 #   BUDGET_S (default 540)    total seconds for all stages
 #   MIN_AVAIL_MB              host memory (MB) a stage must leave free (default 1/16 of it)
 #   STAMP                     the UTC stamp in the file names (default: now)
-#   STAGES                    stages to run (default: "build ws bench tests sanitizer
-#                             compile slow probe")
+#   STAGES                    stages to run (default: "build ws warm bench tests
+#                             sanitizer compile slow probe")
 #   TEST_SELECT               pytest -k of the tests stage (default: "(cuda or nccl) and
 #                             not emulated": CPU emulation of the CUDA kernels runs in CI)
 #   STALL_TIMEOUT_S           an op module of bench that goes this long without a row
@@ -58,7 +61,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} MAX_JOBS=${MAX_JOBS:-16}
 BUDGET_S=${BUDGET_S:-540}
 MIN_AVAIL_MB=${MIN_AVAIL_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024 / 16)}' /proc/meminfo)}
-STAGES=${STAGES:-build ws bench tests sanitizer compile slow probe}
+STAGES=${STAGES:-build ws warm bench tests sanitizer compile slow probe}
 TEST_SELECT=${TEST_SELECT:-(cuda or nccl) and not emulated}
 stamp=${STAMP:-$(date -u +%Y%m%dT%H%M)}
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_')
@@ -130,6 +133,7 @@ failed before it was stopped" ;;
     ncu) grep -c '"Duration"' "$2" | sed 's/$/ kernels profiled/' ;;
     bench|compile) grep -E "results disagree|modules that failed|WARNING" "$2" | cut -c1-100 | tr "\n" " " ;;
     ws) grep -E "^ws probe: " "$2" | tail -1 | cut -c1-200 ;;
+    warm) grep -E "^moe-bench --warm: " "$2" | tail -1 | cut -c1-200 ;;
   esac
 }
 
@@ -158,6 +162,8 @@ for stage in $STAGES; do
     # the ws kernels' probe, once for the call's processes (their first run can hang)
     ws)    run_stage ws 150 "$OUT/build_${stamp}.log" python3 -m moe_kernels.bench.ws_probe \
              --verdict ;;
+    warm)  run_stage warm 120 "$bench_log" python3 -m moe_kernels.bench --no-compile --warm \
+             ${BENCH_ARGS:-} ;;
     bench) resume=""
            if [ -n "${RESUME_BENCH:-}" ]; then cp "$RESUME_BENCH" "$bench_json" && resume=--resume; fi
            run_stage bench 210 "$bench_log" python3 -m moe_kernels.bench --no-compile \

@@ -836,3 +836,62 @@ def test_bench_weights_are_drawn_on_their_device_one_expert_at_a_time(monkeypatc
         assert torch.equal(q[e].view(torch.uint8), want_q.view(torch.uint8)), e
         assert torch.equal(s[e], want_s), e
     assert 0.4 < ref_fp8.dequantize_fp8_block(q, s).std() < 0.6
+
+
+def test_warm_calls_each_of_our_rows_once_and_times_nothing(monkeypatch, quick_timing):
+    """moe-bench --warm (bench/warm.py): under common.warming a module calls exactly the
+    rows of ours that its timed run has (same ops, cases, backends; eager-call rows too),
+    each once, untimed and unchecked, and no torch peer; a call that raises is passed on
+    to the timed run."""
+    from moe_kernels.bench import common, gating
+    timed_rows = gating.run("cpu", None, [1, 16], compile_reference=False)
+    timed_rows += common.eager_call_rows(gating.MEASURES, "cpu", None)
+    ours = {(r.op, r.case, r.backend) for r in timed_rows if not common.is_peer(r.backend)}
+    assert len(ours) >= 3 and any(common.is_peer(r.backend) for r in timed_rows)
+
+    def untimed(*args, **kwargs):
+        raise AssertionError("a warm pass timed a row")
+
+    for name in ("timed_spread", "_time_cpu_interleaved", "host_us_per_call",
+                 "copy_bandwidth_gbps"):
+        monkeypatch.setattr(common, name, untimed)
+    with common.warming() as calls:
+        assert gating.run("cpu", None, [1, 16], compile_reference=False) == []
+        assert common.eager_call_rows(gating.MEASURES, "cpu", None) == []
+        made = []
+        entries = [("cpu", lambda i: made.append("cpu")),
+                   ("torch-eager", lambda i: made.append("peer")),
+                   ("triton", lambda i: 1 / 0)]
+        assert common.measure("permute", "c", "cpu", entries, 0, 1, check=untimed) == []
+    assert made == ["cpu"]
+    assert calls[-2:] == [("permute", "c", "cpu"), ("permute", "c", "triton")]
+    assert sorted(calls[:-2]) == sorted(ours)
+
+
+def test_warm_pass_computes_no_expected_value(monkeypatch):
+    """The fused MoE and layer modules' expected values (DeepSeek-V3's experts through the
+    torch path: ~50 GB of float32 temporaries at the layer's T=16 on the GPU) are computed
+    at the first check (common.once), which a warm pass never makes."""
+    from moe_kernels.bench import common, fused_moe, layer
+    from moe_kernels.reference import fused_moe as ref_fused
+
+    def expected(*args, **kwargs):
+        raise AssertionError("a warm pass computed an expected value")
+
+    monkeypatch.setattr(ref_fused, "moe_forward", expected)
+    monkeypatch.setattr(layer, "torch_layer", expected)
+    with common.warming() as calls:
+        fused_moe.run("cpu", ["cpu"], [1], compile_reference=False)
+        layer.run("cpu", ["cpu"], [1], compile_reference=False)
+    assert [c[2] for c in calls] == ["cpu", "cpu"]
+
+
+def test_warm_runs_one_process_per_module_and_no_expert_parallel_ranks():
+    """The module list of a warm pass: each selected op module once; the expert-parallel
+    one (its ranks are processes of their own) never."""
+    from moe_kernels.bench import expert_parallel, fused_moe, permute, warm
+    assert warm.warmed_modules(["permute", "unpermute", "fused_moe_fp8"]) == [permute, fused_moe]
+    assert expert_parallel not in warm.warmed_modules(None)
+    assert len(warm.warmed_modules(None)) == len(cli.MODULES) - 1
+    with pytest.raises(SystemExit, match="--warm times nothing"):
+        cli.main(["--warm", "--json", "x.json"])

@@ -33,7 +33,7 @@ def test_gpu_check_stages_merge_and_summary(tmp_path):
           'while [ "${1#-}" != "$1" ]; do case $1 in --tool|--error-exitcode) shift;; esac; '
           'shift; done; "$@"; rc=$?; echo "========= ERROR SUMMARY: 0 errors"; exit $rc')
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), BUDGET_S="300", STAGES="bench compile sanitizer",
+    env = dict(os.environ, OUT=str(out), BUDGET_S="300", STAGES="warm bench compile sanitizer",
                BENCH_ARGS="--op unpermute --tokens 2 --backend cpu",
                PATH=f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
@@ -51,9 +51,10 @@ def test_gpu_check_stages_merge_and_summary(tmp_path):
     table = [ln for ln in lines if ln.startswith("unpermute ") and " cpu " in ln]
     assert table and "x" in table[0].split()[-2]           # ours over compile
     summary = lines[lines.index(next(ln for ln in lines if ln.startswith("== gpu_check"))) + 1:]
-    assert [ln.split()[:2] for ln in summary] == [["bench", "ok"], ["compile", "ok"],
-                                                  ["sanitizer", "rc=2"]], summary
-    assert "ERROR SUMMARY: 0 errors" in summary[2] and "no CUDA device" in summary[2]
+    assert [ln.split()[:2] for ln in summary] == [["warm", "ok"], ["bench", "ok"],
+                                                  ["compile", "ok"], ["sanitizer", "rc=2"]], summary
+    assert "moe-bench --warm: 1 module(s) in" in summary[0]
+    assert "ERROR SUMMARY: 0 errors" in summary[3] and "no CUDA device" in summary[3]
 
 
 def test_gpu_check_stops_a_stage_that_leaves_too_little_host_memory(tmp_path):

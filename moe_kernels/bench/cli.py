@@ -59,6 +59,11 @@ def parse_args(argv):
                    help="measure in child processes (--resume), a fresh one after a child "
                         "stopped inside a module: a hang (--stall-timeout), a crash, a lost "
                         "CUDA context (needs --json)")
+    p.add_argument("--warm", action="store_true",
+                   help="no timing: one call of each of our rows, one process per op module "
+                        "at once, so that a timed run after it loads each Triton kernel from "
+                        "Triton's cache on disk instead of compiling it (bench/warm.py)")
+    p.add_argument("--warm-module", help=argparse.SUPPRESS)
     p.add_argument("--plot", metavar="PATH",
                    help="also write a PNG of each kernel's %% of roofline (needs matplotlib: "
                         "pip install 'moe_kernels[plot]')")
@@ -100,6 +105,12 @@ def main(argv=None) -> int:
     if (args.supervise or args.resume or args.stall_timeout) and not args.json:
         raise SystemExit("moe-bench: --supervise, --resume and --stall-timeout keep the "
                          "run's state in --json PATH")
+    if args.warm:
+        if args.json or args.plot or args.only_compile:
+            raise SystemExit("moe-bench: --warm times nothing: no --json, --plot or "
+                             "--only-compile")
+        from moe_kernels.bench import warm
+        return warm.main(args, sys.argv[1:] if argv is None else argv)
     if args.supervise:
         argv = sys.argv[1:] if argv is None else argv
         return runs.supervise([a for a in argv if a != "--supervise"], args.json)

@@ -10,6 +10,7 @@ written) and flops / the FP8 tensor-core peak (GPU cases with flops only).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 import contextlib
@@ -238,6 +239,41 @@ def progress() -> None:
         fn()
 
 
+# moe-bench --warm (bench/warm.py): while set, measure() and eager_call_rows() make one
+# untimed, unchecked call of each of our rows, recorded here as (op, case, backend), and
+# return no rows.
+_WARM: contextvars.ContextVar[list | None] = contextvars.ContextVar("warm", default=None)
+
+
+@contextlib.contextmanager
+def warming():
+    """Within: the first calls alone (_WARM); yields the list of calls made."""
+    calls: list[tuple[str, str, str]] = []
+    token = _WARM.set(calls)
+    try:
+        yield calls
+    finally:
+        _WARM.reset(token)
+
+
+def once(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn(), computed at the first call and kept: a check's expected value that is costly
+    (DeepSeek-V3's experts through the torch path), which a warm pass never checks."""
+    return functools.cache(fn)
+
+
+def _warm_call(op: str, case: str, name: str, device: str, fn: Callable[[], object],
+               calls: list) -> None:
+    """One call of one of our rows; an error is the timed run's to report."""
+    try:
+        fn()
+        sync(device)
+    except Exception:
+        sync_quietly(device)
+    calls.append((op, case, name))
+    progress()
+
+
 def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
             check: Callable[[object], bool], flops: int = 0, math: str = "fp8",
             tokens: int = 0) -> list[Result]:
@@ -250,6 +286,12 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
     only = _ONLY_ROWS.get()
     timed = [t for t in timed if only is None or t[0] in only]
     if not timed:
+        return []
+    calls = _WARM.get()
+    if calls is not None:
+        for name, fn in timed:
+            if not is_peer(name):
+                _warm_call(op, case, name, device, lambda fn=fn: fn(0), calls)
         return []
     copy = copy_bandwidth_gbps(device)
     peak = peak_tflops(device, math) if flops else 0.0
@@ -421,6 +463,10 @@ def eager_call_rows(op_names, device: str, backends) -> list[Result]:
         public = getattr(moe_kernels, op)
         for b in kernel_backends(device, backends, _library.BACKENDS):
             call = lambda b=b: public(*args, backend=b, **kwargs)
+            warm = _WARM.get()
+            if warm is not None:
+                _warm_call(op, EAGER_CASE, b, device, call, warm)
+                continue
             try:
                 call()
                 us, note, ok = _eager_and_alone(call, device, f"case '{case.name}'")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.bench.common import Result, kernel_backends, measure, random_fp8_weights
+from moe_kernels.bench.common import Result, kernel_backends, measure, once, random_fp8_weights
 from moe_kernels.bench.grouped_gemm import tile_variants
 from moe_kernels.ops import fused_moe as ops
 from moe_kernels.reference import fp8 as ref_fp8
@@ -95,10 +95,10 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         ours += quant_variants(device, backends, hidden, lambda i, args=args: ops.fused_moe_fp8(
             *args, backend="triton"))
         for quantized, timed in ((True, ours), (False, _baselines(args, T * K, compiled))):
-            want = reference.moe_forward(*args, out_dtype=torch.float32,
-                                         quantize_activations=quantized)
+            want = once(lambda args=args, q=quantized: reference.moe_forward(
+                *args, out_dtype=torch.float32, quantize_activations=q))
             results += measure("fused_moe_fp8", case, device, timed, nbytes, 1,
-                               lambda out, want=want: _close(out, want), flops=flops)
+                               lambda out, want=want: _close(out, want()), flops=flops)
     return results
 
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from moe_kernels.bench.common import Result, kernel_backends, measure, random_fp8_weights
+from moe_kernels.bench.common import Result, kernel_backends, measure, once, random_fp8_weights
 from moe_kernels.bench.fused_moe import torch_routed
 from moe_kernels.layer import DeepseekV3MoE
 from moe_kernels.ops import fused_moe as fused_ops
@@ -84,7 +84,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         nbytes = layer.gate_weight.numel() * 4 + touched * per_expert + 2 * T * c.hidden_size * 2
         flops = 2 * T * (c.n_routed_experts + (c.num_experts_per_tok + 1) * 3
                          * c.moe_intermediate_size) * c.hidden_size
-        want = torch_layer(hidden, layer).float()
+        want = once(lambda hidden=hidden: torch_layer(hidden, layer).float())
         case = (f"DeepseekV3MoE T={T} E={c.n_routed_experts}+1 H={c.hidden_size} "
                 f"I={c.moe_intermediate_size} top{c.num_experts_per_tok}")
         timed = [(b, lambda i, b=b: _forward(layer, b, hidden)) for b in backends]
@@ -92,7 +92,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         if compiled is not None:
             timed += [("torch-compile", lambda i: compiled(hidden, layer))]
         results += measure("DeepseekV3MoE", case, device, timed, nbytes, 1,
-                           lambda out: _close(out, want), flops=flops)
+                           lambda out: _close(out, want()), flops=flops)
     return results
 
 
