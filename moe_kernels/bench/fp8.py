@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from moe_kernels._common import FP8
-from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
+from moe_kernels.bench.common import (Result, device_generator, kernel_backends, measure, meta,
+                                      rotating_sets)
 from moe_kernels.ops import fp8 as ops
 from moe_kernels.reference import fp8 as reference
 from moe_kernels.reference.permute import valid_rows
@@ -48,6 +49,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         compile_reference: bool = True) -> list[Result]:
     backends = kernel_backends(device, backends, ops.QUANTIZE_FP8_PER_TOKEN_GROUP.backends)
     gen = torch.Generator().manual_seed(0)
+    dev = device_generator(gen, device)      # inputs drawn where they are used
     ref_quant, ref_silu = reference.quantize_fp8_per_token_group, reference.silu_and_mul_quant_fp8
     if compile_reference:
         ref_quant_c = torch.compile(ref_quant, dynamic=False)
@@ -55,7 +57,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
     results = []
     for T in tokens or default_tokens(device):
         n_sets = rotating_sets(T * H * 3, device)
-        x = [torch.randn(T, H, generator=gen).bfloat16().to(device) for _ in range(n_sets)]
+        x = [torch.randn((T, H), generator=dev, device=device).bfloat16() for _ in range(n_sets)]
         case = f"quant 1x128 T={T} H={H} bf16"
         timed = [(b, lambda i, b=b: ops.quantize_fp8_per_token_group(x[i], backend=b))
                  for b in backends]
@@ -68,7 +70,8 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
                            lambda out: _same_fp8(out, want))
 
         n_sets = rotating_sets(T * INTER * 5, device)
-        y = [torch.randn(T, 2 * INTER, generator=gen).bfloat16().to(device) for _ in range(n_sets)]
+        y = [torch.randn((T, 2 * INTER), generator=dev, device=device).bfloat16()
+             for _ in range(n_sets)]
         case = f"silu_mul_quant T={T} 2x{INTER} bf16"
         timed = [(b, lambda i, b=b: ops.silu_and_mul_quant_fp8(y[i], backend=b)) for b in backends]
         timed += [("torch-eager", lambda i: ref_silu(y[i]))]
@@ -87,7 +90,8 @@ def _masked_silu(device, backends, gen) -> list[Result]:
                            dtype=torch.int32)
     valid = int(masked.sum())
     n_sets = rotating_sets(valid * INTER * 5, device)
-    y = [torch.randn(E, M, 2 * INTER, generator=gen).bfloat16().to(device)
+    dev = device_generator(gen, device)     # 10 sets of 134 M values on the GPU
+    y = [torch.randn((E, M, 2 * INTER), generator=dev, device=device).bfloat16()
          for _ in range(n_sets)]
     masked = masked.to(device)
     q = torch.empty((E, M, INTER), dtype=FP8, device=device)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from moe_kernels._common import FP8
-from moe_kernels.bench.common import Result, kernel_backends, measure, meta, rotating_sets
+from moe_kernels.bench.common import (Result, device_generator, kernel_backends, measure, meta,
+                                      rotating_sets)
 from moe_kernels.ops import permute as ops
 from moe_kernels.reference import permute as reference
 
@@ -39,6 +40,7 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
     backends = kernel_backends(device, backends, ops.PERMUTE.backends)
     H = 7168 if device == "cuda" else 2048
     gen = torch.Generator().manual_seed(0)
+    dev = device_generator(gen, device)      # inputs drawn where they are used
     ref_permute = reference.permute
     ref_unpermute = reference.unpermute
     ref_align = reference.moe_align_block_size
@@ -51,7 +53,8 @@ def run(device: str, backends: list[str] | None, tokens: list[int] | None,
         P = T * K
         n_sets = rotating_sets(T * H * 2 + P * H * 2, device)
         ids = [_ids(T, device, gen) for _ in range(n_sets)]
-        hidden = [torch.randn(T, H, generator=gen).bfloat16().to(device) for _ in range(n_sets)]
+        hidden = [torch.randn((T, H), generator=dev, device=device).bfloat16()
+                  for _ in range(n_sets)]
         w = [torch.rand(T, K, generator=gen).to(device) for _ in range(n_sets)]
         want_out, _, want_idx = reference.permute(hidden[0], ids[0], E, 1, None)
         permuted = [reference.permute(hidden[i], ids[i], E, 1, None) for i in range(n_sets)]
