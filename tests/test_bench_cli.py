@@ -895,3 +895,21 @@ def test_warm_runs_one_process_per_module_and_no_expert_parallel_ranks():
     assert len(warm.warmed_modules(None)) == len(cli.MODULES) - 1
     with pytest.raises(SystemExit, match="--warm times nothing"):
         cli.main(["--warm", "--json", "x.json"])
+
+
+def test_gpu_timing_of_a_slow_call_is_bounded():
+    """A row's CUDA-graph timing keeps 16 calls x 20 replays for the kernels (up to ~3 ms
+    a call), and spends about a second of device time on a slow torch path instead of
+    5440 calls (a 35 ms one: 12 s); every input set still runs, 5 replays at least. Rows
+    timed by events likewise."""
+    from moe_kernels.bench import common
+    for call_ms in (0.003, 0.05, 1.0, 3.0):
+        assert common.graph_shape(call_ms, 4) == (16, 20)
+    assert common.graph_shape(0.003, 64) == (64, 20)
+    for call_ms, n_sets in ((10.0, 1), (35.0, 1), (35.0, 4), (400.0, 2)):
+        calls, reps = common.graph_shape(call_ms, n_sets)
+        assert calls >= n_sets and reps >= 5
+        assert calls * reps * call_ms <= max(1200.0, 5 * n_sets * call_ms), (call_ms, n_sets)
+    assert common.graph_shape(35.0, 1) == (1, 20)
+    assert common.events_reps(0.01) == 200 and common.events_reps(35.0) == 28
+    assert common.events_reps(400.0) == 20

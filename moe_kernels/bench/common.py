@@ -1,7 +1,9 @@
 """Timing, device ceilings and the result table shared by every op's benchmark.
 
 GPU timing: each call in a CUDA graph of `reps` calls over rotating input sets (so L2
-does not hold the inputs between calls), median over several replays, per call. CPU
+does not hold the inputs between calls), median over several replays, per call; a call
+slower than ~3 ms (a torch path at DeepSeek-V3's size) gets fewer calls and replays,
+about a second of device time a row (graph_shape). CPU
 timing: median wall time of single calls. Roofline: the larger of bytes moved / measured
 copy bandwidth of this device (a device-to-device copy, counting bytes read plus
 written) and flops / the FP8 tensor-core peak (GPU cases with flops only).
@@ -121,23 +123,42 @@ def _time_cpu_interleaved(fns: list[Callable[[int], object]], n_sets: int,
     return [_summary(t, 1e6) for t in times]
 
 
-def _time_cuda_graph(fn: Callable[[int], object], n_sets: int,
-                     reps: int = 20) -> tuple[float, float]:
+# A row's CUDA-graph timing: `GRAPH_CALLS` calls a graph and `GRAPH_REPS` replays (5440
+# calls of a 35 ms torch path, the fused MoE's at 16 tokens, would take 12 s of device
+# time), fewer for a slow call so that its replays take about `GRAPH_ROW_MS` of device time.
+GRAPH_CALLS, GRAPH_REPS, GRAPH_ROW_MS = 16, 20, 1000.0
+MIN_GRAPH_REPS = 5
+
+
+def graph_shape(call_ms: float, n_sets: int) -> tuple[int, int]:
+    """(calls per graph, replays) of a row whose call takes `call_ms`: GRAPH_CALLS x
+    GRAPH_REPS while that fits GRAPH_ROW_MS, else fewer calls (each input set at least
+    once) and then fewer replays (at least MIN_GRAPH_REPS)."""
+    calls = max(n_sets, min(GRAPH_CALLS, int(GRAPH_ROW_MS / GRAPH_REPS / max(call_ms, 1e-6))))
+    reps = max(MIN_GRAPH_REPS, min(GRAPH_REPS, int(GRAPH_ROW_MS / (call_ms * calls))
+                                   if call_ms > 0 else GRAPH_REPS))
+    return calls, reps
+
+
+def _time_cuda_graph(fn: Callable[[int], object], n_sets: int) -> tuple[float, float]:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(stream):  # warm-up (compiles, autotunes) outside the capture
-        for i in range(3):
+        fn(0)
+        start.record()
+        for i in range(1, 3):
             fn(i % n_sets)
+        end.record()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    calls = max(n_sets, 16)
+    calls, reps = graph_shape(start.elapsed_time(end) / 2, n_sets)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(calls):
             fn(i % n_sets)
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
         start.record()
@@ -148,12 +169,25 @@ def _time_cuda_graph(fn: Callable[[int], object], n_sets: int,
     return _summary(times, 1.0)
 
 
-def _time_cuda_events(fn: Callable[[int], object], n_sets: int,
-                      reps: int = 200) -> tuple[float, float]:
-    for i in range(3):
-        fn(i % n_sets)
-    torch.cuda.synchronize()
+EVENT_REPS = (20, 200)
+
+
+def events_reps(call_ms: float) -> int:
+    """Timed calls of a row timed by events (one that cannot be captured): EVENT_REPS[1],
+    fewer for a slow call (about GRAPH_ROW_MS of device time), at least EVENT_REPS[0]."""
+    lo, hi = EVENT_REPS
+    return hi if call_ms <= 0 else max(lo, min(hi, int(GRAPH_ROW_MS / call_ms)))
+
+
+def _time_cuda_events(fn: Callable[[int], object], n_sets: int) -> tuple[float, float]:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn(0)
+    start.record()
+    for i in range(1, 3):
+        fn(i % n_sets)
+    end.record()
+    torch.cuda.synchronize()
+    reps = events_reps(start.elapsed_time(end) / 2)
     times = []
     for i in range(reps):
         start.record()
