@@ -146,6 +146,30 @@ def test_block_scale_formula():
                                    -448, 448).to(FP8).view(torch.uint8))
 
 
+@pytest.mark.parametrize("shape,layout", [((2, 256, 384), "contiguous"),
+                                          ((3, 200, 130), "contiguous"),
+                                          ((256, 384), "transposed"),
+                                          ((2, 256, 384), "float32 input")])
+def test_reference_block_dequant_formula(shape, layout):
+    """The reference scales one float32 copy of q in place, block by block: each element
+    is q * its block's scale in float32 (the scales expanded to q's shape), on whole and
+    partial blocks, strided q; a float32 q passed in is not written."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=g)
+    q, s = ref.quantize_fp8_block(w)
+    if layout == "transposed":
+        q = q.t().contiguous().t()
+    if layout == "float32 input":
+        q = q.float()
+    before = q.clone()
+    N, K = q.shape[-2:]
+    full = s.repeat_interleave(128, -2)[..., :N, :].repeat_interleave(128, -1)[..., :K]
+    want = q.float() * full
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(ref.dequantize_fp8_block(q, s, dtype=dtype), want.to(dtype))
+    assert torch.equal(q.float(), before.float())
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS))
 @pytest.mark.parametrize("M,N", [(0, 128), (1, 128), (33, 200), (8, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

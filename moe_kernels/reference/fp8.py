@@ -88,11 +88,19 @@ def quantize_fp8_block(w: torch.Tensor, block_n: int = 128, block_k: int = 128,
 def dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block_n: int = 128,
                          block_k: int = 128, dtype: torch.dtype = torch.bfloat16):
     """q (..., N, K) fp8, s (..., ceil(N/block_n), ceil(K/block_k)) -> (..., N, K) dtype,
-    computed in float32."""
+    computed in float32: one float32 copy of q scaled in place, each block by its scale
+    broadcast (DeepSeek-V3's 256 experts: 30 GB of float32, where a float32 product
+    of q and the scales expanded to its shape took three such tensors)."""
     N, K = q.shape[-2:]
-    full = s.float().repeat_interleave(block_n, dim=-2)[..., :N, :]
-    full = full.repeat_interleave(block_k, dim=-1)[..., :K]
-    return (q.float() * full).to(dtype)
+    x = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    x.copy_(q)
+    if N % block_n == 0 and K % block_k == 0:
+        blocks = x.view(*q.shape[:-2], N // block_n, block_n, K // block_k, block_k)
+        blocks.mul_(s.float()[..., :, None, :, None])
+    else:
+        full = s.float().repeat_interleave(block_n, dim=-2)[..., :N, :]
+        x.mul_(full.repeat_interleave(block_k, dim=-1)[..., :K])
+    return x.to(dtype)
 
 
 def dequantize_per_token_group(q: torch.Tensor, s: torch.Tensor, group_size: int = 128):
