@@ -192,16 +192,22 @@ def test_shared_expert_variants(n_shared, inter):
     assert calc_diff(layer(hidden), reference_output(hidden, dequantized(sd), cfg)) < 2e-3
 
 
+def _separate_shared_layer(device, backend, seed):
+    """(layer, its state dict, config) with n_shared_experts=2: a shared expert of twice
+    the routed width, run apart from the routed ones."""
+    cfg = make_config(n_shared_experts=2)
+    sd = make_weights(cfg, seed=seed)
+    return (moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), device=device,
+                                              backend=backend), sd, cfg)
+
+
 @pytest.mark.parametrize("device,backend", LAYER_PARAMS)
 def test_no_gemm_starts_while_an_earlier_gemms_buffers_live(device, backend, monkeypatch):
     """The routed experts' and a separate shared expert's MLPs (n_shared_experts=2): each
     GEMM's input rows, scales and output are freed once their last reader has run, so no
     GEMM starts while an earlier one's are alive (peak memory: docs/fp8.md). On the cpu
     backend the routed experts are one C++ call: the shared expert's GEMMs are seen."""
-    cfg = make_config(n_shared_experts=2)
-    sd = make_weights(cfg, seed=5)
-    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), device=device,
-                                              backend=backend)
+    layer, sd, cfg = _separate_shared_layer(device, backend, seed=5)
     hidden = make_hidden(9, cfg, seed=6, device=device)
     gemms = GemmLifetimes(monkeypatch)
     out = layer(hidden)
@@ -210,22 +216,13 @@ def test_no_gemm_starts_while_an_earlier_gemms_buffers_live(device, backend, mon
     assert calc_diff(out, reference_output(hidden, dequantized(sd), cfg)) < 2e-3
 
 
-def _save_file(tensors, path):
-    safetensors_torch = pytest.importorskip(
-        "safetensors.torch", reason="from_safetensors' optional dependency is not installed")
-    safetensors_torch.save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-
-
 @pytest.mark.parametrize("device,backend", LAYER_PARAMS)
 def test_separate_shared_expert_runs_in_chunks_of_tokens(device, backend, monkeypatch):
     """n_shared_experts=2 (the shared expert not stacked with the routed ones): past
     CHUNK_TOKENS tokens it runs one pass per chunk, as the routed experts do, and the
     output is bit for bit the one-pass output (each row's MLP reads its row alone)."""
     from moe_kernels.ops import fused_moe as ops
-    cfg = make_config(n_shared_experts=2)
-    sd = make_weights(cfg, seed=7)
-    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), device=device,
-                                              backend=backend)
+    layer, sd, cfg = _separate_shared_layer(device, backend, seed=7)
     hidden = make_hidden(6, cfg, seed=8, device=device)
     one_pass = layer(hidden)
     monkeypatch.setattr(ops, "CHUNK_TOKENS", 4)
@@ -235,6 +232,12 @@ def test_separate_shared_expert_runs_in_chunks_of_tokens(device, backend, monkey
     assert torch.equal(layer(hidden), one_pass)
     assert passes == [4, 2]
     assert calc_diff(one_pass, reference_output(hidden, dequantized(sd), cfg)) < 2e-3
+
+
+def _save_file(tensors, path):
+    safetensors_torch = pytest.importorskip(
+        "safetensors.torch", reason="from_safetensors' optional dependency is not installed")
+    safetensors_torch.save_file({k: v.contiguous() for k, v in tensors.items()}, path)
 
 
 def test_from_safetensors_sharded(tmp_path):
