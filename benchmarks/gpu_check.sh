@@ -169,7 +169,7 @@ for stage in $STAGES; do
            run_stage bench 210 "$bench_log" python3 -m moe_kernels.bench --no-compile \
              --supervise --stall-timeout "$stall" $resume --json "$bench_json" ${BENCH_ARGS:-}
            if [ "${RUN_TUNE:-0}" = 1 ]; then
-             # ~3 min of it is the grouped GEMMs' quick sweep (87 configs to compile)
+             # the grouped GEMMs' quick sweep: ~90 configs, compiled first in 8 processes
              run_stage tune 300 "$OUT/tune_${stamp}.log" bash -c "python3 benchmarks/tune_gating.py && \
                python3 benchmarks/tune_mla.py && \
                python3 benchmarks/tune_grouped_gemm.py ${TUNE_ARGS:---quick}"

@@ -8,7 +8,10 @@ per eager call than pointer tiles (docs/fp8.md), which a CUDA-graph decode never
 Usage on the GPU machine: python3 benchmarks/tune_grouped_gemm.py
 [--quick] [--out PATH]. --quick: 8-12 configs per bucket, 29-32 per kind, each compiled
 once and timed at both shapes: about 3 minutes, most of it compiling; the full sweep
-(105-120 per bucket) wants a call of its own.
+(105-120 per bucket) wants a call of its own. The compiling is done first in
+--compile-procs processes at once (default: half the cores, at most 8), each its share
+of the candidates called once into Triton's cache on disk, from which the sweep then
+loads them (moe-bench --warm does the same for the bench rows).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import subprocess
+import sys
 
 import torch
 import triton
@@ -78,15 +84,60 @@ def time_config(fn, cfg):
         return float("inf")
 
 
+def sweep(quick: bool, ws: bool):
+    """(kind, bucket, cfg) of every candidate, in the sweep's order."""
+    return [(kind, bucket, cfg) for kind in configs.KINDS for bucket in BUCKETS
+            for cfg in candidates(bucket, quick, kind, ws=ws)]
+
+
+def shard(items: list, index: int, count: int) -> list:
+    """The items of process `index` of `count`: every count-th, so that each process gets
+    candidates of every kind and size."""
+    return items[index::count]
+
+
+def compile_share(quick: bool, ws: bool, index: int, count: int) -> None:
+    """One call of each candidate of this process's share at both shapes, untimed: it
+    compiles the candidate into Triton's cache (a candidate that fails to compile is the
+    sweep's to report)."""
+    for kind, bucket, cfg in shard(sweep(quick, ws), index, count):
+        table = {k: [dict(cfg, max_m=None)] for k in configs.KINDS}
+        for N, K in SHAPES:
+            try:
+                configs.with_table(table, operands(kind, ROWS_OF_BUCKET[bucket], N, K))
+                torch.cuda.synchronize()
+            except Exception:
+                pass
+
+
+def compile_in_processes(quick: bool, ws: bool, procs: int) -> None:
+    """compile_share in `procs` processes at once."""
+    command = [sys.executable, os.path.abspath(__file__), *(["--quick"] if quick else []),
+               *([] if ws else ["--no-ws"])]
+    children = [subprocess.Popen([*command, "--compile-share", f"{i}/{procs}"])
+                for i in range(procs)]
+    for child in children:
+        child.wait()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--compile-procs", type=int, default=min(8, (os.cpu_count() or 2) // 2))
+    p.add_argument("--compile-share", help=argparse.SUPPRESS)
+    p.add_argument("--no-ws", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.compile_share:
+        index, count = map(int, args.compile_share.split("/"))
+        compile_share(args.quick, not args.no_ws, index, count)
+        return
     name = torch.cuda.get_device_name(0)
     ws_failure = ws_probe.failure()
     if ws_failure:
         print(f"ws candidates left out: {ws_failure}", flush=True)
+    if args.compile_procs > 1:
+        compile_in_processes(args.quick, ws_failure is None, args.compile_procs)
     table = {}
     for kind in configs.KINDS:
         table[kind] = []

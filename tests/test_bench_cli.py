@@ -521,19 +521,22 @@ def test_supervisor_restarts_a_child_killed_by_a_signal(tmp_path):
 
 
 @pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+def _load_script(name):
+    """benchmarks/<name>.py as a module."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_scripts_run_at_small_sizes_on_the_cpu():
     """benchmarks/ncu_cases.py and sanitize_cuda.py run only on the GPU machine, where a
     broken call would cost device time: their calls run here on the CPU backend."""
-    import importlib.util
-    import pathlib
     from types import SimpleNamespace
-
-    def load(name):
-        path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    load = _load_script
 
     assert load("ncu_cases").main(["--smoke"]) == 0
     sanitize = load("sanitize_cuda")
@@ -913,3 +916,29 @@ def test_gpu_timing_of_a_slow_call_is_bounded():
     assert common.graph_shape(35.0, 1) == (1, 20)
     assert common.events_reps(0.01) == 200 and common.events_reps(35.0) == 28
     assert common.events_reps(400.0) == 20
+
+
+def test_grouped_gemm_tuner_compiles_each_candidate_in_one_of_its_processes(monkeypatch):
+    """benchmarks/tune_grouped_gemm.py compiles its candidates in several processes before
+    the sweep: the shares are the sweep's candidates, each in one share, each share with
+    candidates of every kind; a share calls each of its candidates at both shapes with the
+    candidate's table in force (stand-in operands: the real ones are CUDA tensors)."""
+    from moe_kernels.configs import grouped_gemm as configs
+    tune = _load_script("tune_grouped_gemm")
+    items = tune.sweep(quick=True, ws=True)
+    shares = [tune.shard(items, i, 8) for i in range(8)]
+    assert sorted(map(repr, sum(shares, []))) == sorted(map(repr, items))
+    assert all({kind for kind, _, _ in share} == set(configs.KINDS) for share in shares)
+    calls = []
+
+    def operands(kind, rows, N, K):
+        return lambda: calls.append((kind, rows, N, K, configs.table_in_force(None)))
+
+    monkeypatch.setattr(tune, "operands", operands)
+    monkeypatch.setattr(tune.torch.cuda, "synchronize", lambda: None)
+    tune.compile_share(True, True, 3, 8)
+    assert len(calls) == 2 * len(shares[3])
+    for (kind, bucket, cfg), pair in zip(shares[3], zip(calls[::2], calls[1::2])):
+        assert [c[2:4] for c in pair] == tune.SHAPES
+        assert all(c[0] == kind and c[1] == tune.ROWS_OF_BUCKET[bucket] for c in pair)
+        assert all(c[4][kind] == [dict(cfg, max_m=None)] for c in pair)
