@@ -29,11 +29,15 @@ def route(hidden, gate_weight, bias, top_k, n_group, topk_group, norm_topk_prob,
     s = logits.sigmoid()
     b = s + bias.float()
     T, E = b.shape
-    group_scores = b.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)
-    kept = group_scores.topk(topk_group, dim=-1, sorted=False).indices
-    mask = torch.zeros_like(group_scores).scatter_(1, kept, 1.0)
-    mask = mask[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
-    ids = b.masked_fill(mask == 0, float("-inf")).topk(top_k, dim=-1, sorted=False).indices
+    if topk_group < n_group:
+        # HF scores groups even when every group is kept, where the mask changes nothing
+        # and a group of one expert has no top-2 (grouped_topk's rule)
+        group_scores = b.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)
+        kept = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(group_scores).scatter_(1, kept, 1.0)
+        mask = mask[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
+        b = b.masked_fill(mask == 0, float("-inf"))
+    ids = b.topk(top_k, dim=-1, sorted=False).indices
     w = s.gather(1, ids)
     if norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
