@@ -3,8 +3,8 @@ or several (group-limited routing, top_k up to what the kept groups hold), no sh
 expert, one (stacked with the routed ones) or a wider one (run apart), I and H not
 multiples of 128, T = 0 and T = 1 among the sizes, bf16 and float32 `hidden` of any
 leading shape, and the chunked path (CHUNK_TOKENS patched small), on the reference and
-cpu backends (the ops' Triton paths are property-tested op by op; the layer under the
-interpreter takes ~19 s an example).
+cpu backends, and triton on a GPU (the ops' Triton paths are property-tested op by op; the
+layer under the interpreter takes ~19 s an example).
 
 Each example's output is held to the FP8 pipeline's oracle: the reference router, then
 `reference.moe_forward` with the activations rounded where the pipeline rounds them (the
@@ -31,28 +31,29 @@ from moe_kernels.testing import fused_moe as fused_rule
 from moe_kernels.testing import rules
 
 from helpers import calc_diff
-from test_layer import as_fp8_checkpoint, dequantized, make_config, make_weights, reference_output
+from test_layer import (LAYER_PARAMS, as_fp8_checkpoint, dequantized, make_config,
+                        make_weights, reference_output)
 
 
 def pipeline_oracle(layer, x):
-    """(float32 output, allowance): the reference router and reference.moe_forward over
-    the layer's FP8 weights, activations quantized; the allowance is fused_moe's rounding
-    allowance of each call (testing/fused_moe.py), summed."""
-    E = layer.num_experts
-    w, ids = ref_layer.route(x, layer.gate_weight, layer.e_score_correction_bias, layer.top_k,
+    """(float32 output, allowance) on the CPU: the reference router and
+    reference.moe_forward over the layer's FP8 weights, activations quantized; the
+    allowance is fused_moe's rounding allowance of each call (testing/fused_moe.py),
+    summed. x (T, H) on the CPU."""
+    E, T = layer.num_experts, x.shape[0]
+    b = {name: t.cpu() for name, t in layer.named_buffers()}
+    w, ids = ref_layer.route(x, b["gate_weight"], b["e_score_correction_bias"], layer.top_k,
                              layer.n_group, layer.topk_group, layer.norm_topk_prob,
                              layer.routed_scaling_factor)
-    T = x.shape[0]
-    calls = []
+    routed = (b["w13"], b["w13_scale"], b["w2"], b["w2_scale"])
     if layer.shared_stacked:
-        calls.append((layer.w13, layer.w13_scale, layer.w2, layer.w2_scale,
-                      torch.cat([w, w.new_ones(T, 1)], 1),
-                      torch.cat([ids, ids.new_full((T, 1), E)], 1)))
+        calls = [(*routed, torch.cat([w, w.new_ones(T, 1)], 1),
+                  torch.cat([ids, ids.new_full((T, 1), E)], 1))]
     else:
-        calls.append((layer.w13, layer.w13_scale, layer.w2, layer.w2_scale, w, ids))
-        if hasattr(layer, "shared_w13"):
-            calls.append((layer.shared_w13, layer.shared_w13_scale, layer.shared_w2,
-                          layer.shared_w2_scale, w.new_ones(T, 1), ids.new_zeros(T, 1)))
+        calls = [(*routed, w, ids)]
+        if "shared_w13" in b:
+            calls.append((b["shared_w13"], b["shared_w13_scale"], b["shared_w2"],
+                          b["shared_w2_scale"], w.new_ones(T, 1), ids.new_zeros(T, 1)))
     want, allowance = torch.zeros(x.shape), 0.0
     for w13, s13, w2, s2, cw, cids in calls:
         args = dict(hidden=x, w13=w13, w13_scales=s13, w2=w2, w2_scales=s2,
@@ -79,19 +80,18 @@ def layer_configs(draw):
         norm_topk_prob=draw(st.booleans(), label="norm_topk_prob"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
 @settings(max_examples=20, deadline=None)
 @given(cfg=layer_configs(), data=st.data())
-def test_layer_properties(backend, cfg, data):
-    if backend == "cpu" and not moe_kernels._library.extension_loaded():
-        pytest.skip("moe_kernels._C is not built")
+def test_layer_properties(device, backend, cfg, data):
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     sd = make_weights(cfg, seed=seed % 1000)
-    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), backend=backend)
+    layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), device=device,
+                                              backend=backend)
     lead = data.draw(st.sampled_from([(0,), (1,), (7,), (2, 5)]), label="leading shape")
     dtype = data.draw(st.sampled_from([torch.bfloat16, torch.float32]), label="dtype")
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, cfg.hidden_size, generator=g).to(dtype)
+    hidden = torch.randn(*lead, cfg.hidden_size, generator=g).to(dtype).to(device)
     chunk = data.draw(st.sampled_from([None, 3]), label="CHUNK_TOKENS")
     saved = fused_ops.CHUNK_TOKENS
     fused_ops.CHUNK_TOKENS = chunk or saved
@@ -100,10 +100,10 @@ def test_layer_properties(backend, cfg, data):
     finally:
         fused_ops.CHUNK_TOKENS = saved
     assert out.shape == hidden.shape and out.dtype == dtype
-    flat = hidden.reshape(-1, cfg.hidden_size)
+    flat = hidden.reshape(-1, cfg.hidden_size).cpu()
     if flat.shape[0] == 0:
         return
-    got = out.reshape(-1, cfg.hidden_size).float()
+    got = out.reshape(-1, cfg.hidden_size).float().cpu()
     assert not got.isnan().any()
     want, allowance = pipeline_oracle(layer, flat)
     err, bound = float((got - want).norm()), rules.FUSED_REL_ERR * float(want.norm())
