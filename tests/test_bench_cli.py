@@ -903,7 +903,7 @@ def test_warm_runs_one_process_per_module_and_no_expert_parallel_ranks():
 def test_gpu_timing_of_a_slow_call_is_bounded():
     """A row's CUDA-graph timing keeps 16 calls x 20 replays for the kernels (up to ~3 ms
     a call), and spends about a second of device time on a slow torch path instead of
-    5440 calls (a 35 ms one: 12 s); every input set still runs, 5 replays at least. Rows
+    339 calls (a 35 ms one: 12 s); every input set still runs, 5 replays at least. Rows
     timed by events likewise."""
     from moe_kernels.bench import common
     for call_ms in (0.003, 0.05, 1.0, 3.0):

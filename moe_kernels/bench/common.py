@@ -123,9 +123,10 @@ def _time_cpu_interleaved(fns: list[Callable[[int], object]], n_sets: int,
     return [_summary(t, 1e6) for t in times]
 
 
-# A row's CUDA-graph timing: `GRAPH_CALLS` calls a graph and `GRAPH_REPS` replays (5440
-# calls of a 35 ms torch path, the fused MoE's at 16 tokens, would take 12 s of device
-# time), fewer for a slow call so that its replays take about `GRAPH_ROW_MS` of device time.
+# A row's CUDA-graph timing: `GRAPH_CALLS` calls a graph and `GRAPH_REPS` replays (with
+# the warm-up calls and the first replay, 339 calls: 12 s of device time for a 35 ms torch
+# path, an estimate for the fused MoE's at 16 tokens at DeepSeek-V3's size), fewer for a
+# slow call so that its replays take about `GRAPH_ROW_MS` of device time.
 GRAPH_CALLS, GRAPH_REPS, GRAPH_ROW_MS = 16, 20, 1000.0
 MIN_GRAPH_REPS = 5
 
