@@ -116,6 +116,34 @@ def test_gpu_check_resumes_the_bench_of_an_earlier_call(tmp_path):
     assert verdict.startswith("the ws probe failed") and verdict[:100] in summary[2]
 
 
+def test_gpu_check_slow_stage_runs_the_gpus_slow_tests_int64_first(tmp_path):
+    """The slow stage spends device time on the GPU's slow tests alone (the CPU's, the C++
+    kernels' int64 cases, the interpreter's sweeps and the 4-rank gloo layer, run off the
+    device), the int64 sweeps in a first pass, the direct calls (minutes of compiles)
+    after; both passes' summaries reach the stage's line. Here every one of them skips
+    (no CUDA device), which the stage takes as passing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "nvidia-smi", 'echo "Stand-in GPU"')
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), BUDGET_S="120", STAGES="slow",
+               STAMP="20000101T0000", TMPDIR=str(tmp_path),
+               PATH=f"{bin_dir}:{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (out / "tests_Stand-in_GPU_20000101T0000.txt").read_text()
+    ran = [ln.split()[0] for ln in log.splitlines() if " SKIPPED " in ln]
+    int64 = [t for t in ran if "int64_addressing" in t]
+    assert int64 and all("cuda" in t for t in int64), ran
+    assert ran[:len(int64)] == int64 and "test_triton_direct_calls_on_the_gpu" in ran[-1]
+    assert not [t for t in ran if "test_testing" in t or "test_expert_parallel" in t], ran
+    lines = r.stdout.splitlines()
+    summary = lines[lines.index(next(ln for ln in lines if ln.startswith("== gpu_check"))) + 1:]
+    assert [ln.split()[:2] for ln in summary] == [["slow", "ok"]], summary
+    assert summary[0].count("skipped") == 2, summary
+
+
 # --- tests/fault_guard.py: a test that hangs or breaks the CUDA context ends its process,
 # not the rest of the stage (stand-ins for the kernel, run in a pytest of their own) ------
 
