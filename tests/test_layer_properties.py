@@ -30,9 +30,8 @@ from moe_kernels.reference import layer as ref_layer
 from moe_kernels.testing import fused_moe as fused_rule
 from moe_kernels.testing import rules
 
-from helpers import calc_diff
-from test_layer import (LAYER_PARAMS, as_fp8_checkpoint, dequantized, make_config,
-                        make_weights, reference_output)
+from helpers import calc_diff, device_backend_params
+from test_layer import as_fp8_checkpoint, dequantized, make_config, make_weights, reference_output
 
 
 def pipeline_oracle(layer, x):
@@ -80,10 +79,26 @@ def layer_configs(draw):
         norm_topk_prob=draw(st.booleans(), label="norm_topk_prob"))
 
 
-@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+@pytest.mark.parametrize("device,backend",
+                         device_backend_params(("reference", "cpu"), devices=("cpu",)))
 @settings(max_examples=20, deadline=None)
 @given(cfg=layer_configs(), data=st.data())
 def test_layer_properties(device, backend, cfg, data):
+    check_layer(device, backend, cfg, data)
+
+
+# On the GPU each drawn configuration compiles Triton specialisations of its own (seconds
+# each): fewer examples, within the tests stage's per-test bound.
+@pytest.mark.parametrize("device,backend", device_backend_params(("reference", "triton"),
+                                                                 devices=("cuda",)))
+@settings(max_examples=8, deadline=None)
+@given(cfg=layer_configs(), data=st.data())
+def test_layer_properties_on_the_gpu(device, backend, cfg, data):
+    check_layer(device, backend, cfg, data)
+
+
+def check_layer(device, backend, cfg, data):
+    """One drawn example (module docstring)."""
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     sd = make_weights(cfg, seed=seed % 1000)
     layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, as_fp8_checkpoint(sd), device=device,
