@@ -658,4 +658,3 @@ def random_fp8_weights(shape: tuple[int, int, int], std: float, device: str,
         out[0][e].copy_(q)
         out[1][e].copy_(s)
     return out
-
