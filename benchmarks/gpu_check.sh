@@ -6,7 +6,7 @@
 #              a build carried with the call stands in for it (benchmarks/carried_build.py)
 #   ws         the warp-specialised GEMMs probed apart (moe_kernels/bench/ws_probe.py: their
 #              first run can hang), once for the call's processes, which read its verdict
-#   warm       one untimed call of each of bench's rows of ours, one process per op module
+#   warm       one untimed call of each of bench's rows of ours, two processes per op module
 #              at once (moe-bench --warm): Triton compiles them on all cores into its cache
 #              on disk, from which bench then loads them instead of compiling one by one
 #   bench      moe-bench on defaults without torch.compile: every op, ours, torch eager,

@@ -869,6 +869,14 @@ def test_warm_calls_each_of_our_rows_once_and_times_nothing(monkeypatch, quick_t
     assert made == ["cpu"]
     assert calls[-2:] == [("permute", "c", "cpu"), ("permute", "c", "triton")]
     assert sorted(calls[:-2]) == sorted(ours)
+    # shards (processes of one module): each row in exactly one
+    shares = []
+    for index in range(3):
+        with common.warming(index, 3) as calls:
+            gating.run("cpu", None, [1, 16], compile_reference=False)
+            common.eager_call_rows(gating.MEASURES, "cpu", None)
+        shares.append(calls)
+    assert sorted(sum(shares, [])) == sorted(ours) and sum(map(bool, shares)) >= 2, shares
 
 
 def test_warm_pass_computes_no_expected_value(monkeypatch):

@@ -53,7 +53,7 @@ def test_gpu_check_stages_merge_and_summary(tmp_path):
     summary = lines[lines.index(next(ln for ln in lines if ln.startswith("== gpu_check"))) + 1:]
     assert [ln.split()[:2] for ln in summary] == [["warm", "ok"], ["bench", "ok"],
                                                   ["compile", "ok"], ["sanitizer", "rc=2"]], summary
-    assert "moe-bench --warm: 1 module(s) in" in summary[0]
+    assert "moe-bench --warm: 1 module(s) in 2 processes" in summary[0]
     assert "ERROR SUMMARY: 0 errors" in summary[3] and "no CUDA device" in summary[3]
 
 

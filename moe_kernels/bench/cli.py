@@ -60,9 +60,12 @@ def parse_args(argv):
                         "stopped inside a module: a hang (--stall-timeout), a crash, a lost "
                         "CUDA context (needs --json)")
     p.add_argument("--warm", action="store_true",
-                   help="no timing: one call of each of our rows, one process per op module "
+                   help="no timing: one call of each of our rows, processes per op module "
                         "at once, so that a timed run after it loads each Triton kernel from "
                         "Triton's cache on disk instead of compiling it (bench/warm.py)")
+    p.add_argument("--warm-shards", type=int, default=2, metavar="K",
+                   help="--warm: K processes per op module, each a share of its rows "
+                        "(default 2)")
     p.add_argument("--warm-module", help=argparse.SUPPRESS)
     p.add_argument("--plot", metavar="PATH",
                    help="also write a PNG of each kernel's %% of roofline (needs matplotlib: "

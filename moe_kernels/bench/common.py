@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import statistics
 import time
+import zlib
 import contextlib
 import contextvars
 from typing import Callable
@@ -274,21 +275,28 @@ def progress() -> None:
         fn()
 
 
-# moe-bench --warm (bench/warm.py): while set, measure() and eager_call_rows() make one
-# untimed, unchecked call of each of our rows, recorded here as (op, case, backend), and
-# return no rows.
-_WARM: contextvars.ContextVar[list | None] = contextvars.ContextVar("warm", default=None)
+# moe-bench --warm (bench/warm.py): while set, (calls, index, count): measure() and
+# eager_call_rows() make one untimed, unchecked call of each of our rows in shard `index`
+# of `count` (in_shard), recorded in `calls` as (op, case, backend), and return no rows.
+_WARM: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("warm", default=None)
 
 
 @contextlib.contextmanager
-def warming():
-    """Within: the first calls alone (_WARM); yields the list of calls made."""
+def warming(index: int = 0, count: int = 1):
+    """Within: the first calls alone (_WARM) of the rows of shard `index` of `count`;
+    yields the list of calls made."""
     calls: list[tuple[str, str, str]] = []
-    token = _WARM.set(calls)
+    token = _WARM.set((calls, index, count))
     try:
         yield calls
     finally:
         _WARM.reset(token)
+
+
+def in_shard(op: str, case: str, name: str, index: int, count: int) -> bool:
+    """Whether row (op, case, name) is in shard `index` of `count`: by a hash of its key,
+    the same in every process."""
+    return zlib.crc32(f"{op}|{case}|{name}".encode()) % count == index
 
 
 def once(fn: Callable[[], object]) -> Callable[[], object]:
@@ -298,8 +306,12 @@ def once(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def _warm_call(op: str, case: str, name: str, device: str, fn: Callable[[], object],
-               calls: list) -> None:
-    """One call of one of our rows; an error is the timed run's to report."""
+               warm: tuple) -> None:
+    """One call of one of our rows, where in the warm pass's shard; an error is the timed
+    run's to report."""
+    calls, index, count = warm
+    if not in_shard(op, case, name, index, count):
+        return
     try:
         fn()
         sync(device)
@@ -322,11 +334,11 @@ def measure(op: str, case: str, device: str, timed, nbytes: int, n_sets: int,
     timed = [t for t in timed if only is None or t[0] in only]
     if not timed:
         return []
-    calls = _WARM.get()
-    if calls is not None:
+    warm = _WARM.get()
+    if warm is not None:
         for name, fn in timed:
             if not is_peer(name):
-                _warm_call(op, case, name, device, lambda fn=fn: fn(0), calls)
+                _warm_call(op, case, name, device, lambda fn=fn: fn(0), warm)
         return []
     copy = copy_bandwidth_gbps(device)
     peak = peak_tflops(device, math) if flops else 0.0
