@@ -31,9 +31,11 @@
 # A machine that stops answering returns nothing of its call, so a lend of ~15 minutes is
 # safer spent as two calls back to back (the machine stays warm for ~30 s between them),
 # each carrying the build, sharing one STAMP:
-#   STAMP=<s> STAGES="build ws warm bench" BUDGET_S=270 bash benchmarks/gpu_check.sh
-#   STAMP=<s> STAGES="build ws tests sanitizer slow compile" BUDGET_S=420 bash ...
-# (the second call's ws stage reads the first's verdict where the machine is still warm)
+#   STAMP=<s> STAGES="build ws warm bench" BUDGET_S=300 bash benchmarks/gpu_check.sh
+#   STAMP=<s> STAGES="build ws tests sanitizer slow compile" BUDGET_S=390 bash ...
+# (the second call's ws stage reads the first's verdict where the machine is still warm;
+# the first call's 300 s hold the ws probe and warm stages before bench's cap, and the
+# second's 390 its tests and sanitizer caps with the ws probe again on a fresh machine)
 #   BUDGET_S (default 540)    total seconds for all stages
 #   MIN_AVAIL_MB              host memory (MB) a stage must leave free (default 1/16 of it)
 #   STAMP                     the UTC stamp in the file names (default: now)
