@@ -897,9 +897,10 @@ def test_warm_pass_computes_no_expected_value(monkeypatch):
     assert [c[2] for c in calls] == ["cpu", "cpu"]
 
 
-def test_warm_runs_one_process_per_module_and_no_expert_parallel_ranks():
-    """The module list of a warm pass: each selected op module once; the expert-parallel
-    one (its ranks are processes of their own) never."""
+def test_warm_pass_runs_each_selected_module_but_the_expert_parallel_one():
+    """The module list of a warm pass: each selected op module once (its processes then
+    split its rows); the expert-parallel one (its ranks are processes of their own)
+    never. --warm times nothing, so it takes no --json."""
     from moe_kernels.bench import expert_parallel, fused_moe, permute, warm
     assert warm.warmed_modules(["permute", "unpermute", "fused_moe_fp8"]) == [permute, fused_moe]
     assert expert_parallel not in warm.warmed_modules(None)
