@@ -657,7 +657,9 @@ def random_fp8_weights(shape: tuple[int, int, int], std: float, device: str,
     """(q (E, N, K) float8_e4m3fn, s (E, ceil(N/128), ceil(K/128)) float32) of normal
     weights of `std`, drawn on `device` (device_generator) and quantized in 128x128 blocks
     by the reference one expert at a time (256 experts' float copy would be 30 GB);
-    written into out = (q, s) where given."""
+    written into out = (q, s) where given. Not moe_kernels.testing.inputs.fp8_weights: the
+    checker's cases draw on the host, so that a seed gives the same values on every device,
+    which at the bench's GPU sizes costs the host-side minute above."""
     E, N, K = shape
     if out is None:
         out = (torch.empty(shape, dtype=FP8, device=device),
