@@ -103,9 +103,9 @@ def _check(weight, num_replicas, num_groups, num_nodes, num_gpus) -> torch.Tenso
     where the policy runs: every tensor it makes names their device."""
     op = "eplb.rebalance_experts"
     check_tensor(op, "weight", weight)
-    if weight.dim() != 2 or weight.shape[1] < 1:
-        raise ValueError(f"{op}: weight must be a (layers, num_experts) tensor, got shape "
-                         f"{tuple(weight.shape)}")
+    if weight.dim() != 2 or min(weight.shape) < 1:   # no layers: no replica count to pad to
+        raise ValueError(f"{op}: weight must be a (layers, num_experts) tensor with at least "
+                         f"one layer and one expert, got shape {tuple(weight.shape)}")
     if weight.is_complex() or weight.dtype == torch.bool:
         raise TypeError(f"{op}: weight must be real, got {weight.dtype}")
     # a load is a count: NaN and inf break the packing (an inf pack load reads as a full

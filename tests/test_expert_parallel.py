@@ -241,6 +241,7 @@ def test_eplb_refuses_bad_arguments(kw, arg):
 @pytest.mark.parametrize("weight,exc", [
     ([[1.0] * 8], TypeError), (torch.rand(1, 8).to_sparse(), TypeError),
     (torch.rand(8), ValueError), (torch.rand(1, 0), ValueError),
+    (torch.rand(0, 8), ValueError),   # no layers: torch's reshape error named no argument
 ])
 def test_eplb_refuses_bad_weight(weight, exc):
     with pytest.raises(exc, match="weight"):

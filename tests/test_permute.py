@@ -146,6 +146,26 @@ def test_unpermute_ignores_unreferenced_rows(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
+def test_unpermute_skips_rows_outside_expert_out(device, backend):
+    """A layout row outside [0, R) (a -2, R, or 2^31 - 1 in a hand-made or corrupted
+    layout) is a skipped pair on every backend: never read, nothing added. Checking the
+    values would need a host sync; the reference raised IndexError where the kernels skip."""
+    R, H = 5, 8
+    rows = torch.arange(R * H, dtype=torch.float32, device=device).view(R, H)
+    row_of_pair = torch.tensor([[1, R], [2**31 - 1, 4], [-2, -1]], dtype=torch.int32,
+                               device=device)
+    layout = moe_kernels.PermuteLayout(
+        expert_offsets=torch.tensor([0, R], device=device),
+        tokens_per_expert=torch.tensor([R], dtype=torch.int32, device=device),
+        m_indices=torch.zeros(R, dtype=torch.int32, device=device), row_of_pair=row_of_pair,
+        pair_of_row=torch.zeros(R, dtype=torch.int32, device=device), scales=None)
+    w = torch.tensor([[0.5, 3.0], [7.0, 0.25], [1.0, 1.0]], device=device)
+    y = moe_kernels.unpermute(rows, layout, w, backend=backend)
+    expect = torch.stack([0.5 * rows[1], 0.25 * rows[4], torch.zeros(H, device=device)])
+    assert torch.equal(y, expect), f"{backend}: {y}"
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params(BACKENDS + ("reference",)))
 def test_moe_align_block_size(device, backend):
     # Hand-worked: pairs 0..5 -> experts [1,0 | 1,-1 | 3,1], E=4, block 4: expert 0 owns
     # rows 0-3 (pair 1), expert 1 rows 4-7 (pairs 0, 2, 5), expert 3 rows 8-11 (pair 4).

@@ -184,6 +184,12 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("update_correction_bias_", "counts of E+1", _set(tokens_per_expert=lambda c: torch.arange(7)),
      ValueError, "tokens_per_expert"),
     ("update_correction_bias_", "int bias", _set(correction_bias=_int), TypeError, "correction_bias"),
+    # torch has no in-place add for fp8: its NotImplementedError names no argument
+    ("update_correction_bias_", "fp8 bias", _set(correction_bias=lambda b: b.to(FP8)), TypeError,
+     "correction_bias"),
+    # an expanded bias: torch's in-place add refuses it with a RuntimeError
+    ("update_correction_bias_", "expanded bias",
+     _set(correction_bias=lambda b: b[:1].expand(6)), ValueError, "correction_bias"),
     # a NaN / inf rate would turn the whole bias NaN / inf (every later routing with it)
     ("update_correction_bias_", "NaN rate", _set(rate=float("nan")), ValueError, "rate"),
     ("update_correction_bias_", "inf rate", _set(rate=float("inf")), ValueError, "rate"),
@@ -283,6 +289,8 @@ CASES = [  # (op, id, change, exception, the argument the message names)
     ("quantize_fp8_block", "block 0", _set(block=(0, 128)), ValueError, "block"),
     ("quantize_fp8_block", "block 100", _set(block=(128, 100)), ValueError, "block"),
     ("quantize_fp8_block", "int w", _set(w=_int), TypeError, "w"),
+    # the C++ kernel refused an fp8 w where the reference and Triton quantized it again
+    ("quantize_fp8_block", "fp8 w", _set(w=lambda w: w.to(FP8)), TypeError, "w"),
     ("quantize_fp8_block", "eps NaN", _set(eps=NAN), ValueError, "eps"),
     # dequantize_fp8_block
     ("dequantize_fp8_block", "float q", _set(q=_float), TypeError, "q"),

@@ -292,12 +292,18 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, *, eps:
                                                       scale_ue8m0, q, s)
 
 
+BLOCK_QUANT_DTYPES = (*FLOAT_DTYPES, torch.float64)
+
+
 def quantize_fp8_block(w: torch.Tensor, block=(128, 128), *, eps: float = 1e-10,
                        backend: str | None = None):
-    """w (..., N, K) float -> q (..., N, K) float8_e4m3fn, s (..., ceil(N/bn), ceil(K/bk))
-    float32, one scale per block (DeepSeek's weight_scale_inv layout)."""
+    """w (..., N, K) float32 | bfloat16 | float16 | float64 -> q (..., N, K) float8_e4m3fn,
+    s (..., ceil(N/bn), ceil(K/bk)) float32, one scale per block (DeepSeek's
+    weight_scale_inv layout)."""
     op = "quantize_fp8_block"
     check_float_tensor(op, "w", w)
+    if w.dtype not in BLOCK_QUANT_DTYPES:    # an fp8 w: dequantize it first
+        raise TypeError(f"{op}: w must be float32, bfloat16, float16 or float64, got {w.dtype}")
     if w.dim() < 2:
         raise ValueError(f"{op}: w must be at least 2-D (..., N, K), got shape {tuple(w.shape)}")
     bn, bk = _check_block(op, block)

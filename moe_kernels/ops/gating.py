@@ -221,10 +221,15 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
                                   float(routed_scaling_factor), shared)
 
 
+# torch has no in-place add for the fp8 dtypes
+_UPDATABLE_BIAS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: torch.Tensor,
                             rate: float) -> torch.Tensor:
     """Auxiliary-loss-free balancing step, in place and without host synchronisation:
-    correction_bias (E,) float += rate * sign(mean(count) - count).
+    correction_bias (E,) float32 | bfloat16 | float16 | float64 += rate * sign(mean(count)
+    - count).
 
     tokens_per_expert: (E,) any real dtype (counts of the last step); rate: a finite float
     >= 0 (a NaN or inf rate would turn the whole bias NaN / inf, and with it every later
@@ -235,6 +240,12 @@ def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: to
     if not (_finite(rate) and rate >= 0):
         raise ValueError(f"{op}: rate must be a finite float >= 0, got {rate!r}")
     check_float_tensor(op, "correction_bias", correction_bias, ndim=1)
+    if correction_bias.dtype not in _UPDATABLE_BIAS_DTYPES:
+        raise TypeError(f"{op}: correction_bias must be float32, bfloat16, float16 or float64 "
+                        f"(updated in place by an add), got {correction_bias.dtype}")
+    if correction_bias.shape[0] > 1 and correction_bias.stride(0) == 0:
+        raise ValueError(f"{op}: correction_bias must not have elements sharing memory "
+                         f"(stride 0, e.g. from expand), got strides {correction_bias.stride()}")
     check_tensor(op, "tokens_per_expert", tokens_per_expert, ndim=1)
     if tokens_per_expert.shape != correction_bias.shape:
         raise ValueError(f"{op}: tokens_per_expert must have shape {tuple(correction_bias.shape)}, "

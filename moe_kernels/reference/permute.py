@@ -86,14 +86,17 @@ def unpermute(expert_out: torch.Tensor, row_of_pair: torch.Tensor,
               topk_weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_k w[t,k] * expert_out[row_of_pair[t,k]] over routed pairs, in float32
     (float64 for float64 rows, which only permute's backward passes), returned in
-    expert_out's dtype. A skipped pair adds nothing, even if the row it would read holds
-    NaN."""
+    expert_out's dtype. A skipped pair (a row outside [0, R): -1, or past expert_out's R
+    rows) adds nothing, even if the row it would read holds NaN."""
     # contiguous index and weights: the sum's order follows the (T, K, H) term's layout, so
     # that a column-major row_of_pair would change the result's last bits
     rows = row_of_pair.long().contiguous()
-    valid = rows >= 0
+    valid = (rows >= 0) & (rows < expert_out.shape[0])
     dtype = torch.promote_types(expert_out.dtype, torch.float32)
-    gathered = expert_out.to(dtype)[torch.clamp(rows, min=0)]         # (T, K, H)
+    src = expert_out.to(dtype)
+    if src.shape[0] == 0:    # no rows: every pair is skipped, row 0 only a placeholder
+        src = src.new_zeros(1, src.shape[1])
+    gathered = src[torch.where(valid, rows, 0)]                        # (T, K, H)
     weights = topk_weights.to(dtype).contiguous()[..., None]
     term = torch.where(valid[..., None], gathered * weights, 0.0)
     return term.sum(dim=1).to(expert_out.dtype)
