@@ -400,6 +400,26 @@ def deepgemm_masked(a, b, d, masked_m, expected_m):
                                                 backend=REF))
 
 
+def vllm_quant(x, group_size, eps=1e-10, dtype=None, column_major_scales=False,
+               tma_aligned_scales=False, out_q=None, use_ue8m0=None):
+    assert x.shape[-1] % group_size == 0 and x.stride(-1) == 1, "vLLM's asserts"
+    assert dtype == torch.float8_e4m3fn and isinstance(use_ue8m0, bool), \
+        "None would read the platform"
+    return moe_kernels.quantize_fp8_per_token_group(
+        x, group_size, eps=eps, scale_ue8m0=use_ue8m0,
+        column_major_scales=column_major_scales, backend=REF)
+
+
+def sglang_quant(x, group_size, eps=1e-10, column_major_scales=False, scale_tma_aligned=False,
+                 scale_ue8m0=False, fuse_silu_and_mul=False, masked_m=None):
+    assert x.shape[-1] % group_size == 0 and x.is_contiguous(), "SGLang's asserts"
+    assert not scale_ue8m0 and masked_m is None, "another format / layout"
+    if fuse_silu_and_mul:
+        return moe_kernels.silu_and_mul_quant_fp8(x, group_size, backend=REF)
+    return moe_kernels.quantize_fp8_per_token_group(
+        x, group_size, eps=eps, column_major_scales=column_major_scales, backend=REF)
+
+
 ADAPTED = [
     ("vllm_grouped_topk", vllm_grouped_topk),
     ("sglang_biased_grouped_topk", sglang_biased_grouped_topk),
@@ -409,6 +429,9 @@ ADAPTED = [
     ("sglang_moe_align_block_size", sglang_align),
     ("deepgemm_contiguous", deepgemm_contiguous),
     ("deepgemm_masked", deepgemm_masked),
+    ("vllm_per_token_group_quant_fp8", vllm_quant),
+    ("sglang_per_token_group_quant_fp8", sglang_quant),
+    ("sglang_silu_and_mul_quant_fp8", sglang_quant),
 ]
 
 
@@ -445,6 +468,20 @@ def test_adapter_with_a_bug_is_caught():
                                      routed_scaling_factor=routed_scaling_factor)
     with pytest.raises(AssertionError, match="case 'all_ties'"):
         testing.check("grouped_topk", vllm_reversed_ties, adapter="vllm_grouped_topk")
+
+
+def test_quant_adapters_catch_a_bug_and_skip_what_they_cannot_express():
+    """A vLLM-convention quantizer that ignores use_ue8m0 fails the case built for it;
+    SGLang's convention skips the UE8M0 and partial-group cases rather than pass them."""
+    def vllm_ignores_ue8m0(x, group_size, eps=1e-10, dtype=None, column_major_scales=False,
+                           tma_aligned_scales=False, out_q=None, use_ue8m0=None):
+        return vllm_quant(x, group_size, eps, dtype, column_major_scales, use_ue8m0=False)
+    with pytest.raises(AssertionError, match="case 'ue8m0_scales'"):
+        testing.check("quantize_fp8_per_token_group", vllm_ignores_ue8m0,
+                      adapter="vllm_per_token_group_quant_fp8")
+    report = testing.check("quantize_fp8_per_token_group", sglang_quant,
+                           adapter="sglang_per_token_group_quant_fp8")
+    assert {r.case.name for r in report.skipped} == {"ue8m0_scales", "partial_group"}
 
 
 def test_adapter_for_another_op_is_refused():

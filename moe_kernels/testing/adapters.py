@@ -19,7 +19,13 @@ Conventions (the projects' public signatures):
 - DeepGEMM `m_grouped_fp8_gemm_nt_contiguous((a, a_scales), (b, b_scales), d, m_indices)`
   and `m_grouped_fp8_gemm_nt_masked((a, a_scales), (b, b_scales), d, masked_m,
   expected_m)` (also their older names `m_grouped_gemm_fp8_fp8_bf16_nt_*`), writing into
-  d; activation scales column-major, as DeepGEMM reads them.
+  d; activation scales column-major, as DeepGEMM reads them;
+- vLLM `per_token_group_quant_fp8(x, group_size, eps=, dtype=, column_major_scales=,
+  tma_aligned_scales=, out_q=, use_ue8m0=)` -> (q, s), called by keyword (its
+  `tma_aligned_scales` was inserted before `out_q` in one release);
+- SGLang `sglang_per_token_group_quant_fp8(x, group_size, eps=, column_major_scales=,
+  scale_tma_aligned=, scale_ue8m0=, fuse_silu_and_mul=, masked_m=)` -> (q, s), for the
+  quantizer and, with `fuse_silu_and_mul=True`, for silu_and_mul_quant_fp8.
 Integer outputs are cast to int32 and weights to float32 (both projects' dtypes already).
 """
 
@@ -147,6 +153,52 @@ def deepgemm_masked(impl):
     return ours
 
 
+def _whole_groups(adapter: str, x, group_size: int):
+    """vLLM and SGLang assert K % group_size == 0: a partial last group is ours alone."""
+    if x.shape[-1] % group_size:
+        _unsupported(adapter, f"a partial last group (K = {x.shape[-1]}, group_size = "
+                              f"{group_size})")
+
+
+def vllm_per_token_group_quant_fp8(impl):
+    """vLLM's per_token_group_quant_fp8: dtype and use_ue8m0 given explicitly (their None
+    reads the platform and its DeepGEMM setting); rows may be strided, as there."""
+    def ours(x, group_size=128, *, eps=1e-10, scale_ue8m0=False, column_major_scales=False):
+        _whole_groups("vllm_per_token_group_quant_fp8", x, group_size)
+        q, s = impl(x, group_size, eps=eps, dtype=torch.float8_e4m3fn,
+                    column_major_scales=column_major_scales, use_ue8m0=scale_ue8m0)
+        return q, s
+    return ours
+
+
+def sglang_per_token_group_quant_fp8(impl):
+    """SGLang's sglang_per_token_group_quant_fp8 on a contiguous x (it asserts one). Its
+    UE8M0 scales come packed four to an int32 for DeepGEMM, another format: those cases are
+    skipped."""
+    def ours(x, group_size=128, *, eps=1e-10, scale_ue8m0=False, column_major_scales=False):
+        if scale_ue8m0:
+            _unsupported("sglang_per_token_group_quant_fp8", "scale_ue8m0=True (int32-packed "
+                         "UE8M0 scales)")
+        _whole_groups("sglang_per_token_group_quant_fp8", x, group_size)
+        q, s = impl(x.contiguous(), group_size, eps=eps,
+                    column_major_scales=column_major_scales)
+        return q, s
+    return ours
+
+
+def sglang_silu_and_mul_quant_fp8(impl):
+    """SGLang's sglang_per_token_group_quant_fp8 with fuse_silu_and_mul=True (x = [gate |
+    up], as ours). The masked layout is skipped: ours zero-fills the rows past masked_m,
+    which that convention leaves unwritten."""
+    def ours(x, group_size=128, *, masked_m=None):
+        if masked_m is not None:
+            _unsupported("sglang_silu_and_mul_quant_fp8", "masked_m (rows past it unwritten)")
+        _whole_groups("sglang_silu_and_mul_quant_fp8", x[..., :x.shape[-1] // 2], group_size)
+        q, s = impl(x.contiguous(), group_size, fuse_silu_and_mul=True)
+        return q, s
+    return ours
+
+
 ADAPTERS = {
     "vllm_grouped_topk": ("grouped_topk", vllm_grouped_topk),
     "sglang_biased_grouped_topk": ("grouped_topk", sglang_biased_grouped_topk),
@@ -156,6 +208,11 @@ ADAPTERS = {
     "sglang_moe_align_block_size": ("moe_align_block_size", sglang_moe_align_block_size),
     "deepgemm_contiguous": ("grouped_gemm_fp8", deepgemm_contiguous),
     "deepgemm_masked": ("grouped_gemm_fp8_masked", deepgemm_masked),
+    "vllm_per_token_group_quant_fp8": ("quantize_fp8_per_token_group",
+                                       vllm_per_token_group_quant_fp8),
+    "sglang_per_token_group_quant_fp8": ("quantize_fp8_per_token_group",
+                                         sglang_per_token_group_quant_fp8),
+    "sglang_silu_and_mul_quant_fp8": ("silu_and_mul_quant_fp8", sglang_silu_and_mul_quant_fp8),
 }
 
 
