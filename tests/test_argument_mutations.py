@@ -1,9 +1,9 @@
 """Every public op's valid call with one argument changed in each way its type allows:
 another dtype, a dimension more or fewer, a row more or fewer, strides, a broadcast, None,
-a Python list, an index out of range, a wrong Python type. Whatever the
-change, every backend that runs here must do what the reference does: refuse it with the
-same error type, a ValueError or TypeError (docs/api.md: bad input is refused before any
-launch), or accept it and return what the reference returns, judged by the op's rules of
+a Python list, an index out of range, a wrong Python type. Whatever the change, every
+backend that runs here must do what the reference does: refuse it with the same error
+type, a ValueError or TypeError (docs/api.md: bad input is refused before any launch), or
+accept it and return what the reference returns, judged by the op's rules of
 moe_kernels.testing.
 
 test_preconditions.py lists the documented checks one by one; this sweep finds the calls
@@ -11,8 +11,8 @@ nobody listed: a reference raising IndexError for a layout row past `expert_out`
 the kernels skip the pair, a check of `quantize_fp8_block` on the C++ backend only, torch's
 NotImplementedError from `update_correction_bias_` on an fp8 bias (docs/testing.md).
 
-Not here: non-finite and near-overflow values (test_non_finite.py; near float32's
-limit the sums overflow in one order and not in another), another device (an explicitly named
+Not here: non-finite and near-overflow values (test_non_finite.py; near float32's limit
+the sums overflow in one order and not in another), another device (an explicitly named
 backend refuses it with BackendUnavailableError by contract; test_preconditions.py's
 "another device" cases), and the GPU (the same checks run before any launch there).
 """
@@ -125,14 +125,18 @@ def _backends(op: str) -> list[str]:
 
 
 def _outcome(op: str, fn, case: Case):
-    """(result, None), or (None, the error) for a ValueError / TypeError; any other
-    exception propagates into the failure list as such."""
+    """(result, None), or (None, the exception): a reference's other than a ValueError /
+    TypeError is a failure, and a backend's must be of the reference's type."""
     try:
         return testing.run(op, fn, case), None
     except REFUSALS as exc:
         return None, exc
     except Exception as exc:    # noqa: BLE001 - reported, not swallowed
         return None, exc
+
+
+def _said(exc) -> str:
+    return "accepts" if exc is None else f"{type(exc).__name__}: {exc}"
 
 
 def _cannot_allocate(exc) -> bool:
@@ -167,9 +171,8 @@ def test_every_backend_does_what_the_reference_does(op, name):
             got, got_exc = _outcome(op, lambda *a, **k: getattr(moe_kernels, op)(
                 *a, **k, backend=backend), case())
             if type(got_exc) is not type(want_exc):
-                failures.append(f"{name} {what}: reference "
-                                f"{type(want_exc).__name__ if want_exc else 'accepts'}, {backend} "
-                                f"{type(got_exc).__name__ + ': ' + str(got_exc) if got_exc else 'accepts'}")
+                failures.append(f"{name} {what}: reference {_said(want_exc)}, "
+                                f"{backend} {_said(got_exc)}")
             elif want_exc is None:
                 comparison = testing.compare(op, got, want, case())
                 if not comparison.passed:
@@ -249,8 +252,8 @@ def test_out_buffer_changes(name, index):
             except Exception as exc:    # noqa: BLE001 - reported, not swallowed
                 outcomes[backend] = f"{type(exc).__name__}: {exc}"
                 continue
-            same = all((b is None or g is b) and g.shape == w.shape and torch.equal(_bits(g), _bits(w))
-                       for g, b, w in zip(got, bufs, want))
+            same = all((b is None or g is b) and g.shape == w.shape
+                       and torch.equal(_bits(g), _bits(w)) for g, b, w in zip(got, bufs, want))
             outcomes[backend] = "written" if same else "accepted, not the functional result"
         tried += 1
         if len(set(outcomes.values())) > 1 or not set(outcomes.values()) <= {

@@ -21,8 +21,8 @@ Conventions (the projects' public signatures):
   expected_m)` (also their older names `m_grouped_gemm_fp8_fp8_bf16_nt_*`), writing into
   d; activation scales column-major, as DeepGEMM reads them;
 - vLLM `per_token_group_quant_fp8(x, group_size, eps=, dtype=, column_major_scales=,
-  tma_aligned_scales=, out_q=, use_ue8m0=)` -> (q, s), called by keyword (its
-  `tma_aligned_scales` was inserted before `out_q` in one release);
+  tma_aligned_scales=, out_q=, use_ue8m0=)` -> (q, s), called by keyword (releases
+  differ in its later parameters);
 - SGLang `sglang_per_token_group_quant_fp8(x, group_size, eps=, column_major_scales=,
   scale_tma_aligned=, scale_ue8m0=, fuse_silu_and_mul=, masked_m=)` -> (q, s), for the
   quantizer and, with `fuse_silu_and_mul=True`, for silu_and_mul_quant_fp8.
