@@ -1,10 +1,10 @@
 """Every public op's valid call with one argument changed in each way its type allows:
 another dtype, a dimension more or fewer, a row more or fewer, strides, a broadcast, None,
 a Python list, an index out of range, a wrong Python type. Whatever the change, every
-backend that runs here must do what the reference does: refuse it with the same error
-type, a ValueError or TypeError (docs/api.md: bad input is refused before any launch), or
-accept it and return what the reference returns, judged by the op's rules of
-moe_kernels.testing.
+backend that runs here must do what the reference does: refuse it with the same error,
+word for word, a ValueError or TypeError naming the op and an argument (docs/api.md: bad
+input is refused before any launch), or accept it and return what the reference returns,
+judged by the op's rules of moe_kernels.testing.
 
 test_preconditions.py lists the documented checks one by one; this sweep finds the calls
 nobody listed: a reference raising IndexError for a layout row past `expert_out` where
@@ -135,6 +135,14 @@ def _outcome(op: str, fn, case: Case):
         return None, exc
 
 
+def _names_op_and_argument(op: str, exc: Exception) -> bool:
+    """A refusal says which op and which argument (test_preconditions.py checks the very
+    argument for the documented cases; any argument of the op here)."""
+    text = str(exc)
+    arguments = set(_base(op).inputs) | {"layout", "backend", "out"}
+    return op in text and any(a in text for a in arguments)
+
+
 def _said(exc) -> str:
     return "accepts" if exc is None else f"{type(exc).__name__}: {exc}"
 
@@ -167,10 +175,13 @@ def test_every_backend_does_what_the_reference_does(op, name):
             failures.append(f"{name} {what}: reference: {type(want_exc).__name__}: {want_exc}")
             continue
         counts["accepted" if want_exc is None else "refused"] += 1
+        if want_exc is not None and not _names_op_and_argument(op, want_exc):
+            failures.append(f"{name} {what}: the reference's refusal names neither {op} nor "
+                            f"one of its arguments: {want_exc}")
         for backend in backends:
             got, got_exc = _outcome(op, lambda *a, **k: getattr(moe_kernels, op)(
                 *a, **k, backend=backend), case())
-            if type(got_exc) is not type(want_exc):
+            if type(got_exc) is not type(want_exc) or str(got_exc) != str(want_exc):
                 failures.append(f"{name} {what}: reference {_said(want_exc)}, "
                                 f"{backend} {_said(got_exc)}")
             elif want_exc is None:
