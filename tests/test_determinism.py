@@ -15,8 +15,8 @@ import torch
 import moe_kernels
 from moe_kernels import _library, testing
 
-from helpers import HAS_CUDA, device_backend_params, poison_allocator
-from test_argument_mutations import LAYER, _random_weights
+from helpers import device_backend_params, poison_allocator
+from test_layer import LAYER_PARAMS, make_fp8_layer, make_hidden
 
 
 def _bits(result) -> list:
@@ -71,13 +71,10 @@ def test_every_op_gives_the_same_bits_twice_on_the_gpu(op, device, backend):
     _twice_the_same(op, backend, device)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA device"))])
-def test_layer_gives_the_same_bits_twice(device):
-    if device == "cpu" and not _library.extension_loaded():
-        pytest.skip("moe_kernels._C is not built")
-    layer = _random_weights(moe_kernels.DeepseekV3MoE(**{**LAYER, "backend": None})).to(device)
-    hidden = torch.randn(37, 128, generator=torch.Generator().manual_seed(4)).to(device)
+@pytest.mark.parametrize("device,backend", LAYER_PARAMS)
+def test_layer_gives_the_same_bits_twice(device, backend):
+    layer, cfg = make_fp8_layer(device, backend)
+    hidden = make_hidden(37, cfg, device=device)
     runs = []
     for _ in range(2):
         poison_allocator(device)
