@@ -474,20 +474,107 @@ def test_dispatch_combine_equals_one_process(world):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("H", [128, 160])
-def test_fp8_payload_of_no_rows(backend, H):
-    """A rank without tokens packs FP8 rows of none: a (0, H + 4 * groups) payload that
-    unpacks to (0, H) rows and (0, groups) scales (the payload views the scales' bytes,
-    which needs row-major strides from every backend's quantizer, also for no rows)."""
+@pytest.mark.parametrize("H", [128, 160, 1, 3, 130])
+@pytest.mark.parametrize("T", [0, 1, 2])
+def test_fp8_payload_of_few_rows(backend, H, T):
+    """A rank without tokens, or with one, packs FP8 rows: a (T, H + 4 * groups) payload
+    that unpacks to (T, H) rows and (T, groups) scales, equal to the quantizer's (the
+    payload views the scales' bytes, which needs row-major strides from every backend's
+    quantizer, also for no rows). With H % 4 != 0 the scales start off a 4-byte boundary:
+    a view of no rows or of one row is contiguous whatever its row stride, so it must be
+    copied to be viewed as float32 (it raised RuntimeError on a rank receiving none)."""
     if backend == "cpu" and not moe_kernels.extension_loaded():
         pytest.skip("moe_kernels._C is not built")
     from moe_kernels.ops import expert_parallel as ep_ops
     G = -(-H // 128)
-    payload, unpack = ep_ops._pack(torch.randn(0, H), True, backend)
-    assert payload.shape == (0, H + 4 * G) and payload.dtype == torch.uint8
-    q, s = unpack(payload)
-    assert q.shape == (0, H) and q.dtype == torch.float8_e4m3fn
-    assert s.shape == (0, G) and s.dtype == torch.float32
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+    payload, unpack = ep_ops._pack(hidden, True, backend)
+    assert payload.shape == (T, H + 4 * G) and payload.dtype == torch.uint8
+    want_q, want_s = moe_kernels.quantize_fp8_per_token_group(hidden, 128, backend="reference")
+    for index in (None, torch.arange(T)):        # the normal and the low-latency receiver
+        q, s = unpack(payload, index)
+        assert q.shape == (T, H) and q.dtype == torch.float8_e4m3fn
+        assert s.shape == (T, G) and s.dtype == torch.float32
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+        assert torch.equal(s, want_s)
+
+
+def _drawn_case(seed: int, world: int) -> dict:
+    """One drawn configuration, the same on every rank (mode, sizes, placement); each rank
+    draws its own tokens in _drawn_tokens. Odd H (FP8 scales off a 4-byte boundary), a
+    partial 128-group, ids past E and -1, K > E (repeated ids), T = 0 and 1, M = 1."""
+    import random
+    r = random.Random(seed)
+    E = world * r.choice([1, 2, 3, 5])
+    cfg = dict(E=E, K=r.randint(1, 4), H=r.choice([1, 3, 8, 130]),
+               mode=r.choice(["normal", "low_latency"]), use_fp8=r.random() < 0.5,
+               align=r.choice([1, 4]), M=r.choice([1, 2, 8]), replicas=world * r.choice([0, 1]),
+               T=[r.choice([0, 1, 2, 9]) for _ in range(world)], seed=seed)
+    return cfg
+
+
+def _drawn_placement(cfg, world):
+    if not cfg["replicas"]:
+        return ExpertPlacement.uniform(cfg["E"], world)
+    loads = torch.rand(1, cfg["E"], generator=torch.Generator().manual_seed(cfg["seed"]))
+    tables = [t[0] for t in eplb.rebalance_experts(loads, cfg["E"] + cfg["replicas"], 1, 1,
+                                                  world)]
+    return ExpertPlacement.from_eplb(*tables, world)
+
+
+def _drawn_tokens(cfg, rank):
+    g = torch.Generator().manual_seed(cfg["seed"] * 10 + rank)
+    T, K, E = cfg["T"][rank], cfg["K"], cfg["E"]
+    ids = torch.randint(-1, E + 1, (T, K), generator=g).int()     # -1 and E: not routed
+    return torch.randn(T, cfg["H"], generator=g), ids, torch.rand(T, K, generator=g)
+
+
+DRAWN = 40   # configurations per world size: about 2 s a world size on a 2-core VM
+
+
+def _drawn_worker(rank, world, backend):
+    import torch.distributed as dist
+    out = {}
+    for seed in range(DRAWN):
+        cfg = _drawn_case(seed, world)
+        placement = _drawn_placement(cfg, world)
+        hidden, ids, w = _drawn_tokens(cfg, rank)
+        kw = dict(mode=cfg["mode"], use_fp8=cfg["use_fp8"], backend=backend)
+        if cfg["mode"] == "low_latency":
+            kw["max_tokens_per_rank"] = cfg["M"]
+        else:
+            kw["align"] = cfg["align"]
+        recv, handle = moe_kernels.ep_dispatch(hidden, ids, w, placement, **kw)
+        expert_out = _run_experts(recv, handle, placement, rank, cfg["mode"], cfg["use_fp8"])
+        out[seed] = dict(out=moe_kernels.ep_combine(expert_out, handle),
+                         dropped=None if handle.dropped is None else handle.dropped.clone())
+        dist.barrier()
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_dispatch_combine_drawn_configurations(world):
+    """Drawn configurations (_drawn_case) through dispatch, an expert function per expert
+    and combine: each rank's output equals the one-process computation on its own tokens
+    bit for bit, with the low-latency buffers' drops written out in _oracle_ids."""
+    backend = "cpu" if moe_kernels.extension_loaded() else "reference"
+    results = run_ranks(_drawn_worker, world, (backend,), timeout_s=SPAWN_TIMEOUT_S)
+    for seed in range(DRAWN):
+        cfg = _drawn_case(seed, world)
+        placement = _drawn_placement(cfg, world)
+        for rank in range(world):
+            hidden, ids, w = _drawn_tokens(cfg, rank)
+            M = cfg["M"] if cfg["mode"] == "low_latency" else None
+            kept, n_dropped = _oracle_ids(None, world, rank, ids, placement, M)
+            if cfg["use_fp8"]:
+                q, s = ref_fp8.quantize_fp8_per_token_group(hidden)
+                hidden = ref_fp8.dequantize_per_token_group(q, s)
+            want = one_process(hidden, kept, w, cfg["E"])
+            got = results[rank][seed]
+            msg = f"{backend} world={world} rank={rank} {cfg}"
+            assert got["out"].shape == want.shape and torch.equal(got["out"], want), msg
+            if M is not None:
+                assert int(got["dropped"].sum()) == n_dropped, msg
 
 
 def _failing_worker(rank, world):

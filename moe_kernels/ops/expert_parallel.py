@@ -216,7 +216,10 @@ def _rows(b, index, dtype):
     try:
         return b.view(dtype)
     except RuntimeError:
-        return b.contiguous().view(dtype)
+        # a copy of its own storage: contiguous() keeps a view of no rows or of one row
+        # (contiguous whatever its row stride) at its offset, the scales' H bytes into the
+        # row, which float32 cannot view where H % 4 != 0
+        return b.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
 def _fixed_rows(n, width, like):
