@@ -812,6 +812,79 @@ def test_ep_layer_equals_one_device_layer(world, tmp_path):
     _check_layer_outputs(results, world, backends, "cpu")
 
 
+def _drawn_layer(seed: int, world: int, rank: int):
+    """(config, state dict, rank's hidden, EP arguments, forward mode) of one drawn layer,
+    the same on every rank but the tokens: groups, kept groups, top-k, shared experts (0-2),
+    odd sizes, both EP modes (a low-latency layer also runs normal forwards), buffers of
+    one row, replicated placements, ranks of 0 or 1 token."""
+    import random
+    from types import SimpleNamespace
+
+    from test_layer import make_weights
+    r = random.Random(seed)
+    G = r.choice([1, 2, 4])
+    E = world * G * r.choice([1, 2, 3])
+    # top2_sum scores a group by its two best experts: groups of one only with all kept
+    kept = G if E == G else r.randint(1, G)
+    cfg = SimpleNamespace(hidden_size=r.choice([128, 200, 256]),
+                          moe_intermediate_size=r.choice([64, 128, 200]), n_routed_experts=E,
+                          n_shared_experts=r.choice([0, 1, 2]),
+                          num_experts_per_tok=r.randint(1, min(kept * (E // G), 6)), n_group=G,
+                          topk_group=kept, routed_scaling_factor=r.choice([1.0, 2.5]),
+                          norm_topk_prob=r.choice([True, False]))
+    ep_mode = r.choice(["normal", "low_latency"])
+    mode = "normal" if ep_mode == "normal" else r.choice(["normal", "low_latency"])
+    M = r.choice([1, 2, 16]) if ep_mode == "low_latency" else None
+    if r.random() < 0.5:
+        loads = torch.rand(1, E, generator=torch.Generator().manual_seed(seed))
+        tables = [t[0] for t in eplb.rebalance_experts(loads, E + world, 1, 1, world)]
+        placement = ExpertPlacement.from_eplb(*tables, world)
+    else:
+        placement = ExpertPlacement.uniform(E, world)
+    T = [r.choice([0, 1, 3, 9]) for _ in range(world)][rank]
+    hidden = torch.randn(T, cfg.hidden_size,
+                         generator=torch.Generator().manual_seed(seed * 8 + rank)).bfloat16()
+    ep_args = dict(placement=placement, ep_mode=ep_mode, max_tokens_per_rank=M)
+    return cfg, make_weights(cfg, seed=seed), hidden, ep_args, mode
+
+
+DRAWN_LAYERS = 24   # per world size: about 4 s for both on a 2-core VM
+
+
+def _drawn_layer_worker(rank, world, backend):
+    import torch.distributed as dist
+    out = {}
+    for seed in range(DRAWN_LAYERS):
+        cfg, sd, hidden, ep_args, mode = _drawn_layer(seed, world, rank)
+        layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd, backend=backend,
+                                                  ep_group=dist.group.WORLD, **ep_args)
+        out[seed] = dict(out=layer(hidden, mode=mode), dropped=layer.ep_dropped.clone())
+        dist.barrier()
+    return out
+
+
+@pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
+@pytest.mark.parametrize("world", [1, 2])
+def test_ep_layer_drawn_configurations(world):
+    """Drawn layers (_drawn_layer) with expert parallelism: each rank's output equals the
+    one-device layer's on its tokens bit for bit, without the pairs a low-latency buffer
+    drops (written out in _oracle_ids), and the drops are counted."""
+    results = run_ranks(_drawn_layer_worker, world, ("cpu",), timeout_s=SPAWN_TIMEOUT_S)
+    for seed in range(DRAWN_LAYERS):
+        for rank in range(world):
+            cfg, sd, hidden, ep_args, mode = _drawn_layer(seed, world, rank)
+            one = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd, backend="cpu")
+            w, ids = one.route(hidden.contiguous())
+            M = ep_args["max_tokens_per_rank"] if mode == "low_latency" else None
+            kept, n_dropped = _oracle_ids(None, world, rank, ids, ep_args["placement"], M)
+            want = one.experts("cpu", hidden.contiguous(), w, kept)
+            got = results[rank][seed]
+            msg = f"world={world} rank={rank} seed={seed} {vars(cfg)} {ep_args} {mode}"
+            assert got["out"].shape == want.shape and torch.equal(got["out"], want), msg
+            if M is not None:
+                assert int(got["dropped"].sum()) == n_dropped, msg
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 def test_ep_layer_nccl_one_rank():
     """The GPU smoke run of the layer: one rank over NCCL (its all-to-all is a local copy)."""
