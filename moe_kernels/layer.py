@@ -194,6 +194,20 @@ class DeepseekV3MoE(nn.Module):
                 buf.to(device=probe.device)
         return self
 
+    def extra_repr(self) -> str:
+        """The configuration, as nn.Linear prints its sizes: what a printed model shows."""
+        text = (f"hidden_size={self.hidden_size}, moe_intermediate_size="
+                f"{self.intermediate_size}, n_routed_experts={self.num_experts}, "
+                f"num_experts_per_tok={self.top_k}, n_shared_experts="
+                f"{self.shared_intermediate // self.intermediate_size}, n_group={self.n_group}, "
+                f"topk_group={self.topk_group}, routed_scaling_factor="
+                f"{self.routed_scaling_factor}, norm_topk_prob={self.norm_topk_prob}, "
+                f"backend={self.backend!r}")
+        if self.ep_group is not None:
+            text += (f", ep_mode={self.ep_mode!r}, max_tokens_per_rank="
+                     f"{self.max_tokens_per_rank}, local_experts={len(self.slot_experts)}")
+        return text
+
     def forward(self, hidden: torch.Tensor, *, mode: str | None = None) -> torch.Tensor:
         """Checks hidden once; the ops run through their unchecked internal layer. mode:
         with an ep_group, "normal" or "low_latency" for this call (default ep_mode)."""

@@ -858,7 +858,8 @@ def _drawn_layer_worker(rank, world, backend):
         cfg, sd, hidden, ep_args, mode = _drawn_layer(seed, world, rank)
         layer = moe_kernels.DeepseekV3MoE.from_hf(cfg, sd, backend=backend,
                                                   ep_group=dist.group.WORLD, **ep_args)
-        out[seed] = dict(out=layer(hidden, mode=mode), dropped=layer.ep_dropped.clone())
+        out[seed] = dict(out=layer(hidden, mode=mode), dropped=layer.ep_dropped.clone(),
+                         repr=repr(layer), local=len(layer.slot_experts))
         dist.barrier()
     return out
 
@@ -883,6 +884,9 @@ def test_ep_layer_drawn_configurations(world):
             assert got["out"].shape == want.shape and torch.equal(got["out"], want), msg
             if M is not None:
                 assert int(got["dropped"].sum()) == n_dropped, msg
+            assert got["repr"].endswith(f", ep_mode={ep_args['ep_mode']!r}, max_tokens_per_rank="
+                                        f"{ep_args['max_tokens_per_rank']}, local_experts="
+                                        f"{got['local']})"), got["repr"]
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")

@@ -378,6 +378,21 @@ def test_fp8_e5m2_checkpoint_applies_its_scales():
     assert calc_diff(layer(hidden), want) < 2e-2    # e5m2 keeps 2 mantissa bits
 
 
+def test_repr_shows_the_configuration_it_was_built_with():
+    """print(model) shows the layer's configuration as keyword arguments that build the
+    same layer again (as nn.Linear's in_features=, out_features=)."""
+    import ast
+    for over in ({}, dict(n_shared_experts=0, n_group=1, topk_group=1, norm_topk_prob=False),
+                 dict(n_shared_experts=2, routed_scaling_factor=1.0)):
+        layer = moe_kernels.DeepseekV3MoE.from_config(vars(make_config(**over)), backend="cpu")
+        text = repr(layer)
+        assert text.startswith("DeepseekV3MoE(") and text.endswith(")")
+        call = ast.parse(text).body[0].value
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        assert kwargs == {**vars(make_config(**over)), "backend": "cpu"}
+        assert repr(moe_kernels.DeepseekV3MoE(**kwargs)) == text
+
+
 def test_to_dtype_keeps_the_buffers_numerics():
     """model.to(torch.bfloat16) (routine in HF pipelines) leaves every buffer's dtype alone:
     bf16 scales or bias would change the numerics and fail the next forward."""
