@@ -816,11 +816,12 @@ def _drawn_layer(seed: int, world: int, rank: int):
     """(config, state dict, rank's hidden, EP arguments, forward mode) of one drawn layer,
     the same on every rank but the tokens: groups, kept groups, top-k, shared experts (0-2),
     odd sizes, both EP modes (a low-latency layer also runs normal forwards), buffers of
-    one row, replicated placements, ranks of 0 or 1 token."""
+    one row, replicated placements, ranks of 0 or 1 token, bf16, fp16 or float32 tokens,
+    and the checkpoint as float, FP8 or transformers' fused layout."""
     import random
     from types import SimpleNamespace
 
-    from test_layer import make_weights
+    from test_layer import as_fp8_checkpoint, as_fused_layout, make_weights
     r = random.Random(seed)
     G = r.choice([1, 2, 4])
     E = world * G * r.choice([1, 2, 3])
@@ -842,10 +843,13 @@ def _drawn_layer(seed: int, world: int, rank: int):
     else:
         placement = ExpertPlacement.uniform(E, world)
     T = [r.choice([0, 1, 3, 9]) for _ in range(world)][rank]
+    dtype = r.choice([torch.bfloat16, torch.float16, torch.float32])
     hidden = torch.randn(T, cfg.hidden_size,
-                         generator=torch.Generator().manual_seed(seed * 8 + rank)).bfloat16()
+                         generator=torch.Generator().manual_seed(seed * 8 + rank)).to(dtype)
     ep_args = dict(placement=placement, ep_mode=ep_mode, max_tokens_per_rank=M)
-    return cfg, make_weights(cfg, seed=seed), hidden, ep_args, mode
+    sd = make_weights(cfg, seed=seed)
+    sd = r.choice([lambda: sd, lambda: as_fp8_checkpoint(sd), lambda: as_fused_layout(sd, cfg)])()
+    return cfg, sd, hidden, ep_args, mode
 
 
 DRAWN_LAYERS = 24   # per world size: about 4 s for both on a 2-core VM
@@ -867,9 +871,14 @@ def _drawn_layer_worker(rank, world, backend):
 @pytest.mark.skipif(not _library.extension_loaded(), reason="moe_kernels._C is not built")
 @pytest.mark.parametrize("world", [1, 2])
 def test_ep_layer_drawn_configurations(world):
-    """Drawn layers (_drawn_layer) with expert parallelism: each rank's output equals the
-    one-device layer's on its tokens bit for bit, without the pairs a low-latency buffer
-    drops (written out in _oracle_ids), and the drops are counted."""
+    """Drawn layers (_drawn_layer) with expert parallelism: each rank's output is the
+    one-device layer's on its tokens, without the pairs a low-latency buffer drops (written
+    out in _oracle_ids), and the drops are counted. Up to the last bits of the expert
+    GEMMs' float32 sums (docs/expert_parallel.md): a rank runs them on other row counts
+    than one device, and the C++ GEMMs' blocking follows the row count. In these draws 4
+    of the 18 non-empty float32 outputs differ, by up to 1.2e-7 (calc_diff <= 5e-15); the
+    35 bf16 and fp16 ones are equal (fp16 was one unit in the last place apart in 1 of 60
+    other draws)."""
     results = run_ranks(_drawn_layer_worker, world, ("cpu",), timeout_s=SPAWN_TIMEOUT_S)
     for seed in range(DRAWN_LAYERS):
         for rank in range(world):
@@ -881,7 +890,8 @@ def test_ep_layer_drawn_configurations(world):
             want = one.experts("cpu", hidden.contiguous(), w, kept)
             got = results[rank][seed]
             msg = f"world={world} rank={rank} seed={seed} {vars(cfg)} {ep_args} {mode}"
-            assert got["out"].shape == want.shape and torch.equal(got["out"], want), msg
+            assert got["out"].shape == want.shape and got["out"].dtype == want.dtype, msg
+            assert not want.numel() or calc_diff(got["out"], want) < 1e-5, msg
             if M is not None:
                 assert int(got["dropped"].sum()) == n_dropped, msg
             assert got["repr"].endswith(f", ep_mode={ep_args['ep_mode']!r}, max_tokens_per_rank="
