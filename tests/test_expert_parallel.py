@@ -482,7 +482,8 @@ def test_fp8_payload_of_few_rows(backend, H, T):
     payload views the scales' bytes, which needs row-major strides from every backend's
     quantizer, also for no rows). With H % 4 != 0 the scales start off a 4-byte boundary:
     a view of no rows or of one row is contiguous whatever its row stride, so it must be
-    copied to be viewed as float32 (it raised RuntimeError on a rank receiving none)."""
+    copied to be viewed as float32 (a view left at its offset is a RuntimeError on a rank
+    receiving none)."""
     if backend == "cpu" and not moe_kernels.extension_loaded():
         pytest.skip("moe_kernels._C is not built")
     from moe_kernels.ops import expert_parallel as ep_ops
@@ -877,7 +878,7 @@ def test_ep_layer_drawn_configurations(world):
     GEMMs' float32 sums (docs/expert_parallel.md): a rank runs them on other row counts
     than one device, and the C++ GEMMs' blocking follows the row count. In these draws 4
     of the 18 non-empty float32 outputs differ, by up to 1.2e-7 (calc_diff <= 5e-15); the
-    35 bf16 and fp16 ones are equal (fp16 was one unit in the last place apart in 1 of 60
+    35 bf16 and fp16 ones are equal (fp16: one unit in the last place apart in 1 of 60
     other draws)."""
     results = run_ranks(_drawn_layer_worker, world, ("cpu",), timeout_s=SPAWN_TIMEOUT_S)
     for seed in range(DRAWN_LAYERS):

@@ -149,7 +149,8 @@ def test_unpermute_ignores_unreferenced_rows(device, backend):
 def test_unpermute_skips_rows_outside_expert_out(device, backend):
     """A layout row outside [0, R) (a -2, R, or 2^31 - 1 in a hand-made or corrupted
     layout) is a skipped pair on every backend: never read, nothing added. Checking the
-    values would need a host sync; the reference raised IndexError where the kernels skip."""
+    values would need a host sync; a reference indexing such a row raises IndexError where
+    the kernels skip it."""
     R, H = 5, 8
     rows = torch.arange(R * H, dtype=torch.float32, device=device).view(R, H)
     row_of_pair = torch.tensor([[1, R], [2**31 - 1, 4], [-2, -1]], dtype=torch.int32,
