@@ -11,6 +11,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0                 # largest finite float8_e4m3fn
 SCALE_BLOCK = 128               # the FP8 scale block: 1 x 128 activations, 128 x 128 weights
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 too: the dtypes torch computes with, a checkpoint's weights or a bias may hold
+# (fp8 has no arithmetic in torch)
+FLOAT_DTYPES_F64 = (*FLOAT_DTYPES, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)   # expert ids, m_indices, block tables, lengths
 
 

@@ -80,6 +80,13 @@ def device_backend_params(backends=_library.BACKENDS, devices=("cpu", "cuda")):
     return params
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes (on the CPU, flattened, NaN payloads included) for bit-for-bit compares,
+    from a copy with standard strides: contiguous() keeps the strides of size-0 and size-1
+    dimensions, which view() refuses."""
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()).reshape(-1).view(torch.uint8)
+
+
 def poison_allocator(device: str) -> None:
     """Fill the CUDA caching allocator's free blocks with NaN so that an output element a
     kernel forgets to write reads as NaN (or a huge int) instead of a plausible value.

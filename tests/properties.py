@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from moe_kernels import _library
 
-from helpers import device_backend_params
+from helpers import bits, device_backend_params
 
 
 def _contiguous(t):
@@ -145,12 +145,6 @@ def flat(result):
     return out
 
 
-def _bits(t):
-    # a copy with standard strides: contiguous() keeps the strides of size-0 and size-1
-    # dimensions, which view() refuses
-    return torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1).view(torch.uint8)
-
-
 def call(fn, inputs: dict, backend: str, *, rows=()):
     """fn(**inputs, backend=backend) under the layout rule. `rows`: the arguments that need
     a contiguous last dimension. Returns the result, or None when the op (rightly) refused
@@ -170,7 +164,7 @@ def call(fn, inputs: dict, backend: str, *, rows=()):
     assert len(got_t) == len(want_t)
     for i, (a, b) in enumerate(zip(got_t, want_t)):
         assert a.shape == b.shape and a.dtype == b.dtype, f"output {i}: {a.shape} vs {b.shape}"
-        assert torch.equal(_bits(a), _bits(b)), f"output {i} depends on the inputs' layout"
+        assert torch.equal(bits(a), bits(b)), f"output {i} depends on the inputs' layout"
     return got
 
 

@@ -27,6 +27,7 @@ from moe_kernels import _library, testing
 from moe_kernels.testing.core import Case
 
 import test_out as out_test
+from helpers import bits
 
 FP8 = torch.float8_e4m3fn
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, FP8, torch.int32,
@@ -135,12 +136,11 @@ def _outcome(op: str, fn, case: Case):
         return None, exc
 
 
-def _names_op_and_argument(op: str, exc: Exception) -> bool:
+def _names_op_and_argument(op: str, arguments, exc: Exception) -> bool:
     """A refusal says which op and which argument (test_preconditions.py checks the very
     argument for the documented cases; any argument of the op here)."""
     text = str(exc)
-    arguments = set(_base(op).inputs) | {"layout", "backend", "out"}
-    return op in text and any(a in text for a in arguments)
+    return op in text and any(a in text for a in (*arguments, "layout", "backend", "out"))
 
 
 def _said(exc) -> str:
@@ -161,6 +161,7 @@ def test_every_backend_does_what_the_reference_does(op, name):
     backends = _backends(op)
     assert backends, f"{op}: no backend besides the reference runs here"
     failures, counts = [], {"refused": 0, "accepted": 0, "too big to run": 0}
+    arguments = list(_base(op).inputs)
     for what, make in changes(_base(op).inputs[name]).items():
         def case():   # fresh inputs for each call: an op may write into its arguments
             base = _base(op)
@@ -175,7 +176,7 @@ def test_every_backend_does_what_the_reference_does(op, name):
             failures.append(f"{name} {what}: reference: {type(want_exc).__name__}: {want_exc}")
             continue
         counts["accepted" if want_exc is None else "refused"] += 1
-        if want_exc is not None and not _names_op_and_argument(op, want_exc):
+        if want_exc is not None and not _names_op_and_argument(op, arguments, want_exc):
             failures.append(f"{name} {what}: the reference's refusal names neither {op} nor "
                             f"one of its arguments: {want_exc}")
         for backend in backends:
@@ -236,10 +237,6 @@ OUT_PARAMS = [(name, i) for name, case in out_test.CASES.items()
               for i in range(len(_buffers(case, "reference")[2]))]
 
 
-def _bits(t):
-    return t.detach().contiguous().view(torch.uint8)
-
-
 @pytest.mark.parametrize("name,index", OUT_PARAMS, ids=[f"{n}-out{i}" for n, i in OUT_PARAMS])
 def test_out_buffer_changes(name, index):
     """out= buffers (test_out.py's cases) with one buffer changed: every backend refuses it
@@ -264,7 +261,7 @@ def test_out_buffer_changes(name, index):
                 outcomes[backend] = f"{type(exc).__name__}: {exc}"
                 continue
             same = all((b is None or g is b) and g.shape == w.shape
-                       and torch.equal(_bits(g), _bits(w)) for g, b, w in zip(got, bufs, want))
+                       and torch.equal(bits(g), bits(w)) for g, b, w in zip(got, bufs, want))
             outcomes[backend] = "written" if same else "accepted, not the functional result"
         tried += 1
         if len(set(outcomes.values())) > 1 or not set(outcomes.values()) <= {

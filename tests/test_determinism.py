@@ -15,18 +15,18 @@ import torch
 import moe_kernels
 from moe_kernels import _library, testing
 
-from helpers import device_backend_params, poison_allocator
+from helpers import bits, device_backend_params, poison_allocator
 from test_layer import LAYER_PARAMS, make_fp8_layer, make_hidden
 
 
-def _bits(result) -> list:
+def _output_bits(result) -> list:
     tensors = result if isinstance(result, (tuple, list)) else (result,)
     out = []
     for t in tensors:
         if isinstance(t, tuple):                 # a layout: its tensor fields
-            out += _bits(tuple(x for x in t if isinstance(x, torch.Tensor)))
+            out += _output_bits(tuple(x for x in t if isinstance(x, torch.Tensor)))
         elif isinstance(t, torch.Tensor):
-            out.append(t.detach().cpu().reshape(-1).clone().view(torch.uint8))
+            out.append(bits(t))
     return out
 
 
@@ -46,7 +46,7 @@ def _twice_the_same(op, backend, device):
         runs = []
         for _ in range(2):
             poison_allocator(device)      # the second run's buffers are not the first's
-            runs.append(_bits(testing.run(op, fn, case)))
+            runs.append(_output_bits(testing.run(op, fn, case)))
         assert runs[0], f"{op} {case.name}: no output tensors"
         for i, (a, b) in enumerate(zip(*runs)):
             assert torch.equal(a, b), f"{op} {case.name} [{backend}]: output {i} differs run to run"
@@ -78,5 +78,5 @@ def test_layer_gives_the_same_bits_twice(device, backend):
     runs = []
     for _ in range(2):
         poison_allocator(device)
-        runs.append(_bits(layer(hidden)))
+        runs.append(_output_bits(layer(hidden)))
     assert torch.equal(runs[0][0], runs[1][0])

@@ -22,7 +22,7 @@ import moe_kernels
 from moe_kernels.reference import fp8 as ref_fp8
 from moe_kernels.reference import permute as ref_permute
 
-from helpers import FP8_INPUT_OPCHECKS, device_backend_params
+from helpers import FP8_INPUT_OPCHECKS, bits, device_backend_params
 
 ALL = ("triton", "cpu", "reference")
 
@@ -136,10 +136,6 @@ def _poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).cpu()
-
-
 def _functional_and_buffers(case, device, backend, seed=0):
     args, kwargs = case.make(device, seed)
     want = case.outputs(case.fn(*args, **kwargs, backend=backend))
@@ -157,7 +153,7 @@ def test_out_written_and_returned(name, device, backend):
         got = case.outputs(case.fn(*args, **kwargs, **case.out_kwargs(bufs), backend=backend))
         for i, (g, w, b) in enumerate(zip(got, want, bufs)):
             assert g is b, f"{name}: output {i} is not the out= buffer"
-            assert torch.equal(_bits(g), _bits(w)), f"{name} {backend}: output {i} differs"
+            assert torch.equal(bits(g), bits(w)), f"{name} {backend}: output {i} differs"
 
 
 def _aliased(x: torch.Tensor, buf: torch.Tensor):
@@ -219,12 +215,12 @@ def test_in_place(name, pos, device, backend):
     a[pos] = x.clone()
     got = case.fn(*a, **kwargs, **case.out_kwargs([a[pos]]), backend=backend)
     assert got is a[pos]
-    assert torch.equal(_bits(got), _bits(want[0])), f"{name} {backend}: out=input"
+    assert torch.equal(bits(got), bits(want[0])), f"{name} {backend}: out=input"
     storage = torch.full((x.shape[0] + 1, *x.shape[1:]), float("nan"), dtype=x.dtype,
                          device=device)
     a[pos] = storage[:-1].copy_(x)
     got = case.fn(*a, **kwargs, **case.out_kwargs([storage[1:]]), backend=backend)
-    assert torch.equal(_bits(got), _bits(want[0])), f"{name} {backend}: shifted overlap"
+    assert torch.equal(bits(got), bits(want[0])), f"{name} {backend}: shifted overlap"
 
 
 @pytest.mark.parametrize("name", list(CASES))

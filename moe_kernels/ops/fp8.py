@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from moe_kernels import _library
-from moe_kernels._common import FLOAT_DTYPES, FP8, FP8_MAX, INDEX_DTYPES, cdiv
+from moe_kernels._common import FLOAT_DTYPES, FLOAT_DTYPES_F64, FP8, FP8_MAX, INDEX_DTYPES, cdiv
 from moe_kernels._validate import (check_bool, check_float_tensor, check_fp8,
                                    check_last_dim_contiguous, check_out, check_same_device,
                                    check_scales, check_tensor)
@@ -292,9 +292,6 @@ def quantize_fp8_per_token_group(x: torch.Tensor, group_size: int = 128, *, eps:
                                                       scale_ue8m0, q, s)
 
 
-BLOCK_QUANT_DTYPES = (*FLOAT_DTYPES, torch.float64)
-
-
 def quantize_fp8_block(w: torch.Tensor, block=(128, 128), *, eps: float = 1e-10,
                        backend: str | None = None):
     """w (..., N, K) float32 | bfloat16 | float16 | float64 -> q (..., N, K) float8_e4m3fn,
@@ -302,7 +299,7 @@ def quantize_fp8_block(w: torch.Tensor, block=(128, 128), *, eps: float = 1e-10,
     weight_scale_inv layout)."""
     op = "quantize_fp8_block"
     check_float_tensor(op, "w", w)
-    if w.dtype not in BLOCK_QUANT_DTYPES:    # an fp8 w: dequantize it first
+    if w.dtype not in FLOAT_DTYPES_F64:    # an fp8 w: dequantize it first
         raise TypeError(f"{op}: w must be float32, bfloat16, float16 or float64, got {w.dtype}")
     if w.dim() < 2:
         raise ValueError(f"{op}: w must be at least 2-D (..., N, K), got shape {tuple(w.shape)}")

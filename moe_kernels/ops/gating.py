@@ -12,7 +12,7 @@ import math
 import torch
 
 from moe_kernels import _library
-from moe_kernels._common import FLOAT_DTYPES
+from moe_kernels._common import FLOAT_DTYPES, FLOAT_DTYPES_F64
 from moe_kernels._validate import (STRIDED, check_bool, check_choice, check_differentiable_kernel,
                                    check_float_tensor, check_int, check_last_dim_contiguous,
                                    check_same_device, check_tensor)
@@ -221,10 +221,6 @@ def grouped_topk(logits: torch.Tensor, top_k: int, *, num_expert_group: int = 1,
                                   float(routed_scaling_factor), shared)
 
 
-# torch has no in-place add for the fp8 dtypes
-_UPDATABLE_BIAS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
 def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: torch.Tensor,
                             rate: float) -> torch.Tensor:
     """Auxiliary-loss-free balancing step, in place and without host synchronisation:
@@ -240,7 +236,7 @@ def update_correction_bias_(correction_bias: torch.Tensor, tokens_per_expert: to
     if not (_finite(rate) and rate >= 0):
         raise ValueError(f"{op}: rate must be a finite float >= 0, got {rate!r}")
     check_float_tensor(op, "correction_bias", correction_bias, ndim=1)
-    if correction_bias.dtype not in _UPDATABLE_BIAS_DTYPES:
+    if correction_bias.dtype not in FLOAT_DTYPES_F64:   # no in-place add for fp8
         raise TypeError(f"{op}: correction_bias must be float32, bfloat16, float16 or float64 "
                         f"(updated in place by an add), got {correction_bias.dtype}")
     if correction_bias.shape[0] > 1 and correction_bias.stride(0) == 0:

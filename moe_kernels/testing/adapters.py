@@ -153,18 +153,17 @@ def deepgemm_masked(impl):
     return ours
 
 
-def _whole_groups(adapter: str, x, group_size: int):
+def _whole_groups(adapter: str, width: int, group_size: int):
     """vLLM and SGLang assert K % group_size == 0: a partial last group is ours alone."""
-    if x.shape[-1] % group_size:
-        _unsupported(adapter, f"a partial last group (K = {x.shape[-1]}, group_size = "
-                              f"{group_size})")
+    if width % group_size:
+        _unsupported(adapter, f"a partial last group (K = {width}, group_size = {group_size})")
 
 
 def vllm_per_token_group_quant_fp8(impl):
     """vLLM's per_token_group_quant_fp8: dtype and use_ue8m0 given explicitly (their None
     reads the platform and its DeepGEMM setting); rows may be strided, as there."""
     def ours(x, group_size=128, *, eps=1e-10, scale_ue8m0=False, column_major_scales=False):
-        _whole_groups("vllm_per_token_group_quant_fp8", x, group_size)
+        _whole_groups("vllm_per_token_group_quant_fp8", x.shape[-1], group_size)
         q, s = impl(x, group_size, eps=eps, dtype=torch.float8_e4m3fn,
                     column_major_scales=column_major_scales, use_ue8m0=scale_ue8m0)
         return q, s
@@ -179,7 +178,7 @@ def sglang_per_token_group_quant_fp8(impl):
         if scale_ue8m0:
             _unsupported("sglang_per_token_group_quant_fp8", "scale_ue8m0=True (int32-packed "
                          "UE8M0 scales)")
-        _whole_groups("sglang_per_token_group_quant_fp8", x, group_size)
+        _whole_groups("sglang_per_token_group_quant_fp8", x.shape[-1], group_size)
         q, s = impl(x.contiguous(), group_size, eps=eps,
                     column_major_scales=column_major_scales)
         return q, s
@@ -193,7 +192,7 @@ def sglang_silu_and_mul_quant_fp8(impl):
     def ours(x, group_size=128, *, masked_m=None):
         if masked_m is not None:
             _unsupported("sglang_silu_and_mul_quant_fp8", "masked_m (rows past it unwritten)")
-        _whole_groups("sglang_silu_and_mul_quant_fp8", x[..., :x.shape[-1] // 2], group_size)
+        _whole_groups("sglang_silu_and_mul_quant_fp8", x.shape[-1] // 2, group_size)
         q, s = impl(x.contiguous(), group_size, fuse_silu_and_mul=True)
         return q, s
     return ours
